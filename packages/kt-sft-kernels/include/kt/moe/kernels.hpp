@@ -21,7 +21,8 @@ namespace kt::moe {
 
 // How a tier lays out packed base weights. Tiers sharing a format can use each other's packing;
 // a layer re-packs when the active tier needs another format.
-enum class PackFormat : int { row_major_bf16 = 0 };
+// amx_bf16_tiles: 16x32 row-major tiles, qword-permuted rows (src/isa/amx/kernels.cpp explains).
+enum class PackFormat : int { row_major_bf16 = 0, amx_bf16_tiles = 1 };
 
 struct KernelTable {
   Isa isa;
@@ -39,6 +40,19 @@ struct KernelTable {
   // This is the transposed product of the same packed matrix: the backward needs no second copy.
   void (*gemm_nn)(int m, const bf16* const* a, const void* w, int k, int cols, int j0, int j1, float* c,
                   std::int64_t ldc);
+
+  // Optional activation packing (null in tiers whose GEMMs read the row pointers directly). A tier
+  // whose GEMMs want rows in a tile layout lets the caller pack each chunk of rows ONCE per phase and
+  // reuse it for every column block. gemm_*_packed(m, pack_a_*(m, rows)) equals gemm_*(m, rows)
+  // bitwise. A packing of m rows serves calls with exactly that m; it may keep pointers to the rows
+  // (tiny m), so they must stay alive and unchanged until its last use. dst is 64-byte aligned.
+  std::size_t (*packed_a_bytes)(int m, int k);
+  void (*pack_a_nt)(int m, const bf16* const* a, int k, void* dst);
+  void (*pack_a_nn)(int m, const bf16* const* a, int k, void* dst);
+  void (*gemm_nt_packed)(int m, const void* a, const void* w, int rows, int k, int n0, int n1, float* c,
+                         std::int64_t ldc);
+  void (*gemm_nn_packed)(int m, const void* a, const void* w, int k, int cols, int j0, int j1, float* c,
+                         std::int64_t ldc);
 
   // SwiGLU. Forward: h[i] = bf16(silu(g[i]) * u[i]).
   void (*silu_mul)(int n, const bf16* g, const bf16* u, bf16* h);
