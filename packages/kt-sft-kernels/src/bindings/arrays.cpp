@@ -108,6 +108,7 @@ std::string export_failure_reason(nb::handle obj) {
 }
 
 bool c_contiguous(const nb::ndarray<nb::ro>& a) {
+  if (a.size() <= 1) return true;  // no element is reached through a stride
   std::int64_t expected_stride = 1;
   for (int i = static_cast<int>(a.ndim()) - 1; i >= 0; --i) {
     const auto extent = static_cast<std::int64_t>(a.shape(static_cast<std::size_t>(i)));

@@ -498,6 +498,14 @@ PyPending start_backward(PyMoELayer& self, nb::handle saved, nb::handle grad_out
   return p;
 }
 
+// Test hook: a Pending whose job throws, to check that wait() re-raises and that dropping it warns.
+PyPending failing_pending(PyThreadPool& pool, const std::string& message) {
+  PyPending p;
+  p.what = "test";
+  p.job = pool.context->submit([message] { throw std::invalid_argument(message); });
+  return p;
+}
+
 }  // namespace
 
 void bind_moe(nb::module_& m) {
@@ -594,10 +602,10 @@ void bind_moe(nb::module_& m) {
       .def("forward",
            [](PyMoELayer& self, nb::handle x, nb::handle ids, nb::handle weights, nb::handle out, nb::handle lora,
               bool save) { return start_forward(self, x, ids, weights, out, lora, save).wait(); },
-           nb::arg("x"), nb::arg("ids"), nb::arg("weights"), nb::arg("out"), nb::arg("lora").none() = nb::none(),
+           nb::arg("x").none(), nb::arg("ids").none(), nb::arg("weights").none(), nb::arg("out").none(), nb::arg("lora").none() = nb::none(),
            nb::arg("save") = false,
            "out[T,H] = sum_j weights[t,j] * expert_{ids[t,j]}(x[t]). Returns a ForwardHandle if save, else None.")
-      .def("forward_async", &start_forward, nb::arg("x"), nb::arg("ids"), nb::arg("weights"), nb::arg("out"),
+      .def("forward_async", &start_forward, nb::arg("x").none(), nb::arg("ids").none(), nb::arg("weights").none(), nb::arg("out").none(),
            nb::arg("lora").none() = nb::none(), nb::arg("save") = false,
            "forward() queued on the layer's pool; returns a Pending.")
       .def("backward",
@@ -605,15 +613,19 @@ void bind_moe(nb::module_& m) {
               nb::handle lora_grads) {
              start_backward(self, saved, grad_out, grad_x, grad_weights, lora_grads).wait();
            },
-           nb::arg("saved"), nb::arg("grad_out"), nb::arg("grad_x"), nb::arg("grad_weights"),
+           nb::arg("saved").none(), nb::arg("grad_out").none(), nb::arg("grad_x").none(), nb::arg("grad_weights").none(),
            nb::arg("lora_grads").none() = nb::none(),
            "Writes grad_x [T,H], grad_weights [T,k] and the LoRA gradients; consumes `saved`.")
-      .def("backward_async", &start_backward, nb::arg("saved"), nb::arg("grad_out"), nb::arg("grad_x"),
-           nb::arg("grad_weights"), nb::arg("lora_grads").none() = nb::none(),
+      .def("backward_async", &start_backward, nb::arg("saved").none(), nb::arg("grad_out").none(), nb::arg("grad_x").none(),
+           nb::arg("grad_weights").none(), nb::arg("lora_grads").none() = nb::none(),
            "backward() queued on the layer's pool; returns a Pending.")
       .def("__repr__", [](const PyMoELayer& l) {
         return "MoELayer(" + config_repr(l.layer->config()) + (l.weights_loaded ? "" : ", not loaded") + ")";
       });
+
+  nb::module_ testing = nb::borrow<nb::module_>(m.attr("_testing"));
+  testing.def("failing_pending", &failing_pending, nb::arg("pool"), nb::arg("message"),
+              "A Pending whose job raises ValueError(message).");
 }
 
 }  // namespace kt::bindings
