@@ -1,0 +1,19 @@
+// Internal view of the amx tier for its C++ tests and self-test (tests/cpp/amx_*): the table, and
+// the few knobs the self-test sweeps. Not part of the wheel's interface.
+#pragma once
+#include "kt/moe/kernels.hpp"
+
+namespace kt::isa_amx {
+
+const moe::KernelTable& kernel_table();
+
+struct Tuning {
+  int kc_steps = 8;       // reduction steps (32 values each) per cache block of the weight tiles
+  int small_m = 4;        // calls with m < small_m take the AVX-512 dot-product path
+  bool prefetch = true;   // software prefetch of the next weight block
+};
+// Process-wide; change it only while no kernel runs and before packing activations (small_m
+// decides the packed layout). The wheel never changes it.
+Tuning& tuning();
+
+}  // namespace kt::isa_amx
