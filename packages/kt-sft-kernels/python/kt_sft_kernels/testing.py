@@ -122,8 +122,9 @@ def make_case(
     gate_up = normal((E, 2 * I, H), H**-0.5, BF16)
     down = normal((E, H, I), I**-0.5, BF16)
     x = normal((tokens, H), 1.0, x_dtype)
-    ids = np.stack([rng.choice(busy, size=k, replace=False) for _ in range(tokens)]).astype(id_dtype)
-    ids = ids.reshape(tokens, k)
+    ids = np.zeros((tokens, k), dtype=id_dtype)
+    for t in range(tokens):
+        ids[t] = rng.choice(busy, size=k, replace=False)
     if invalid_ids:
         slots = rng.choice(tokens * k, size=min(invalid_ids, tokens * k), replace=False)
         for n, s in enumerate(slots):

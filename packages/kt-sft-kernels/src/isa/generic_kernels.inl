@@ -70,8 +70,10 @@ inline void generic_gemm_nn(int m, const bf16* const* a, const void* w_packed, i
 
 inline float sigmoid(float g) { return 1.f / (1.f + std::exp(-g)); }
 
-inline void generic_silu_mul(int n, const bf16* g, const bf16* u, bf16* h) {
+inline void generic_silu_mul(int n, const float* g32, const float* u32, bf16* g, bf16* u, bf16* h) {
   for (int i = 0; i < n; ++i) {
+    g[i] = f32_to_bf16(g32[i]);
+    u[i] = f32_to_bf16(u32[i]);
     const float gi = to_f32(g[i]);
     h[i] = f32_to_bf16(gi * sigmoid(gi) * to_f32(u[i]));
   }

@@ -6,7 +6,9 @@
 // NT (forward): vectorized over the reduction index; each (row, n) accumulator is one register
 // reduced once at the end, so its order (lane = q mod kWidth, then reduce()) does not depend on the
 // blocking. NN (backward, transposed use of the same row-major weights): vectorized over output
-// columns; each column sums q in order.
+// columns through a packed fp32 panel; each column sums q in order.
+// The tier also defines kNtRows, kNnRows (rows per register block) and kNnCols (columns per
+// register block, a multiple of 32), and Vec::load(const float*).
 
 template <int MR, int NR>
 inline void nt_block(const bf16* const* a, const bf16* w, int k, float* c, std::int64_t ldc) {
@@ -50,54 +52,71 @@ inline void simd_gemm_nt(int m, const bf16* const* a, const void* w_packed, int 
   if (i < m) nt_tail<kNtRows - 1>(m - i, a + i, w, k, n0, n1, c + i * ldc, ldc);
 }
 
-// NN block: MR rows x 32 columns. A is converted to fp32 in chunks of kNnChunk so the inner loop
-// broadcasts from memory.
-constexpr int kNnChunk = 64;
+// NN through a panel: rows [qc, qc + kPanelRows) x columns [jb, jb + kPanelCols) of W are
+// converted to fp32 once into a contiguous panel and then used by every row block of A, so the
+// strided column strip of the row-major W is read once per call (not once per row block).
+// Accumulators live in c between panels; each element still sums q in order.
+constexpr int kPanelRows = 64;
+constexpr int kPanelCols = 128;
 
-template <int MR>
-inline void nn_block(const bf16* const* a, const bf16* w, int k, int cols, float* c, std::int64_t ldc) {
-  constexpr int NC = 32 / Vec::kWidth;
-  typename Vec::reg acc[MR][NC];
+template <int MR, int NV>
+inline void nn_panel_block(const float (*af)[kPanelRows], const float* panel, int depth, float* c, std::int64_t ldc,
+                           bool first) {
+  typename Vec::reg acc[MR][NV];
   for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NC; ++v) acc[i][v] = Vec::zero();
-  alignas(64) float af[MR][kNnChunk];
-  for (int qc = 0; qc < k; qc += kNnChunk) {
-    const int depth = std::min(kNnChunk, k - qc);
-    for (int i = 0; i < MR; ++i)
-      for (int q = 0; q < depth; ++q) af[i][q] = bf16_to_f32(a[i][qc + q]);
-    for (int q = 0; q < depth; ++q) {
-      const bf16* wq = w + static_cast<std::int64_t>(qc + q) * cols;
-      typename Vec::reg wv[NC];
-      for (int v = 0; v < NC; ++v) wv[v] = Vec::load_bf16(wq + v * Vec::kWidth);
-      for (int i = 0; i < MR; ++i) {
-        const typename Vec::reg ai = Vec::set1(af[i][q]);
-        for (int v = 0; v < NC; ++v) acc[i][v] = Vec::fma(ai, wv[v], acc[i][v]);
-      }
+    for (int v = 0; v < NV; ++v) acc[i][v] = first ? Vec::zero() : Vec::load(c + i * ldc + v * Vec::kWidth);
+  for (int q = 0; q < depth; ++q) {
+    typename Vec::reg wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = Vec::load(panel + q * kPanelCols + v * Vec::kWidth);
+    for (int i = 0; i < MR; ++i) {
+      const typename Vec::reg ai = Vec::set1(af[i][q]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = Vec::fma(ai, wv[v], acc[i][v]);
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NC; ++v) Vec::store(c + i * ldc + v * Vec::kWidth, acc[i][v]);
+    for (int v = 0; v < NV; ++v) Vec::store(c + i * ldc + v * Vec::kWidth, acc[i][v]);
+}
+
+// One row block of A (MR rows) against the whole panel (width columns, a multiple of 32).
+template <int MR>
+inline void nn_panel_rows(const bf16* const* a, int qc, const float* panel, int depth, int width, float* c,
+                          std::int64_t ldc, bool first) {
+  alignas(64) float af[MR][kPanelRows];
+  for (int i = 0; i < MR; ++i)
+    for (int q = 0; q < depth; ++q) af[i][q] = bf16_to_f32(a[i][qc + q]);
+  constexpr int kWide = kNnCols / Vec::kWidth, kNarrow = 32 / Vec::kWidth;
+  int s = 0;
+  for (; s + kNnCols <= width; s += kNnCols) nn_panel_block<MR, kWide>(af, panel + s, depth, c + s, ldc, first);
+  for (; s < width; s += 32) nn_panel_block<MR, kNarrow>(af, panel + s, depth, c + s, ldc, first);
 }
 
 template <int MR>
-inline void nn_rows(const bf16* const* a, const bf16* w, int k, int cols, int j0, int j1, float* c,
-                    std::int64_t ldc) {
-  for (int j = j0; j < j1; j += 32) nn_block<MR>(a, w + j, k, cols, c + (j - j0), ldc);
-}
-
-template <int MR>
-inline void nn_tail(int rows, const bf16* const* a, const bf16* w, int k, int cols, int j0, int j1, float* c,
-                    std::int64_t ldc) {
+inline void nn_panel_tail(int rows, const bf16* const* a, int qc, const float* panel, int depth, int width, float* c,
+                          std::int64_t ldc, bool first) {
   if constexpr (MR > 0) {
-    if (rows == MR) nn_rows<MR>(a, w, k, cols, j0, j1, c, ldc);
-    else nn_tail<MR - 1>(rows, a, w, k, cols, j0, j1, c, ldc);
+    if (rows == MR) nn_panel_rows<MR>(a, qc, panel, depth, width, c, ldc, first);
+    else nn_panel_tail<MR - 1>(rows, a, qc, panel, depth, width, c, ldc, first);
   }
 }
 
 inline void simd_gemm_nn(int m, const bf16* const* a, const void* w_packed, int k, int cols, int j0, int j1,
                          float* c, std::int64_t ldc) {
   const bf16* w = static_cast<const bf16*>(w_packed);
-  int i = 0;
-  for (; i + kNnRows <= m; i += kNnRows) nn_rows<kNnRows>(a + i, w, k, cols, j0, j1, c + i * ldc, ldc);
-  if (i < m) nn_tail<kNnRows - 1>(m - i, a + i, w, k, cols, j0, j1, c + i * ldc, ldc);
+  alignas(64) float panel[kPanelRows * kPanelCols];
+  for (int jb = j0; jb < j1; jb += kPanelCols) {
+    const int width = std::min(kPanelCols, j1 - jb);
+    float* cb = c + (jb - j0);
+    for (int qc = 0; qc < k; qc += kPanelRows) {
+      const int depth = std::min(kPanelRows, k - qc);
+      for (int q = 0; q < depth; ++q) {
+        const bf16* src = w + static_cast<std::int64_t>(qc + q) * cols + jb;
+        for (int j = 0; j < width; j += Vec::kWidth) Vec::store(panel + q * kPanelCols + j, Vec::load_bf16(src + j));
+      }
+      const bool first = qc == 0;
+      int i = 0;
+      for (; i + kNnRows <= m; i += kNnRows)
+        nn_panel_rows<kNnRows>(a + i, qc, panel, depth, width, cb + i * ldc, ldc, first);
+      if (i < m) nn_panel_tail<kNnRows - 1>(m - i, a + i, qc, panel, depth, width, cb + i * ldc, ldc, first);
+    }
+  }
 }

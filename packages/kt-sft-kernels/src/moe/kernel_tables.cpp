@@ -1,5 +1,5 @@
 // kernels_for(): maps a tier to its table. Only tiers the build compiled (KT_SFT_HAVE_ISA_<TIER>)
-// are referenced, so this file needs no -m flags.
+// are referenced, so this file needs no -m flags. The table's `isa` is the tier whose code runs.
 #include <stdexcept>
 #include <string>
 
@@ -38,6 +38,11 @@ const KernelTable& kernels_for(Isa isa) {
 #endif
 #ifdef KT_SFT_HAVE_ISA_AVX512_BF16
     case Isa::avx512_bf16: return isa_avx512_bf16::kernel_table();
+#endif
+#if defined(KT_SFT_HAVE_ISA_AMX) && defined(KT_SFT_HAVE_ISA_AVX512_BF16)
+    // The amx tier has no MoE kernels yet (TODO(#4)): an AMX CPU runs the avx512_bf16 ones, which
+    // it supports; the returned table's `isa` says so (docs/kernels.md).
+    case Isa::amx: return isa_avx512_bf16::kernel_table();
 #endif
     default: break;
   }

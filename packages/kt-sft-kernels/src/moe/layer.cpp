@@ -27,13 +27,15 @@ namespace kt::moe {
 
 namespace {
 
-constexpr int kBlock = 64;         // output columns of one task
+constexpr int kBlock = 64;         // output columns of one forward task (NT products)
+constexpr int kWideBlock = 128;    // output columns of one backward task (NN products: a wider
+                                   // strip of the row-major weights per visit of each row)
 constexpr int kChunkRows = 64;     // routed pairs per stack tile inside one task
 constexpr int kPairChunk = 32;     // routed pairs per task of the per-pair phases
 constexpr int kTokenChunk = 16;    // tokens per task of the combine phases
 constexpr int kCombineWidth = 512; // columns summed per pass in the combine phases
 
-int blocks_of(int n) { return (n + kBlock - 1) / kBlock; }
+int blocks_of(int n, int block = kBlock) { return (n + block - 1) / block; }
 
 std::size_t dtype_size(DType d) {
   switch (d) {
@@ -390,13 +392,7 @@ ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& we
       }
       for (int i = 0; i < m; ++i) {
         bf16* g = gu + (b + i) * 2 * I + i0;
-        bf16* u = g + I;
-        const float* row = tile + i * ld;
-        for (int j = 0; j < width; ++j) {
-          g[j] = f32_to_bf16(row[j]);
-          u[j] = f32_to_bf16(row[kBlock + j]);
-        }
-        kt.silu_mul(width, g, u, hb + (b + i) * I + i0);
+        kt.silu_mul(width, tile + i * ld, tile + i * ld + kBlock, g, g + I, hb + (b + i) * I + i0);
       }
     }
   });
@@ -501,9 +497,9 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
   }
   build_chunks(r, ws.chunks);
   const auto n_chunks = static_cast<std::int64_t>(ws.chunks.size());
-  const int i_blocks = blocks_of(I), h_blocks = blocks_of(H);
-  float* scratch = ws.scratch.ensure(static_cast<std::size_t>(pool.size()) * kBlock * std::max({rg, rd, 1}));
-  const std::size_t scratch_per_thread = static_cast<std::size_t>(kBlock) * std::max({rg, rd, 1});
+  const int i_blocks = blocks_of(I, kWideBlock), h_blocks = blocks_of(H, kWideBlock), db_d_blocks = blocks_of(H);
+  const std::size_t scratch_per_thread = static_cast<std::size_t>(kWideBlock) * std::max({rg, rd, 1});
+  float* scratch = ws.scratch.ensure(static_cast<std::size_t>(pool.size()) * scratch_per_thread);
 
   // B1: B_d^T G (unweighted) and A_gu x per pair.
   float* bg = rd ? ws.bg.ensure(P * rd) : nullptr;
@@ -522,12 +518,12 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
   float* gw_part = ws.gw_part.ensure(P * i_blocks);
   const bool want_db_d = rd && lg.db_d;
   const std::int64_t main_tasks = n_active * i_blocks;
-  run_tasks(pool, main_tasks + (want_db_d ? n_active * h_blocks : 0), [&](std::int64_t task, int thread) {
+  run_tasks(pool, main_tasks + (want_db_d ? n_active * db_d_blocks : 0), [&](std::int64_t task, int thread) {
     float* tscratch = scratch + thread * scratch_per_thread;
     if (task >= main_tasks) {
       const std::int64_t t2 = task - main_tasks;
-      const int e = r.active[t2 / h_blocks];
-      const int h0 = static_cast<int>(t2 % h_blocks) * kBlock, h1 = std::min(H, h0 + kBlock);
+      const int e = r.active[t2 / db_d_blocks];
+      const int h0 = static_cast<int>(t2 % db_d_blocks) * kBlock, h1 = std::min(H, h0 + kBlock);
       const std::int64_t b = r.offsets[e];
       kt.lora_grad_b(static_cast<int>(r.rows_of(e)), g_rows + b, wt + b, ad + b * rd, rd, h0, h1, lora.scale_d,
                      expert_slice_mut(lg.db_d, e), lora_dtype, tscratch);
@@ -535,17 +531,19 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
     }
     const int e = r.active[task / i_blocks];
     const int blk = static_cast<int>(task % i_blocks);
-    const int i0 = blk * kBlock, i1 = std::min(I, i0 + kBlock);
+    const int i0 = blk * kWideBlock, i1 = std::min(I, i0 + kWideBlock);
     const int width = i1 - i0;
-    alignas(64) float v[kChunkRows * kBlock];
+    alignas(64) float v[kChunkRows * kWideBlock];
     for (std::int64_t b = r.offsets[e]; b < r.offsets[e + 1]; b += kChunkRows) {
       const int m = static_cast<int>(std::min<std::int64_t>(kChunkRows, r.offsets[e + 1] - b));
-      kt.gemm_nn(m, g_rows + b, L.down_of(e), H, I, i0, i1, v, kBlock);
-      if (rd) kt.lora_at_add(m, bg + b * rd, expert_slice(lora.a_d, e), lora_dtype, rd, I, i0, i1, lora.scale_d, v, kBlock);
+      kt.gemm_nn(m, g_rows + b, L.down_of(e), H, I, i0, i1, v, kWideBlock);
+      if (rd)
+        kt.lora_at_add(m, bg + b * rd, expert_slice(lora.a_d, e), lora_dtype, rd, I, i0, i1, lora.scale_d, v,
+                       kWideBlock);
       for (int i = 0; i < m; ++i) {
         const std::int64_t p = b + i;
         const bf16* g = gu + p * 2 * I + i0;
-        gw_part[p * i_blocks + blk] = kt.silu_mul_bwd(width, g, g + I, v + i * kBlock, wt[p], hb + p * I + i0,
+        gw_part[p * i_blocks + blk] = kt.silu_mul_bwd(width, g, g + I, v + i * kWideBlock, wt[p], hb + p * I + i0,
                                                       dgu + p * 2 * I + i0, dgu + p * 2 * I + I + i0);
       }
     }
@@ -583,7 +581,7 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
   if (grad_x || want_da_gu)
     run_tasks(pool, n_active * h_blocks, [&](std::int64_t task, int thread) {
       const int e = r.active[task / h_blocks];
-      const int h0 = static_cast<int>(task % h_blocks) * kBlock, h1 = std::min(H, h0 + kBlock);
+      const int h0 = static_cast<int>(task % h_blocks) * kWideBlock, h1 = std::min(H, h0 + kWideBlock);
       if (grad_x)
         for (std::int64_t b = r.offsets[e]; b < r.offsets[e + 1]; b += kChunkRows) {
           const int m = static_cast<int>(std::min<std::int64_t>(kChunkRows, r.offsets[e + 1] - b));

@@ -54,8 +54,9 @@ struct KernelTable {
   void (*gemm_nn_packed)(int m, const void* a, const void* w, int k, int cols, int j0, int j1, float* c,
                          std::int64_t ldc);
 
-  // SwiGLU. Forward: h[i] = bf16(silu(g[i]) * u[i]).
-  void (*silu_mul)(int n, const bf16* g, const bf16* u, bf16* h);
+  // SwiGLU forward: g = bf16(g32), u = bf16(u32) (the cached pre-activations), then
+  // h[i] = bf16(silu(g[i]) * u[i]) from the rounded g, u. n is a multiple of 32.
+  void (*silu_mul)(int n, const float* g32, const float* u32, bf16* g, bf16* u, bf16* h);
   // Backward for one routed pair from v = dL/dh / w: recomputes h exactly as silu_mul does, writes
   // it, dg = bf16(w v u sig (1 + g (1 - sig))), du = bf16(w v silu(g)); returns sum_i h[i] v[i].
   float (*silu_mul_bwd)(int n, const bf16* g, const bf16* u, const float* v, float w, bf16* h, bf16* dg,
