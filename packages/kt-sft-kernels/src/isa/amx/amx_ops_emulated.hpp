@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <unordered_set>
 
 namespace kt::isa_amx {
 
@@ -39,6 +40,30 @@ struct TileFile {
 inline TileFile& tiles() {
   thread_local TileFile file;
   return file;
+}
+
+// Prefetch bookkeeping, for tests of the prefetch logic (it cannot change results): the cache lines
+// prefetched so far, and how many lines tile loads read that had (not) been prefetched before.
+struct PrefetchLog {
+  std::unordered_set<std::uintptr_t> lines;
+  long loaded_prefetched = 0, loaded_cold = 0;
+  const void* watch_begin[2] = {};  // only loads (tile or vector) inside these ranges count
+  const void* watch_end[2] = {};
+};
+inline PrefetchLog& prefetch_log() {
+  thread_local PrefetchLog log;
+  return log;
+}
+inline void note_load(const void* p, int bytes) {
+  PrefetchLog& log = prefetch_log();
+  bool watched = false;
+  for (int r = 0; r < 2; ++r) watched = watched || (p >= log.watch_begin[r] && p < log.watch_end[r]);
+  if (!watched) return;
+  const auto first = reinterpret_cast<std::uintptr_t>(p) / 64, last = (reinterpret_cast<std::uintptr_t>(p) + bytes - 1) / 64;
+  for (auto line = first; line <= last; ++line) {
+    if (log.lines.count(line)) ++log.loaded_prefetched;
+    else ++log.loaded_cold;
+  }
 }
 
 inline void check_tile(int t) {
@@ -80,8 +105,10 @@ inline void tile_load(const void* base, std::int64_t stride) {
   emu::check_tile(T);
   emu::TileFile& f = emu::tiles();
   std::memset(f.data[T], 0, 1024);
-  for (int r = 0; r < f.cfg.rows[T]; ++r)
+  for (int r = 0; r < f.cfg.rows[T]; ++r) {
     std::memcpy(f.data[T] + 64 * r, static_cast<const std::uint8_t*>(base) + r * stride, f.cfg.colsb[T]);
+    emu::note_load(static_cast<const std::uint8_t*>(base) + r * stride, f.cfg.colsb[T]);
+  }
 }
 
 template <int T>
@@ -141,6 +168,7 @@ struct alignas(64) V {
 };
 
 inline V v_load(const void* p) {
+  emu::note_load(p, 64);
   V v;
   std::memcpy(v.d, p, 64);
   return v;
@@ -227,6 +255,6 @@ inline V v_add_f32(V a, V b) {
   return v;
 }
 
-inline void prefetch_l1(const void*) {}
+inline void prefetch_l1(const void* p) { emu::prefetch_log().lines.insert(reinterpret_cast<std::uintptr_t>(p) / 64); }
 
 }  // namespace kt::isa_amx

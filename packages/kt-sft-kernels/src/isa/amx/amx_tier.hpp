@@ -10,7 +10,8 @@ const moe::KernelTable& kernel_table();
 struct Tuning {
   int kc_steps = 8;       // reduction steps (32 values each) per cache block of the weight tiles
   int small_m = 4;        // calls with m < small_m take the AVX-512 dot-product path
-  bool prefetch = true;   // software prefetch of the next weight block
+  bool prefetch = true;   // software prefetch (weights one cache block ahead, activations below)
+  int act_prefetch_steps = 4;  // activation tiles prefetched this many reduction steps ahead (0: off)
 };
 // Process-wide; change it only while no kernel runs and before packing activations (small_m
 // decides the packed layout). The wheel never changes it.

@@ -310,6 +310,35 @@ inline void prefetch_tile(const std::uint8_t* tile) {
   for (int line = 0; line < kTileBytes; line += 64) prefetch_l1(tile + line);
 }
 
+// Two tile rows (one or two m-tiles, or the two W tile rows of a column pair) walked one tile per
+// reduction step; null rows are skipped. Used to say what to prefetch.
+struct TileStream {
+  const std::uint8_t* row0 = nullptr;
+  const std::uint8_t* row1 = nullptr;
+  void prefetch(int step) const {
+    const std::size_t off = static_cast<std::size_t>(step) * kTileBytes;
+    if (row0) prefetch_tile(row0 + off);
+    if (row1) prefetch_tile(row1 + off);
+  }
+};
+
+// What one row pair prefetches while it runs its steps [s0, s1): its own activation tiles `ahead`
+// steps on, continuing into `act_next` (the activation tiles the next row pair starts with) past s1;
+// and, for the first row pair of a chunk, the weight tiles of the next chunk (w_next, step by step).
+struct Prefetch {
+  int ahead = 0;
+  TileStream act_next, w_next;
+};
+
+inline void prefetch_step(const Prefetch& pf, const TileStream& act, int s, int s0, int s1) {
+  if (pf.ahead > 0) {
+    const int t = s + pf.ahead;
+    if (t < s1) act.prefetch(t);
+    else pf.act_next.prefetch(t - s1);
+  }
+  pf.w_next.prefetch(s - s0);
+}
+
 // C^T tile (16 columns n x 16 tokens) -> rows of c.
 template <int T>
 inline void store_nt_tile(float* c, std::int64_t ldc, int rows) {
@@ -321,22 +350,24 @@ inline void store_nt_tile(float* c, std::int64_t ldc, int rows) {
   for (int i = 0; i < rows; ++i) v_store(c + i * ldc, r[i]);
 }
 
-// One row pair (MT = 1 or 2 m-tiles) x one column pair over reduction steps [kb0, kb1).
+// One row pair (MT = 1 or 2 m-tiles) x one column pair over reduction steps [kb0, kb1). Loads are
+// interleaved with the products so that a tile register is reloaded right after its last reader
+// issues (tile registers are not renamed), overlapping the load with the remaining products.
 template <int MT>
 inline void nt_steps(const std::uint8_t* w0, const std::uint8_t* w1, const std::uint8_t* a0, const std::uint8_t* a1,
-                     int kb0, int kb1, const std::uint8_t* prefetch0, const std::uint8_t* prefetch1) {
+                     int kb0, int kb1, const Prefetch* pf) {
+  const TileStream act{a0, MT == 2 ? a1 : nullptr};
   for (int kb = kb0; kb < kb1; ++kb) {
     const std::size_t off = static_cast<std::size_t>(kb) * kTileBytes;
+    if (pf) prefetch_step(*pf, act, kb, kb0, kb1);
     tile_load<4>(w0 + off, 64);
-    tile_load<5>(w1 + off, 64);
     tile_load<6>(a0 + off, 64);
-    if constexpr (MT == 2) tile_load<7>(a1 + off, 64);
-    if (prefetch0) {
-      prefetch_tile(prefetch0 + off);
-      prefetch_tile(prefetch1 + off);
-    }
     tile_dpbf16ps<0, 4, 6>();
-    if constexpr (MT == 2) tile_dpbf16ps<1, 4, 7>();
+    if constexpr (MT == 2) {
+      tile_load<7>(a1 + off, 64);
+      tile_dpbf16ps<1, 4, 7>();
+    }
+    tile_load<5>(w1 + off, 64);
     tile_dpbf16ps<2, 5, 6>();
     if constexpr (MT == 2) tile_dpbf16ps<3, 5, 7>();
   }
@@ -352,37 +383,61 @@ inline void nt_output(float* c, std::int64_t ldc, int rows0, int rows1) {
   }
 }
 
+// Activation tiles of the row pair starting at m-tile mt (second row only if inside the m-block),
+// from reduction step s on.
+inline TileStream act_pair(const std::uint8_t* act, std::size_t panel, int mt, int mb_end, int s) {
+  const std::uint8_t* base = act + static_cast<std::size_t>(mt) * panel + static_cast<std::size_t>(s) * kTileBytes;
+  return {base, mt + 1 < mb_end ? base + panel : nullptr};
+}
+
+// The activation tiles that follow row pair mt's chunk [s0, s1) in execution order: the next pair's
+// chunk, else the block's first pair at s1, else (when another column pair follows) at 0.
+inline TileStream act_after(const std::uint8_t* act, std::size_t panel, int mt, int mb, int mb_end, int s0, int s1,
+                            int steps, bool more_columns) {
+  if (mt + 2 < mb_end) return act_pair(act, panel, mt + 2, mb_end, s0);
+  if (s1 < steps) return act_pair(act, panel, mb, mb_end, s1);
+  if (more_columns) return act_pair(act, panel, mb, mb_end, 0);
+  return {};
+}
+
 void nt_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int n0, int n1, float* c, std::int64_t ldc) {
   const TileSession session;
   const int k_steps = k / 32, m_tiles = (m + 15) / 16, kc = kc_steps();
   const bool prefetch = tuning().prefetch;
+  const int ahead = prefetch ? std::max(0, tuning().act_prefetch_steps) : 0;
   alignas(64) std::uint8_t spill[kMBlockTiles / 2][4 * kTileBytes];
-  const std::size_t panel = static_cast<std::size_t>(k_steps) * kTileBytes;  // one 16-row tile row of W
+  const std::size_t panel = static_cast<std::size_t>(k_steps) * kTileBytes;  // one 16-row tile row
   for (int mb = 0; mb < m_tiles; mb += kMBlockTiles) {
     const int mb_end = std::min(m_tiles, mb + kMBlockTiles);
     for (int n = n0; n < n1; n += 32) {
-      const std::uint8_t* w0 = w + static_cast<std::size_t>(n / 16) * panel;  // tiles (n/16, 0..)
-      const std::uint8_t* w1 = w0 + panel;                                      // tiles (n/16 + 1, 0..)
+      // The two W tile rows of this column pair are contiguous (2 * panel bytes); the next pair follows.
+      const std::uint8_t* w0 = w + static_cast<std::size_t>(n / 16) * panel;
+      const std::uint8_t* w1 = w0 + panel;
+      const bool more_columns = n + 32 < n1;
       for (int kb0 = 0; kb0 < k_steps; kb0 += kc) {
         const int kb1 = std::min(k_steps, kb0 + kc);
         const bool first = kb0 == 0, last = kb1 == k_steps;
         for (int mt = mb; mt < mb_end; mt += 2) {
+          Prefetch pf;
+          pf.ahead = ahead;
+          pf.act_next = act_after(act, panel, mt, mb, mb_end, kb0, kb1, k_steps, more_columns);
+          if (prefetch && mt == mb) {
+            const std::size_t next = static_cast<std::size_t>(kb1) * kTileBytes;
+            if (kb1 < k_steps) pf.w_next = {w0 + next, w1 + next};
+            else if (more_columns) pf.w_next = {w0 + 2 * panel, w1 + 2 * panel};
+          }
           std::uint8_t* sp = spill[(mt - mb) / 2];
           const std::uint8_t* a0 = act + static_cast<std::size_t>(mt) * panel;
-          // The W panel of this column pair is contiguous (2 * panel bytes) and the next pair follows
-          // it, so "kc steps ahead" is one sequential stream.
-          const std::uint8_t* pf0 = prefetch && mt == mb ? w0 + static_cast<std::size_t>(kc) * kTileBytes : nullptr;
-          const std::uint8_t* pf1 = pf0 ? w1 + static_cast<std::size_t>(kc) * kTileBytes : nullptr;
           float* out = c + static_cast<std::int64_t>(16 * mt) * ldc + (n - n0);
           const int rows0 = std::min(16, m - 16 * mt), rows1 = std::min(16, m - 16 * mt - 16);
           if (mt + 1 < mb_end) {
             load_accumulators<2>(sp, first);
-            nt_steps<2>(w0, w1, a0, a0 + panel, kb0, kb1, pf0, pf1);
+            nt_steps<2>(w0, w1, a0, a0 + panel, kb0, kb1, prefetch ? &pf : nullptr);
             if (last) nt_output<2>(out, ldc, rows0, rows1);
             else spill_accumulators<2>(sp);
           } else {
             load_accumulators<1>(sp, first);
-            nt_steps<1>(w0, w1, a0, nullptr, kb0, kb1, pf0, pf1);
+            nt_steps<1>(w0, w1, a0, nullptr, kb0, kb1, prefetch ? &pf : nullptr);
             if (last) nt_output<1>(out, ldc, rows0, 0);
             else spill_accumulators<1>(sp);
           }
@@ -407,18 +462,22 @@ inline void build_nn_tiles(const std::uint8_t* w, int tile_cols, int qs, int ct,
   }
 }
 
+// One row pair over `steps` reduction steps of the B tiles in bbuf; loads interleaved as in nt_steps.
 template <int MT>
-inline void nn_steps(const std::uint8_t* bbuf, const std::uint8_t* a0, const std::uint8_t* a1, int steps) {
+inline void nn_steps(const std::uint8_t* bbuf, const std::uint8_t* a0, const std::uint8_t* a1, int steps,
+                     const Prefetch* pf) {
+  const TileStream act{a0, MT == 2 ? a1 : nullptr};
   for (int s = 0; s < steps; ++s) {
     const std::uint8_t* b = bbuf + static_cast<std::size_t>(s) * 2 * kTileBytes;
     const std::size_t off = static_cast<std::size_t>(s) * kTileBytes;
-    tile_load<4>(b, 64);
-    tile_load<5>(b + kTileBytes, 64);
+    if (pf) prefetch_step(*pf, act, s, 0, steps);
     tile_load<6>(a0 + off, 64);
-    if constexpr (MT == 2) tile_load<7>(a1 + off, 64);
+    tile_load<4>(b, 64);
     tile_dpbf16ps<0, 6, 4>();
+    tile_load<5>(b + kTileBytes, 64);
     tile_dpbf16ps<1, 6, 5>();
     if constexpr (MT == 2) {
+      tile_load<7>(a1 + off, 64);
       tile_dpbf16ps<2, 7, 4>();
       tile_dpbf16ps<3, 7, 5>();
     }
@@ -482,6 +541,7 @@ void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int co
   const TileSession session;
   const int q_steps = k / 32, tile_cols = cols / 32, m_tiles = (m + 15) / 16, kc = kc_steps();
   const bool prefetch = tuning().prefetch;
+  const int ahead = prefetch ? std::max(0, tuning().act_prefetch_steps) : 0;
   alignas(64) std::uint8_t spill[kMBlockTiles / 2][4 * kTileBytes];
   alignas(64) std::uint8_t bbuf[kMaxKcSteps * 2 * kTileBytes];
   const std::size_t panel = static_cast<std::size_t>(q_steps) * kTileBytes;  // one m-tile of activations
@@ -505,18 +565,21 @@ void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int co
           }
         }
         for (int mt = mb; mt < mb_end; mt += 2) {
+          Prefetch pf;  // weights were prefetched while the B tiles were built
+          pf.ahead = ahead;
+          pf.act_next = act_after(act, panel, mt, mb, mb_end, qs0, qs1, q_steps, j + 32 < j1);
           std::uint8_t* sp = spill[(mt - mb) / 2];
           const std::uint8_t* a0 = act + static_cast<std::size_t>(mt) * panel + static_cast<std::size_t>(qs0) * kTileBytes;
           float* out = c + static_cast<std::int64_t>(16 * mt) * ldc + (j - j0);
           const int rows0 = std::min(16, m - 16 * mt), rows1 = std::min(16, m - 16 * mt - 16);
           if (mt + 1 < mb_end) {
             nn_load_accumulators<2>(sp, first);
-            nn_steps<2>(bbuf, a0, a0 + panel, qs1 - qs0);
+            nn_steps<2>(bbuf, a0, a0 + panel, qs1 - qs0, ahead ? &pf : nullptr);
             if (last) nn_output<2>(out, ldc, rows0, rows1);
             else nn_spill_accumulators<2>(sp);
           } else {
             nn_load_accumulators<1>(sp, first);
-            nn_steps<1>(bbuf, a0, nullptr, qs1 - qs0);
+            nn_steps<1>(bbuf, a0, nullptr, qs1 - qs0, ahead ? &pf : nullptr);
             if (last) nn_output<1>(out, ldc, rows0, 0);
             else nn_spill_accumulators<1>(sp);
           }
