@@ -13,13 +13,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import kt_sft_kernels as kk
 import numpy as np
 import pytest
-
-import kt_sft_kernels as kk
 from kt_sft_kernels import testing as kt
 
-TIERS = [t for t in ("portable", "avx2", "avx512", "avx512_bf16") if kk.isa_supported(t)]
+TIERS = [t for t in ("portable", "avx2", "avx512", "avx512_bf16", "amx") if kk.isa_supported(t)]
 SIMD_TIERS = [t for t in TIERS if t != "portable"]
 BF16 = kt.BF16
 F32 = np.dtype(np.float32)
@@ -61,17 +60,32 @@ class Shape:
 
     def case(self, seed: int) -> kt.MoECase:
         return kt.make_case(
-            tokens=self.tokens, num_experts=self.experts, top_k=self.k, hidden=self.hidden,
-            intermediate=self.intermediate, rank_gu=self.rank_gu, rank_d=self.rank_d, lora_dtype=self.lora_dtype,
-            x_dtype=self.x_dtype, id_dtype=self.id_dtype, weight_dtype=self.weight_dtype, idle_experts=self.idle,
-            invalid_ids=self.invalid, seed=seed,
+            tokens=self.tokens,
+            num_experts=self.experts,
+            top_k=self.k,
+            hidden=self.hidden,
+            intermediate=self.intermediate,
+            rank_gu=self.rank_gu,
+            rank_d=self.rank_d,
+            lora_dtype=self.lora_dtype,
+            x_dtype=self.x_dtype,
+            id_dtype=self.id_dtype,
+            weight_dtype=self.weight_dtype,
+            idle_experts=self.idle,
+            invalid_ids=self.invalid,
+            seed=seed,
         )
 
     def __str__(self) -> str:
-        lora = "nolora" if not (self.rank_gu or self.rank_d) else (
-            f"r{self.rank_gu}-{self.rank_d}-{np.dtype(self.lora_dtype).name}")
-        return (f"T{self.tokens}-E{self.experts}-k{self.k}-H{self.hidden}-I{self.intermediate}-{lora}"
-                f"-x{np.dtype(self.x_dtype).name}-inv{self.invalid}")
+        lora = (
+            "nolora"
+            if not (self.rank_gu or self.rank_d)
+            else (f"r{self.rank_gu}-{self.rank_d}-{np.dtype(self.lora_dtype).name}")
+        )
+        return (
+            f"T{self.tokens}-E{self.experts}-k{self.k}-H{self.hidden}-I{self.intermediate}-{lora}"
+            f"-x{np.dtype(self.x_dtype).name}-inv{self.invalid}"
+        )
 
 
 SHAPES = [
@@ -99,7 +113,9 @@ def check_against_reference(res: kt.KernelResult, ref: kt.ReferenceResult, case:
     gw = kt.rel_fro(res.grad_weights, ref.grad_weights)
     assert gw <= 2e-2, f"grad_weights: relative Frobenius error {gw:.3g} > 2e-2"
     skipped = (case.ids < 0) | (case.ids >= case.num_experts)
-    assert np.all(kt.as_f64(res.grad_weights)[skipped] == 0.0), "grad_weights must be 0 where the id is skipped"
+    assert np.all(kt.as_f64(res.grad_weights)[skipped] == 0.0), (
+        "grad_weights must be 0 where the id is skipped"
+    )
     assert set(res.lora_grads) == set(ref.lora_grads)
     for name, got in res.lora_grads.items():
         want = ref.lora_grads[name]
@@ -154,8 +170,18 @@ def test_inference_forward_equals_training_forward(isa: str) -> None:
 @pytest.mark.parametrize("isa", SIMD_TIERS)
 def test_tier_matches_portable(isa: str) -> None:
     """Same rounding points on every tier: each output within 2e-3 of the portable tier."""
-    case = kt.make_case(tokens=70, num_experts=6, top_k=2, hidden=160, intermediate=96, rank_gu=16, rank_d=8,
-                        idle_experts=1, invalid_ids=3, seed=11)
+    case = kt.make_case(
+        tokens=70,
+        num_experts=6,
+        top_k=2,
+        hidden=160,
+        intermediate=96,
+        rank_gu=16,
+        rank_d=8,
+        idle_experts=1,
+        invalid_ids=3,
+        seed=11,
+    )
     results = {}
     for name in ("portable", isa):
         with tier(name):
@@ -177,10 +203,30 @@ def _raw(res: kt.KernelResult) -> list[bytes]:
 @pytest.mark.parametrize("isa", TIERS)
 def test_bitwise_deterministic_across_threads_and_runs(isa: str) -> None:
     """Results are bitwise identical for 1, 2 and 3 threads and from run to run."""
-    case = kt.make_case(tokens=90, num_experts=6, top_k=4, hidden=96, intermediate=160, rank_gu=8, rank_d=16,
-                        lora_dtype=BF16, idle_experts=1, invalid_ids=2, seed=5)
-    small = kt.make_case(tokens=3, num_experts=6, top_k=4, hidden=96, intermediate=160, rank_gu=8, rank_d=16,
-                         lora_dtype=BF16, seed=6)
+    case = kt.make_case(
+        tokens=90,
+        num_experts=6,
+        top_k=4,
+        hidden=96,
+        intermediate=160,
+        rank_gu=8,
+        rank_d=16,
+        lora_dtype=BF16,
+        idle_experts=1,
+        invalid_ids=2,
+        seed=5,
+    )
+    small = kt.make_case(
+        tokens=3,
+        num_experts=6,
+        top_k=4,
+        hidden=96,
+        intermediate=160,
+        rank_gu=8,
+        rank_d=16,
+        lora_dtype=BF16,
+        seed=6,
+    )
     with tier(isa):
         first = None
         for threads in (1, 2, 3, 2):
@@ -208,15 +254,18 @@ def test_separate_gate_up_lora(isa: str) -> None:
     """Separate gate/up LoRA pairs through the exact fused mapping (rank 2r, block-diagonal B)."""
     rng = np.random.default_rng(21)
     case = kt.make_case(tokens=30, num_experts=6, top_k=2, rank_gu=0, rank_d=4, seed=21)
-    E, H, I, r = case.num_experts, case.hidden, case.intermediate, 8
+    E, H, inter, r = case.num_experts, case.hidden, case.intermediate, 8
     a_g, a_u = ((rng.standard_normal((E, r, H)) * H**-0.5).astype(np.float32) for _ in range(2))
-    b_g, b_u = ((rng.standard_normal((E, I, r)) * r**-0.5).astype(np.float32) for _ in range(2))
+    b_g, b_u = ((rng.standard_normal((E, inter, r)) * r**-0.5).astype(np.float32) for _ in range(2))
     a_gu, b_gu = kk.separate_gate_up_lora(a_g, b_g, a_u, b_u)
     # The fused pair computes exactly the separate pairs' delta (independent float64 check).
     x = kt.as_f64(case.x[:5])
-    fused = x @ a_gu[1].astype(np.float64).T @ b_gu[1].astype(np.float64).T
-    np.testing.assert_allclose(fused[:, :I], x @ a_g[1].astype(np.float64).T @ b_g[1].astype(np.float64).T, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(fused[:, I:], x @ a_u[1].astype(np.float64).T @ b_u[1].astype(np.float64).T, rtol=1e-12, atol=1e-12)
+    f64 = np.float64
+    fused = x @ a_gu[1].astype(f64).T @ b_gu[1].astype(f64).T
+    gate_delta = x @ a_g[1].astype(f64).T @ b_g[1].astype(f64).T
+    up_delta = x @ a_u[1].astype(f64).T @ b_u[1].astype(f64).T
+    np.testing.assert_allclose(fused[:, :inter], gate_delta, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(fused[:, inter:], up_delta, rtol=1e-12, atol=1e-12)
     case.lora.a_gu, case.lora.b_gu, case.lora.scale_gu = a_gu, b_gu, 0.9
     with tier(isa):
         res = kt.run_kernels(kt.build_layer(case, POOL), case)
@@ -260,10 +309,17 @@ def test_tier_change_between_forward_and_backward() -> None:
         out = kt.nan_array(case.x.shape, case.x.dtype)
         handle = layer.forward(case.x, case.ids, case.weights, out, lora=kt.kernel_lora(case), save=True)
     with tier("portable"):
-        res = kt.KernelResult(out=out, grad_x=kt.nan_array(case.x.shape, case.x.dtype),
-                              grad_weights=kt.nan_array(case.weights.shape, case.weights.dtype))
+        res = kt.KernelResult(
+            out=out,
+            grad_x=kt.nan_array(case.x.shape, case.x.dtype),
+            grad_weights=kt.nan_array(case.weights.shape, case.weights.dtype),
+        )
         lo = case.lora
-        res.lora_grads = {n: kt.nan_array(a.shape, a.dtype)
-                          for n, a in (("da_gu", lo.a_gu), ("db_gu", lo.b_gu), ("da_d", lo.a_d), ("db_d", lo.b_d))}
-        layer.backward(handle, case.grad_out, res.grad_x, res.grad_weights, lora_grads=kk.LoRAGrads(**res.lora_grads))
+        res.lora_grads = {
+            n: kt.nan_array(a.shape, a.dtype)
+            for n, a in (("da_gu", lo.a_gu), ("db_gu", lo.b_gu), ("da_d", lo.a_d), ("db_d", lo.b_d))
+        }
+        layer.backward(
+            handle, case.grad_out, res.grad_x, res.grad_weights, lora_grads=kk.LoRAGrads(**res.lora_grads)
+        )
     check_against_reference(res, ref, case)

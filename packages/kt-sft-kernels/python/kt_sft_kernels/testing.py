@@ -110,8 +110,10 @@ def make_case(
     cannot hide inside the tolerance.
     """
     rng = np.random.default_rng(seed)
-    E, k, H, I = num_experts, top_k, hidden, intermediate
-    idle = sorted(rng.choice(E, size=min(idle_experts, E - k), replace=False).tolist()) if idle_experts else []
+    E, k, H, inter = num_experts, top_k, hidden, intermediate
+    idle = (
+        sorted(rng.choice(E, size=min(idle_experts, E - k), replace=False).tolist()) if idle_experts else []
+    )
     busy = np.array([e for e in range(E) if e not in idle])
     if len(busy) < k:
         raise ValueError("make_case: need at least top_k experts that receive tokens")
@@ -119,8 +121,8 @@ def make_case(
     def normal(shape: tuple[int, ...], std: float, dtype: Any) -> np.ndarray:
         return (rng.standard_normal(shape) * std).astype(np.float32).astype(dtype)
 
-    gate_up = normal((E, 2 * I, H), H**-0.5, BF16)
-    down = normal((E, H, I), I**-0.5, BF16)
+    gate_up = normal((E, 2 * inter, H), H**-0.5, BF16)
+    down = normal((E, H, inter), inter**-0.5, BF16)
     x = normal((tokens, H), 1.0, x_dtype)
     ids = np.zeros((tokens, k), dtype=id_dtype)
     for t in range(tokens):
@@ -135,13 +137,13 @@ def make_case(
     if rank_gu or rank_d:
         lora = LoRAWeights(
             a_gu=normal((E, rank_gu, H), H**-0.5, lora_dtype) if rank_gu else None,
-            b_gu=normal((E, 2 * I, rank_gu), rank_gu**-0.5, lora_dtype) if rank_gu else None,
-            a_d=normal((E, rank_d, I), I**-0.5, lora_dtype) if rank_d else None,
+            b_gu=normal((E, 2 * inter, rank_gu), rank_gu**-0.5, lora_dtype) if rank_gu else None,
+            a_d=normal((E, rank_d, inter), inter**-0.5, lora_dtype) if rank_d else None,
             b_d=normal((E, H, rank_d), rank_d**-0.5, lora_dtype) if rank_d else None,
             scale_gu=0.75 if rank_gu else 0.0,
             scale_d=1.25 if rank_d else 0.0,
         )
-    return MoECase(E, k, H, I, gate_up, down, x, ids, weights, grad_out, lora, idle)
+    return MoECase(E, k, H, inter, gate_up, down, x, ids, weights, grad_out, lora, idle)
 
 
 # ---- the reference -------------------------------------------------------------------------------
@@ -163,7 +165,7 @@ def _pairs_of(ids: np.ndarray, expert: int) -> tuple[np.ndarray, np.ndarray]:
 
 def moe_reference(case: MoECase, *, out_dtype: Any = None, grad_dtype: Any = None) -> ReferenceResult:
     """Forward and backward of DESIGN.md §2 in float64 with the kernels' rounding points."""
-    E, H, I = case.num_experts, case.hidden, case.intermediate
+    E, H, inter = case.num_experts, case.hidden, case.intermediate
     T, k = case.ids.shape
     out_dtype = np.dtype(out_dtype or case.x.dtype)
     grad_dtype = np.dtype(grad_dtype or case.x.dtype)
@@ -200,7 +202,7 @@ def moe_reference(case: MoECase, *, out_dtype: Any = None, grad_dtype: Any = Non
             ax = x @ a_gu.T
             gu = gu + lo.scale_gu * (ax @ b_gu.T)
         gu = round_bf16(gu)  # R1
-        g, u = gu[:, :I], gu[:, I:]
+        g, u = gu[:, :inter], gu[:, inter:]
         sig = sigmoid(g)
         silu = g * sig
         h = round_bf16(silu * u)  # R2
@@ -263,9 +265,9 @@ def build_layer(case: MoECase, pool: Any = None, *, separate_gate_up: bool = Fal
     )
     layer = kk.MoELayer(cfg, pool=pool)
     if separate_gate_up:
-        I = case.intermediate
-        gate = np.ascontiguousarray(case.gate_up[:, :I])
-        up = np.ascontiguousarray(case.gate_up[:, I:])
+        inter = case.intermediate
+        gate = np.ascontiguousarray(case.gate_up[:, :inter])
+        up = np.ascontiguousarray(case.gate_up[:, inter:])
         layer.load_weights(gate=gate, up=up, down=case.down)
     else:
         layer.load_weights(gate_up=case.gate_up, down=case.down)
@@ -279,7 +281,11 @@ def kernel_lora(case: MoECase) -> Any:
     if lo is None:
         return None
     return kk.LoRA(
-        lo.a_gu, lo.b_gu, lo.a_d, lo.b_d, lo.scale_gu if lo.a_gu is not None else None,
+        lo.a_gu,
+        lo.b_gu,
+        lo.a_d,
+        lo.b_d,
+        lo.scale_gu if lo.a_gu is not None else None,
         lo.scale_d if lo.a_d is not None else None,
     )
 

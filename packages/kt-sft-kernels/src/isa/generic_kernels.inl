@@ -98,10 +98,28 @@ inline float generic_silu_mul_bwd(int n, const bf16* g, const bf16* u, const flo
 
 // ---- LoRA (skinny; fp32) ------------------------------------------------------------------------
 
+// Four dot products against one x row at once (x converted once); each keeps dot_lanes' order.
+template <class L>
+inline void dot4_lanes(const L* a, std::int64_t lda, const bf16* x, int n, float* out) {
+  float part[4][kLanes] = {};
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float xv = to_f32(x[i + l]);
+      for (int q = 0; q < 4; ++q) part[q][l] += to_f32(a[q * lda + i + l]) * xv;
+    }
+  for (int l = 0; i + l < n; ++l)
+    for (int q = 0; q < 4; ++q) part[q][l] += to_f32(a[q * lda + i + l]) * to_f32(x[i + l]);
+  for (int q = 0; q < 4; ++q) out[q] = reduce_lanes(part[q]);
+}
+
 template <class L>
 void lora_a_t(int m, const bf16* const* x, const L* a_mat, int r, int k, float* out) {
-  for (int i = 0; i < m; ++i)
-    for (int q = 0; q < r; ++q) out[i * r + q] = dot_lanes(a_mat + static_cast<std::int64_t>(q) * k, x[i], k);
+  for (int i = 0; i < m; ++i) {
+    int q = 0;
+    for (; q + 4 <= r; q += 4) dot4_lanes(a_mat + static_cast<std::int64_t>(q) * k, k, x[i], k, out + i * r + q);
+    for (; q < r; ++q) out[i * r + q] = dot_lanes(a_mat + static_cast<std::int64_t>(q) * k, x[i], k);
+  }
 }
 
 // Columns are handled in blocks so the transposed B block fits on the stack.
@@ -152,20 +170,32 @@ void lora_at_add_t(int m, const float* t, const L* a_mat, int r, int cols, int j
   }
 }
 
+// Up to four rows of g share each row of B (read and converted once); every output still sums n in
+// order.
+constexpr int kBtRows = 4;
+
 template <class L>
 void lora_bt_t(int m, const bf16* const* g, const L* b_mat, int r, int rows, float* out) {
-  float acc[kLoraBlock];
-  for (int i = 0; i < m; ++i)
+  float acc[kBtRows][kLoraBlock];
+  float bq[kLoraBlock];
+  for (int i0 = 0; i0 < m; i0 += kBtRows) {
+    const int height = std::min(kBtRows, m - i0);
     for (int qb = 0; qb < r; qb += kLoraBlock) {
       const int depth = std::min(kLoraBlock, r - qb);
-      for (int q = 0; q < depth; ++q) acc[q] = 0.f;
+      for (int i = 0; i < kBtRows; ++i)
+        for (int q = 0; q < depth; ++q) acc[i][q] = 0.f;
       for (int n = 0; n < rows; ++n) {
-        const float gn = to_f32(g[i][n]);
         const L* bn = b_mat + static_cast<std::int64_t>(n) * r + qb;
-        for (int q = 0; q < depth; ++q) acc[q] += gn * to_f32(bn[q]);
+        for (int q = 0; q < depth; ++q) bq[q] = to_f32(bn[q]);
+        for (int i = 0; i < height; ++i) {
+          const float gn = to_f32(g[i0 + i][n]);
+          for (int q = 0; q < depth; ++q) acc[i][q] += gn * bq[q];
+        }
       }
-      for (int q = 0; q < depth; ++q) out[i * r + qb + q] = acc[q];
+      for (int i = 0; i < height; ++i)
+        for (int q = 0; q < depth; ++q) out[(i0 + i) * r + qb + q] = acc[i][q];
     }
+  }
 }
 
 // scratch holds acc[q][n - n0]: vectorizes over n, then is written transposed into dB[n][q].

@@ -22,6 +22,9 @@ KT_DECLARE_TIER(avx512)
 #ifdef KT_SFT_HAVE_ISA_AVX512_BF16
 KT_DECLARE_TIER(avx512_bf16)
 #endif
+#ifdef KT_SFT_HAVE_ISA_AMX
+KT_DECLARE_TIER(amx)
+#endif
 
 namespace kt::moe {
 
@@ -39,10 +42,8 @@ const KernelTable& kernels_for(Isa isa) {
 #ifdef KT_SFT_HAVE_ISA_AVX512_BF16
     case Isa::avx512_bf16: return isa_avx512_bf16::kernel_table();
 #endif
-#if defined(KT_SFT_HAVE_ISA_AMX) && defined(KT_SFT_HAVE_ISA_AVX512_BF16)
-    // The amx tier has no MoE kernels yet (TODO(#4)): an AMX CPU runs the avx512_bf16 ones, which
-    // it supports; the returned table's `isa` says so (docs/kernels.md).
-    case Isa::amx: return isa_avx512_bf16::kernel_table();
+#ifdef KT_SFT_HAVE_ISA_AMX
+    case Isa::amx: return isa_amx::kernel_table();
 #endif
     default: break;
   }

@@ -154,15 +154,6 @@ void ForwardCacheDeleter::operator()(ForwardCache* cache) const { delete cache; 
 
 namespace {
 
-// Per-call scratch, reused across calls (grow-only).
-struct Workspace {
-  Routing routing;  // forward(save=false) keeps its routing here
-  Buffer<bf16> xb, gb, gu, hb, dgu;
-  Buffer<float> ax, ad, bg, bgu, rows, gw_part, gw, scratch;
-  Buffer<const bf16*> x_rows, g_rows, h_rows, dgu_rows;
-  std::vector<PairChunk> chunks;
-};
-
 // bf16 view of [T, H] activations: the caller's memory when already bf16, else rounded once into
 // `storage` (rounding point R0/R4 of docs/kernels.md).
 const bf16* as_bf16_rows(const View& v, Buffer<bf16>& storage, runtime::ThreadPool& pool) {
@@ -183,6 +174,73 @@ void build_chunks(const Routing& r, std::vector<PairChunk>& chunks) {
     for (std::int64_t b = r.offsets[e]; b < r.offsets[e + 1]; b += kPairChunk)
       chunks.push_back({e, b, std::min(r.offsets[e + 1], b + kPairChunk)});
 }
+
+// Tile-packed activation rows for one operand of one phase, for tiers whose GEMMs want them
+// (KernelTable::pack_a_nt/nn non-null: amx). Each kChunkRows chunk of each expert's rows (the same
+// chunks the GEMM tasks use) is packed once, in parallel, and then shared by every column-block
+// task of that expert.
+class PackedRows {
+ public:
+  // False (and nothing packed) when the tier reads row pointers directly.
+  bool build(const KernelTable& kt, bool nn, const Routing& r, const bf16* const* rows, int k,
+             runtime::ThreadPool& pool) {
+    if (kt.pack_a_nt == nullptr || kt.pack_a_nn == nullptr) return false;
+    offsets_.clear();
+    first_.assign(r.offsets.size(), 0);
+    std::size_t bytes = 0;
+    chunks_.clear();
+    for (int e : r.active) {
+      first_[e] = static_cast<std::int64_t>(offsets_.size());
+      for (std::int64_t b = r.offsets[e]; b < r.offsets[e + 1]; b += kChunkRows) {
+        const int m = static_cast<int>(std::min<std::int64_t>(kChunkRows, r.offsets[e + 1] - b));
+        offsets_.push_back(bytes);
+        chunks_.push_back({e, b, b + m});
+        bytes += kt.packed_a_bytes(m, k);
+      }
+    }
+    std::byte* dst = storage_.ensure(bytes);
+    const auto pack = nn ? kt.pack_a_nn : kt.pack_a_nt;
+    run_tasks(pool, static_cast<std::int64_t>(chunks_.size()), [&](std::int64_t c, int) {
+      const PairChunk& ch = chunks_[c];
+      pack(static_cast<int>(ch.end - ch.begin), rows + ch.begin, k, dst + offsets_[c]);
+    });
+    return true;
+  }
+  // The packing of the chunk of expert e that starts at sorted row b.
+  const void* at(const Routing& r, int e, std::int64_t b) const {
+    return storage_.data() + offsets_[first_[e] + (b - r.offsets[e]) / kChunkRows];
+  }
+
+ private:
+  Buffer<std::byte> storage_;
+  std::vector<std::size_t> offsets_;
+  std::vector<std::int64_t> first_;
+  std::vector<PairChunk> chunks_;
+};
+
+// c = rows W^T (NT) or rows W (NN) for one chunk, through the packing when the tier made one.
+void chunk_nt(const KernelTable& kt, const PackedRows* packed, const Routing& r, int e, std::int64_t b, int m,
+              const bf16* const* rows, const void* w, int n_rows, int k, int n0, int n1, float* c,
+              std::int64_t ldc) {
+  if (packed) kt.gemm_nt_packed(m, packed->at(r, e, b), w, n_rows, k, n0, n1, c, ldc);
+  else kt.gemm_nt(m, rows + b, w, n_rows, k, n0, n1, c, ldc);
+}
+void chunk_nn(const KernelTable& kt, const PackedRows* packed, const Routing& r, int e, std::int64_t b, int m,
+              const bf16* const* rows, const void* w, int k, int cols, int j0, int j1, float* c,
+              std::int64_t ldc) {
+  if (packed) kt.gemm_nn_packed(m, packed->at(r, e, b), w, k, cols, j0, j1, c, ldc);
+  else kt.gemm_nn(m, rows + b, w, k, cols, j0, j1, c, ldc);
+}
+
+// Per-call scratch, reused across calls (grow-only).
+struct Workspace {
+  Routing routing;  // forward(save=false) keeps its routing here
+  Buffer<bf16> xb, gb, gu, hb, dgu;
+  Buffer<float> ax, ad, bg, bgu, rows, gw_part, gw, scratch;
+  Buffer<const bf16*> x_rows, g_rows, h_rows, dgu_rows;
+  std::vector<PairChunk> chunks;
+  PackedRows packed;  // activation packing of the current phase (amx-style tiers only)
+};
 
 }  // namespace
 
@@ -374,6 +432,7 @@ ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& we
 
   // F2: gate and up rows of one column block, + LoRA, rounded to bf16 (R1); h = silu(g) u (R2).
   const int i_blocks = blocks_of(I);
+  const PackedRows* xp = ws.packed.build(kt, false, r, x_rows, H, pool) ? &ws.packed : nullptr;
   run_tasks(pool, n_active * i_blocks, [&](std::int64_t task, int) {
     const int e = r.active[task / i_blocks];
     const int i0 = static_cast<int>(task % i_blocks) * kBlock, i1 = std::min(I, i0 + kBlock);
@@ -383,8 +442,8 @@ ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& we
     constexpr std::int64_t ld = 2 * kBlock;
     for (std::int64_t b = r.offsets[e]; b < r.offsets[e + 1]; b += kChunkRows) {
       const int m = static_cast<int>(std::min<std::int64_t>(kChunkRows, r.offsets[e + 1] - b));
-      kt.gemm_nt(m, x_rows + b, w, 2 * I, H, i0, i1, tile, ld);
-      kt.gemm_nt(m, x_rows + b, w, 2 * I, H, I + i0, I + i1, tile + kBlock, ld);
+      chunk_nt(kt, xp, r, e, b, m, x_rows, w, 2 * I, H, i0, i1, tile, ld);
+      chunk_nt(kt, xp, r, e, b, m, x_rows, w, 2 * I, H, I + i0, I + i1, tile + kBlock, ld);
       if (rg) {
         const void* bm = expert_slice(lora.b_gu, e);
         kt.lora_b_add(m, ax + b * rg, bm, lora_dtype, rg, i0, i1, lora.scale_gu, tile, ld);
@@ -409,12 +468,13 @@ ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& we
   // F4: y = W_d h + s_d B_d (A_d h) per pair, fp32 rows.
   float* y = ws.rows.ensure(P * H);
   const int h_blocks = blocks_of(H);
+  const PackedRows* hp = ws.packed.build(kt, false, r, h_rows, I, pool) ? &ws.packed : nullptr;
   run_tasks(pool, n_active * h_blocks, [&](std::int64_t task, int) {
     const int e = r.active[task / h_blocks];
     const int h0 = static_cast<int>(task % h_blocks) * kBlock, h1 = std::min(H, h0 + kBlock);
     for (std::int64_t b = r.offsets[e]; b < r.offsets[e + 1]; b += kChunkRows) {
       const int m = static_cast<int>(std::min<std::int64_t>(kChunkRows, r.offsets[e + 1] - b));
-      kt.gemm_nt(m, h_rows + b, L.down_of(e), H, I, h0, h1, y + b * H + h0, H);
+      chunk_nt(kt, hp, r, e, b, m, h_rows, L.down_of(e), H, I, h0, h1, y + b * H + h0, H);
       if (rd)
         kt.lora_b_add(m, ad + b * rd, expert_slice(lora.b_d, e), lora_dtype, rd, h0, h1, lora.scale_d,
                       y + b * H + h0, H);
@@ -518,6 +578,7 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
   float* gw_part = ws.gw_part.ensure(P * i_blocks);
   const bool want_db_d = rd && lg.db_d;
   const std::int64_t main_tasks = n_active * i_blocks;
+  const PackedRows* gp = ws.packed.build(kt, true, r, g_rows, H, pool) ? &ws.packed : nullptr;
   run_tasks(pool, main_tasks + (want_db_d ? n_active * db_d_blocks : 0), [&](std::int64_t task, int thread) {
     float* tscratch = scratch + thread * scratch_per_thread;
     if (task >= main_tasks) {
@@ -536,7 +597,7 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
     alignas(64) float v[kChunkRows * kWideBlock];
     for (std::int64_t b = r.offsets[e]; b < r.offsets[e + 1]; b += kChunkRows) {
       const int m = static_cast<int>(std::min<std::int64_t>(kChunkRows, r.offsets[e + 1] - b));
-      kt.gemm_nn(m, g_rows + b, L.down_of(e), H, I, i0, i1, v, kWideBlock);
+      chunk_nn(kt, gp, r, e, b, m, g_rows, L.down_of(e), H, I, i0, i1, v, kWideBlock);
       if (rd)
         kt.lora_at_add(m, bg + b * rd, expert_slice(lora.a_d, e), lora_dtype, rd, I, i0, i1, lora.scale_d, v,
                        kWideBlock);
@@ -578,6 +639,7 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
   // B4: per (expert, H block): dx rows = W_gu^T dgu + s_gu A_gu^T (B_gu^T dgu); the block's columns of dA_gu.
   float* dx_rows = ws.rows.ensure(P * H);
   const bool want_da_gu = rg && lg.da_gu;
+  const PackedRows* dp = grad_x && ws.packed.build(kt, true, r, dgu_rows, 2 * I, pool) ? &ws.packed : nullptr;
   if (grad_x || want_da_gu)
     run_tasks(pool, n_active * h_blocks, [&](std::int64_t task, int thread) {
       const int e = r.active[task / h_blocks];
@@ -585,7 +647,7 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
       if (grad_x)
         for (std::int64_t b = r.offsets[e]; b < r.offsets[e + 1]; b += kChunkRows) {
           const int m = static_cast<int>(std::min<std::int64_t>(kChunkRows, r.offsets[e + 1] - b));
-          kt.gemm_nn(m, dgu_rows + b, L.gate_up_of(e), 2 * I, H, h0, h1, dx_rows + b * H + h0, H);
+          chunk_nn(kt, dp, r, e, b, m, dgu_rows, L.gate_up_of(e), 2 * I, H, h0, h1, dx_rows + b * H + h0, H);
           if (rg)
             kt.lora_at_add(m, bgu + b * rg, expert_slice(lora.a_gu, e), lora_dtype, rg, H, h0, h1, lora.scale_gu,
                            dx_rows + b * H + h0, H);
