@@ -268,13 +268,15 @@ int main() {
   std::mt19937 rng(20240611);
   const std::vector<int> ms = {1, 2, 3, 4, 5, 15, 16, 17, 31, 32, 33, 48, 64, 100, 129, 150};
   test_pack_roundtrip(rng);
-  for (int small : {4, 1, 17}) {  // the default, AMX for every m, dot products up to m = 16
+  const int default_small_m = kt::isa_amx::tuning().small_m;
+  for (int small : {1, 4, 17}) {  // AMX for every m, dot products up to m = 3, dot products up to m = 16
     kt::isa_amx::tuning().small_m = small;
     test_products(rng, ms);
   }
-  kt::isa_amx::tuning().small_m = 4;
+  kt::isa_amx::tuning().small_m = 4;  // both paths in the determinism checks
   test_determinism(rng);
   test_threads(rng);
+  kt::isa_amx::tuning().small_m = default_small_m;
 #ifdef KT_AMX_EMULATE
   report_prefetch_coverage(rng);
 #endif

@@ -12,9 +12,14 @@ common=(-std=c++20 -O2 -g -Wall -Wextra -Wpedantic -Wshadow -Wno-psabi -I"$pkg/i
 case "$mode" in
   emulate)
     flags=(-mavx2 -mfma -mf16c -DKT_AMX_EMULATE)
+    "$cxx" "${common[@]}" "${flags[@]}" -c -o "$out/amx_kernels_emulated.o" "$pkg/src/isa/amx/kernels.cpp"
+    "$cxx" "${common[@]}" -c -o "$out/cpu_features.o" "$pkg/src/runtime/cpu_features.cpp"
     "$cxx" "${common[@]}" "${flags[@]}" -o "$out/amx_kernels_test_emulated" \
-      "$pkg/tests/cpp/amx_kernels_test.cpp" "$pkg/src/isa/amx/kernels.cpp"
+      "$pkg/tests/cpp/amx_kernels_test.cpp" "$out/amx_kernels_emulated.o"
+    "$cxx" "${common[@]}" "${flags[@]}" -o "$out/amx_selftest_emulated" \
+      "$pkg/tests/cpp/amx_selftest.cpp" "$out/amx_kernels_emulated.o" "$out/cpu_features.o"
     echo "$out/amx_kernels_test_emulated"
+    echo "$out/amx_selftest_emulated"
     ;;
   real)
     flags=(-mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx512bf16 -mavx512vnni

@@ -339,13 +339,10 @@ inline void prefetch_step(const Prefetch& pf, const TileStream& act, int s, int 
   pf.w_next.prefetch(s - s0);
 }
 
-// C^T tile (16 columns n x 16 tokens) -> rows of c.
-template <int T>
-inline void store_nt_tile(float* c, std::int64_t ldc, int rows) {
-  alignas(64) float buf[256];
-  tile_store<T>(buf, 64);
+// C^T tile (16 columns n x 16 tokens, as stored by TILESTORED) -> rows of c.
+inline void transpose_to_rows(const float* tile, float* c, std::int64_t ldc, int rows) {
   V r[16];
-  for (int i = 0; i < 16; ++i) r[i] = v_load(buf + 16 * i);
+  for (int i = 0; i < 16; ++i) r[i] = v_load(tile + 16 * i);
   transpose16(r);
   for (int i = 0; i < rows; ++i) v_store(c + i * ldc, r[i]);
 }
@@ -373,13 +370,17 @@ inline void nt_steps(const std::uint8_t* w0, const std::uint8_t* w1, const std::
   }
 }
 
+// All accumulators are stored before the first transpose reads them back: vector loads cannot take
+// their data from tile stores still in flight, so the wait is paid once, not per tile.
 template <int MT>
 inline void nt_output(float* c, std::int64_t ldc, int rows0, int rows1) {
-  store_nt_tile<0>(c, ldc, rows0);
-  store_nt_tile<2>(c + 16, ldc, rows0);
+  alignas(64) float buf[4][256];
+  spill_accumulators<MT>(reinterpret_cast<std::uint8_t*>(buf));
+  transpose_to_rows(buf[0], c, ldc, rows0);
+  transpose_to_rows(buf[2], c + 16, ldc, rows0);
   if constexpr (MT == 2) {
-    store_nt_tile<1>(c + 16 * ldc, ldc, rows1);
-    store_nt_tile<3>(c + 16 * ldc + 16, ldc, rows1);
+    transpose_to_rows(buf[1], c + 16 * ldc, ldc, rows1);
+    transpose_to_rows(buf[3], c + 16 * ldc + 16, ldc, rows1);
   }
 }
 
@@ -402,13 +403,15 @@ inline TileStream act_after(const std::uint8_t* act, std::size_t panel, int mt, 
 
 void nt_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int n0, int n1, float* c, std::int64_t ldc) {
   const TileSession session;
-  const int k_steps = k / 32, m_tiles = (m + 15) / 16, kc = kc_steps();
+  const int k_steps = k / 32, m_tiles = (m + 15) / 16;
   const bool prefetch = tuning().prefetch;
   const int ahead = prefetch ? std::max(0, tuning().act_prefetch_steps) : 0;
   alignas(64) std::uint8_t spill[kMBlockTiles / 2][4 * kTileBytes];
   const std::size_t panel = static_cast<std::size_t>(k_steps) * kTileBytes;  // one 16-row tile row
   for (int mb = 0; mb < m_tiles; mb += kMBlockTiles) {
     const int mb_end = std::min(m_tiles, mb + kMBlockTiles);
+    // A single row pair has no other pair to share a cached weight chunk with: no chunking, no spills.
+    const int kc = mb_end - mb > 2 ? kc_steps() : k_steps;
     for (int n = n0; n < n1; n += 32) {
       // The two W tile rows of this column pair are contiguous (2 * panel bytes); the next pair follows.
       const std::uint8_t* w0 = w + static_cast<std::size_t>(n / 16) * panel;
@@ -539,7 +542,7 @@ inline void nn_output(float* c, std::int64_t ldc, int rows0, int rows1) {
 void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int cols, int j0, int j1, float* c,
             std::int64_t ldc) {
   const TileSession session;
-  const int q_steps = k / 32, tile_cols = cols / 32, m_tiles = (m + 15) / 16, kc = kc_steps();
+  const int q_steps = k / 32, tile_cols = cols / 32, m_tiles = (m + 15) / 16;
   const bool prefetch = tuning().prefetch;
   const int ahead = prefetch ? std::max(0, tuning().act_prefetch_steps) : 0;
   alignas(64) std::uint8_t spill[kMBlockTiles / 2][4 * kTileBytes];
@@ -547,6 +550,8 @@ void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int co
   const std::size_t panel = static_cast<std::size_t>(q_steps) * kTileBytes;  // one m-tile of activations
   for (int mb = 0; mb < m_tiles; mb += kMBlockTiles) {
     const int mb_end = std::min(m_tiles, mb + kMBlockTiles);
+    // One row pair: the largest chunk the B-tile buffer holds (fewer accumulator spills).
+    const int kc = mb_end - mb > 2 ? kc_steps() : kMaxKcSteps;
     for (int j = j0; j < j1; j += 32) {
       const int ct = j / 32;
       for (int qs0 = 0; qs0 < q_steps; qs0 += kc) {
@@ -591,6 +596,8 @@ void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int co
 
 // ---- small-m path: AVX-512 BF16 dot products straight from the rows -------------------------------------
 
+constexpr int kDotPrefetchSteps = 8;  // weight tiles prefetched this many tiles ahead
+
 // NT: MR rows x 8 weight rows per block; each (row, n) accumulator runs over the reduction in order,
 // then sum_lanes16 reduces it by a fixed tree.
 template <int MR>
@@ -598,6 +605,7 @@ void nt_small_rows(const bf16* const* a, const std::uint8_t* w, int k, int n0, i
   const int k_steps = k / 32;
   const std::size_t panel = static_cast<std::size_t>(k_steps) * kTileBytes;
   const V order = weight_qword_order();
+  const bool prefetch = tuning().prefetch;
   constexpr int kAcc = MR * 8, kGroups = (kAcc + 15) / 16;
   for (int n = n0; n < n1; n += 8) {
     const std::uint8_t* rows = w + static_cast<std::size_t>(n / 16) * panel + static_cast<std::size_t>(n % 16) * 64;
@@ -607,6 +615,8 @@ void nt_small_rows(const bf16* const* a, const std::uint8_t* w, int k, int n0, i
       V av[MR];
       for (int i = 0; i < MR; ++i) av[i] = v_permute64(v_load(a[i] + 32 * kb), order);
       const std::uint8_t* tile_rows = rows + static_cast<std::size_t>(kb) * kTileBytes;
+      if (prefetch)
+        for (int r = 0; r < 8; ++r) prefetch_l1(tile_rows + static_cast<std::size_t>(kDotPrefetchSteps) * kTileBytes + 64 * r);
       for (int r = 0; r < 8; ++r) {
         const V wv = v_load(tile_rows + 64 * r);
         for (int i = 0; i < MR; ++i) acc[8 * i + r] = v_dpbf16(acc[8 * i + r], av[i], wv);
@@ -633,12 +643,15 @@ template <int MR>
 void nn_small_rows(const bf16* const* a, const std::uint8_t* w, int k, int cols, int j0, int j1, float* c,
                    std::int64_t ldc) {
   const int tile_cols = cols / 32;
+  const bool prefetch = tuning().prefetch;
   for (int j = j0; j < j1; j += 32) {
     const int ct = j / 32;
     V lo[MR], hi[MR];
     for (int i = 0; i < MR; ++i) lo[i] = hi[i] = v_zero();
     for (int q = 0; q < k; q += 2) {
       const std::uint8_t* row = w + tile_offset(q / 16, ct, tile_cols) + static_cast<std::size_t>(q % 16) * 64;
+      if (prefetch && q % 16 == 0 && q / 16 + kDotPrefetchSteps < k / 16)
+        prefetch_tile(w + tile_offset(q / 16 + kDotPrefetchSteps, ct, tile_cols));
       const V x = v_load(row), y = v_load(row + 64);
       const V wl = v_unpacklo16(x, y), wh = v_unpackhi16(x, y);
       for (int i = 0; i < MR; ++i) {
