@@ -96,6 +96,7 @@ struct Problem {
   const char* label;
   int rows, cols, m, experts;
   int col_block = kColBlock;  // output columns per task
+  int chunk = kChunk;         // rows per call
   int k() const { return kind == Kind::nt ? cols : rows; }
   int outputs() const { return kind == Kind::nt ? rows : cols; }
   double flops() const { return 2.0 * m * static_cast<double>(rows) * cols * experts; }
@@ -127,7 +128,7 @@ std::vector<bf16> fast_random_bf16(std::size_t n, std::uint64_t seed) {
   return v;
 }
 
-int chunks_of(int m) { return (m + kChunk - 1) / kChunk; }
+int chunks_of(int m, int chunk) { return (m + chunk - 1) / chunk; }
 
 void prepare(const Problem& p, Data& d, std::mt19937& rng, int threads) {
   const kt::moe::KernelTable& t = kt::isa_amx::kernel_table();
@@ -142,14 +143,14 @@ void prepare(const Problem& p, Data& d, std::mt19937& rng, int threads) {
   d.act = fast_random_bf16(static_cast<std::size_t>(p.experts) * p.m * k, rng());
   d.rows.resize(static_cast<std::size_t>(p.experts) * p.m);
   for (std::size_t r = 0; r < d.rows.size(); ++r) d.rows[r] = d.act.data() + r * k;
-  d.packed_a.assign(static_cast<std::size_t>(p.experts) * chunks_of(p.m), nullptr);
+  d.packed_a.assign(static_cast<std::size_t>(p.experts) * chunks_of(p.m, 1), nullptr);
   d.c.assign(static_cast<std::size_t>(p.experts) * p.m * p.outputs(), 0.f);
 }
 
 // Packs every (expert, chunk) once; returns seconds.
 double pack_all(const Problem& p, Data& d, int threads) {
   const kt::moe::KernelTable& t = kt::isa_amx::kernel_table();
-  const int chunks = chunks_of(p.m);
+  const int chunks = chunks_of(p.m, p.chunk);
   for (Aligned*& a : d.packed_a) {
     delete a;
     a = nullptr;
@@ -157,11 +158,11 @@ double pack_all(const Problem& p, Data& d, int threads) {
   for (int e = 0; e < p.experts; ++e)
     for (int ch = 0; ch < chunks; ++ch)
       d.packed_a[static_cast<std::size_t>(e) * chunks + ch] =
-          new Aligned(t.packed_a_bytes(std::min(kChunk, p.m - ch * kChunk), p.k()));
+          new Aligned(t.packed_a_bytes(std::min(p.chunk, p.m - ch * p.chunk), p.k()));
   return parallel(threads, static_cast<std::int64_t>(p.experts) * chunks, [&](std::int64_t task) {
     const int e = static_cast<int>(task / chunks), ch = static_cast<int>(task % chunks);
-    const int rows = std::min(kChunk, p.m - ch * kChunk);
-    const bf16* const* src = d.rows.data() + static_cast<std::size_t>(e) * p.m + ch * kChunk;
+    const int rows = std::min(p.chunk, p.m - ch * p.chunk);
+    const bf16* const* src = d.rows.data() + static_cast<std::size_t>(e) * p.m + ch * p.chunk;
     void* dst = d.packed_a[task]->p;
     if (p.kind == Kind::nt) t.pack_a_nt(rows, src, p.k(), dst);
     else t.pack_a_nn(rows, src, p.k(), dst);
@@ -170,12 +171,12 @@ double pack_all(const Problem& p, Data& d, int threads) {
 
 double run_gemms(const Problem& p, Data& d, int threads) {
   const kt::moe::KernelTable& t = kt::isa_amx::kernel_table();
-  const int blocks = p.outputs() / p.col_block, chunks = chunks_of(p.m), ld = p.outputs();
+  const int blocks = p.outputs() / p.col_block, chunks = chunks_of(p.m, p.chunk), ld = p.outputs();
   return parallel(threads, static_cast<std::int64_t>(p.experts) * blocks, [&](std::int64_t task) {
     const int e = static_cast<int>(task / blocks), o0 = static_cast<int>(task % blocks) * p.col_block;
     for (int ch = 0; ch < chunks; ++ch) {
-      const int rows = std::min(kChunk, p.m - ch * kChunk);
-      float* c = d.c.data() + (static_cast<std::size_t>(e) * p.m + ch * kChunk) * ld + o0;
+      const int rows = std::min(p.chunk, p.m - ch * p.chunk);
+      float* c = d.c.data() + (static_cast<std::size_t>(e) * p.m + ch * p.chunk) * ld + o0;
       const void* a = d.packed_a[static_cast<std::size_t>(e) * chunks + ch]->p;
       if (p.kind == Kind::nt) t.gemm_nt_packed(rows, a, d.packed_w[e]->p, p.rows, p.k(), o0, o0 + p.col_block, c, ld);
       else t.gemm_nn_packed(rows, a, d.packed_w[e]->p, p.k(), p.cols, o0, o0 + p.col_block, c, ld);
@@ -216,11 +217,11 @@ void report(const Problem& p, int threads, double seconds, double pack_seconds, 
               name(p.kind), p.label, p.rows, p.cols, p.m, p.experts, threads, note, tflops, 100 * tflops / kAmxPeak,
               kAmxPeak, weight_gbs, 1e3 * seconds, 1e3 * pack_seconds, correct ? "" : "  WRONG RESULT");
   record("{\"kind\": \"%s\", \"shape\": \"%s\", \"rows\": %d, \"cols\": %d, \"m\": %d, \"experts\": %d, \"threads\": %d, "
-         "\"note\": \"%s\", \"kc_steps\": %d, \"small_m\": %d, \"act_prefetch_steps\": %d, \"col_block\": %d, "
+         "\"note\": \"%s\", \"kc_steps\": %d, \"small_m\": %d, \"act_prefetch_steps\": %d, \"col_block\": %d, \"rows_per_call\": %d, "
          "\"seconds\": %.6g, \"pack_a_seconds\": %.6g, "
          "\"tflops\": %.4g, \"weight_gbs\": %.4g, \"correct\": %s}",
          name(p.kind), p.label, p.rows, p.cols, p.m, p.experts, threads, note, kt::isa_amx::tuning().kc_steps,
-         kt::isa_amx::tuning().small_m, kt::isa_amx::tuning().act_prefetch_steps, p.col_block, seconds, pack_seconds, tflops, weight_gbs, correct ? "true" : "false");
+         kt::isa_amx::tuning().small_m, kt::isa_amx::tuning().act_prefetch_steps, p.col_block, p.chunk, seconds, pack_seconds, tflops, weight_gbs, correct ? "true" : "false");
   if (!correct) ++failures;
 }
 
@@ -287,12 +288,14 @@ void kc_sweep(const Options& o, std::mt19937& rng) {
       const double t_off = best_of(std::min(g_repeats, 2), p, d, o.threads);
       report(p, o.threads, t_off, 0, check(p, d), "no-prefetch");
       kt::isa_amx::tuning().prefetch = true;
-      for (int block : {128, 256}) {
+      for (auto [block, chunk] : {std::pair{128, 64}, {256, 64}, {64, 128}, {256, 128}, {256, 256}}) {
         p.col_block = block;
+        p.chunk = chunk;
+        pack_all(p, d, o.threads);
         std::fill(d.c.begin(), d.c.end(), 0.f);
         const double t = best_of(std::min(g_repeats, 2), p, d, o.threads);
-        char note[32];
-        std::snprintf(note, sizeof note, "cols/task=%d", block);
+        char note[48];
+        std::snprintf(note, sizeof note, "cols/task=%d rows/call=%d", block, chunk);
         report(p, o.threads, t, 0, check(p, d), note);
       }
     }
