@@ -25,7 +25,9 @@ def _no_cap_after_test() -> Iterator[None]:
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if k != "KT_SFT_MAX_ISA"} | env
+    full_env = {
+        k: v for k, v in os.environ.items() if k not in ("KT_SFT_MAX_ISA", "KT_SFT_NUM_THREADS")
+    } | env
     return subprocess.run(
         [sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=120, check=False
     )
@@ -222,6 +224,17 @@ def test_default_pool_follows_the_affinity_mask() -> None:
     proc = run_python(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["1", "1", f"[{cpu}]"]
+
+
+def test_env_var_sizes_the_default_pool() -> None:
+    code = "import kt_sft_kernels as kk; print(kk.default_pool().threads)"
+    proc = run_python(code, KT_SFT_NUM_THREADS="3")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "3"
+    code = "import kt_sft_kernels as kk\ntry:\n    kk.default_pool()\nexcept ValueError as e:\n    print(e)"
+    bad = run_python(code, KT_SFT_NUM_THREADS="lots")
+    assert bad.returncode == 0, bad.stderr
+    assert bad.stdout.startswith("KT_SFT_NUM_THREADS='lots' is not a thread count")
 
 
 def test_default_pool_is_one_per_process() -> None:

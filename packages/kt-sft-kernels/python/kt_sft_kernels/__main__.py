@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import kt_sft_kernels as kk
@@ -77,9 +78,11 @@ def report() -> str:
     )
     cpus = kk.affinity_cpus()
     lines.append(
-        f"threads: default pool {kk.default_pool().threads}, physical cores available {kk.physical_cores()}, "
-        f"affinity {len(cpus)} logical CPUs ({_cpu_ranges(cpus)})"
+        f"affinity: {len(cpus)} logical CPUs ({_cpu_ranges(cpus)}), physical cores {kk.physical_cores()}"
     )
+    requested = os.environ.get("KT_SFT_NUM_THREADS")
+    source = f"KT_SFT_NUM_THREADS={requested}" if requested else "physical cores"
+    lines.append(f"threads: default pool {kk.default_pool().threads} ({source})")
     lines.append(tier_summary())
     return "\n".join(lines)
 

@@ -162,6 +162,7 @@ struct PyLoRA {
     v.b_d = arrays.b_d.view;
     v.scale_gu = scale_gu;
     v.scale_d = scale_d;
+    v.version = version;
     return v;
   }
 };

@@ -5,8 +5,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <exception>
 #include <fstream>
 #include <mutex>
@@ -237,6 +239,19 @@ void ThreadPool::parallel_for(std::int64_t num_tasks, const std::function<void(s
   if (p.first_error) std::rethrow_exception(std::exchange(p.first_error, nullptr));
 }
 
+int default_pool_threads() {
+  const char* env = std::getenv("KT_SFT_NUM_THREADS");
+  if (env == nullptr || *env == '\0') return 0;
+  char* end = nullptr;
+  errno = 0;
+  const long value = std::strtol(env, &end, 10);
+  if (errno != 0 || end == env || *end != '\0' || value < 0 || value > 4096) {
+    throw std::invalid_argument(std::string("KT_SFT_NUM_THREADS='") + env +
+                                "' is not a thread count (an integer in [0, 4096]; 0 = physical cores)");
+  }
+  return static_cast<int>(value);
+}
+
 ThreadPool& default_pool() {
   // Never destroyed: its workers sleep until the process exits, so no exit-time ordering issue
   // with other static objects or with jobs still queued by the bindings.
@@ -245,7 +260,7 @@ ThreadPool& default_pool() {
   static pid_t pool_pid = 0;
   std::lock_guard<std::mutex> lock(mutex);
   if (pool == nullptr || pool_pid != getpid()) {
-    pool = new ThreadPool(0);  // a pool from before fork() is left to its (non-existent) threads
+    pool = new ThreadPool(default_pool_threads());  // a pool from before fork() is left behind
     pool_pid = getpid();
   }
   return *pool;

@@ -34,9 +34,11 @@ class ThreadPool {
   std::unique_ptr<Impl> impl_;
 };
 
-// The process-wide pool (sized to the physical cores), created at first use. After fork() the
+// The process-wide pool, created at first use: KT_SFT_NUM_THREADS threads if that is set (0 or
+// unset = the physical cores; an invalid value throws std::invalid_argument). After fork() the
 // child gets a fresh one.
 ThreadPool& default_pool();
+int default_pool_threads();  // what KT_SFT_NUM_THREADS asks for (0 = physical cores)
 // Logical CPUs in this thread's sched_getaffinity mask, ascending.
 std::vector<int> affinity_cpus();
 // Distinct (package, core) pairs among affinity_cpus() per /sys/devices/system/cpu/cpuN/topology;
