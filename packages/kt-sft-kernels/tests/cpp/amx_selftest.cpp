@@ -147,7 +147,8 @@ void prepare(const Problem& p, Data& d, std::mt19937& rng, int threads) {
   d.c.assign(static_cast<std::size_t>(p.experts) * p.m * p.outputs(), 0.f);
 }
 
-// Packs every (expert, chunk) once; returns seconds.
+// Packs every (expert, chunk); returns the seconds of the faster of two runs (the first one also
+// faults the freshly allocated pages in, which the layer's grow-only workspace pays only once).
 double pack_all(const Problem& p, Data& d, int threads) {
   const kt::moe::KernelTable& t = kt::isa_amx::kernel_table();
   const int chunks = chunks_of(p.m, p.chunk);
@@ -159,14 +160,17 @@ double pack_all(const Problem& p, Data& d, int threads) {
     for (int ch = 0; ch < chunks; ++ch)
       d.packed_a[static_cast<std::size_t>(e) * chunks + ch] =
           new Aligned(t.packed_a_bytes(std::min(p.chunk, p.m - ch * p.chunk), p.k()));
-  return parallel(threads, static_cast<std::int64_t>(p.experts) * chunks, [&](std::int64_t task) {
-    const int e = static_cast<int>(task / chunks), ch = static_cast<int>(task % chunks);
-    const int rows = std::min(p.chunk, p.m - ch * p.chunk);
-    const bf16* const* src = d.rows.data() + static_cast<std::size_t>(e) * p.m + ch * p.chunk;
-    void* dst = d.packed_a[task]->p;
-    if (p.kind == Kind::nt) t.pack_a_nt(rows, src, p.k(), dst);
-    else t.pack_a_nn(rows, src, p.k(), dst);
-  });
+  double best = 1e30;
+  for (int run = 0; run < 2; ++run)
+    best = std::min(best, parallel(threads, static_cast<std::int64_t>(p.experts) * chunks, [&](std::int64_t task) {
+      const int e = static_cast<int>(task / chunks), ch = static_cast<int>(task % chunks);
+      const int rows = std::min(p.chunk, p.m - ch * p.chunk);
+      const bf16* const* src = d.rows.data() + static_cast<std::size_t>(e) * p.m + ch * p.chunk;
+      void* dst = d.packed_a[task]->p;
+      if (p.kind == Kind::nt) t.pack_a_nt(rows, src, p.k(), dst);
+      else t.pack_a_nn(rows, src, p.k(), dst);
+    }));
+  return best;
 }
 
 double run_gemms(const Problem& p, Data& d, int threads) {

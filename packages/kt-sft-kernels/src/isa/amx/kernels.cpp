@@ -1,5 +1,6 @@
 // The amx tier: base-weight GEMMs on AMX-BF16 tiles (TDPBF16PS), AVX-512 BF16 dot products for
-// calls with very few rows, and the generic SwiGLU/LoRA entries compiled with this tier's flags.
+// calls with very few rows (off by default), the SIMD tiers' vectorized SwiGLU (simd_act.inl) and the
+// generic LoRA entries compiled with this tier's flags.
 //
 // ---- Packed weight layout (PackFormat::amx_bf16_tiles) ------------------------------------------
 // W [R, C] (R, C multiples of 32) is cut into 16 x 32 tiles. Tile (rt, ct) holds rows 16rt..16rt+15,
@@ -32,7 +33,9 @@
 // chunks of kc_steps tiles: a chunk of the weight panel (2 x kc_steps KB) stays in L1 while every
 // row pair of the m-block (up to 128 rows) streams its activation tiles past it; between chunks the
 // accumulators go through a stack spill buffer (exact fp32, so the result does not depend on
-// kc_steps). The next chunk of weights is prefetched while the first row pair runs.
+// kc_steps). The next chunk of weights is prefetched while the first row pair runs; the activation
+// tiles are prefetched a few steps ahead during the first column pair of a call (they come from L3,
+// packed by other threads; later column pairs find them in L2, where prefetching to L1 only costs).
 //
 // ---- Determinism ------------------------------------------------------------------------------------
 // Every output element is one chain of TDPBF16PS (or VDPBF16PS) steps over the reduction in
@@ -66,6 +69,10 @@ using moe::KernelTable;
 using moe::PackFormat;
 
 #include "../generic_kernels.inl"
+#ifndef KT_AMX_EMULATE  // the emulated test build keeps the generic SwiGLU (it tests the GEMMs)
+#include "../vec_avx512.inl"
+#include "../simd_act.inl"
+#endif
 
 Tuning& tuning() {
   static Tuning knobs;
@@ -422,7 +429,7 @@ void nt_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int n0
         const bool first = kb0 == 0, last = kb1 == k_steps;
         for (int mt = mb; mt < mb_end; mt += 2) {
           Prefetch pf;
-          pf.ahead = ahead;
+          pf.ahead = n == n0 ? ahead : 0;  // later column pairs find the activations in L2
           pf.act_next = act_after(act, panel, mt, mb, mb_end, kb0, kb1, k_steps, more_columns);
           if (prefetch && mt == mb) {
             const std::size_t next = static_cast<std::size_t>(kb1) * kTileBytes;
@@ -435,12 +442,12 @@ void nt_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int n0
           const int rows0 = std::min(16, m - 16 * mt), rows1 = std::min(16, m - 16 * mt - 16);
           if (mt + 1 < mb_end) {
             load_accumulators<2>(sp, first);
-            nt_steps<2>(w0, w1, a0, a0 + panel, kb0, kb1, prefetch ? &pf : nullptr);
+            nt_steps<2>(w0, w1, a0, a0 + panel, kb0, kb1, pf.ahead || pf.w_next.row0 ? &pf : nullptr);
             if (last) nt_output<2>(out, ldc, rows0, rows1);
             else spill_accumulators<2>(sp);
           } else {
             load_accumulators<1>(sp, first);
-            nt_steps<1>(w0, w1, a0, nullptr, kb0, kb1, prefetch ? &pf : nullptr);
+            nt_steps<1>(w0, w1, a0, nullptr, kb0, kb1, pf.ahead || pf.w_next.row0 ? &pf : nullptr);
             if (last) nt_output<1>(out, ldc, rows0, 0);
             else spill_accumulators<1>(sp);
           }
@@ -571,7 +578,7 @@ void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int co
         }
         for (int mt = mb; mt < mb_end; mt += 2) {
           Prefetch pf;  // weights were prefetched while the B tiles were built
-          pf.ahead = ahead;
+          pf.ahead = j == j0 ? ahead : 0;  // later column tiles find the activations in L2
           pf.act_next = act_after(act, panel, mt, mb, mb_end, qs0, qs1, q_steps, j + 32 < j1);
           std::uint8_t* sp = spill[(mt - mb) / 2];
           const std::uint8_t* a0 = act + static_cast<std::size_t>(mt) * panel + static_cast<std::size_t>(qs0) * kTileBytes;
@@ -579,12 +586,12 @@ void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int co
           const int rows0 = std::min(16, m - 16 * mt), rows1 = std::min(16, m - 16 * mt - 16);
           if (mt + 1 < mb_end) {
             nn_load_accumulators<2>(sp, first);
-            nn_steps<2>(bbuf, a0, a0 + panel, qs1 - qs0, ahead ? &pf : nullptr);
+            nn_steps<2>(bbuf, a0, a0 + panel, qs1 - qs0, pf.ahead ? &pf : nullptr);
             if (last) nn_output<2>(out, ldc, rows0, rows1);
             else nn_spill_accumulators<2>(sp);
           } else {
             nn_load_accumulators<1>(sp, first);
-            nn_steps<1>(bbuf, a0, nullptr, qs1 - qs0, ahead ? &pf : nullptr);
+            nn_steps<1>(bbuf, a0, nullptr, qs1 - qs0, pf.ahead ? &pf : nullptr);
             if (last) nn_output<1>(out, ldc, rows0, 0);
             else nn_spill_accumulators<1>(sp);
           }
@@ -731,6 +738,10 @@ const KernelTable& kernel_table() {
     t.pack_a_nn = pack_a_nn;
     t.gemm_nt_packed = gemm_nt_packed;
     t.gemm_nn_packed = gemm_nn_packed;
+#ifndef KT_AMX_EMULATE
+    t.silu_mul = simd_silu_mul;  // the SIMD tiers' one sigmoid, as in avx512_bf16
+    t.silu_mul_bwd = simd_silu_mul_bwd;
+#endif
     return t;
   }();
   return table;
