@@ -170,32 +170,20 @@ void lora_at_add_t(int m, const float* t, const L* a_mat, int r, int cols, int j
   }
 }
 
-// Up to four rows of g share each row of B (read and converted once); every output still sums n in
-// order.
-constexpr int kBtRows = 4;
-
 template <class L>
 void lora_bt_t(int m, const bf16* const* g, const L* b_mat, int r, int rows, float* out) {
-  float acc[kBtRows][kLoraBlock];
-  float bq[kLoraBlock];
-  for (int i0 = 0; i0 < m; i0 += kBtRows) {
-    const int height = std::min(kBtRows, m - i0);
+  float acc[kLoraBlock];
+  for (int i = 0; i < m; ++i)
     for (int qb = 0; qb < r; qb += kLoraBlock) {
       const int depth = std::min(kLoraBlock, r - qb);
-      for (int i = 0; i < kBtRows; ++i)
-        for (int q = 0; q < depth; ++q) acc[i][q] = 0.f;
+      for (int q = 0; q < depth; ++q) acc[q] = 0.f;
       for (int n = 0; n < rows; ++n) {
+        const float gn = to_f32(g[i][n]);
         const L* bn = b_mat + static_cast<std::int64_t>(n) * r + qb;
-        for (int q = 0; q < depth; ++q) bq[q] = to_f32(bn[q]);
-        for (int i = 0; i < height; ++i) {
-          const float gn = to_f32(g[i0 + i][n]);
-          for (int q = 0; q < depth; ++q) acc[i][q] += gn * bq[q];
-        }
+        for (int q = 0; q < depth; ++q) acc[q] += gn * to_f32(bn[q]);
       }
-      for (int i = 0; i < height; ++i)
-        for (int q = 0; q < depth; ++q) out[(i0 + i) * r + qb + q] = acc[i][q];
+      for (int q = 0; q < depth; ++q) out[i * r + qb + q] = acc[q];
     }
-  }
 }
 
 // scratch holds acc[q][n - n0]: vectorizes over n, then is written transposed into dB[n][q].
