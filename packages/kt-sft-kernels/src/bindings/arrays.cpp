@@ -231,7 +231,8 @@ void check_no_overlap(const std::vector<const Array*>& outputs, const std::vecto
     const Array& o = *outputs[i];
     const auto check_against = [&](const Array& other) {
       if (overlaps(o, other))
-        raise_value(std::string(o.name) + ": shares memory with " + other.name + " (outputs must not alias other arguments)");
+        raise_value(std::string(o.name) + ": shares memory with " + other.name +
+                    " (outputs must not alias other arguments)");
     };
     for (std::size_t j = i + 1; j < outputs.size(); ++j) check_against(*outputs[j]);
     for (const Array* in : inputs) check_against(*in);

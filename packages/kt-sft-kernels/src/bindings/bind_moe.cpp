@@ -67,7 +67,8 @@ moe::MoEConfig make_config(int num_experts, int top_k, int hidden, int intermedi
     raise_value("MoEConfig: weight_dtype must be one of 'bf16', 'int8', 'int4', got '" + weight_dtype + "'");
   }
   if (numa_shards > 1)
-    throw NotImplementedError("MoEConfig: numa_shards=" + std::to_string(numa_shards) + " is not implemented yet; use 1");
+    throw NotImplementedError("MoEConfig: numa_shards=" + std::to_string(numa_shards) +
+                              " is not implemented yet; use 1");
   c.num_experts = num_experts;
   c.top_k = top_k;
   c.hidden = hidden;
@@ -103,8 +104,8 @@ struct LoRAArrays {
   std::vector<const Array*> all() const { return {&a_gu, &b_gu, &a_d, &b_d}; }
 };
 
-LoRAArrays import_lora_arrays(nb::handle a_gu, nb::handle b_gu, nb::handle a_d, nb::handle b_d, const char* const names[4],
-                              Access access) {
+LoRAArrays import_lora_arrays(nb::handle a_gu, nb::handle b_gu, nb::handle a_d, nb::handle b_d,
+                              const char* const names[4], Access access) {
   LoRAArrays l;
   const nb::handle given[4] = {a_gu, b_gu, a_d, b_d};
   Array* slots[4] = {&l.a_gu, &l.b_gu, &l.a_d, &l.b_d};
@@ -125,8 +126,8 @@ LoRAArrays import_lora_arrays(nb::handle a_gu, nb::handle b_gu, nb::handle a_d, 
   const Array* first = l.has_gate_up() ? &l.a_gu : &l.a_d;
   for (const Array* a : l.all()) {
     if (*a && a->view.dtype != first->view.dtype) {
-      raise_type(std::string(a->name) + ": dtype " + dtype_name(a->view.dtype) + " differs from " + first->name + "'s " +
-                 dtype_name(first->view.dtype) + "; all LoRA arrays must share one dtype");
+      raise_type(std::string(a->name) + ": dtype " + dtype_name(a->view.dtype) + " differs from " + first->name +
+                 "'s " + dtype_name(first->view.dtype) + "; all LoRA arrays must share one dtype");
     }
   }
   return l;
@@ -437,6 +438,8 @@ PyPending start_backward(PyMoELayer& self, nb::handle saved, nb::handle grad_out
     throw std::runtime_error("saved: this ForwardHandle was already consumed by a backward call "
                              "(each forward(save=True) allows exactly one backward)");
   if (h->layer != &self) raise_value("saved: this ForwardHandle was returned by a different MoELayer");
+  if (!self.weights_loaded)
+    throw std::runtime_error("MoELayer: its weights were not loaded completely (a load_weights() call failed)");
 
   const moe::MoEConfig& c = self.layer->config();
   const std::int64_t T = h->tokens, H = c.hidden, k = c.top_k;
@@ -455,7 +458,8 @@ PyPending start_backward(PyMoELayer& self, nb::handle saved, nb::handle grad_out
   if (!lora_grads.is_none() && (!nb::try_cast(lora_grads, g) || g == nullptr))
     raise_type("lora_grads: expected a kt_sft_kernels.LoRAGrads or None, got " + object_type_name(lora_grads));
   if (l && !g)
-    raise_type("lora_grads: required: the forward ran with LoRA, so pass kt_sft_kernels.LoRAGrads(...) for its gradients");
+    raise_type("lora_grads: required: the forward ran with LoRA, so pass kt_sft_kernels.LoRAGrads(...) "
+               "for its gradients");
   if (g && !l) raise_value("lora_grads: the forward ran without LoRA; pass lora_grads=None");
   std::vector<const Array*> outputs = {&p.arrays[1], &p.arrays[2]};
   std::vector<const Array*> inputs = {&p.arrays[0], &h->x};
@@ -467,7 +471,9 @@ PyPending start_backward(PyMoELayer& self, nb::handle saved, nb::handle grad_out
       const Array& w = *weights[i];
       const Array& d = *grads[i];
       if (static_cast<bool>(w) != static_cast<bool>(d)) {
-        raise_value(std::string("lora_grads: ") + d.name + (w ? " is required: the forward's LoRA has " : " must be None: the forward's LoRA has no ") + w.name);
+        raise_value(std::string("lora_grads: ") + d.name +
+                    (w ? " is required: the forward's LoRA has " : " must be None: the forward's LoRA has no ") +
+                    w.name);
       }
       if (!w) continue;
       if (d.view.dtype != w.view.dtype)
@@ -523,7 +529,8 @@ void bind_moe(nb::module_& m) {
       .def_ro("top_k", &moe::MoEConfig::top_k)
       .def_ro("hidden", &moe::MoEConfig::hidden)
       .def_ro("intermediate", &moe::MoEConfig::intermediate)
-      .def_prop_ro("weight_dtype", [](const moe::MoEConfig& c) { return std::string(weight_dtype_name(c.weight_dtype)); })
+      .def_prop_ro("weight_dtype",
+                   [](const moe::MoEConfig& c) { return std::string(weight_dtype_name(c.weight_dtype)); })
       .def_ro("group_size", &moe::MoEConfig::group_size)
       .def_ro("numa_shards", &moe::MoEConfig::numa_shards)
       .def("__eq__", &config_equal, nb::is_operator())
@@ -552,7 +559,8 @@ void bind_moe(nb::module_& m) {
       .def_prop_ro("rank_down", &PyLoRA::rank_down, "r of the down pair (0: no LoRA there).")
       .def_prop_ro("dtype", [](const PyLoRA& l) { return dtype_name(l.dtype()); })
       .def("__repr__", [](const PyLoRA& l) {
-        return "LoRA(rank_gate_up=" + std::to_string(l.rank_gate_up()) + ", rank_down=" + std::to_string(l.rank_down()) +
+        return "LoRA(rank_gate_up=" + std::to_string(l.rank_gate_up()) +
+               ", rank_down=" + std::to_string(l.rank_down()) +
                ", dtype=" + dtype_name(l.dtype()) + ", version=" + std::to_string(l.version) + ")";
       });
 
@@ -603,22 +611,22 @@ void bind_moe(nb::module_& m) {
       .def("forward",
            [](PyMoELayer& self, nb::handle x, nb::handle ids, nb::handle weights, nb::handle out, nb::handle lora,
               bool save) { return start_forward(self, x, ids, weights, out, lora, save).wait(); },
-           nb::arg("x").none(), nb::arg("ids").none(), nb::arg("weights").none(), nb::arg("out").none(), nb::arg("lora").none() = nb::none(),
-           nb::arg("save") = false,
-           "out[T,H] = sum_j weights[t,j] * expert_{ids[t,j]}(x[t]). Returns a ForwardHandle if save, else None.")
-      .def("forward_async", &start_forward, nb::arg("x").none(), nb::arg("ids").none(), nb::arg("weights").none(), nb::arg("out").none(),
+           nb::arg("x").none(), nb::arg("ids").none(), nb::arg("weights").none(), nb::arg("out").none(),
            nb::arg("lora").none() = nb::none(), nb::arg("save") = false,
+           "out[T,H] = sum_j weights[t,j] * expert_{ids[t,j]}(x[t]). Returns a ForwardHandle if save, else None.")
+      .def("forward_async", &start_forward, nb::arg("x").none(), nb::arg("ids").none(), nb::arg("weights").none(),
+           nb::arg("out").none(), nb::arg("lora").none() = nb::none(), nb::arg("save") = false,
            "forward() queued on the layer's pool; returns a Pending.")
       .def("backward",
            [](PyMoELayer& self, nb::handle saved, nb::handle grad_out, nb::handle grad_x, nb::handle grad_weights,
               nb::handle lora_grads) {
              start_backward(self, saved, grad_out, grad_x, grad_weights, lora_grads).wait();
            },
-           nb::arg("saved").none(), nb::arg("grad_out").none(), nb::arg("grad_x").none(), nb::arg("grad_weights").none(),
-           nb::arg("lora_grads").none() = nb::none(),
-           "Writes grad_x [T,H], grad_weights [T,k] and the LoRA gradients; consumes `saved`.")
-      .def("backward_async", &start_backward, nb::arg("saved").none(), nb::arg("grad_out").none(), nb::arg("grad_x").none(),
+           nb::arg("saved").none(), nb::arg("grad_out").none(), nb::arg("grad_x").none(),
            nb::arg("grad_weights").none(), nb::arg("lora_grads").none() = nb::none(),
+           "Writes grad_x [T,H], grad_weights [T,k] and the LoRA gradients; consumes `saved`.")
+      .def("backward_async", &start_backward, nb::arg("saved").none(), nb::arg("grad_out").none(),
+           nb::arg("grad_x").none(), nb::arg("grad_weights").none(), nb::arg("lora_grads").none() = nb::none(),
            "backward() queued on the layer's pool; returns a Pending.")
       .def("__repr__", [](const PyMoELayer& l) {
         return "MoELayer(" + config_repr(l.layer->config()) + (l.weights_loaded ? "" : ", not loaded") + ")";

@@ -163,7 +163,8 @@ void ThreadPool::Impl::worker_main(int thread, int cpu) {
 }
 
 ThreadPool::ThreadPool(int threads, bool pin) : impl_(std::make_unique<Impl>()) {
-  if (threads < 0) throw std::invalid_argument("threads must be >= 0 (0 = physical cores), got " + std::to_string(threads));
+  if (threads < 0)
+    throw std::invalid_argument("threads must be >= 0 (0 = physical cores), got " + std::to_string(threads));
   impl_->size = threads == 0 ? physical_cores_available() : threads;
   impl_->pinned = pin;
   impl_->owner_pid = getpid();
