@@ -564,16 +564,16 @@ void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int co
       for (int qs0 = 0; qs0 < q_steps; qs0 += kc) {
         const int qs1 = std::min(q_steps, qs0 + kc);
         const bool first = qs0 == 0, last = qs1 == q_steps;
+        // The weights of the next chunk in execution order: this column tile from qs1, else the
+        // next column tile from 0. Step qs of this chunk prefetches step qs - qs0 of that one.
+        const int next_q0 = last ? 0 : qs1, next_ct = last ? ct + 1 : ct;
         for (int qs = qs0; qs < qs1; ++qs) {
           std::uint8_t* b = bbuf + static_cast<std::size_t>(qs - qs0) * 2 * kTileBytes;
           build_nn_tiles(w, tile_cols, qs, ct, b, b + kTileBytes);
-          if (prefetch) {  // the same rows kc steps on, or the next column tile's first rows
-            const int next = qs + kc < q_steps ? qs + kc : qs + kc - q_steps;
-            const int next_ct = qs + kc < q_steps ? ct : ct + 1;
-            if (next < q_steps && next_ct < j1 / 32) {
-              prefetch_tile(w + tile_offset(2 * next, next_ct, tile_cols));
-              prefetch_tile(w + tile_offset(2 * next + 1, next_ct, tile_cols));
-            }
+          const int next = next_q0 + (qs - qs0);
+          if (prefetch && next < q_steps && next_ct < j1 / 32) {
+            prefetch_tile(w + tile_offset(2 * next, next_ct, tile_cols));
+            prefetch_tile(w + tile_offset(2 * next + 1, next_ct, tile_cols));
           }
         }
         for (int mt = mb; mt < mb_end; mt += 2) {
