@@ -1,3 +1,65 @@
-"""kt-sft-kernels: CPU MoE expert kernels with LoRA forward/backward. Never imports torch."""
+"""kt-sft-kernels: CPU MoE expert kernels with LoRA forward/backward. Never imports torch.
+
+Arrays cross as DLPack / buffer-protocol arrays (NumPy, torch, ...), zero copy. bf16 arrays may be
+torch.bfloat16 tensors, ml_dtypes.bfloat16 NumPy arrays, or uint16 NumPy arrays holding bf16 bits.
+"""
+
+from __future__ import annotations
+
+from ._core import (
+    ForwardHandle,
+    LoRA,
+    LoRAGrads,
+    MoEConfig,
+    MoELayer,
+    Pending,
+    ThreadPool,
+    active_isa,
+    affinity_cpus,
+    best_isa,
+    build_info,
+    cpu_features,
+    default_pool,
+    isa_cap,
+    isa_cap_source,
+    isa_compiled,
+    isa_names,
+    isa_supported,
+    physical_cores,
+    set_max_isa,
+)
+from ._lora_layout import separate_gate_up_lora, split_gate_up_lora_grads
 
 __version__ = "0.1.0"
+
+if build_info()["version"] != __version__:
+    raise ImportError(
+        f"kt_sft_kernels: the native module was built for version {build_info()['version']}, but the Python "
+        f"package is {__version__}; reinstall the wheel"
+    )
+
+__all__ = [
+    "ForwardHandle",
+    "LoRA",
+    "LoRAGrads",
+    "MoEConfig",
+    "MoELayer",
+    "Pending",
+    "ThreadPool",
+    "__version__",
+    "active_isa",
+    "affinity_cpus",
+    "best_isa",
+    "build_info",
+    "cpu_features",
+    "default_pool",
+    "isa_cap",
+    "isa_cap_source",
+    "isa_compiled",
+    "isa_names",
+    "isa_supported",
+    "physical_cores",
+    "separate_gate_up_lora",
+    "set_max_isa",
+    "split_gate_up_lora_grads",
+]

@@ -5,7 +5,16 @@
 
 namespace kt {
 
+// GCC's -Wshadow flags the scoped enumerator `bf16` against the alias kt::bf16 (bf16.hpp) although
+// a scoped enumerator cannot shadow anything; silenced for this one declaration.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wshadow"
+#endif
 enum class DType : std::uint8_t { bf16, f32, i32, i64 };
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 struct View {
   void* data = nullptr;  // nullptr = absent (optional argument not given)

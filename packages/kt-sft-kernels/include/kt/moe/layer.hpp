@@ -21,6 +21,7 @@ namespace kt::moe {
 struct LoRAViews {
   View a_gu, b_gu, a_d, b_d;
   float scale_gu = 0.f, scale_d = 0.f;
+  std::int64_t version = 0;  // caller-bumped after each optimizer step (for tiers caching derived copies)
   bool has_gate_up() const { return static_cast<bool>(a_gu); }
   bool has_down() const { return static_cast<bool>(a_d); }
 };

@@ -5,21 +5,28 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <vector>
 
 namespace kt::runtime {
 
 class ThreadPool {
  public:
   // threads = total workers including the caller; 0 = physical cores in sched_getaffinity.
-  explicit ThreadPool(int threads = 0);
+  // pin = bind worker i to one logical CPU of the i-th physical core of the affinity mask (the
+  // calling thread is never pinned: it belongs to the application).
+  explicit ThreadPool(int threads = 0, bool pin = false);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
 
   int size() const;
+  bool pinned() const;
   // Calls fn(task, thread_index) for every task in [0, num_tasks) and returns when all are done.
   // Tasks are handed out dynamically; thread_index is in [0, size()) (0 = the caller) and may be
-  // used to index per-thread scratch. The first exception thrown by fn is rethrown here.
+  // used to index per-thread scratch. The first exception thrown by fn is rethrown here (tasks not
+  // yet started are then skipped). Calls from several threads are serialized; a call from inside a
+  // task of the same pool throws std::logic_error (it would deadlock). A pool created before fork()
+  // throws std::runtime_error when used in the child.
   void parallel_for(std::int64_t num_tasks, const std::function<void(std::int64_t task, int thread)>& fn);
 
  private:
@@ -27,7 +34,15 @@ class ThreadPool {
   std::unique_ptr<Impl> impl_;
 };
 
+// The process-wide pool, created at first use: KT_SFT_NUM_THREADS threads if that is set (0 or
+// unset = the physical cores; an invalid value throws std::invalid_argument). After fork() the
+// child gets a fresh one.
 ThreadPool& default_pool();
+int default_pool_threads();  // what KT_SFT_NUM_THREADS asks for (0 = physical cores)
+// Logical CPUs in this thread's sched_getaffinity mask, ascending.
+std::vector<int> affinity_cpus();
+// Distinct (package, core) pairs among affinity_cpus() per /sys/devices/system/cpu/cpuN/topology;
+// the mask size where the topology cannot be read.
 int physical_cores_available();
 
 }  // namespace kt::runtime

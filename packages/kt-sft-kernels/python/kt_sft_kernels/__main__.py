@@ -1,0 +1,91 @@
+"""`python -m kt_sft_kernels`: what was compiled, what this CPU runs, and which tier is chosen."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import kt_sft_kernels as kk
+
+_FEATURE_FLAGS = (
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512dq",
+    "avx512vl",
+    "avx512_bf16",
+    "avx512_vnni",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
+_OS_FLAGS = ("os_avx", "os_avx512", "os_amx")
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _cpu_ranges(cpus: list[int]) -> str:
+    ranges: list[str] = []
+    start = prev = None
+    for cpu in [*cpus, None]:
+        if cpu is not None and prev is not None and cpu == prev + 1:
+            prev = cpu
+            continue
+        if start is not None:
+            ranges.append(str(start) if start == prev else f"{start}-{prev}")
+        start = prev = cpu
+    return ",".join(ranges)
+
+
+def tier_summary() -> str:
+    """One line naming the tiers: compiled, supported here, and the one chosen (CI logs print it)."""
+    names = kk.isa_names()
+    compiled = [n for n in names if kk.isa_compiled(n)]
+    supported = [n for n in names if kk.isa_supported(n)]
+    cap = kk.isa_cap()
+    return (
+        f"kt_sft_kernels {kk.__version__} tiers: compiled={','.join(compiled)} "
+        f"supported={','.join(supported)} active={kk.active_isa()} "
+        f"(cap: {cap or 'none'}, from {kk.isa_cap_source()})"
+    )
+
+
+def report() -> str:
+    info = kk.build_info()
+    features = kk.cpu_features()
+    lines = [
+        f"kt-sft-kernels {kk.__version__}",
+        f"compiler: {info['compiler']} ({info['build_type']}), Python {sys.version.split()[0]}",
+        "tiers (compiled: flags):",
+    ]
+    for name, tier in info["tiers"].items():
+        state = "compiled" if tier["compiled"] else "not compiled"
+        flags = tier["flags"] or "(no -m flags)"
+        run = "runs here" if kk.isa_supported(name) else "cannot run here"
+        lines.append(f"  {name:<12} {state:<13} {run:<15} {flags}")
+    lines.append(f"cpu: {features['vendor']} / {features['brand'] or '(no brand string)'}")
+    lines.append("cpu flags: " + " ".join(f"{f}={_yes(features[f])}" for f in _FEATURE_FLAGS))
+    lines.append("os state (XCR0): " + " ".join(f"{f[3:]}={_yes(features[f])}" for f in _OS_FLAGS))
+    lines.append(f"amx permission: {features['amx_permission']}")
+    cap = kk.isa_cap()
+    lines.append(
+        f"best tier: {kk.best_isa()}; cap: {cap or 'none'} (from {kk.isa_cap_source()}); "
+        f"tier chosen: {kk.active_isa()}"
+    )
+    cpus = kk.affinity_cpus()
+    lines.append(
+        f"affinity: {len(cpus)} logical CPUs ({_cpu_ranges(cpus)}), physical cores {kk.physical_cores()}"
+    )
+    requested = os.environ.get("KT_SFT_NUM_THREADS")
+    source = f"KT_SFT_NUM_THREADS={requested}" if requested else "physical cores"
+    lines.append(f"threads: default pool {kk.default_pool().threads} ({source})")
+    lines.append(tier_summary())
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())

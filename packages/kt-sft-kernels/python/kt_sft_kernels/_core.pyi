@@ -1,0 +1,267 @@
+"""Native core of kt_sft_kernels (use the package, not this module). Hand-kept in sync with
+src/bindings/*.cpp; tests/test_import.py checks that the names match."""
+
+from types import ModuleType
+from typing import Any, TypeAlias
+
+# A NumPy array, torch tensor, or any DLPack / buffer-protocol array on the CPU, C-contiguous.
+# bf16: torch.bfloat16, an ml_dtypes.bfloat16 NumPy array, or uint16 holding the bf16 bits.
+Array: TypeAlias = Any
+
+_testing: ModuleType
+
+def isa_names() -> list[str]:
+    """All tier names, lowest first."""
+
+def active_isa() -> str:
+    """The tier the next kernel call uses: min(best supported, cap)."""
+
+def best_isa() -> str:
+    """The highest tier this build and CPU support."""
+
+def isa_supported(name: str) -> bool:
+    """
+    Whether the tier is compiled into this build and this CPU/OS can run it.
+    """
+
+def isa_compiled(name: str) -> bool:
+    """Whether the tier's code is in this build."""
+
+def set_max_isa(name: str | None) -> str:
+    """
+    Cap the tier (None: no cap); returns the tier now active. A cap above what this build and CPU support
+    runs the best available and warns (RuntimeWarning).
+    """
+
+def isa_cap() -> str | None:
+    """The cap in force, or None."""
+
+def isa_cap_source() -> str:
+    """Where the cap came from: 'none', 'KT_SFT_MAX_ISA' or 'set_max_isa'."""
+
+def cpu_features() -> dict[str, bool | str]:
+    """What CPUID/XGETBV report, and the AMX permission."""
+
+def build_info() -> dict[str, Any]:
+    """Version, compiler, build type and the compiled tiers with their flags."""
+
+def physical_cores() -> int:
+    """
+    Physical cores among the CPUs this process may run on (sched_getaffinity).
+    """
+
+def affinity_cpus() -> list[int]:
+    """Logical CPUs in this process's affinity mask."""
+
+class ThreadPool:
+    """
+    A pool of worker threads; the thread making a call works too. Calls on one pool run one at a time, in
+    the order they were made.
+    """
+
+    def __init__(self, threads: int = 0, pin: bool = False) -> None:
+        """
+        threads: total threads including the caller; 0 = the physical cores this process may use. pin:
+        bind each worker to its own physical core.
+        """
+
+    @property
+    def threads(self) -> int: ...
+    @property
+    def pinned(self) -> bool: ...
+    @property
+    def is_default(self) -> bool: ...
+    def __eq__(self, arg: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+    def __repr__(self) -> str: ...
+
+def default_pool() -> ThreadPool:
+    """
+    The process-wide pool (physical cores of the affinity mask), created at first use.
+    """
+
+class MoEConfig:
+    """Shape and storage of one MoE layer's routed experts."""
+
+    def __init__(
+        self,
+        *,
+        num_experts: int,
+        top_k: int,
+        hidden: int,
+        intermediate: int,
+        weight_dtype: str = "bf16",
+        group_size: int = 128,
+        numa_shards: int = 1,
+    ) -> None: ...
+    @property
+    def num_experts(self) -> int: ...
+    @property
+    def top_k(self) -> int: ...
+    @property
+    def hidden(self) -> int: ...
+    @property
+    def intermediate(self) -> int: ...
+    @property
+    def weight_dtype(self) -> str: ...
+    @property
+    def group_size(self) -> int: ...
+    @property
+    def numa_shards(self) -> int: ...
+    def __eq__(self, arg: object, /) -> bool: ...
+    def __repr__(self) -> str: ...
+
+class LoRA:
+    """
+    LoRA weights of one layer's experts, read from caller memory on every call: a_gu [E,r,H], b_gu
+    [E,2I,r], a_d [E,r,I], b_d [E,H,r], all float32 or all bfloat16. A projection's pair may be None (no
+    LoRA on it). Bump `version` after each optimizer step.
+    """
+
+    def __init__(
+        self,
+        a_gu: Array | None,
+        b_gu: Array | None,
+        a_d: Array | None,
+        b_d: Array | None,
+        scale_gu: float | None = None,
+        scale_d: float | None = None,
+        *,
+        version: int = 0,
+    ) -> None: ...
+    @property
+    def a_gu(self) -> Array | None: ...
+    @property
+    def b_gu(self) -> Array | None: ...
+    @property
+    def a_d(self) -> Array | None: ...
+    @property
+    def b_d(self) -> Array | None: ...
+    @property
+    def scale_gu(self) -> float: ...
+    @property
+    def scale_d(self) -> float: ...
+    @property
+    def version(self) -> int:
+        """Caller-bumped counter; tiers that cache derived copies key them on it."""
+
+    @version.setter
+    def version(self, arg: int, /) -> None: ...
+    @property
+    def rank_gate_up(self) -> int:
+        """r of the gate_up pair (0: no LoRA there)."""
+
+    @property
+    def rank_down(self) -> int:
+        """r of the down pair (0: no LoRA there)."""
+
+    @property
+    def dtype(self) -> str: ...
+    def __repr__(self) -> str: ...
+
+class LoRAGrads:
+    """
+    Output arrays for the LoRA gradients (same shapes and dtype as the LoRA weights; None where the
+    forward's LoRA has no pair). Written, never accumulated.
+    """
+
+    def __init__(
+        self,
+        da_gu: Array | None = None,
+        db_gu: Array | None = None,
+        da_d: Array | None = None,
+        db_d: Array | None = None,
+    ) -> None: ...
+    @property
+    def da_gu(self) -> Array | None: ...
+    @property
+    def db_gu(self) -> Array | None: ...
+    @property
+    def da_d(self) -> Array | None: ...
+    @property
+    def db_d(self) -> Array | None: ...
+
+class ForwardHandle:
+    """
+    What forward(save=True) keeps for backward: owns the activation cache and keeps the layer, x and the
+    LoRA arrays alive. Consumed by backward; dropping it frees the cache.
+    """
+
+    @property
+    def tokens(self) -> int: ...
+    @property
+    def consumed(self) -> bool: ...
+    @property
+    def has_lora(self) -> bool: ...
+    def __repr__(self) -> str: ...
+
+class Pending:
+    """
+    A call in flight on the layer's pool. wait() returns what the sync call returns (or raises its
+    exception); dropping it waits.
+    """
+
+    def wait(self) -> ForwardHandle | None:
+        """Blocks (without the GIL) until the call finished; returns its result."""
+
+    def done(self) -> bool:
+        """True once the call finished (never blocks)."""
+
+class MoELayer:
+    """One MoE layer's routed experts on the CPU (DESIGN.md §2)."""
+
+    def __init__(self, config: MoEConfig, pool: ThreadPool | None = None) -> None: ...
+    @property
+    def config(self) -> MoEConfig: ...
+    @property
+    def pool(self) -> ThreadPool: ...
+    @property
+    def loaded(self) -> bool: ...
+    def load_weights(
+        self,
+        gate_up: Array | None = None,
+        down: Array | None = None,
+        *,
+        gate: Array | None = None,
+        up: Array | None = None,
+    ) -> None:
+        """
+        Packs bf16 weights (gate_up [E,2I,H] or gate/up [E,I,H] each, down [E,H,I]) into the layer's own
+        memory; the caller may free its arrays afterwards.
+        """
+
+    def forward(
+        self, x: Array, ids: Array, weights: Array, out: Array, lora: LoRA | None = None, save: bool = False
+    ) -> ForwardHandle | None:
+        """
+        out[T,H] = sum_j weights[t,j] * expert_{ids[t,j]}(x[t]). Returns a ForwardHandle if save, else None.
+        """
+
+    def forward_async(
+        self, x: Array, ids: Array, weights: Array, out: Array, lora: LoRA | None = None, save: bool = False
+    ) -> Pending:
+        """forward() queued on the layer's pool; returns a Pending."""
+
+    def backward(
+        self,
+        saved: ForwardHandle,
+        grad_out: Array,
+        grad_x: Array,
+        grad_weights: Array,
+        lora_grads: LoRAGrads | None = None,
+    ) -> None:
+        """
+        Writes grad_x [T,H], grad_weights [T,k] and the LoRA gradients; consumes `saved`.
+        """
+
+    def backward_async(
+        self,
+        saved: ForwardHandle,
+        grad_out: Array,
+        grad_x: Array,
+        grad_weights: Array,
+        lora_grads: LoRAGrads | None = None,
+    ) -> Pending:
+        """backward() queued on the layer's pool; returns a Pending."""
+
+    def __repr__(self) -> str: ...

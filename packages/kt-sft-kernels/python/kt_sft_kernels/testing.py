@@ -1,0 +1,341 @@
+"""Float64 NumPy reference of the MoE math (DESIGN.md §2) and random test cases.
+
+The reference computes in float64 from exactly the bf16 values the kernels see, and rounds to bf16
+exactly where the kernels round (docs/kernels.md, "Rounding points"):
+
+- R0  x is rounded to bf16 (a no-op for bf16 input); every use of x sees the rounded value.
+- R1  gu = W_gu x + s_gu B_gu (A_gu x) is rounded to bf16 (it is cached in that form).
+- R2  h = silu(g) * u is rounded to bf16 (the down GEMM operand, also used by A_d h and dA_d).
+- R3  out is rounded once to its dtype.
+- R4  grad_out is rounded to bf16 (a no-op for bf16 input); every use sees the rounded value.
+- R5  dgu = [dg; du] is rounded to bf16 (the dx GEMM operand, also used by B_gu^T dgu and dB_gu).
+- R6  grad_x, grad_weights and the LoRA gradients are rounded once to their dtypes.
+LoRA intermediates (A_gu x, A_d h, B_d^T G, B_gu^T dgu) stay unrounded.
+
+Needs NumPy and ml_dtypes (the test extra); importing kt_sft_kernels itself needs neither.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F64 = np.float64
+
+
+def round_bf16(a: np.ndarray) -> np.ndarray:
+    """Round to the nearest bf16 (ties to even), returned as float64."""
+    return np.asarray(a, dtype=np.float32).astype(BF16).astype(F64)
+
+
+def as_f64(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a).astype(F64)
+
+
+def cast_to(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """float64 values rounded once to `dtype` (bf16 or float32), as float64."""
+    return np.asarray(a, dtype=np.float32).astype(dtype).astype(F64)
+
+
+def sigmoid(g: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * g))
+
+
+@dataclass
+class LoRAWeights:
+    """LoRA arrays as the kernel receives them (f32 or bf16); a pair may be None."""
+
+    a_gu: np.ndarray | None
+    b_gu: np.ndarray | None
+    a_d: np.ndarray | None
+    b_d: np.ndarray | None
+    scale_gu: float = 0.0
+    scale_d: float = 0.0
+
+    @property
+    def dtype(self) -> np.dtype:
+        first = self.a_gu if self.a_gu is not None else self.a_d
+        assert first is not None
+        return first.dtype
+
+
+@dataclass
+class MoECase:
+    """One random problem: weights, inputs and the upstream gradient."""
+
+    num_experts: int
+    top_k: int
+    hidden: int
+    intermediate: int
+    gate_up: np.ndarray  # [E, 2I, H] bf16
+    down: np.ndarray  # [E, H, I] bf16
+    x: np.ndarray  # [T, H] bf16 or f32
+    ids: np.ndarray  # [T, k] i32 or i64
+    weights: np.ndarray  # [T, k] f32 or bf16
+    grad_out: np.ndarray  # [T, H] same dtype as x
+    lora: LoRAWeights | None = None
+    idle_experts: list[int] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.x.shape[0])
+
+
+def make_case(
+    *,
+    tokens: int,
+    num_experts: int = 8,
+    top_k: int = 2,
+    hidden: int = 96,
+    intermediate: int = 160,
+    rank_gu: int = 8,
+    rank_d: int = 8,
+    lora_dtype: Any = np.float32,
+    x_dtype: Any = BF16,
+    id_dtype: Any = np.int32,
+    weight_dtype: Any = np.float32,
+    idle_experts: int = 1,
+    invalid_ids: int = 0,
+    seed: int = 0,
+) -> MoECase:
+    """A random case. rank 0 = no LoRA on that projection. `idle_experts` experts get no token;
+    `invalid_ids` routing slots get ids outside [0, E) (-1 and >= E alternately).
+
+    Magnitudes: x ~ N(0, 1); W rows ~ N(0, 1/fan_in); A ~ N(0, 1/fan_in), B ~ N(0, 1/r) and the
+    scales near 1, so that |s B A x| is of the order of |W x| and a dropped or mis-scaled LoRA
+    cannot hide inside the tolerance.
+    """
+    rng = np.random.default_rng(seed)
+    E, k, H, inter = num_experts, top_k, hidden, intermediate
+    idle = (
+        sorted(rng.choice(E, size=min(idle_experts, E - k), replace=False).tolist()) if idle_experts else []
+    )
+    busy = np.array([e for e in range(E) if e not in idle])
+    if len(busy) < k:
+        raise ValueError("make_case: need at least top_k experts that receive tokens")
+
+    def normal(shape: tuple[int, ...], std: float, dtype: Any) -> np.ndarray:
+        return (rng.standard_normal(shape) * std).astype(np.float32).astype(dtype)
+
+    gate_up = normal((E, 2 * inter, H), H**-0.5, BF16)
+    down = normal((E, H, inter), inter**-0.5, BF16)
+    x = normal((tokens, H), 1.0, x_dtype)
+    ids = np.zeros((tokens, k), dtype=id_dtype)
+    for t in range(tokens):
+        ids[t] = rng.choice(busy, size=k, replace=False)
+    if invalid_ids:
+        slots = rng.choice(tokens * k, size=min(invalid_ids, tokens * k), replace=False)
+        for n, s in enumerate(slots):
+            ids.flat[s] = -1 if n % 2 == 0 else E + n
+    weights = rng.uniform(0.1, 1.0, size=(tokens, k)).astype(np.float32).astype(weight_dtype)
+    grad_out = normal((tokens, H), 1.0, x_dtype)
+    lora = None
+    if rank_gu or rank_d:
+        lora = LoRAWeights(
+            a_gu=normal((E, rank_gu, H), H**-0.5, lora_dtype) if rank_gu else None,
+            b_gu=normal((E, 2 * inter, rank_gu), rank_gu**-0.5, lora_dtype) if rank_gu else None,
+            a_d=normal((E, rank_d, inter), inter**-0.5, lora_dtype) if rank_d else None,
+            b_d=normal((E, H, rank_d), rank_d**-0.5, lora_dtype) if rank_d else None,
+            scale_gu=0.75 if rank_gu else 0.0,
+            scale_d=1.25 if rank_d else 0.0,
+        )
+    return MoECase(E, k, H, inter, gate_up, down, x, ids, weights, grad_out, lora, idle)
+
+
+# ---- the reference -------------------------------------------------------------------------------
+
+
+@dataclass
+class ReferenceResult:
+    out: np.ndarray  # [T, H] float64, rounded to out_dtype
+    grad_x: np.ndarray  # [T, H]
+    grad_weights: np.ndarray  # [T, k]
+    lora_grads: dict[str, np.ndarray]  # da_gu, db_gu, da_d, db_d (present pairs only)
+
+
+def _pairs_of(ids: np.ndarray, expert: int) -> tuple[np.ndarray, np.ndarray]:
+    """(token, slot) of the pairs routed to `expert`, in (t, j) order: the kernel's sorted order."""
+    t, j = np.nonzero(ids == expert)
+    return t, j
+
+
+def moe_reference(case: MoECase, *, out_dtype: Any = None, grad_dtype: Any = None) -> ReferenceResult:
+    """Forward and backward of DESIGN.md §2 in float64 with the kernels' rounding points."""
+    E, H, inter = case.num_experts, case.hidden, case.intermediate
+    T, k = case.ids.shape
+    out_dtype = np.dtype(out_dtype or case.x.dtype)
+    grad_dtype = np.dtype(grad_dtype or case.x.dtype)
+    lo = case.lora
+    has_gu = lo is not None and lo.a_gu is not None
+    has_d = lo is not None and lo.a_d is not None
+
+    xb = round_bf16(as_f64(case.x))  # R0
+    gb = round_bf16(as_f64(case.grad_out))  # R4
+    w_all = as_f64(case.weights)
+    out = np.zeros((T, H))
+    grad_x = np.zeros((T, H))
+    grad_w = np.zeros((T, k))
+    grads: dict[str, np.ndarray] = {}
+    if has_gu:
+        grads["da_gu"] = np.zeros(lo.a_gu.shape)
+        grads["db_gu"] = np.zeros(lo.b_gu.shape)
+    if has_d:
+        grads["da_d"] = np.zeros(lo.a_d.shape)
+        grads["db_d"] = np.zeros(lo.b_d.shape)
+
+    for e in range(E):
+        t, j = _pairs_of(case.ids, e)
+        if t.size == 0:
+            continue
+        x = xb[t]
+        g_up = gb[t]
+        w = w_all[t, j][:, None]
+        w_gu = as_f64(case.gate_up[e])
+        w_d = as_f64(case.down[e])
+        gu = x @ w_gu.T
+        if has_gu:
+            a_gu, b_gu = as_f64(lo.a_gu[e]), as_f64(lo.b_gu[e])
+            ax = x @ a_gu.T
+            gu = gu + lo.scale_gu * (ax @ b_gu.T)
+        gu = round_bf16(gu)  # R1
+        g, u = gu[:, :inter], gu[:, inter:]
+        sig = sigmoid(g)
+        silu = g * sig
+        h = round_bf16(silu * u)  # R2
+        y = h @ w_d.T
+        if has_d:
+            a_d, b_d = as_f64(lo.a_d[e]), as_f64(lo.b_d[e])
+            ad = h @ a_d.T
+            y = y + lo.scale_d * (ad @ b_d.T)
+        np.add.at(out, t, w * y)
+
+        v = g_up @ w_d
+        if has_d:
+            bg = g_up @ b_d
+            v = v + lo.scale_d * (bg @ a_d)
+            grads["db_d"][e] = lo.scale_d * ((w * g_up).T @ ad)
+            grads["da_d"][e] = lo.scale_d * ((w * bg).T @ h)
+        grad_w[t, j] = np.sum(h * v, axis=1)
+        dh = w * v
+        dg = dh * u * sig * (1.0 + g * (1.0 - sig))
+        du = dh * silu
+        dgu = round_bf16(np.concatenate([dg, du], axis=1))  # R5
+        dx = dgu @ w_gu
+        if has_gu:
+            bgu = dgu @ b_gu
+            dx = dx + lo.scale_gu * (bgu @ a_gu)
+            grads["db_gu"][e] = lo.scale_gu * (dgu.T @ ax)
+            grads["da_gu"][e] = lo.scale_gu * (bgu.T @ x)
+        np.add.at(grad_x, t, dx)
+
+    lora_dtype = lo.dtype if lo is not None else np.dtype(np.float32)
+    return ReferenceResult(
+        out=cast_to(out, out_dtype),  # R3
+        grad_x=cast_to(grad_x, grad_dtype),  # R6
+        grad_weights=cast_to(grad_w, case.weights.dtype),
+        lora_grads={name: cast_to(g, lora_dtype) for name, g in grads.items()},
+    )
+
+
+# ---- running the kernels on a case ------------------------------------------------------------------
+
+
+@dataclass
+class KernelResult:
+    out: np.ndarray
+    grad_x: np.ndarray | None = None
+    grad_weights: np.ndarray | None = None
+    lora_grads: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def nan_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An output buffer poisoned with NaN, so unwritten elements fail every comparison."""
+    return np.full(shape, np.nan, dtype=np.float32).astype(dtype)
+
+
+def build_layer(case: MoECase, pool: Any = None, *, separate_gate_up: bool = False) -> Any:
+    import kt_sft_kernels as kk
+
+    cfg = kk.MoEConfig(
+        num_experts=case.num_experts, top_k=case.top_k, hidden=case.hidden, intermediate=case.intermediate
+    )
+    layer = kk.MoELayer(cfg, pool=pool)
+    if separate_gate_up:
+        inter = case.intermediate
+        gate = np.ascontiguousarray(case.gate_up[:, :inter])
+        up = np.ascontiguousarray(case.gate_up[:, inter:])
+        layer.load_weights(gate=gate, up=up, down=case.down)
+    else:
+        layer.load_weights(gate_up=case.gate_up, down=case.down)
+    return layer
+
+
+def kernel_lora(case: MoECase) -> Any:
+    import kt_sft_kernels as kk
+
+    lo = case.lora
+    if lo is None:
+        return None
+    return kk.LoRA(
+        lo.a_gu,
+        lo.b_gu,
+        lo.a_d,
+        lo.b_d,
+        lo.scale_gu if lo.a_gu is not None else None,
+        lo.scale_d if lo.a_d is not None else None,
+    )
+
+
+def run_kernels(
+    layer: Any, case: MoECase, *, backward: bool = True, out_dtype: Any = None, grad_dtype: Any = None
+) -> KernelResult:
+    """forward (and backward) of the kernels on `case`, every output pre-filled with NaN."""
+    import kt_sft_kernels as kk
+
+    T, H = case.x.shape
+    out = nan_array((T, H), out_dtype or case.x.dtype)
+    lora = kernel_lora(case)
+    handle = layer.forward(case.x, case.ids, case.weights, out, lora=lora, save=backward)
+    result = KernelResult(out=out)
+    if not backward:
+        return result
+    result.grad_x = nan_array((T, H), grad_dtype or case.x.dtype)
+    result.grad_weights = nan_array(case.weights.shape, case.weights.dtype)
+    grads = None
+    lo = case.lora
+    if lo is not None:
+        for name, like in (("da_gu", lo.a_gu), ("db_gu", lo.b_gu), ("da_d", lo.a_d), ("db_d", lo.b_d)):
+            if like is not None:
+                result.lora_grads[name] = nan_array(like.shape, like.dtype)
+        grads = kk.LoRAGrads(**result.lora_grads)
+    layer.backward(handle, case.grad_out, result.grad_x, result.grad_weights, lora_grads=grads)
+    return result
+
+
+# ---- error measures (DESIGN.md §7) ------------------------------------------------------------------
+
+
+def rel_fro(got: np.ndarray, ref: np.ndarray) -> float:
+    """||got - ref|| / ||ref|| (Frobenius); inf if got has non-finite values."""
+    got, ref = as_f64(got), as_f64(ref)
+    if not np.all(np.isfinite(got)):
+        return float("inf")
+    denom = np.linalg.norm(ref)
+    diff = np.linalg.norm(got - ref)
+    if denom == 0.0:
+        return 0.0 if diff == 0.0 else float("inf")
+    return float(diff / denom)
+
+
+def max_rel_rows(got: np.ndarray, ref: np.ndarray, axis_items: int = 0) -> float:
+    """max over slices along axis 0 (rows, or experts) of the slice's relative Frobenius error.
+    A slice whose reference is exactly zero must be exactly zero."""
+    got, ref = as_f64(got), as_f64(ref)
+    worst = 0.0
+    for n in range(got.shape[axis_items]):
+        worst = max(worst, rel_fro(got[n], ref[n]))
+    return worst

@@ -1,0 +1,39 @@
+// The avx2 tier (AVX2 + FMA): fp32-FMA GEMMs on bf16 operands, 8 lanes.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "../x86_intrinsics.hpp"
+#include "kt/moe/kernels.hpp"
+
+namespace kt::isa_avx2 {
+
+using moe::KernelTable;
+using moe::PackFormat;
+
+#include "../generic_kernels.inl"
+
+#include "../vec_avx2.inl"
+#include "../simd_act.inl"
+
+constexpr int kNtRows = 3;  // 3 rows x 4 weight rows = 12 accumulators of 16 ymm registers
+constexpr int kNnRows = 3;  // 3 rows x 32 columns = 12 accumulators
+constexpr int kNnCols = 32;
+
+#include "../simd_f32_gemm.inl"
+
+const KernelTable& kernel_table() {
+  static const KernelTable table = [] {
+    KernelTable t = generic_table(Isa::avx2);
+    t.gemm_nt = simd_gemm_nt;
+    t.gemm_nn = simd_gemm_nn;
+    t.silu_mul = simd_silu_mul;
+    t.silu_mul_bwd = simd_silu_mul_bwd;
+    return t;
+  }();
+  return table;
+}
+
+}  // namespace kt::isa_avx2

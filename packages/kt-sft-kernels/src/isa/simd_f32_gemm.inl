@@ -1,0 +1,122 @@
+// fp32-FMA GEMMs on bf16 operands, written once over a vector type `Vec` that the including tier
+// defines (avx2: 8 lanes, avx512: 16 lanes). Included inside namespace kt::isa_<tier> after
+// generic_kernels.inl. Vec provides: kWidth, reg, zero(), load_bf16(const bf16*) (kWidth values,
+// converted exactly), set1(float), fma(a, b, acc), store(float*, reg), reduce(reg) (fixed tree).
+//
+// NT (forward): vectorized over the reduction index; each (row, n) accumulator is one register
+// reduced once at the end, so its order (lane = q mod kWidth, then reduce()) does not depend on the
+// blocking. NN (backward, transposed use of the same row-major weights): vectorized over output
+// columns through a packed fp32 panel; each column sums q in order.
+// The tier also defines kNtRows, kNnRows (rows per register block) and kNnCols (columns per
+// register block, a multiple of 32), and Vec::load(const float*).
+
+template <int MR, int NR>
+inline void nt_block(const bf16* const* a, const bf16* w, int k, float* c, std::int64_t ldc) {
+  typename Vec::reg acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int n = 0; n < NR; ++n) acc[i][n] = Vec::zero();
+  for (int q = 0; q < k; q += Vec::kWidth) {
+    typename Vec::reg av[MR];
+    for (int i = 0; i < MR; ++i) av[i] = Vec::load_bf16(a[i] + q);
+    for (int n = 0; n < NR; ++n) {
+      const typename Vec::reg wv = Vec::load_bf16(w + static_cast<std::int64_t>(n) * k + q);
+      for (int i = 0; i < MR; ++i) acc[i][n] = Vec::fma(av[i], wv, acc[i][n]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int n = 0; n < NR; ++n) c[i * ldc + n] = Vec::reduce(acc[i][n]);
+}
+
+template <int MR>
+inline void nt_rows(const bf16* const* a, const bf16* w, int k, int n0, int n1, float* c, std::int64_t ldc) {
+  constexpr int NR = 4;  // n0, n1 are multiples of 32
+  for (int n = n0; n < n1; n += NR)
+    nt_block<MR, NR>(a, w + static_cast<std::int64_t>(n) * k, k, c + (n - n0), ldc);
+}
+
+// Rows left over after the full blocks (fewer than kNtRows) go through one block of exactly that height.
+template <int MR>
+inline void nt_tail(int rows, const bf16* const* a, const bf16* w, int k, int n0, int n1, float* c,
+                    std::int64_t ldc) {
+  if constexpr (MR > 0) {
+    if (rows == MR) nt_rows<MR>(a, w, k, n0, n1, c, ldc);
+    else nt_tail<MR - 1>(rows, a, w, k, n0, n1, c, ldc);
+  }
+}
+
+inline void simd_gemm_nt(int m, const bf16* const* a, const void* w_packed, int /*rows*/, int k, int n0, int n1,
+                         float* c, std::int64_t ldc) {
+  const bf16* w = static_cast<const bf16*>(w_packed);
+  int i = 0;
+  for (; i + kNtRows <= m; i += kNtRows) nt_rows<kNtRows>(a + i, w, k, n0, n1, c + i * ldc, ldc);
+  if (i < m) nt_tail<kNtRows - 1>(m - i, a + i, w, k, n0, n1, c + i * ldc, ldc);
+}
+
+// NN through a panel: rows [qc, qc + kPanelRows) x columns [jb, jb + kPanelCols) of W are
+// converted to fp32 once into a contiguous panel and then used by every row block of A, so the
+// strided column strip of the row-major W is read once per call (not once per row block).
+// Accumulators live in c between panels; each element still sums q in order.
+constexpr int kPanelRows = 64;
+constexpr int kPanelCols = 128;
+
+template <int MR, int NV>
+inline void nn_panel_block(const float (*af)[kPanelRows], const float* panel, int depth, float* c, std::int64_t ldc,
+                           bool first) {
+  typename Vec::reg acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = first ? Vec::zero() : Vec::load(c + i * ldc + v * Vec::kWidth);
+  for (int q = 0; q < depth; ++q) {
+    typename Vec::reg wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = Vec::load(panel + q * kPanelCols + v * Vec::kWidth);
+    for (int i = 0; i < MR; ++i) {
+      const typename Vec::reg ai = Vec::set1(af[i][q]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = Vec::fma(ai, wv[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) Vec::store(c + i * ldc + v * Vec::kWidth, acc[i][v]);
+}
+
+// One row block of A (MR rows) against the whole panel (width columns, a multiple of 32).
+template <int MR>
+inline void nn_panel_rows(const bf16* const* a, int qc, const float* panel, int depth, int width, float* c,
+                          std::int64_t ldc, bool first) {
+  alignas(64) float af[MR][kPanelRows];
+  for (int i = 0; i < MR; ++i)
+    for (int q = 0; q < depth; ++q) af[i][q] = bf16_to_f32(a[i][qc + q]);
+  constexpr int kWide = kNnCols / Vec::kWidth, kNarrow = 32 / Vec::kWidth;
+  int s = 0;
+  for (; s + kNnCols <= width; s += kNnCols) nn_panel_block<MR, kWide>(af, panel + s, depth, c + s, ldc, first);
+  for (; s < width; s += 32) nn_panel_block<MR, kNarrow>(af, panel + s, depth, c + s, ldc, first);
+}
+
+template <int MR>
+inline void nn_panel_tail(int rows, const bf16* const* a, int qc, const float* panel, int depth, int width, float* c,
+                          std::int64_t ldc, bool first) {
+  if constexpr (MR > 0) {
+    if (rows == MR) nn_panel_rows<MR>(a, qc, panel, depth, width, c, ldc, first);
+    else nn_panel_tail<MR - 1>(rows, a, qc, panel, depth, width, c, ldc, first);
+  }
+}
+
+inline void simd_gemm_nn(int m, const bf16* const* a, const void* w_packed, int k, int cols, int j0, int j1,
+                         float* c, std::int64_t ldc) {
+  const bf16* w = static_cast<const bf16*>(w_packed);
+  alignas(64) float panel[kPanelRows * kPanelCols];
+  for (int jb = j0; jb < j1; jb += kPanelCols) {
+    const int width = std::min(kPanelCols, j1 - jb);
+    float* cb = c + (jb - j0);
+    for (int qc = 0; qc < k; qc += kPanelRows) {
+      const int depth = std::min(kPanelRows, k - qc);
+      for (int q = 0; q < depth; ++q) {
+        const bf16* src = w + static_cast<std::int64_t>(qc + q) * cols + jb;
+        for (int j = 0; j < width; j += Vec::kWidth) Vec::store(panel + q * kPanelCols + j, Vec::load_bf16(src + j));
+      }
+      const bool first = qc == 0;
+      int i = 0;
+      for (; i + kNnRows <= m; i += kNnRows)
+        nn_panel_rows<kNnRows>(a + i, qc, panel, depth, width, cb + i * ldc, ldc, first);
+      if (i < m) nn_panel_tail<kNnRows - 1>(m - i, a + i, qc, panel, depth, width, cb + i * ldc, ldc, first);
+    }
+  }
+}

@@ -1,0 +1,47 @@
+// <immintrin.h> for the SIMD tiers. GCC 12's AVX-512 headers trip -W(maybe-)uninitialized on their
+// own _mm512_undefined_*() helpers once inlined (GCC PR105593); silence exactly that, in the header.
+//
+// KT_SFT_EMULATE_X86_WITH_SIMDE (tests/cpp only, never in the wheel): the intrinsics come from the
+// SIMDe headers instead, so the avx512 / avx512_bf16 tier sources run on a CPU without AVX-512.
+#pragma once
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#ifdef KT_SFT_EMULATE_X86_WITH_SIMDE
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+
+#include <cstdint>
+// The few intrinsics the tiers use that SIMDe 0.7 lacks, in plain C++.
+#ifndef _MM_FROUND_NO_EXC
+#define _MM_FROUND_NO_EXC SIMDE_MM_FROUND_NO_EXC
+#endif
+using __mmask16 = simde__mmask16;
+inline simde__m512i _mm512_cvtepu16_epi32(simde__m256i a) {
+  std::uint16_t in[16];
+  std::int32_t out[16];
+  simde_mm256_storeu_si256(reinterpret_cast<simde__m256i*>(in), a);
+  for (int i = 0; i < 16; ++i) out[i] = in[i];
+  return simde_mm512_loadu_si512(out);
+}
+inline simde__m256i _mm512_cvtepi32_epi16(simde__m512i a) {
+  std::int32_t in[16];
+  std::uint16_t out[16];
+  simde_mm512_storeu_si512(in, a);
+  for (int i = 0; i < 16; ++i) out[i] = static_cast<std::uint16_t>(in[i]);
+  return simde_mm256_loadu_si256(reinterpret_cast<const simde__m256i*>(out));
+}
+inline __mmask16 _mm512_cmpgt_epu32_mask(simde__m512i a, simde__m512i b) {
+  std::uint32_t x[16], y[16];
+  simde_mm512_storeu_si512(x, a);
+  simde_mm512_storeu_si512(y, b);
+  __mmask16 mask = 0;
+  for (int i = 0; i < 16; ++i) mask = static_cast<__mmask16>(mask | ((x[i] > y[i] ? 1u : 0u) << i));
+  return mask;
+}
+#define _mm512_shuffle_f32x4(a, b, imm) \
+  simde_mm512_castsi512_ps(simde_mm512_shuffle_i32x4(simde_mm512_castps_si512(a), simde_mm512_castps_si512(b), imm))
+#else
+#include <immintrin.h>
+#endif
+#pragma GCC diagnostic pop

@@ -1,0 +1,285 @@
+// Correctness of the amx tier's GEMMs and packings against a float64 reference: tile tails in m,
+// column sub-ranges, strided output, reductions that span several cache chunks and several m-blocks,
+// both paths (AVX-512 dot products for tiny m, AMX tiles otherwise), and bitwise determinism (packed
+// vs row-pointer entries, column splits, chunk sizes, threads, repeats).
+//
+// Two builds of this one file:
+//  * emulated, on any x86-64/AVX2 machine (the AMX and AVX-512 operations come from
+//    src/isa/amx/amx_ops_emulated.hpp):  tests/cpp/build_amx_tests.sh emulate
+//  * real, on an AMX machine (ci/device_amx_check.sh builds and runs it).
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include "../../src/isa/amx/amx_tier.hpp"
+#include "amx_test_common.hpp"
+
+#ifdef KT_AMX_EMULATE
+#include "../../src/isa/amx/amx_ops.hpp"  // the emulator's prefetch log
+constexpr const char* kMode = "EMULATED AMX/AVX-512";
+#else
+#include "kt/runtime/cpu_features.hpp"
+constexpr const char* kMode = "real AMX";
+#endif
+
+namespace {
+
+using amx_test::Aligned;
+using kt::bf16;
+
+int failures = 0;
+long checks = 0;
+
+#define EXPECT(cond, ...)                        \
+  do {                                           \
+    ++checks;                                    \
+    if (!(cond)) {                               \
+      ++failures;                                \
+      if (failures <= 20) {                      \
+        std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
+        std::printf(__VA_ARGS__);                \
+        std::printf("\n");                       \
+      }                                          \
+    }                                            \
+  } while (0)
+
+const kt::moe::KernelTable& table() { return kt::isa_amx::kernel_table(); }
+
+struct Weights {
+  int rows, cols;
+  std::vector<bf16> plain;
+  Aligned packed;
+  Weights(int r, int c, std::mt19937& rng)
+      : rows(r), cols(c), plain(amx_test::random_bf16(static_cast<std::size_t>(r) * c, rng)),
+        packed(table().packed_bytes(r, c)) {
+    table().pack(plain.data(), r, c, packed.p);
+  }
+};
+
+// m activation rows of length k, gathered by pointer from a shuffled pool (no common stride).
+struct Rows {
+  std::vector<bf16> pool;
+  std::vector<const bf16*> ptr;
+  Rows(int m, int k, std::mt19937& rng) : pool(amx_test::random_bf16(static_cast<std::size_t>(m + 3) * (k + 32), rng)) {
+    std::vector<int> order(m + 3);
+    for (int i = 0; i < m + 3; ++i) order[i] = i;
+    std::shuffle(order.begin(), order.end(), rng);
+    for (int i = 0; i < m; ++i) ptr.push_back(pool.data() + static_cast<std::size_t>(order[i]) * (k + 32));
+  }
+};
+
+bool same_bits(const std::vector<float>& x, const std::vector<float>& y) {
+  return x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size() * sizeof(float)) == 0;
+}
+
+// Runs one product into a NaN-filled [m + 1, width + 8] buffer; checks the margins stay NaN and
+// returns the m x width result.
+enum class Kind { nt, nn };
+enum class Entry { rows, packed };
+
+std::vector<float> run(Kind kind, Entry entry, int m, const Rows& a, const Weights& w, int o0, int o1) {
+  const int k = kind == Kind::nt ? w.cols : w.rows;
+  const int width = o1 - o0;
+  const std::int64_t ldc = width + 8;
+  std::vector<float> c(static_cast<std::size_t>(m + 1) * ldc, std::numeric_limits<float>::quiet_NaN());
+  const kt::moe::KernelTable& t = table();
+  if (entry == Entry::rows) {
+    if (kind == Kind::nt) t.gemm_nt(m, a.ptr.data(), w.packed.p, w.rows, k, o0, o1, c.data(), ldc);
+    else t.gemm_nn(m, a.ptr.data(), w.packed.p, k, w.cols, o0, o1, c.data(), ldc);
+  } else {
+    Aligned packed(t.packed_a_bytes(m, k));
+    if (kind == Kind::nt) {
+      t.pack_a_nt(m, a.ptr.data(), k, packed.p);
+      t.gemm_nt_packed(m, packed.p, w.packed.p, w.rows, k, o0, o1, c.data(), ldc);
+    } else {
+      t.pack_a_nn(m, a.ptr.data(), k, packed.p);
+      t.gemm_nn_packed(m, packed.p, w.packed.p, k, w.cols, o0, o1, c.data(), ldc);
+    }
+  }
+  std::vector<float> out(static_cast<std::size_t>(m) * width);
+  int margin_written = 0;
+  for (int i = 0; i <= m; ++i)
+    for (int j = 0; j < ldc; ++j) {
+      const float v = c[static_cast<std::size_t>(i) * ldc + j];
+      if (i < m && j < width) out[static_cast<std::size_t>(i) * width + j] = v;
+      else if (!std::isnan(v)) ++margin_written;
+    }
+  EXPECT(margin_written == 0, "%s m=%d [%d,%d): %d elements written outside the output block",
+         kind == Kind::nt ? "nt" : "nn", m, o0, o1, margin_written);
+  return out;
+}
+
+void check_against_reference(Kind kind, int m, const Rows& a, const Weights& w, int o0, int o1,
+                             const std::vector<float>& got) {
+  const int k = kind == Kind::nt ? w.cols : w.rows;
+  const amx_test::Reference ref = kind == Kind::nt ? amx_test::reference_nt(m, a.ptr.data(), w.plain.data(), k, o0, o1)
+                                                   : amx_test::reference_nn(m, a.ptr.data(), w.plain.data(), k, w.cols, o0, o1);
+  int bad = 0;
+  double worst = 0;
+  for (std::size_t e = 0; e < got.size(); ++e) {
+    const double err = std::fabs(static_cast<double>(got[e]) - ref.value[e]);
+    const double bound = amx_test::error_bound(k, ref.magnitude[e]);
+    if (!(err <= bound)) ++bad;  // NaN fails too
+    worst = std::max(worst, err / bound);
+  }
+  EXPECT(bad == 0, "%s m=%d W[%d,%d] [%d,%d): %d of %zu elements beyond the fp32 error bound (worst %.3g x bound)",
+         kind == Kind::nt ? "nt" : "nn", m, w.rows, w.cols, o0, o1, bad, got.size(), worst);
+}
+
+void test_pack_roundtrip(std::mt19937& rng) {
+  for (auto [r, c] : {std::pair{32, 32}, {64, 96}, {96, 288}}) {
+    Weights w(r, c, rng);
+    std::vector<bf16> back(w.plain.size());
+    table().unpack(w.packed.p, r, c, back.data());
+    EXPECT(back == w.plain, "pack/unpack round trip differs for [%d, %d]", r, c);
+    EXPECT(table().packed_bytes(r, c) == static_cast<std::size_t>(r) * c * 2, "packed size of [%d, %d]", r, c);
+  }
+  bool threw = false;
+  try {
+    (void)table().packed_bytes(48, 64);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  EXPECT(threw, "packed_bytes accepted rows = 48 (not a multiple of 32)");
+}
+
+// Every m against the reference through both entries, which must agree bitwise.
+void test_products(std::mt19937& rng, const std::vector<int>& ms) {
+  const std::pair<int, int> shapes[] = {{32, 32}, {64, 96}, {96, 64}, {160, 288}, {288, 64}, {64, 544}};
+  for (auto [r, c] : shapes) {
+    Weights w(r, c, rng);
+    for (Kind kind : {Kind::nt, Kind::nn}) {
+      const int k = kind == Kind::nt ? c : r, outputs = kind == Kind::nt ? r : c;
+      std::vector<std::pair<int, int>> ranges = {{0, outputs}};
+      if (outputs >= 96) ranges.push_back({32, outputs - 32});
+      for (int m : ms) {
+        Rows a(m, k, rng);
+        for (auto [o0, o1] : ranges) {
+          const std::vector<float> by_rows = run(kind, Entry::rows, m, a, w, o0, o1);
+          check_against_reference(kind, m, a, w, o0, o1, by_rows);
+          const std::vector<float> by_packing = run(kind, Entry::packed, m, a, w, o0, o1);
+          EXPECT(same_bits(by_rows, by_packing), "%s m=%d W[%d,%d]: packed entry differs from row entry",
+                 kind == Kind::nt ? "nt" : "nn", m, r, c);
+        }
+      }
+    }
+  }
+}
+
+// Column splits, chunk sizes and repeats never change a bit.
+void test_determinism(std::mt19937& rng) {
+  Weights w(160, 288, rng);
+  for (Kind kind : {Kind::nt, Kind::nn}) {
+    const int k = kind == Kind::nt ? w.cols : w.rows, outputs = kind == Kind::nt ? w.rows : w.cols;
+    for (int m : {2, 37, 150}) {
+      Rows a(m, k, rng);
+      const std::vector<float> whole = run(kind, Entry::rows, m, a, w, 0, outputs);
+      EXPECT(same_bits(whole, run(kind, Entry::rows, m, a, w, 0, outputs)), "repeat differs (m=%d)", m);
+      std::vector<float> pieces(whole.size());
+      for (int o = 0; o < outputs; o += 32) {
+        const std::vector<float> part = run(kind, Entry::packed, m, a, w, o, o + 32);
+        for (int i = 0; i < m; ++i)
+          for (int j = 0; j < 32; ++j) pieces[static_cast<std::size_t>(i) * outputs + o + j] = part[static_cast<std::size_t>(i) * 32 + j];
+      }
+      EXPECT(same_bits(whole, pieces), "%s m=%d: 32-column pieces differ from one call",
+             kind == Kind::nt ? "nt" : "nn", m);
+      const int saved = kt::isa_amx::tuning().kc_steps;
+      for (int kc : {1, 3, 32}) {
+        kt::isa_amx::tuning().kc_steps = kc;
+        EXPECT(same_bits(whole, run(kind, Entry::rows, m, a, w, 0, outputs)), "%s m=%d: kc_steps=%d changes bits",
+               kind == Kind::nt ? "nt" : "nn", m, kc);
+      }
+      kt::isa_amx::tuning().kc_steps = saved;
+      kt::isa_amx::tuning().prefetch = false;
+      EXPECT(same_bits(whole, run(kind, Entry::rows, m, a, w, 0, outputs)), "prefetch off changes bits (m=%d)", m);
+      kt::isa_amx::tuning().prefetch = true;
+    }
+  }
+}
+
+// Threads computing disjoint column blocks of one product reproduce the single-thread result.
+void test_threads(std::mt19937& rng) {
+  Weights w(288, 160, rng);
+  for (Kind kind : {Kind::nt, Kind::nn}) {
+    const int k = kind == Kind::nt ? w.cols : w.rows, outputs = kind == Kind::nt ? w.rows : w.cols;
+    const int m = 70;
+    Rows a(m, k, rng);
+    const std::vector<float> whole = run(kind, Entry::rows, m, a, w, 0, outputs);
+    std::vector<float> c(static_cast<std::size_t>(m) * outputs);
+    std::atomic<int> next{0};
+    std::vector<std::thread> pool;
+    for (int t = 0; t < 4; ++t)
+      pool.emplace_back([&] {
+        for (int o; (o = 32 * next.fetch_add(1)) < outputs;) {
+          if (kind == Kind::nt) table().gemm_nt(m, a.ptr.data(), w.packed.p, w.rows, k, o, o + 32, c.data() + o, outputs);
+          else table().gemm_nn(m, a.ptr.data(), w.packed.p, k, w.cols, o, o + 32, c.data() + o, outputs);
+        }
+      });
+    for (auto& th : pool) th.join();
+    EXPECT(same_bits(whole, c), "%s: 4 threads differ from 1", kind == Kind::nt ? "nt" : "nn");
+  }
+}
+
+#ifdef KT_AMX_EMULATE
+// How much of the packed activations and weights that the GEMM loads had been prefetched before
+// (emulation only: prefetches are logged, not timed). Informational: the first steps of a call are
+// cold by design.
+void report_prefetch_coverage(std::mt19937& rng) {
+  for (Kind kind : {Kind::nt, Kind::nn}) {
+    Weights w(256, 512, rng);
+    const int k = kind == Kind::nt ? w.cols : w.rows, outputs = kind == Kind::nt ? w.rows : w.cols;
+    const int m = 64;
+    Rows a(m, k, rng);
+    Aligned packed(table().packed_a_bytes(m, k));
+    if (kind == Kind::nt) table().pack_a_nt(m, a.ptr.data(), k, packed.p);
+    else table().pack_a_nn(m, a.ptr.data(), k, packed.p);
+    std::vector<float> c(static_cast<std::size_t>(m) * outputs);
+    kt::isa_amx::emu::PrefetchLog& plog = kt::isa_amx::emu::prefetch_log();
+    plog = {};
+    plog.watch_begin[0] = packed.p;
+    plog.watch_end[0] = static_cast<const char*>(packed.p) + table().packed_a_bytes(m, k);
+    plog.watch_begin[1] = w.packed.p;
+    plog.watch_end[1] = static_cast<const char*>(w.packed.p) + table().packed_bytes(w.rows, w.cols);
+    if (kind == Kind::nt) table().gemm_nt_packed(m, packed.p, w.packed.p, w.rows, k, 0, outputs, c.data(), outputs);
+    else table().gemm_nn_packed(m, packed.p, w.packed.p, k, w.cols, 0, outputs, c.data(), outputs);
+    const double covered = static_cast<double>(plog.loaded_prefetched) /
+                           static_cast<double>(plog.loaded_prefetched + plog.loaded_cold);
+    std::printf("prefetch coverage %s m=%d W[%d,%d]: %.1f%% of tile-loaded lines prefetched first\n",
+                kind == Kind::nt ? "nt" : "nn", m, w.rows, w.cols, 100 * covered);
+  }
+}
+#endif
+
+}  // namespace
+
+int main() {
+#ifndef KT_AMX_EMULATE
+  // The wheel gets this permission from src/runtime/cpu_features.cpp; this test links that file.
+  (void)kt::runtime::cpu_features();
+#endif
+  std::mt19937 rng(20240611);
+  const std::vector<int> ms = {1, 2, 3, 4, 5, 15, 16, 17, 31, 32, 33, 48, 64, 100, 129, 150};
+  test_pack_roundtrip(rng);
+  const int default_small_m = kt::isa_amx::tuning().small_m;
+  for (int small : {1, 4, 17}) {  // AMX for every m, dot products up to m = 3, dot products up to m = 16
+    kt::isa_amx::tuning().small_m = small;
+    test_products(rng, ms);
+  }
+  kt::isa_amx::tuning().small_m = 4;  // both paths in the determinism checks
+  test_determinism(rng);
+  test_threads(rng);
+  kt::isa_amx::tuning().small_m = default_small_m;
+#ifdef KT_AMX_EMULATE
+  report_prefetch_coverage(rng);
+#endif
+  std::printf("amx_kernels_test (%s): %ld checks, %d failures\n", kMode, checks, failures);
+  return failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,278 @@
+// Every KernelTable entry of the avx2, avx512 and avx512_bf16 tiers against the portable tier, on
+// random data with awkward sizes (row tails, 32-wide column blocks, special values). Built by
+// tests/cpp/build_simd_tests.sh; with KT_SFT_EMULATE_X86_WITH_SIMDE the AVX-512 tiers run through
+// SIMDe, so this covers their code on a CPU without AVX-512 (numerics of VDPBF16PS may differ from
+// silicon in the last bit; the comparisons are tolerance-based, except bf16 rounding: exact).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <iterator>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "kt/core/bf16.hpp"
+#include "kt/moe/kernels.hpp"
+
+namespace kt::isa_portable {
+const moe::KernelTable& kernel_table();
+}
+namespace kt::isa_avx2 {
+const moe::KernelTable& kernel_table();
+}
+namespace kt::isa_avx512 {
+const moe::KernelTable& kernel_table();
+}
+namespace kt::isa_avx512_bf16 {
+const moe::KernelTable& kernel_table();
+}
+
+namespace {
+
+using kt::bf16;
+using kt::bf16_to_f32;
+using kt::DType;
+using kt::f32_to_bf16;
+using kt::moe::KernelTable;
+
+int failures = 0;
+std::mt19937 rng(12345);
+
+void check(bool ok, const std::string& what) {
+  if (!ok) {
+    ++failures;
+    if (failures < 40) std::printf("FAIL %s\n", what.c_str());
+  }
+}
+
+std::vector<bf16> random_bf16(std::size_t n, float std_dev = 1.f) {
+  std::normal_distribution<float> d(0.f, std_dev);
+  std::vector<bf16> v(n);
+  for (auto& x : v) x = f32_to_bf16(d(rng));
+  return v;
+}
+
+std::vector<float> random_f32(std::size_t n, float std_dev = 1.f) {
+  std::normal_distribution<float> d(0.f, std_dev);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+// |got - want| <= tol * scale (scale: sum of |products|, so reordering fp32 sums always passes).
+bool close(float got, float want, float scale, float tol) {
+  if (std::isnan(want)) return std::isnan(got);
+  return std::fabs(got - want) <= tol * scale + 1e-30f;
+}
+
+std::vector<const bf16*> rows_of(const std::vector<bf16>& data, int m, int k, int stride_pad) {
+  std::vector<const bf16*> rows(m);
+  for (int i = 0; i < m; ++i) rows[i] = data.data() + static_cast<std::size_t>(i) * (k + stride_pad);
+  return rows;
+}
+
+void test_gemms(const KernelTable& ref, const KernelTable& t, const char* name) {
+  const int rows = 160, cols = 160;
+  for (int k : {32, 96, 160}) {
+    std::vector<bf16> w_nt = random_bf16(static_cast<std::size_t>(rows) * k);   // [rows, k]
+    std::vector<bf16> w_nn = random_bf16(static_cast<std::size_t>(k) * cols);   // [k, cols]
+    std::vector<std::uint8_t> packed_nt(ref.packed_bytes(rows, k)), packed_nn(ref.packed_bytes(k, cols));
+    t.pack(w_nt.data(), rows, k, packed_nt.data());
+    t.pack(w_nn.data(), k, cols, packed_nn.data());
+    for (int m : {1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 33, 64}) {
+      std::vector<bf16> a = random_bf16(static_cast<std::size_t>(m) * (k + 32));
+      const auto a_rows = rows_of(a, m, k, 32);  // rows are not contiguous: gathered by pointer
+      for (auto [n0, n1] : {std::pair{0, 160}, std::pair{32, 96}, std::pair{128, 160}}) {
+        const int width = n1 - n0, ldc = width + 16;
+        const float nan = std::numeric_limits<float>::quiet_NaN();
+        std::vector<float> c_ref(static_cast<std::size_t>(m) * ldc, nan), c(c_ref.size(), nan);
+        ref.gemm_nt(m, a_rows.data(), packed_nt.data(), rows, k, n0, n1, c_ref.data(), ldc);
+        t.gemm_nt(m, a_rows.data(), packed_nt.data(), rows, k, n0, n1, c.data(), ldc);
+        for (int i = 0; i < m; ++i)
+          for (int j = 0; j < ldc; ++j) {
+            const float got = c[i * ldc + j], want = c_ref[i * ldc + j];
+            if (j >= width) {
+              check(std::isnan(got), std::string(name) + " gemm_nt wrote outside its columns");
+              continue;
+            }
+            float scale = 0.f;
+            for (int q = 0; q < k; ++q)
+              scale += std::fabs(bf16_to_f32(a_rows[i][q]) * bf16_to_f32(w_nt[(n0 + j) * k + q]));
+            check(close(got, want, scale, 2e-5f), std::string(name) + " gemm_nt m=" + std::to_string(m) +
+                                                      " k=" + std::to_string(k) + " n0=" + std::to_string(n0));
+          }
+        std::fill(c_ref.begin(), c_ref.end(), nan);
+        std::fill(c.begin(), c.end(), nan);
+        ref.gemm_nn(m, a_rows.data(), packed_nn.data(), k, cols, n0, n1, c_ref.data(), ldc);
+        t.gemm_nn(m, a_rows.data(), packed_nn.data(), k, cols, n0, n1, c.data(), ldc);
+        for (int i = 0; i < m; ++i)
+          for (int j = 0; j < ldc; ++j) {
+            const float got = c[i * ldc + j], want = c_ref[i * ldc + j];
+            if (j >= width) {
+              check(std::isnan(got), std::string(name) + " gemm_nn wrote outside its columns");
+              continue;
+            }
+            float scale = 0.f;
+            for (int q = 0; q < k; ++q)
+              scale += std::fabs(bf16_to_f32(a_rows[i][q]) * bf16_to_f32(w_nn[q * cols + n0 + j]));
+            check(close(got, want, scale, 2e-5f), std::string(name) + " gemm_nn m=" + std::to_string(m) +
+                                                      " k=" + std::to_string(k) + " n0=" + std::to_string(n0));
+          }
+      }
+    }
+  }
+}
+
+// Within `ulps` bf16 units of the portable value (the tiers' sigmoids differ in the last fp32 bits).
+bool bf16_near(bf16 got, bf16 want, int ulps) {
+  const float g = bf16_to_f32(got), w = bf16_to_f32(want);
+  if (std::isnan(w)) return std::isnan(g);
+  if (std::isinf(w)) return g == w;
+  return std::fabs(g - w) <= ulps * std::ldexp(1.f, -7) * std::fabs(w) + 1e-30f;
+}
+
+void test_activation(const KernelTable& ref, const KernelTable& t, const char* name) {
+  const int n = 96;
+  for (int rep = 0; rep < 50; ++rep) {
+    std::vector<float> g32 = random_f32(n, 3.f), u32 = random_f32(n, 3.f);
+    if (rep == 0) {  // rounding ties, specials and saturating sigmoids
+      const float inf = std::numeric_limits<float>::infinity();
+      const float specials[] = {1.00390625f, -1.01171875f, 0.f, -0.f, 100.f, -100.f, 1e-40f,
+                                std::numeric_limits<float>::quiet_NaN(), inf, -inf, 3.3895314e38f, -90.f};
+      for (std::size_t i = 0; i < std::size(specials); ++i) {
+        g32[i] = specials[i];
+        u32[i + 20] = specials[i];
+      }
+    }
+    std::vector<bf16> g_ref(n), u_ref(n), h_ref(n), g(n), u(n), h(n);
+    ref.silu_mul(n, g32.data(), u32.data(), g_ref.data(), u_ref.data(), h_ref.data());
+    t.silu_mul(n, g32.data(), u32.data(), g.data(), u.data(), h.data());
+    for (int i = 0; i < n; ++i) {
+      check(g[i] == g_ref[i] && u[i] == u_ref[i], std::string(name) + " silu_mul: bf16 rounding of g/u differs");
+      if (!std::isfinite(bf16_to_f32(g_ref[i])) || !std::isfinite(bf16_to_f32(u_ref[i])))
+        // A non-finite input stays visible: h is not finite (NaN or +-inf; silu(-inf) is 0*inf).
+        check(!std::isfinite(bf16_to_f32(h[i])) && !std::isfinite(bf16_to_f32(h_ref[i])),
+              std::string(name) + " silu_mul: non-finite input must give a non-finite h");
+      else
+        check(bf16_near(h[i], h_ref[i], 1), std::string(name) + " silu_mul: h i=" + std::to_string(i));
+    }
+    if (rep == 0) continue;  // the backward on finite values only
+    std::vector<float> v = random_f32(n);
+    std::vector<bf16> hb_ref(n), dg_ref(n), du_ref(n), hb(n), dg(n), du(n);
+    const float s_ref = ref.silu_mul_bwd(n, g_ref.data(), u_ref.data(), v.data(), 0.7f, hb_ref.data(), dg_ref.data(),
+                                         du_ref.data());
+    const float s = t.silu_mul_bwd(n, g_ref.data(), u_ref.data(), v.data(), 0.7f, hb.data(), dg.data(), du.data());
+    float scale = 0.f;
+    for (int i = 0; i < n; ++i) {
+      check(hb[i] == h_ref[i] || bf16_near(hb[i], h_ref[i], 1), std::string(name) + " silu_mul_bwd: h");
+      check(bf16_near(dg[i], dg_ref[i], 2) && bf16_near(du[i], du_ref[i], 2),
+            std::string(name) + " silu_mul_bwd: dg/du i=" + std::to_string(i));
+      scale += std::fabs(bf16_to_f32(hb_ref[i]) * v[i]);
+    }
+    check(close(s, s_ref, scale, 1e-2f), std::string(name) + " silu_mul_bwd: <h, v>");
+  }
+}
+
+template <class L>
+std::vector<L> lora_matrix(std::size_t n) {
+  std::vector<float> f = random_f32(n, 0.3f);
+  std::vector<L> out(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    if constexpr (std::is_same_v<L, bf16>) out[i] = f32_to_bf16(f[i]);
+    else out[i] = f[i];
+  }
+  return out;
+}
+
+template <class L>
+float as_float(L v) {
+  if constexpr (std::is_same_v<L, bf16>) return bf16_to_f32(v);
+  else return v;
+}
+
+bool all_close(const std::vector<float>& got, const std::vector<float>& want, float tol) {
+  float norm = 0.f;
+  for (float w : want) norm = std::max(norm, std::fabs(w));
+  for (std::size_t i = 0; i < got.size(); ++i)
+    if (!(std::fabs(got[i] - want[i]) <= tol * norm + 1e-30f)) return false;
+  return true;
+}
+
+template <class L>
+void test_lora(const KernelTable& ref, const KernelTable& t, const char* name, DType dt) {
+  const int m = 11, k = 96, rows = 160;
+  for (int r : {1, 8, 16, 70}) {
+    std::vector<bf16> x = random_bf16(static_cast<std::size_t>(m) * rows);
+    const auto x_rows = rows_of(x, m, rows, 0);
+    std::vector<L> a = lora_matrix<L>(static_cast<std::size_t>(r) * rows), b = lora_matrix<L>(static_cast<std::size_t>(rows) * r);
+    std::vector<float> tin = random_f32(static_cast<std::size_t>(m) * r), scale_rows = random_f32(m);
+    const std::string tag = std::string(name) + " r=" + std::to_string(r) + (dt == DType::bf16 ? " bf16" : " f32");
+    {
+      std::vector<float> o_ref(m * r), o(m * r);
+      ref.lora_a(m, x_rows.data(), a.data(), dt, r, k, o_ref.data());
+      t.lora_a(m, x_rows.data(), a.data(), dt, r, k, o.data());
+      check(all_close(o, o_ref, 1e-5f), tag + " lora_a");
+      ref.lora_bt(m, x_rows.data(), b.data(), dt, r, rows, o_ref.data());
+      t.lora_bt(m, x_rows.data(), b.data(), dt, r, rows, o.data());
+      check(all_close(o, o_ref, 1e-5f), tag + " lora_bt");
+    }
+    {
+      std::vector<float> c_ref = random_f32(static_cast<std::size_t>(m) * 96), c = c_ref;
+      ref.lora_b_add(m, tin.data(), b.data(), dt, r, 32, 128, 0.5f, c_ref.data(), 96);
+      t.lora_b_add(m, tin.data(), b.data(), dt, r, 32, 128, 0.5f, c.data(), 96);
+      check(all_close(c, c_ref, 1e-5f), tag + " lora_b_add");
+      ref.lora_at_add(m, tin.data(), a.data(), dt, r, rows, 64, 160, 0.5f, c_ref.data(), 96);
+      t.lora_at_add(m, tin.data(), a.data(), dt, r, rows, 64, 160, 0.5f, c.data(), 96);
+      check(all_close(c, c_ref, 1e-5f), tag + " lora_at_add");
+    }
+    {
+      std::vector<float> scratch(static_cast<std::size_t>(128) * r);
+      std::vector<L> g_ref(static_cast<std::size_t>(rows) * r), g(g_ref.size());
+      ref.lora_grad_b(m, x_rows.data(), scale_rows.data(), tin.data(), r, 32, 160, 0.25f, g_ref.data(), dt,
+                      scratch.data());
+      t.lora_grad_b(m, x_rows.data(), scale_rows.data(), tin.data(), r, 32, 160, 0.25f, g.data(), dt, scratch.data());
+      std::vector<float> gf, gf_ref;
+      for (std::size_t i = 32 * static_cast<std::size_t>(r); i < g.size(); ++i) {
+        gf.push_back(as_float(g[i]));
+        gf_ref.push_back(as_float(g_ref[i]));
+      }
+      check(all_close(gf, gf_ref, dt == DType::bf16 ? 1e-2f : 1e-5f), tag + " lora_grad_b");
+      std::vector<L> da_ref(static_cast<std::size_t>(r) * rows), da(da_ref.size());
+      ref.lora_grad_a(m, tin.data(), nullptr, x_rows.data(), r, rows, 0, 128, 0.25f, da_ref.data(), dt, scratch.data());
+      t.lora_grad_a(m, tin.data(), nullptr, x_rows.data(), r, rows, 0, 128, 0.25f, da.data(), dt, scratch.data());
+      std::vector<float> af, af_ref;
+      for (int q = 0; q < r; ++q)
+        for (int j = 0; j < 128; ++j) {
+          const std::size_t i = static_cast<std::size_t>(q) * rows + j;
+          af.push_back(as_float(da[i]));
+          af_ref.push_back(as_float(da_ref[i]));
+        }
+      check(all_close(af, af_ref, dt == DType::bf16 ? 1e-2f : 1e-5f), tag + " lora_grad_a");
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  const KernelTable& ref = kt::isa_portable::kernel_table();
+  const std::pair<const char*, const KernelTable*> tiers[] = {
+      {"avx2", &kt::isa_avx2::kernel_table()},
+      {"avx512", &kt::isa_avx512::kernel_table()},
+      {"avx512_bf16", &kt::isa_avx512_bf16::kernel_table()},
+  };
+  for (const auto& [name, table] : tiers) {
+    const int before = failures;
+    test_gemms(ref, *table, name);
+    test_activation(ref, *table, name);
+    test_lora<float>(ref, *table, name, DType::f32);
+    test_lora<bf16>(ref, *table, name, DType::bf16);
+    std::printf("%-12s %s\n", name, failures == before ? "ok" : "FAILED");
+  }
+  std::printf("simd tiers vs portable: %d failed checks\n", failures);
+  return failures ? 1 : 0;
+}

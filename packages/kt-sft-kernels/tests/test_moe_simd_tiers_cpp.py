@@ -1,0 +1,39 @@
+"""The C++ tier-vs-portable check of every KernelTable entry (tests/cpp/simd_tiers_test.cpp).
+
+On a CPU with AVX-512 BF16 it runs the tiers natively; elsewhere the AVX-512 tiers run through SIMDe
+(libsimde-dev), which is how a CI machine without AVX-512 still executes their code. Skipped when
+neither a C++ compiler nor (for emulation) the SIMDe headers are present.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import kt_sft_kernels as kk
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1]
+SIMDE_HEADER = Path("/usr/include/simde/x86/avx512.h")
+
+
+def test_simd_tiers_match_portable_in_cpp(tmp_path: Path) -> None:
+    if shutil.which("g++") is None:
+        pytest.skip("no g++")
+    if kk.isa_supported("avx512_bf16"):
+        mode = "real"
+    elif SIMDE_HEADER.exists():
+        mode = "emulate"
+    else:
+        pytest.skip("no AVX-512 BF16 CPU and no SIMDe headers (apt-get install libsimde-dev)")
+    run = subprocess.run(
+        ["bash", str(PACKAGE / "tests" / "cpp" / "build_simd_tests.sh"), mode, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    print(run.stdout[-2000:])
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "simd tiers vs portable: 0 failed checks" in run.stdout
