@@ -118,8 +118,9 @@ class KtKernel:
             "down_a": lora.a_d,
             "down_b": lora.b_d,
         }
-        # Grads written by kt (bf16 bits); start as NaN so unwritten entries fail the check.
-        self.lora_grads = {k: np.full(a.shape, 0x7FC0, dtype=np.uint16) for k, a in self.lora_arrays.items()}
+        # LoRA grads (bf16 bits). kt's trainer hands it zeroed buffers that are also the optimizer's
+        # .grad, so they are zeroed before every step (untimed, as the optimizer's zero_grad is).
+        self.lora_grads = {k: np.zeros(a.shape, dtype=np.uint16) for k, a in self.lora_arrays.items()}
         self.physical_to_logical = np.arange(sh.num_experts, dtype=np.int64)
 
         cfg = self.ext.moe.MOESFTConfig()
@@ -155,7 +156,9 @@ class KtKernel:
         self.cpu_infer.submit(self.moe.load_weights_task())
         self.cpu_infer.sync()
         self.load_ms = 1e3 * (time.perf_counter() - start)
-        del gate, up, down  # kt copied them (its own wrapper drops them here too)
+        # kt's own wrapper drops its bf16 tensors after loading, but a caller may still hold them; we keep
+        # them rather than bet on a raw pointer kt might still read (its shared-buffer repack).
+        self.source_weights = (gate, up, down)
 
         self.x = inputs.hidden_states(p)
         self.grad_out = inputs.grad_output(p)
@@ -167,6 +170,10 @@ class KtKernel:
 
     def setup_costs(self) -> dict[str, float]:
         return {"load_weights_ms": self.load_ms}
+
+    def prepare_step(self) -> None:
+        for grad in self.lora_grads.values():
+            grad.fill(0)
 
     def forward(self) -> None:
         task = self.moe.forward_sft_task(

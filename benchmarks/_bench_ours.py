@@ -81,6 +81,9 @@ class Ours:
     def setup_costs(self) -> dict[str, float]:
         return {"load_weights_ms": self.load_ms}
 
+    def prepare_step(self) -> None:
+        """Nothing: our gradients are written, never accumulated."""
+
     def forward(self) -> None:
         self.handle = self.layer.forward(self.x, self.ids, self.weights, self.out, lora=self.lora, save=True)
 

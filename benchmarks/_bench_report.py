@@ -65,7 +65,7 @@ def _one_time(run: dict) -> str:
     parts = []
     setup = run.get("one_time", {})
     if "load_weights_ms" in setup:
-        parts.append(f"load {setup['load_weights_ms']:,.0f} ms")
+        parts.append(f"load_weights {setup['load_weights_ms']:,.0f} ms")
     if run.get("kind") == "kt" and run.get("between_ms", 0) > 0.5:
         parts.append(f"repack {run['between_ms']:,.0f} ms/step (in fwd+bwd)")
     return "; ".join(parts) or "–"
@@ -92,14 +92,18 @@ def machine_lines(machine: dict, ceilings: dict) -> list[str]:
 
 TABLE_HEADER = (
     "| backend | threads | fwd ms | fwd+bwd ms | tokens/s | TFLOP/s | % ceiling | weight GB/s | % BW "
-    "| one-time / per-step extras | peak RSS GB | steps | err out | err grads |\n"
+    "| one-time / per-step extras | peak RSS GB | steps; machine load | err out | err grads |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
 def _steps(run: dict) -> str:
     text = str(run.get("steps", ""))
-    return text + (" (warm-up only)" if run.get("warmup_counted") else "")
+    if run.get("warmup_counted"):
+        text += " (warm-up only)"
+    if "load_average" in run:
+        text += f"; load {run['load_average'][0]:.1f}, {run['cpu_per_wall']:.2f} CPU/s"
+    return text
 
 
 def table_row(run: dict) -> str:
@@ -133,7 +137,9 @@ def markdown(results: dict) -> str:
         "it has one). TFLOP/s by the DESIGN.md §7 convention; % ceiling = of the measured matmul ceiling; "
         "weight GB/s = active experts' bf16 weights streamed once per pass (2 passes); % BW = of the "
         "measured triad. Errors: relative Frobenius vs the float64 reference (out; max over dx, grad_w "
-        "and the four LoRA grads). FAILED = error above DESIGN.md §7, so no time is reported.",
+        "and the four LoRA grads). FAILED = error above DESIGN.md §7, so no time is reported. Machine load: "
+        "the 1-minute load average when the backend started timing, and the CPU-seconds per wall-second "
+        "its process got (ideal: its thread count) — other work on the machine shows there.",
         "",
     ]
     for case in results["cases"]:

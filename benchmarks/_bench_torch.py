@@ -65,12 +65,16 @@ class _TorchBase:
     def setup_costs(self) -> dict[str, float]:
         return {}
 
-    def _leaf_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        self.x = self.x_base.detach().requires_grad_(True)
-        self.w = self.weights_base.detach().requires_grad_(True)
+    def prepare_step(self) -> None:
+        """zero_grad(set_to_none=True), and fresh leaves for x and the routing weights."""
         for group in self.lora_params:
             for param in group if isinstance(group, list) else [group]:
                 param.grad = None
+        self.x = self.x_base.detach().requires_grad_(True)
+        self.w = self.weights_base.detach().requires_grad_(True)
+
+    def _leaf_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.x is not None and self.w is not None
         return self.x, self.w
 
     def forward(self) -> None:

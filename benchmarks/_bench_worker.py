@@ -8,6 +8,7 @@ torch is never imported next to our torch-free kernels.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import sys
@@ -23,6 +24,7 @@ from _bench_inputs import Problem
 
 class Runner(Protocol):
     def setup_costs(self) -> dict[str, float]: ...
+    def prepare_step(self) -> None: ...
     def forward(self) -> None: ...
     def between(self) -> None: ...
     def backward(self) -> None: ...
@@ -33,6 +35,11 @@ def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
     return pages * resource.getpagesize() / 2**20
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _peak_rss_mb() -> float:
@@ -79,6 +86,7 @@ def _timed_steps(
     for iteration in range(warmup + repeats):
         if iteration == warmup:
             phase_start = time.perf_counter()
+        runner.prepare_step()  # untimed: the optimizer's zero_grad, not the layer's work
         t0 = time.perf_counter()
         runner.forward()
         t1 = time.perf_counter()
@@ -104,7 +112,10 @@ def run_backend(spec: dict[str, Any]) -> dict[str, Any]:
     setup_s = time.perf_counter() - setup_start
     rss_ready = _rss_mb()
 
+    load_before = os.getloadavg()[0]
+    cpu_before, wall_before = _cpu_seconds(), time.perf_counter()
     samples, warmup_counted = _timed_steps(runner, spec["warmup"], spec["repeats"], spec["max_seconds"])
+    cpu_used, wall_used = _cpu_seconds() - cpu_before, time.perf_counter() - wall_before
     rss_end = _rss_mb()
 
     ids, _ = inputs.routing(p)
@@ -116,6 +127,9 @@ def run_backend(spec: dict[str, Any]) -> dict[str, Any]:
         "setup": {"process_setup_s": setup_s, **runner.setup_costs()},
         "samples_ms": samples,
         "warmup_counted": warmup_counted,
+        # Other work on the machine shows here: load average, and CPU-seconds per wall-second we got.
+        "load_average": [load_before, os.getloadavg()[0]],
+        "cpu_per_wall": cpu_used / wall_used,
         "median_ms": {k: statistics.median(v) for k, v in samples.items() if v},
         "rss_mb": {"start": rss_start, "ready": rss_ready, "end": rss_end, "peak": _peak_rss_mb()},
     }

@@ -110,7 +110,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=120.0,
         help="stop timing a backend once its timed steps exceed this (at least one step runs)",
     )
-    ap.add_argument("--check-tokens", type=int, default=128, help="token rows checked against the reference")
+    ap.add_argument("--check-tokens", type=int, default=64, help="token rows checked against the reference")
     ap.add_argument("--check-experts", type=int, default=8, help="experts whose LoRA grads are checked")
     ap.add_argument(
         "--timeout", type=float, default=4 * 3600, help="seconds before a backend process is killed"
@@ -339,6 +339,8 @@ class Harness:
             "rss_mb": result["rss_mb"],
             "steps": len(result["samples_ms"]["fwd_bwd"]),
             "warmup_counted": result["warmup_counted"],
+            "load_average": result["load_average"],
+            "cpu_per_wall": result["cpu_per_wall"],
         }
         if not passed:
             run.update(
@@ -367,7 +369,8 @@ def one_line(run: dict[str, Any]) -> str:
     return (
         f"{head}  fwd {run['fwd_ms']:9.1f} ms  fwd+bwd {run['fwd_bwd_ms']:9.1f} ms{extra}  "
         f"{run['tokens_per_s']:8.0f} tok/s  {run['tflops']:.3f} TFLOP/s ({run['pct_ceiling']:.0f}% ceil)  "
-        f"{run['weight_gbps']:.1f} GB/s  RSS {run['peak_rss_gb']:.2f} GB  {errs}  [{run['steps']} steps]"
+        f"{run['weight_gbps']:.1f} GB/s  RSS {run['peak_rss_gb']:.2f} GB  {errs}  [{run['steps']} steps, "
+        f"load {run['load_average'][0]:.1f}, {run['cpu_per_wall']:.2f} CPU/s]"
     )
 
 
