@@ -92,11 +92,13 @@ class KtKernel:
         variant: str,
         weight_type: str,
         share_backward_bb: bool,
+        ext: ModuleType | None = None,
     ) -> None:
+        """`ext` replaces the loaded extension (tests pass a NumPy stand-in with kt's conventions)."""
         sh = p.shape
         self.p = p
         self.share_backward_bb = share_backward_bb
-        self.ext = load_extension(kt_path, variant)
+        self.ext = ext or load_extension(kt_path, variant)
         self.variant = str(getattr(self.ext, "__cpu_variant__", variant))
         moe_class = getattr(self.ext.moe, KT_CLASSES[weight_type])
 
