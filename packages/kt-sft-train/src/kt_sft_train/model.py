@@ -56,15 +56,13 @@ def wrap_moe_layers_with_kt_wrapper(model: nn.Module, kt: KTConfig | None = None
 
 
 def _routed_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(qualified name, module)`` of every routed-experts module, from the architecture registry."""
-    from .arch import iter_routed_experts
+    """``(qualified name, module)`` of every routed-experts module, from the architecture registry.
 
-    found = list(iter_routed_experts(model))
-    if not found:
-        raise ValueError(
-            f"{type(model).__name__} has no routed-experts modules: it is not a MoE model kt-sft can run"
-        )
-    return found
+    Raises the registry's UnsupportedModelError (one message naming what is unsupported).
+    """
+    from .arch import get_moe_arch_config
+
+    return [(path, model.get_submodule(path)) for path in get_moe_arch_config(model).experts_paths]
 
 
 def _kt_experts_from_weights(
@@ -100,12 +98,18 @@ def build_kt_device_map(
     ``from_pretrained`` followed by ``wrap_moe_layers_with_kt_wrapper``; ``load_kt_model`` needs none of
     this because it never materializes the experts.
     """
+    from .arch import get_moe_arch_config
+
     del kt  # placement does not depend on kernel settings yet; the argument keeps the upstream signature
-    model_class = model_class or _auto_causal_lm()
     device = _default_device() if device is None else device
+    arch = (
+        get_moe_arch_config(config)
+        if model_class is None
+        else get_moe_arch_config(_meta_model(config, model_class, {}))
+    )
     device_map: dict[str, str | int | torch.device] = {"": device}
-    for name, _ in _routed_experts(_meta_model(config, model_class, {})):
-        device_map[name] = "cpu"
+    for path in arch.experts_paths:
+        device_map[path] = "cpu"
     return device_map
 
 
