@@ -66,11 +66,11 @@ def _routed_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _kt_experts_from_weights(
-    hf_experts: nn.Module, gate_up: torch.Tensor, down: torch.Tensor, kt: KTConfig
+    name: str, hf_experts: nn.Module, gate_up: torch.Tensor, down: torch.Tensor, kt: KTConfig
 ) -> nn.Module:
     from .experts import KTExperts
 
-    return KTExperts.from_weights(hf_experts, gate_up, down, kt)
+    return KTExperts.from_weights(hf_experts, gate_up, down, kt, name=name)
 
 
 def _default_device() -> str:
@@ -268,7 +268,9 @@ def _stream_experts_into_kernels(
     for plan in plans:
         placeholder = placeholders[plan.module_name]
         weights = read_expert_layer(plan, fp8_block=fp8_block)
-        kt_experts = _kt_experts_from_weights(placeholder.hf_experts, weights.gate_up, weights.down, kt)
+        kt_experts = _kt_experts_from_weights(
+            plan.module_name, placeholder.hf_experts, weights.gate_up, weights.down, kt
+        )
         del weights  # the experts layer keeps (reference) or packed (kernels) what it needs
         parent_name, _, attr = plan.module_name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, kt_experts)
