@@ -9,6 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kt_sft_train import (
+    KTConfig,
+    KTExperts,
+    get_moe_arch_config,
+    kt_lora_config,
+    wrap_moe_layers_with_kt_wrapper,
+)
+from kt_sft_train.lora import is_taken_over
 from peft import get_peft_model
 from tiny_moe import (
     FAMILIES,
@@ -21,9 +29,6 @@ from tiny_moe import (
     trainable_grads,
     unfreeze_routers,
 )
-
-from kt_sft_train import KTConfig, KTExperts, get_moe_arch_config, kt_lora_config, wrap_moe_layers_with_kt_wrapper
-from kt_sft_train.lora import is_taken_over
 
 TOLERANCE = 1e-6
 

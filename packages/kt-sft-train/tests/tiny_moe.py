@@ -35,8 +35,13 @@ def _qwen3_moe():  # type: ignore[no-untyped-def]
     from transformers import Qwen3MoeConfig
 
     return Qwen3MoeConfig(
-        **_COMMON, head_dim=16, intermediate_size=96, moe_intermediate_size=EXPERT_INTERMEDIATE,
-        num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+        **_COMMON,
+        head_dim=16,
+        intermediate_size=96,
+        moe_intermediate_size=EXPERT_INTERMEDIATE,
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
     )
 
 
@@ -44,8 +49,13 @@ def _qwen2_moe():  # type: ignore[no-untyped-def]
     from transformers import Qwen2MoeConfig
 
     return Qwen2MoeConfig(
-        **_COMMON, intermediate_size=96, moe_intermediate_size=EXPERT_INTERMEDIATE,
-        shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
+        **_COMMON,
+        intermediate_size=96,
+        moe_intermediate_size=EXPERT_INTERMEDIATE,
+        shared_expert_intermediate_size=48,
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
     )
 
 
@@ -55,10 +65,22 @@ def _deepseek_v3():  # type: ignore[no-untyped-def]
     common = dict(_COMMON, num_key_value_heads=4)
     # Layer 0 dense, layer 1 MoE with grouped top-k (2 groups, 1 kept) and a shared expert.
     return DeepseekV3Config(
-        **common, intermediate_size=96, moe_intermediate_size=EXPERT_INTERMEDIATE, n_routed_experts=8,
-        n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
-        routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=32, kv_lora_rank=32,
-        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+        **common,
+        intermediate_size=96,
+        moe_intermediate_size=EXPERT_INTERMEDIATE,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
     )
 
 
@@ -66,7 +88,11 @@ def _mixtral():  # type: ignore[no-untyped-def]
     from transformers import MixtralConfig
 
     return MixtralConfig(
-        **_COMMON, head_dim=16, intermediate_size=EXPERT_INTERMEDIATE, num_local_experts=4, num_experts_per_tok=2
+        **_COMMON,
+        head_dim=16,
+        intermediate_size=EXPERT_INTERMEDIATE,
+        num_local_experts=4,
+        num_experts_per_tok=2,
     )
 
 
@@ -74,9 +100,19 @@ def _glm4_moe():  # type: ignore[no-untyped-def]
     from transformers import Glm4MoeConfig
 
     return Glm4MoeConfig(
-        **_COMMON, head_dim=16, intermediate_size=96, moe_intermediate_size=EXPERT_INTERMEDIATE,
-        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
-        first_k_dense_replace=1, routed_scaling_factor=1.5, norm_topk_prob=True, use_qk_norm=True,
+        **_COMMON,
+        head_dim=16,
+        intermediate_size=96,
+        moe_intermediate_size=EXPERT_INTERMEDIATE,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        routed_scaling_factor=1.5,
+        norm_topk_prob=True,
+        use_qk_norm=True,
     )
 
 

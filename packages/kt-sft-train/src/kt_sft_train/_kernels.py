@@ -154,12 +154,16 @@ class KernelLayer:
 
     def backward(self, handle: KernelHandle, grad_out: torch.Tensor) -> ExpertGrads:
         if not isinstance(handle, KernelHandle):
-            raise TypeError(f"handle must come from KernelLayer.forward(save=True), got {type(handle).__name__}")
+            raise TypeError(
+                f"handle must come from KernelLayer.forward(save=True), got {type(handle).__name__}"
+            )
         if handle.layer is not self:
             raise ValueError("handle belongs to another layer")
         grad_x = torch.empty(handle.x_shape, dtype=handle.x_dtype)
         grad_weights = torch.empty((handle.x_shape[0], self.top_k), dtype=handle.weights_dtype)
-        lora_grads = tuple(None if t is None else torch.empty_like(t) for t in (handle.lora or ExpertLoRA()).tensors())
+        lora_grads = tuple(
+            None if t is None else torch.empty_like(t) for t in (handle.lora or ExpertLoRA()).tensors()
+        )
         kernel_grads = self._kk.LoRAGrads(*lora_grads) if handle.lora is not None else None
         self._layer.backward(handle.saved, grad_out, grad_x, grad_weights, lora_grads=kernel_grads)
         handle.saved = None
@@ -170,5 +174,7 @@ class KernelLayer:
             return None
         dtypes = {t.dtype for t in lora.tensors() if t is not None}
         if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.bfloat16}:
-            raise TypeError(f"the kernels take LoRA weights all float32 or all bfloat16, got {sorted(map(str, dtypes))}")
+            raise TypeError(
+                f"the kernels take LoRA weights all float32 or all bfloat16, got {sorted(map(str, dtypes))}"
+            )
         return self._kk.LoRA(*lora.tensors(), lora.scale_gu, lora.scale_d)

@@ -227,7 +227,9 @@ def experts_top_k(module: nn.Module) -> int:
     """Router top-k of an experts module, from the config transformers stores on it."""
     top_k = getattr(_text_config(getattr(module, "config", None)), "num_experts_per_tok", None)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise UnsupportedModelError(f"cannot find the router top-k (num_experts_per_tok) of {type(module).__name__}")
+        raise UnsupportedModelError(
+            f"cannot find the router top-k (num_experts_per_tok) of {type(module).__name__}"
+        )
     return top_k
 
 

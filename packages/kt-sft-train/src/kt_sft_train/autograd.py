@@ -112,7 +112,9 @@ class KTMoEFunction(torch.autograd.Function):
         grads = layer.backward(handle, grad_host)
         grad_x = to_device(grads.grad_x, ctx.x_device, ctx.x_dtype)
         grad_weights = to_device(grads.grad_weights, ctx.weights_device, ctx.weights_dtype)
-        lora_grads = tuple(g if present else None for g, present in zip(grads.lora, ctx.lora_present))
+        lora_grads = tuple(
+            g if present else None for g, present in zip(grads.lora, ctx.lora_present, strict=True)
+        )
         return (None, None, grad_x, None, grad_weights, *lora_grads)
 
 
@@ -158,7 +160,7 @@ def _region_forward(
 
 
 def _check_lora_unchanged(ctx: Any) -> None:
-    for tensor, version in zip(ctx.lora_tensors, ctx.lora_versions):
+    for tensor, version in zip(ctx.lora_tensors, ctx.lora_versions, strict=True):
         if tensor is not None and tensor._version != version:
             raise RuntimeError(
                 "an expert LoRA weight was modified in place between the forward and the backward of the CPU "

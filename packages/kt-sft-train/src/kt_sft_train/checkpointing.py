@@ -122,14 +122,18 @@ class RegionCheckpoint:
 
 def checkpoint(function: Callable[..., Any], *args: Any, use_reentrant: bool, **kwargs: Any) -> Any:
     """`torch.utils.checkpoint.checkpoint` with CPU-experts regions (same arguments)."""
-    return RegionCheckpoint(torch.utils.checkpoint.checkpoint)(function, *args, use_reentrant=use_reentrant, **kwargs)
+    return RegionCheckpoint(torch.utils.checkpoint.checkpoint)(
+        function, *args, use_reentrant=use_reentrant, **kwargs
+    )
 
 
 def install_checkpoint_regions(model: nn.Module) -> None:
     """Make `gradient_checkpointing_enable` of every transformers model in `model` use checkpoint regions."""
     for module in model.modules():
         if callable(getattr(type(module), "_set_gradient_checkpointing", None)):
-            module.__dict__["_set_gradient_checkpointing"] = types.MethodType(_set_gradient_checkpointing, module)
+            module.__dict__["_set_gradient_checkpointing"] = types.MethodType(
+                _set_gradient_checkpointing, module
+            )
     wrap_checkpoint_functions(model)
 
 

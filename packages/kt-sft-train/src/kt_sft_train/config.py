@@ -193,13 +193,17 @@ def _upstream_tp(value: Any) -> dict[str, Any]:
 
 def _upstream_gpu_experts(value: Any) -> dict[str, Any]:
     if value:
-        raise NotImplementedError(f"{value!r} experts on the GPU: GPU-resident experts are not implemented yet")
+        raise NotImplementedError(
+            f"{value!r} experts on the GPU: GPU-resident experts are not implemented yet"
+        )
     return {}
 
 
 def _upstream_lora_experts(value: Any) -> dict[str, Any]:
     if value:
-        raise NotImplementedError("extra trainable GPU 'LoRA experts' (kt_use_lora_experts) are not implemented yet")
+        raise NotImplementedError(
+            "extra trainable GPU 'LoRA experts' (kt_use_lora_experts) are not implemented yet"
+        )
     return {}
 
 
@@ -254,7 +258,9 @@ def _canonical_kwargs(mapping: Mapping[str, Any]) -> dict[str, Any]:
             raise KTConfigError(f"unknown KTConfig key {key!r}{_suggestion(key, candidates)}")
         for name, new in updates.items():
             if name in out and out[name] != new:
-                raise KTConfigError(f"KTConfig.{name} is given twice with different values ({out[name]!r}, {new!r})")
+                raise KTConfigError(
+                    f"KTConfig.{name} is given twice with different values ({out[name]!r}, {new!r})"
+                )
             out[name] = new
     return out
 

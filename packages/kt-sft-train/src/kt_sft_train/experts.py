@@ -117,7 +117,9 @@ class KTExperts(nn.Module):
         problems = layout_problems(hf_experts)
         if problems:
             label = name or type(hf_experts).__name__
-            raise UnsupportedModelError(f"kt-sft cannot run the routed experts at {label}: " + "; ".join(problems))
+            raise UnsupportedModelError(
+                f"kt-sft cannot run the routed experts at {label}: " + "; ".join(problems)
+            )
         num_experts, two_i, hidden = hf_experts.gate_up_proj.shape
         experts = cls(
             num_experts=int(num_experts),
@@ -136,7 +138,7 @@ class KTExperts(nn.Module):
         return self.layer.backend
 
     def load_expert_weights(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
-        """Copy this layer's expert weights in (gate_up [E, 2I, H], down [E, H, I]); the caller may free them."""
+        """Copy in this layer's weights (gate_up [E, 2I, H], down [E, H, I]); the caller may free them."""
         expected = {
             "gate_up": (self.num_experts, 2 * self.intermediate_dim, self.hidden_dim),
             "down": (self.num_experts, self.hidden_dim, self.intermediate_dim),
@@ -160,8 +162,8 @@ class KTExperts(nn.Module):
     ) -> torch.Tensor:
         if parametrize.is_parametrized(self):
             raise RuntimeError(
-                f"{self._label()}: a PEFT wrapper parametrized the expert weights instead of handing its LoRA "
-                "to kt-sft; call kt_sft_train.take_over_peft_wrappers(model) after get_peft_model"
+                f"{self._label()}: a PEFT wrapper parametrized the expert weights instead of handing its "
+                "LoRA to kt-sft; call kt_sft_train.take_over_peft_wrappers(model) after get_peft_model"
             )
         return self.run(hidden_states, top_k_index, top_k_weights, None)
 
@@ -210,7 +212,8 @@ class KTExperts(nn.Module):
     def _check_inputs(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
         if hidden.shape[-1] != self.hidden_dim:
             raise ValueError(
-                f"{self._label()}: hidden_states last dim must be {self.hidden_dim}, got {tuple(hidden.shape)}"
+                f"{self._label()}: hidden_states last dim must be {self.hidden_dim}, "
+                f"got {tuple(hidden.shape)}"
             )
         tokens = hidden.numel() // self.hidden_dim
         if ids.shape[-1] != self.top_k or ids.numel() != tokens * self.top_k:
@@ -277,9 +280,9 @@ def _is_plain_experts(module: nn.Module) -> bool:
 
 
 def _refuse_multi_rank() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_world_size() > 1:
-            raise NotImplementedError(
-                "CPU experts with several ranks (one expert owner per host) are not implemented yet; "
-                "run one process"
-            )
+    distributed = torch.distributed
+    if distributed.is_available() and distributed.is_initialized() and distributed.get_world_size() > 1:
+        raise NotImplementedError(
+            "CPU experts with several ranks (one expert owner per host) are not implemented yet; "
+            "run one process"
+        )

@@ -69,14 +69,17 @@ def kt_lora_config(
         )
     for option in ("use_dora", "lora_bias", "fan_in_fan_out"):
         if experts and kwargs.get(option):
-            raise ValueError(f"kt_lora_config: {option}=True is not supported by PEFT on the expert parameters")
+            raise ValueError(
+                f"kt_lora_config: {option}=True is not supported by PEFT on the expert parameters"
+            )
     if target_modules == "attention":
         modules = list(arch.dense_target_modules)
     elif target_modules is None:
         modules = []
     elif isinstance(target_modules, str):
         raise ValueError(
-            f"kt_lora_config: target_modules={target_modules!r}; use 'attention', None or a list of module names"
+            f"kt_lora_config: target_modules={target_modules!r}; use 'attention', None or a list of "
+            "module names"
         )
     else:
         modules = list(target_modules)
@@ -213,7 +216,9 @@ def expert_lora(chain: list[nn.Module], experts: KTExperts) -> ExpertLoRA | None
     return ExpertLoRA(a_gu, b_gu, a_d, b_d, float(scale_gu), float(scale_d))
 
 
-def _kernel_factors(wrapper: Any, adapter: str, experts: KTExperts) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _kernel_factors(
+    wrapper: Any, adapter: str, experts: KTExperts
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     weight_a = wrapper.lora_A[adapter].weight
     weight_b = wrapper.lora_B[adapter].weight
     rank = int(wrapper.r[adapter])
@@ -227,7 +232,8 @@ def _kernel_factors(wrapper: Any, adapter: str, experts: KTExperts) -> tuple[tor
         rank * num_experts,
     ):
         raise ValueError(
-            f"PEFT LoRA of {wrapper.parameter_name} (adapter {adapter!r}) has lora_A {tuple(weight_a.shape)} and "
+            f"PEFT LoRA of {wrapper.parameter_name} (adapter {adapter!r}) has lora_A {tuple(weight_a.shape)} "
+            "and "
             f"lora_B {tuple(weight_b.shape)}; expected {(rank * num_experts, in_features)} and "
             f"{(out_features, rank * num_experts)}"
         )

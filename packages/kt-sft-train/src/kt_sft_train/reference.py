@@ -105,7 +105,9 @@ def _check_shapes(
         raise ValueError(f"gate_up must be [E, 2I, H] with H={x.shape[1]}, got shape {tuple(gate_up.shape)}")
     num_experts, two_i, hidden = gate_up.shape
     if tuple(down.shape) != (num_experts, hidden, two_i // 2):
-        raise ValueError(f"down must be [E, H, I]={(num_experts, hidden, two_i // 2)}, got {tuple(down.shape)}")
+        raise ValueError(
+            f"down must be [E, H, I]={(num_experts, hidden, two_i // 2)}, got {tuple(down.shape)}"
+        )
     if lora is None:
         return
     expected = {
@@ -118,7 +120,9 @@ def _check_shapes(
         tensor = getattr(lora, name)
         if tensor is None:
             continue
-        if tensor.dim() != 3 or any(want is not None and got != want for got, want in zip(tensor.shape, shape)):
+        if tensor.dim() != 3 or any(
+            want is not None and got != want for got, want in zip(tensor.shape, shape, strict=True)
+        ):
             raise ValueError(f"lora.{name} must be {_shape_text(shape)}, got {tuple(tensor.shape)}")
     for first, second in (("a_gu", "b_gu"), ("a_d", "b_d")):
         a, b = getattr(lora, first), getattr(lora, second)
@@ -147,7 +151,9 @@ class ExpertGrads:
 class ReferenceHandle:
     """What a saving forward keeps for its backward: here, the autograd graph of the forward."""
 
-    def __init__(self, layer: ReferenceLayer, output: torch.Tensor, inputs: list[torch.Tensor | None]) -> None:
+    def __init__(
+        self, layer: ReferenceLayer, output: torch.Tensor, inputs: list[torch.Tensor | None]
+    ) -> None:
         self.layer: ReferenceLayer | None = layer
         self.output: torch.Tensor | None = output
         self.inputs = inputs
@@ -193,18 +199,24 @@ class ReferenceLayer:
                 return moe_forward(x, ids, weights, gate_up, down, lora), None
         lora = lora or ExpertLoRA()
         leaves = [_leaf(t) for t in (x, weights, *lora.tensors())]
-        with torch.enable_grad():
-            output = moe_forward(leaves[0], ids, leaves[1], gate_up, down, lora.replace_tensors(tuple(leaves[2:])))
+        # The graph is this layer's private activation cache: keep outer saved-tensor hooks (checkpointing,
+        # offloading) away from it, as they cannot see inside the kernels either.
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+            output = moe_forward(
+                leaves[0], ids, leaves[1], gate_up, down, lora.replace_tensors(tuple(leaves[2:]))
+            )
         # A separate tensor for the caller, so nothing it does to the output reaches the kept graph.
         return output.detach().clone(), ReferenceHandle(self, output, leaves)
 
     def backward(self, handle: ReferenceHandle, grad_out: torch.Tensor) -> ExpertGrads:
         if not isinstance(handle, ReferenceHandle):
-            raise TypeError(f"handle must come from ReferenceLayer.forward(save=True), got {type(handle).__name__}")
-        if handle.layer is not self:
-            raise ValueError("handle belongs to another layer")
+            raise TypeError(
+                f"handle must come from ReferenceLayer.forward(save=True), got {type(handle).__name__}"
+            )
         if handle.output is None:
             raise RuntimeError("handle was already consumed by a backward")
+        if handle.layer is not self:
+            raise ValueError("handle belongs to another layer")
         output, inputs = handle.output, handle.inputs
         handle.output, handle.layer, handle.inputs = None, None, []
         present = [t for t in inputs if t is not None]
@@ -222,6 +234,10 @@ class ReferenceLayer:
         if self.gate_up is None or self.down is None:
             raise RuntimeError("expert weights are not loaded (call load_weights first)")
         return self.gate_up, self.down
+
+
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _leaf(tensor: torch.Tensor | None) -> torch.Tensor | None:
