@@ -27,7 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .arch import get_moe_arch_config
 from .config import KTConfig
+from .experts import KTExperts, attach_kt, replace_module, wrap_moe_layers_with_kt_wrapper
 from .weights import (
     CheckpointError,
     ExpertLayerPlan,
@@ -48,29 +50,12 @@ __all__ = [
 _LOAD_LOCK = threading.Lock()
 
 
-def wrap_moe_layers_with_kt_wrapper(model: nn.Module, kt: KTConfig | None = None) -> Any:
-    """Replace the routed experts of an already-built model by ``KTExperts`` (see experts.py)."""
-    from .experts import wrap_moe_layers_with_kt_wrapper as wrap
-
-    return wrap(model, kt)
-
-
 def _routed_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(qualified name, module)`` of every routed-experts module, from the architecture registry.
 
     Raises the registry's UnsupportedModelError (one message naming what is unsupported).
     """
-    from .arch import get_moe_arch_config
-
     return [(path, model.get_submodule(path)) for path in get_moe_arch_config(model).experts_paths]
-
-
-def _kt_experts_from_weights(
-    name: str, hf_experts: nn.Module, gate_up: torch.Tensor, down: torch.Tensor, kt: KTConfig
-) -> nn.Module:
-    from .experts import KTExperts
-
-    return KTExperts.from_weights(hf_experts, gate_up, down, kt, name=name)
 
 
 def _default_device() -> str:
@@ -98,8 +83,6 @@ def build_kt_device_map(
     ``from_pretrained`` followed by ``wrap_moe_layers_with_kt_wrapper``; ``load_kt_model`` needs none of
     this because it never materializes the experts.
     """
-    from .arch import get_moe_arch_config
-
     del kt  # placement does not depend on kernel settings yet; the argument keeps the upstream signature
     device = _default_device() if device is None else device
     arch = (
@@ -265,12 +248,14 @@ def _stream_experts_into_kernels(
         raise RuntimeError(
             f"the loaded experts {sorted(placeholders)} differ from the planned ones {sorted(expected)}"
         )
+    loaded: list[KTExperts] = []
     for plan in plans:
         placeholder = placeholders[plan.module_name]
         weights = read_expert_layer(plan, fp8_block=fp8_block)
-        kt_experts = _kt_experts_from_weights(
-            plan.module_name, placeholder.hf_experts, weights.gate_up, weights.down, kt
+        experts = KTExperts.from_weights(
+            placeholder.hf_experts, weights.gate_up, weights.down, kt, name=plan.module_name
         )
-        del weights  # the experts layer keeps (reference) or packed (kernels) what it needs
-        parent_name, _, attr = plan.module_name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, kt_experts)
+        del weights  # the experts layer holds its own copy (reference) or packed copy (kernels)
+        replace_module(model, plan.module_name, experts)
+        loaded.append(experts)
+    attach_kt(model, loaded)
