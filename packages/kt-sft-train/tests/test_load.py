@@ -22,6 +22,7 @@ from kt_sft_train.config import KTConfig
 from kt_sft_train.model import build_kt_device_map, load_kt_model
 from kt_sft_train.weights import CheckpointError, MissingShardError, dequantize_fp8_blocks
 from safetensors.torch import save_file
+from tiny_moe import kernels_or_skip
 from transformers import (
     AutoModelForCausalLM,
     DeepseekV3Config,
@@ -202,6 +203,19 @@ def test_save_pretrained_checkpoint_gives_plain_hf_logits(tmp_path: Path, family
     assert expert_modules(kt), "no routed experts were replaced"
     assert not any(p.is_meta for p in kt.parameters())
     assert_same_logits(kt, plain_hf(tmp_path))
+
+
+def test_default_kernel_backend_loads_the_same_model(tmp_path: Path) -> None:
+    kernels_or_skip()
+    config = qwen3_moe_config()
+    config.moe_intermediate_size = 32  # the kernels need multiples of 32
+    random_model(config, seed=2).to(torch.bfloat16).save_pretrained(tmp_path)
+    kt = load_kt_model(tmp_path, dtype=torch.float32).eval()
+    assert {module.backend for module in kt.modules() if type(module).__name__ == "KTExperts"} == {"kernels"}
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    input_ids = tokens()
+    # bf16 kernel arithmetic: DESIGN.md §7's whole-model bound.
+    assert relative_error(logits_of(kt, input_ids), logits_of(expected, input_ids)) <= 1e-2
 
 
 def test_hand_written_per_expert_sharded_checkpoint(tmp_path: Path) -> None:
@@ -452,7 +466,7 @@ STREAM_CHILD = textwrap.dedent(
         hwm_reset = True
     except OSError:
         hwm_reset = False
-    model = load_kt_model(sys.argv[1], kt=KTConfig(backend="reference"), dtype=torch.bfloat16)
+    model = load_kt_model(sys.argv[1], kt=KTConfig(backend=sys.argv[2]), dtype=torch.bfloat16)
     gc.collect()
     experts = sum(type(m).__name__ == "KTExperts" for m in model.modules())
     print(json.dumps({"baseline": baseline, "final": status("VmRSS"), "peak": status("VmHWM"),
@@ -461,16 +475,26 @@ STREAM_CHILD = textwrap.dedent(
 )
 
 
-def test_streaming_load_peak_rss_is_final_footprint_plus_one_layer(tmp_path: Path) -> None:
-    checkpoint = tmp_path / "ckpt"
+@pytest.fixture(scope="module")
+def streaming_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    checkpoint = tmp_path_factory.mktemp("stream") / "ckpt"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small tensors: worker threads only add contention on a shared CI machine
     try:
         write_streaming_checkpoint(checkpoint)
     finally:
         torch.set_num_threads(threads)
+    return checkpoint
+
+
+@pytest.mark.parametrize("backend", ["reference", "kernels"])
+def test_streaming_load_peak_rss_is_final_footprint_plus_one_layer(
+    streaming_checkpoint: Path, backend: str
+) -> None:
+    if backend == "kernels":
+        kernels_or_skip()
     result = subprocess.run(
-        [sys.executable, "-c", STREAM_CHILD, str(checkpoint)],
+        [sys.executable, "-c", STREAM_CHILD, str(streaming_checkpoint), backend],
         capture_output=True,
         text=True,
         timeout=300,
@@ -481,6 +505,6 @@ def test_streaming_load_peak_rss_is_final_footprint_plus_one_layer(tmp_path: Pat
     assert numbers["experts"] == STREAM_LAYERS
     final_rise = numbers["final"] - numbers["baseline"]
     peak_rise = numbers["peak"] - numbers["baseline"]
-    # The experts really are resident (the reference backend keeps a bf16 copy of every layer).
-    assert final_rise >= 0.9 * STREAM_LAYERS * STREAM_LAYER_BYTES
+    # The experts really are resident (both backends keep a bf16 copy of every layer).
+    assert final_rise >= 0.9 * STREAM_LAYERS * STREAM_LAYER_BYTES, numbers
     assert peak_rise <= final_rise + 1.5 * STREAM_LAYER_BYTES, numbers
