@@ -119,6 +119,16 @@ class KernelLayer:
         self._kk = kk
         self._layer = kk.MoELayer(config, pool=thread_pool(kt.threads))
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> KernelLayer:
+        # The packed weights are frozen: a deep-copied model (e.g. a reference model) shares them.
+        return self
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a KTExperts kernel layer cannot be pickled (its weights live in the kernels); save the PEFT "
+            "adapter and reload the model with load_kt_model"
+        )
+
     def host_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """Dtype in which activations of `dtype` are handed to the kernels."""
         if dtype not in _HOST_DTYPES:
@@ -142,7 +152,8 @@ class KernelLayer:
         lora: ExpertLoRA | None,
         save: bool,
     ) -> tuple[torch.Tensor, KernelHandle | None]:
-        out = torch.empty_like(x)
+        # Outputs are pinned when the inputs came through pinned staging, so the copy back is async.
+        out = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_pinned())
         kernel_lora = self._kernel_lora(lora)
         saved = self._layer.forward(x, ids, weights, out, lora=kernel_lora, save=save)
         if not save:
@@ -159,8 +170,11 @@ class KernelLayer:
             )
         if handle.layer is not self:
             raise ValueError("handle belongs to another layer")
-        grad_x = torch.empty(handle.x_shape, dtype=handle.x_dtype)
-        grad_weights = torch.empty((handle.x_shape[0], self.top_k), dtype=handle.weights_dtype)
+        pinned = grad_out.is_pinned()
+        grad_x = torch.empty(handle.x_shape, dtype=handle.x_dtype, pin_memory=pinned)
+        grad_weights = torch.empty(
+            (handle.x_shape[0], self.top_k), dtype=handle.weights_dtype, pin_memory=pinned
+        )
         lora_grads = tuple(
             None if t is None else torch.empty_like(t) for t in (handle.lora or ExpertLoRA()).tensors()
         )
