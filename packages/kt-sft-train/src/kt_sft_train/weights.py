@@ -202,7 +202,7 @@ def expert_target_shapes(module_name: str, experts: torch.nn.Module) -> dict[str
     return shapes
 
 
-class _KeyMapper:
+class CheckpointKeyMapper:
     """Checkpoint key -> (model parameter name, matched converter) through transformers' own mapping.
 
     transformers' renamings and ``WeightConverter`` patterns are what ``from_pretrained`` applies; a
@@ -284,7 +284,7 @@ def _expert_index(pattern: str, key: str, target: str) -> int:
     return int(found.group(1))
 
 
-def _scale_key(weight_key: str) -> str:
+def scale_key_for(weight_key: str) -> str:
     if weight_key.endswith(".weight"):
         return weight_key[: -len("weight")] + "weight_scale_inv"
     return weight_key + "_scale_inv"
@@ -307,7 +307,7 @@ def plan_expert_layers(
     for name, module in experts_modules:
         shapes.update(expert_target_shapes(name, module))
     plans = {target: ExpertParamPlan(target, shape) for target, shape in shapes.items()}
-    mapper = _KeyMapper(model, key_mapping)
+    mapper = CheckpointKeyMapper(model, key_mapping)
 
     for key, info in checkpoint.tensors.items():
         if key.endswith(_SCALE_SUFFIXES):
@@ -316,7 +316,7 @@ def plan_expert_layers(
         plan = plans.get(target)
         if plan is None:
             continue
-        scale = checkpoint.tensors.get(_scale_key(key))
+        scale = checkpoint.tensors.get(scale_key_for(key))
         if converter is None:
             if plan.fused is not None:
                 raise CheckpointError(
@@ -392,7 +392,9 @@ def _check_dtype_and_scale(
     if info.dtype not in _FLOAT8_DTYPES:
         raise NotImplementedError(f"not implemented yet: expert weights of dtype {info.dtype} in {where}")
     if scale is None:
-        raise CheckpointError(f"{where} is {info.dtype} but the checkpoint has no {_scale_key(info.key)!r}")
+        raise CheckpointError(
+            f"{where} is {info.dtype} but the checkpoint has no {scale_key_for(info.key)!r}"
+        )
     leading = () if fused_experts is None else (fused_experts,)
     if len(scale.shape) != len(leading) + 2 or tuple(scale.shape[: len(leading)]) != leading:
         raise CheckpointError(
@@ -416,9 +418,12 @@ class ExpertLayerWeights:
 
 
 def dequantize_fp8_blocks(
-    weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = DEFAULT_FP8_BLOCK
+    weight: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block: tuple[int, int] = DEFAULT_FP8_BLOCK,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
-    """``weight[i, j] * scale_inv[i // bm, j // bn]`` in fp32, rounded once to bf16.
+    """``weight[i, j] * scale_inv[i // bm, j // bn]`` in fp32, rounded once to ``dtype`` (bf16).
 
     ``weight`` [R, C] float8 (last row/col blocks may be partial); ``scale_inv`` [ceil(R/bm), ceil(C/bn)].
     """
@@ -432,10 +437,10 @@ def dequantize_fp8_blocks(
         )
     scales = scale_inv.to(torch.float32)
     scales = scales.repeat_interleave(block_rows, dim=0)[:rows].repeat_interleave(block_cols, dim=1)[:, :cols]
-    return (weight.to(torch.float32) * scales).to(torch.bfloat16)
+    return (weight.to(torch.float32) * scales).to(dtype)
 
 
-class _OpenShards:
+class OpenShards:
     """safetensors handles for one layer, read with ``pread`` so no file pages stay mapped."""
 
     def __init__(self) -> None:
@@ -457,14 +462,15 @@ class _OpenShards:
         self._handles.clear()
 
 
-def _read_matrix(
-    shards: _OpenShards,
+def read_matrix(
+    shards: OpenShards,
     info: TensorInfo,
     scale: TensorInfo | None,
     block: tuple[int, int],
     expert: int | None,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
-    """One [R, C] matrix as bf16: a whole tensor, or row ``expert`` of a fused [E, R, C] tensor."""
+    """One [R, C] matrix in ``dtype``: a whole tensor, or row ``expert`` of a fused [E, R, C] tensor."""
     handle = shards.get(info)
     value = handle.get_tensor(info.key) if expert is None else handle.get_slice(info.key)[expert]
     if info.dtype in _FLOAT8_DTYPES:
@@ -476,23 +482,23 @@ def _read_matrix(
             else scale_handle.get_slice(scale.key)[expert]
         )
         try:
-            return dequantize_fp8_blocks(value, scales, block)
+            return dequantize_fp8_blocks(value, scales, block, dtype)
         except CheckpointError as err:
             raise CheckpointError(f"{info.file.name}:{info.key!r}: {err}") from err
-    return value.to(torch.bfloat16)
+    return value.to(dtype)
 
 
-def _fill_param(plan: ExpertParamPlan, shards: _OpenShards, block: tuple[int, int]) -> torch.Tensor:
+def _fill_param(plan: ExpertParamPlan, shards: OpenShards, block: tuple[int, int]) -> torch.Tensor:
     out = torch.empty(plan.shape, dtype=torch.bfloat16)
     if plan.fused is not None:
         for expert in range(plan.shape[0]):
-            out[expert].copy_(_read_matrix(shards, plan.fused, plan.fused_scale, block, expert))
+            out[expert].copy_(read_matrix(shards, plan.fused, plan.fused_scale, block, expert))
         return out
     rows = plan.shape[1] // plan.num_slots
     for piece in plan.slices:
         start = piece.slot * rows
         out[piece.expert, start : start + rows].copy_(
-            _read_matrix(shards, piece.tensor, piece.scale, block, None)
+            read_matrix(shards, piece.tensor, piece.scale, block, None)
         )
     return out
 
@@ -501,7 +507,7 @@ def read_expert_layer(
     plan: ExpertLayerPlan, *, fp8_block: tuple[int, int] = DEFAULT_FP8_BLOCK
 ) -> ExpertLayerWeights:
     """Read and assemble one experts module. Peak extra host memory: this layer plus one expert slice."""
-    shards = _OpenShards()
+    shards = OpenShards()
     try:
         gate_up = _fill_param(plan.gate_up, shards, fp8_block)
         down = _fill_param(plan.down, shards, fp8_block)
