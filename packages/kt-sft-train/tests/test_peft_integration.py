@@ -194,3 +194,26 @@ def test_rslora_scaling_reaches_the_experts() -> None:
     expected, actual = trainable_grads(plain), trainable_grads(kt)
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-6, atol=1e-9)
+
+
+def test_adapter_reloads_onto_a_kt_model_with_peft_from_pretrained(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from kt_sft_train.lora import is_taken_over
+    from peft import PeftModel
+
+    base = tiny_model("glm4_moe", torch.float32)
+    fresh = deep_copy(base)
+    arch = get_moe_arch_config(base)
+    wrap_moe_layers_with_kt_wrapper(base, KTConfig(backend="reference"))
+    trained = get_peft_model(base, kt_lora_config(arch, r=4))
+    randomize_lora(trained)
+    trained.save_pretrained(tmp_path)
+
+    wrap_moe_layers_with_kt_wrapper(fresh, KTConfig(backend="reference"))
+    reloaded = PeftModel.from_pretrained(fresh, tmp_path, is_trainable=True)
+    wrappers = [m for m in reloaded.modules() if type(m).__name__ == "ParamWrapper"]
+    assert wrappers and all(is_taken_over(w) for w in wrappers)
+    ids = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, trained(input_ids=ids).logits)
+    reloaded(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in _expert_lora_params(reloaded).values())
