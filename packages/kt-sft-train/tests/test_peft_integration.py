@@ -166,6 +166,7 @@ def test_lora_config_helper() -> None:
     base = tiny_model("deepseek_v3", torch.float32)
     config = kt_lora_config(base, r=8)
     assert config.r == 8 and config.lora_alpha == 16
+    assert kt_lora_config(base, r=8, alpha=4).lora_alpha == 4
     assert sorted(config.target_parameters) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
     assert {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"} <= set(config.target_modules)
     assert not any("expert" in name or "gate" in name for name in config.target_modules)

@@ -43,6 +43,7 @@ def kt_lora_config(
     *,
     r: int = 16,
     lora_alpha: float | None = None,
+    alpha: float | None = None,
     target_modules: str | Iterable[str] | None = "attention",
     experts: bool = True,
     use_rslora: bool = False,
@@ -54,11 +55,15 @@ def kt_lora_config(
     target_modules: "attention" (the Linear layers of the decoder layers outside their MLP/MoE block,
         found by structure), an explicit list of module names, or None for expert LoRA only.
     experts: put LoRA on the routed experts' gate_up_proj and down_proj (run by the CPU kernels).
-    lora_alpha: defaults to 2 * r. Other keyword arguments go to LoraConfig unchanged.
+    lora_alpha (or its short name alpha): defaults to 2 * r.
+    Other keyword arguments go to LoraConfig unchanged.
     """
     from peft import LoraConfig
 
     arch = model_or_arch if isinstance(model_or_arch, MOEArchConfig) else get_moe_arch_config(model_or_arch)
+    if alpha is not None and lora_alpha is not None and alpha != lora_alpha:
+        raise ValueError(f"kt_lora_config: alpha={alpha} and lora_alpha={lora_alpha} disagree; give one")
+    lora_alpha = alpha if lora_alpha is None else lora_alpha
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"kt_lora_config: r must be a positive integer, got {r!r}")
     if experts and lora_dropout:
