@@ -48,7 +48,9 @@ def mixtral_config() -> MixtralConfig:
     )
 
 
-def deepseek_v3_config(hidden: int = 32, moe_intermediate: int = 16) -> DeepseekV3Config:
+def deepseek_v3_config(
+    hidden: int = 32, moe_intermediate: int = 16, q_lora_rank: int = 16
+) -> DeepseekV3Config:
     return DeepseekV3Config(
         vocab_size=VOCAB,
         hidden_size=hidden,
@@ -63,7 +65,7 @@ def deepseek_v3_config(hidden: int = 32, moe_intermediate: int = 16) -> Deepseek
         first_k_dense_replace=1,
         n_group=2,
         topk_group=1,
-        q_lora_rank=16,
+        q_lora_rank=q_lora_rank,
         kv_lora_rank=16,
         qk_rope_head_dim=8,
         qk_nope_head_dim=8,
