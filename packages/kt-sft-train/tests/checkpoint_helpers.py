@@ -93,8 +93,10 @@ def tokens(seed: int = 1) -> torch.Tensor:
 
 
 def logits_of(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """float64 CPU logits; the inputs go where the embeddings are (a GPU for a KT model on a GPU host)."""
+    device = model.get_input_embeddings().weight.device
     with torch.no_grad():
-        return model(input_ids=input_ids).logits.double()
+        return model(input_ids=input_ids.to(device)).logits.double().cpu()
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -126,7 +126,8 @@ def test_saved_adapter_loads_in_vanilla_peft_with_the_same_logits(tmp_path: Path
 
     peft_model.train()
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
-    input_ids = batch(seed=13)
+    device = peft_model.get_input_embeddings().weight.device  # a GPU where there is one
+    input_ids = batch(seed=13).to(device)
     peft_model(input_ids=input_ids, labels=input_ids).loss.backward()
     optimizer.step()
     changed = [
@@ -137,7 +138,7 @@ def test_saved_adapter_loads_in_vanilla_peft_with_the_same_logits(tmp_path: Path
     peft_model.eval()
     eval_ids = batch(seed=14)
     with torch.no_grad():
-        logits = peft_model(input_ids=eval_ids).logits.double()
+        logits = peft_model(input_ids=eval_ids.to(device)).logits.double().cpu()
     assert torch.isfinite(logits).all()
     torch.save({"input_ids": eval_ids, "logits": logits}, expected_path)
     peft_model.save_pretrained(adapter_dir)

@@ -65,9 +65,12 @@ def _default_device() -> str:
 
 
 def _meta_model(config: Any, model_class: Any, hf_kwargs: dict[str, Any]) -> nn.Module:
+    """The model's architecture on the meta device (an auto class or a concrete PreTrainedModel class)."""
     build_kwargs = {k: hf_kwargs[k] for k in ("trust_remote_code", "attn_implementation") if k in hf_kwargs}
+    # Auto classes have from_config; concrete model classes only _from_config.
+    build = getattr(model_class, "from_config", None) or model_class._from_config
     with torch.device("meta"):
-        return model_class.from_config(config, **build_kwargs)
+        return build(config, **build_kwargs)
 
 
 def build_kt_device_map(
