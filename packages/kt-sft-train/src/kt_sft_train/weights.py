@@ -20,7 +20,7 @@ import json
 import math
 import re
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,10 +170,6 @@ class ExpertParamPlan:
     fused_scale: TensorInfo | None = None
     slices: list[ExpertSlice] = field(default_factory=list)
 
-    @property
-    def nbytes_bf16(self) -> int:
-        return math.prod(self.shape) * 2
-
 
 @dataclass
 class ExpertLayerPlan:
@@ -182,10 +178,6 @@ class ExpertLayerPlan:
     module_name: str
     gate_up: ExpertParamPlan
     down: ExpertParamPlan
-
-    @property
-    def nbytes_bf16(self) -> int:
-        return self.gate_up.nbytes_bf16 + self.down.nbytes_bf16
 
 
 def expert_target_shapes(module_name: str, experts: torch.nn.Module) -> dict[str, tuple[int, int, int]]:
@@ -285,6 +277,7 @@ def _expert_index(pattern: str, key: str, target: str) -> int:
 
 
 def scale_key_for(weight_key: str) -> str:
+    """Block-scale key of a float8 weight (``a.weight_scale_inv``; ``a_scale_inv`` for a fused ``a``)."""
     if weight_key.endswith(".weight"):
         return weight_key[: -len("weight")] + "weight_scale_inv"
     return weight_key + "_scale_inv"
@@ -516,14 +509,6 @@ def read_expert_layer(
     return ExpertLayerWeights(plan.module_name, gate_up, down)
 
 
-def iter_expert_layers(
-    plans: Sequence[ExpertLayerPlan], *, fp8_block: tuple[int, int] = DEFAULT_FP8_BLOCK
-) -> Iterator[ExpertLayerWeights]:
-    """Yield each layer's weights in order; drop each before asking for the next to keep RAM at one layer."""
-    for plan in plans:
-        yield read_expert_layer(plan, fp8_block=fp8_block)
-
-
 def fp8_block_size(config: Any) -> tuple[int, int]:
     """The checkpoint's fp8 block shape from ``config.quantization_config`` (DeepSeek-V3: 128x128)."""
     quant = getattr(config, "quantization_config", None)
@@ -539,18 +524,3 @@ def fp8_block_size(config: Any) -> tuple[int, int]:
     if len(block) != 2 or any(int(b) <= 0 for b in block):
         raise CheckpointError(f"quantization_config.weight_block_size={block!r} is not two positive sizes")
     return int(block[0]), int(block[1])
-
-
-def live_expert_weights(module_name: str, experts: torch.nn.Module) -> ExpertLayerWeights:
-    """The weights of an already-built HF experts module, as bf16 CPU contiguous tensors.
-
-    Returns the module's own storage when it already is bf16/CPU/contiguous (no copy).
-    """
-    expert_target_shapes(module_name, experts)
-    tensors = []
-    for param_name in EXPERT_PARAM_NAMES:
-        param = getattr(experts, param_name).detach()
-        if param.is_meta:
-            raise CheckpointError(f"{module_name}.{param_name} is on the meta device: it was never loaded")
-        tensors.append(param.to(device="cpu", dtype=torch.bfloat16).contiguous())
-    return ExpertLayerWeights(module_name, tensors[0], tensors[1])
