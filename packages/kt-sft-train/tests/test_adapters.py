@@ -360,14 +360,14 @@ def module_tree(shapes: dict[str, tuple[int, int]]) -> nn.Module:
     return root
 
 
-@pytest.mark.parametrize("layout", ["save_pretrained", "mixtral_w1_w3_w2"])
+@pytest.mark.parametrize("layout", ["save_pretrained", "fused", "mixtral_w1_w3_w2"])
 def test_per_expert_export_loads_in_vanilla_peft_with_the_same_deltas(
     qwen_base: Path, qwen_adapter: Path, tmp_path: Path, layout: str
 ) -> None:
     if layout == "save_pretrained":
         base, adapter = qwen_base, qwen_adapter
     else:
-        base = mixtral_w_keys_checkpoint(tmp_path / "base")
+        base = LAYOUTS[layout](tmp_path / "base")
         adapter = tmp_path / "adapter"
         lora_model(plain(base), seed=26).save_pretrained(adapter)
     out = export_per_expert_adapter(adapter, tmp_path / "per_expert", base_dir=base)
@@ -402,6 +402,12 @@ def test_per_expert_export_loads_in_vanilla_peft_with_the_same_deltas(
     assert injected == set(shapes)
 
     experts_of = {  # checkpoint names of expert e's projections, per fused parameter
+        "fused": lambda layer, e: (
+            f"model.layers.{layer}.mlp.experts.{e}",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ),
         "save_pretrained": lambda layer, e: (
             f"model.layers.{layer}.mlp.experts.{e}",
             "gate_proj",
