@@ -82,9 +82,12 @@ def make_job(
     seed: int = 0,
     chat_template: str | None = None,
     job: dict[str, Any] | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> Path:
-    """Write a stand-in job directory; returns it."""
+    """Write a stand-in job directory; returns it.
+
+    bf16 weights on disk, like the embedded job: kt-sft streams experts in bf16, so vanilla transformers
+    and kt-sft then compute with identical weight values."""
     tokenizer = char_tokenizer(chat_template)
     model = tiny_qwen3_moe(len(tokenizer), seed)
     model_dir = directory / "model"

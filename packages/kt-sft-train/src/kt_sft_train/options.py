@@ -2,7 +2,8 @@
 command-line flags, and the job directories that carry a model, data and recommended hyperparameters.
 
 A job directory (the embedded default one is package data, kt_sft_train/default_job/):
-``model/`` (HF checkpoint + tokenizer), ``train.jsonl``, ``heldout.jsonl`` (optional), ``job.json``.
+``model/`` (HF checkpoint + tokenizer; or those files at the top of the job directory), ``train.jsonl``,
+``heldout.jsonl`` (optional), ``job.json`` (optional: recommended option values).
 """
 
 from __future__ import annotations
@@ -186,7 +187,8 @@ class Job:
 
     @property
     def model(self) -> Path:
-        return self.directory / "model"
+        nested = self.directory / "model"
+        return nested if (nested / "config.json").is_file() else self.directory
 
     @property
     def train_data(self) -> Path:
@@ -208,9 +210,10 @@ def load_job(directory: str | os.PathLike[str]) -> Job:
                 "kt-sft-train, or pass --model PATH --data FILE.jsonl"
             )
         raise OptionsError(f"--job {str(directory)!r} is not a directory")
-    for required in ("model/config.json", "train.jsonl"):
-        if not (directory / required).is_file():
-            raise OptionsError(f"job directory {directory} has no {required}")
+    if not (directory / "model" / "config.json").is_file() and not (directory / "config.json").is_file():
+        raise OptionsError(f"job directory {directory} has no model/config.json (nor config.json)")
+    if not (directory / "train.jsonl").is_file():
+        raise OptionsError(f"job directory {directory} has no train.jsonl")
     settings: dict[str, Any] = {}
     job_file = directory / JOB_FILE
     if job_file.is_file():

@@ -353,6 +353,10 @@ def run_training(options: TrainOptions, kt: KTConfig, *, echo: Callable[[str], N
     from .model import load_kt_model
 
     wall_start = time.perf_counter()
+    if not (Path(options.model) / "config.json").is_file():
+        raise OptionsError(
+            f"--model {options.model!r} is not a local Hugging Face checkpoint directory (no config.json)"
+        )
     output = Path(options.output)
     prepare_output(output, options)
     checkpoint = latest_checkpoint(output) if options.resume else None
