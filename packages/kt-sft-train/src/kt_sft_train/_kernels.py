@@ -1,0 +1,194 @@
+"""The only module that imports the kernel wheel (`kt_sft_kernels`); everything else goes through here.
+
+`KernelLayer` adapts one `kt_sft_kernels.MoELayer` to the interface `reference.ReferenceLayer` also
+implements: CPU tensors in, caller-visible CPU tensors out, a handle from a saving forward consumed by the
+backward. torch tensors cross into the kernels zero-copy (DLPack).
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from .config import KTConfig
+from .reference import ExpertGrads, ExpertLoRA
+
+KERNELS_MODULE = "kt_sft_kernels"
+# The kernel wheel versions this training wheel was built against (major.minor).
+COMPATIBLE_KERNEL_SERIES = ("0.1",)
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_pools: dict[int, Any] = {}
+
+
+def kernels_available() -> bool:
+    """True when kt_sft_kernels imports and is a compatible version."""
+    try:
+        load_kernels()
+    except ImportError:
+        return False
+    return True
+
+
+def load_kernels() -> ModuleType:
+    """Import kt_sft_kernels once and check its version; ImportError says what to do otherwise."""
+    global _module
+    with _lock:
+        if _module is not None:
+            return _module
+        try:
+            module = importlib.import_module(KERNELS_MODULE)
+        except ImportError as error:
+            raise ImportError(
+                f"the CPU expert kernels ({KERNELS_MODULE}) cannot be imported ({error}); install the "
+                "kt-sft-kernels wheel, or use KTConfig(backend='reference') for the slow PyTorch experts"
+            ) from error
+        version = str(getattr(module, "__version__", "unknown"))
+        if ".".join(version.split(".")[:2]) not in COMPATIBLE_KERNEL_SERIES:
+            raise ImportError(
+                f"{KERNELS_MODULE} {version} is not compatible with this kt-sft-train (needs "
+                f"{' or '.join(s + '.x' for s in COMPATIBLE_KERNEL_SERIES)})"
+            )
+        _module = module
+        return module
+
+
+def kernels_version() -> str:
+    return str(load_kernels().__version__)
+
+
+def apply_config(kt: KTConfig) -> None:
+    """Apply the process-wide kernel settings of a config (called when an experts layer is built)."""
+    kk = load_kernels()
+    if kt.max_isa is not None:
+        kk.set_max_isa(kt.max_isa)
+
+
+def thread_pool(threads: int | None) -> Any:
+    """The pool for `threads` workers (one per distinct count), or None for the kernel's default pool."""
+    if threads is None:
+        return None
+    kk = load_kernels()
+    with _lock:
+        if threads not in _pools:
+            _pools[threads] = kk.ThreadPool(threads=threads)
+        return _pools[threads]
+
+
+_HOST_DTYPES = {torch.bfloat16: torch.bfloat16, torch.float32: torch.float32, torch.float16: torch.float32}
+
+
+@dataclass
+class KernelHandle:
+    """A kernel forward handle plus what the backward needs to allocate its outputs."""
+
+    layer: KernelLayer
+    saved: Any
+    x_shape: tuple[int, ...]
+    x_dtype: torch.dtype
+    weights_dtype: torch.dtype
+    lora: ExpertLoRA | None
+
+
+class KernelLayer:
+    """One MoE layer's routed experts in kt_sft_kernels (same interface as reference.ReferenceLayer)."""
+
+    backend = "kernels"
+
+    def __init__(self, num_experts: int, top_k: int, hidden: int, intermediate: int, kt: KTConfig) -> None:
+        kk = load_kernels()
+        apply_config(kt)
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.hidden = hidden
+        self.intermediate = intermediate
+        config = kk.MoEConfig(
+            num_experts=num_experts,
+            top_k=top_k,
+            hidden=hidden,
+            intermediate=intermediate,
+            weight_dtype=kt.weight_dtype,
+            numa_shards=kt.numa_shards,
+        )
+        self._kk = kk
+        self._layer = kk.MoELayer(config, pool=thread_pool(kt.threads))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> KernelLayer:
+        # The packed weights are frozen: a deep-copied model (e.g. a reference model) shares them.
+        return self
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a KTExperts kernel layer cannot be pickled (its weights live in the kernels); save the PEFT "
+            "adapter and reload the model with load_kt_model"
+        )
+
+    def host_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """Dtype in which activations of `dtype` are handed to the kernels."""
+        if dtype not in _HOST_DTYPES:
+            raise TypeError(
+                f"the CPU expert kernels take bfloat16 or float32 activations, got {dtype}; use "
+                "KTConfig(backend='reference') for other dtypes"
+            )
+        return _HOST_DTYPES[dtype]
+
+    def load_weights(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        # The kernels pack their own copy; these bf16 staging copies die when this returns.
+        gate_up_bf16 = gate_up.detach().to("cpu", torch.bfloat16).contiguous()
+        down_bf16 = down.detach().to("cpu", torch.bfloat16).contiguous()
+        self._layer.load_weights(gate_up=gate_up_bf16, down=down_bf16)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        weights: torch.Tensor,
+        lora: ExpertLoRA | None,
+        save: bool,
+    ) -> tuple[torch.Tensor, KernelHandle | None]:
+        # Outputs are pinned when the inputs came through pinned staging, so the copy back is async.
+        out = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_pinned())
+        kernel_lora = self._kernel_lora(lora)
+        saved = self._layer.forward(x, ids, weights, out, lora=kernel_lora, save=save)
+        if not save:
+            return out, None
+        handle = KernelHandle(
+            self, saved, tuple(x.shape), x.dtype, weights.dtype, lora if kernel_lora is not None else None
+        )
+        return out, handle
+
+    def backward(self, handle: KernelHandle, grad_out: torch.Tensor) -> ExpertGrads:
+        if not isinstance(handle, KernelHandle):
+            raise TypeError(
+                f"handle must come from KernelLayer.forward(save=True), got {type(handle).__name__}"
+            )
+        if handle.layer is not self:
+            raise ValueError("handle belongs to another layer")
+        pinned = grad_out.is_pinned()
+        grad_x = torch.empty(handle.x_shape, dtype=handle.x_dtype, pin_memory=pinned)
+        grad_weights = torch.empty(
+            (handle.x_shape[0], self.top_k), dtype=handle.weights_dtype, pin_memory=pinned
+        )
+        lora_grads = tuple(
+            None if t is None else torch.empty_like(t) for t in (handle.lora or ExpertLoRA()).tensors()
+        )
+        kernel_grads = self._kk.LoRAGrads(*lora_grads) if handle.lora is not None else None
+        self._layer.backward(handle.saved, grad_out, grad_x, grad_weights, lora_grads=kernel_grads)
+        handle.saved = None
+        return ExpertGrads(grad_x=grad_x, grad_weights=grad_weights, lora=lora_grads)
+
+    def _kernel_lora(self, lora: ExpertLoRA | None) -> Any:
+        if lora is None or all(t is None for t in lora.tensors()):
+            return None
+        dtypes = {t.dtype for t in lora.tensors() if t is not None}
+        if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.bfloat16}:
+            raise TypeError(
+                f"the kernels take LoRA weights all float32 or all bfloat16, got {sorted(map(str, dtypes))}"
+            )
+        return self._kk.LoRA(*lora.tensors(), lora.scale_gu, lora.scale_d)

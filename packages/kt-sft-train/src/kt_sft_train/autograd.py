@@ -1,0 +1,211 @@
+"""KTMoEFunction: the routed experts as one autograd node running on a CPU experts layer.
+
+Forward: hidden states, routing ids and weights go to the host (through pinned staging buffers when they
+live on an accelerator), the layer (kernels or reference) runs, and the output returns to the input's
+device and dtype. Backward: grad_out goes to the host, the layer's backward consumes the forward handle,
+and the grads for the hidden states, the routing weights and the expert LoRA factors come back. PyTorch
+accumulates them, so `zero_grad(set_to_none=True)` and gradient accumulation behave as usual.
+
+Under gradient checkpointing (see checkpointing.py) the handle lives in the region's store instead of on
+ctx, so the backward finds it whichever node (first pass or recompute) autograd runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from .checkpointing import FIRST_PASS, RECOMPUTE, RegionCall, current_call
+from .reference import ExpertGrads, ExpertLoRA
+
+ACTIVATION_POLICIES = ("retain", "recompute")
+
+
+class ExpertsLayer(Protocol):
+    """What KTMoEFunction needs from a layer (reference.ReferenceLayer, _kernels.KernelLayer)."""
+
+    backend: str
+    top_k: int
+
+    def host_dtype(self, dtype: torch.dtype) -> torch.dtype: ...
+
+    def forward(
+        self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, lora: ExpertLoRA | None, save: bool
+    ) -> tuple[torch.Tensor, Any]: ...
+
+    def backward(self, handle: Any, grad_out: torch.Tensor) -> ExpertGrads: ...
+
+
+def to_host(tensor: torch.Tensor, dtype: torch.dtype, *, pin_memory: bool, copy: bool) -> torch.Tensor:
+    """A contiguous CPU tensor of `dtype`; from an accelerator through a pinned staging buffer.
+
+    Pinned buffers come from PyTorch's caching host allocator, so they are reused across calls once
+    their last user (a kernel handle, an in-flight copy) is gone.
+    """
+    if tensor.device.type == "cpu":
+        return tensor.to(dtype=dtype, copy=copy).contiguous()
+    staging = torch.empty(tensor.shape, dtype=dtype, pin_memory=pin_memory and torch.cuda.is_available())
+    staging.copy_(tensor)
+    return staging
+
+
+def to_device(host: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`host` moved to `device` and `dtype` (asynchronously from pinned memory)."""
+    if device.type == "cpu":
+        return host.to(dtype=dtype)
+    return host.to(device=device, dtype=dtype, non_blocking=host.is_pinned())
+
+
+class KTMoEFunction(torch.autograd.Function):
+    """out = experts(x, ids, weights) with expert LoRA (DESIGN.md §2) on a CPU experts layer."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        layer: ExpertsLayer,
+        options: dict[str, Any],
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        weights: torch.Tensor,
+        a_gu: torch.Tensor | None,
+        b_gu: torch.Tensor | None,
+        a_d: torch.Tensor | None,
+        b_d: torch.Tensor | None,
+    ) -> torch.Tensor:
+        pin = options["pin_memory"]
+        call: RegionCall | None = options["region_call"]
+        save = options["grad_needed"]
+        # A saving layer keeps references to x (and the routing) until the backward: give it copies.
+        keep = save or call is not None
+        x_host = to_host(x, layer.host_dtype(x.dtype), pin_memory=pin, copy=keep)
+        ids_host = to_host(ids, ids.dtype, pin_memory=pin, copy=keep)
+        weights_host = to_host(weights, layer.host_dtype(weights.dtype), pin_memory=pin, copy=keep)
+        lora = _lora(options, a_gu, b_gu, a_d, b_d)
+        lora_tensors = (a_gu, b_gu, a_d, b_d)
+
+        ctx.layer = layer
+        ctx.call = call
+        ctx.handle = None
+        ctx.pin_memory = pin
+        ctx.lora_present = tuple(t is not None for t in lora_tensors)
+        # The layer reads the LoRA factors again in the backward: they must not change in between.
+        ctx.lora_versions = tuple(None if t is None else t._version for t in lora_tensors)
+        ctx.lora_tensors = lora_tensors
+        ctx.x_device, ctx.x_dtype = x.device, x.dtype
+        ctx.weights_device, ctx.weights_dtype = weights.device, weights.dtype
+        if call is None:
+            out_host, ctx.handle = layer.forward(x_host, ids_host, weights_host, lora, save)
+        else:
+            out_host = _region_forward(layer, call, options["policy"], x_host, ids_host, weights_host, lora)
+        # A saved tensor makes a non-reentrant checkpoint recompute this region before our backward.
+        ctx.save_for_backward(ids)
+        return to_device(out_host, x.device, x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        ctx.saved_tensors  # noqa: B018  (unpacking triggers the checkpoint recompute, see forward)
+        layer: ExpertsLayer = ctx.layer
+        handle = _take_handle(ctx)
+        _check_lora_unchanged(ctx)
+        grad_host = to_host(grad_out, layer.host_dtype(ctx.x_dtype), pin_memory=ctx.pin_memory, copy=False)
+        grads = layer.backward(handle, grad_host)
+        grad_x = to_device(grads.grad_x, ctx.x_device, ctx.x_dtype)
+        grad_weights = to_device(grads.grad_weights, ctx.weights_device, ctx.weights_dtype)
+        lora_grads = tuple(
+            g if present else None for g, present in zip(grads.lora, ctx.lora_present, strict=True)
+        )
+        return (None, None, grad_x, None, grad_weights, *lora_grads)
+
+
+def _lora(
+    options: dict[str, Any],
+    a_gu: torch.Tensor | None,
+    b_gu: torch.Tensor | None,
+    a_d: torch.Tensor | None,
+    b_d: torch.Tensor | None,
+) -> ExpertLoRA | None:
+    if all(t is None for t in (a_gu, b_gu, a_d, b_d)):
+        return None
+    return ExpertLoRA(a_gu, b_gu, a_d, b_d, options["scale_gu"], options["scale_d"])
+
+
+def _region_forward(
+    layer: ExpertsLayer,
+    call: RegionCall,
+    policy: str,
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    lora: ExpertLoRA | None,
+) -> torch.Tensor:
+    entry = call.entry
+    if call.phase == FIRST_PASS:
+        entry.ids = ids.clone()
+        if policy == "retain":
+            out, entry.handle = layer.forward(x, ids, weights, lora, True)
+            entry.output = out
+            return out.clone()
+        out, _ = layer.forward(x, ids, weights, lora, False)
+        return out
+    if call.phase != RECOMPUTE or entry.ids is None:
+        raise RuntimeError("checkpoint recompute of a CPU experts call that has no first pass")
+    if policy == "retain":
+        if entry.output is None:
+            raise RuntimeError("the retained CPU experts output is gone (was this region recomputed twice?)")
+        return entry.output.clone()
+    # Recompute with the routing of the first pass, even if the recomputed router would differ.
+    out, entry.handle = layer.forward(x, entry.ids, weights, lora, True)
+    return out
+
+
+def _check_lora_unchanged(ctx: Any) -> None:
+    for tensor, version in zip(ctx.lora_tensors, ctx.lora_versions, strict=True):
+        if tensor is not None and tensor._version != version:
+            raise RuntimeError(
+                "an expert LoRA weight was modified in place between the forward and the backward of the CPU "
+                "experts (optimizer step before backward?)"
+            )
+
+
+def _take_handle(ctx: Any) -> Any:
+    call: RegionCall | None = ctx.call
+    if call is None:
+        handle, ctx.handle = ctx.handle, None
+    else:
+        entry = call.entry
+        handle, entry.handle, entry.output = entry.handle, None, None
+    if handle is None:
+        raise RuntimeError(
+            "no saved CPU experts activations for this backward: backward through the same graph twice "
+            "(retain_graph=True) is not supported by the CPU experts, or the forward ran without grad"
+        )
+    return handle
+
+
+def moe_experts_apply(
+    layer: ExpertsLayer,
+    owner: object,
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    lora: ExpertLoRA | None,
+    *,
+    policy: str,
+    pin_memory: bool,
+) -> torch.Tensor:
+    """Run `layer` on (x, ids, weights) through KTMoEFunction; `owner` keys checkpoint-region entries."""
+    if policy not in ACTIVATION_POLICIES:
+        raise ValueError(f"activation policy must be one of {ACTIVATION_POLICIES}, got {policy!r}")
+    lora = lora or ExpertLoRA()
+    tensors = (x, weights, *lora.tensors())
+    grad_needed = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    options = {
+        "pin_memory": pin_memory,
+        "policy": policy,
+        "grad_needed": grad_needed,
+        "region_call": current_call(owner),
+        "scale_gu": lora.scale_gu,
+        "scale_d": lora.scale_d,
+    }
+    return KTMoEFunction.apply(layer, options, x, ids, weights, *lora.tensors())

@@ -1,0 +1,341 @@
+"""The `kt-sft` command: train, info, export, bench.
+
+kt-sft train                                   the embedded default job (tiny Qwen3-MoE, no download)
+kt-sft train --model DIR --data FILE.jsonl     LoRA-tune a local HF checkpoint
+kt-sft info                                    CPU tiers, threads, NUMA, GPUs, RAM, what fits
+kt-sft export --adapter DIR --model DIR --out DIR [--merge]
+kt-sft bench                                   benchmarks/bench_moe.py in a checkout, else a layer timing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+PROG = "kt-sft"
+
+
+class UsageError(ValueError):
+    """A command-line mistake; printed without a traceback."""
+
+
+# -- parser ---------------------------------------------------------------------------------------------
+
+
+def _add(group: Any, flag: str, **kwargs: Any) -> None:
+    # Unset flags are absent from the namespace, so job.json / YAML values are only overridden when given.
+    group.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="LoRA fine-tuning of MoE models with the routed experts on CPU kernels.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = commands.add_parser(
+        "train",
+        help="LoRA fine-tuning (no arguments: the embedded default job)",
+        description="LoRA fine-tuning with the routed experts on the CPU kernels. With no --model/--data it "
+        "runs the embedded default job (a tiny pre-trained Qwen3-MoE and a new task variant).",
+    )
+    source = train.add_argument_group("model and data")
+    _add(source, "--model", metavar="DIR", help="local Hugging Face checkpoint directory (safetensors)")
+    _add(source, "--data", metavar="FILE", help="training JSONL: {prompt, completion} or {messages} records")
+    _add(source, "--heldout", metavar="FILE", help="JSONL scored by exact match before and after training")
+    train.add_argument(
+        "--job",
+        metavar="DIR",
+        default=None,
+        help="a job directory (model/, train.jsonl, heldout.jsonl, job.json); default: embedded",
+    )
+    _add(
+        source,
+        "--config",
+        metavar="YAML",
+        help="YAML with a KTConfig mapping, or `kt:` and `train:` sections (train: takes these options)",
+    )
+    _add(source, "--output", metavar="DIR", help="output directory (default: ./kt-sft-output)")
+    _add(
+        source,
+        "--chat-template",
+        choices=("auto", "off"),
+        help="use the tokenizer's chat template when it has one (auto, default) or never (off)",
+    )
+
+    lora = train.add_argument_group("LoRA")
+    _add(lora, "--lora-r", type=int, metavar="R", help="rank (default 16)")
+    _add(lora, "--lora-alpha", type=float, metavar="A", help="alpha (default 2 x rank)")
+    _add(
+        lora,
+        "--lora-targets",
+        metavar="LIST",
+        help="comma list of: attention, experts, or module names (default attention,experts)",
+    )
+
+    loop = train.add_argument_group("training")
+    _add(loop, "--steps", type=int, help="optimizer steps (default: one epoch)")
+    _add(loop, "--epochs", type=float, help="epochs over the data (instead of --steps)")
+    _add(loop, "--batch-size", type=int, help="sequences per micro-batch (default 4)")
+    _add(loop, "--grad-accum", type=int, metavar="N", help="micro-batches per optimizer step (default 1)")
+    _add(loop, "--max-seq-len", type=int, metavar="N", help="truncate sequences to N tokens (default 1024)")
+    _add(loop, "--lr", type=float, help="peak learning rate (default 2e-4)")
+    _add(
+        loop,
+        "--lr-scheduler",
+        choices=("constant", "linear", "cosine"),
+        help="after warmup (default constant)",
+    )
+    _add(loop, "--warmup-steps", type=int, metavar="N")
+    _add(loop, "--weight-decay", type=float)
+    _add(loop, "--max-grad-norm", type=float, help="gradient clipping (default 1.0)")
+    _add(loop, "--seed", type=int, help="seed of the LoRA init and the data order (default 0)")
+    _add(
+        loop,
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute dense activations in the backward (CPU expert activations are retained)",
+    )
+
+    system = train.add_argument_group("hardware")
+    _add(system, "--threads", type=int, help="CPU threads for the experts kernels and torch")
+    _add(system, "--backend", choices=("kernels", "reference"), help="experts backend (default kernels)")
+    _add(system, "--device", choices=("auto", "cpu", "cuda"), help="where the dense part runs (default auto)")
+    _add(
+        system,
+        "--dtype",
+        choices=("auto", "bf16", "fp32"),
+        help="dense-part dtype (auto: bf16 on GPU, fp32 on CPU)",
+    )
+
+    run = train.add_argument_group("evaluation, checkpoints, output")
+    _add(run, "--eval-max-new-tokens", type=int, metavar="N")
+    _add(run, "--eval-limit", type=int, metavar="N", help="held-out prompts to score (default 64)")
+    _add(run, "--eval-batch-size", type=int, metavar="N")
+    _add(run, "--save-every", type=int, metavar="N", help="checkpoint every N steps (always at the end)")
+    _add(run, "--keep-checkpoints", type=int, metavar="N", help="checkpoints to keep (default 2)")
+    _add(run, "--log-every", type=int, metavar="N", help="metrics.jsonl every N steps (default 1)")
+    _add(run, "--resume", action="store_true", help="continue from the output directory's last checkpoint")
+    _add(run, "--overwrite", action="store_true", help="replace a previous run in the output directory")
+    train.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="no progress bar",
+    )
+    train.set_defaults(handler=command_train)
+
+    info = commands.add_parser("info", help="hardware, kernel tiers, versions, which models fit")
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    info.set_defaults(handler=command_info)
+
+    export = commands.add_parser(
+        "export",
+        help="merge an adapter into a checkpoint, or convert it to per-expert LoRA for serving engines",
+    )
+    export.add_argument("--adapter", required=True, metavar="DIR", help="PEFT adapter saved by kt-sft train")
+    export.add_argument("--model", required=True, metavar="DIR", help="the base checkpoint it was trained on")
+    export.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    export.add_argument(
+        "--merge",
+        action="store_true",
+        help="write base + LoRA as a plain checkpoint (default: a per-expert PEFT adapter)",
+    )
+    export.add_argument(
+        "--dtype",
+        choices=("bf16", "fp16", "fp32"),
+        default=None,
+        help="dtype of a merged checkpoint (default: the base's)",
+    )
+    export.set_defaults(handler=command_export)
+
+    bench = commands.add_parser(
+        "bench",
+        help="benchmarks/bench_moe.py in a source checkout, else a short layer timing",
+        description="In a source checkout runs benchmarks/bench_moe.py with the remaining arguments; "
+        "otherwise (or with --builtin) times one experts layer, kernels vs PyTorch.",
+    )
+    bench.add_argument("--builtin", action="store_true", help="the built-in layer timing even in a checkout")
+    bench.add_argument("--tokens", type=int, default=512)
+    bench.add_argument("--experts", type=int, default=64)
+    bench.add_argument("--top-k", type=int, default=8)
+    bench.add_argument("--hidden", type=int, default=1024)
+    bench.add_argument("--intermediate", type=int, default=512)
+    bench.add_argument("--rank", type=int, default=16)
+    bench.add_argument("--repeat", type=int, default=3)
+    bench.add_argument("--threads", type=int, default=None)
+    bench.add_argument(
+        "--no-reference", dest="reference", action="store_false", help="skip the PyTorch reference timing"
+    )
+    bench.set_defaults(handler=command_bench)
+    return parser
+
+
+# -- commands -------------------------------------------------------------------------------------------
+
+
+def _kt_config_and_train_section(path: str | None) -> tuple[Any, dict[str, Any]]:
+    """KTConfig (YAML < KT_SFT_* env) and the YAML's `train:` section."""
+    from .config import KTConfig, KTConfigError
+
+    kt_mapping: dict[str, Any] = {}
+    train_section: dict[str, Any] = {}
+    if path is not None:
+        import yaml
+
+        file = Path(path)
+        if not file.is_file():
+            raise UsageError(f"--config {path!r} does not exist")
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise UsageError(f"--config {path}: expected a YAML mapping")
+        if set(data) & {"kt", "train"}:
+            extra = sorted(set(data) - {"kt", "train"})
+            if extra:
+                raise UsageError(f"--config {path}: unknown top-level keys {extra} (expected kt:, train:)")
+            kt_mapping = dict(data.get("kt") or {})
+            train_section = {k.replace("-", "_"): v for k, v in (data.get("train") or {}).items()}
+        else:
+            kt_mapping = data
+    kt = KTConfig.from_mapping(kt_mapping)
+    from_env = KTConfig.from_env()
+    env_fields = {
+        name: getattr(from_env, name) for name in kt.to_dict() if f"KT_SFT_{name.upper()}" in os.environ
+    }
+    try:
+        return (kt.replace(**env_fields) if env_fields else kt), train_section
+    except KTConfigError as error:
+        raise KTConfigError(f"{error} (KT_SFT_* environment over --config)") from None
+
+
+def command_train(args: argparse.Namespace) -> int:
+    from .options import resolve_options
+    from .training import run_training
+
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "job")}
+    kt, train_section = _kt_config_and_train_section(values.get("config"))
+    options = resolve_options(values, job_dir=args.job, train_section=train_section)
+    result = run_training(options, kt)
+    return 0 if result.steps > 0 else 1
+
+
+def command_info(args: argparse.Namespace) -> int:
+    from .info import gather, render
+
+    info = gather()
+    print(json.dumps(info, indent=2) if args.json else render(info))
+    return 0
+
+
+_EXPORT_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def command_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .adapters import export_merged_checkpoint, export_per_expert_adapter
+
+    adapter, model, out = Path(args.adapter), Path(args.model), Path(args.out)
+    if not (model / "config.json").is_file():
+        raise UsageError(f"--model {str(model)!r} is not a checkpoint directory (no config.json)")
+    if out.resolve() in (adapter.resolve(), model.resolve()):
+        raise UsageError("--out must differ from --adapter and --model")
+    if args.merge:
+        dtype = None if args.dtype is None else getattr(torch, _EXPORT_DTYPES[args.dtype])
+        export_merged_checkpoint(model, adapter, out, dtype=dtype)
+        print(f"merged checkpoint written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+    else:
+        if args.dtype is not None:
+            raise UsageError("--dtype applies to --merge only")
+        export_per_expert_adapter(adapter, out, base_dir=model)
+        print(f"per-expert LoRA adapter written to {out} (gate/up/down LoRA per expert, checkpoint names)")
+    return 0
+
+
+def source_benchmark() -> Path | None:
+    """benchmarks/bench_moe.py of the source checkout this package runs from, if any."""
+    for parent in Path(__file__).resolve().parents:
+        candidate = parent / "benchmarks" / "bench_moe.py"
+        if candidate.is_file() and (parent / "packages").is_dir():
+            return candidate
+    return None
+
+
+def command_bench(args: argparse.Namespace, raw: Sequence[str] = ()) -> int:
+    """`raw`: the arguments after `bench`, handed unchanged to benchmarks/bench_moe.py in a checkout."""
+    script = None if args.builtin else source_benchmark()
+    if script is not None:
+        print(f"running {script}", flush=True)
+        return subprocess.call([sys.executable, str(script), *raw])
+    if args.unknown:
+        raise UsageError(f"unrecognized arguments for the built-in layer timing: {' '.join(args.unknown)}")
+    from ._kernels import load_kernels
+    from .layer_bench import LayerShape, render, run
+
+    shape = LayerShape(args.tokens, args.experts, args.top_k, args.hidden, args.intermediate, args.rank)
+    rows = run(shape, repeat=args.repeat, threads=args.threads, include_reference=args.reference)
+    print(render(shape, rows, load_kernels().active_isa()))
+    return 0
+
+
+# -- entry point ----------------------------------------------------------------------------------------
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from .adapters import AdapterError
+    from .arch import UnsupportedModelError
+    from .config import KTConfigError
+    from .data import DataError
+    from .options import OptionsError
+    from .weights import CheckpointError
+
+    return (
+        UsageError,
+        OptionsError,
+        DataError,
+        KTConfigError,
+        AdapterError,
+        CheckpointError,
+        UnsupportedModelError,
+        NotImplementedError,
+        FileNotFoundError,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "bench":
+            args.unknown = unknown
+            raw = argv[argv.index("bench") + 1 :]
+            return command_bench(args, raw)
+        return int(args.handler(args))
+    except _known_errors() as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"{PROG}: interrupted (a --save-every checkpoint can be continued with --resume)", file=sys.stderr
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""KTConfig: the one typed, validated configuration of kt-sft training.
+
+Build it from keyword arguments, a mapping (`from_mapping`, e.g. a parsed YAML section), a YAML file
+(`from_yaml`) or `KT_SFT_*` environment variables (`from_env`). Unknown keys are rejected with a
+suggestion; upstream kt-kernel style `kt_`-prefixed names are accepted as aliases. Constructing a
+config has no side effects: the kernel wheel is only touched when an experts layer is built.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+BACKENDS = ("kernels", "reference")
+WEIGHT_DTYPES = ("bf16", "int8", "int4")
+ACTIVATION_POLICIES = ("retain", "recompute")
+ISA_TIERS = ("portable", "avx2", "avx512", "avx512_bf16", "amx")
+DISTRIBUTED_MODES = ("none", "host_owner")
+ENV_PREFIX = "KT_SFT_"
+# Variables of the KT_SFT_ namespace that belong to the kernel wheel, not to KTConfig.
+KERNEL_ONLY_ENV = frozenset({"KT_SFT_PROFILE"})
+
+
+class KTConfigError(ValueError):
+    """A configuration value or key that kt-sft cannot accept."""
+
+
+@dataclass(frozen=True)
+class KTConfig:
+    """Configuration of the CPU experts.
+
+    backend: "kernels" (kt_sft_kernels, the default) or "reference" (plain PyTorch, for checking).
+    threads: kernel worker threads; None = the kernel default (physical cores of the affinity mask).
+    numa_shards: tensor-parallel shards of each experts layer over NUMA nodes (1 for now).
+    weight_dtype: frozen base expert weights in the kernels ("bf16"; int8/int4 later).
+    activation_policy: under gradient checkpointing, "retain" keeps the CPU activation caches of the
+        first forward for the backward; "recompute" re-runs the CPU forward during the backward.
+    max_isa: cap on the kernel ISA tier (None = best the CPU supports).
+    distributed: "none" (one process owns its experts) or "host_owner" (later).
+    pin_memory: stage GPU<->CPU copies through pinned host buffers (only used with CUDA tensors).
+    """
+
+    backend: str = "kernels"
+    threads: int | None = None
+    numa_shards: int = 1
+    weight_dtype: str = "bf16"
+    activation_policy: str = "retain"
+    max_isa: str | None = None
+    distributed: str = "none"
+    pin_memory: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("backend", self.backend, BACKENDS)
+        if self.threads is not None:
+            _check_positive_int("threads", self.threads)
+        _check_positive_int("numa_shards", self.numa_shards)
+        _check_choice("weight_dtype", self.weight_dtype, WEIGHT_DTYPES)
+        _check_choice("activation_policy", self.activation_policy, ACTIVATION_POLICIES)
+        if self.max_isa is not None:
+            _check_choice("max_isa", self.max_isa, ISA_TIERS)
+        _check_choice("distributed", self.distributed, DISTRIBUTED_MODES)
+        if not isinstance(self.pin_memory, bool):
+            raise KTConfigError(f"KTConfig.pin_memory must be a bool, got {self.pin_memory!r}")
+        # Valid values of features that are not built yet: refuse them instead of ignoring them.
+        if self.weight_dtype != "bf16":
+            raise NotImplementedError(
+                f"KTConfig.weight_dtype={self.weight_dtype!r}: quantized expert weights are not implemented "
+                "yet; use weight_dtype='bf16'"
+            )
+        if self.numa_shards != 1:
+            raise NotImplementedError(
+                f"KTConfig.numa_shards={self.numa_shards}: NUMA-sharded experts are not implemented yet; "
+                "use numa_shards=1"
+            )
+        if self.distributed != "none":
+            raise NotImplementedError(
+                f"KTConfig.distributed={self.distributed!r}: multi-rank expert ownership is not implemented "
+                "yet; use distributed='none'"
+            )
+
+    # -- constructors -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> KTConfig:
+        """Build from a mapping (e.g. a YAML section); `kt_`-prefixed upstream names are accepted."""
+        if not isinstance(mapping, Mapping):
+            raise KTConfigError(f"KTConfig.from_mapping expects a mapping, got {type(mapping).__name__}")
+        return cls(**_canonical_kwargs(mapping))
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> KTConfig:
+        """Build from a YAML file holding a mapping (top level, or under a `kt:`/`kt_config:` key)."""
+        import yaml
+
+        text = Path(path).read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise KTConfigError(f"{path}: expected a YAML mapping, got {type(data).__name__}")
+        for section in ("kt", "kt_config"):
+            if set(data) == {section}:
+                data = data[section] or {}
+        return cls.from_mapping(data)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> KTConfig:
+        """Build from `KT_SFT_<FIELD>` environment variables (e.g. KT_SFT_THREADS=32)."""
+        env = os.environ if environ is None else environ
+        names = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for var, raw in env.items():
+            if not var.startswith(ENV_PREFIX) or var in KERNEL_ONLY_ENV:
+                continue
+            name = var[len(ENV_PREFIX) :].lower()
+            if name not in names:
+                known = [ENV_PREFIX + n.upper() for n in sorted(names)]
+                raise KTConfigError(f"unknown environment variable {var}{_suggestion(var, known)}")
+            values[name] = _parse_env_value(var, name, raw)
+        try:
+            return cls(**values)
+        except KTConfigError as error:
+            raise KTConfigError(f"{error} (from the KT_SFT_* environment variables)") from None
+
+    def replace(self, **changes: Any) -> KTConfig:
+        """A copy with some fields changed (validated like a new config)."""
+        merged = asdict(self)
+        merged.update(_canonical_kwargs(changes))
+        return type(self)(**merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- validation helpers ---------------------------------------------------------------------------------
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        hint = _suggestion(value, list(choices)) if isinstance(value, str) else ""
+        raise KTConfigError(f"KTConfig.{name}={value!r} is not one of {list(choices)}{hint}")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise KTConfigError(f"KTConfig.{name} must be a positive integer, got {value!r}")
+
+
+def _suggestion(word: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# -- upstream (kt-kernel / LLaMA-Factory) aliases ---------------------------------------------------------
+
+_UPSTREAM_WEIGHT_FORMATS = {
+    "amxbf16": "bf16",
+    "avx512bf16": "bf16",
+    "bf16": "bf16",
+    "amxint8": "int8",
+    "int8": "int8",
+    "amxint4": "int4",
+    "int4": "int4",
+}
+
+
+def _upstream_backend(value: Any) -> dict[str, Any]:
+    # Upstream `kt_backend` names the kernel weight format (AMXBF16, AMXINT8, ...); ours names the
+    # implementation. Accept both spellings.
+    if isinstance(value, str) and value in BACKENDS:
+        return {"backend": value}
+    if isinstance(value, str) and value.lower() in _UPSTREAM_WEIGHT_FORMATS:
+        return {"weight_dtype": _UPSTREAM_WEIGHT_FORMATS[value.lower()]}
+    if isinstance(value, str) and value.lower() == "auto":
+        return {}
+    raise KTConfigError(
+        f"kt_backend={value!r} is not understood; use one of {list(BACKENDS)} or an upstream weight "
+        f"format {sorted({k.upper() for k in _UPSTREAM_WEIGHT_FORMATS if k.startswith('amx')})}"
+    )
+
+
+def _upstream_tp(value: Any) -> dict[str, Any]:
+    if value:
+        raise NotImplementedError(
+            "kt_tp_enabled=True: NUMA tensor-parallel experts are not implemented yet; remove it"
+        )
+    return {}
+
+
+def _upstream_gpu_experts(value: Any) -> dict[str, Any]:
+    if value:
+        raise NotImplementedError(
+            f"{value!r} experts on the GPU: GPU-resident experts are not implemented yet"
+        )
+    return {}
+
+
+def _upstream_lora_experts(value: Any) -> dict[str, Any]:
+    if value:
+        raise NotImplementedError(
+            "extra trainable GPU 'LoRA experts' (kt_use_lora_experts) are not implemented yet"
+        )
+    return {}
+
+
+def _rename(field: str) -> Callable[[Any], dict[str, Any]]:
+    return lambda value: {field: value}
+
+
+_ALIASES: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "kt_backend": _upstream_backend,
+    "kt_method": _upstream_backend,
+    "kt_expert_weight_format": _upstream_backend,
+    "kt_num_threads": _rename("threads"),
+    "kt_threads": _rename("threads"),
+    "kt_threadpool_count": _rename("numa_shards"),
+    "kt_numa_shards": _rename("numa_shards"),
+    "kt_tp_enabled": _upstream_tp,
+    "kt_cpu_activation": _rename("activation_policy"),
+    "kt_activation_policy": _rename("activation_policy"),
+    "kt_weight_dtype": _rename("weight_dtype"),
+    "kt_max_isa": _rename("max_isa"),
+    "kt_num_gpu_experts": _upstream_gpu_experts,
+    "kt_use_lora_experts": _upstream_lora_experts,
+}
+
+# Upstream keys with no meaning here: say why instead of a bare "unknown key".
+_RETIRED = {
+    "kt_max_cache_depth": "activation caches are owned by each forward call, there is no cache depth",
+    "kt_share_backward_bb": "the backward reads the packed forward weights, there is nothing to share",
+    "kt_share_cache_pool": "activation caches are owned by each forward call, there is no pool",
+    "kt_lora_rank": "the LoRA rank comes from peft.LoraConfig(r=...)",
+    "kt_lora_alpha": "the LoRA alpha comes from peft.LoraConfig(lora_alpha=...)",
+    "kt_skip_expert_loading": "load_kt_model always streams experts into the kernels",
+    "kt_model_max_length": "activation buffers are sized per call",
+    "kt_chunked_prefill_size": "activation buffers are sized per call",
+}
+
+
+def _canonical_kwargs(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    names = [f.name for f in fields(KTConfig)]
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if not isinstance(key, str):
+            raise KTConfigError(f"KTConfig keys must be strings, got {key!r}")
+        if key in names:
+            updates = {key: value}
+        elif key in _ALIASES:
+            updates = _ALIASES[key](value)
+        elif key in _RETIRED:
+            raise KTConfigError(f"KTConfig key {key!r} is not used by kt-sft: {_RETIRED[key]}; remove it")
+        else:
+            candidates = names + list(_ALIASES)
+            raise KTConfigError(f"unknown KTConfig key {key!r}{_suggestion(key, candidates)}")
+        for name, new in updates.items():
+            if name in out and out[name] != new:
+                raise KTConfigError(
+                    f"KTConfig.{name} is given twice with different values ({out[name]!r}, {new!r})"
+                )
+            out[name] = new
+    return out
+
+
+def _parse_env_value(var: str, name: str, raw: str) -> Any:
+    text = raw.strip()
+    if name in ("threads", "numa_shards"):
+        if name == "threads" and text.lower() in ("", "auto", "none"):
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            raise KTConfigError(f"{var}={raw!r} is not an integer") from None
+    if name == "pin_memory":
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise KTConfigError(f"{var}={raw!r} is not a boolean (use 1/0, true/false)")
+    if name == "max_isa" and text.lower() in ("", "none", "auto"):
+        return None
+    return text

@@ -1,0 +1,211 @@
+"""`kt-sft info`: what this machine offers kt-sft (CPU tiers, threads, NUMA, GPUs, RAM, versions) and which
+MoE models fit its RAM in bf16."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class MoEFamily:
+    """Public architecture numbers of a MoE model (config.json of its checkpoint)."""
+
+    name: str
+    total_params: float  # whole model, as published
+    moe_layers: int
+    num_experts: int
+    hidden: int
+    expert_intermediate: int
+
+    @property
+    def expert_params(self) -> float:
+        # gate, up and down projections of every routed expert of every MoE layer.
+        return self.moe_layers * self.num_experts * 3 * self.hidden * self.expert_intermediate
+
+    @property
+    def dense_params(self) -> float:
+        return self.total_params - self.expert_params
+
+
+# Numbers from each model's config.json (num_hidden_layers minus dense layers, n_routed_experts /
+# num_experts, hidden_size, moe_intermediate_size) and its published total parameter count.
+FAMILIES = (
+    MoEFamily("Qwen3-30B-A3B", 30.5e9, 48, 128, 2048, 768),
+    MoEFamily("Mixtral-8x7B", 46.7e9, 32, 8, 4096, 14336),
+    MoEFamily("Mixtral-8x22B", 141e9, 56, 8, 6144, 16384),
+    MoEFamily("Qwen3-235B-A22B", 235e9, 94, 128, 4096, 1536),
+    MoEFamily("GLM-4.5", 355e9, 89, 160, 5120, 1536),
+    MoEFamily("DeepSeek-V3 / R1", 671e9, 58, 256, 7168, 2048),
+    MoEFamily("Kimi-K2", 1.04e12, 60, 384, 7168, 2048),
+)
+# Host RAM beyond the bf16 experts: LoRA + AdamW state, activation caches, the OS. A rule of thumb.
+HOST_HEADROOM = 1.10
+HOST_RESERVE_BYTES = 16 * GIB
+
+
+def host_bytes_needed(family: MoEFamily) -> float:
+    return family.expert_params * 2 * HOST_HEADROOM + HOST_RESERVE_BYTES
+
+
+def memory_bytes() -> tuple[int | None, int | None]:
+    """(total, available) host RAM in bytes, from /proc/meminfo (None where unknown)."""
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), None
+        except (ValueError, OSError, AttributeError):
+            return None, None
+    values = {}
+    for line in meminfo.read_text().splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts:
+            values[key] = int(parts[0]) * 1024
+    return values.get("MemTotal"), values.get("MemAvailable")
+
+
+def numa_nodes() -> list[dict[str, Any]]:
+    root = Path("/sys/devices/system/node")
+    nodes = []
+    if root.is_dir():
+        for node in sorted(root.glob("node[0-9]*"), key=lambda p: int(p.name[4:])):
+            cpulist = (node / "cpulist").read_text().strip() if (node / "cpulist").is_file() else "?"
+            nodes.append({"node": int(node.name[4:]), "cpus": cpulist})
+    return nodes
+
+
+def gpus() -> list[dict[str, Any]]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        out.append({"index": index, "name": props.name, "memory_gib": props.total_memory / GIB})
+    return out
+
+
+def kernel_info() -> dict[str, Any]:
+    try:
+        from ._kernels import load_kernels
+
+        kk = load_kernels()
+    except ImportError as error:
+        return {"available": False, "error": str(error)}
+    features = kk.cpu_features()
+    return {
+        "available": True,
+        "version": kk.__version__,
+        "cpu": f"{features.get('vendor', '?')} {features.get('brand', '')}".strip(),
+        "features": sorted(k for k, v in features.items() if v is True),
+        "amx_permission": features.get("amx_permission"),
+        "best_tier": kk.best_isa(),
+        "active_tier": kk.active_isa(),
+        "tier_cap": kk.isa_cap(),
+        "tier_cap_source": kk.isa_cap_source(),
+        "tiers": {name: bool(kk.isa_supported(name)) for name in kk.isa_names()},
+        "physical_cores": kk.physical_cores(),
+        "affinity_cpus": len(kk.affinity_cpus()),
+    }
+
+
+def gather() -> dict[str, Any]:
+    from .training import library_versions
+
+    total, available = memory_bytes()
+    fits = []
+    for family in FAMILIES:
+        need = host_bytes_needed(family)
+        fits.append(
+            {
+                "model": family.name,
+                "total_params_b": family.total_params / 1e9,
+                "experts_bf16_gib": family.expert_params * 2 / GIB,
+                "dense_bf16_gib": family.dense_params * 2 / GIB,
+                "host_ram_needed_gib": need / GIB,
+                "fits_host_ram": None if total is None else need <= total,
+            }
+        )
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "logical_cpus": os.cpu_count(),
+        "kernels": kernel_info(),
+        "torch_threads": _torch_threads(),
+        "numa_nodes": numa_nodes(),
+        "ram_total_gib": None if total is None else total / GIB,
+        "ram_available_gib": None if available is None else available / GIB,
+        "gpus": gpus(),
+        "versions": library_versions(),
+        "model_fit": fits,
+    }
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def render(info: dict[str, Any]) -> str:
+    kernels = info["kernels"]
+    lines = ["kt-sft info", ""]
+    if kernels["available"]:
+        tiers = ", ".join(f"{name}{'' if ok else ' (no)'}" for name, ok in kernels["tiers"].items())
+        cap = (
+            f", capped by {kernels['tier_cap_source']} at {kernels['tier_cap']}"
+            if kernels["tier_cap"]
+            else ""
+        )
+        lines += [
+            f"CPU          {kernels['cpu']}",
+            f"kernel tier  {kernels['active_tier']} (best on this CPU: {kernels['best_tier']}{cap})",
+            f"tiers        {tiers}",
+            f"AMX          {kernels['amx_permission']}",
+            f"threads      {kernels['physical_cores']} physical cores in the affinity mask "
+            f"({kernels['affinity_cpus']} CPUs); torch uses {info['torch_threads']}",
+        ]
+    else:
+        lines.append(f"kernels      NOT AVAILABLE: {kernels['error']}")
+    numa = info["numa_nodes"]
+    lines.append(
+        "NUMA         "
+        + ("; ".join(f"node {n['node']}: cpus {n['cpus']}" for n in numa) if numa else "unknown")
+    )
+    if info["ram_total_gib"] is not None:
+        available = info["ram_available_gib"]
+        avail_text = "" if available is None else f", {available:.1f} GiB available"
+        lines.append(f"RAM          {info['ram_total_gib']:.1f} GiB{avail_text}")
+    gpu_list = info["gpus"]
+    lines.append(
+        "GPU          "
+        + (
+            "; ".join(f"cuda:{g['index']} {g['name']} {g['memory_gib']:.0f} GiB" for g in gpu_list)
+            if gpu_list
+            else "none (the dense part runs on the CPU)"
+        )
+    )
+    lines.append("versions     " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
+    lines += ["", "Which MoE models fit this machine's RAM (bf16 experts on the host, the rest on GPUs):", ""]
+    header = (
+        f"{'model':<18} {'params':>8} {'experts bf16':>13} {'dense bf16':>11} {'host RAM need':>14}  fits"
+    )
+    lines += [header, "-" * len(header)]
+    for row in info["model_fit"]:
+        fits = {True: "yes", False: "no", None: "?"}[row["fits_host_ram"]]
+        lines.append(
+            f"{row['model']:<18} {row['total_params_b']:>7.0f}B {row['experts_bf16_gib']:>10.0f} GiB "
+            f"{row['dense_bf16_gib']:>7.0f} GiB {row['host_ram_needed_gib']:>10.0f} GiB  {fits}"
+        )
+    lines.append(
+        f"(host need = experts x {HOST_HEADROOM:.2f} for LoRA, optimizer and activations + "
+        f"{HOST_RESERVE_BYTES // GIB} GiB; the dense part must fit the GPUs' memory)"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,264 @@
+"""Load a Hugging Face MoE checkpoint with its routed experts streamed into CPU kernel layers.
+
+``load_kt_model(path, kt=KTConfig(...), **hf_kwargs)``:
+
+1. Reads the config, builds the model skeleton on the meta device and asks the architecture registry
+   where the routed-experts modules are (an unsupported family fails here, before any weight is read).
+2. Indexes the safetensors shards and plans every expert tensor against the model's shapes (a missing
+   shard or a shape mismatch fails here too, naming the file and the layer).
+3. Runs the ordinary ``from_pretrained`` with every routed-experts module replaced at construction by
+   a parameter-free placeholder, so transformers loads, converts and places everything else but never
+   reads or allocates an expert weight.
+4. Streams each layer's experts from the shards into a ``KTExperts`` and drops the host copy.
+
+Peak host memory is about the final footprint plus one layer's experts (docs/design/0102-load-memory-plan.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .arch import get_moe_arch_config
+from .config import KTConfig
+from .experts import KTExperts, attach_kt, replace_module, wrap_moe_layers_with_kt_wrapper
+from .weights import (
+    CheckpointError,
+    ExpertLayerPlan,
+    SafetensorsCheckpoint,
+    fp8_block_size,
+    plan_expert_layers,
+    read_expert_layer,
+)
+
+__all__ = [
+    "CheckpointError",
+    "build_kt_device_map",
+    "load_kt_model",
+    "wrap_moe_layers_with_kt_wrapper",
+]
+
+# from_pretrained's class-level ignore list is patched for the duration of one load.
+_LOAD_LOCK = threading.Lock()
+
+
+def _routed_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(qualified name, module)`` of every routed-experts module, from the architecture registry.
+
+    Raises the registry's UnsupportedModelError (one message naming what is unsupported).
+    """
+    return [(path, model.get_submodule(path)) for path in get_moe_arch_config(model).experts_paths]
+
+
+def _default_device() -> str:
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu"
+
+
+def _meta_model(config: Any, model_class: Any, hf_kwargs: dict[str, Any]) -> nn.Module:
+    """The model's architecture on the meta device (an auto class or a concrete PreTrainedModel class)."""
+    build_kwargs = {k: hf_kwargs[k] for k in ("trust_remote_code", "attn_implementation") if k in hf_kwargs}
+    # Auto classes have from_config; concrete model classes only _from_config.
+    build = getattr(model_class, "from_config", None) or model_class._from_config
+    with torch.device("meta"):
+        return build(config, **build_kwargs)
+
+
+def build_kt_device_map(
+    config: Any,
+    kt: KTConfig | None = None,
+    device: str | int | torch.device | None = None,
+    *,
+    model_class: Any = None,
+) -> dict[str, str | int | torch.device]:
+    """A ``from_pretrained`` device_map with everything on ``device`` except the routed experts ("cpu").
+
+    ``device`` defaults to ``cuda:$LOCAL_RANK`` (or "cpu" without a GPU). Useful with a plain
+    ``from_pretrained`` followed by ``wrap_moe_layers_with_kt_wrapper``; ``load_kt_model`` needs none of
+    this because it never materializes the experts.
+    """
+    del kt  # placement does not depend on kernel settings yet; the argument keeps the upstream signature
+    device = _default_device() if device is None else device
+    arch = (
+        get_moe_arch_config(config)
+        if model_class is None
+        else get_moe_arch_config(_meta_model(config, model_class, {}))
+    )
+    device_map: dict[str, str | int | torch.device] = {"": device}
+    for path in arch.experts_paths:
+        device_map[path] = "cpu"
+    return device_map
+
+
+def _auto_causal_lm() -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
+
+
+class _ExpertsPlaceholder(nn.Module):
+    """Stands in for a routed-experts module while transformers loads the rest of the model.
+
+    It owns no parameters, so transformers neither reads nor allocates expert weights; the original
+    module (built on the meta device) is kept outside the module tree for its shapes and flags.
+    """
+
+    def __init__(self, hf_experts: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "hf_experts", hf_experts)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError(f"{type(self.hf_experts).__name__} weights were never loaded into kt-sft experts")
+
+
+@contextlib.contextmanager
+def _experts_as_placeholders(experts_classes: tuple[type, ...]) -> Iterator[None]:
+    """While active, any newly registered module of ``experts_classes`` is replaced by a placeholder.
+
+    Uses torch's global module-registration hook; the model is built on the meta device inside
+    ``from_pretrained``, so the replaced module never allocated memory.
+    """
+
+    def swap(parent: nn.Module, name: str, child: nn.Module | None) -> nn.Module | None:
+        if child is not None and type(child) in experts_classes:
+            return _ExpertsPlaceholder(child)
+        return None
+
+    handle = torch.nn.modules.module.register_module_module_registration_hook(swap)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _ignored_unexpected_keys(model_class: type, prefixes: Sequence[str]) -> Iterator[None]:
+    """Keep the streamed expert keys out of from_pretrained's "UNEXPECTED" load report."""
+    extra = [rf"^{re.escape(prefix)}\." for prefix in prefixes]
+    had_own = "_keys_to_ignore_on_load_unexpected" in model_class.__dict__
+    previous = getattr(model_class, "_keys_to_ignore_on_load_unexpected", None)
+    model_class._keys_to_ignore_on_load_unexpected = list(previous or []) + extra
+    try:
+        yield
+    finally:
+        if had_own:
+            model_class._keys_to_ignore_on_load_unexpected = previous
+        else:
+            del model_class._keys_to_ignore_on_load_unexpected
+
+
+def _hf_config(path: Path, hf_kwargs: dict[str, Any]) -> Any:
+    from transformers import AutoConfig
+
+    config = hf_kwargs.get("config")
+    if config is not None:
+        return config
+    config_kwargs = {k: hf_kwargs[k] for k in ("trust_remote_code", "revision") if k in hf_kwargs}
+    return AutoConfig.from_pretrained(path, local_files_only=True, **config_kwargs)
+
+
+def _is_fp8_checkpoint(config: Any) -> bool:
+    quant = getattr(config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    return str(method) in ("fp8", "QuantizationMethod.FP8")
+
+
+def load_kt_model(
+    path: str | os.PathLike[str],
+    kt: KTConfig | None = None,
+    *,
+    model_class: Any = None,
+    **hf_kwargs: Any,
+) -> nn.Module:
+    """Load a local safetensors MoE checkpoint with routed experts in ``KTExperts`` CPU layers.
+
+    ``hf_kwargs`` go to ``from_pretrained`` (``dtype``, ``attn_implementation``, ``device_map``,
+    ``key_mapping``, ...). Non-expert weights land on ``cuda:$LOCAL_RANK`` when a GPU exists, else on
+    the CPU, unless ``device_map`` says otherwise. Float8 block-scaled checkpoints are dequantized to
+    bf16 (experts by kt-sft, the rest by transformers) unless ``quantization_config`` is given.
+    ``model_class`` defaults to ``AutoModelForCausalLM``.
+    """
+    kt = KTConfig() if kt is None else kt
+    if not isinstance(kt, KTConfig):
+        raise TypeError(f"load_kt_model: kt must be a KTConfig, got {type(kt).__name__}")
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"load_kt_model: {str(path)!r} is not a local checkpoint directory (kt-sft loads local "
+            "safetensors checkpoints only; download it first, e.g. with `hf download`)"
+        )
+    hf_kwargs = dict(hf_kwargs)
+    model_class = model_class or _auto_causal_lm()
+    config = _hf_config(directory, hf_kwargs)
+
+    skeleton = _meta_model(config, model_class, hf_kwargs)
+    experts = _routed_experts(skeleton)
+    checkpoint = SafetensorsCheckpoint(directory)
+    plans = plan_expert_layers(skeleton, experts, checkpoint, key_mapping=hf_kwargs.get("key_mapping"))
+    experts_classes = tuple({type(module) for _, module in experts})
+    del skeleton, experts
+
+    hf_kwargs.setdefault("device_map", {"": _default_device()})
+    hf_kwargs["local_files_only"] = True
+    hf_kwargs.setdefault("config", config)
+    if _is_fp8_checkpoint(config) and "quantization_config" not in hf_kwargs:
+        from transformers import FineGrainedFP8Config
+
+        hf_kwargs["quantization_config"] = FineGrainedFP8Config(dequantize=True)
+
+    with _LOAD_LOCK:
+        concrete_class = _resolve_model_class(model_class, config)
+        with (
+            _experts_as_placeholders(experts_classes),
+            _ignored_unexpected_keys(concrete_class, [plan.module_name for plan in plans]),
+        ):
+            model = concrete_class.from_pretrained(directory, **hf_kwargs)
+
+    _stream_experts_into_kernels(model, plans, kt, fp8_block_size(config))
+    return model
+
+
+def _resolve_model_class(model_class: Any, config: Any) -> type:
+    """The concrete ``PreTrainedModel`` subclass an auto class would instantiate for ``config``."""
+    mapping = getattr(model_class, "_model_mapping", None)
+    if mapping is None:
+        return model_class
+    try:
+        return mapping[type(config)]
+    except KeyError:
+        raise ValueError(
+            f"{model_class.__name__} has no model class for {type(config).__name__}; pass model_class="
+        ) from None
+
+
+def _stream_experts_into_kernels(
+    model: nn.Module, plans: Sequence[ExpertLayerPlan], kt: KTConfig, fp8_block: tuple[int, int]
+) -> None:
+    placeholders = {
+        name: module for name, module in model.named_modules() if isinstance(module, _ExpertsPlaceholder)
+    }
+    expected = [plan.module_name for plan in plans]
+    if sorted(placeholders) != sorted(expected):
+        raise RuntimeError(
+            f"the loaded experts {sorted(placeholders)} differ from the planned ones {sorted(expected)}"
+        )
+    loaded: list[KTExperts] = []
+    for plan in plans:
+        placeholder = placeholders[plan.module_name]
+        weights = read_expert_layer(plan, fp8_block=fp8_block)
+        experts = KTExperts.from_weights(
+            placeholder.hf_experts, weights.gate_up, weights.down, kt, name=plan.module_name
+        )
+        del weights  # the experts layer holds its own copy (reference) or packed copy (kernels)
+        replace_module(model, plan.module_name, experts)
+        loaded.append(experts)
+    attach_kt(model, loaded)

@@ -1,0 +1,254 @@
+"""Options of `kt-sft train`: one typed set, filled from defaults < job.json < the YAML `train:` section <
+command-line flags, and the job directories that carry a model, data and recommended hyperparameters.
+
+A job directory (the embedded default one is package data, kt_sft_train/default_job/):
+``model/`` (HF checkpoint + tokenizer; or those files at the top of the job directory), ``train.jsonl``,
+``heldout.jsonl`` (optional), ``job.json`` (optional: recommended option values).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+DTYPES = ("auto", "bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+CHAT_TEMPLATE = ("auto", "off")
+JOB_FILE = "job.json"
+# Options that define what a checkpoint's adapter and optimizer state mean: a resumed run must match them.
+RESUME_INVARIANTS = (
+    "model",
+    "data",
+    "lora_r",
+    "lora_alpha",
+    "lora_targets",
+    "batch_size",
+    "grad_accum",
+    "max_seq_len",
+    "seed",
+    "chat_template",
+)
+
+
+class OptionsError(ValueError):
+    """An option value the trainer cannot use; the message names the option."""
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything `kt-sft train` needs (CLI flag --x-y is field x_y)."""
+
+    model: str | None = None
+    data: str | None = None
+    heldout: str | None = None
+    output: str = "kt-sft-output"
+    config: str | None = None
+    description: str = ""
+    seed: int = 0
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_seq_len: int = 1024
+    lr: float = 2e-4
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora_r: int = 16
+    lora_alpha: float | None = None
+    lora_targets: str = "attention,experts"
+    gradient_checkpointing: bool = False
+    threads: int | None = None
+    backend: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    chat_template: str = "auto"
+    eval_max_new_tokens: int = 64
+    eval_limit: int | None = 64
+    eval_batch_size: int = 16
+    save_every: int | None = None
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "max_seq_len",
+            "lora_r",
+            "eval_max_new_tokens",
+            "eval_batch_size",
+            "keep_checkpoints",
+            "log_every",
+        ):
+            _positive_int(name, getattr(self, name))
+        for name in ("steps", "threads", "eval_limit", "save_every"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive_int(name, value)
+        _non_negative_int("warmup_steps", self.warmup_steps)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise OptionsError(f"--seed must be a non-negative integer, got {self.seed!r}")
+        _positive_float("lr", self.lr)
+        _positive_float("max_grad_norm", self.max_grad_norm)
+        if self.epochs is not None:
+            _positive_float("epochs", self.epochs)
+        if self.lora_alpha is not None:
+            _positive_float("lora_alpha", self.lora_alpha)
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            raise OptionsError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
+        _choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("device", self.device, DEVICES)
+        _choice("chat_template", self.chat_template, CHAT_TEMPLATE)
+        if self.steps is not None and self.epochs is not None:
+            raise OptionsError("give either --steps or --epochs, not both")
+        if not isinstance(self.lora_targets, str) or not lora_target_list(self.lora_targets):
+            raise OptionsError(f"--lora-targets must be a comma list, got {self.lora_targets!r}")
+
+    def with_values(self, values: Mapping[str, Any], source: str) -> TrainOptions:
+        """A copy with `values` applied (keys are field names); unknown keys are an error naming `source`."""
+        names = [f.name for f in fields(self)]
+        for key in values:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise OptionsError(f"{source}: unknown option {key!r}{hint}")
+        try:
+            return replace(self, **dict(values))
+        except OptionsError as error:
+            raise OptionsError(f"{source}: {error}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def total_steps(self, num_examples: int) -> int:
+        """Optimizer steps of the run: --steps, else --epochs (default 1) over the data."""
+        if self.steps is not None:
+            return self.steps
+        batches_per_epoch = -(-num_examples // self.batch_size)
+        epochs = 1.0 if self.epochs is None else self.epochs
+        return max(1, math.ceil(batches_per_epoch * epochs / self.grad_accum))
+
+
+def lora_target_list(targets: str) -> list[str]:
+    return [part.strip() for part in targets.split(",") if part.strip()]
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise OptionsError(f"--{name.replace('_', '-')} must be one of {list(choices)}, got {value!r}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise OptionsError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+
+
+def _non_negative_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise OptionsError(f"--{name.replace('_', '-')} must be a non-negative integer, got {value!r}")
+
+
+def _positive_float(name: str, value: Any) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise OptionsError(f"--{name.replace('_', '-')} must be a positive number, got {value!r}")
+
+
+# -- jobs -----------------------------------------------------------------------------------------------
+
+
+def default_job_dir() -> Path:
+    """The embedded default job (package data)."""
+    return Path(str(resources.files("kt_sft_train") / "default_job"))
+
+
+@dataclass(frozen=True)
+class Job:
+    directory: Path
+    settings: dict[str, Any]
+
+    @property
+    def model(self) -> Path:
+        nested = self.directory / "model"
+        return nested if (nested / "config.json").is_file() else self.directory
+
+    @property
+    def train_data(self) -> Path:
+        return self.directory / "train.jsonl"
+
+    @property
+    def heldout_data(self) -> Path | None:
+        path = self.directory / "heldout.jsonl"
+        return path if path.is_file() else None
+
+
+def load_job(directory: str | os.PathLike[str]) -> Job:
+    """Read a job directory; a missing piece is an error naming the file."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        if directory == default_job_dir():
+            raise OptionsError(
+                f"the embedded default job is missing from this installation ({directory}); reinstall "
+                "kt-sft-train, or pass --model PATH --data FILE.jsonl"
+            )
+        raise OptionsError(f"--job {str(directory)!r} is not a directory")
+    if not (directory / "model" / "config.json").is_file() and not (directory / "config.json").is_file():
+        raise OptionsError(f"job directory {directory} has no model/config.json (nor config.json)")
+    if not (directory / "train.jsonl").is_file():
+        raise OptionsError(f"job directory {directory} has no train.jsonl")
+    settings: dict[str, Any] = {}
+    job_file = directory / JOB_FILE
+    if job_file.is_file():
+        try:
+            settings = json.loads(job_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise OptionsError(f"{job_file}: not valid JSON ({error.msg})") from None
+        if not isinstance(settings, dict):
+            raise OptionsError(f"{job_file}: expected a JSON object")
+    for key in ("model", "data", "heldout", "output", "resume", "overwrite", "config"):
+        if key in settings:
+            raise OptionsError(f"{job_file}: {key!r} cannot be set by a job file")
+    return Job(directory, settings)
+
+
+def resolve_options(
+    cli_values: Mapping[str, Any], *, job_dir: str | os.PathLike[str] | None, train_section: Mapping[str, Any]
+) -> TrainOptions:
+    """Defaults < job.json < YAML `train:` section < CLI flags. With no --model/--data, the job is used."""
+    options = TrainOptions()
+    use_job = job_dir is not None or (cli_values.get("model") is None and cli_values.get("data") is None)
+    if use_job:
+        if cli_values.get("model") is not None or cli_values.get("data") is not None:
+            raise OptionsError("--job cannot be combined with --model/--data")
+        job = load_job(default_job_dir() if job_dir is None else job_dir)
+        options = options.with_values(job.settings, str(job.directory / JOB_FILE))
+        heldout = job.heldout_data
+        options = replace(
+            options,
+            model=str(job.model),
+            data=str(job.train_data),
+            heldout=None if heldout is None else str(heldout),
+        )
+    options = options.with_values(train_section, "the `train:` section of --config")
+    options = options.with_values(cli_values, "command line")
+    if options.model is None or options.data is None:
+        raise OptionsError("give both --model PATH and --data FILE.jsonl (or neither, for the default job)")
+    return options

@@ -1,0 +1,658 @@
+"""The `kt-sft train` loop: LoRA fine-tuning of a KT model with the routed experts on the CPU.
+
+Output directory:
+    adapter/                     the final PEFT adapter (vanilla PeftModel.from_pretrained loads it)
+    checkpoints/step-NNNNNN/     adapter/, optimizer.pt, rng.pt, state.json (what --resume reads)
+    metrics.jsonl                one JSON object per logged step, eval and the summary
+    loss.png                     the loss curve
+    run.json                     resolved options, KTConfig, versions, hardware tier
+    summary.json                 first/last loss, held-out accuracy before/after, throughput, time split
+
+Resuming: the data order and the learning rate are functions of the step number alone
+(data.BatchSchedule, `learning_rate`), so adapter + optimizer state + step + RNG state are enough to
+continue exactly where a run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import KTConfig
+from .data import (
+    BatchSchedule,
+    Formatter,
+    PromptExample,
+    TokenizedExample,
+    collate,
+    read_jsonl,
+    tokenize_records,
+)
+from .evaluation import ExactMatch, exact_match
+from .options import RESUME_INVARIANTS, OptionsError, TrainOptions, lora_target_list
+from .timing import StepSplit, StepTimer
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+CHECKPOINT_PREFIX = "step-"
+METRICS = "metrics.jsonl"
+_OWNED_OUTPUTS = ("adapter", CHECKPOINTS, METRICS, "loss.png", "run.json", "summary.json")
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    adapter: Path
+    steps: int
+    losses: list[float]
+    accuracy_before: float | None
+    accuracy_after: float | None
+    tokens_per_s: float
+    split: StepSplit
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# -- small pieces ---------------------------------------------------------------------------------------
+
+
+def learning_rate(options: TrainOptions, step: int, total_steps: int) -> float:
+    """LR of optimizer step `step` (0-based): linear warmup, then constant / linear / cosine decay to 0."""
+    if step < options.warmup_steps:
+        return options.lr * (step + 1) / options.warmup_steps
+    if options.lr_scheduler == "constant":
+        return options.lr
+    span = max(1, total_steps - options.warmup_steps)
+    progress = min(1.0, (step - options.warmup_steps) / span)
+    if options.lr_scheduler == "linear":
+        return options.lr * (1.0 - progress)
+    return options.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise OptionsError("--device cuda: no CUDA GPU is visible to PyTorch")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # The dense part on a CPU without native bf16 matmuls is faster and exact enough in fp32; the
+        # experts run in the bf16 kernels either way.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def decile_means(losses: Sequence[float]) -> tuple[float, float]:
+    """Mean loss of the first and of the last 10% of steps (at least one step each)."""
+    count = max(1, len(losses) // 10)
+    return mean(losses[:count]), mean(losses[-count:])
+
+
+class MetricsLog:
+    """metrics.jsonl: appended and flushed per record, so a crash loses at most one line."""
+
+    def __init__(self, path: Path, *, keep_steps_upto: int | None) -> None:
+        self.path = path
+        if keep_steps_upto is None:
+            path.write_text("")
+        else:
+            self._truncate(keep_steps_upto)
+        self._handle = path.open("a", encoding="utf-8")
+
+    def _truncate(self, last_step: int) -> None:
+        # A resumed run drops what the interrupted run logged after its last checkpoint (and its end).
+        kept = []
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                record = json.loads(line)
+                is_kept_step = record.get("event") == "step" and record["step"] <= last_step
+                is_first_eval = record.get("event") == "eval" and record.get("phase") == "before"
+                if is_kept_step or is_first_eval:
+                    kept.append(line)
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(temporary, self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._handle.write(json.dumps(record, sort_keys=True) + "\n")
+        self._handle.flush()
+
+    def step_losses(self) -> list[tuple[int, float]]:
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            if record.get("event") == "step":
+                out.append((int(record["step"]), float(record["loss"])))
+        return out
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+# -- output directory and checkpoints -------------------------------------------------------------------
+
+
+def prepare_output(output: Path, options: TrainOptions) -> None:
+    """Refuse to mix a new run into a previous one unless --resume or --overwrite says what to do."""
+    if options.resume and options.overwrite:
+        raise OptionsError("--resume and --overwrite contradict each other")
+    if output.exists() and not output.is_dir():
+        raise OptionsError(f"--output {str(output)!r} exists and is not a directory")
+    previous = [name for name in _OWNED_OUTPUTS if (output / name).exists()]
+    if previous and not options.resume:
+        if not options.overwrite:
+            raise OptionsError(
+                f"--output {str(output)!r} already holds a run ({', '.join(previous)}); pass --resume to "
+                "continue it, --overwrite to replace it, or another --output"
+            )
+        for name in previous:
+            path = output / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    output.mkdir(parents=True, exist_ok=True)
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    root = output / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
+    found = [p for p in found if (p / "state.json").is_file()]
+    return max(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
+
+
+def check_resume_compatible(output: Path, options: TrainOptions) -> None:
+    run_file = output / "run.json"
+    if not run_file.is_file():
+        raise OptionsError(f"--resume: {run_file} is missing, so the previous run's options are unknown")
+    previous = json.loads(run_file.read_text(encoding="utf-8"))["options"]
+    changed = [name for name in RESUME_INVARIANTS if previous.get(name) != getattr(options, name)]
+    if changed:
+        details = ", ".join(f"{n}: {previous.get(n)!r} -> {getattr(options, n)!r}" for n in changed)
+        raise OptionsError(f"--resume: the checkpoint was trained with other options ({details})")
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def save_checkpoint(
+    output: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, keep: int
+) -> Path:
+    from .adapters import atomic_directory
+
+    target = output / CHECKPOINTS / f"{CHECKPOINT_PREFIX}{step:06d}"
+    with atomic_directory(target) as staging:
+        model.save_pretrained(staging / "adapter")
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(_rng_state(), staging / "rng.pt")
+        state = {"step": step, "parameters": [name for name, _ in trainable_parameters(model)]}
+        (staging / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+    checkpoints = sorted(
+        (p for p in (output / CHECKPOINTS).iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)),
+        key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)),
+    )
+    for old in checkpoints[:-keep]:
+        shutil.rmtree(old)
+    return target
+
+
+def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Restore adapter weights, optimizer state and RNG from `checkpoint`; returns its step."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from .adapters import ADAPTER_WEIGHTS, validate_adapter
+
+    state = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
+    names = [name for name, _ in trainable_parameters(model)]
+    if state["parameters"] != names:
+        raise OptionsError(f"--resume: {checkpoint} holds other trainable parameters than this model")
+    validate_adapter(model, checkpoint / "adapter")
+    weights = load_file(checkpoint / "adapter" / ADAPTER_WEIGHTS)
+    result = set_peft_model_state_dict(model, weights)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise OptionsError(f"--resume: {checkpoint} adapter has keys the model lacks: {unexpected[:3]}")
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+    _set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=False))
+    return int(state["step"])
+
+
+# -- model ----------------------------------------------------------------------------------------------
+
+
+def lora_config_for(model: nn.Module, options: TrainOptions) -> Any:
+    from .lora import kt_lora_config
+
+    targets = lora_target_list(options.lora_targets)
+    experts = "experts" in targets
+    modules = [t for t in targets if t not in ("experts", "attention")]
+    if "attention" in targets:
+        from .arch import get_moe_arch_config
+
+        modules = list(get_moe_arch_config(model).dense_target_modules) + modules
+    return kt_lora_config(
+        model,
+        r=options.lora_r,
+        lora_alpha=options.lora_alpha,
+        target_modules=modules or None,
+        experts=experts,
+    )
+
+
+def describe_model(model: nn.Module) -> str:
+    from .arch import get_moe_arch_config
+
+    arch = get_moe_arch_config(model)
+    return (
+        f"{arch.model_type}, {len(arch.layers)} MoE layers x {arch.num_experts} experts (top-{arch.top_k}), "
+        f"hidden {arch.hidden_size}, expert intermediate {arch.intermediate_size}"
+    )
+
+
+def kernel_tier(kt: KTConfig) -> str:
+    if kt.backend != "kernels":
+        return f"{kt.backend} (PyTorch)"
+    from ._kernels import load_kernels
+
+    return f"kernels/{load_kernels().active_isa()}"
+
+
+def library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {}
+    for name in ("kt-sft-train", "kt-sft-kernels", "torch", "transformers", "peft", "accelerate"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+# -- progress -------------------------------------------------------------------------------------------
+
+
+def split_text(split: StepSplit, device: torch.device) -> str:
+    shares = split.shares()
+    dense = "gpu" if device.type == "cuda" else "dense cpu"
+    return (
+        f"experts cpu {shares['experts_cpu']:.0%} · {dense} {shares['dense']:.0%} · "
+        f"transfers {shares['transfer']:.0%}"
+    )
+
+
+class Progress:
+    """A tqdm bar on stderr (or nothing, with --no-progress)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
+            )
+
+    def update(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# -- the run --------------------------------------------------------------------------------------------
+
+
+def run_training(options: TrainOptions, kt: KTConfig, *, echo: Callable[[str], None] = print) -> TrainResult:
+    from transformers import AutoTokenizer
+
+    from .adapters import save_adapter
+    from .model import load_kt_model
+
+    wall_start = time.perf_counter()
+    if not (Path(options.model) / "config.json").is_file():
+        raise OptionsError(
+            f"--model {options.model!r} is not a local Hugging Face checkpoint directory (no config.json)"
+        )
+    output = Path(options.output)
+    prepare_output(output, options)
+    checkpoint = latest_checkpoint(output) if options.resume else None
+    if options.resume:
+        if checkpoint is None:
+            raise OptionsError(f"--resume: no checkpoint in {output / CHECKPOINTS}")
+        check_resume_compatible(output, options)
+
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+        kt = kt.replace(threads=options.threads)
+    if options.backend is not None:
+        kt = kt.replace(backend=options.backend)
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    seed_everything(options.seed)
+    if options.description:
+        echo(options.description)
+
+    tokenizer = AutoTokenizer.from_pretrained(options.model, local_files_only=True)
+    formatter = Formatter(tokenizer, options.chat_template)
+    examples = tokenize_records(read_jsonl(options.data), formatter, options.max_seq_len, name=options.data)
+    prompts: list[PromptExample] = []
+    if options.heldout is not None:
+        heldout = read_jsonl(options.heldout)
+        limit = len(heldout) if options.eval_limit is None else options.eval_limit
+        prompts = [formatter.prompt(record) for record in heldout[:limit]]
+    total_steps = options.total_steps(len(examples))
+
+    load_start = time.perf_counter()
+    model = load_kt_model(options.model, kt, dtype=dtype, device_map={"": str(device)})
+    load_time = time.perf_counter() - load_start
+    echo(f"model     {options.model}: {describe_model(model)}; loaded in {load_time:.1f} s")
+    echo(f"experts   CPU ({kernel_tier(kt)}), dense part on {device} in {str(dtype).removeprefix('torch.')}")
+    echo(
+        f"data      {len(examples)} examples ({formatter.mode}), {total_steps} steps x batch "
+        f"{options.batch_size} x accumulation {options.grad_accum}"
+    )
+
+    evaluate = _evaluator(tokenizer, prompts, options, device, formatter.pad_token_id)
+    before = evaluate(model, "before", echo)
+
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, lora_config_for(model, options))
+    if options.gradient_checkpointing:
+        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    parameters = [p for _, p in trainable_parameters(peft_model)]
+    optimizer = torch.optim.AdamW(parameters, lr=options.lr, weight_decay=options.weight_decay)
+    start_step = 0
+    if checkpoint is not None:
+        start_step = load_checkpoint(checkpoint, peft_model, optimizer)
+        echo(f"resume    from {checkpoint} (step {start_step})")
+    if start_step >= total_steps:
+        raise OptionsError(
+            f"--resume: the checkpoint is at step {start_step}, the run has {total_steps} steps"
+        )
+
+    _write_run_file(output, options, kt, device, dtype)
+    metrics = MetricsLog(output / METRICS, keep_steps_upto=start_step if checkpoint else None)
+    if before is not None and checkpoint is None:
+        metrics.write({"event": "eval", "phase": "before", **before.as_dict()})
+    trained = _train_steps(
+        peft_model,
+        optimizer,
+        examples,
+        formatter.pad_token_id,
+        options,
+        device,
+        start_step,
+        total_steps,
+        metrics,
+        output,
+    )
+
+    adapter = save_adapter(peft_model, output / "adapter")
+    after = evaluate(peft_model, "after", echo)
+    if after is not None:
+        metrics.write({"event": "eval", "phase": "after", **after.as_dict()})
+    history = metrics.step_losses()
+    losses = [loss for _, loss in history]
+    summary = _summary(options, kt, device, history, before, after, trained, wall_start, adapter, output)
+    metrics.write({"event": "summary", **summary})
+    metrics.close()
+    _write_json(output / "summary.json", summary)
+    _plot(output, history, before, after)
+    for line in summary_lines(summary):
+        echo(line)
+    return TrainResult(
+        output=output,
+        adapter=adapter,
+        steps=total_steps,
+        losses=losses,
+        accuracy_before=None if before is None else before.accuracy,
+        accuracy_after=None if after is None else after.accuracy,
+        tokens_per_s=summary["tokens_per_s"],
+        split=trained.split,
+        summary=summary,
+    )
+
+
+@dataclass
+class _Trained:
+    tokens: int
+    split: StepSplit
+
+
+def _train_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    examples: Sequence[TokenizedExample],
+    pad_token_id: int,
+    options: TrainOptions,
+    device: torch.device,
+    start_step: int,
+    total_steps: int,
+    metrics: MetricsLog,
+    output: Path,
+) -> _Trained:
+    schedule = BatchSchedule(len(examples), options.batch_size, options.seed)
+    parameters = [p for _, p in trainable_parameters(model)]
+    progress = Progress(total_steps, start_step, options.progress)
+    tokens_total = 0
+    split_total = StepSplit(0.0, 0.0, 0.0)
+    model.train()
+    try:
+        with StepTimer(model) as timer:
+            for step in range(start_step, total_steps):
+                lr = learning_rate(options, step, total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                timer.start_step()
+                step_loss, step_tokens = 0.0, 0
+                for micro in range(options.grad_accum):
+                    indices = schedule.indices(step * options.grad_accum + micro)
+                    batch = {
+                        k: v.to(device)
+                        for k, v in collate([examples[i] for i in indices], pad_token_id).items()
+                    }
+                    loss = model(**batch, use_cache=False).loss
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"the loss is {loss.item()} at step {step + 1}; lower --lr")
+                    (loss / options.grad_accum).backward()
+                    step_loss += loss.item() / options.grad_accum
+                    step_tokens += int(batch["attention_mask"].sum())
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, options.max_grad_norm))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                split = timer.end_step()
+                tokens_total += step_tokens
+                split_total = split_total + split
+                done = step + 1
+                if done % options.log_every == 0 or done == total_steps:
+                    metrics.write(
+                        {
+                            "event": "step",
+                            "step": done,
+                            "epoch": schedule.epoch_of(step * options.grad_accum),
+                            "loss": step_loss,
+                            "lr": lr,
+                            "grad_norm": grad_norm,
+                            "tokens": step_tokens,
+                            "tokens_per_s": step_tokens / split.total_s if split.total_s > 0 else 0.0,
+                            **split.as_dict(),
+                        }
+                    )
+                rate = tokens_total / split_total.total_s if split_total.total_s > 0 else 0.0
+                progress.update(
+                    f"loss {step_loss:.4f} | {rate:,.0f} tok/s | {split_text(split_total, device)}"
+                )
+                if options.save_every is not None and done % options.save_every == 0 and done < total_steps:
+                    save_checkpoint(output, done, model, optimizer, options.keep_checkpoints)
+            save_checkpoint(output, total_steps, model, optimizer, options.keep_checkpoints)
+    finally:
+        progress.close()
+    return _Trained(tokens_total, split_total)
+
+
+def _evaluator(
+    tokenizer: Any,
+    prompts: list[PromptExample],
+    options: TrainOptions,
+    device: torch.device,
+    pad_token_id: int,
+) -> Callable[[nn.Module, str, Callable[[str], None]], ExactMatch | None]:
+    def evaluate(model: nn.Module, phase: str, echo: Callable[[str], None]) -> ExactMatch | None:
+        if not prompts:
+            return None
+        result = exact_match(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=options.eval_max_new_tokens,
+            batch_size=options.eval_batch_size,
+            device=device,
+            pad_token_id=pad_token_id,
+        )
+        echo(
+            f"eval      {phase}: held-out exact match {result.accuracy:.1%} "
+            f"({result.correct}/{result.total}) in {result.seconds:.1f} s"
+        )
+        return result
+
+    return evaluate
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _write_run_file(
+    output: Path, options: TrainOptions, kt: KTConfig, device: torch.device, dtype: torch.dtype
+) -> None:
+    _write_json(
+        output / "run.json",
+        {
+            "options": options.to_dict(),
+            "kt_config": kt.to_dict(),
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "experts": kernel_tier(kt),
+            "versions": library_versions(),
+        },
+    )
+
+
+def _summary(
+    options: TrainOptions,
+    kt: KTConfig,
+    device: torch.device,
+    history: list[tuple[int, float]],
+    before: ExactMatch | None,
+    after: ExactMatch | None,
+    trained: _Trained,
+    wall_start: float,
+    adapter: Path,
+    output: Path,
+) -> dict[str, Any]:
+    losses = [loss for _, loss in history]
+    first_decile, last_decile = decile_means(losses)
+    split = trained.split
+    return {
+        "steps": history[-1][0] if history else 0,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "first_10pct_loss": first_decile,
+        "last_10pct_loss": last_decile,
+        "accuracy_before": None if before is None else before.accuracy,
+        "accuracy_after": None if after is None else after.accuracy,
+        "heldout_examples": None if after is None else after.total,
+        "tokens": trained.tokens,
+        "tokens_per_s": trained.tokens / split.total_s if split.total_s > 0 else 0.0,
+        "time_split_s": split.as_dict(),
+        "time_split_share": split.shares(),
+        "device": str(device),
+        "experts": kernel_tier(kt),
+        "wall_time_s": time.perf_counter() - wall_start,
+        "adapter": str(adapter),
+        "metrics": str(output / METRICS),
+        "loss_plot": str(output / "loss.png"),
+    }
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    lines = [f"done      {summary['steps']} steps in {summary['wall_time_s']:.1f} s"]
+    if summary["first_loss"] is not None:
+        lines.append(
+            f"loss      first {summary['first_loss']:.4f} -> last {summary['last_loss']:.4f} "
+            f"(first 10% mean {summary['first_10pct_loss']:.4f}, last 10% {summary['last_10pct_loss']:.4f})"
+        )
+    if summary["accuracy_after"] is not None:
+        lines.append(
+            f"accuracy  held-out exact match {summary['accuracy_before']:.1%} -> "
+            f"{summary['accuracy_after']:.1%} ({summary['heldout_examples']} prompts)"
+        )
+    shares = summary["time_split_share"]
+    dense = "gpu" if summary["device"].startswith("cuda") else "dense on cpu"
+    lines.append(
+        f"speed     {summary['tokens_per_s']:,.0f} tokens/s; step time: experts {summary['experts']} "
+        f"{shares['experts_cpu']:.0%}, {dense} {shares['dense']:.0%}, transfers {shares['transfer']:.0%}"
+    )
+    lines.append(f"adapter   {summary['adapter']} (PEFT; PeftModel.from_pretrained(base, path) loads it)")
+    lines.append(f"metrics   {summary['metrics']}; loss plot {summary['loss_plot']}")
+    return lines
+
+
+def _plot(
+    output: Path, history: list[tuple[int, float]], before: ExactMatch | None, after: ExactMatch | None
+) -> None:
+    from .plot import plot_loss
+
+    if not history:
+        return
+    note = ""
+    if before is not None and after is not None:
+        note = f"held-out exact match {before.accuracy:.1%} -> {after.accuracy:.1%}"
+    plot_loss([s for s, _ in history], [loss for _, loss in history], output / "loss.png", note=note)
