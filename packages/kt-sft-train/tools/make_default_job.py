@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import random
+import shutil
 import string
 import sys
 import time
@@ -78,49 +79,61 @@ FINETUNE_TRAIN_SIZE = 2000
 FINETUNE_HELDOUT_SIZE = 200
 EVAL_SIZE_PER_SHIFT = 200
 
-# Recommended LoRA run on the bundled data; check_default_job.py reads it from job.json.
+# Recommended `kt-sft train` options for the bundled data (job.json; keys are the CLI's option names,
+# see /work/notes/default-job-contract.md). check_default_job.py runs the same with plain HF + PEFT.
 JOB = {
-    "task": f"Caesar shift by {NEW_SHIFT} of {CODE_LENGTH}-character codes (shift unseen in pre-training)",
-    "data": {
-        "train": "train.jsonl",
-        "heldout": "heldout.jsonl",
-        "format": "prompt_completion",
-        "prompt_is_formatted": True,
-        "append_eos": True,
-        "loss_on": "completion",
-    },
-    "lora": {
-        "r": 8,
-        "lora_alpha": 16,
-        "lora_dropout": 0.0,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-        "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-    },
-    "train": {
-        "seed": 0,
-        "steps": 100,
-        "batch_size": 16,
-        "learning_rate": 3e-3,
-        "warmup_steps": 10,
-        "lr_schedule": "linear_warmup_constant",
-        "weight_decay": 0.0,
-        "optimizer": "adamw",
-        "max_seq_len": 32,
-    },
-    "eval": {"metric": "exact_match_greedy", "max_new_tokens": CODE_LENGTH + 1},
+    "description": (
+        f"LoRA-teach a tiny Qwen3-MoE the Caesar shift by {NEW_SHIFT} of {CODE_LENGTH}-character codes"
+        " (pre-trained on other shifts)"
+    ),
+    "seed": 0,
+    "steps": 100,
+    "batch_size": 16,
+    "max_seq_len": 32,
+    "lr": 3e-3,
+    "lr_scheduler": "constant",
+    "warmup_steps": 10,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "lora_targets": "attention,experts",
+    "eval_max_new_tokens": CODE_LENGTH + 1,
+    "eval_limit": FINETUNE_HELDOUT_SIZE,
+    "eval_batch_size": 100,
+    # The model is tiny: a second thread gains nothing and, on a busy machine, slows steps down a lot.
+    "threads": 1,
 }
+MODEL_SUBDIR = "model"
 
 
 def caesar(code: str, shift: int) -> str:
     return "".join(LETTERS[(LETTERS.index(c) + shift) % 26] if c in LETTERS else c for c in code)
 
 
+def user_text(shift: int, code: str) -> str:
+    return f"rot{shift} {code}"
+
+
 def prompt_for(shift: int, code: str) -> str:
-    return f"<|user|>rot{shift} {code}<|assistant|>"
+    """The user turn and generation prompt, as the chat template renders them (checked in main)."""
+    return f"<|user|>{user_text(shift, code)}<|assistant|>"
 
 
 def random_code(rng: random.Random) -> str:
     return "".join(rng.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
+
+
+def check_chat_template(tokenizer: PreTrainedTokenizerFast) -> None:
+    """The data files hold raw user/assistant text that `kt-sft train` renders with the chat template:
+    it must give exactly the text pre-training saw (prompt_for + answer + eos)."""
+    user, answer = user_text(NEW_SHIFT, "ab3xyz"), caesar("ab3xyz", NEW_SHIFT)
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    expected = prompt_for(NEW_SHIFT, "ab3xyz")
+    if prompt != expected or full != expected + answer + EOS:
+        raise RuntimeError(f"chat template renders {prompt!r} / {full!r}, not the pre-training format")
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -250,7 +263,7 @@ def finetune_split(rng: random.Random) -> tuple[list[dict[str, str]], list[dict[
             train_codes.append(code)
 
     def rows(codes: list[str]) -> list[dict[str, str]]:
-        return [{"prompt": prompt_for(NEW_SHIFT, c), "completion": caesar(c, NEW_SHIFT)} for c in codes]
+        return [{"prompt": user_text(NEW_SHIFT, c), "completion": caesar(c, NEW_SHIFT)} for c in codes]
 
     return rows(train_codes), rows(heldout_codes)
 
@@ -277,6 +290,8 @@ def readme_text(report: dict) -> str:
     known = ", ".join(f"rot{s} {accuracy[f'rot{s}']:.1%}" for s in PRETRAIN_SHIFTS)
     shape = MODEL_SHAPE
     pre = report["pretrain"]
+    code = "ab3xyz"
+    user, answer = user_text(NEW_SHIFT, code), caesar(code, NEW_SHIFT)
     return f"""# Embedded default job of `kt-sft train`
 
 Everything here except the fine-tune check section is written by
@@ -301,19 +316,23 @@ Caesar cipher on {CODE_LENGTH}-character codes of lowercase letters and digits. 
 
 ## Files
 
-- `config.json`, `generation_config.json`, `model.safetensors`: `Qwen3MoeForCausalLM`, bf16 weights,
-  {report["parameters"]:,} parameters: {shape["num_hidden_layers"]} layers, hidden {shape["hidden_size"]}, \
+- `model/`: the base checkpoint and its tokenizer, loadable offline with `from_pretrained("model")`.
+  - `config.json`, `generation_config.json`, `model.safetensors`: `Qwen3MoeForCausalLM`, bf16 weights,
+    {report["parameters"]:,} parameters: {shape["num_hidden_layers"]} layers, hidden {shape["hidden_size"]}, \
 {shape["num_attention_heads"]} query / {shape["num_key_value_heads"]} key-value heads of {shape["head_dim"]},
-  {shape["num_experts"]} experts per layer, top-{shape["num_experts_per_tok"]}, expert intermediate \
+    {shape["num_experts"]} experts per layer, top-{shape["num_experts_per_tok"]}, expert intermediate \
 {shape["moe_intermediate_size"]}, vocabulary {report["vocab_size"]}, tied embeddings.
-- `tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja`: character-level tokenizer over
-  printable ASCII and newline, with `<pad>`, `<eos>`, `<unk>`, `<|system|>`, `<|user|>`, `<|assistant|>`.
-  Its chat template renders a user message exactly like the prompts of the data files.
-- `train.jsonl` ({FINETUNE_TRAIN_SIZE} rows) and `heldout.jsonl` ({FINETUNE_HELDOUT_SIZE} rows, codes disjoint
-  from train): `{{"prompt": ..., "completion": ...}}`. The prompt is already formatted; append `<eos>`
-  to the completion and put the loss on the completion tokens only.
-- `job.json`: the recommended LoRA run (attention q/k/v/o as modules, the experts' `gate_up_proj` /
-  `down_proj` as 3-D parameters) and the data conventions above.
+  - `tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja`: character-level tokenizer over
+    printable ASCII and newline, with `<pad>`, `<eos>`, `<unk>`, `<|system|>`, `<|user|>`, `<|assistant|>`.
+    The chat template renders `[user: "{user}", assistant: "{answer}"]` as
+    `{prompt_for(NEW_SHIFT, code)}{answer}<eos>`, the pre-training format.
+- `train.jsonl` ({FINETUNE_TRAIN_SIZE} rows) and `heldout.jsonl` ({FINETUNE_HELDOUT_SIZE} rows, codes
+  disjoint from train): raw text, `{{"prompt": "{user}", "completion": "{answer}"}}`. Render a record
+  as a user and an assistant message with the chat template; the loss goes on the assistant part
+  (answer and `<eos>`).
+- `job.json`: the recommended `kt-sft train` options (keys are option names): LoRA on attention
+  (q/k/v/o) and on the routed experts (`gate_up_proj` / `down_proj`, 3-D parameters), steps, lr,
+  held-out evaluation.
 
 ## How the base was made
 
@@ -356,11 +375,7 @@ def main() -> int:
     torch.manual_seed(SEED)
 
     tokenizer = build_tokenizer()
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "rot4 ab3xyz"}], tokenize=False, add_generation_prompt=True
-    )
-    if rendered != prompt_for(4, "ab3xyz"):
-        raise RuntimeError(f"chat template renders {rendered!r}, not the prompt format")
+    check_chat_template(tokenizer)
 
     settings = PretrainSettings(steps=args.steps)
     config = make_config(tokenizer, settings.router_aux_loss_coef)
@@ -381,10 +396,31 @@ def main() -> int:
         raise RuntimeError(f"the base already solves the new shift: {accuracy}")
 
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and any(out.iterdir()) and not (out / "job.json").is_file():
+        raise FileExistsError(f"--out {out} is not empty and holds no job.json: refusing to replace it")
+    staging = out.with_name(out.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    write_job(staging, model, tokenizer, settings, losses, pretrain_seconds, pretrain_cpu_seconds, accuracy)
+    shutil.rmtree(out, ignore_errors=True)  # a previous job: replace it whole, so no stale file survives
+    staging.rename(out)
+    print(f"wrote {out}")
+    return 0
+
+
+def write_job(
+    out: Path,
+    model: Qwen3MoeForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    settings: PretrainSettings,
+    losses: list[float],
+    pretrain_seconds: float,
+    pretrain_cpu_seconds: float,
+    accuracy: dict[str, float],
+) -> None:
     model.config.output_router_logits = False
-    model.to(torch.bfloat16).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    model.to(torch.bfloat16).save_pretrained(out / MODEL_SUBDIR)
+    tokenizer.save_pretrained(out / MODEL_SUBDIR)
     train_rows, heldout_rows = finetune_split(random.Random(f"{SEED}-finetune"))
     write_jsonl(out / "train.jsonl", train_rows)
     write_jsonl(out / "heldout.jsonl", heldout_rows)
@@ -404,11 +440,10 @@ def main() -> int:
         "pretrain_cpu_seconds": pretrain_cpu_seconds,
         "final_loss": sum(losses[-50:]) / len(losses[-50:]),
         "base_exact_match": accuracy,
-        "model_sha256": hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest(),
+        "model_sha256": hashlib.sha256((out / MODEL_SUBDIR / "model.safetensors").read_bytes()).hexdigest(),
     }
     (out / "README.md").write_text(readme_text(report))
     print(json.dumps(report, indent=2))
-    return 0
 
 
 if __name__ == "__main__":
