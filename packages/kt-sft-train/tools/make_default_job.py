@@ -80,7 +80,7 @@ FINETUNE_HELDOUT_SIZE = 200
 EVAL_SIZE_PER_SHIFT = 200
 
 # Recommended `kt-sft train` options for the bundled data (job.json; keys are the CLI's option names,
-# see /work/notes/default-job-contract.md). check_default_job.py runs the same with plain HF + PEFT.
+# see kt_sft_train/options.py). check_default_job.py runs the same with plain HF + PEFT.
 JOB = {
     "description": (
         f"LoRA-teach a tiny Qwen3-MoE the Caesar shift by {NEW_SHIFT} of {CODE_LENGTH}-character codes"
