@@ -1,7 +1,7 @@
 // MoE layer orchestration (DESIGN.md §2, §3.4): routing, the forward/backward phases, the cache.
 //
 // Every phase is a parallel_for over tasks whose boundaries depend only on the problem (expert,
-// fixed 64-wide column block, fixed 32-row pair chunk, fixed 16-token chunk), never on the thread
+// fixed-width column block, fixed 32-row pair chunk, fixed 16-token chunk), never on the thread
 // count; each output element is produced by exactly one task in a fixed order, so results are
 // bitwise identical for any number of threads. Tier code is reached only through KernelTable.
 // docs/kernels.md lists the phases and every bf16 rounding point.
@@ -28,10 +28,13 @@ namespace kt::moe {
 
 namespace {
 
-constexpr int kBlock = 64;         // output columns of one forward task (NT products)
-constexpr int kWideBlock = 128;    // output columns of one backward task (NN products: a wider
+constexpr int kBlock = 64;         // output columns of one dB_d task
+constexpr int kGateUpBlock = 128;  // gate (and as many up) columns of one F2 task; wider tasks re-read
+                                   // the expert's packed activations less often (AMX: 1 KB tiles)
+constexpr int kDownBlock = 256;    // output columns of one F4 task (same reason; measured best on AMX)
+constexpr int kWideBlock = 256;    // output columns of one backward task (NN products: a wider
                                    // strip of the row-major weights per visit of each row)
-constexpr int kChunkRows = 64;     // routed pairs per stack tile inside one task
+constexpr int kChunkRows = 128;    // routed pairs per GEMM call (AMX: one weight pass per 128 rows)
 constexpr int kPairChunk = 32;     // routed pairs per task of the per-pair phases
 constexpr int kTokenChunk = 16;    // tokens per task of the combine phases
 constexpr int kCombineWidth = 512; // columns summed per pass in the combine phases
@@ -449,29 +452,29 @@ ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& we
     });
 
   // F2: gate and up rows of one column block, + LoRA, rounded to bf16 (R1); h = silu(g) u (R2).
-  const int i_blocks = blocks_of(I);
+  const int i_blocks = blocks_of(I, kGateUpBlock);
   const PackedRows* xp = ws.packed.build(kt, false, r, x_rows, H, pool) ? &ws.packed : nullptr;
   run_tasks(pool, Stage::gate_up, n_active * i_blocks, [&](std::int64_t task, int) {
     const int e = r.active[task / i_blocks];
-    const int i0 = static_cast<int>(task % i_blocks) * kBlock, i1 = std::min(I, i0 + kBlock);
+    const int i0 = static_cast<int>(task % i_blocks) * kGateUpBlock, i1 = std::min(I, i0 + kGateUpBlock);
     const int width = i1 - i0;
     const void* w = L.gate_up_of(e);
-    alignas(64) float tile[kChunkRows * 2 * kBlock];  // [row][gate block | up block]
-    constexpr std::int64_t ld = 2 * kBlock;
+    alignas(64) float tile[kChunkRows * 2 * kGateUpBlock];  // [row][gate block | up block]
+    constexpr std::int64_t ld = 2 * kGateUpBlock;
     for (std::int64_t b = r.offsets[e]; b < r.offsets[e + 1]; b += kChunkRows) {
       const int m = static_cast<int>(std::min<std::int64_t>(kChunkRows, r.offsets[e + 1] - b));
       chunk_nt(kt, xp, r, e, b, m, x_rows, w, 2 * I, H, i0, i1, tile, ld);
-      chunk_nt(kt, xp, r, e, b, m, x_rows, w, 2 * I, H, I + i0, I + i1, tile + kBlock, ld);
+      chunk_nt(kt, xp, r, e, b, m, x_rows, w, 2 * I, H, I + i0, I + i1, tile + kGateUpBlock, ld);
       if (rg) {
         const auto timed = part(Stage::lora_b);
         const void* bm = expert_slice(lora.b_gu, e);
         kt.lora_b_add(m, ax + b * rg, bm, lora_dtype, rg, i0, i1, lora.scale_gu, tile, ld);
-        kt.lora_b_add(m, ax + b * rg, bm, lora_dtype, rg, I + i0, I + i1, lora.scale_gu, tile + kBlock, ld);
+        kt.lora_b_add(m, ax + b * rg, bm, lora_dtype, rg, I + i0, I + i1, lora.scale_gu, tile + kGateUpBlock, ld);
       }
       const auto timed_act = part(Stage::act);
       for (int i = 0; i < m; ++i) {
         bf16* g = gu + (b + i) * 2 * I + i0;
-        kt.silu_mul(width, tile + i * ld, tile + i * ld + kBlock, g, g + I, hb + (b + i) * I + i0);
+        kt.silu_mul(width, tile + i * ld, tile + i * ld + kGateUpBlock, g, g + I, hb + (b + i) * I + i0);
       }
     }
   });
@@ -487,11 +490,11 @@ ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& we
 
   // F4: y = W_d h + s_d B_d (A_d h) per pair, fp32 rows.
   float* y = ws.rows.ensure(P * H);
-  const int h_blocks = blocks_of(H);
+  const int h_blocks = blocks_of(H, kDownBlock);
   const PackedRows* hp = ws.packed.build(kt, false, r, h_rows, I, pool) ? &ws.packed : nullptr;
   run_tasks(pool, Stage::down, n_active * h_blocks, [&](std::int64_t task, int) {
     const int e = r.active[task / h_blocks];
-    const int h0 = static_cast<int>(task % h_blocks) * kBlock, h1 = std::min(H, h0 + kBlock);
+    const int h0 = static_cast<int>(task % h_blocks) * kDownBlock, h1 = std::min(H, h0 + kDownBlock);
     for (std::int64_t b = r.offsets[e]; b < r.offsets[e + 1]; b += kChunkRows) {
       const int m = static_cast<int>(std::min<std::int64_t>(kChunkRows, r.offsets[e + 1] - b));
       chunk_nt(kt, hp, r, e, b, m, h_rows, L.down_of(e), H, I, h0, h1, y + b * H + h0, H);
