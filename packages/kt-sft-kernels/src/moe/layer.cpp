@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstring>
 #include <initializer_list>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -156,8 +157,31 @@ struct PairChunk {
 
 // ---- the cache and the layer's state -----------------------------------------------------------------
 
+// The largest activation cache a layer's freed handles gave back, for its next forward(save=True):
+// a fresh cache of T*k*2I bf16 (100 MB for Qwen3-30B-A3B at T = 4096) costs page faults on first touch
+// on every call. At most one spare per layer, never more than the layer's own peak cache.
+class CacheRecycler {
+ public:
+  void give(Buffer<bf16>& gu, Buffer<float>& ad) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    if (gu.capacity() > gu_.capacity()) gu_.swap(gu);
+    if (ad.capacity() > ad_.capacity()) ad_.swap(ad);
+  }
+  void take(Buffer<bf16>& gu, Buffer<float>& ad) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    gu.swap(gu_);
+    ad.swap(ad_);
+  }
+
+ private:
+  std::mutex mutex_;
+  Buffer<bf16> gu_;
+  Buffer<float> ad_;
+};
+
 class ForwardCache {
  public:
+  std::shared_ptr<CacheRecycler> recycler;  // shared: the cache may outlive its layer
   const MoELayer* layer = nullptr;
   Routing routing;
   View x;          // caller memory; the binding's handle keeps it alive
@@ -167,7 +191,10 @@ class ForwardCache {
   Buffer<float> ad;  // [P, r_d]: A_d h
 };
 
-void ForwardCacheDeleter::operator()(ForwardCache* cache) const { delete cache; }
+void ForwardCacheDeleter::operator()(ForwardCache* cache) const {
+  if (cache->recycler) cache->recycler->give(cache->gu, cache->ad);
+  delete cache;
+}
 
 namespace {
 
@@ -270,6 +297,7 @@ struct MoELayer::Impl {
   std::size_t gate_up_stride = 0, down_stride = 0;  // packed bytes per expert
   std::mutex mutex;                                 // one call at a time per layer (shared workspace)
   Workspace ws;
+  std::shared_ptr<CacheRecycler> recycler = std::make_shared<CacheRecycler>();
 
   const void* gate_up_of(int e) const { return gate_up.data() + e * gate_up_stride; }
   const void* down_of(int e) const { return down.data() + e * down_stride; }
@@ -415,6 +443,8 @@ ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& we
   ForwardCachePtr cache;
   if (save) {
     cache.reset(new ForwardCache);
+    cache->recycler = L.recycler;
+    L.recycler->take(cache->gu, cache->ad);
     cache->layer = this;
     cache->x = x;
     cache->lora = lora;
