@@ -6,6 +6,9 @@ torch.bfloat16 tensors, ml_dtypes.bfloat16 NumPy arrays, or uint16 NumPy arrays 
 
 from __future__ import annotations
 
+import atexit
+import os
+
 from ._core import (
     ForwardHandle,
     LoRA,
@@ -26,6 +29,7 @@ from ._core import (
     isa_names,
     isa_supported,
     physical_cores,
+    profiler,
     set_max_isa,
 )
 from ._lora_layout import separate_gate_up_lora, split_gate_up_lora_grads
@@ -37,6 +41,12 @@ if build_info()["version"] != __version__:
         f"kt_sft_kernels: the native module was built for version {build_info()['version']}, but the Python "
         f"package is {__version__}; reinstall the wheel"
     )
+
+# KT_SFT_PROFILE=path: profile the whole run and write a Chrome trace there at exit.
+_profile_path = os.environ.get("KT_SFT_PROFILE")
+if _profile_path:
+    profiler.enable()
+    atexit.register(profiler.dump_chrome_trace, _profile_path)
 
 __all__ = [
     "ForwardHandle",
@@ -59,6 +69,7 @@ __all__ = [
     "isa_names",
     "isa_supported",
     "physical_cores",
+    "profiler",
     "separate_gate_up_lora",
     "set_max_isa",
     "split_gate_up_lora_grads",

@@ -35,5 +35,6 @@ void wait_and_rethrow(runtime::Job& job);
 
 void bind_runtime(nb::module_& m);
 void bind_moe(nb::module_& m);
+void bind_profiler(nb::module_& m);
 
 }  // namespace kt::bindings

@@ -125,6 +125,28 @@ void lora_a_t(int m, const bf16* const* x, const L* a_mat, int r, int k, float* 
 // Columns are handled in blocks so the transposed B block fits on the stack.
 constexpr int kLoraBlock = 64;
 
+// acc[j] += t[q] * rows[q * stride + j] for q = 0, 1, ... in order. A full block has a compile-time
+// width, so the 64 sums can live in registers across the q loop.
+template <class L>
+inline void rank_sum(const float* t, const L* rows, std::int64_t stride, int depth, int width, float* acc) {
+  if (width == kLoraBlock) {
+    float a[kLoraBlock];
+    for (int j = 0; j < kLoraBlock; ++j) a[j] = acc[j];
+    for (int q = 0; q < depth; ++q) {
+      const float tq = t[q];
+      const L* row = rows + q * stride;
+      for (int j = 0; j < kLoraBlock; ++j) a[j] += tq * to_f32(row[j]);
+    }
+    for (int j = 0; j < kLoraBlock; ++j) acc[j] = a[j];
+    return;
+  }
+  for (int q = 0; q < depth; ++q) {
+    const float tq = t[q];
+    const L* row = rows + q * stride;
+    for (int j = 0; j < width; ++j) acc[j] += tq * to_f32(row[j]);
+  }
+}
+
 template <class L>
 void lora_b_add_t(int m, const float* t, const L* b_mat, int r, int n0, int n1, float scale, float* c,
                   std::int64_t ldc) {
@@ -140,10 +162,7 @@ void lora_b_add_t(int m, const float* t, const L* b_mat, int r, int n0, int n1, 
           for (int j = 0; j < width; ++j)
             for (int q = 0; q < depth; ++q)
               bt[q * kLoraBlock + j] = to_f32(b_mat[static_cast<std::int64_t>(nb + j) * r + qb + q]);
-        for (int q = 0; q < depth; ++q) {
-          const float tq = t[i * r + qb + q];
-          for (int j = 0; j < width; ++j) acc[j] += tq * bt[q * kLoraBlock + j];
-        }
+        rank_sum(t + i * r + qb, bt, kLoraBlock, depth, width, acc);
       }
       float* ci = c + i * ldc + (nb - n0);
       for (int j = 0; j < width; ++j) ci[j] += scale * acc[j];
@@ -159,11 +178,7 @@ void lora_at_add_t(int m, const float* t, const L* a_mat, int r, int cols, int j
     const int width = std::min(kLoraBlock, j1 - jb);
     for (int i = 0; i < m; ++i) {
       for (int j = 0; j < width; ++j) acc[j] = 0.f;
-      for (int q = 0; q < r; ++q) {
-        const float tq = t[i * r + q];
-        const L* aq = a_mat + static_cast<std::int64_t>(q) * cols + jb;
-        for (int j = 0; j < width; ++j) acc[j] += tq * to_f32(aq[j]);
-      }
+      rank_sum(t + i * r, a_mat + jb, cols, r, width, acc);
       float* ci = c + i * ldc + (jb - j0);
       for (int j = 0; j < width; ++j) ci[j] += scale * acc[j];
     }

@@ -1,7 +1,7 @@
 // MoE layer orchestration (DESIGN.md §2, §3.4): routing, the forward/backward phases, the cache.
 //
 // Every phase is a parallel_for over tasks whose boundaries depend only on the problem (expert,
-// fixed 64-wide column block, fixed 32-row pair chunk, fixed 16-token chunk), never on the thread
+// fixed-width column block, fixed 32-row pair chunk, fixed 16-token chunk), never on the thread
 // count; each output element is produced by exactly one task in a fixed order, so results are
 // bitwise identical for any number of threads. Tier code is reached only through KernelTable.
 // docs/kernels.md lists the phases and every bf16 rounding point.
@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstring>
 #include <initializer_list>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -21,16 +22,20 @@
 #include "kt/core/errors.hpp"
 #include "kt/moe/kernels.hpp"
 #include "kt/runtime/cpu_features.hpp"
+#include "kt/runtime/profiler.hpp"
 #include "routing.hpp"
 
 namespace kt::moe {
 
 namespace {
 
-constexpr int kBlock = 64;         // output columns of one forward task (NT products)
-constexpr int kWideBlock = 128;    // output columns of one backward task (NN products: a wider
+constexpr int kBlock = 64;         // output columns of one dB_d task
+constexpr int kGateUpBlock = 128;  // gate (and as many up) columns of one F2 task; wider tasks re-read
+                                   // the expert's packed activations less often (AMX: 1 KB tiles)
+constexpr int kDownBlock = 256;    // output columns of one F4 task (same reason; measured best on AMX)
+constexpr int kWideBlock = 256;    // output columns of one backward task (NN products: a wider
                                    // strip of the row-major weights per visit of each row)
-constexpr int kChunkRows = 64;     // routed pairs per stack tile inside one task
+constexpr int kChunkRows = 128;    // routed pairs per GEMM call (AMX: one weight pass per 128 rows)
 constexpr int kPairChunk = 32;     // routed pairs per task of the per-pair phases
 constexpr int kTokenChunk = 16;    // tokens per task of the combine phases
 constexpr int kCombineWidth = 512; // columns summed per pass in the combine phases
@@ -125,10 +130,23 @@ inline void store_value(void* base, DType dtype, std::int64_t i, float value) {
   else static_cast<float*>(base)[i] = value;
 }
 
+namespace prof = runtime::profiler;
+using prof::Stage;
+
+// One phase: a parallel_for, profiled as `stage` (wall time here, busy time per task).
 template <class F>
-void run_tasks(runtime::ThreadPool& pool, std::int64_t tasks, F&& body) {
-  if (tasks > 0) pool.parallel_for(tasks, body);
+void run_tasks(runtime::ThreadPool& pool, Stage stage, std::int64_t tasks, F&& body) {
+  if (tasks <= 0) return;
+  const prof::Scope wall(stage, prof::Kind::wall);
+  if (!prof::enabled()) return pool.parallel_for(tasks, body);
+  pool.parallel_for(tasks, [&](std::int64_t task, int thread) {
+    const prof::Scope busy(stage, prof::Kind::busy);
+    body(task, thread);
+  });
 }
+
+// Times a part of a task (nested busy time).
+prof::Scope part(Stage stage) { return prof::Scope(stage, prof::Kind::busy); }
 
 struct PairChunk {
   int expert;
@@ -139,8 +157,31 @@ struct PairChunk {
 
 // ---- the cache and the layer's state -----------------------------------------------------------------
 
+// The largest activation cache a layer's freed handles gave back, for its next forward(save=True):
+// a fresh cache of T*k*2I bf16 (100 MB for Qwen3-30B-A3B at T = 4096) costs page faults on first touch
+// on every call. At most one spare per layer, never more than the layer's own peak cache.
+class CacheRecycler {
+ public:
+  void give(Buffer<bf16>& gu, Buffer<float>& ad) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    if (gu.capacity() > gu_.capacity()) gu_.swap(gu);
+    if (ad.capacity() > ad_.capacity()) ad_.swap(ad);
+  }
+  void take(Buffer<bf16>& gu, Buffer<float>& ad) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    gu.swap(gu_);
+    ad.swap(ad_);
+  }
+
+ private:
+  std::mutex mutex_;
+  Buffer<bf16> gu_;
+  Buffer<float> ad_;
+};
+
 class ForwardCache {
  public:
+  std::shared_ptr<CacheRecycler> recycler;  // shared: the cache may outlive its layer
   const MoELayer* layer = nullptr;
   Routing routing;
   View x;          // caller memory; the binding's handle keeps it alive
@@ -150,7 +191,10 @@ class ForwardCache {
   Buffer<float> ad;  // [P, r_d]: A_d h
 };
 
-void ForwardCacheDeleter::operator()(ForwardCache* cache) const { delete cache; }
+void ForwardCacheDeleter::operator()(ForwardCache* cache) const {
+  if (cache->recycler) cache->recycler->give(cache->gu, cache->ad);
+  delete cache;
+}
 
 namespace {
 
@@ -161,7 +205,7 @@ const bf16* as_bf16_rows(const View& v, Buffer<bf16>& storage, runtime::ThreadPo
   const std::int64_t rows = v.shape[0], cols = v.shape[1];
   bf16* dst = storage.ensure(static_cast<std::size_t>(rows * cols));
   const float* src = v.as<const float>();
-  run_tasks(pool, (rows + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
+  run_tasks(pool, Stage::convert, (rows + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
     const std::int64_t end = std::min(rows, (task + 1) * kTokenChunk) * cols;
     for (std::int64_t i = task * kTokenChunk * cols; i < end; ++i) dst[i] = f32_to_bf16(src[i]);
   });
@@ -200,7 +244,7 @@ class PackedRows {
     }
     std::byte* dst = storage_.ensure(bytes);
     const auto pack = nn ? kt.pack_a_nn : kt.pack_a_nt;
-    run_tasks(pool, static_cast<std::int64_t>(chunks_.size()), [&](std::int64_t c, int) {
+    run_tasks(pool, Stage::pack, static_cast<std::int64_t>(chunks_.size()), [&](std::int64_t c, int) {
       const PairChunk& ch = chunks_[c];
       pack(static_cast<int>(ch.end - ch.begin), rows + ch.begin, k, dst + offsets_[c]);
     });
@@ -253,6 +297,7 @@ struct MoELayer::Impl {
   std::size_t gate_up_stride = 0, down_stride = 0;  // packed bytes per expert
   std::mutex mutex;                                 // one call at a time per layer (shared workspace)
   Workspace ws;
+  std::shared_ptr<CacheRecycler> recycler = std::make_shared<CacheRecycler>();
 
   const void* gate_up_of(int e) const { return gate_up.data() + e * gate_up_stride; }
   const void* down_of(int e) const { return down.data() + e * down_stride; }
@@ -390,6 +435,7 @@ ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& we
   if (rg && rd && lora.a_gu.dtype != lora.a_d.dtype) throw TypeError("a_d: dtype must match a_gu");
 
   std::lock_guard<std::mutex> lock(L.mutex);
+  const prof::Scope whole(Stage::forward, prof::Kind::wall);
   const KernelTable& kt = L.kernels();
   runtime::ThreadPool& pool = *L.pool;
   Workspace& ws = L.ws;
@@ -397,6 +443,8 @@ ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& we
   ForwardCachePtr cache;
   if (save) {
     cache.reset(new ForwardCache);
+    cache->recycler = L.recycler;
+    L.recycler->take(cache->gu, cache->ad);
     cache->layer = this;
     cache->x = x;
     cache->lora = lora;
@@ -404,7 +452,10 @@ ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& we
     cache->rank_d = rd;
   }
   Routing& r = save ? cache->routing : ws.routing;
-  build_routing(ids, weights, E, r);
+  {
+    const prof::Scope timed(Stage::route, prof::Kind::wall);
+    build_routing(ids, weights, E, r);
+  }
   const std::int64_t P = r.pairs();
   const auto n_active = static_cast<std::int64_t>(r.active.size());
 
@@ -424,34 +475,36 @@ ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& we
   // F1: A_gu x per pair (fp32, kept unrounded).
   float* ax = rg ? ws.ax.ensure(P * rg) : nullptr;
   if (rg)
-    run_tasks(pool, n_chunks, [&](std::int64_t task, int) {
+    run_tasks(pool, Stage::lora_a_gu, n_chunks, [&](std::int64_t task, int) {
       const PairChunk& ch = ws.chunks[task];
       kt.lora_a(static_cast<int>(ch.end - ch.begin), x_rows + ch.begin, expert_slice(lora.a_gu, ch.expert),
                 lora_dtype, rg, H, ax + ch.begin * rg);
     });
 
   // F2: gate and up rows of one column block, + LoRA, rounded to bf16 (R1); h = silu(g) u (R2).
-  const int i_blocks = blocks_of(I);
+  const int i_blocks = blocks_of(I, kGateUpBlock);
   const PackedRows* xp = ws.packed.build(kt, false, r, x_rows, H, pool) ? &ws.packed : nullptr;
-  run_tasks(pool, n_active * i_blocks, [&](std::int64_t task, int) {
+  run_tasks(pool, Stage::gate_up, n_active * i_blocks, [&](std::int64_t task, int) {
     const int e = r.active[task / i_blocks];
-    const int i0 = static_cast<int>(task % i_blocks) * kBlock, i1 = std::min(I, i0 + kBlock);
+    const int i0 = static_cast<int>(task % i_blocks) * kGateUpBlock, i1 = std::min(I, i0 + kGateUpBlock);
     const int width = i1 - i0;
     const void* w = L.gate_up_of(e);
-    alignas(64) float tile[kChunkRows * 2 * kBlock];  // [row][gate block | up block]
-    constexpr std::int64_t ld = 2 * kBlock;
+    alignas(64) float tile[kChunkRows * 2 * kGateUpBlock];  // [row][gate block | up block]
+    constexpr std::int64_t ld = 2 * kGateUpBlock;
     for (std::int64_t b = r.offsets[e]; b < r.offsets[e + 1]; b += kChunkRows) {
       const int m = static_cast<int>(std::min<std::int64_t>(kChunkRows, r.offsets[e + 1] - b));
       chunk_nt(kt, xp, r, e, b, m, x_rows, w, 2 * I, H, i0, i1, tile, ld);
-      chunk_nt(kt, xp, r, e, b, m, x_rows, w, 2 * I, H, I + i0, I + i1, tile + kBlock, ld);
+      chunk_nt(kt, xp, r, e, b, m, x_rows, w, 2 * I, H, I + i0, I + i1, tile + kGateUpBlock, ld);
       if (rg) {
+        const auto timed = part(Stage::lora_b);
         const void* bm = expert_slice(lora.b_gu, e);
         kt.lora_b_add(m, ax + b * rg, bm, lora_dtype, rg, i0, i1, lora.scale_gu, tile, ld);
-        kt.lora_b_add(m, ax + b * rg, bm, lora_dtype, rg, I + i0, I + i1, lora.scale_gu, tile + kBlock, ld);
+        kt.lora_b_add(m, ax + b * rg, bm, lora_dtype, rg, I + i0, I + i1, lora.scale_gu, tile + kGateUpBlock, ld);
       }
+      const auto timed_act = part(Stage::act);
       for (int i = 0; i < m; ++i) {
         bf16* g = gu + (b + i) * 2 * I + i0;
-        kt.silu_mul(width, tile + i * ld, tile + i * ld + kBlock, g, g + I, hb + (b + i) * I + i0);
+        kt.silu_mul(width, tile + i * ld, tile + i * ld + kGateUpBlock, g, g + I, hb + (b + i) * I + i0);
       }
     }
   });
@@ -459,7 +512,7 @@ ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& we
   // F3: A_d h per pair (fp32; cached for the backward).
   float* ad = rd ? (save ? cache->ad.ensure(P * rd) : ws.ad.ensure(P * rd)) : nullptr;
   if (rd)
-    run_tasks(pool, n_chunks, [&](std::int64_t task, int) {
+    run_tasks(pool, Stage::lora_a_d, n_chunks, [&](std::int64_t task, int) {
       const PairChunk& ch = ws.chunks[task];
       kt.lora_a(static_cast<int>(ch.end - ch.begin), h_rows + ch.begin, expert_slice(lora.a_d, ch.expert),
                 lora_dtype, rd, I, ad + ch.begin * rd);
@@ -467,22 +520,24 @@ ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& we
 
   // F4: y = W_d h + s_d B_d (A_d h) per pair, fp32 rows.
   float* y = ws.rows.ensure(P * H);
-  const int h_blocks = blocks_of(H);
+  const int h_blocks = blocks_of(H, kDownBlock);
   const PackedRows* hp = ws.packed.build(kt, false, r, h_rows, I, pool) ? &ws.packed : nullptr;
-  run_tasks(pool, n_active * h_blocks, [&](std::int64_t task, int) {
+  run_tasks(pool, Stage::down, n_active * h_blocks, [&](std::int64_t task, int) {
     const int e = r.active[task / h_blocks];
-    const int h0 = static_cast<int>(task % h_blocks) * kBlock, h1 = std::min(H, h0 + kBlock);
+    const int h0 = static_cast<int>(task % h_blocks) * kDownBlock, h1 = std::min(H, h0 + kDownBlock);
     for (std::int64_t b = r.offsets[e]; b < r.offsets[e + 1]; b += kChunkRows) {
       const int m = static_cast<int>(std::min<std::int64_t>(kChunkRows, r.offsets[e + 1] - b));
       chunk_nt(kt, hp, r, e, b, m, h_rows, L.down_of(e), H, I, h0, h1, y + b * H + h0, H);
-      if (rd)
+      if (rd) {
+        const auto timed = part(Stage::lora_b);
         kt.lora_b_add(m, ad + b * rd, expert_slice(lora.b_d, e), lora_dtype, rd, h0, h1, lora.scale_d,
                       y + b * H + h0, H);
+      }
     }
   });
 
   // F5: out[t] = sum_j w[t, j] y[t, j] in j order (fp32), rounded once (R3).
-  run_tasks(pool, (T + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
+  run_tasks(pool, Stage::combine, (T + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
     float acc[kCombineWidth];
     for (std::int64_t t = task * kTokenChunk; t < std::min(T, (task + 1) * kTokenChunk); ++t)
       for (int c0 = 0; c0 < H; c0 += kCombineWidth) {
@@ -531,6 +586,7 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
   const DType lora_dtype = rg ? lora.a_gu.dtype : lora.a_d.dtype;
 
   std::lock_guard<std::mutex> lock(L.mutex);
+  const prof::Scope whole(Stage::backward, prof::Kind::wall);
   const KernelTable& kt = L.kernels();
   runtime::ThreadPool& pool = *L.pool;
   Workspace& ws = L.ws;
@@ -565,7 +621,7 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
   float* bg = rd ? ws.bg.ensure(P * rd) : nullptr;
   float* ax = rg ? ws.ax.ensure(P * rg) : nullptr;
   if (rd || rg)
-    run_tasks(pool, n_chunks, [&](std::int64_t task, int) {
+    run_tasks(pool, Stage::bwd_lora_bt, n_chunks, [&](std::int64_t task, int) {
       const PairChunk& ch = ws.chunks[task];
       const int m = static_cast<int>(ch.end - ch.begin);
       if (rd) kt.lora_bt(m, g_rows + ch.begin, expert_slice(lora.b_d, ch.expert), lora_dtype, rd, H, bg + ch.begin * rd);
@@ -579,9 +635,10 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
   const bool want_db_d = rd && lg.db_d;
   const std::int64_t main_tasks = n_active * i_blocks;
   const PackedRows* gp = ws.packed.build(kt, true, r, g_rows, H, pool) ? &ws.packed : nullptr;
-  run_tasks(pool, main_tasks + (want_db_d ? n_active * db_d_blocks : 0), [&](std::int64_t task, int thread) {
+  run_tasks(pool, Stage::bwd_down, main_tasks + (want_db_d ? n_active * db_d_blocks : 0), [&](std::int64_t task, int thread) {
     float* tscratch = scratch + thread * scratch_per_thread;
     if (task >= main_tasks) {
+      const auto timed = part(Stage::bwd_db_d);
       const std::int64_t t2 = task - main_tasks;
       const int e = r.active[t2 / db_d_blocks];
       const int h0 = static_cast<int>(t2 % db_d_blocks) * kBlock, h1 = std::min(H, h0 + kBlock);
@@ -601,6 +658,7 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
       if (rd)
         kt.lora_at_add(m, bg + b * rd, expert_slice(lora.a_d, e), lora_dtype, rd, I, i0, i1, lora.scale_d, v,
                        kWideBlock);
+      const auto timed_act = part(Stage::bwd_act);
       for (int i = 0; i < m; ++i) {
         const std::int64_t p = b + i;
         const bf16* g = gu + p * 2 * I + i0;
@@ -608,6 +666,7 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
                                                       dgu + p * 2 * I + i0, dgu + p * 2 * I + I + i0);
       }
     }
+    const auto timed = part(Stage::bwd_lora_grads_gu_d);
     const std::int64_t b = r.offsets[e];
     const int m = static_cast<int>(r.rows_of(e));
     if (rg && lg.db_gu) {
@@ -624,7 +683,7 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
   // B3: B_gu^T dgu per pair; grad_w = sum of the <h, v> partials in block order.
   float* bgu = rg ? ws.bgu.ensure(P * rg) : nullptr;
   float* gw = ws.gw.ensure(P);
-  run_tasks(pool, n_chunks, [&](std::int64_t task, int) {
+  run_tasks(pool, Stage::bwd_lora_bt_gu, n_chunks, [&](std::int64_t task, int) {
     const PairChunk& ch = ws.chunks[task];
     if (rg)
       kt.lora_bt(static_cast<int>(ch.end - ch.begin), dgu_rows + ch.begin, expert_slice(lora.b_gu, ch.expert),
@@ -641,7 +700,7 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
   const bool want_da_gu = rg && lg.da_gu;
   const PackedRows* dp = grad_x && ws.packed.build(kt, true, r, dgu_rows, 2 * I, pool) ? &ws.packed : nullptr;
   if (grad_x || want_da_gu)
-    run_tasks(pool, n_active * h_blocks, [&](std::int64_t task, int thread) {
+    run_tasks(pool, Stage::bwd_gate_up, n_active * h_blocks, [&](std::int64_t task, int thread) {
       const int e = r.active[task / h_blocks];
       const int h0 = static_cast<int>(task % h_blocks) * kWideBlock, h1 = std::min(H, h0 + kWideBlock);
       if (grad_x)
@@ -653,6 +712,7 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
                            dx_rows + b * H + h0, H);
         }
       if (want_da_gu) {
+        const auto timed = part(Stage::bwd_da_gu);
         const std::int64_t b = r.offsets[e];
         kt.lora_grad_a(static_cast<int>(r.rows_of(e)), bgu + b * rg, nullptr, x_rows + b, rg, H, h0, h1,
                        lora.scale_gu, expert_slice_mut(lg.da_gu, e), lora_dtype, scratch + thread * scratch_per_thread);
@@ -660,7 +720,7 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
     });
 
   // B5: dx[t] = sum_j dx rows in j order, rounded once (R6); grad_w written for every slot.
-  run_tasks(pool, (T + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
+  run_tasks(pool, Stage::bwd_combine, (T + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
     float acc[kCombineWidth];
     for (std::int64_t t = task * kTokenChunk; t < std::min(T, (task + 1) * kTokenChunk); ++t) {
       if (grad_weights)

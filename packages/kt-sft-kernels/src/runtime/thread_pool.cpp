@@ -8,11 +8,10 @@
 #include <cerrno>
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
 #include <cstdlib>
 #include <exception>
-#include <fstream>
 #include <mutex>
-#include <set>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -22,6 +21,7 @@
 #include <pthread.h>
 #include <sched.h>
 #endif
+#include <fcntl.h>
 #include <unistd.h>
 
 namespace kt::runtime {
@@ -51,21 +51,43 @@ bool spin_until(const Ready& ready) {
   }
 }
 
-int read_int_file(const std::string& path) {
-  std::ifstream in(path);
-  int value = -1;
-  if (!(in >> value)) return -1;
-  return value;
+// A small non-negative integer from a sysfs file; -1 if unreadable. Plain POSIX I/O: this runs
+// when the default pool is created, and needs neither iostreams nor locales.
+int read_sysfs_int(int cpu, const char* name) {
+  char path[128];
+  std::snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu%d/topology/%s", cpu, name);
+  const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return -1;
+  char text[32];
+  const ssize_t got = ::read(fd, text, sizeof text - 1);
+  ::close(fd);
+  if (got <= 0) return -1;
+  int value = 0;
+  ssize_t i = 0;
+  for (; i < got && text[i] >= '0' && text[i] <= '9'; ++i) {
+    value = value * 10 + (text[i] - '0');
+    if (value > 1 << 24) return -1;
+  }
+  return i > 0 ? value : -1;
+}
+
+// (package, core) of a logical CPU, or {-1, -1} if the topology is unreadable.
+std::pair<int, int> core_of(int cpu) {
+  const int package = read_sysfs_int(cpu, "physical_package_id");
+  const int core = read_sysfs_int(cpu, "core_id");
+  if (package < 0 || core < 0) return {-1, -1};
+  return {package, core};
 }
 
 // One logical CPU per physical core of the affinity mask, for pinning.
 std::vector<int> one_cpu_per_core() {
   std::vector<int> chosen;
-  std::set<std::pair<int, int>> seen;
+  std::vector<std::pair<int, int>> seen;
   for (int cpu : affinity_cpus()) {
-    const std::string topo = "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/topology/";
-    const std::pair<int, int> key{read_int_file(topo + "physical_package_id"), read_int_file(topo + "core_id")};
-    if (key.first < 0 || key.second < 0 || seen.insert(key).second) chosen.push_back(cpu);
+    const std::pair<int, int> key = core_of(cpu);
+    if (key.first >= 0 && std::find(seen.begin(), seen.end(), key) != seen.end()) continue;
+    seen.push_back(key);
+    chosen.push_back(cpu);
   }
   return chosen;
 }
@@ -286,15 +308,16 @@ std::vector<int> affinity_cpus() {
 
 int physical_cores_available() {
   const std::vector<int> cpus = affinity_cpus();
-  std::set<std::pair<int, int>> cores;
+  std::vector<std::pair<int, int>> cores;
+  cores.reserve(cpus.size());
   for (int cpu : cpus) {
-    const std::string topo = "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/topology/";
-    const int package = read_int_file(topo + "physical_package_id");
-    const int core = read_int_file(topo + "core_id");
-    if (package < 0 || core < 0) return static_cast<int>(cpus.size());
-    cores.insert({package, core});
+    const std::pair<int, int> key = core_of(cpu);
+    if (key.first < 0) return static_cast<int>(cpus.size());
+    cores.push_back(key);
   }
-  return std::max(1, static_cast<int>(cores.size()));
+  std::sort(cores.begin(), cores.end());
+  const auto distinct = std::unique(cores.begin(), cores.end()) - cores.begin();
+  return std::max(1, static_cast<int>(distinct));
 }
 
 }  // namespace kt::runtime

@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# Kernel performance on the AMX machine (issue 4), run by hand (NOT part of CI):
+#     OUT=/tmp/perf bash ci/device_perf.sh [package dir, default packages/kt-sft-kernels]
+# 1. builds the kernel wheel into $KT_PERF_SITE (pip --target, no build isolation, no network),
+# 2. runs the MoE numerics suite at the amx tier only, the profiler tests and the amx C++ test,
+# 3. times one MoE layer (LoRA r16 on gate_up and down, uniform top-8 routing, explicit 16-thread pool)
+#    fwd and fwd+bwd at the amx tier: Qwen3-30B-A3B T=512 and 4096, DeepSeek-V3 T=4096 (unless
+#    KT_PERF_SKIP_DSV3=1), then one profiled fwd+bwd per shape (kk.profiler stage table),
+#    checks that amx results are bitwise equal with 16 and 7 threads,
+# 4. writes $OUT/perf.json, $OUT/perf.log and the Chrome trace of the T=4096 Qwen3 profile.
+# About 3-5 minutes on the 16-vCPU AMX machine (DeepSeek-V3 needs ~50 GB of RAM).
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+pkg=$(cd "${1:-$root/packages/kt-sft-kernels}" && pwd)
+OUT=${OUT:-/tmp/kt-perf}
+SITE=${KT_PERF_SITE:-/tmp/kt-perf-site}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+failed=0
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+
+echo "THP: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null) defrag: $(cat /sys/kernel/mm/transparent_hugepage/defrag 2>/dev/null)"
+echo "== build ($pkg)"
+start=$SECONDS
+if ! "$PYTHON" -m pip install --no-build-isolation --no-deps -q --upgrade --target "$SITE" \
+    -C build-dir="$SITE-build" "$pkg" >"$OUT/build.log" 2>&1; then
+  tail -n 40 "$OUT/build.log"; echo "FAIL build"; exit 1
+fi
+echo "build ok ($((SECONDS - start)) s)"
+export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+
+if [ "${KT_PERF_SKIP_TESTS:-0}" != 1 ]; then
+echo "== amx numerics + profiler tests"
+start=$SECONDS
+(cd "$pkg/tests" && timeout 300 "$PYTHON" -m pytest -q -p no:cacheprovider \
+   test_moe_numerics.py test_profiler.py test_amx_cpp.py -k "amx or profiler or report" 2>&1 | tail -n 15) \
+  || failed=1
+echo "tests done ($((SECONDS - start)) s)"
+fi
+
+echo "== layer timing"
+timeout 420 "$PYTHON" - "$OUT" <<'PY' || failed=1
+import json
+import os
+import sys
+import time
+
+import kt_sft_kernels as kk
+import ml_dtypes
+import numpy as np
+
+out_dir = sys.argv[1]
+BF16 = ml_dtypes.bfloat16
+R, THREADS, REPS = 16, 16, 3
+TIER = os.environ.get("KT_PERF_TIER", "amx")  # another tier only for a dry run of this script
+THREADS = int(os.environ.get("KT_PERF_THREADS", THREADS))
+kk.set_max_isa(TIER)
+assert kk.active_isa() == TIER, kk.active_isa()
+POOL = kk.ThreadPool(threads=THREADS)
+rng = np.random.default_rng(0)
+
+
+def random_experts(e: int, rows: int, cols: int, std: float, distinct: int = 4) -> np.ndarray:
+    """[e, rows, cols] bf16; `distinct` random experts repeated (timing does not need more entropy)."""
+    base = (rng.standard_normal((distinct, rows, cols), dtype=np.float32) * std).astype(BF16)
+    out = np.empty((e, rows, cols), BF16)
+    for i in range(e):
+        out[i] = base[i % distinct]
+    return out
+
+
+def stage_table(stats: dict) -> list[str]:
+    lines = [f"  {'stage':22s} {'calls':>6s} {'wall ms/call':>12s} {'busy ms/call':>12s} {'thr':>4s} {'imbal':>6s}"]
+    calls_ref = max(stats.get("forward", {}).get("calls", 1), 1)
+    for name, s in stats.items():
+        per = s["calls"] or calls_ref
+        wall = 1e3 * s["total_s"] / per if s["calls"] else float("nan")
+        lines.append(f"  {name:22s} {s['calls']:6d} {wall:12.2f} {1e3 * s['busy_s'] / per:12.2f} "
+                     f"{s['threads']:4d} {s['imbalance']:6.2f}")
+    return lines
+
+
+results = []
+shapes = [("Qwen3-30B-A3B", 128, 2048, 768, 8, [512, 4096])]
+if os.environ.get("KT_PERF_TINY") == "1":  # dry run of the script on a small machine
+    shapes = [("Qwen3-30B-A3B", 16, 256, 128, 8, [512, 4096])]
+elif os.environ.get("KT_PERF_SKIP_DSV3") != "1":
+    shapes.append(("DeepSeek-V3", 256, 7168, 2048, 8, [4096]))
+for name, E, H, I, K, tokens in shapes:
+    t0 = time.perf_counter()
+    gate_up, down = random_experts(E, 2 * I, H, H**-0.5), random_experts(E, H, I, I**-0.5)
+    layer = kk.MoELayer(kk.MoEConfig(num_experts=E, top_k=K, hidden=H, intermediate=I), pool=POOL)
+    t1 = time.perf_counter()
+    layer.load_weights(gate_up=gate_up, down=down)
+    load_s = time.perf_counter() - t1
+    if name != "Qwen3-30B-A3B":  # only the small shape keeps its inputs (determinism check)
+        del gate_up, down
+        gate_up = down = None
+    print(f"{name}: weights made in {t1 - t0:.1f} s, load_weights (pack) {load_s:.2f} s", flush=True)
+    lora_arrays = [rng.standard_normal(s, dtype=np.float32) * f for s, f in
+                   (((E, R, H), H**-0.5), ((E, 2 * I, R), R**-0.5), ((E, R, I), I**-0.5), ((E, H, R), R**-0.5))]
+    lora = kk.LoRA(*lora_arrays, 2.0, 2.0)
+    grad_arrays = [np.empty_like(a) for a in lora_arrays]
+    grads = kk.LoRAGrads(*grad_arrays)
+    for T in tokens:
+        x = rng.standard_normal((T, H), dtype=np.float32).astype(BF16)
+        g = rng.standard_normal((T, H), dtype=np.float32).astype(BF16)
+        ids = np.argsort(-rng.standard_normal((T, E)), axis=1)[:, :K].astype(np.int32)
+        w = rng.uniform(0.1, 1, (T, K)).astype(np.float32)
+        out, dx, gw = np.empty((T, H), BF16), np.empty((T, H), BF16), np.empty((T, K), np.float32)
+
+        def step(layer_=layer) -> tuple[float, float]:
+            a = time.perf_counter()
+            handle = layer_.forward(x, ids, w, out, lora=lora, save=True)
+            b = time.perf_counter()
+            layer_.backward(handle, g, dx, gw, lora_grads=grads)
+            return b - a, time.perf_counter() - a
+
+        step()  # warm-up: workspaces, page faults
+        times = [step() for _ in range(REPS)]
+        fwd = min(t[0] for t in times)
+        tot = min(t[1] for t in times)
+        pairs = T * K
+        flop = pairs * (12 * H * I + 3 * 2 * R * (H + 2 * I) + 3 * 2 * R * (I + H))
+        weights_gb = E * 3 * H * I * 2 / 1e9
+        print(f"{name} T={T} {TIER} threads={THREADS}: fwd {1e3 * fwd:.1f} ms  fwd+bwd {1e3 * tot:.1f} ms  "
+              f"({flop / tot / 1e12:.2f} TFLOP/s, weights {weights_gb:.2f} GB)", flush=True)
+        entry = {"shape": name, "E": E, "H": H, "I": I, "k": K, "r": R, "T": T, "tier": TIER,
+                 "threads": THREADS, "fwd_ms": 1e3 * fwd, "fwd_bwd_ms": 1e3 * tot,
+                 "all_ms": [[1e3 * a, 1e3 * b] for a, b in times], "tflops": flop / tot / 1e12,
+                 "load_weights_s": load_s}
+        if name == "Qwen3-30B-A3B" and T == 512:  # bitwise equal results with another thread count
+            ref = [a.copy() for a in (out, dx, gw, *grad_arrays)]
+            layer7 = kk.MoELayer(kk.MoEConfig(num_experts=E, top_k=K, hidden=H, intermediate=I),
+                                 pool=kk.ThreadPool(threads=7))
+            layer7.load_weights(gate_up=gate_up, down=down)
+            step(layer7)
+            same = all(np.array_equal(a.view(np.uint8), b.view(np.uint8))
+                       for a, b in zip(ref, (out, dx, gw, *grad_arrays)))
+            print(f"  determinism 16 vs 7 threads: {'bitwise equal' if same else 'DIFFERENT'}", flush=True)
+            entry["bitwise_equal_16_vs_7_threads"] = same
+            del layer7
+        kk.profiler.reset()
+        kk.profiler.enable()
+        step()
+        kk.profiler.disable()
+        stats = kk.profiler.stats()
+        if name == "Qwen3-30B-A3B" and T == 4096:
+            n = kk.profiler.dump_chrome_trace(os.path.join(out_dir, "trace_qwen3_t4096.json"))
+            print(f"  chrome trace: {n} events")
+        print("\n".join(stage_table(stats)), flush=True)
+        entry["stages"] = stats
+        entry["tsc_hz"] = kk.profiler.tsc_hz()
+        results.append(entry)
+    del layer, gate_up, down
+
+with open(os.path.join(out_dir, "perf.json"), "w") as f:
+    json.dump({"cpu_features": kk.cpu_features(), "build": kk.build_info(), "results": results}, f, indent=1)
+PY
+echo "== exit: failed=$failed"
+exit $failed
