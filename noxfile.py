@@ -6,6 +6,8 @@ unpinned dependency can never pull a CUDA build of torch onto a CPU-only machine
 
 from __future__ import annotations
 
+import shutil
+import urllib.request
 from pathlib import Path
 
 import nox
@@ -14,13 +16,32 @@ ROOT = Path(__file__).parent
 CONSTRAINTS = ("-c", str(ROOT / "ci" / "constraints.txt"))
 KERNELS = str(ROOT / "packages" / "kt-sft-kernels")
 TRAIN = str(ROOT / "packages" / "kt-sft-train")
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True
 
 
+def _reachable(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=5).close()
+    except OSError:
+        return False
+    return True
+
+
+def _install_torch(session: nox.Session) -> None:
+    """PyPI's Linux torch wheels are CUDA builds of several GB. Without an NVIDIA GPU take the CPU build
+    of the pinned version from PyTorch's CPU index when it is reachable (elsewhere, as on CI, the pin
+    resolves to a CPU wheel the machine already offers)."""
+    if shutil.which("nvidia-smi") is None and _reachable(TORCH_CPU_INDEX + "/torch/"):
+        session.install(*CONSTRAINTS, "torch", "--index-url", TORCH_CPU_INDEX)
+
+
 def _install(session: nox.Session, *, train: bool) -> None:
     session.install(*CONSTRAINTS, "pip")
+    if train:
+        _install_torch(session)
     packages = [f"{KERNELS}[test]"] + ([f"{TRAIN}[test]"] if train else [])
     session.install(*CONSTRAINTS, *packages)
 
@@ -30,8 +51,14 @@ def tests(session: nox.Session) -> None:
     """Build both wheels from source and run every test suite (what CI runs)."""
     _install(session, train=True)
     session.run("python", "-m", "kt_sft_kernels")
-    session.run("python", "-m", "pytest", "-q", "-rs", *session.posargs,
-                f"{KERNELS}/tests", f"{TRAIN}/tests")
+    session.run("python", "-m", "pytest", "-q", "-rs", *session.posargs, f"{KERNELS}/tests", f"{TRAIN}/tests")
+
+
+@nox.session
+def train(session: nox.Session) -> None:
+    """The main job: install both wheels and run `kt-sft train` (no arguments = the embedded default)."""
+    _install(session, train=True)
+    session.run("kt-sft", "train", *session.posargs)
 
 
 @nox.session
