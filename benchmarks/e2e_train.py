@@ -21,6 +21,10 @@ split's timer synchronizes around each copy, so it is measured apart from the th
     python benchmarks/e2e_train.py --out bench-e2e --layers 48     # all layers (host RAM: ~70 GB)
     python benchmarks/e2e_train.py --tiny --out /tmp/e2e           # a tiny model on any machine (CI)
 
+Time: each variant builds its model (random weights drawn in parallel on the CPU) and runs warmup +
+steps + split steps; at 8 layers a variant takes about a minute or two. With a per-command time limit,
+run the variants separately (--variants kt_sft, then hf_experts_cpu, ...) into one --out each.
+
 Writes results.json, results.md and results.png to --out.
 """
 
@@ -35,6 +39,7 @@ import sys
 import time
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -84,17 +89,34 @@ def meta_model(config: Any, dtype: Any) -> Any:
         return Qwen3MoeForCausalLM._from_config(config, dtype=dtype)
 
 
+RANDOM_CHUNK = 1 << 24  # elements drawn by one generator; chunks are drawn in parallel
+
+
 def random_weight(name: str, shape: tuple[int, ...], dtype: Any) -> Any:
     """The benchmark's value of parameter `name`: random at initializer scale (uniform, std 0.02), norm
-    weights 1. Seeded by the name and drawn on the CPU, so every variant trains the very same model
-    (values do not affect speed, except through routing, which random routers keep roughly balanced)."""
+    weights 1. Seeded by the name (and chunk) and drawn on the CPU, so every variant trains the very same
+    model whatever the thread count (values do not affect speed, except through routing, which random
+    routers keep roughly balanced)."""
     import torch
 
     if name.endswith("norm.weight"):
         return torch.ones(shape, dtype=dtype)
-    generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     bound = 0.02 * 3**0.5
-    return torch.empty(shape, dtype=dtype).uniform_(-bound, bound, generator=generator)
+    out = torch.empty(shape, dtype=dtype)
+    seed = zlib.crc32(name.encode())
+
+    def fill(index_and_chunk: tuple[int, Any]) -> None:
+        index, chunk = index_and_chunk
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        chunk.uniform_(-bound, bound, generator=generator)
+
+    chunks = list(enumerate(out.view(-1).split(RANDOM_CHUNK)))
+    if len(chunks) == 1:
+        fill(chunks[0])
+    else:
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            list(pool.map(fill, chunks))
+    return out
 
 
 def materialize(model: Any, device_of: Callable[[str], Any]) -> None:
@@ -321,6 +343,8 @@ def spawn(args: argparse.Namespace, variant: str, layers: int) -> dict[str, Any]
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode == OOM_EXIT:
         return {"oom": True}
+    if completed.returncode < 0:
+        return {"error": f"killed by signal {-completed.returncode} (out of host memory?)"}
     if completed.returncode != 0:
         return {"error": completed.stderr[-3000:] or f"exit code {completed.returncode}"}
     line = next(line for line in reversed(completed.stdout.splitlines()) if line.startswith("E2E-RESULT "))
