@@ -24,12 +24,24 @@ from transformers import AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 
-def read_records(path: str) -> Dataset:
+def read_records(path: str, conversational: bool) -> Dataset:
+    """The JSONL as a Dataset TRL understands. With a chat template, prompt/completion text pairs become
+    conversational pairs, so TRL renders them through the template (as `kt-sft train` does)."""
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
-    # Keep only the columns TRL reads, so extra keys in the file do not confuse its format detection.
-    keys = ("messages",) if "messages" in records[0] else ("prompt", "completion")
-    return Dataset.from_list([{key: record[key] for key in keys} for record in records])
+    if "messages" in records[0]:
+        return Dataset.from_list([{"messages": r["messages"]} for r in records])
+    if conversational:
+        return Dataset.from_list(
+            [
+                {
+                    "prompt": [{"role": "user", "content": r["prompt"]}],
+                    "completion": [{"role": "assistant", "content": r["completion"]}],
+                }
+                for r in records
+            ]
+        )
+    return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in records])
 
 
 def main() -> None:
@@ -73,7 +85,7 @@ def main() -> None:
             use_cpu=not on_gpu,
             dataloader_pin_memory=on_gpu,
         ),
-        train_dataset=read_records(args.data),
+        train_dataset=read_records(args.data, conversational=bool(tokenizer.chat_template)),
         processing_class=tokenizer,
         peft_config=kt_lora_config(model, r=8, target_modules="attention"),
         callbacks=[timing],

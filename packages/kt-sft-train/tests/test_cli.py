@@ -21,7 +21,7 @@ import torch
 from job_fixtures import CHAT_TEMPLATE, make_job, reverse_records, write_jsonl
 from kt_sft_train import KTConfig
 from kt_sft_train.cli import main
-from kt_sft_train.options import default_job_dir
+from kt_sft_train.options import default_job_dir, load_job
 from safetensors.torch import load_file
 
 ONE_THREAD = ["--threads", "1", "--no-progress"]
@@ -158,7 +158,7 @@ def test_default_job_end_to_end(tmp_path: Path) -> None:
     assert summary["accuracy_after"] > summary["accuracy_before"], summary
     assert "held-out exact match" in result.stdout and "tokens/s" in result.stdout
     assert (output / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert_adapter_is_vanilla_peft(job / "model", output / "adapter", job / "heldout.jsonl", tmp_path)
+    assert_adapter_is_vanilla_peft(load_job(job).model, output / "adapter", job / "heldout.jsonl", tmp_path)
 
 
 # -- --model / --data on a tiny checkpoint --------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import json
 import math
 import os
@@ -519,6 +520,13 @@ def export_merged_checkpoint(
         safe_open(adapter.weights_path, "pt", device="cpu") as lora_file,
     ):
         shards = OpenShards()
+
+        # Every expert tensor of a layer needs the same (large) A/B pair: read each pair once.
+        @functools.lru_cache(maxsize=4)
+        def factors_of(parameter: str) -> tuple[torch.Tensor, torch.Tensor]:
+            lora = factors[parameter]
+            return lora_file.get_tensor(lora.a_key), lora_file.get_tensor(lora.b_key)
+
         try:
             for file, keys in by_file.items():
                 merged: dict[str, torch.Tensor] = {}
@@ -532,12 +540,7 @@ def export_merged_checkpoint(
                     tensor = _read_whole(shards, info, scale, block)
                     target = targets.get(key)
                     if target is not None:
-                        delta = _delta(
-                            target,
-                            lora_file.get_tensor(target.factors.a_key),
-                            lora_file.get_tensor(target.factors.b_key),
-                            math_dtype,
-                        )
+                        delta = _delta(target, *factors_of(target.factors.parameter), math_dtype)
                         tensor = tensor.to(math_dtype) + delta
                     out_dtype = dtype if dtype is not None and tensor.is_floating_point() else None
                     if out_dtype is None and (target is not None or info.dtype in _FLOAT8):

@@ -234,9 +234,10 @@ def resolve_options(
 ) -> TrainOptions:
     """Defaults < job.json < YAML `train:` section < CLI flags. With no --model/--data, the job is used."""
     options = TrainOptions()
-    use_job = job_dir is not None or (cli_values.get("model") is None and cli_values.get("data") is None)
-    if use_job:
-        if cli_values.get("model") is not None or cli_values.get("data") is not None:
+    sources = (cli_values, train_section)
+    explicit = any(source.get(key) is not None for source in sources for key in ("model", "data"))
+    if job_dir is not None or not explicit:
+        if explicit:
             raise OptionsError("--job cannot be combined with --model/--data")
         job = load_job(default_job_dir() if job_dir is None else job_dir)
         options = options.with_values(job.settings, str(job.directory / JOB_FILE))

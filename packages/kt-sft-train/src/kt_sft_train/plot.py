@@ -52,11 +52,11 @@ def plot_loss(
             )
         axes.set_xlabel("optimizer step")
         axes.set_ylabel("training loss")
-        axes.set_title(title)
+        if min(losses) > 0 and max(losses) / min(losses) > 100:
+            axes.set_yscale("log")  # a loss falling by orders of magnitude stays readable
+        axes.set_title(f"{title}\n{note}" if note else title, fontsize=11)
         axes.grid(alpha=0.3)
         axes.legend(loc="upper right")
-        if note:
-            axes.text(0.01, 0.02, note, transform=axes.transAxes, fontsize=8, color="#444444")
         figure.tight_layout()
         temporary = path.with_name(path.name + ".tmp")
         figure.savefig(temporary, format="png")

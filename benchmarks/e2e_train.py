@@ -1,0 +1,556 @@
+"""End-to-end LoRA training of the Qwen3-30B-A3B architecture: kt-sft vs plain HF + PEFT, side by side.
+
+Random-init weights from a hand-written config matching Qwen/Qwen3-30B-A3B (hidden 2048, 128 experts of
+intermediate 768, top-8, 32 query / 4 KV heads of 128, vocab 151936), the first --layers decoder layers
+(default 8 of 48). Nothing is downloaded. LoRA r=16 (alpha 32) on q/k/v/o and on the routed experts'
+gate_up_proj / down_proj, AdamW, one sequence of --seq-len tokens (default 2048) per step.
+
+Variants (each runs in its own process, so peak memory is its own):
+  kt_sft          experts in kt-sft's CPU kernels (AMX where the CPU has it), everything else on the GPU
+  hf_experts_cpu  plain transformers + PEFT with the experts left on the CPU in PyTorch (bf16); the rest
+                  on the GPU. Hooks move the experts' inputs to the CPU and their output back: what a user
+                  without kt-sft does when the experts do not fit the GPU
+  hf_all_gpu      plain transformers + PEFT entirely on the GPU, at the deepest of --layers, --layers/2,
+                  ... that fits (the upper bound)
+
+Measured per variant: tokens/s over --steps timed steps (after --warmup), peak GPU memory, peak host RSS,
+and for kt_sft the step-time split over --split-steps more steps (GPU / CPU experts / transfers; the
+split's timer synchronizes around each copy, so it is measured apart from the throughput).
+
+    python benchmarks/e2e_train.py --out bench-e2e                 # GPU + AMX machine
+    python benchmarks/e2e_train.py --out bench-e2e --layers 48     # all layers (host RAM: ~70 GB)
+    python benchmarks/e2e_train.py --tiny --out /tmp/e2e           # a tiny model on any machine (CI)
+
+Time: each variant builds its model (random weights drawn in parallel on the CPU) and runs warmup +
+steps + split steps; at 8 layers a variant takes about a minute or two. With a per-command time limit,
+run the variants separately (--variants kt_sft, then hf_experts_cpu, ...) into one --out each.
+
+Writes results.json, results.md and results.png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+VARIANTS = ("kt_sft", "hf_experts_cpu", "hf_all_gpu")
+LABELS = {
+    "kt_sft": "kt-sft (experts on CPU kernels)",
+    "hf_experts_cpu": "HF + PEFT, experts on CPU (PyTorch)",
+    "hf_all_gpu": "HF + PEFT, all on GPU",
+}
+GIB = 1024**3
+OOM_EXIT = 3
+
+
+# -- the model --------------------------------------------------------------------------------------------
+
+
+def model_config(tiny: bool, layers: int) -> Any:
+    from transformers import Qwen3MoeConfig
+
+    if tiny:
+        shape = dict(
+            vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        )  # fmt: skip
+    else:  # Qwen/Qwen3-30B-A3B config.json
+        shape = dict(
+            vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+            num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+            num_experts_per_tok=8, max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        )  # fmt: skip
+    return Qwen3MoeConfig(
+        **shape,
+        num_hidden_layers=layers,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
+
+
+def meta_model(config: Any, dtype: Any) -> Any:
+    import torch
+    from transformers import Qwen3MoeForCausalLM
+
+    with torch.device("meta"):
+        return Qwen3MoeForCausalLM._from_config(config, dtype=dtype)
+
+
+RANDOM_CHUNK = 1 << 24  # elements drawn by one generator; chunks are drawn in parallel
+
+
+def random_weight(name: str, shape: tuple[int, ...], dtype: Any) -> Any:
+    """The benchmark's value of parameter `name`: random at initializer scale (uniform, std 0.02), norm
+    weights 1. Seeded by the name (and chunk) and drawn on the CPU, so every variant trains the very same
+    model whatever the thread count (values do not affect speed, except through routing, which random
+    routers keep roughly balanced)."""
+    import torch
+
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=dtype)
+    bound = 0.02 * 3**0.5
+    out = torch.empty(shape, dtype=dtype)
+    seed = zlib.crc32(name.encode())
+
+    def fill(index_and_chunk: tuple[int, Any]) -> None:
+        index, chunk = index_and_chunk
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        chunk.uniform_(-bound, bound, generator=generator)
+
+    chunks = list(enumerate(out.view(-1).split(RANDOM_CHUNK)))
+    if len(chunks) == 1:
+        fill(chunks[0])
+    else:
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            list(pool.map(fill, chunks))
+    return out
+
+
+def materialize(model: Any, device_of: Callable[[str], Any]) -> None:
+    """Give every meta parameter its random_weight on device_of(its name); rebuild rotary buffers."""
+    import torch
+
+    for module_name, module in model.named_modules():
+        for param_name, param in list(module.named_parameters(recurse=False)):
+            if param.device.type != "meta":
+                continue
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            data = random_weight(full, tuple(param.shape), param.dtype).to(device_of(full))
+            setattr(module, param_name, torch.nn.Parameter(data, requires_grad=param.requires_grad))
+    device = device_of("model.rotary_emb")
+    for name, module in list(model.named_modules()):
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            parent, _, child = name.rpartition(".")
+            with torch.device(device):
+                setattr(model.get_submodule(parent), child, type(module)(config=model.config))
+    leftovers = [n for n, b in model.named_buffers() if b.device.type == "meta"]
+    if leftovers:
+        raise RuntimeError(f"buffers left on the meta device: {leftovers[:5]}")
+
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def lora_config() -> Any:
+    """The plain PEFT config of the HF variants (kt-sft's helper builds the same one for its model)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=16,
+        lora_alpha=32,
+        target_modules=ATTENTION,
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )
+
+
+def build_kt_sft(config: Any, device: Any, dtype: Any, threads: int | None) -> Any:
+    from kt_sft_train import KTConfig, get_moe_arch_config, kt_lora_config
+    from kt_sft_train.experts import KTExperts, attach_kt, replace_module
+    from peft import get_peft_model
+
+    model = meta_model(config, dtype)
+    arch = get_moe_arch_config(model)
+    kt = KTConfig(threads=threads)
+    wrapped = []
+    e, h, i = arch.num_experts, arch.hidden_size, arch.intermediate_size
+    for path in arch.experts_paths:
+        experts = KTExperts.from_arch(arch, kt, dtype=dtype, name=path)
+        # One layer at a time, the same values as the HF variants' parameters: the kernels pack a copy.
+        gate_up = random_weight(f"{path}.gate_up_proj", (e, 2 * i, h), dtype)
+        down = random_weight(f"{path}.down_proj", (e, h, i), dtype)
+        experts.load_expert_weights(gate_up, down)
+        del gate_up, down
+        replace_module(model, path, experts)
+        wrapped.append(experts)
+    attach_kt(model, wrapped)
+    materialize(model, lambda name: device)
+    return get_peft_model(model, kt_lora_config(model, r=16, lora_alpha=32, target_modules=ATTENTION))
+
+
+def build_hf(config: Any, device: Any, dtype: Any, experts_on_cpu: bool) -> Any:
+    import torch
+    from peft import get_peft_model
+
+    model = meta_model(config, dtype)
+    cpu = torch.device("cpu")
+    materialize(model, lambda name: cpu if experts_on_cpu and ".mlp.experts." in name else device)
+    if experts_on_cpu and device.type != "cpu":
+        for name, module in model.named_modules():
+            if name.endswith("mlp.experts"):
+                module.register_forward_pre_hook(_inputs_to(cpu), with_kwargs=True)
+                module.register_forward_hook(_output_to(device))
+    return get_peft_model(model, lora_config())
+
+
+def _inputs_to(device: Any) -> Callable[..., Any]:
+    def hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return tuple(a.to(device) for a in args), {k: v.to(device) for k, v in kwargs.items()}
+
+    return hook
+
+
+def _output_to(device: Any) -> Callable[..., Any]:
+    def hook(module: Any, args: Any, output: Any) -> Any:
+        return output.to(device)
+
+    return hook
+
+
+# -- one variant, in its own process ------------------------------------------------------------------------
+
+
+def host_memory() -> dict[str, float]:
+    values = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmHWM", "VmRSS"):
+            values[key] = int(rest.split()[0]) * 1024 / GIB
+    return {
+        "host_peak_gib": values.get("VmHWM", float("nan")),
+        "host_rss_gib": values.get("VmRSS", float("nan")),
+    }
+
+
+def synchronize(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_variant(args: argparse.Namespace, variant: str, layers: int) -> dict[str, Any]:
+    import torch
+
+    torch.manual_seed(0)  # LoRA init: the same draws in every variant
+    if args.torch_threads is not None:
+        torch.set_num_threads(args.torch_threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not args.tiny and device.type != "cuda":
+        raise SystemExit("the full-width benchmark needs a CUDA GPU; use --tiny on a CPU-only machine")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = model_config(args.tiny, layers)
+
+    build_start = time.perf_counter()
+    if variant == "kt_sft":
+        model = build_kt_sft(config, device, dtype, args.threads)
+    else:
+        model = build_hf(config, device, dtype, experts_on_cpu=variant == "hf_experts_cpu")
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    build_s = time.perf_counter() - build_start
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    generator = torch.Generator().manual_seed(7)
+    batch = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), generator=generator).to(device)
+    if device.type == "cuda":
+        gpu_after_build = torch.cuda.memory_allocated(device) / GIB
+        torch.cuda.reset_peak_memory_stats(device)
+
+    losses: list[float] = []
+
+    def step() -> None:
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+
+    for _ in range(args.warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    synchronize(device)
+    seconds = (time.perf_counter() - start) / args.steps
+    tokens = args.batch * args.seq_len
+
+    result: dict[str, Any] = {
+        "variant": variant,
+        "label": LABELS[variant],
+        "layers": layers,
+        "seq_len": args.seq_len,
+        "batch": args.batch,
+        "step_time_s": seconds,
+        "tokens_per_s": tokens / seconds,
+        "ms_per_layer": seconds * 1e3 / layers,
+        "build_time_s": build_s,
+        "trainable_params": sum(p.numel() for p in trainable),
+        "losses": losses,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dense_dtype": str(dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+        "experts_implementation": model.get_base_model().config._experts_implementation,
+    }
+    if device.type == "cuda":
+        result["gpu_after_build_gib"] = gpu_after_build
+        result["gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+    if variant == "kt_sft":
+        import kt_sft_kernels
+        from kt_sft_train.timing import StepSplit, StepTimer
+
+        result["kernel_tier"] = kt_sft_kernels.active_isa()
+        total = StepSplit(0.0, 0.0, 0.0)
+        with StepTimer(model) as timer:
+            for _ in range(args.split_steps):
+                timer.start_step()
+                step()
+                total = total + timer.end_step()
+        n = max(1, args.split_steps)
+        result["split_s"] = {
+            "gpu_and_rest": total.dense_s / n,
+            "cpu_experts": total.experts_cpu_s / n,
+            "transfers": total.transfer_s / n,
+            "total": total.total_s / n,
+        }
+    result.update(host_memory())
+    return result
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    import torch
+
+    try:
+        result = run_variant(args, args.worker, args.worker_layers)
+    except torch.cuda.OutOfMemoryError as error:
+        print(json.dumps({"oom": True, "error": str(error)[:500]}))
+        return OOM_EXIT
+    print("E2E-RESULT " + json.dumps(result))
+    return 0
+
+
+# -- the parent: variants one by one, then the report --------------------------------------------------------
+
+
+def spawn(args: argparse.Namespace, variant: str, layers: int) -> dict[str, Any]:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--worker-layers", str(layers)]
+    command += forwarded_flags(args)
+    print(f"[e2e] {variant}: {layers} layers ...", flush=True)
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode == OOM_EXIT:
+        return {"oom": True}
+    if completed.returncode < 0:
+        return {"error": f"killed by signal {-completed.returncode} (out of host memory?)"}
+    if completed.returncode != 0:
+        return {"error": completed.stderr[-3000:] or f"exit code {completed.returncode}"}
+    line = next(line for line in reversed(completed.stdout.splitlines()) if line.startswith("E2E-RESULT "))
+    return json.loads(line.removeprefix("E2E-RESULT "))
+
+
+def forwarded_flags(args: argparse.Namespace) -> list[str]:
+    flags = ["--seq-len", str(args.seq_len), "--batch", str(args.batch), "--steps", str(args.steps)]
+    flags += ["--warmup", str(args.warmup), "--split-steps", str(args.split_steps)]
+    if args.tiny:
+        flags.append("--tiny")
+    if args.gradient_checkpointing:
+        flags.append("--gradient-checkpointing")
+    if args.threads is not None:
+        flags += ["--threads", str(args.threads)]
+    if args.torch_threads is not None:
+        flags += ["--torch-threads", str(args.torch_threads)]
+    return flags
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
+    try:
+        import kt_sft_kernels
+
+        features = kt_sft_kernels.cpu_features()
+        info["cpu"] = f"{features.get('vendor', '')} {features.get('brand', '')}".strip()
+        info["kernel_tier"] = kt_sft_kernels.active_isa()
+        info["physical_cores"] = kt_sft_kernels.physical_cores()
+    except ImportError as error:
+        info["kernels"] = f"not importable: {error}"
+    info["logical_cpus"] = os.cpu_count()
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            info["host_ram_gib"] = int(line.split()[1]) * 1024 / GIB
+    from importlib import metadata
+
+    info["versions"] = {}
+    for name in ("torch", "transformers", "peft", "kt-sft-train", "kt-sft-kernels"):
+        try:
+            info["versions"][name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            info["versions"][name] = "not installed"
+    return info
+
+
+def markdown(report: dict[str, Any]) -> str:
+    machine = report["machine"]
+    lines = [
+        f"# End-to-end LoRA training, {report['model']}",
+        "",
+        f"Machine: {machine.get('cpu', '?')} ({machine.get('logical_cpus')} CPUs, kernel tier "
+        f"{machine.get('kernel_tier', '?')}), {machine.get('host_ram_gib', 0):.0f} GiB RAM, GPU "
+        f"{report['gpu']}; " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()) + ".",
+        f"Sequence {report['seq_len']} tokens x batch {report['batch']}, LoRA r=16 on q/k/v/o + routed "
+        f"experts, AdamW; {report['steps']} timed steps after {report['warmup']} warm-up steps.",
+        "",
+        "| variant | layers | tokens/s | step (s) | ms/layer | GPU peak (GiB) | host peak (GiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in report["results"]:
+        if "tokens_per_s" not in row:
+            reason = (
+                "out of GPU memory at every depth" if row.get("oom") else row.get("error", "failed")[-200:]
+            )
+            lines.append(f"| {LABELS[row['variant']]} | - | - | - | - | - | {reason.splitlines()[-1]} |")
+            continue
+        gpu = f"{row['gpu_peak_gib']:.1f}" if "gpu_peak_gib" in row else "-"
+        lines.append(
+            f"| {row['label']} | {row['layers']} | {row['tokens_per_s']:,.0f} | {row['step_time_s']:.3f} | "
+            f"{row['ms_per_layer']:.1f} | {gpu} | {row['host_peak_gib']:.1f} |"
+        )
+    kt = next((r for r in report["results"] if r["variant"] == "kt_sft" and "split_s" in r), None)
+    if kt is not None:
+        split = kt["split_s"]
+        total = split["total"] or 1.0
+        lines += [
+            "",
+            f"kt-sft step-time split (mean of {report['split_steps']} instrumented steps, "
+            f"{split['total']:.3f} s/step): GPU and rest {split['gpu_and_rest'] / total:.0%}, CPU experts "
+            f"({kt.get('kernel_tier', '?')}) {split['cpu_experts'] / total:.0%}, host<->GPU transfers "
+            f"{split['transfers'] / total:.0%}.",
+        ]
+    lines += ["", "ms/layer = step time / decoder layers: compares variants measured at different depths."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["results"] if "tokens_per_s" in r]
+    if not rows:
+        return
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    names = [f"{r['label']}\n({r['layers']} layers)" for r in rows]
+    left.barh(names, [r["ms_per_layer"] for r in rows], color="#1f4e8c")
+    left.set_xlabel("ms per decoder layer per step (lower is better)")
+    left.invert_yaxis()
+    kt = next((r for r in rows if r["variant"] == "kt_sft" and "split_s" in r), None)
+    if kt is not None:
+        split = kt["split_s"]
+        parts = [("GPU and rest", split["gpu_and_rest"]), ("CPU experts", split["cpu_experts"]),
+                 ("transfers", split["transfers"])]  # fmt: skip
+        start = 0.0
+        for (label, value), color in zip(parts, ("#6a9fd8", "#e08a3c", "#888888"), strict=True):
+            right.barh(["kt-sft step"], [value], left=start, label=label, color=color)
+            start += value
+        right.set_xlabel("seconds per step")
+        right.legend(loc="upper right", fontsize=8)
+    else:
+        right.set_axis_off()
+    figure.suptitle(f"LoRA training, {report['model']}, seq {report['seq_len']}")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def parent_main(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    results = []
+    for variant in variants:
+        depth = args.layers
+        while True:
+            result = spawn(args, variant, depth)
+            if not (result.get("oom") and variant == "hf_all_gpu" and depth > 1):
+                break
+            print(f"[e2e] {variant}: out of GPU memory at {depth} layers, trying {depth // 2}", flush=True)
+            depth //= 2
+        result.setdefault("variant", variant)
+        results.append(result)
+        summary = {
+            k: result[k] for k in ("tokens_per_s", "layers", "gpu_peak_gib", "host_peak_gib") if k in result
+        }
+        print(f"[e2e] {variant}: {summary or result}", flush=True)
+    first = next((r for r in results if "device" in r), {})
+    report = {
+        "model": "tiny Qwen3-MoE"
+        if args.tiny
+        else f"Qwen3-30B-A3B architecture ({args.layers} of 48 layers)",
+        "machine": machine_info(),
+        "gpu": {"cpu": "none (CPU only)"}.get(first.get("device", "?"), first.get("device", "?")),
+        "seq_len": args.seq_len,
+        "batch": args.batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "split_steps": args.split_steps,
+        "results": results,
+    }
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(report))
+    plot(report, out / "results.png")
+    print(markdown(report))
+    print(f"[e2e] wrote {out / 'results.json'}, results.md, results.png")
+    return 0 if all("tokens_per_s" in r for r in results) else 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="bench-e2e", help="output directory")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 8 of 48; tiny 2)")
+    parser.add_argument(
+        "--seq-len", type=int, default=None, help="tokens per sequence (default 2048; tiny 64)"
+    )
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--split-steps", type=int, default=2, help="instrumented kt-sft steps for the split")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument(
+        "--threads", type=int, default=None, help="kt-sft kernel threads (default: all cores)"
+    )
+    parser.add_argument(
+        "--torch-threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+    )
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="a tiny Qwen3-MoE (runs on a CPU in seconds)")
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-layers", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.seq_len is None:
+        args.seq_len = 64 if args.tiny else 2048
+    if args.layers is None:
+        args.layers = 2 if args.tiny else 8
+    for name in ("layers", "seq_len", "batch", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.worker is not None:
+        return worker_main(args)
+    return parent_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
