@@ -43,7 +43,8 @@ def test_mapping_yaml_and_env_agree(tmp_path) -> None:  # type: ignore[no-untype
         "KT_SFT_THREADS": "4",
         "KT_SFT_ACTIVATION_POLICY": "recompute",
         "KT_SFT_MAX_ISA": "avx512",
-        "KT_SFT_PROFILE": "/tmp/trace.json",  # the kernel wheel's variable: not ours, not an error
+        "KT_SFT_PROFILE": "/tmp/trace.json",  # the kernel wheel's variables: not ours, not an error
+        "KT_SFT_NUM_THREADS": "3",
         "PATH": "/usr/bin",
     }
     assert KTConfig.from_env(env) == expected

@@ -22,7 +22,7 @@ ISA_TIERS = ("portable", "avx2", "avx512", "avx512_bf16", "amx")
 DISTRIBUTED_MODES = ("none", "host_owner")
 ENV_PREFIX = "KT_SFT_"
 # Variables of the KT_SFT_ namespace that belong to the kernel wheel, not to KTConfig.
-KERNEL_ONLY_ENV = frozenset({"KT_SFT_PROFILE"})
+KERNEL_ONLY_ENV = frozenset({"KT_SFT_PROFILE", "KT_SFT_NUM_THREADS"})  # read by kt_sft_kernels itself
 
 
 class KTConfigError(ValueError):
