@@ -43,8 +43,9 @@ class Step:
     def step(self) -> None:
         out = np.empty((T, H), BF16)
         handle = self.layer.forward(self.x, self.ids, self.w, out, lora=self.lora, save=True)
-        self.layer.backward(handle, self.x, np.empty((T, H), BF16), np.empty((T, K), np.float32),
-                            lora_grads=self.grads)
+        self.layer.backward(
+            handle, self.x, np.empty((T, H), BF16), np.empty((T, K), np.float32), lora_grads=self.grads
+        )
 
 
 @pytest.fixture
