@@ -4,7 +4,7 @@
 #   bench    benchmarks/bench_moe.py, our tiers vs PyTorch vs kt-kernel 0.7.2, Qwen3-30B-A3B T=512,4096
 #   train    the training suites with the GPU for non-expert parts and the best tier for experts
 #   e2e      benchmarks/e2e_train.py (full-width Qwen3-30B-A3B layers, GPU + AMX)
-# Needs: the ignored folders .whl (pytest, ml_dtypes wheels for Python 3.12) and .kt_kernel/py312
+# Needs: the ignored folders .whl (pytest, ml_dtypes, setuptools wheels for Python 3.12) and .kt_kernel/py312
 # carried along. Everything lands in $OUT/device.tar.gz plus one summary printed at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +16,10 @@ if [ -d .whl ]; then
   export PYTHONPATH=/tmp/site
 fi
 summary=$work/summary.txt
+# Both wheels, built here (no network: --no-build-isolation uses the machine's nanobind, scikit-build-core
+# and the carried setuptools).
+python3 -m pip install -q --no-build-isolation --no-deps ./packages/kt-sft-kernels ./packages/kt-sft-train \
+  >"$work/install.log" 2>&1 || { echo "install failed"; tail -n 30 "$work/install.log"; }
 run() {  # run NAME LIMIT COMMAND...
   local name=$1 limit=$2; shift 2
   local start=$SECONDS
@@ -38,7 +42,6 @@ for stage in "$@"; do
         --max-seconds 20 --out "$work/bench"
       cat "$work/bench/results.md" >>"$summary" 2>/dev/null ;;
     train)
-      python3 -m pip install -q --no-build-isolation --no-deps ./packages/kt-sft-kernels ./packages/kt-sft-train
       run train 400 python3 -m pytest -q -rs -p no:cacheprovider packages/kt-sft-train/tests
       tail -n 15 "$work/train.log" >>"$summary" ;;
     e2e)
