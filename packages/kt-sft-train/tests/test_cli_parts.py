@@ -219,7 +219,7 @@ def test_step_timer_charges_the_cpu_experts_and_restores_everything(stand_in_job
     model = load_kt_model(stand_in_job / "model", KTConfig(backend="reference"), dtype=torch.float32)
     layers = [m.layer for m in model.modules() if isinstance(m, KTExperts)]
     originals = (kt_autograd.to_host, kt_autograd.to_device)
-    ids = torch.randint(3, 40, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 40, (2, 12), generator=torch.Generator().manual_seed(0)).to(model.device)
     with StepTimer(model) as timer:
         assert kt_autograd.to_host is not originals[0]
         with pytest.raises(RuntimeError, match="already installed"):
