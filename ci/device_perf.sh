@@ -51,7 +51,8 @@ import numpy as np
 
 out_dir = sys.argv[1]
 BF16 = ml_dtypes.bfloat16
-R, THREADS, REPS = 16, 16, 3
+R, THREADS = 16, 16
+REPS = int(os.environ.get("KT_PERF_REPS", "3"))
 TIER = os.environ.get("KT_PERF_TIER", "amx")  # another tier only for a dry run of this script
 THREADS = int(os.environ.get("KT_PERF_THREADS", THREADS))
 kk.set_max_isa(TIER)

@@ -16,8 +16,8 @@ for spec in "$@"; do
   mkdir -p "$OUT/$label"
   echo "######## $label ($dir)"
   if [ "$i" -lt "$n" ]; then
-    KT_PERF_SKIP_TESTS=1 KT_PERF_SKIP_DSV3=1 KT_PERF_SITE=/tmp/kt-perf-site-$label OUT=$OUT/$label \
-      bash "$here/device_perf.sh" "$dir" 2>&1 | tee "$OUT/$label/perf.log" | grep -E "THP|build|T=|determinism|FAIL|Error|error" || status=1
+    KT_PERF_SKIP_TESTS=${KT_PERF_AB_SKIP_TESTS:-1} KT_PERF_SKIP_DSV3=1 KT_PERF_SITE=/tmp/kt-perf-site-$label OUT=$OUT/$label \
+      bash "$here/device_perf.sh" "$dir" 2>&1 | tee "$OUT/$label/perf.log" | grep -E "THP|build|T=|determinism|FAIL|Error|error|passed|failed" || status=1
   else
     KT_PERF_SITE=/tmp/kt-perf-site-$label OUT=$OUT/$label bash "$here/device_perf.sh" "$dir" 2>&1 \
       | tee "$OUT/$label/perf.log" || status=1
