@@ -34,6 +34,12 @@ def library_version() -> str:
     return str(getattr(kk, "__version__", "unknown"))
 
 
+def build_info() -> dict:
+    import kt_sft_kernels as kk
+
+    return dict(kk.build_info()) if hasattr(kk, "build_info") else {}
+
+
 class Ours:
     name = "ours"
 

@@ -160,7 +160,11 @@ def run_probe(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         import _bench_ours
 
-        result["ours"] = {"tiers": _bench_ours.supported_tiers(), "version": _bench_ours.library_version()}
+        result["ours"] = {
+            "tiers": _bench_ours.supported_tiers(),
+            "version": _bench_ours.library_version(),
+            "build": _bench_ours.build_info(),
+        }
     except Exception as error:
         result["ours"] = {"error": f"{type(error).__name__}: {error}"}
     try:

@@ -419,7 +419,8 @@ def main(argv: list[str]) -> int:
         )
         h.probe = h.child({"task": "probe", "kt_path": str(h.kt_path)}, "probe")
         for name in ("ours", "torch", "kt"):
-            print(f"{name}: {h.probe.get(name)}", flush=True)
+            summary = {k: v for k, v in h.probe.get(name, {}).items() if k != "build"}
+            print(f"{name}: {summary}", flush=True)
         started = time.time()
         h.ceilings = h.child({"task": "ceilings", "threads": args.threads or h.cpus}, "ceilings")
         for line in _bench_report.machine_lines(h.machine, h.ceilings):
