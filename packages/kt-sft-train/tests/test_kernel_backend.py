@@ -136,8 +136,16 @@ def test_kernel_results_do_not_depend_on_thread_count() -> None:
     assert all(torch.equal(a, b) for a, b in zip(grads1, grads2, strict=True))
 
 
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_whole_model_kernels_vs_hf_peft_bf16(family: str) -> None:
+def test_whole_model_kernels_vs_hf_peft_bf16(family: str, device: str) -> None:
+    """On a GPU host the dense part of both models runs on the GPU; KT's experts stay on the CPU kernels."""
     base = tiny_model(family, torch.bfloat16)
     arch = get_moe_arch_config(base)
     hf = get_peft_model(deep_copy(base), kt_lora_config(arch, r=4))
@@ -148,8 +156,10 @@ def test_whole_model_kernels_vs_hf_peft_bf16(family: str) -> None:
     for model in (hf, kt):
         unfreeze_routers(model)
     assert all(m.backend == "kernels" for m in kt.modules() if isinstance(m, KTExperts))
+    for model in (hf, kt):
+        model.to(device)  # KTExperts keep their experts and expert LoRA on the CPU
 
-    ids = batch(length=16)
+    ids = batch(length=16).to(device)
     losses = []
     for model in (hf, kt):
         loss = model(input_ids=ids, labels=ids).loss

@@ -196,7 +196,7 @@ def trainable_grads(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Relative Frobenius error, in float64."""
-    actual, expected = actual.detach().double(), expected.detach().double()
+    actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
     return float((actual - expected).norm() / expected.norm().clamp_min(1e-300))
 
 
