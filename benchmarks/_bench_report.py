@@ -104,8 +104,9 @@ def machine_lines(machine: dict, ceilings: dict) -> list[str]:
 
 
 TABLE_HEADER = (
-    "| backend | threads | fwd ms | fwd+bwd ms | tokens/s | TFLOP/s | % ceiling | weight GB/s | % BW "
-    "| one-time / per-step extras | peak RSS GB | steps; machine load | err out | err grads |\n"
+    "| backend | threads | fwd ms | fwd+bwd ms (median / best) | tokens/s | TFLOP/s | % ceiling "
+    "| weight GB/s | % BW | one-time / per-step extras | peak RSS GB | steps; machine load "
+    "| err out | err grads |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
@@ -129,7 +130,8 @@ def table_row(run: dict) -> str:
         status = f"**{run['status']}** {run.get('reason', '')}"
         return f"| {name} | {threads} | {status} |||||||||| {err_out} | {err_grad} |"
     return (
-        f"| {name} | {threads} | {_fmt(run['fwd_ms'])} | {_fmt(run['fwd_bwd_ms'])} "
+        f"| {name} | {threads} | {_fmt(run['fwd_ms'])} | {_fmt(run['fwd_bwd_ms'])} / "
+        f"{_fmt(min(run['samples_ms']['fwd_bwd']))} "
         f"| {_sig(run['tokens_per_s'])} | {_sig(run['tflops'])} | {_fmt(run['pct_ceiling'])} "
         f"| {_fmt(run['weight_gbps'])} | {_fmt(run['pct_bandwidth'])} | {_one_time(run)} "
         f"| {_fmt(run['peak_rss_gb'], 2)} | {_steps(run)} | {err_out} | {err_grad} |"
@@ -147,7 +149,8 @@ def markdown(results: dict) -> str:
         f"- Command: `{results['command']}`",
         "",
         "fwd = forward that saves for backward; fwd+bwd = forward + backward (+ kt's per-step repack when "
-        "it has one). TFLOP/s by the DESIGN.md §7 convention; % ceiling = of the measured matmul ceiling; "
+        "it has one); median of the timed steps (metrics use it), and the best step. TFLOP/s by the "
+        "DESIGN.md §7 convention; % ceiling = of the measured matmul ceiling; "
         "weight GB/s = active experts' bf16 weights streamed once per pass (2 passes); % BW = of the "
         "measured triad. Errors: relative Frobenius vs the float64 reference (out; max over dx, grad_w "
         "and the four LoRA grads). FAILED = error above DESIGN.md §7, so no time is reported. Machine load: "
