@@ -98,6 +98,8 @@ SHAPES = [
     Shape(33, 8, 1, 224, 160, 16, 8, BF16, BF16, np.int64, F32, idle=1, out_dtype=F32),
     Shape(200, 16, 8, 96, 160, 16, 0, F32, BF16, np.int64, F32, idle=2, invalid=7),
     Shape(200, 8, 2, 96, 160, 0, 16, BF16, F32, np.int32, BF16, idle=1),
+    # ~400 pairs per expert: several GEMM calls per expert (more than one 256-row chunk)
+    Shape(400, 3, 2, 96, 160, 16, 8, F32, BF16, np.int32, F32, idle=1),
 ]
 
 

@@ -35,12 +35,23 @@ constexpr int kGateUpBlock = 128;  // gate (and as many up) columns of one F2 ta
 constexpr int kDownBlock = 256;    // output columns of one F4 task (same reason; measured best on AMX)
 constexpr int kWideBlock = 256;    // output columns of one backward task (NN products: a wider
                                    // strip of the row-major weights per visit of each row)
-constexpr int kChunkRows = 128;    // routed pairs per GEMM call (AMX: one weight pass per 128 rows)
+constexpr int kMaxChunkRows = 256; // routed pairs per GEMM call at most (AMX: one weight pass per call)
 constexpr int kPairChunk = 32;     // routed pairs per task of the per-pair phases
 constexpr int kTokenChunk = 16;    // tokens per task of the combine phases
 constexpr int kCombineWidth = 512; // columns summed per pass in the combine phases
 
+// fp32 result block of one GEMM call in F2 / B2 (too big for a worker's stack).
+constexpr std::size_t kTileFloats = static_cast<std::size_t>(kMaxChunkRows) * std::max(2 * kGateUpBlock, kWideBlock);
+
 int blocks_of(int n, int block = kBlock) { return (n + block - 1) / block; }
+
+// Rows per GEMM call for an expert with `rows` routed pairs: the fewest calls of at most
+// kMaxChunkRows rows, of equal size rounded up to whole 16-row tiles. Each call streams the task's
+// weights once, so an expert of 130 rows makes one call, not 128 + 2.
+std::int64_t chunk_rows(std::int64_t rows) {
+  const std::int64_t calls = std::max<std::int64_t>(1, (rows + kMaxChunkRows - 1) / kMaxChunkRows);
+  return ((rows + calls - 1) / calls + 15) / 16 * 16;
+}
 
 std::size_t dtype_size(DType d) {
   switch (d) {
@@ -220,7 +231,7 @@ void build_chunks(const Routing& r, std::vector<PairChunk>& chunks) {
 }
 
 // Tile-packed activation rows for one operand of one phase, for tiers whose GEMMs want them
-// (KernelTable::pack_a_nt/nn non-null: amx). Each kChunkRows chunk of each expert's rows (the same
+// (KernelTable::pack_a_nt/nn non-null: amx). Each chunk_rows() chunk of each expert's rows (the same
 // chunks the GEMM tasks use) is packed once, in parallel, and then shared by every column-block
 // task of that expert.
 class PackedRows {
@@ -235,8 +246,9 @@ class PackedRows {
     chunks_.clear();
     for (int e : r.active) {
       first_[e] = static_cast<std::int64_t>(offsets_.size());
-      for (std::int64_t b = r.offsets[e]; b < r.offsets[e + 1]; b += kChunkRows) {
-        const int m = static_cast<int>(std::min<std::int64_t>(kChunkRows, r.offsets[e + 1] - b));
+      const std::int64_t step = chunk_rows(r.rows_of(e));
+      for (std::int64_t b = r.offsets[e]; b < r.offsets[e + 1]; b += step) {
+        const int m = static_cast<int>(std::min(step, r.offsets[e + 1] - b));
         offsets_.push_back(bytes);
         chunks_.push_back({e, b, b + m});
         bytes += kt.packed_a_bytes(m, k);
@@ -252,7 +264,7 @@ class PackedRows {
   }
   // The packing of the chunk of expert e that starts at sorted row b.
   const void* at(const Routing& r, int e, std::int64_t b) const {
-    return storage_.data() + offsets_[first_[e] + (b - r.offsets[e]) / kChunkRows];
+    return storage_.data() + offsets_[first_[e] + (b - r.offsets[e]) / chunk_rows(r.rows_of(e))];
   }
 
  private:
@@ -281,6 +293,7 @@ struct Workspace {
   Routing routing;  // forward(save=false) keeps its routing here
   Buffer<bf16> xb, gb, gu, hb, dgu;
   Buffer<float> ax, ad, bg, bgu, rows, gw_part, gw, scratch;
+  Buffer<float> tiles;  // per thread: one GEMM call's fp32 result block (kTileFloats)
   Buffer<const bf16*> x_rows, g_rows, h_rows, dgu_rows;
   std::vector<PairChunk> chunks;
   PackedRows packed;  // activation packing of the current phase (amx-style tiers only)
@@ -484,15 +497,16 @@ ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& we
   // F2: gate and up rows of one column block, + LoRA, rounded to bf16 (R1); h = silu(g) u (R2).
   const int i_blocks = blocks_of(I, kGateUpBlock);
   const PackedRows* xp = ws.packed.build(kt, false, r, x_rows, H, pool) ? &ws.packed : nullptr;
-  run_tasks(pool, Stage::gate_up, n_active * i_blocks, [&](std::int64_t task, int) {
+  float* tiles = ws.tiles.ensure(static_cast<std::size_t>(pool.size()) * kTileFloats);
+  run_tasks(pool, Stage::gate_up, n_active * i_blocks, [&](std::int64_t task, int thread) {
     const int e = r.active[task / i_blocks];
     const int i0 = static_cast<int>(task % i_blocks) * kGateUpBlock, i1 = std::min(I, i0 + kGateUpBlock);
     const int width = i1 - i0;
     const void* w = L.gate_up_of(e);
-    alignas(64) float tile[kChunkRows * 2 * kGateUpBlock];  // [row][gate block | up block]
+    float* tile = tiles + thread * kTileFloats;  // [row][gate block | up block]
     constexpr std::int64_t ld = 2 * kGateUpBlock;
-    for (std::int64_t b = r.offsets[e]; b < r.offsets[e + 1]; b += kChunkRows) {
-      const int m = static_cast<int>(std::min<std::int64_t>(kChunkRows, r.offsets[e + 1] - b));
+    for (std::int64_t b = r.offsets[e], step = chunk_rows(r.rows_of(e)); b < r.offsets[e + 1]; b += step) {
+      const int m = static_cast<int>(std::min(step, r.offsets[e + 1] - b));
       chunk_nt(kt, xp, r, e, b, m, x_rows, w, 2 * I, H, i0, i1, tile, ld);
       chunk_nt(kt, xp, r, e, b, m, x_rows, w, 2 * I, H, I + i0, I + i1, tile + kGateUpBlock, ld);
       if (rg) {
@@ -525,8 +539,8 @@ ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& we
   run_tasks(pool, Stage::down, n_active * h_blocks, [&](std::int64_t task, int) {
     const int e = r.active[task / h_blocks];
     const int h0 = static_cast<int>(task % h_blocks) * kDownBlock, h1 = std::min(H, h0 + kDownBlock);
-    for (std::int64_t b = r.offsets[e]; b < r.offsets[e + 1]; b += kChunkRows) {
-      const int m = static_cast<int>(std::min<std::int64_t>(kChunkRows, r.offsets[e + 1] - b));
+    for (std::int64_t b = r.offsets[e], step = chunk_rows(r.rows_of(e)); b < r.offsets[e + 1]; b += step) {
+      const int m = static_cast<int>(std::min(step, r.offsets[e + 1] - b));
       chunk_nt(kt, hp, r, e, b, m, h_rows, L.down_of(e), H, I, h0, h1, y + b * H + h0, H);
       if (rd) {
         const auto timed = part(Stage::lora_b);
@@ -635,6 +649,7 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
   const bool want_db_d = rd && lg.db_d;
   const std::int64_t main_tasks = n_active * i_blocks;
   const PackedRows* gp = ws.packed.build(kt, true, r, g_rows, H, pool) ? &ws.packed : nullptr;
+  float* tiles = ws.tiles.ensure(static_cast<std::size_t>(pool.size()) * kTileFloats);
   run_tasks(pool, Stage::bwd_down, main_tasks + (want_db_d ? n_active * db_d_blocks : 0), [&](std::int64_t task, int thread) {
     float* tscratch = scratch + thread * scratch_per_thread;
     if (task >= main_tasks) {
@@ -651,9 +666,9 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
     const int blk = static_cast<int>(task % i_blocks);
     const int i0 = blk * kWideBlock, i1 = std::min(I, i0 + kWideBlock);
     const int width = i1 - i0;
-    alignas(64) float v[kChunkRows * kWideBlock];
-    for (std::int64_t b = r.offsets[e]; b < r.offsets[e + 1]; b += kChunkRows) {
-      const int m = static_cast<int>(std::min<std::int64_t>(kChunkRows, r.offsets[e + 1] - b));
+    float* v = tiles + thread * kTileFloats;
+    for (std::int64_t b = r.offsets[e], step = chunk_rows(r.rows_of(e)); b < r.offsets[e + 1]; b += step) {
+      const int m = static_cast<int>(std::min(step, r.offsets[e + 1] - b));
       chunk_nn(kt, gp, r, e, b, m, g_rows, L.down_of(e), H, I, i0, i1, v, kWideBlock);
       if (rd)
         kt.lora_at_add(m, bg + b * rd, expert_slice(lora.a_d, e), lora_dtype, rd, I, i0, i1, lora.scale_d, v,
@@ -704,8 +719,8 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
       const int e = r.active[task / h_blocks];
       const int h0 = static_cast<int>(task % h_blocks) * kWideBlock, h1 = std::min(H, h0 + kWideBlock);
       if (grad_x)
-        for (std::int64_t b = r.offsets[e]; b < r.offsets[e + 1]; b += kChunkRows) {
-          const int m = static_cast<int>(std::min<std::int64_t>(kChunkRows, r.offsets[e + 1] - b));
+        for (std::int64_t b = r.offsets[e], step = chunk_rows(r.rows_of(e)); b < r.offsets[e + 1]; b += step) {
+          const int m = static_cast<int>(std::min(step, r.offsets[e + 1] - b));
           chunk_nn(kt, dp, r, e, b, m, dgu_rows, L.gate_up_of(e), 2 * I, H, h0, h1, dx_rows + b * H + h0, H);
           if (rg)
             kt.lora_at_add(m, bgu + b * rg, expert_slice(lora.a_gu, e), lora_dtype, rg, H, h0, h1, lora.scale_gu,

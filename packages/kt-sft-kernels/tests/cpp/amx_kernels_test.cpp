@@ -179,7 +179,7 @@ void test_determinism(std::mt19937& rng) {
   Weights w(160, 288, rng);
   for (Kind kind : {Kind::nt, Kind::nn}) {
     const int k = kind == Kind::nt ? w.cols : w.rows, outputs = kind == Kind::nt ? w.rows : w.cols;
-    for (int m : {2, 37, 150}) {
+    for (int m : {2, 37, 150, 290}) {
       Rows a(m, k, rng);
       const std::vector<float> whole = run(kind, Entry::rows, m, a, w, 0, outputs);
       EXPECT(same_bits(whole, run(kind, Entry::rows, m, a, w, 0, outputs)), "repeat differs (m=%d)", m);
@@ -266,7 +266,7 @@ int main() {
   (void)kt::runtime::cpu_features();
 #endif
   std::mt19937 rng(20240611);
-  const std::vector<int> ms = {1, 2, 3, 4, 5, 15, 16, 17, 31, 32, 33, 48, 64, 100, 129, 150};
+  const std::vector<int> ms = {1, 2, 3, 4, 5, 15, 16, 17, 31, 32, 33, 48, 64, 100, 129, 150, 250, 290};
   test_pack_roundtrip(rng);
   const int default_small_m = kt::isa_amx::tuning().small_m;
   for (int small : {1, 4, 17}) {  // AMX for every m, dot products up to m = 3, dot products up to m = 16

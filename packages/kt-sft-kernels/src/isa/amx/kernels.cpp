@@ -29,13 +29,15 @@
 //
 // ---- Blocking (AMX path) --------------------------------------------------------------------------
 // Tiles 0..3 accumulate a 2 x 2 block of 16 x 16 fp32 results, 4..5 hold the weight-derived operands,
-// 6..7 the activation tiles: per reduction step 4 tile loads feed 4 TDPBF16PS. The reduction runs in
-// chunks of kc_steps tiles: a chunk of the weight panel (2 x kc_steps KB) stays in L1 while every
-// row pair of the m-block (up to 128 rows) streams its activation tiles past it; between chunks the
-// accumulators go through a stack spill buffer (exact fp32, so the result does not depend on
-// kc_steps). The next chunk of weights is prefetched while the first row pair runs; the activation
-// tiles are prefetched a few steps ahead during the first column pair of a call (they come from L3,
-// packed by other threads; later column pairs find them in L2, where prefetching to L1 only costs).
+// 6..7 the activation tiles: per reduction step 4 tile loads feed 4 TDPBF16PS. Per m-block (up to
+// 128 rows) the reduction runs in chunks of kc_steps tiles, chunk outermost, then output column
+// pairs, then row pairs: a (chunk, column pair) of weight tiles (2 x kc_steps KB) stays in L1 while
+// every row pair streams its activation tiles past it, and the chunk's activation tiles (<= 8 x
+// kc_steps KB) stay in L1/L2 for every column pair. Between chunks the accumulators of each
+// (column pair, row pair) wait in a per-thread spill buffer (exact fp32, so the result does not
+// depend on kc_steps). The next (chunk, column pair) of weights is prefetched while the first row
+// pair runs; the activation tiles a few steps ahead during the chunk's first column pair (they come
+// from L3, packed by other threads; later column pairs find them cached).
 //
 // ---- Determinism ------------------------------------------------------------------------------------
 // Every output element is one chain of TDPBF16PS (or VDPBF16PS) steps over the reduction in
@@ -82,7 +84,7 @@ Tuning& tuning() {
 namespace {
 
 constexpr int kTileBytes = 1024;
-constexpr int kMBlockTiles = 8;  // 128 rows per m-block
+constexpr int kMBlockTiles = 16;  // 256 rows per m-block (layer.cpp calls with at most that)
 constexpr int kMaxKcSteps = 32;  // bounds the stack buffers below
 constexpr int kPerm[8] = {0, 4, 1, 5, 2, 6, 3, 7};
 
@@ -398,56 +400,62 @@ inline TileStream act_pair(const std::uint8_t* act, std::size_t panel, int mt, i
   return {base, mt + 1 < mb_end ? base + panel : nullptr};
 }
 
-// The activation tiles that follow row pair mt's chunk [s0, s1) in execution order: the next pair's
-// chunk, else the block's first pair at s1, else (when another column pair follows) at 0.
-inline TileStream act_after(const std::uint8_t* act, std::size_t panel, int mt, int mb, int mb_end, int s0, int s1,
-                            int steps, bool more_columns) {
-  if (mt + 2 < mb_end) return act_pair(act, panel, mt + 2, mb_end, s0);
-  if (s1 < steps) return act_pair(act, panel, mb, mb_end, s1);
-  if (more_columns) return act_pair(act, panel, mb, mb_end, 0);
-  return {};
-}
+// Per-thread home of the accumulators between reduction chunks: one 4 KB slot per (column pair,
+// row pair) of a call. Exact fp32, so chunking never changes a result.
+thread_local ThreadScratch spill_store;
 
+// The loop order (file header, "Blocking"): with the column pair outermost instead, every column
+// pair re-streamed the whole activation panel, which for long reductions (DeepSeek-V3: 128 rows x
+// 7168 = 1.8 MB) no longer fits L2. A block of one row pair has nothing to share: one chunk.
 void nt_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int n0, int n1, float* c, std::int64_t ldc) {
   const TileSession session;
-  const int k_steps = k / 32, m_tiles = (m + 15) / 16;
+  const int k_steps = k / 32, m_tiles = (m + 15) / 16, col_pairs = (n1 - n0) / 32;
   const bool prefetch = tuning().prefetch;
   const int ahead = prefetch ? std::max(0, tuning().act_prefetch_steps) : 0;
-  alignas(64) std::uint8_t spill[kMBlockTiles / 2][4 * kTileBytes];
   const std::size_t panel = static_cast<std::size_t>(k_steps) * kTileBytes;  // one 16-row tile row
   for (int mb = 0; mb < m_tiles; mb += kMBlockTiles) {
     const int mb_end = std::min(m_tiles, mb + kMBlockTiles);
-    // A single row pair has no other pair to share a cached weight chunk with: no chunking, no spills.
-    const int kc = mb_end - mb > 2 ? kc_steps() : k_steps;
-    for (int n = n0; n < n1; n += 32) {
-      // The two W tile rows of this column pair are contiguous (2 * panel bytes); the next pair follows.
-      const std::uint8_t* w0 = w + static_cast<std::size_t>(n / 16) * panel;
-      const std::uint8_t* w1 = w0 + panel;
-      const bool more_columns = n + 32 < n1;
-      for (int kb0 = 0; kb0 < k_steps; kb0 += kc) {
-        const int kb1 = std::min(k_steps, kb0 + kc);
-        const bool first = kb0 == 0, last = kb1 == k_steps;
-        for (int mt = mb; mt < mb_end; mt += 2) {
+    const int row_pairs = (mb_end - mb + 1) / 2;
+    const int kc = row_pairs > 1 ? kc_steps() : k_steps;
+    auto* spill = static_cast<std::uint8_t*>(
+        kc < k_steps ? spill_store.ensure(static_cast<std::size_t>(col_pairs * row_pairs) * 4 * kTileBytes) : nullptr);
+    for (int kb0 = 0; kb0 < k_steps; kb0 += kc) {
+      const int kb1 = std::min(k_steps, kb0 + kc);
+      const bool first = kb0 == 0, last = kb1 == k_steps;
+      for (int cp = 0; cp < col_pairs; ++cp) {
+        const int n = n0 + 32 * cp;
+        // The two W tile rows of this column pair are contiguous (2 * panel bytes); the next pair follows.
+        const std::uint8_t* w0 = w + static_cast<std::size_t>(n / 16) * panel;
+        const std::uint8_t* w1 = w0 + panel;
+        for (int rp = 0; rp < row_pairs; ++rp) {
+          const int mt = mb + 2 * rp;
           Prefetch pf;
-          pf.ahead = n == n0 ? ahead : 0;  // later column pairs find the activations in L2
-          pf.act_next = act_after(act, panel, mt, mb, mb_end, kb0, kb1, k_steps, more_columns);
-          if (prefetch && mt == mb) {
-            const std::size_t next = static_cast<std::size_t>(kb1) * kTileBytes;
-            if (kb1 < k_steps) pf.w_next = {w0 + next, w1 + next};
-            else if (more_columns) pf.w_next = {w0 + 2 * panel, w1 + 2 * panel};
+          // The chunk's first column pair brings its activation tiles in (the others find them cached);
+          // the very last row pair of the chunk starts on the next chunk's.
+          const bool chunk_end = cp + 1 == col_pairs && rp + 1 == row_pairs && !last;
+          if (cp == 0 || chunk_end) pf.ahead = ahead;
+          if (cp == 0 && rp + 1 < row_pairs) pf.act_next = act_pair(act, panel, mt + 2, mb_end, kb0);
+          if (chunk_end) pf.act_next = act_pair(act, panel, mb, mb_end, kb1);
+          if (prefetch && rp == 0) {  // the weights of the next (chunk, column pair)
+            if (cp + 1 < col_pairs) pf.w_next = {w0 + 2 * panel + kb0 * std::size_t{kTileBytes}, w1 + 2 * panel + kb0 * std::size_t{kTileBytes}};
+            else if (!last) {
+              const std::uint8_t* first_w = w + static_cast<std::size_t>(n0 / 16) * panel + kb1 * std::size_t{kTileBytes};
+              pf.w_next = {first_w, first_w + panel};
+            }
           }
-          std::uint8_t* sp = spill[(mt - mb) / 2];
+          std::uint8_t* sp = spill ? spill + static_cast<std::size_t>(cp * row_pairs + rp) * 4 * kTileBytes : nullptr;
           const std::uint8_t* a0 = act + static_cast<std::size_t>(mt) * panel;
           float* out = c + static_cast<std::int64_t>(16 * mt) * ldc + (n - n0);
           const int rows0 = std::min(16, m - 16 * mt), rows1 = std::min(16, m - 16 * mt - 16);
+          const Prefetch* p = pf.ahead || pf.w_next.row0 ? &pf : nullptr;
           if (mt + 1 < mb_end) {
             load_accumulators<2>(sp, first);
-            nt_steps<2>(w0, w1, a0, a0 + panel, kb0, kb1, pf.ahead || pf.w_next.row0 ? &pf : nullptr);
+            nt_steps<2>(w0, w1, a0, a0 + panel, kb0, kb1, p);
             if (last) nt_output<2>(out, ldc, rows0, rows1);
             else spill_accumulators<2>(sp);
           } else {
             load_accumulators<1>(sp, first);
-            nt_steps<1>(w0, w1, a0, nullptr, kb0, kb1, pf.ahead || pf.w_next.row0 ? &pf : nullptr);
+            nt_steps<1>(w0, w1, a0, nullptr, kb0, kb1, p);
             if (last) nt_output<1>(out, ldc, rows0, 0);
             else spill_accumulators<1>(sp);
           }
@@ -549,38 +557,46 @@ inline void nn_output(float* c, std::int64_t ldc, int rows0, int rows1) {
 void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int cols, int j0, int j1, float* c,
             std::int64_t ldc) {
   const TileSession session;
-  const int q_steps = k / 32, tile_cols = cols / 32, m_tiles = (m + 15) / 16;
+  const int q_steps = k / 32, tile_cols = cols / 32, m_tiles = (m + 15) / 16, col_tiles = (j1 - j0) / 32;
   const bool prefetch = tuning().prefetch;
   const int ahead = prefetch ? std::max(0, tuning().act_prefetch_steps) : 0;
-  alignas(64) std::uint8_t spill[kMBlockTiles / 2][4 * kTileBytes];
   alignas(64) std::uint8_t bbuf[kMaxKcSteps * 2 * kTileBytes];
   const std::size_t panel = static_cast<std::size_t>(q_steps) * kTileBytes;  // one m-tile of activations
   for (int mb = 0; mb < m_tiles; mb += kMBlockTiles) {
     const int mb_end = std::min(m_tiles, mb + kMBlockTiles);
+    const int row_pairs = (mb_end - mb + 1) / 2;
     // One row pair: the largest chunk the B-tile buffer holds (fewer accumulator spills).
-    const int kc = mb_end - mb > 2 ? kc_steps() : kMaxKcSteps;
-    for (int j = j0; j < j1; j += 32) {
-      const int ct = j / 32;
-      for (int qs0 = 0; qs0 < q_steps; qs0 += kc) {
-        const int qs1 = std::min(q_steps, qs0 + kc);
-        const bool first = qs0 == 0, last = qs1 == q_steps;
-        // The weights of the next chunk in execution order: this column tile from qs1, else the
-        // next column tile from 0. Step qs of this chunk prefetches step qs - qs0 of that one.
-        const int next_q0 = last ? 0 : qs1, next_ct = last ? ct + 1 : ct;
+    const int kc = row_pairs > 1 ? kc_steps() : kMaxKcSteps;
+    auto* spill = static_cast<std::uint8_t*>(
+        kc < q_steps ? spill_store.ensure(static_cast<std::size_t>(col_tiles * row_pairs) * 4 * kTileBytes) : nullptr);
+    for (int qs0 = 0; qs0 < q_steps; qs0 += kc) {
+      const int qs1 = std::min(q_steps, qs0 + kc);
+      const bool first = qs0 == 0, last = qs1 == q_steps;
+      for (int ci = 0; ci < col_tiles; ++ci) {
+        const int j = j0 + 32 * ci, ct = j / 32;
+        // The weights of the next (chunk, column tile): the neighbouring tiles of the same tile rows,
+        // else the first column tile from qs1. Step qs of this chunk prefetches step qs - qs0 of those.
+        const bool more_columns = ci + 1 < col_tiles;
+        const int next_q0 = more_columns ? qs0 : qs1, next_ct = more_columns ? ct + 1 : j0 / 32;
         for (int qs = qs0; qs < qs1; ++qs) {
           std::uint8_t* b = bbuf + static_cast<std::size_t>(qs - qs0) * 2 * kTileBytes;
           build_nn_tiles(w, tile_cols, qs, ct, b, b + kTileBytes);
           const int next = next_q0 + (qs - qs0);
-          if (prefetch && next < q_steps && next_ct < j1 / 32) {
+          if (prefetch && (more_columns || !last) && next < q_steps) {
             prefetch_tile(w + tile_offset(2 * next, next_ct, tile_cols));
             prefetch_tile(w + tile_offset(2 * next + 1, next_ct, tile_cols));
           }
         }
-        for (int mt = mb; mt < mb_end; mt += 2) {
+        for (int rp = 0; rp < row_pairs; ++rp) {
+          const int mt = mb + 2 * rp;
           Prefetch pf;  // weights were prefetched while the B tiles were built
-          pf.ahead = j == j0 ? ahead : 0;  // later column tiles find the activations in L2
-          pf.act_next = act_after(act, panel, mt, mb, mb_end, qs0, qs1, q_steps, j + 32 < j1);
-          std::uint8_t* sp = spill[(mt - mb) / 2];
+          // As in nt_amx: the chunk's first column tile brings its activation tiles in, the very last
+          // row pair of the chunk starts on the next chunk's.
+          const bool chunk_end = ci + 1 == col_tiles && rp + 1 == row_pairs && !last;
+          if (ci == 0 || chunk_end) pf.ahead = ahead;
+          if (ci == 0 && rp + 1 < row_pairs) pf.act_next = act_pair(act, panel, mt + 2, mb_end, qs0);
+          if (chunk_end) pf.act_next = act_pair(act, panel, mb, mb_end, qs1);
+          std::uint8_t* sp = spill ? spill + static_cast<std::size_t>(ci * row_pairs + rp) * 4 * kTileBytes : nullptr;
           const std::uint8_t* a0 = act + static_cast<std::size_t>(mt) * panel + static_cast<std::size_t>(qs0) * kTileBytes;
           float* out = c + static_cast<std::int64_t>(16 * mt) * ldc + (j - j0);
           const int rows0 = std::min(16, m - 16 * mt), rows1 = std::min(16, m - 16 * mt - 16);
