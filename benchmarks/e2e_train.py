@@ -677,6 +677,10 @@ def parent_main(args: argparse.Namespace) -> int:
             print(f"[e2e] {variant}: out of GPU memory at {depth} layers, trying {depth // 2}", flush=True)
             depth //= 2
         result.setdefault("variant", variant)
+        if variant == "kt_kernel" and "could_not_run" in result:
+            build = _bench_kt.unavailable_reason(kt_kernel_probe(Path(args.kt_kernel_path)), "bf16")
+            if build is not None:  # the root cause where kt-kernel's own message is generic
+                result["could_not_run"] += f"; {build}"
         results.append(result)
         summary = {
             k: result[k] for k in ("tokens_per_s", "layers", "gpu_peak_gib", "host_peak_gib") if k in result
