@@ -45,9 +45,10 @@ kt-kernel has a separate A for gate and up: 16*H more trainable values per exper
 8,448 vs 6,400 x 16 per expert, +32%), and a little more LoRA arithmetic. Its B starts at zero as ours
 does, so the first step's loss equals the other variants' (same random weights). Its LoRA weights are
 bf16 because its AMXBF16 kernel takes no other dtype (AMXSFTMoEWrapper.init_lora_weights rejects them).
-Host memory: wrap_moe_layers_with_kt_wrapper reads every layer's experts from the model, so they are all
-materialized before it packs them (kt_sft streams one layer at a time): the kt_kernel peak is about the
-bf16 experts twice (8 layers: ~20 GB; 48 layers would need ~120 GB).
+Host memory: wrap_moe_layers_with_kt_wrapper reads every layer's experts from the model, so all of them
+are materialized (bf16, CPU) before it starts; it packs them layer by layer and replaces each layer's
+tensors by empty placeholders, so the peak should stay near one copy of the experts plus one layer's
+temporaries (8 layers: ~10 GB of experts); the peak host RSS column shows what it really was.
 
 Measured per variant: tokens/s over --steps timed steps (after --warmup), peak GPU memory, peak host RSS,
 and for kt_sft the step-time split over --split-steps more steps (GPU / CPU experts / transfers; the
