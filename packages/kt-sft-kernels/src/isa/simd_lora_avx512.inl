@@ -283,7 +283,8 @@ void grad_b(int m, const bf16* const* l, const float* row_scale, const float* t,
   if (r % 16 != 0) {
     for (int j = 0; j < width; ++j)
       for (int q = 0; q < r; ++q)
-        store_as(db + static_cast<std::int64_t>(n0 + j) * r + q, scale * scratch[static_cast<std::int64_t>(q) * width + j]);
+        store_as(db + static_cast<std::int64_t>(n0 + j) * r + q,
+                 scale * scratch[static_cast<std::int64_t>(q) * width + j]);
     return;
   }
   const reg s = _mm512_set1_ps(scale);

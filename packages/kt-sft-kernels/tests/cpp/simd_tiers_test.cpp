@@ -203,7 +203,9 @@ bool all_close(const std::vector<float>& got, const std::vector<float>& want, fl
 }
 
 // Same bits (NaN == NaN): for results that must not depend on how a call is split.
-bool same_bits(const float* got, const float* want, std::size_t n) { return std::memcmp(got, want, n * sizeof(float)) == 0; }
+bool same_bits(const float* got, const float* want, std::size_t n) {
+  return std::memcmp(got, want, n * sizeof(float)) == 0;
+}
 
 // The first `width` columns of each of m rows of c (leading dimension ldc); *padding_nan tells whether
 // every other column is NaN.
@@ -236,7 +238,8 @@ void test_lora_case(const KernelTable& ref, const KernelTable& t, const std::str
   const float nan = std::numeric_limits<float>::quiet_NaN();
   std::vector<bf16> x = random_bf16(static_cast<std::size_t>(m) * (rows + pad));
   const auto x_rows = rows_of(x, m, rows, pad);  // gathered by pointer, not contiguous
-  std::vector<L> a = lora_matrix<L>(static_cast<std::size_t>(r) * rows), b = lora_matrix<L>(static_cast<std::size_t>(rows) * r);
+  const std::size_t lora_size = static_cast<std::size_t>(r) * rows;
+  std::vector<L> a = lora_matrix<L>(lora_size), b = lora_matrix<L>(lora_size);  // A [r, rows], B [rows, r]
   std::vector<float> tin = random_f32(static_cast<std::size_t>(m) * r), scale_rows = random_f32(m);
   const std::size_t mr = static_cast<std::size_t>(m) * r;
 
@@ -279,7 +282,8 @@ void test_lora_case(const KernelTable& ref, const KernelTable& t, const std::str
       for (int i = 0; i < m; i += std::max(1, m / 3)) {
         std::copy_n(c_in.begin() + static_cast<std::ptrdiff_t>(i) * ldc, ldc, one.begin());
         t.lora_b_add(1, tin.data() + static_cast<std::size_t>(i) * r, b.data(), dt, r, n0, n1, 0.5f, one.data(), ldc);
-        check(same_bits(one.data(), c.data() + static_cast<std::size_t>(i) * ldc, ldc), tag + " lora_b_add depends on m");
+        check(same_bits(one.data(), c.data() + static_cast<std::size_t>(i) * ldc, ldc),
+              tag + " lora_b_add depends on m");
       }
       c = c_ref = c_in;
       ref.lora_at_add(m, tin.data(), a.data(), dt, r, rows, n0, n1, -0.75f, c_ref.data(), ldc);
@@ -347,7 +351,8 @@ void test_lora_case(const KernelTable& ref, const KernelTable& t, const std::str
       check(outside_untouched, tag + " lora_grad_a wrote outside its columns" + what);
       if constexpr (std::is_same_v<L, bf16>) {
         std::vector<float> a32(da.size(), nan);
-        t.lora_grad_a(m, tin.data(), rs, x_rows.data(), r, rows, n0, n1, -0.25f, a32.data(), DType::f32, scratch.data());
+        t.lora_grad_a(m, tin.data(), rs, x_rows.data(), r, rows, n0, n1, -0.25f, a32.data(), DType::f32,
+                      scratch.data());
         bool rounded = true;
         for (std::size_t e = 0; e < da.size(); ++e)
           rounded = rounded && (std::isnan(a32[e]) ? std::isnan(af[e]) : da[e] == f32_to_bf16(a32[e]));
