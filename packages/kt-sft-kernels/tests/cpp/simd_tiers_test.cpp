@@ -202,58 +202,185 @@ bool all_close(const std::vector<float>& got, const std::vector<float>& want, fl
   return true;
 }
 
+// Same bits (NaN == NaN): for results that must not depend on how a call is split.
+bool same_bits(const float* got, const float* want, std::size_t n) {
+  return std::memcmp(got, want, n * sizeof(float)) == 0;
+}
+
+// The first `width` columns of each of m rows of c (leading dimension ldc); *padding_nan tells whether
+// every other column is NaN.
+std::vector<float> columns(const std::vector<float>& c, int m, int ldc, int width, bool* padding_nan) {
+  std::vector<float> out;
+  *padding_nan = true;
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < ldc; ++j) {
+      const float v = c[static_cast<std::size_t>(i) * ldc + j];
+      if (j < width) out.push_back(v);
+      else *padding_nan = *padding_nan && std::isnan(v);
+    }
+  return out;
+}
+
 template <class L>
-void test_lora(const KernelTable& ref, const KernelTable& t, const char* name, DType dt) {
-  const int m = 11, k = 96, rows = 160;
-  for (int r : {1, 8, 16, 70}) {
-    std::vector<bf16> x = random_bf16(static_cast<std::size_t>(m) * rows);
-    const auto x_rows = rows_of(x, m, rows, 0);
-    std::vector<L> a = lora_matrix<L>(static_cast<std::size_t>(r) * rows), b = lora_matrix<L>(static_cast<std::size_t>(rows) * r);
-    std::vector<float> tin = random_f32(static_cast<std::size_t>(m) * r), scale_rows = random_f32(m);
-    const std::string tag = std::string(name) + " r=" + std::to_string(r) + (dt == DType::bf16 ? " bf16" : " f32");
-    {
-      std::vector<float> o_ref(m * r), o(m * r);
-      ref.lora_a(m, x_rows.data(), a.data(), dt, r, k, o_ref.data());
-      t.lora_a(m, x_rows.data(), a.data(), dt, r, k, o.data());
-      check(all_close(o, o_ref, 1e-5f), tag + " lora_a");
-      ref.lora_bt(m, x_rows.data(), b.data(), dt, r, rows, o_ref.data());
-      t.lora_bt(m, x_rows.data(), b.data(), dt, r, rows, o.data());
-      check(all_close(o, o_ref, 1e-5f), tag + " lora_bt");
+std::vector<float> as_floats(const std::vector<L>& v) {
+  std::vector<float> out(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) out[i] = as_float(v[i]);
+  return out;
+}
+
+// One LoRA case: m rows, rank r. Row tails (m), rank tails and fallbacks (r), column ranges of 1 to 5
+// blocks of 32 with offsets, row_scale null and not, and that nothing outside an output range is
+// written. Rows of the per-row entries must not depend on m (bitwise: each row alone gives the same
+// bits), and gradient columns not on the column range of the call (bitwise: two calls splitting it).
+template <class L>
+void test_lora_case(const KernelTable& ref, const KernelTable& t, const std::string& tag, DType dt, int m, int r) {
+  const int k = 96, rows = 160, pad = 32;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<bf16> x = random_bf16(static_cast<std::size_t>(m) * (rows + pad));
+  const auto x_rows = rows_of(x, m, rows, pad);  // gathered by pointer, not contiguous
+  const std::size_t lora_size = static_cast<std::size_t>(r) * rows;
+  std::vector<L> a = lora_matrix<L>(lora_size), b = lora_matrix<L>(lora_size);  // A [r, rows], B [rows, r]
+  std::vector<float> tin = random_f32(static_cast<std::size_t>(m) * r), scale_rows = random_f32(m);
+  const std::size_t mr = static_cast<std::size_t>(m) * r;
+
+  {  // lora_a (A [r, k]) and lora_bt (B [rows, r])
+    std::vector<float> o_ref(mr, nan), o(mr, nan), one(r, nan);
+    ref.lora_a(m, x_rows.data(), a.data(), dt, r, k, o_ref.data());
+    t.lora_a(m, x_rows.data(), a.data(), dt, r, k, o.data());
+    check(all_close(o, o_ref, 1e-5f), tag + " lora_a");
+    for (int i = 0; i < m; i += std::max(1, m / 3)) {
+      t.lora_a(1, x_rows.data() + i, a.data(), dt, r, k, one.data());
+      check(same_bits(one.data(), o.data() + static_cast<std::size_t>(i) * r, r), tag + " lora_a depends on m");
     }
-    {
-      std::vector<float> c_ref = random_f32(static_cast<std::size_t>(m) * 96), c = c_ref;
-      ref.lora_b_add(m, tin.data(), b.data(), dt, r, 32, 128, 0.5f, c_ref.data(), 96);
-      t.lora_b_add(m, tin.data(), b.data(), dt, r, 32, 128, 0.5f, c.data(), 96);
-      check(all_close(c, c_ref, 1e-5f), tag + " lora_b_add");
-      ref.lora_at_add(m, tin.data(), a.data(), dt, r, rows, 64, 160, 0.5f, c_ref.data(), 96);
-      t.lora_at_add(m, tin.data(), a.data(), dt, r, rows, 64, 160, 0.5f, c.data(), 96);
-      check(all_close(c, c_ref, 1e-5f), tag + " lora_at_add");
-    }
-    {
-      std::vector<float> scratch(static_cast<std::size_t>(128) * r);
-      std::vector<L> g_ref(static_cast<std::size_t>(rows) * r), g(g_ref.size());
-      ref.lora_grad_b(m, x_rows.data(), scale_rows.data(), tin.data(), r, 32, 160, 0.25f, g_ref.data(), dt,
-                      scratch.data());
-      t.lora_grad_b(m, x_rows.data(), scale_rows.data(), tin.data(), r, 32, 160, 0.25f, g.data(), dt, scratch.data());
-      std::vector<float> gf, gf_ref;
-      for (std::size_t i = 32 * static_cast<std::size_t>(r); i < g.size(); ++i) {
-        gf.push_back(as_float(g[i]));
-        gf_ref.push_back(as_float(g_ref[i]));
-      }
-      check(all_close(gf, gf_ref, dt == DType::bf16 ? 1e-2f : 1e-5f), tag + " lora_grad_b");
-      std::vector<L> da_ref(static_cast<std::size_t>(r) * rows), da(da_ref.size());
-      ref.lora_grad_a(m, tin.data(), nullptr, x_rows.data(), r, rows, 0, 128, 0.25f, da_ref.data(), dt, scratch.data());
-      t.lora_grad_a(m, tin.data(), nullptr, x_rows.data(), r, rows, 0, 128, 0.25f, da.data(), dt, scratch.data());
-      std::vector<float> af, af_ref;
-      for (int q = 0; q < r; ++q)
-        for (int j = 0; j < 128; ++j) {
-          const std::size_t i = static_cast<std::size_t>(q) * rows + j;
-          af.push_back(as_float(da[i]));
-          af_ref.push_back(as_float(da_ref[i]));
-        }
-      check(all_close(af, af_ref, dt == DType::bf16 ? 1e-2f : 1e-5f), tag + " lora_grad_a");
+    std::fill(o.begin(), o.end(), nan);
+    ref.lora_bt(m, x_rows.data(), b.data(), dt, r, rows, o_ref.data());
+    t.lora_bt(m, x_rows.data(), b.data(), dt, r, rows, o.data());
+    check(all_close(o, o_ref, 1e-5f), tag + " lora_bt");
+    for (int i = 0; i < m; i += std::max(1, m / 3)) {
+      t.lora_bt(1, x_rows.data() + i, b.data(), dt, r, rows, one.data());
+      check(same_bits(one.data(), o.data() + static_cast<std::size_t>(i) * r, r), tag + " lora_bt depends on m");
     }
   }
+  for (auto [n0, n1] : {std::pair{0, 160}, std::pair{32, 64}, std::pair{64, 160}}) {
+    const std::string range = " [" + std::to_string(n0) + "," + std::to_string(n1) + ")";
+    const int width = n1 - n0, ldc = width + 16;  // the 16 padding columns must stay NaN
+    {  // lora_b_add (B [rows, r]) and lora_at_add (A [r, cols = rows])
+      std::vector<float> c_ref = random_f32(static_cast<std::size_t>(m) * ldc);
+      for (int i = 0; i < m; ++i)
+        for (int j = width; j < ldc; ++j) c_ref[static_cast<std::size_t>(i) * ldc + j] = nan;
+      const std::vector<float> c_in = c_ref;
+      std::vector<float> c = c_ref, one(ldc);
+      auto check_add = [&](const std::vector<float>& got, const std::vector<float>& want, const char* entry) {
+        bool padding_nan = false, unused = false;
+        const std::vector<float> inside = columns(got, m, ldc, width, &padding_nan);
+        check(all_close(inside, columns(want, m, ldc, width, &unused), 1e-5f), tag + " " + entry + range);
+        check(padding_nan, tag + " " + entry + " wrote outside its columns" + range);
+      };
+      ref.lora_b_add(m, tin.data(), b.data(), dt, r, n0, n1, 0.5f, c_ref.data(), ldc);
+      t.lora_b_add(m, tin.data(), b.data(), dt, r, n0, n1, 0.5f, c.data(), ldc);
+      check_add(c, c_ref, "lora_b_add");
+      for (int i = 0; i < m; i += std::max(1, m / 3)) {
+        std::copy_n(c_in.begin() + static_cast<std::ptrdiff_t>(i) * ldc, ldc, one.begin());
+        t.lora_b_add(1, tin.data() + static_cast<std::size_t>(i) * r, b.data(), dt, r, n0, n1, 0.5f, one.data(), ldc);
+        check(same_bits(one.data(), c.data() + static_cast<std::size_t>(i) * ldc, ldc),
+              tag + " lora_b_add depends on m");
+      }
+      c = c_ref = c_in;
+      ref.lora_at_add(m, tin.data(), a.data(), dt, r, rows, n0, n1, -0.75f, c_ref.data(), ldc);
+      t.lora_at_add(m, tin.data(), a.data(), dt, r, rows, n0, n1, -0.75f, c.data(), ldc);
+      check_add(c, c_ref, "lora_at_add");
+      for (int i = 0; i < m; i += std::max(1, m / 3)) {
+        std::copy_n(c_in.begin() + static_cast<std::ptrdiff_t>(i) * ldc, ldc, one.begin());
+        t.lora_at_add(1, tin.data() + static_cast<std::size_t>(i) * r, a.data(), dt, r, rows, n0, n1, -0.75f,
+                      one.data(), ldc);
+        check(same_bits(one.data(), c.data() + static_cast<std::size_t>(i) * ldc, ldc),
+              tag + " lora_at_add depends on m");
+      }
+    }
+    for (const float* rs : {static_cast<const float*>(nullptr), static_cast<const float*>(scale_rows.data())}) {
+      const std::string what = range + (rs ? " row_scale" : "");
+      const float tol = dt == DType::bf16 ? 1e-2f : 1e-5f;
+      L poison;
+      if constexpr (std::is_same_v<L, bf16>) poison = f32_to_bf16(nan);
+      else poison = nan;
+      // scratch of exactly the documented size, garbage on entry
+      std::vector<float> scratch(static_cast<std::size_t>(width) * r, nan), ref_scratch(scratch.size());
+      // lora_grad_b: dB [rows, r], rows n in [n0, n1) written, the others left alone
+      std::vector<L> g_ref(static_cast<std::size_t>(rows) * r, poison), g = g_ref, g_split = g_ref;
+      ref.lora_grad_b(m, x_rows.data(), rs, tin.data(), r, n0, n1, 0.25f, g_ref.data(), dt, ref_scratch.data());
+      t.lora_grad_b(m, x_rows.data(), rs, tin.data(), r, n0, n1, 0.25f, g.data(), dt, scratch.data());
+      const std::vector<float> gf = as_floats(g), gf_ref = as_floats(g_ref);
+      const std::size_t lo = static_cast<std::size_t>(n0) * r, hi = static_cast<std::size_t>(n1) * r;
+      check(all_close(std::vector<float>(gf.begin() + lo, gf.begin() + hi),
+                      std::vector<float>(gf_ref.begin() + lo, gf_ref.begin() + hi), tol),
+            tag + " lora_grad_b" + what);
+      check(std::all_of(gf.begin(), gf.begin() + lo, [](float v) { return std::isnan(v); }) &&
+                std::all_of(gf.begin() + hi, gf.end(), [](float v) { return std::isnan(v); }),
+            tag + " lora_grad_b wrote outside its rows" + what);
+      if constexpr (std::is_same_v<L, bf16>) {  // the bf16 grads are exactly the f32 ones rounded (RNE)
+        std::vector<float> g32(g.size(), nan);
+        t.lora_grad_b(m, x_rows.data(), rs, tin.data(), r, n0, n1, 0.25f, g32.data(), DType::f32, scratch.data());
+        bool rounded = true;
+        for (std::size_t e = lo; e < hi; ++e) rounded = rounded && g[e] == f32_to_bf16(g32[e]);
+        check(rounded, tag + " lora_grad_b: bf16 result is not the f32 one rounded" + what);
+      }
+      if (width > 32) {
+        t.lora_grad_b(m, x_rows.data(), rs, tin.data(), r, n0, n0 + 32, 0.25f, g_split.data(), dt, scratch.data());
+        t.lora_grad_b(m, x_rows.data(), rs, tin.data(), r, n0 + 32, n1, 0.25f, g_split.data(), dt, scratch.data());
+        const std::vector<float> gs = as_floats(g_split);
+        check(same_bits(gs.data(), gf.data(), gs.size()), tag + " lora_grad_b depends on the column range");
+      }
+      // lora_grad_a: dA [r, cols = rows], columns j in [n0, n1) written
+      std::vector<L> da_ref(static_cast<std::size_t>(r) * rows, poison), da = da_ref, da_split = da_ref;
+      ref.lora_grad_a(m, tin.data(), rs, x_rows.data(), r, rows, n0, n1, -0.25f, da_ref.data(), dt, ref_scratch.data());
+      t.lora_grad_a(m, tin.data(), rs, x_rows.data(), r, rows, n0, n1, -0.25f, da.data(), dt, scratch.data());
+      const std::vector<float> af = as_floats(da), af_ref = as_floats(da_ref);
+      std::vector<float> in_got, in_want;
+      bool outside_untouched = true;
+      for (int q = 0; q < r; ++q)
+        for (int j = 0; j < rows; ++j) {
+          const std::size_t e = static_cast<std::size_t>(q) * rows + j;
+          if (j >= n0 && j < n1) {
+            in_got.push_back(af[e]);
+            in_want.push_back(af_ref[e]);
+          } else {
+            outside_untouched = outside_untouched && std::isnan(af[e]);
+          }
+        }
+      check(all_close(in_got, in_want, tol), tag + " lora_grad_a" + what);
+      check(outside_untouched, tag + " lora_grad_a wrote outside its columns" + what);
+      if constexpr (std::is_same_v<L, bf16>) {
+        std::vector<float> a32(da.size(), nan);
+        t.lora_grad_a(m, tin.data(), rs, x_rows.data(), r, rows, n0, n1, -0.25f, a32.data(), DType::f32,
+                      scratch.data());
+        bool rounded = true;
+        for (std::size_t e = 0; e < da.size(); ++e)
+          rounded = rounded && (std::isnan(a32[e]) ? std::isnan(af[e]) : da[e] == f32_to_bf16(a32[e]));
+        check(rounded, tag + " lora_grad_a: bf16 result is not the f32 one rounded" + what);
+      }
+      if (width > 32) {
+        t.lora_grad_a(m, tin.data(), rs, x_rows.data(), r, rows, n0, n0 + 32, -0.25f, da_split.data(), dt,
+                      scratch.data());
+        t.lora_grad_a(m, tin.data(), rs, x_rows.data(), r, rows, n0 + 32, n1, -0.25f, da_split.data(), dt,
+                      scratch.data());
+        const std::vector<float> as = as_floats(da_split);
+        check(same_bits(as.data(), af.data(), as.size()), tag + " lora_grad_a depends on the column range");
+      }
+    }
+  }
+}
+
+// Ranks: 16 and 32 (the AVX-512 fast paths), 8 and 12 (rank tails / fallbacks), 1 and 70, and 272
+// (above the AVX-512 panels' rank bound: fallback). m: every row-group tail up to 9, and 33.
+template <class L>
+void test_lora(const KernelTable& ref, const KernelTable& t, const char* name, DType dt) {
+  for (int r : {1, 8, 12, 16, 32, 70, 272})
+    for (int m : {1, 2, 3, 4, 5, 6, 7, 8, 9, 33}) {
+      if (r == 272 && m != 5) continue;
+      const std::string tag = std::string(name) + " m=" + std::to_string(m) + " r=" + std::to_string(r) +
+                              (dt == DType::bf16 ? " bf16" : " f32");
+      test_lora_case<L>(ref, t, tag, dt, m, r);
+    }
 }
 
 }  // namespace

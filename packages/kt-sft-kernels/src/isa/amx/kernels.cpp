@@ -74,6 +74,7 @@ using moe::PackFormat;
 #ifndef KT_AMX_EMULATE  // the emulated test build keeps the generic SwiGLU (it tests the GEMMs)
 #include "../vec_avx512.inl"
 #include "../simd_act.inl"
+#include "../simd_lora_avx512.inl"
 #endif
 
 Tuning& tuning() {
@@ -738,69 +739,6 @@ void gemm_nn_rows(int m, const bf16* const* a, const void* w, int k, int cols, i
   gemm_nn_packed(m, packed, w, k, cols, j0, j1, c, ldc);
 }
 
-// ---- LoRA: B^T g per pair (fp32 LoRA, rank a multiple of 16) ----------------------------------------
-
-#ifndef KT_AMX_EMULATE
-// out[i][q] = sum over n (ascending) of g[i][n] * B[n][q], each step a multiply then an add (no FMA):
-// bitwise the generic lora_bt's result. Four rows at once share each B row load and give four
-// independent add chains (one chain was bound by the add latency); one zmm holds 16 ranks.
-void lora_bt_f32(int m, const bf16* const* g, const float* b_mat, int r, int rows, float* out) {
-  constexpr int kGroup = 4;
-  for (int i0 = 0; i0 < m; i0 += kGroup) {
-    const int group = std::min(kGroup, m - i0);
-    const bf16* gr[kGroup];
-    for (int k = 0; k < kGroup; ++k) gr[k] = g[i0 + std::min(k, group - 1)];  // pad with the last row
-    for (int q = 0; q < r; q += 16) {
-      __m512 acc[kGroup] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-      for (int n = 0; n < rows; ++n) {
-        const __m512 bn = _mm512_loadu_ps(b_mat + static_cast<std::int64_t>(n) * r + q);
-        for (int k = 0; k < kGroup; ++k)
-          acc[k] = _mm512_add_ps(acc[k], _mm512_mul_ps(_mm512_set1_ps(bf16_to_f32(gr[k][n])), bn));
-      }
-      for (int k = 0; k < group; ++k) _mm512_storeu_ps(out + static_cast<std::int64_t>(i0 + k) * r + q, acc[k]);
-    }
-  }
-}
-
-// out[i][q] = <A[q], x_i> for fp32 A: bitwise the generic lora_a (16 lane partial sums, lane l
-// summing elements l, l + 16, ... by multiply-then-add, then reduce_lanes' tree), for four rows x four
-// ranks at once: each A load serves four rows, sixteen independent chains.
-void lora_a_f32(int m, const bf16* const* x, const float* a_mat, int r, int k, float* out) {
-  int i = 0;
-  for (; i + 4 <= m; i += 4)
-    for (int q = 0; q < r; q += 4) {
-      __m512 part[4][4];
-      for (auto& row : part)
-        for (auto& p : row) p = _mm512_setzero_ps();
-      for (int c = 0; c < k; c += 16) {
-        __m512 xv[4];
-        for (int t = 0; t < 4; ++t) xv[t] = Vec::load_bf16(x[i + t] + c);
-        for (int qq = 0; qq < 4; ++qq) {
-          const __m512 av = _mm512_loadu_ps(a_mat + static_cast<std::int64_t>(q + qq) * k + c);
-          for (int t = 0; t < 4; ++t) part[t][qq] = _mm512_add_ps(part[t][qq], _mm512_mul_ps(av, xv[t]));
-        }
-      }
-      for (int t = 0; t < 4; ++t)
-        for (int qq = 0; qq < 4; ++qq) {
-          alignas(64) float lanes[16];
-          _mm512_store_ps(lanes, part[t][qq]);
-          out[static_cast<std::int64_t>(i + t) * r + q + qq] = reduce_lanes(lanes);
-        }
-    }
-  if (i < m) generic_lora_a(m - i, x + i, a_mat, DType::f32, r, k, out + static_cast<std::int64_t>(i) * r);
-}
-
-void lora_a_entry(int m, const bf16* const* x, const void* a_mat, DType dt, int r, int k, float* out) {
-  if (dt == DType::f32 && r % 4 == 0 && k % 16 == 0) lora_a_f32(m, x, static_cast<const float*>(a_mat), r, k, out);
-  else generic_lora_a(m, x, a_mat, dt, r, k, out);
-}
-
-void lora_bt_entry(int m, const bf16* const* g, const void* b_mat, DType dt, int r, int rows, float* out) {
-  if (dt == DType::f32 && r % 16 == 0) lora_bt_f32(m, g, static_cast<const float*>(b_mat), r, rows, out);
-  else generic_lora_bt(m, g, b_mat, dt, r, rows, out);
-}
-#endif
-
 }  // namespace
 
 const KernelTable& kernel_table() {
@@ -820,8 +758,7 @@ const KernelTable& kernel_table() {
 #ifndef KT_AMX_EMULATE
     t.silu_mul = simd_silu_mul;  // the SIMD tiers' one sigmoid, as in avx512_bf16
     t.silu_mul_bwd = simd_silu_mul_bwd;
-    t.lora_bt = lora_bt_entry;
-    t.lora_a = lora_a_entry;
+    install_simd_lora(t);  // LoRA: simd_lora_avx512.inl
 #endif
     return t;
   }();

@@ -1,4 +1,5 @@
-// The avx512 tier (AVX-512 F/BW/DQ/VL): fp32-FMA GEMMs on bf16 operands, 16 lanes.
+// The avx512 tier (AVX-512 F/BW/DQ/VL): fp32-FMA GEMMs on bf16 operands, 16 lanes; LoRA entries from
+// simd_lora_avx512.inl.
 
 #include <algorithm>
 #include <cmath>
@@ -17,6 +18,7 @@ using moe::PackFormat;
 
 #include "../vec_avx512.inl"
 #include "../simd_act.inl"
+#include "../simd_lora_avx512.inl"
 
 constexpr int kNtRows = 4;  // 4 rows x 4 weight rows = 16 accumulators of 32 zmm registers
 constexpr int kNnRows = 6;  // 6 rows x 64 columns = 24 accumulators
@@ -31,6 +33,7 @@ const KernelTable& kernel_table() {
     t.gemm_nn = simd_gemm_nn;
     t.silu_mul = simd_silu_mul;
     t.silu_mul_bwd = simd_silu_mul_bwd;
+    install_simd_lora(t);
     return t;
   }();
   return table;

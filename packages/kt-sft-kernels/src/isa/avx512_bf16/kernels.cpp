@@ -5,6 +5,7 @@
 // NN (backward, c = A W with the same row-major W): vectorized over output columns; rows q and
 // q+1 of W are interleaved into a small per-call panel so one VDPBF16PS consumes the pair
 // (A[i][q], A[i][q+1]) broadcast as one 32-bit value.
+// LoRA: the fp32-FMA entries of simd_lora_avx512.inl.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -21,6 +22,7 @@ using moe::PackFormat;
 #include "../generic_kernels.inl"
 #include "../vec_avx512.inl"
 #include "../simd_act.inl"
+#include "../simd_lora_avx512.inl"
 
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
 inline __m512i load512(const bf16* p) { return _mm512_loadu_si512(p); }
@@ -189,6 +191,7 @@ const KernelTable& kernel_table() {
     t.gemm_nn = bf16_gemm_nn;
     t.silu_mul = simd_silu_mul;
     t.silu_mul_bwd = simd_silu_mul_bwd;
+    install_simd_lora(t);
     return t;
   }();
   return table;
