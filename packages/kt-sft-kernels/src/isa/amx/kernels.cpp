@@ -1,6 +1,6 @@
 // The amx tier: base-weight GEMMs on AMX-BF16 tiles (TDPBF16PS), AVX-512 BF16 dot products for
-// calls with very few rows (off by default), the SIMD tiers' vectorized SwiGLU (simd_act.inl) and the
-// generic LoRA entries compiled with this tier's flags.
+// calls with very few rows (off by default), and the AVX-512 tiers' SwiGLU (simd_act.inl) and LoRA
+// kernels (simd_lora_avx512.inl).
 //
 // ---- Packed weight layout (PackFormat::amx_bf16_tiles) ------------------------------------------
 // W [R, C] (R, C multiples of 32) is cut into 16 x 32 tiles. Tile (rt, ct) holds rows 16rt..16rt+15,
