@@ -191,13 +191,15 @@ void test_determinism(std::mt19937& rng) {
       }
       EXPECT(same_bits(whole, pieces), "%s m=%d: 32-column pieces differ from one call",
              kind == Kind::nt ? "nt" : "nn", m);
-      const int saved = kt::isa_amx::tuning().kc_steps;
-      for (int kc : {1, 3, 32}) {
-        kt::isa_amx::tuning().kc_steps = kc;
-        EXPECT(same_bits(whole, run(kind, Entry::rows, m, a, w, 0, outputs)), "%s m=%d: kc_steps=%d changes bits",
-               kind == Kind::nt ? "nt" : "nn", m, kc);
-      }
-      kt::isa_amx::tuning().kc_steps = saved;
+      const kt::isa_amx::Tuning saved = kt::isa_amx::tuning();
+      for (int panel_limit : {0, 1 << 30})  // NT: chunks outermost, column pairs outermost
+        for (int kc : {1, 3, 32}) {
+          kt::isa_amx::tuning().kc_steps = kc;
+          kt::isa_amx::tuning().nt_panel_in_l2_bytes = panel_limit;
+          EXPECT(same_bits(whole, run(kind, Entry::rows, m, a, w, 0, outputs)),
+                 "%s m=%d: kc_steps=%d, panel limit %d changes bits", kind == Kind::nt ? "nt" : "nn", m, kc, panel_limit);
+        }
+      kt::isa_amx::tuning() = saved;
       kt::isa_amx::tuning().prefetch = false;
       EXPECT(same_bits(whole, run(kind, Entry::rows, m, a, w, 0, outputs)), "prefetch off changes bits (m=%d)", m);
       kt::isa_amx::tuning().prefetch = true;

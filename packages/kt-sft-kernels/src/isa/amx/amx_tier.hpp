@@ -14,6 +14,9 @@ struct Tuning {
   int small_m = 1;
   bool prefetch = true;   // software prefetch (weights one cache block ahead, activations below)
   int act_prefetch_steps = 4;  // activation tiles prefetched this many reduction steps ahead (0: off)
+  // NT: an m-block whose activation panel is at most this big runs column pairs outermost, a bigger
+  // one reduction chunks outermost (kernels.cpp, "Blocking").
+  int nt_panel_in_l2_bytes = 1 << 20;
 };
 // Process-wide; change it only while no kernel runs and before packing activations (small_m
 // decides the packed layout). The wheel never changes it.

@@ -418,48 +418,57 @@ void nt_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int n0
     const int mb_end = std::min(m_tiles, mb + kMBlockTiles);
     const int row_pairs = (mb_end - mb + 1) / 2;
     const int kc = row_pairs > 1 ? kc_steps() : k_steps;
+    const int chunks = (k_steps + kc - 1) / kc;
+    // Column pairs outermost while the block's activation panel stays in L2 (each column pair re-reads
+    // it from there, and a column pair's accumulators stay in L1); chunks outermost beyond that.
+    const bool chunk_outer =
+        static_cast<std::size_t>(mb_end - mb) * panel > static_cast<std::size_t>(tuning().nt_panel_in_l2_bytes);
     auto* spill = static_cast<std::uint8_t*>(
-        kc < k_steps ? spill_store.ensure(static_cast<std::size_t>(col_pairs * row_pairs) * 4 * kTileBytes) : nullptr);
-    for (int kb0 = 0; kb0 < k_steps; kb0 += kc) {
-      const int kb1 = std::min(k_steps, kb0 + kc);
+        chunks > 1 ? spill_store.ensure(static_cast<std::size_t>(col_pairs * row_pairs) * 4 * kTileBytes) : nullptr);
+    struct Item {
+      int cp, chunk;
+    };
+    const auto item = [&](int i) {  // i-th (column pair, chunk) in execution order
+      return chunk_outer ? Item{i % col_pairs, i / col_pairs} : Item{i / chunks, i % chunks};
+    };
+    for (int i = 0; i < col_pairs * chunks; ++i) {
+      const auto [cp, chunk] = item(i);
+      const int kb0 = chunk * kc, kb1 = std::min(k_steps, kb0 + kc);
       const bool first = kb0 == 0, last = kb1 == k_steps;
-      for (int cp = 0; cp < col_pairs; ++cp) {
-        const int n = n0 + 32 * cp;
-        // The two W tile rows of this column pair are contiguous (2 * panel bytes); the next pair follows.
-        const std::uint8_t* w0 = w + static_cast<std::size_t>(n / 16) * panel;
-        const std::uint8_t* w1 = w0 + panel;
-        for (int rp = 0; rp < row_pairs; ++rp) {
-          const int mt = mb + 2 * rp;
-          Prefetch pf;
-          // The chunk's first column pair brings its activation tiles in (the others find them cached);
-          // the very last row pair of the chunk starts on the next chunk's.
-          const bool chunk_end = cp + 1 == col_pairs && rp + 1 == row_pairs && !last;
-          if (cp == 0 || chunk_end) pf.ahead = ahead;
-          if (cp == 0 && rp + 1 < row_pairs) pf.act_next = act_pair(act, panel, mt + 2, mb_end, kb0);
-          if (chunk_end) pf.act_next = act_pair(act, panel, mb, mb_end, kb1);
-          if (prefetch && rp == 0) {  // the weights of the next (chunk, column pair)
-            if (cp + 1 < col_pairs) pf.w_next = {w0 + 2 * panel + kb0 * std::size_t{kTileBytes}, w1 + 2 * panel + kb0 * std::size_t{kTileBytes}};
-            else if (!last) {
-              const std::uint8_t* first_w = w + static_cast<std::size_t>(n0 / 16) * panel + kb1 * std::size_t{kTileBytes};
-              pf.w_next = {first_w, first_w + panel};
-            }
-          }
-          std::uint8_t* sp = spill ? spill + static_cast<std::size_t>(cp * row_pairs + rp) * 4 * kTileBytes : nullptr;
-          const std::uint8_t* a0 = act + static_cast<std::size_t>(mt) * panel;
-          float* out = c + static_cast<std::int64_t>(16 * mt) * ldc + (n - n0);
-          const int rows0 = std::min(16, m - 16 * mt), rows1 = std::min(16, m - 16 * mt - 16);
-          const Prefetch* p = pf.ahead || pf.w_next.row0 ? &pf : nullptr;
-          if (mt + 1 < mb_end) {
-            load_accumulators<2>(sp, first);
-            nt_steps<2>(w0, w1, a0, a0 + panel, kb0, kb1, p);
-            if (last) nt_output<2>(out, ldc, rows0, rows1);
-            else spill_accumulators<2>(sp);
-          } else {
-            load_accumulators<1>(sp, first);
-            nt_steps<1>(w0, w1, a0, nullptr, kb0, kb1, p);
-            if (last) nt_output<1>(out, ldc, rows0, 0);
-            else spill_accumulators<1>(sp);
-          }
+      const int n = n0 + 32 * cp;
+      // The two W tile rows of this column pair are contiguous (2 * panel bytes); the next pair follows.
+      const std::uint8_t* w0 = w + static_cast<std::size_t>(n / 16) * panel;
+      const std::uint8_t* w1 = w0 + panel;
+      const bool more = i + 1 < col_pairs * chunks;
+      const auto [next_cp, next_chunk] = item(more ? i + 1 : i);
+      for (int rp = 0; rp < row_pairs; ++rp) {
+        const int mt = mb + 2 * rp;
+        Prefetch pf;
+        // Activation tiles come from L3 (packed by other threads) on a column pair's first visit of
+        // a chunk: prefetched a few steps ahead then, into the next row pair or the next item's.
+        if (cp == 0 || (rp + 1 == row_pairs && more && next_cp == 0)) pf.ahead = ahead;
+        if (rp + 1 < row_pairs) pf.act_next = act_pair(act, panel, mt + 2, mb_end, kb0);
+        else if (more) pf.act_next = act_pair(act, panel, mb, mb_end, next_chunk * kc);
+        if (prefetch && rp == 0 && more) {  // the next item's weights, step by step
+          const std::uint8_t* next_w =
+              w + static_cast<std::size_t>((n0 + 32 * next_cp) / 16) * panel + next_chunk * kc * std::size_t{kTileBytes};
+          pf.w_next = {next_w, next_w + panel};
+        }
+        std::uint8_t* sp = spill ? spill + static_cast<std::size_t>(cp * row_pairs + rp) * 4 * kTileBytes : nullptr;
+        const std::uint8_t* a0 = act + static_cast<std::size_t>(mt) * panel;
+        float* out = c + static_cast<std::int64_t>(16 * mt) * ldc + (n - n0);
+        const int rows0 = std::min(16, m - 16 * mt), rows1 = std::min(16, m - 16 * mt - 16);
+        const Prefetch* p = pf.ahead || pf.w_next.row0 ? &pf : nullptr;
+        if (mt + 1 < mb_end) {
+          load_accumulators<2>(sp, first);
+          nt_steps<2>(w0, w1, a0, a0 + panel, kb0, kb1, p);
+          if (last) nt_output<2>(out, ldc, rows0, rows1);
+          else spill_accumulators<2>(sp);
+        } else {
+          load_accumulators<1>(sp, first);
+          nt_steps<1>(w0, w1, a0, nullptr, kb0, kb1, p);
+          if (last) nt_output<1>(out, ldc, rows0, 0);
+          else spill_accumulators<1>(sp);
         }
       }
     }
