@@ -9,7 +9,7 @@
 // gate_up W [1536, 2048] and down W [2048, 768]; "nt" is the forward (C = A W^T), "nn" the
 // backward's transposed product (C = A W) of the same packed weights.
 //
-// Usage: amx_selftest [--out DIR] [--threads N] [--experts E] [--quick]
+// Usage: amx_selftest [--out DIR] [--threads N] [--experts E] [--quick] [--layer-sweep]
 // (--quick: one timed run per configuration, fewer sweeps; with an emulated build it checks the
 // program's own logic: tests/cpp/build_amx_tests.sh emulate builds amx_selftest_emulated.)
 #include <pthread.h>
@@ -47,6 +47,7 @@ struct Options {
   int threads = static_cast<int>(std::thread::hardware_concurrency());
   int experts = 128;
   bool quick = false;
+  bool layer_sweep = false;  // only the layer-shape sweep
 };
 
 FILE* json = nullptr;
@@ -306,6 +307,65 @@ void kc_sweep(const Options& o, std::mt19937& rng) {
   kt::isa_amx::tuning().kc_steps = saved;
 }
 
+// The shapes as the MoE layer runs them (one call per expert's rows, its task widths), for Qwen3-30B-A3B
+// (M = 256 rows per expert, T = 4096) and DeepSeek-V3 (M = 128, T = 4096; 256 experts, ~22 GB of
+// weights), under a few knob settings. The settings are timed round-robin, `rounds` times each, and the
+// best of each is reported, so a slow spell of a shared machine hits every setting alike.
+struct Knobs {
+  const char* note;
+  int kc_steps, nt_panel_in_l2_bytes, threads;
+  bool prefetch;
+  int act_prefetch_steps;
+};
+
+void apply(const Knobs& k) {
+  kt::isa_amx::tuning().kc_steps = k.kc_steps;
+  kt::isa_amx::tuning().nt_panel_in_l2_bytes = k.nt_panel_in_l2_bytes;
+  kt::isa_amx::tuning().prefetch = k.prefetch;
+  kt::isa_amx::tuning().act_prefetch_steps = k.act_prefetch_steps;
+}
+
+void layer_sweep(const Options& o, std::mt19937& rng) {
+  const kt::isa_amx::Tuning saved = kt::isa_amx::tuning();
+  const int all = o.threads, half = std::max(1, o.threads / 2);
+  const int kc = saved.kc_steps, limit = saved.nt_panel_in_l2_bytes, ahead = saved.act_prefetch_steps;
+  const Knobs knobs[] = {{"default", kc, limit, all, true, ahead},     {"chunk-outer", kc, 0, all, true, ahead},
+                         {"column-outer", kc, 1 << 30, all, true, ahead}, {"kc=16", 16, limit, all, true, ahead},
+                         {"kc=4", 4, limit, all, true, ahead},          {"threads/2", kc, limit, half, true, ahead},
+                         {"no-prefetch", kc, limit, all, false, ahead},  {"act-prefetch=8", kc, limit, all, true, 8}};
+  struct Shape {
+    Kind kind;
+    const char* label;
+    int rows, cols, m, experts, col_block;
+  };
+  const Shape shapes[] = {{Kind::nt, "q3.gu", 1536, 2048, 256, 128, 128}, {Kind::nt, "q3.down", 2048, 768, 256, 128, 256},
+                          {Kind::nn, "q3.gu", 1536, 2048, 256, 128, 256}, {Kind::nn, "q3.down", 2048, 768, 256, 128, 256},
+                          {Kind::nt, "v3.gu", 4096, 7168, 128, 256, 128}, {Kind::nt, "v3.down", 7168, 2048, 128, 256, 256},
+                          {Kind::nn, "v3.gu", 4096, 7168, 128, 256, 256}, {Kind::nn, "v3.down", 7168, 2048, 128, 256, 256}};
+  const int rounds = o.quick ? 1 : 3;
+  for (const Shape& sh : shapes) {
+    Problem p{sh.kind, sh.label, sh.rows, sh.cols, sh.m, o.quick ? 8 : sh.experts};
+    p.col_block = sh.col_block;
+    p.chunk = sh.m;
+    Data d;
+    prepare(p, d, rng, o.threads);
+    pack_all(p, d, o.threads);
+    std::vector<double> best(std::size(knobs), 1e30);
+    for (int round = 0; round < rounds; ++round)
+      for (std::size_t i = 0; i < std::size(knobs); ++i) {
+        apply(knobs[i]);
+        best[i] = std::min(best[i], run_gemms(p, d, knobs[i].threads));
+      }
+    for (std::size_t i = 0; i < std::size(knobs); ++i) {
+      apply(knobs[i]);
+      std::fill(d.c.begin(), d.c.end(), 0.f);
+      run_gemms(p, d, knobs[i].threads);
+      report(p, knobs[i].threads, best[i], 0, check(p, d), knobs[i].note);
+    }
+    kt::isa_amx::tuning() = saved;
+  }
+}
+
 // Few rows per expert: dot-product path vs AMX path at the same m (all threads, weights streamed).
 void small_m_sweep(const Options& o, std::mt19937& rng) {
   const int saved = kt::isa_amx::tuning().small_m;
@@ -356,8 +416,9 @@ int main(int argc, char** argv) {
     else if (arg == "--threads" && i + 1 < argc) o.threads = std::atoi(argv[++i]);
     else if (arg == "--experts" && i + 1 < argc) o.experts = std::atoi(argv[++i]);
     else if (arg == "--quick") o.quick = true, g_repeats = 1;
+    else if (arg == "--layer-sweep") o.layer_sweep = true;
     else {
-      std::fprintf(stderr, "usage: amx_selftest [--out DIR] [--threads N] [--experts E] [--quick]\n");
+      std::fprintf(stderr, "usage: amx_selftest [--out DIR] [--threads N] [--experts E] [--quick] [--layer-sweep]\n");
       return 2;
     }
   }
@@ -377,10 +438,14 @@ int main(int argc, char** argv) {
     if (json) std::fprintf(json, "[");
   }
   std::mt19937 rng(20240611);
-  call_overhead();
-  main_table(o, rng);
-  kc_sweep(o, rng);
-  small_m_sweep(o, rng);
+  if (o.layer_sweep) {
+    layer_sweep(o, rng);
+  } else {
+    call_overhead();
+    main_table(o, rng);
+    kc_sweep(o, rng);
+    small_m_sweep(o, rng);
+  }
   if (json) {
     std::fprintf(json, "\n]\n");
     std::fclose(json);
