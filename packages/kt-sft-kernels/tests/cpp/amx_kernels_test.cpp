@@ -199,6 +199,10 @@ void test_determinism(std::mt19937& rng) {
           EXPECT(same_bits(whole, run(kind, Entry::rows, m, a, w, 0, outputs)),
                  "%s m=%d: kc_steps=%d, panel limit %d changes bits", kind == Kind::nt ? "nt" : "nn", m, kc, panel_limit);
         }
+      kt::isa_amx::tuning().weight_prefetch_items = 3;
+      kt::isa_amx::tuning().weight_prefetch_l2 = true;
+      EXPECT(same_bits(whole, run(kind, Entry::rows, m, a, w, 0, outputs)), "%s m=%d: weight prefetch changes bits",
+             kind == Kind::nt ? "nt" : "nn", m);
       kt::isa_amx::tuning() = saved;
       kt::isa_amx::tuning().prefetch = false;
       EXPECT(same_bits(whole, run(kind, Entry::rows, m, a, w, 0, outputs)), "prefetch off changes bits (m=%d)", m);

@@ -308,7 +308,7 @@ void kc_sweep(const Options& o, std::mt19937& rng) {
 }
 
 // The shapes as the MoE layer runs them (one call per expert's rows, its task widths), for Qwen3-30B-A3B
-// (M = 256 rows per expert, T = 4096) and DeepSeek-V3 (M = 128, T = 4096; 256 experts, ~22 GB of
+// (M = 32 and 256 rows per expert: T = 512 and 4096) and DeepSeek-V3 (M = 128, T = 4096; 256 experts, ~22 GB of
 // weights), under a few knob settings. The settings are timed round-robin, `rounds` times each, and the
 // best of each is reported, so a slow spell of a shared machine hits every setting alike.
 struct Knobs {
@@ -316,6 +316,9 @@ struct Knobs {
   int kc_steps, nt_panel_in_l2_bytes, threads;
   bool prefetch;
   int act_prefetch_steps;
+  int weight_prefetch_items = 1;
+  bool weight_prefetch_l2 = false;
+  int nn_single_pair_kc_steps = 32;
 };
 
 void apply(const Knobs& k) {
@@ -323,6 +326,9 @@ void apply(const Knobs& k) {
   kt::isa_amx::tuning().nt_panel_in_l2_bytes = k.nt_panel_in_l2_bytes;
   kt::isa_amx::tuning().prefetch = k.prefetch;
   kt::isa_amx::tuning().act_prefetch_steps = k.act_prefetch_steps;
+  kt::isa_amx::tuning().weight_prefetch_items = k.weight_prefetch_items;
+  kt::isa_amx::tuning().weight_prefetch_l2 = k.weight_prefetch_l2;
+  kt::isa_amx::tuning().nn_single_pair_kc_steps = k.nn_single_pair_kc_steps;
 }
 
 void layer_sweep(const Options& o, std::mt19937& rng) {
@@ -332,13 +338,20 @@ void layer_sweep(const Options& o, std::mt19937& rng) {
   const Knobs knobs[] = {{"default", kc, limit, all, true, ahead},     {"chunk-outer", kc, 0, all, true, ahead},
                          {"column-outer", kc, 1 << 30, all, true, ahead}, {"kc=16", 16, limit, all, true, ahead},
                          {"kc=4", 4, limit, all, true, ahead},          {"threads/2", kc, limit, half, true, ahead},
-                         {"no-prefetch", kc, limit, all, false, ahead},  {"act-prefetch=8", kc, limit, all, true, 8}};
+                         {"no-prefetch", kc, limit, all, false, ahead},  {"act-prefetch=8", kc, limit, all, true, 8},
+                         {"w-pf-2-items", kc, limit, all, true, ahead, 2},
+                         {"w-pf-l2", kc, limit, all, true, ahead, 1, true},
+                         {"w-pf-l2-2-items", kc, limit, all, true, ahead, 2, true},
+                         {"w-pf-l2-4-items", kc, limit, all, true, ahead, 4, true},
+                         {"nn-single-kc=16", kc, limit, all, true, ahead, 1, false, 16}};
   struct Shape {
     Kind kind;
     const char* label;
     int rows, cols, m, experts, col_block;
   };
-  const Shape shapes[] = {{Kind::nt, "q3.gu", 1536, 2048, 256, 128, 128}, {Kind::nt, "q3.down", 2048, 768, 256, 128, 256},
+  const Shape shapes[] = {{Kind::nt, "q3s.gu", 1536, 2048, 32, 128, 128}, {Kind::nt, "q3s.down", 2048, 768, 32, 128, 256},
+                          {Kind::nn, "q3s.gu", 1536, 2048, 32, 128, 256}, {Kind::nn, "q3s.down", 2048, 768, 32, 128, 256},
+                          {Kind::nt, "q3.gu", 1536, 2048, 256, 128, 128}, {Kind::nt, "q3.down", 2048, 768, 256, 128, 256},
                           {Kind::nn, "q3.gu", 1536, 2048, 256, 128, 256}, {Kind::nn, "q3.down", 2048, 768, 256, 128, 256},
                           {Kind::nt, "v3.gu", 4096, 7168, 128, 256, 128}, {Kind::nt, "v3.down", 7168, 2048, 128, 256, 256},
                           {Kind::nn, "v3.gu", 4096, 7168, 128, 256, 256}, {Kind::nn, "v3.down", 7168, 2048, 128, 256, 256}};

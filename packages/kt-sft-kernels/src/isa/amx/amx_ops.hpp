@@ -93,6 +93,7 @@ inline V v_add_f32(V a, V b) {  // VADDPS
   return {_mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(a.r), _mm512_castsi512_ps(b.r)))};
 }
 inline void prefetch_l1(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+inline void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
 
 }  // namespace kt::isa_amx
 #endif

@@ -256,5 +256,6 @@ inline V v_add_f32(V a, V b) {
 }
 
 inline void prefetch_l1(const void* p) { emu::prefetch_log().lines.insert(reinterpret_cast<std::uintptr_t>(p) / 64); }
+inline void prefetch_l2(const void* p) { prefetch_l1(p); }
 
 }  // namespace kt::isa_amx

@@ -17,6 +17,10 @@ struct Tuning {
   // NT: an m-block whose activation panel is at most this big runs column pairs outermost, a bigger
   // one reduction chunks outermost (kernels.cpp, "Blocking").
   int nt_panel_in_l2_bytes = 1 << 20;
+  // Weight tiles are prefetched this many (chunk, column) items ahead, into L1 or into L2 only.
+  int weight_prefetch_items = 1;
+  bool weight_prefetch_l2 = false;
+  int nn_single_pair_kc_steps = 32;  // NN chunk when the m-block is one row pair (m <= 32)
 };
 // Process-wide; change it only while no kernel runs and before packing activations (small_m
 // decides the packed layout). The wheel never changes it.

@@ -316,8 +316,9 @@ inline void spill_accumulators(std::uint8_t* spill) {
   }
 }
 
-inline void prefetch_tile(const std::uint8_t* tile) {
-  for (int line = 0; line < kTileBytes; line += 64) prefetch_l1(tile + line);
+// Into L1, or into L2 only (more misses in flight per core: L2 tracks more of them than L1's fill buffers).
+inline void prefetch_tile(const std::uint8_t* tile, bool to_l2 = false) {
+  for (int line = 0; line < kTileBytes; line += 64) to_l2 ? prefetch_l2(tile + line) : prefetch_l1(tile + line);
 }
 
 // Two tile rows (one or two m-tiles, or the two W tile rows of a column pair) walked one tile per
@@ -325,10 +326,11 @@ inline void prefetch_tile(const std::uint8_t* tile) {
 struct TileStream {
   const std::uint8_t* row0 = nullptr;
   const std::uint8_t* row1 = nullptr;
+  bool to_l2 = false;
   void prefetch(int step) const {
     const std::size_t off = static_cast<std::size_t>(step) * kTileBytes;
-    if (row0) prefetch_tile(row0 + off);
-    if (row1) prefetch_tile(row1 + off);
+    if (row0) prefetch_tile(row0 + off, to_l2);
+    if (row1) prefetch_tile(row1 + off, to_l2);
   }
 };
 
@@ -413,6 +415,8 @@ void nt_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int n0
   const int k_steps = k / 32, m_tiles = (m + 15) / 16, col_pairs = (n1 - n0) / 32;
   const bool prefetch = tuning().prefetch;
   const int ahead = prefetch ? std::max(0, tuning().act_prefetch_steps) : 0;
+  const int w_ahead = std::max(1, tuning().weight_prefetch_items);
+  const bool w_to_l2 = tuning().weight_prefetch_l2;
   const std::size_t panel = static_cast<std::size_t>(k_steps) * kTileBytes;  // one 16-row tile row
   for (int mb = 0; mb < m_tiles; mb += kMBlockTiles) {
     const int mb_end = std::min(m_tiles, mb + kMBlockTiles);
@@ -449,10 +453,11 @@ void nt_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int n0
         if (cp == 0 || (rp + 1 == row_pairs && more && next_cp == 0)) pf.ahead = ahead;
         if (rp + 1 < row_pairs) pf.act_next = act_pair(act, panel, mt + 2, mb_end, kb0);
         else if (more) pf.act_next = act_pair(act, panel, mb, mb_end, next_chunk * kc);
-        if (prefetch && rp == 0 && more) {  // the next item's weights, step by step
+        if (prefetch && rp == 0 && i + w_ahead < col_pairs * chunks) {  // a later item's weights, step by step
+          const Item target = item(i + w_ahead);
           const std::uint8_t* next_w =
-              w + static_cast<std::size_t>((n0 + 32 * next_cp) / 16) * panel + next_chunk * kc * std::size_t{kTileBytes};
-          pf.w_next = {next_w, next_w + panel};
+              w + static_cast<std::size_t>((n0 + 32 * target.cp) / 16) * panel + target.chunk * kc * std::size_t{kTileBytes};
+          pf.w_next = {next_w, next_w + panel, w_to_l2};
         }
         std::uint8_t* sp = spill ? spill + static_cast<std::size_t>(cp * row_pairs + rp) * 4 * kTileBytes : nullptr;
         const std::uint8_t* a0 = act + static_cast<std::size_t>(mt) * panel;
@@ -570,57 +575,58 @@ void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int co
   const int q_steps = k / 32, tile_cols = cols / 32, m_tiles = (m + 15) / 16, col_tiles = (j1 - j0) / 32;
   const bool prefetch = tuning().prefetch;
   const int ahead = prefetch ? std::max(0, tuning().act_prefetch_steps) : 0;
+  const int w_ahead = std::max(1, tuning().weight_prefetch_items);
+  const bool w_to_l2 = tuning().weight_prefetch_l2;
   alignas(64) std::uint8_t bbuf[kMaxKcSteps * 2 * kTileBytes];
   const std::size_t panel = static_cast<std::size_t>(q_steps) * kTileBytes;  // one m-tile of activations
   for (int mb = 0; mb < m_tiles; mb += kMBlockTiles) {
     const int mb_end = std::min(m_tiles, mb + kMBlockTiles);
     const int row_pairs = (mb_end - mb + 1) / 2;
-    // One row pair: the largest chunk the B-tile buffer holds (fewer accumulator spills).
-    const int kc = row_pairs > 1 ? kc_steps() : kMaxKcSteps;
+    // One row pair: a larger chunk (fewer accumulator spills), at most what the B-tile buffer holds.
+    const int kc = row_pairs > 1 ? kc_steps() : std::clamp(tuning().nn_single_pair_kc_steps, 1, kMaxKcSteps);
     auto* spill = static_cast<std::uint8_t*>(
         kc < q_steps ? spill_store.ensure(static_cast<std::size_t>(col_tiles * row_pairs) * 4 * kTileBytes) : nullptr);
-    for (int qs0 = 0; qs0 < q_steps; qs0 += kc) {
-      const int qs1 = std::min(q_steps, qs0 + kc);
+    const int items = (q_steps + kc - 1) / kc * col_tiles;  // (chunk, column tile), chunk outermost
+    for (int i = 0; i < items; ++i) {
+      const int ci = i % col_tiles, qs0 = i / col_tiles * kc, qs1 = std::min(q_steps, qs0 + kc);
       const bool first = qs0 == 0, last = qs1 == q_steps;
-      for (int ci = 0; ci < col_tiles; ++ci) {
-        const int j = j0 + 32 * ci, ct = j / 32;
-        // The weights of the next (chunk, column tile): the neighbouring tiles of the same tile rows,
-        // else the first column tile from qs1. Step qs of this chunk prefetches step qs - qs0 of those.
-        const bool more_columns = ci + 1 < col_tiles;
-        const int next_q0 = more_columns ? qs0 : qs1, next_ct = more_columns ? ct + 1 : j0 / 32;
-        for (int qs = qs0; qs < qs1; ++qs) {
-          std::uint8_t* b = bbuf + static_cast<std::size_t>(qs - qs0) * 2 * kTileBytes;
-          build_nn_tiles(w, tile_cols, qs, ct, b, b + kTileBytes);
-          const int next = next_q0 + (qs - qs0);
-          if (prefetch && (more_columns || !last) && next < q_steps) {
-            prefetch_tile(w + tile_offset(2 * next, next_ct, tile_cols));
-            prefetch_tile(w + tile_offset(2 * next + 1, next_ct, tile_cols));
-          }
+      const int j = j0 + 32 * ci, ct = j / 32;
+      // The weights of a later item (weight_prefetch_items on): step qs of this chunk prefetches
+      // step qs - qs0 of that one.
+      const int target = i + w_ahead;
+      const int target_q0 = target / col_tiles * kc, target_ct = j0 / 32 + target % col_tiles;
+      for (int qs = qs0; qs < qs1; ++qs) {
+        std::uint8_t* b = bbuf + static_cast<std::size_t>(qs - qs0) * 2 * kTileBytes;
+        build_nn_tiles(w, tile_cols, qs, ct, b, b + kTileBytes);
+        const int next = target_q0 + (qs - qs0);
+        if (prefetch && target < items && next < q_steps) {
+          prefetch_tile(w + tile_offset(2 * next, target_ct, tile_cols), w_to_l2);
+          prefetch_tile(w + tile_offset(2 * next + 1, target_ct, tile_cols), w_to_l2);
         }
-        for (int rp = 0; rp < row_pairs; ++rp) {
-          const int mt = mb + 2 * rp;
-          Prefetch pf;  // weights were prefetched while the B tiles were built
-          // As in nt_amx: the chunk's first column tile brings its activation tiles in, the very last
-          // row pair of the chunk starts on the next chunk's.
-          const bool chunk_end = ci + 1 == col_tiles && rp + 1 == row_pairs && !last;
-          if (ci == 0 || chunk_end) pf.ahead = ahead;
-          if (ci == 0 && rp + 1 < row_pairs) pf.act_next = act_pair(act, panel, mt + 2, mb_end, qs0);
-          if (chunk_end) pf.act_next = act_pair(act, panel, mb, mb_end, qs1);
-          std::uint8_t* sp = spill ? spill + static_cast<std::size_t>(ci * row_pairs + rp) * 4 * kTileBytes : nullptr;
-          const std::uint8_t* a0 = act + static_cast<std::size_t>(mt) * panel + static_cast<std::size_t>(qs0) * kTileBytes;
-          float* out = c + static_cast<std::int64_t>(16 * mt) * ldc + (j - j0);
-          const int rows0 = std::min(16, m - 16 * mt), rows1 = std::min(16, m - 16 * mt - 16);
-          if (mt + 1 < mb_end) {
-            nn_load_accumulators<2>(sp, first);
-            nn_steps<2>(bbuf, a0, a0 + panel, qs1 - qs0, pf.ahead ? &pf : nullptr);
-            if (last) nn_output<2>(out, ldc, rows0, rows1);
-            else nn_spill_accumulators<2>(sp);
-          } else {
-            nn_load_accumulators<1>(sp, first);
-            nn_steps<1>(bbuf, a0, nullptr, qs1 - qs0, pf.ahead ? &pf : nullptr);
-            if (last) nn_output<1>(out, ldc, rows0, 0);
-            else nn_spill_accumulators<1>(sp);
-          }
+      }
+      for (int rp = 0; rp < row_pairs; ++rp) {
+        const int mt = mb + 2 * rp;
+        Prefetch pf;  // weights were prefetched while the B tiles were built
+        // As in nt_amx: the chunk's first column tile brings its activation tiles in, the very last
+        // row pair of the chunk starts on the next chunk's.
+        const bool chunk_end = ci + 1 == col_tiles && rp + 1 == row_pairs && !last;
+        if (ci == 0 || chunk_end) pf.ahead = ahead;
+        if (ci == 0 && rp + 1 < row_pairs) pf.act_next = act_pair(act, panel, mt + 2, mb_end, qs0);
+        if (chunk_end) pf.act_next = act_pair(act, panel, mb, mb_end, qs1);
+        std::uint8_t* sp = spill ? spill + static_cast<std::size_t>(ci * row_pairs + rp) * 4 * kTileBytes : nullptr;
+        const std::uint8_t* a0 = act + static_cast<std::size_t>(mt) * panel + static_cast<std::size_t>(qs0) * kTileBytes;
+        float* out = c + static_cast<std::int64_t>(16 * mt) * ldc + (j - j0);
+        const int rows0 = std::min(16, m - 16 * mt), rows1 = std::min(16, m - 16 * mt - 16);
+        if (mt + 1 < mb_end) {
+          nn_load_accumulators<2>(sp, first);
+          nn_steps<2>(bbuf, a0, a0 + panel, qs1 - qs0, pf.ahead ? &pf : nullptr);
+          if (last) nn_output<2>(out, ldc, rows0, rows1);
+          else nn_spill_accumulators<2>(sp);
+        } else {
+          nn_load_accumulators<1>(sp, first);
+          nn_steps<1>(bbuf, a0, nullptr, qs1 - qs0, pf.ahead ? &pf : nullptr);
+          if (last) nn_output<1>(out, ldc, rows0, 0);
+          else nn_spill_accumulators<1>(sp);
         }
       }
     }
