@@ -173,21 +173,24 @@ struct PairChunk {
 // on every call. At most one spare per layer, never more than the layer's own peak cache.
 class CacheRecycler {
  public:
-  void give(Buffer<bf16>& gu, Buffer<float>& ad) {
+  void give(Buffer<bf16>& gu, Buffer<float>& ad, Buffer<float>& ax) {
     const std::lock_guard<std::mutex> lock(mutex_);
     if (gu.capacity() > gu_.capacity()) gu_.swap(gu);
     if (ad.capacity() > ad_.capacity()) ad_.swap(ad);
+    if (ax.capacity() > ax_.capacity()) ax_.swap(ax);
   }
-  void take(Buffer<bf16>& gu, Buffer<float>& ad) {
+  void take(Buffer<bf16>& gu, Buffer<float>& ad, Buffer<float>& ax) {
     const std::lock_guard<std::mutex> lock(mutex_);
     gu.swap(gu_);
     ad.swap(ad_);
+    ax.swap(ax_);
   }
 
  private:
   std::mutex mutex_;
   Buffer<bf16> gu_;
   Buffer<float> ad_;
+  Buffer<float> ax_;
 };
 
 class ForwardCache {
@@ -200,10 +203,11 @@ class ForwardCache {
   int rank_gu = 0, rank_d = 0;
   Buffer<bf16> gu;   // [P, 2I]: gate|up pre-activations, rounded to bf16
   Buffer<float> ad;  // [P, r_d]: A_d h
+  Buffer<float> ax;  // [P, r_gu]: A_gu x (the backward's dB_gu needs it; r_gu floats a pair)
 };
 
 void ForwardCacheDeleter::operator()(ForwardCache* cache) const {
-  if (cache->recycler) cache->recycler->give(cache->gu, cache->ad);
+  if (cache->recycler) cache->recycler->give(cache->gu, cache->ad, cache->ax);
   delete cache;
 }
 
@@ -457,7 +461,7 @@ ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& we
   if (save) {
     cache.reset(new ForwardCache);
     cache->recycler = L.recycler;
-    L.recycler->take(cache->gu, cache->ad);
+    L.recycler->take(cache->gu, cache->ad, cache->ax);
     cache->layer = this;
     cache->x = x;
     cache->lora = lora;
@@ -486,7 +490,7 @@ ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& we
   const DType lora_dtype = rg ? lora.a_gu.dtype : lora.a_d.dtype;
 
   // F1: A_gu x per pair (fp32, kept unrounded).
-  float* ax = rg ? ws.ax.ensure(P * rg) : nullptr;
+  float* ax = rg ? (save ? cache->ax.ensure(P * rg) : ws.ax.ensure(P * rg)) : nullptr;
   if (rg)
     run_tasks(pool, Stage::lora_a_gu, n_chunks, [&](std::int64_t task, int) {
       const PairChunk& ch = ws.chunks[task];
@@ -631,15 +635,14 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
   const std::size_t scratch_per_thread = static_cast<std::size_t>(kWideBlock) * std::max({rg, rd, 1});
   float* scratch = ws.scratch.ensure(static_cast<std::size_t>(pool.size()) * scratch_per_thread);
 
-  // B1: B_d^T G (unweighted) and A_gu x per pair.
+  // B1: B_d^T G per pair (unweighted). A_gu x comes from the forward's cache.
   float* bg = rd ? ws.bg.ensure(P * rd) : nullptr;
-  float* ax = rg ? ws.ax.ensure(P * rg) : nullptr;
-  if (rd || rg)
+  const float* ax = cache.ax.data();
+  if (rd)
     run_tasks(pool, Stage::bwd_lora_bt, n_chunks, [&](std::int64_t task, int) {
       const PairChunk& ch = ws.chunks[task];
-      const int m = static_cast<int>(ch.end - ch.begin);
-      if (rd) kt.lora_bt(m, g_rows + ch.begin, expert_slice(lora.b_d, ch.expert), lora_dtype, rd, H, bg + ch.begin * rd);
-      if (rg) kt.lora_a(m, x_rows + ch.begin, expert_slice(lora.a_gu, ch.expert), lora_dtype, rg, H, ax + ch.begin * rg);
+      kt.lora_bt(static_cast<int>(ch.end - ch.begin), g_rows + ch.begin, expert_slice(lora.b_d, ch.expert), lora_dtype,
+                 rd, H, bg + ch.begin * rd);
     });
 
   // B2: per (expert, I block): v = W_d^T G + s_d A_d^T (B_d^T G); h (recomputed), <h, v> partials,
