@@ -3,7 +3,7 @@
 #   kernels  runtime probe + kernel suite at every tier + AMX C++ tests + layer timing (device_amx_check.sh)
 #   bench    benchmarks/bench_moe.py, our tiers vs PyTorch vs kt-kernel 0.7.2, Qwen3-30B-A3B T=512,4096
 #   train    the training suites with the GPU for non-expert parts and the best tier for experts
-#   e2e      benchmarks/e2e_train.py (full-width Qwen3-30B-A3B layers, GPU + AMX)
+#   e2e      benchmarks/e2e_train.py (full-width Qwen3-30B-A3B layers, GPU + AMX; kt-kernel's wrapper too)
 # Needs: the ignored folders .whl (pytest, ml_dtypes, setuptools wheels for Python 3.12) and .kt_kernel/py312
 # carried along. Everything lands in $OUT/device.tar.gz plus one summary printed at the end.
 set -uo pipefail
@@ -45,7 +45,8 @@ for stage in "$@"; do
       run train 400 python3 -m pytest -q -rs -p no:cacheprovider packages/kt-sft-train/tests
       tail -n 15 "$work/train.log" >>"$summary" ;;
     e2e)
-      run e2e 500 python3 benchmarks/e2e_train.py --out "$work/e2e"
+      run e2e 560 python3 benchmarks/e2e_train.py --variants kt_sft,kt_kernel,hf_all_gpu,hf_experts_cpu \
+        --steps 3 --warmup 1 --out "$work/e2e"
       cat "$work/e2e/results.md" >>"$summary" 2>/dev/null ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
