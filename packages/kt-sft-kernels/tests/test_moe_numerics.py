@@ -203,6 +203,47 @@ def _raw(res: kt.KernelResult) -> list[bytes]:
 
 
 @pytest.mark.parametrize("isa", TIERS)
+def test_layers_sharing_a_pool_interleave_like_separate_layers(isa: str) -> None:
+    """Layers on one pool share its scratch: forwards of several layers, then their backwards in reverse
+    (a model's order), give bitwise what each layer gives alone on its own pool."""
+    shapes = [
+        dict(hidden=96, intermediate=160),
+        dict(hidden=160, intermediate=96),
+        dict(hidden=96, intermediate=96),
+    ]
+    cases = [
+        kt.make_case(tokens=t, num_experts=6, top_k=2, rank_gu=8, rank_d=8, seed=40 + i, **shape)
+        for i, (t, shape) in enumerate(zip((50, 17, 33), shapes, strict=True))
+    ]
+    with tier(isa):
+        alone = [_raw(kt.run_kernels(kt.build_layer(c, pool=kk.ThreadPool(threads=2)), c)) for c in cases]
+        pool = kk.ThreadPool(threads=2)
+        layers = [kt.build_layer(c, pool=pool) for c in cases]
+        outs, handles = [], []
+        for layer, c in zip(layers, cases, strict=True):
+            out = kt.nan_array(c.x.shape, c.x.dtype)
+            handles.append(layer.forward(c.x, c.ids, c.weights, out, lora=kt.kernel_lora(c), save=True))
+            outs.append(out)
+        for i in reversed(range(len(cases))):
+            c, lo = cases[i], cases[i].lora
+            res = kt.KernelResult(out=outs[i])
+            res.grad_x = kt.nan_array(c.x.shape, c.x.dtype)
+            res.grad_weights = kt.nan_array(c.weights.shape, c.weights.dtype)
+            res.lora_grads = {
+                n: kt.nan_array(a.shape, a.dtype)
+                for n, a in (("da_gu", lo.a_gu), ("db_gu", lo.b_gu), ("da_d", lo.a_d), ("db_d", lo.b_d))
+            }
+            layers[i].backward(
+                handles[i],
+                c.grad_out,
+                res.grad_x,
+                res.grad_weights,
+                lora_grads=kk.LoRAGrads(**res.lora_grads),
+            )
+            assert _raw(res) == alone[i], f"layer {i}: differs from the same layer on its own pool"
+
+
+@pytest.mark.parametrize("isa", TIERS)
 def test_bitwise_deterministic_across_threads_and_runs(isa: str) -> None:
     """Results are bitwise identical for 1, 2 and 3 threads and from run to run."""
     case = kt.make_case(

@@ -11,6 +11,8 @@
 #include <cstddef>
 #include <cstring>
 #include <initializer_list>
+#include <iterator>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -303,6 +305,31 @@ struct Workspace {
   PackedRows packed;  // activation packing of the current phase (amx-style tiers only)
 };
 
+// The per-call scratch of every layer that runs on one thread pool. A model's layers run one at a
+// time, so one grow-only workspace serves them all: per-layer workspaces cost ~0.3 GB a layer at
+// Qwen3-30B-A3B width and T = 2048 (~2 GB a layer for DeepSeek-V3 at T = 4096). `mutex` is held for a
+// whole forward or backward call (after the layer's own mutex: one lock order, no deadlock).
+struct SharedWorkspace {
+  std::mutex mutex;
+  Workspace ws;
+};
+
+std::shared_ptr<SharedWorkspace> workspace_for(const runtime::ThreadPool* pool) {
+  static std::mutex registry_mutex;
+  // Never destroyed: layers may outlive static destruction at interpreter exit.
+  static auto* registry = new std::map<const runtime::ThreadPool*, std::weak_ptr<SharedWorkspace>>();
+  const std::lock_guard<std::mutex> lock(registry_mutex);
+  for (auto it = registry->begin(); it != registry->end();)  // forget pools whose layers are all gone
+    it = it->second.expired() ? registry->erase(it) : std::next(it);
+  std::weak_ptr<SharedWorkspace>& slot = (*registry)[pool];
+  std::shared_ptr<SharedWorkspace> shared = slot.lock();
+  if (!shared) {
+    shared = std::make_shared<SharedWorkspace>();
+    slot = shared;
+  }
+  return shared;
+}
+
 }  // namespace
 
 struct MoELayer::Impl {
@@ -312,8 +339,8 @@ struct MoELayer::Impl {
   const KernelTable* packed_by = nullptr;  // table whose format the weights are in
   Buffer<std::byte> gate_up, down;
   std::size_t gate_up_stride = 0, down_stride = 0;  // packed bytes per expert
-  std::mutex mutex;                                 // one call at a time per layer (shared workspace)
-  Workspace ws;
+  std::mutex mutex;                                 // one call at a time per layer
+  std::shared_ptr<SharedWorkspace> shared;          // scratch shared with the pool's other layers
   std::shared_ptr<CacheRecycler> recycler = std::make_shared<CacheRecycler>();
 
   const void* gate_up_of(int e) const { return gate_up.data() + e * gate_up_stride; }
@@ -362,6 +389,7 @@ MoELayer::MoELayer(const MoEConfig& config, runtime::ThreadPool& pool) : impl_(s
   if (config.numa_shards != 1) throw NotImplementedError("MoELayer: numa_shards > 1 is not implemented yet");
   impl_->config = config;
   impl_->pool = &pool;
+  impl_->shared = workspace_for(&pool);
 }
 
 MoELayer::~MoELayer() = default;
@@ -455,7 +483,8 @@ ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& we
   const prof::Scope whole(Stage::forward, prof::Kind::wall);
   const KernelTable& kt = L.kernels();
   runtime::ThreadPool& pool = *L.pool;
-  Workspace& ws = L.ws;
+  const std::lock_guard<std::mutex> ws_lock(L.shared->mutex);
+  Workspace& ws = L.shared->ws;
 
   ForwardCachePtr cache;
   if (save) {
@@ -607,7 +636,8 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
   const prof::Scope whole(Stage::backward, prof::Kind::wall);
   const KernelTable& kt = L.kernels();
   runtime::ThreadPool& pool = *L.pool;
-  Workspace& ws = L.ws;
+  const std::lock_guard<std::mutex> ws_lock(L.shared->mutex);
+  Workspace& ws = L.shared->ws;
   const std::int64_t P = r.pairs();
   const auto n_active = static_cast<std::int64_t>(r.active.size());
   const bf16* gu = cache.gu.data();
