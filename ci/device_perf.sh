@@ -97,9 +97,9 @@ for name, E, H, I, K, tokens in shapes:
     if name != "Qwen3-30B-A3B":  # only the small shape keeps its inputs (determinism check)
         del gate_up, down
         gate_up = down = None
-    huge = next((ln.split()[1] for ln in open("/proc/meminfo") if ln.startswith("AnonHugePages")), "?")
+    huge_kb = next((int(ln.split()[1]) for ln in open("/proc/meminfo") if ln.startswith("AnonHugePages")), 0)
     print(f"{name}: weights made in {t1 - t0:.1f} s, load_weights (pack) {load_s:.2f} s, "
-          f"AnonHugePages {int(huge) / 2**20 if huge != '?' else huge:.1f} GB", flush=True)
+          f"AnonHugePages {huge_kb / 2**20:.1f} GB", flush=True)
     lora_arrays = [rng.standard_normal(s, dtype=np.float32) * f for s, f in
                    (((E, R, H), H**-0.5), ((E, 2 * I, R), R**-0.5), ((E, R, I), I**-0.5), ((E, H, R), R**-0.5))]
     lora = kk.LoRA(*lora_arrays, 2.0, 2.0)

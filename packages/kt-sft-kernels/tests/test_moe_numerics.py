@@ -225,21 +225,8 @@ def test_layers_sharing_a_pool_interleave_like_separate_layers(isa: str) -> None
             handles.append(layer.forward(c.x, c.ids, c.weights, out, lora=kt.kernel_lora(c), save=True))
             outs.append(out)
         for i in reversed(range(len(cases))):
-            c, lo = cases[i], cases[i].lora
             res = kt.KernelResult(out=outs[i])
-            res.grad_x = kt.nan_array(c.x.shape, c.x.dtype)
-            res.grad_weights = kt.nan_array(c.weights.shape, c.weights.dtype)
-            res.lora_grads = {
-                n: kt.nan_array(a.shape, a.dtype)
-                for n, a in (("da_gu", lo.a_gu), ("db_gu", lo.b_gu), ("da_d", lo.a_d), ("db_d", lo.b_d))
-            }
-            layers[i].backward(
-                handles[i],
-                c.grad_out,
-                res.grad_x,
-                res.grad_weights,
-                lora_grads=kk.LoRAGrads(**res.lora_grads),
-            )
+            kt.run_backward(layers[i], handles[i], cases[i], res)
             assert _raw(res) == alone[i], f"layer {i}: differs from the same layer on its own pool"
 
 

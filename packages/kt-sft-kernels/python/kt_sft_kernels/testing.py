@@ -294,15 +294,23 @@ def run_kernels(
     layer: Any, case: MoECase, *, backward: bool = True, out_dtype: Any = None, grad_dtype: Any = None
 ) -> KernelResult:
     """forward (and backward) of the kernels on `case`, every output pre-filled with NaN."""
-    import kt_sft_kernels as kk
-
     T, H = case.x.shape
     out = nan_array((T, H), out_dtype or case.x.dtype)
     lora = kernel_lora(case)
     handle = layer.forward(case.x, case.ids, case.weights, out, lora=lora, save=backward)
     result = KernelResult(out=out)
-    if not backward:
-        return result
+    if backward:
+        run_backward(layer, handle, case, result, grad_dtype=grad_dtype)
+    return result
+
+
+def run_backward(
+    layer: Any, handle: Any, case: MoECase, result: KernelResult, *, grad_dtype: Any = None
+) -> None:
+    """backward of the kernels for the forward `handle` of `case`, into NaN-filled outputs on `result`."""
+    import kt_sft_kernels as kk
+
+    T, H = case.x.shape
     result.grad_x = nan_array((T, H), grad_dtype or case.x.dtype)
     result.grad_weights = nan_array(case.weights.shape, case.weights.dtype)
     grads = None
@@ -313,7 +321,6 @@ def run_kernels(
                 result.lora_grads[name] = nan_array(like.shape, like.dtype)
         grads = kk.LoRAGrads(**result.lora_grads)
     layer.backward(handle, case.grad_out, result.grad_x, result.grad_weights, lora_grads=grads)
-    return result
 
 
 # ---- error measures (DESIGN.md §7) ------------------------------------------------------------------

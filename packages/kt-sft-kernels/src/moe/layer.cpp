@@ -55,6 +55,13 @@ std::int64_t chunk_rows(std::int64_t rows) {
   return ((rows + calls - 1) / calls + 15) / 16 * 16;
 }
 
+// Calls f(b, m) for each GEMM call over the rows of expert e: sorted rows [b, b + m), in order.
+template <class F>
+void for_each_call(const Routing& r, int e, F&& f) {
+  const std::int64_t end = r.offsets[e + 1], step = chunk_rows(r.rows_of(e));
+  for (std::int64_t b = r.offsets[e]; b < end; b += step) f(b, static_cast<int>(std::min(step, end - b)));
+}
+
 std::size_t dtype_size(DType d) {
   switch (d) {
     case DType::bf16: return 2;
@@ -252,13 +259,11 @@ class PackedRows {
     chunks_.clear();
     for (int e : r.active) {
       first_[e] = static_cast<std::int64_t>(offsets_.size());
-      const std::int64_t step = chunk_rows(r.rows_of(e));
-      for (std::int64_t b = r.offsets[e]; b < r.offsets[e + 1]; b += step) {
-        const int m = static_cast<int>(std::min(step, r.offsets[e + 1] - b));
+      for_each_call(r, e, [&](std::int64_t b, int m) {
         offsets_.push_back(bytes);
         chunks_.push_back({e, b, b + m});
         bytes += kt.packed_a_bytes(m, k);
-      }
+      });
     }
     std::byte* dst = storage_.ensure(bytes);
     const auto pack = nn ? kt.pack_a_nn : kt.pack_a_nt;
@@ -538,8 +543,7 @@ ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& we
     const void* w = L.gate_up_of(e);
     float* tile = tiles + thread * kTileFloats;  // [row][gate block | up block]
     constexpr std::int64_t ld = 2 * kGateUpBlock;
-    for (std::int64_t b = r.offsets[e], step = chunk_rows(r.rows_of(e)); b < r.offsets[e + 1]; b += step) {
-      const int m = static_cast<int>(std::min(step, r.offsets[e + 1] - b));
+    for_each_call(r, e, [&](std::int64_t b, int m) {
       chunk_nt(kt, xp, r, e, b, m, x_rows, w, 2 * I, H, i0, i1, tile, ld);
       chunk_nt(kt, xp, r, e, b, m, x_rows, w, 2 * I, H, I + i0, I + i1, tile + kGateUpBlock, ld);
       if (rg) {
@@ -553,7 +557,7 @@ ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& we
         bf16* g = gu + (b + i) * 2 * I + i0;
         kt.silu_mul(width, tile + i * ld, tile + i * ld + kGateUpBlock, g, g + I, hb + (b + i) * I + i0);
       }
-    }
+    });
   });
 
   // F3: A_d h per pair (fp32; cached for the backward).
@@ -572,15 +576,14 @@ ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& we
   run_tasks(pool, Stage::down, n_active * h_blocks, [&](std::int64_t task, int) {
     const int e = r.active[task / h_blocks];
     const int h0 = static_cast<int>(task % h_blocks) * kDownBlock, h1 = std::min(H, h0 + kDownBlock);
-    for (std::int64_t b = r.offsets[e], step = chunk_rows(r.rows_of(e)); b < r.offsets[e + 1]; b += step) {
-      const int m = static_cast<int>(std::min(step, r.offsets[e + 1] - b));
+    for_each_call(r, e, [&](std::int64_t b, int m) {
       chunk_nt(kt, hp, r, e, b, m, h_rows, L.down_of(e), H, I, h0, h1, y + b * H + h0, H);
       if (rd) {
         const auto timed = part(Stage::lora_b);
         kt.lora_b_add(m, ad + b * rd, expert_slice(lora.b_d, e), lora_dtype, rd, h0, h1, lora.scale_d,
                       y + b * H + h0, H);
       }
-    }
+    });
   });
 
   // F5: out[t] = sum_j w[t, j] y[t, j] in j order (fp32), rounded once (R3).
@@ -700,8 +703,7 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
     const int i0 = blk * kWideBlock, i1 = std::min(I, i0 + kWideBlock);
     const int width = i1 - i0;
     float* v = tiles + thread * kTileFloats;
-    for (std::int64_t b = r.offsets[e], step = chunk_rows(r.rows_of(e)); b < r.offsets[e + 1]; b += step) {
-      const int m = static_cast<int>(std::min(step, r.offsets[e + 1] - b));
+    for_each_call(r, e, [&](std::int64_t b, int m) {
       chunk_nn(kt, gp, r, e, b, m, g_rows, L.down_of(e), H, I, i0, i1, v, kWideBlock);
       if (rd)
         kt.lora_at_add(m, bg + b * rd, expert_slice(lora.a_d, e), lora_dtype, rd, I, i0, i1, lora.scale_d, v,
@@ -713,7 +715,7 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
         gw_part[p * i_blocks + blk] = kt.silu_mul_bwd(width, g, g + I, v + i * kWideBlock, wt[p], hb + p * I + i0,
                                                       dgu + p * 2 * I + i0, dgu + p * 2 * I + I + i0);
       }
-    }
+    });
     const auto timed = part(Stage::bwd_lora_grads_gu_d);
     const std::int64_t b = r.offsets[e];
     const int m = static_cast<int>(r.rows_of(e));
@@ -752,13 +754,12 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
       const int e = r.active[task / h_blocks];
       const int h0 = static_cast<int>(task % h_blocks) * kWideBlock, h1 = std::min(H, h0 + kWideBlock);
       if (grad_x)
-        for (std::int64_t b = r.offsets[e], step = chunk_rows(r.rows_of(e)); b < r.offsets[e + 1]; b += step) {
-          const int m = static_cast<int>(std::min(step, r.offsets[e + 1] - b));
+        for_each_call(r, e, [&](std::int64_t b, int m) {
           chunk_nn(kt, dp, r, e, b, m, dgu_rows, L.gate_up_of(e), 2 * I, H, h0, h1, dx_rows + b * H + h0, H);
           if (rg)
             kt.lora_at_add(m, bgu + b * rg, expert_slice(lora.a_gu, e), lora_dtype, rg, H, h0, h1, lora.scale_gu,
                            dx_rows + b * H + h0, H);
-        }
+        });
       if (want_da_gu) {
         const auto timed = part(Stage::bwd_da_gu);
         const std::int64_t b = r.offsets[e];
