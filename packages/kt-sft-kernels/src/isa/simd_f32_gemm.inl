@@ -1,14 +1,16 @@
 // fp32-FMA GEMMs on bf16 operands, written once over a vector type `Vec` that the including tier
 // defines (avx2: 8 lanes, avx512: 16 lanes). Included inside namespace kt::isa_<tier> after
-// generic_kernels.inl. Vec provides: kWidth, reg, zero(), load_bf16(const bf16*) (kWidth values,
-// converted exactly), set1(float), fma(a, b, acc), store(float*, reg), reduce(reg) (fixed tree).
+// generic_kernels.inl. Vec provides: kWidth, reg, zero(), load(const float*), load_bf16(const bf16*)
+// (kWidth values, converted exactly), set1(float), fma(a, b, acc), store(float*, reg), reduce(reg)
+// (fixed tree), transpose(reg*) (kWidth x kWidth in place).
 //
-// NT (forward): vectorized over the reduction index; each (row, n) accumulator is one register
-// reduced once at the end, so its order (lane = q mod kWidth, then reduce()) does not depend on the
-// blocking. NN (backward, transposed use of the same row-major weights): vectorized over output
-// columns through a packed fp32 panel; each column sums q in order.
-// The tier also defines kNtRows, kNnRows (rows per register block) and kNnCols (columns per
-// register block, a multiple of 32), and Vec::load(const float*).
+// Both products run one register-blocked kernel over a per-call fp32 panel of W (panel_gemm): NN
+// (backward, c = A W with the row-major W) converts a block of W's rows into it, NT (forward,
+// c = A W^T) transposes kWidth x kWidth blocks into it. Each c element sums q in order. NT calls with
+// fewer than kPanelMinRows rows skip the panel: dot products vectorized over the reduction index,
+// each (row, n) accumulator one register reduced once at the end (lane = q mod kWidth, then reduce()).
+// The tier also defines kNtRows (rows of a dot-product block), kNnRows (rows per panel register
+// block) and kNnCols (columns per panel register block, a multiple of 32).
 
 template <int MR, int NR>
 inline void nt_block(const bf16* const* a, const bf16* w, int k, float* c, std::int64_t ldc) {
@@ -44,24 +46,24 @@ inline void nt_tail(int rows, const bf16* const* a, const bf16* w, int k, int n0
   }
 }
 
-inline void simd_gemm_nt(int m, const bf16* const* a, const void* w_packed, int /*rows*/, int k, int n0, int n1,
-                         float* c, std::int64_t ldc) {
-  const bf16* w = static_cast<const bf16*>(w_packed);
+inline void nt_few_rows(int m, const bf16* const* a, const bf16* w, int k, int n0, int n1, float* c,
+                        std::int64_t ldc) {
   int i = 0;
   for (; i + kNtRows <= m; i += kNtRows) nt_rows<kNtRows>(a + i, w, k, n0, n1, c + i * ldc, ldc);
   if (i < m) nt_tail<kNtRows - 1>(m - i, a + i, w, k, n0, n1, c + i * ldc, ldc);
 }
 
-// NN through a panel: rows [qc, qc + kPanelRows) x columns [jb, jb + kPanelCols) of W are
-// converted to fp32 once into a contiguous panel and then used by every row block of A, so the
-// strided column strip of the row-major W is read once per call (not once per row block).
-// Accumulators live in c between panels; each element still sums q in order.
+// The panel: rows [qc, qc + kPanelRows) x columns [jb, jb + kPanelCols) of the right-hand operand
+// B (B = W for NN, W^T for NT) in fp32, built once per call and block and then read from L1 by every
+// row block of A, so a call reads its strip of W once (not once per row block). Accumulators live in
+// c between panels.
 constexpr int kPanelRows = 64;
 constexpr int kPanelCols = 128;
+constexpr int kPanelMinRows = 8;
 
 template <int MR, int NV>
-inline void nn_panel_block(const float (*af)[kPanelRows], const float* panel, int depth, float* c, std::int64_t ldc,
-                           bool first) {
+inline void panel_block(const float (*af)[kPanelRows], const float* panel, int depth, float* c, std::int64_t ldc,
+                        bool first) {
   typename Vec::reg acc[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = first ? Vec::zero() : Vec::load(c + i * ldc + v * Vec::kWidth);
@@ -79,44 +81,71 @@ inline void nn_panel_block(const float (*af)[kPanelRows], const float* panel, in
 
 // One row block of A (MR rows) against the whole panel (width columns, a multiple of 32).
 template <int MR>
-inline void nn_panel_rows(const bf16* const* a, int qc, const float* panel, int depth, int width, float* c,
-                          std::int64_t ldc, bool first) {
+inline void panel_rows(const bf16* const* a, int qc, const float* panel, int depth, int width, float* c,
+                       std::int64_t ldc, bool first) {
   alignas(64) float af[MR][kPanelRows];
   for (int i = 0; i < MR; ++i)
     for (int q = 0; q < depth; ++q) af[i][q] = bf16_to_f32(a[i][qc + q]);
   constexpr int kWide = kNnCols / Vec::kWidth, kNarrow = 32 / Vec::kWidth;
   int s = 0;
-  for (; s + kNnCols <= width; s += kNnCols) nn_panel_block<MR, kWide>(af, panel + s, depth, c + s, ldc, first);
-  for (; s < width; s += 32) nn_panel_block<MR, kNarrow>(af, panel + s, depth, c + s, ldc, first);
+  for (; s + kNnCols <= width; s += kNnCols) panel_block<MR, kWide>(af, panel + s, depth, c + s, ldc, first);
+  for (; s < width; s += 32) panel_block<MR, kNarrow>(af, panel + s, depth, c + s, ldc, first);
 }
 
 template <int MR>
-inline void nn_panel_tail(int rows, const bf16* const* a, int qc, const float* panel, int depth, int width, float* c,
-                          std::int64_t ldc, bool first) {
+inline void panel_tail(int rows, const bf16* const* a, int qc, const float* panel, int depth, int width, float* c,
+                       std::int64_t ldc, bool first) {
   if constexpr (MR > 0) {
-    if (rows == MR) nn_panel_rows<MR>(a, qc, panel, depth, width, c, ldc, first);
-    else nn_panel_tail<MR - 1>(rows, a, qc, panel, depth, width, c, ldc, first);
+    if (rows == MR) panel_rows<MR>(a, qc, panel, depth, width, c, ldc, first);
+    else panel_tail<MR - 1>(rows, a, qc, panel, depth, width, c, ldc, first);
   }
 }
 
-inline void simd_gemm_nn(int m, const bf16* const* a, const void* w_packed, int k, int cols, int j0, int j1,
-                         float* c, std::int64_t ldc) {
-  const bf16* w = static_cast<const bf16*>(w_packed);
+// c[i][j - j0] = sum_q a[i][q] B[q][j] for j in [j0, j1); build(qc, depth, jb, width, panel) fills
+// the panel with B's rows [qc, qc + depth) and columns [jb, jb + width).
+template <class BuildPanel>
+inline void panel_gemm(int m, const bf16* const* a, int k, int j0, int j1, float* c, std::int64_t ldc,
+                       BuildPanel build) {
   alignas(64) float panel[kPanelRows * kPanelCols];
   for (int jb = j0; jb < j1; jb += kPanelCols) {
     const int width = std::min(kPanelCols, j1 - jb);
     float* cb = c + (jb - j0);
     for (int qc = 0; qc < k; qc += kPanelRows) {
       const int depth = std::min(kPanelRows, k - qc);
-      for (int q = 0; q < depth; ++q) {
-        const bf16* src = w + static_cast<std::int64_t>(qc + q) * cols + jb;
-        for (int j = 0; j < width; j += Vec::kWidth) Vec::store(panel + q * kPanelCols + j, Vec::load_bf16(src + j));
-      }
+      build(qc, depth, jb, width, panel);
       const bool first = qc == 0;
       int i = 0;
       for (; i + kNnRows <= m; i += kNnRows)
-        nn_panel_rows<kNnRows>(a + i, qc, panel, depth, width, cb + i * ldc, ldc, first);
-      if (i < m) nn_panel_tail<kNnRows - 1>(m - i, a + i, qc, panel, depth, width, cb + i * ldc, ldc, first);
+        panel_rows<kNnRows>(a + i, qc, panel, depth, width, cb + i * ldc, ldc, first);
+      if (i < m) panel_tail<kNnRows - 1>(m - i, a + i, qc, panel, depth, width, cb + i * ldc, ldc, first);
     }
   }
+}
+
+inline void simd_gemm_nn(int m, const bf16* const* a, const void* w_packed, int k, int cols, int j0, int j1,
+                         float* c, std::int64_t ldc) {
+  const bf16* w = static_cast<const bf16*>(w_packed);
+  panel_gemm(m, a, k, j0, j1, c, ldc, [&](int qc, int depth, int jb, int width, float* panel) {
+    for (int q = 0; q < depth; ++q) {
+      const bf16* src = w + static_cast<std::int64_t>(qc + q) * cols + jb;
+      for (int j = 0; j < width; j += Vec::kWidth) Vec::store(panel + q * kPanelCols + j, Vec::load_bf16(src + j));
+    }
+  });
+}
+
+// NT: B[q][n] = W[n][q]; kWidth x kWidth blocks of W (depth and width are multiples of 32) transposed.
+inline void simd_gemm_nt(int m, const bf16* const* a, const void* w_packed, int /*rows*/, int k, int n0, int n1,
+                         float* c, std::int64_t ldc) {
+  const bf16* w = static_cast<const bf16*>(w_packed);
+  if (m < kPanelMinRows) return nt_few_rows(m, a, w, k, n0, n1, c, ldc);
+  constexpr int kW = Vec::kWidth;
+  panel_gemm(m, a, k, n0, n1, c, ldc, [&](int qc, int depth, int jb, int width, float* panel) {
+    for (int j = 0; j < width; j += kW)
+      for (int q = 0; q < depth; q += kW) {
+        typename Vec::reg r[kW];
+        for (int x = 0; x < kW; ++x) r[x] = Vec::load_bf16(w + static_cast<std::int64_t>(jb + j + x) * k + qc + q);
+        Vec::transpose(r);
+        for (int y = 0; y < kW; ++y) Vec::store(panel + (q + y) * kPanelCols + j, r[y]);
+      }
+  });
 }

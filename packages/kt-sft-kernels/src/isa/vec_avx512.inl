@@ -33,6 +33,33 @@ struct Vec {
   static reg round(reg v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   // p * 2^n for integral n in [-126, 127].
   static reg scale2(reg p, reg n) { return _mm512_scalef_ps(p, n); }
+  // In place: r[x] lane y <- r[y] lane x.
+  static void transpose(reg* r) {
+    __m512i v[16], t[16];
+    for (int i = 0; i < 16; ++i) v[i] = _mm512_castps_si512(r[i]);
+    for (int i = 0; i < 8; ++i) {  // words 0,1 (lo) and 2,3 (hi) of each 128-bit lane, rows 2i, 2i+1 interleaved
+      t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+      t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {  // v[4i + w]: word w of each 128-bit lane of rows 4i..4i+3
+      v[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+      v[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+      v[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+      v[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int w = 0; w < 4; ++w) {  // 128-bit lane L of v[w], v[4+w], v[8+w], v[12+w] -> word 4L + w of every row
+      t[4 * w] = _mm512_shuffle_i32x4(v[w], v[4 + w], _MM_SHUFFLE(1, 0, 1, 0));
+      t[4 * w + 1] = _mm512_shuffle_i32x4(v[w], v[4 + w], _MM_SHUFFLE(3, 2, 3, 2));
+      t[4 * w + 2] = _mm512_shuffle_i32x4(v[8 + w], v[12 + w], _MM_SHUFFLE(1, 0, 1, 0));
+      t[4 * w + 3] = _mm512_shuffle_i32x4(v[8 + w], v[12 + w], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int w = 0; w < 4; ++w) {
+      r[w] = _mm512_castsi512_ps(_mm512_shuffle_i32x4(t[4 * w], t[4 * w + 2], _MM_SHUFFLE(2, 0, 2, 0)));
+      r[4 + w] = _mm512_castsi512_ps(_mm512_shuffle_i32x4(t[4 * w], t[4 * w + 2], _MM_SHUFFLE(3, 1, 3, 1)));
+      r[8 + w] = _mm512_castsi512_ps(_mm512_shuffle_i32x4(t[4 * w + 1], t[4 * w + 3], _MM_SHUFFLE(2, 0, 2, 0)));
+      r[12 + w] = _mm512_castsi512_ps(_mm512_shuffle_i32x4(t[4 * w + 1], t[4 * w + 3], _MM_SHUFFLE(3, 1, 3, 1)));
+    }
+  }
   static float reduce(reg v) {
     const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v),
                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
