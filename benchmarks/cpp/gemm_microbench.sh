@@ -2,7 +2,7 @@
 # Builds and runs gemm_microbench.cpp on an AVX-512 BF16 machine:
 #   benchmarks/cpp/gemm_microbench.sh [BASELINE_KERNELS_DIR]
 # BASELINE_KERNELS_DIR: another tree's packages/kt-sft-kernels; its avx512_bf16 tier is timed beside
-# this tree's in the same process (renamed namespace). Flags as the wheel's Release build (-O3).
+# this tree's avx512 tier in the same process (renamed namespace). Flags as the wheel's Release build (-O3).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 pkg=$(cd "$here/../../packages/kt-sft-kernels" && pwd)
@@ -11,9 +11,8 @@ cxx=${CXX:-g++}
 common=(-std=c++20 -O3 -DNDEBUG -Wall -Wextra -Wno-psabi -I"$pkg/include")
 avx512=(-mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512dq -mavx512vl)
 bf16=("${avx512[@]}" -mavx512bf16 -mavx512vnni)
-objs=("$out/avx512.o" "$out/avx512_bf16.o")
+objs=("$out/avx512.o")
 "$cxx" "${common[@]}" "${avx512[@]}" -c -o "$out/avx512.o" "$pkg/src/isa/avx512/kernels.cpp" &
-"$cxx" "${common[@]}" "${bf16[@]}" -c -o "$out/avx512_bf16.o" "$pkg/src/isa/avx512_bf16/kernels.cpp" &
 defs=()
 if [ $# -ge 1 ]; then
   base=$(cd "$1" && pwd)

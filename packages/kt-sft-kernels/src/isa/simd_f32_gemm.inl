@@ -2,13 +2,13 @@
 // defines (avx2: 8 lanes, avx512: 16 lanes). Included inside namespace kt::isa_<tier> after
 // generic_kernels.inl. Vec provides: kWidth, reg, zero(), load(const float*), load_bf16(const bf16*)
 // (kWidth values, converted exactly), set1(float), fma(a, b, acc), store(float*, reg), reduce(reg)
-// (fixed tree), transpose(reg*) (kWidth x kWidth in place).
+// (fixed tree).
 //
-// Both products run one register-blocked kernel over a per-call fp32 panel of W (panel_gemm): NN
-// (backward, c = A W with the row-major W) converts a block of W's rows into it, NT (forward,
-// c = A W^T) transposes kWidth x kWidth blocks into it. Each c element sums q in order. NT calls with
-// fewer than kPanelMinRows rows skip the panel: dot products vectorized over the reduction index,
-// each (row, n) accumulator one register reduced once at the end (lane = q mod kWidth, then reduce()).
+// NN (backward, c = A W with the row-major W) runs a register-blocked kernel over a per-call fp32
+// panel of W (panel_gemm) that it fills with a block of W's rows; each c element sums q in order.
+// NT (forward, c = A W^T), simd_gemm_nt_dot: dot products vectorized over the reduction index, each
+// (row, n) accumulator one register reduced once at the end (lane = q mod kWidth, then reduce()); W
+// is read once per block of kNtRows rows. (The avx512 tier runs NT through the panel instead.)
 // The tier also defines kNtRows (rows of a dot-product block), kNnRows (rows per panel register
 // block) and kNnCols (columns per panel register block, a multiple of 32).
 
@@ -46,8 +46,9 @@ inline void nt_tail(int rows, const bf16* const* a, const bf16* w, int k, int n0
   }
 }
 
-inline void nt_few_rows(int m, const bf16* const* a, const bf16* w, int k, int n0, int n1, float* c,
-                        std::int64_t ldc) {
+inline void simd_gemm_nt_dot(int m, const bf16* const* a, const void* w_packed, int /*rows*/, int k, int n0,
+                             int n1, float* c, std::int64_t ldc) {
+  const bf16* w = static_cast<const bf16*>(w_packed);
   int i = 0;
   for (; i + kNtRows <= m; i += kNtRows) nt_rows<kNtRows>(a + i, w, k, n0, n1, c + i * ldc, ldc);
   if (i < m) nt_tail<kNtRows - 1>(m - i, a + i, w, k, n0, n1, c + i * ldc, ldc);
@@ -59,7 +60,6 @@ inline void nt_few_rows(int m, const bf16* const* a, const bf16* w, int k, int n
 // c between panels.
 constexpr int kPanelRows = 64;
 constexpr int kPanelCols = 128;
-constexpr int kPanelMinRows = 8;
 
 template <int MR, int NV>
 inline void panel_block(const float (*af)[kPanelRows], const float* panel, int depth, float* c, std::int64_t ldc,
@@ -130,22 +130,5 @@ inline void simd_gemm_nn(int m, const bf16* const* a, const void* w_packed, int 
       const bf16* src = w + static_cast<std::int64_t>(qc + q) * cols + jb;
       for (int j = 0; j < width; j += Vec::kWidth) Vec::store(panel + q * kPanelCols + j, Vec::load_bf16(src + j));
     }
-  });
-}
-
-// NT: B[q][n] = W[n][q]; kWidth x kWidth blocks of W (depth and width are multiples of 32) transposed.
-inline void simd_gemm_nt(int m, const bf16* const* a, const void* w_packed, int /*rows*/, int k, int n0, int n1,
-                         float* c, std::int64_t ldc) {
-  const bf16* w = static_cast<const bf16*>(w_packed);
-  if (m < kPanelMinRows) return nt_few_rows(m, a, w, k, n0, n1, c, ldc);
-  constexpr int kW = Vec::kWidth;
-  panel_gemm(m, a, k, n0, n1, c, ldc, [&](int qc, int depth, int jb, int width, float* panel) {
-    for (int j = 0; j < width; j += kW)
-      for (int q = 0; q < depth; q += kW) {
-        typename Vec::reg r[kW];
-        for (int x = 0; x < kW; ++x) r[x] = Vec::load_bf16(w + static_cast<std::int64_t>(jb + j + x) * k + qc + q);
-        Vec::transpose(r);
-        for (int y = 0; y < kW; ++y) Vec::store(panel + (q + y) * kPanelCols + j, r[y]);
-      }
   });
 }

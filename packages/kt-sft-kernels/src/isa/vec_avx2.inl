@@ -36,24 +36,6 @@ struct Vec {
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
   }
-  // In place: r[x] lane y <- r[y] lane x.
-  static void transpose(reg* r) {
-    __m256 t[8], u[8];
-    for (int i = 0; i < 4; ++i) {  // per 128-bit half: elements 0,1 (lo) and 2,3 (hi) of rows 2i, 2i+1
-      t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-      t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    for (int i = 0; i < 2; ++i) {  // u[4i + w]: element w of each half of rows 4i..4i+3
-      u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-      u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-      u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-      u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-    }
-    for (int w = 0; w < 4; ++w) {  // low halves give element w, high halves element 4 + w
-      r[w] = _mm256_permute2f128_ps(u[w], u[4 + w], 0x20);
-      r[4 + w] = _mm256_permute2f128_ps(u[w], u[4 + w], 0x31);
-    }
-  }
   static float reduce(reg v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

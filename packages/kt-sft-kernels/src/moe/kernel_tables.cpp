@@ -1,5 +1,6 @@
 // kernels_for(): maps a tier to its table. Only tiers the build compiled (KT_SFT_HAVE_ISA_<TIER>)
-// are referenced, so this file needs no -m flags. The table's `isa` is the tier whose code runs.
+// are referenced, so this file needs no -m flags. The table's `isa` is the tier it serves (avx512_bf16
+// serves the avx512 tier's kernels: src/isa/avx512_bf16/kernels.cpp says why).
 #include <stdexcept>
 #include <string>
 

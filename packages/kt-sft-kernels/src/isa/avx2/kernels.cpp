@@ -27,7 +27,7 @@ constexpr int kNnCols = 32;
 const KernelTable& kernel_table() {
   static const KernelTable table = [] {
     KernelTable t = generic_table(Isa::avx2);
-    t.gemm_nt = simd_gemm_nt;
+    t.gemm_nt = simd_gemm_nt_dot;
     t.gemm_nn = simd_gemm_nn;
     t.silu_mul = simd_silu_mul;
     t.silu_mul_bwd = simd_silu_mul_bwd;
