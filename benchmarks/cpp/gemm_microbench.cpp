@@ -1,6 +1,6 @@
-// Single-kernel timing of the avx512 tier's base GEMMs (which the avx512_bf16 tier runs too) on the layer's real call shapes, plus the raw
-// throughput of the two multiply-add instructions they are built on. Diagnosis for kernel work on an
-// AVX-512 BF16 machine; the numbers that count come from bench_moe.py. Built and run by
+// Single-kernel timing of the avx512 tier's base GEMMs (which the avx512_bf16 tier runs too) on the
+// layer's real call shapes, plus the raw throughput of VFMADD231PS and VDPBF16PS. Diagnosis for kernel
+// work on an AVX-512 BF16 machine; the numbers that count come from bench_moe.py. Built and run by
 // benchmarks/cpp/gemm_microbench.sh (a baseline tree's avx512_bf16 tier can be linked in beside it,
 // renamed, for an A/B in one process).
 #include <pthread.h>
@@ -9,10 +9,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
-#include <functional>
 #include <random>
-#include <string>
 #include <thread>
 #include <vector>
 

@@ -9,8 +9,8 @@
 // NT (forward, c = A W^T), simd_gemm_nt_dot: dot products vectorized over the reduction index, each
 // (row, n) accumulator one register reduced once at the end (lane = q mod kWidth, then reduce()); W
 // is read once per block of kNtRows rows. (The avx512 tier runs NT through the panel instead.)
-// The tier also defines kNtRows (rows of a dot-product block), kNnRows (rows per panel register
-// block) and kNnCols (columns per panel register block, a multiple of 32).
+// The tier also defines kNtRows (rows of a dot-product block), kPanelBlockRows (rows per panel
+// register block) and kPanelBlockCols (columns per panel register block, a multiple of 32).
 
 template <int MR, int NR>
 inline void nt_block(const bf16* const* a, const bf16* w, int k, float* c, std::int64_t ldc) {
@@ -86,9 +86,10 @@ inline void panel_rows(const bf16* const* a, int qc, const float* panel, int dep
   alignas(64) float af[MR][kPanelRows];
   for (int i = 0; i < MR; ++i)
     for (int q = 0; q < depth; ++q) af[i][q] = bf16_to_f32(a[i][qc + q]);
-  constexpr int kWide = kNnCols / Vec::kWidth, kNarrow = 32 / Vec::kWidth;
+  constexpr int kWide = kPanelBlockCols / Vec::kWidth, kNarrow = 32 / Vec::kWidth;
   int s = 0;
-  for (; s + kNnCols <= width; s += kNnCols) panel_block<MR, kWide>(af, panel + s, depth, c + s, ldc, first);
+  for (; s + kPanelBlockCols <= width; s += kPanelBlockCols)
+    panel_block<MR, kWide>(af, panel + s, depth, c + s, ldc, first);
   for (; s < width; s += 32) panel_block<MR, kNarrow>(af, panel + s, depth, c + s, ldc, first);
 }
 
@@ -115,9 +116,9 @@ inline void panel_gemm(int m, const bf16* const* a, int k, int j0, int j1, float
       build(qc, depth, jb, width, panel);
       const bool first = qc == 0;
       int i = 0;
-      for (; i + kNnRows <= m; i += kNnRows)
-        panel_rows<kNnRows>(a + i, qc, panel, depth, width, cb + i * ldc, ldc, first);
-      if (i < m) panel_tail<kNnRows - 1>(m - i, a + i, qc, panel, depth, width, cb + i * ldc, ldc, first);
+      for (; i + kPanelBlockRows <= m; i += kPanelBlockRows)
+        panel_rows<kPanelBlockRows>(a + i, qc, panel, depth, width, cb + i * ldc, ldc, first);
+      if (i < m) panel_tail<kPanelBlockRows - 1>(m - i, a + i, qc, panel, depth, width, cb + i * ldc, ldc, first);
     }
   }
 }

@@ -19,8 +19,8 @@ using moe::PackFormat;
 #include "../simd_act.inl"
 
 constexpr int kNtRows = 3;  // 3 rows x 4 weight rows = 12 accumulators of 16 ymm registers
-constexpr int kNnRows = 3;  // 3 rows x 32 columns = 12 accumulators
-constexpr int kNnCols = 32;
+constexpr int kPanelBlockRows = 3;  // 3 rows x 32 columns = 12 accumulators
+constexpr int kPanelBlockCols = 32;
 
 #include "../simd_f32_gemm.inl"
 

@@ -21,8 +21,8 @@ using moe::PackFormat;
 #include "../simd_lora_avx512.inl"
 
 constexpr int kNtRows = 4;  // 4 rows x 4 weight rows = 16 accumulators of 32 zmm registers
-constexpr int kNnRows = 6;  // 6 rows x 64 columns = 24 accumulators
-constexpr int kNnCols = 64;
+constexpr int kPanelBlockRows = 6;  // 6 rows x 64 columns = 24 accumulators
+constexpr int kPanelBlockCols = 64;
 
 #include "../simd_f32_gemm.inl"
 
