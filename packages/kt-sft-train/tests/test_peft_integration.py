@@ -198,7 +198,7 @@ def test_rslora_scaling_reaches_the_experts() -> None:
 
 
 def test_adapter_reloads_onto_a_kt_model_with_peft_from_pretrained(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from kt_sft_train.lora import is_taken_over
+    from kt_sft_train.peft import is_taken_over
     from peft import PeftModel
 
     base = tiny_model("glm4_moe", torch.float32)

@@ -16,7 +16,7 @@ from kt_sft_train import (
     kt_lora_config,
     wrap_moe_layers_with_kt_wrapper,
 )
-from kt_sft_train.lora import is_taken_over
+from kt_sft_train.peft import is_taken_over
 from peft import get_peft_model
 from tiny_moe import (
     FAMILIES,

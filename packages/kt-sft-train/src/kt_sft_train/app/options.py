@@ -1,7 +1,7 @@
 """Options of `kt-sft train`: one typed set, filled from defaults < job.json < the YAML `train:` section <
 command-line flags, and the job directories that carry a model, data and recommended hyperparameters.
 
-A job directory (the embedded default one is package data, kt_sft_train/default_job/):
+A job directory (the embedded default one is package data, kt_sft_train/app/default_job/):
 ``model/`` (HF checkpoint + tokenizer; or those files at the top of the job directory), ``train.jsonl``,
 ``heldout.jsonl`` (optional), ``job.json`` (optional: recommended option values).
 """
@@ -177,7 +177,7 @@ def _positive_float(name: str, value: Any) -> None:
 
 def default_job_dir() -> Path:
     """The embedded default job (package data)."""
-    return Path(str(resources.files("kt_sft_train") / "default_job"))
+    return Path(str(resources.files("kt_sft_train.app") / "default_job"))
 
 
 @dataclass(frozen=True)
