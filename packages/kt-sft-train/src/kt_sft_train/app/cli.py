@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -184,48 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
 # -- commands -------------------------------------------------------------------------------------------
 
 
-def _kt_config_and_train_section(path: str | None) -> tuple[Any, dict[str, Any]]:
-    """KTConfig (YAML < KT_SFT_* env) and the YAML's `train:` section."""
-    from ..config import KTConfig, KTConfigError
-
-    kt_mapping: dict[str, Any] = {}
-    train_section: dict[str, Any] = {}
-    if path is not None:
-        import yaml
-
-        file = Path(path)
-        if not file.is_file():
-            raise UsageError(f"--config {path!r} does not exist")
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-        if not isinstance(data, dict):
-            raise UsageError(f"--config {path}: expected a YAML mapping")
-        if set(data) & {"kt", "train"}:
-            extra = sorted(set(data) - {"kt", "train"})
-            if extra:
-                raise UsageError(f"--config {path}: unknown top-level keys {extra} (expected kt:, train:)")
-            kt_mapping = dict(data.get("kt") or {})
-            train_section = {k.replace("-", "_"): v for k, v in (data.get("train") or {}).items()}
-        else:
-            kt_mapping = data
-    kt = KTConfig.from_mapping(kt_mapping)
-    from_env = KTConfig.from_env()
-    env_fields = {
-        name: getattr(from_env, name) for name in kt.to_dict() if f"KT_SFT_{name.upper()}" in os.environ
-    }
-    try:
-        return (kt.replace(**env_fields) if env_fields else kt), train_section
-    except KTConfigError as error:
-        raise KTConfigError(f"{error} (KT_SFT_* environment over --config)") from None
-
-
 def command_train(args: argparse.Namespace) -> int:
-    from .options import resolve_options
+    from .options import read_config_file, resolve
     from .training import run_training
 
     values = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "job")}
-    kt, train_section = _kt_config_and_train_section(values.get("config"))
-    options = resolve_options(values, job_dir=args.job, train_section=train_section)
-    run_training(options, kt)
+    options = resolve(values, job_dir=args.job, config=read_config_file(values.get("config")))
+    run_training(options)
     return 0
 
 

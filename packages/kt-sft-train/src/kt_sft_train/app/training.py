@@ -335,7 +335,7 @@ class Progress:
 # -- the run --------------------------------------------------------------------------------------------
 
 
-def run_training(options: TrainOptions, kt: KTConfig, *, echo: Callable[[str], None] = print) -> TrainResult:
+def run_training(options: TrainOptions, *, echo: Callable[[str], None] = print) -> TrainResult:
     from transformers import AutoTokenizer
 
     from ..adapters import save_adapter
@@ -354,11 +354,9 @@ def run_training(options: TrainOptions, kt: KTConfig, *, echo: Callable[[str], N
             raise OptionsError(f"--resume: no checkpoint in {output / CHECKPOINTS}")
         check_resume_compatible(output, options)
 
-    if options.threads is not None:
-        torch.set_num_threads(options.threads)
-        kt = kt.replace(threads=options.threads)
-    if options.backend is not None:
-        kt = kt.replace(backend=options.backend)
+    kt = options.kt
+    if kt.threads is not None:
+        torch.set_num_threads(kt.threads)
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     seed_everything(options.seed)
