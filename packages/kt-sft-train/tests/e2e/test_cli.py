@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from job_fixtures import CHAT_TEMPLATE, make_job, reverse_records, write_jsonl
+from factory import CHAT_TEMPLATE, make_job, reverse_records, write_jsonl
 from kt_sft_train import KTConfig
 from kt_sft_train.app.cli import main
 from kt_sft_train.app.options import default_job_dir, load_job

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from job_fixtures import CHAT_TEMPLATE, char_tokenizer, make_job, write_jsonl
+from factory import CHAT_TEMPLATE, char_tokenizer, make_job, write_jsonl
 from kt_sft_train import KTConfig, KTConfigError
 from kt_sft_train.app.data import (
     IGNORE_INDEX,
