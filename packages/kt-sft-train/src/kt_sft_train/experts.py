@@ -221,6 +221,10 @@ class KTExperts(nn.Module):
         return f"KTExperts {self.name}" if self.name else "KTExperts"
 
     def _check_inputs(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        # Not a copy of the kernel's validation: these are the caller's [..., H] / [..., top_k] tensors
+        # before they are flattened (a wrong ids shape with the right element count would reshape into a
+        # valid-looking [T, top_k]) and before staging casts the weights to the host dtype (integer
+        # weights would pass silently); they also guard the reference backend, which has no kernel.
         if hidden.shape[-1] != self.hidden_dim:
             raise ValueError(
                 f"{self._label()}: hidden_states last dim must be {self.hidden_dim}, "
