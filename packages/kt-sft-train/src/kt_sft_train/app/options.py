@@ -47,7 +47,7 @@ class OptionsError(ValueError):
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """Everything `kt-sft train` needs (CLI flag --x-y is field x_y)."""
+    """Everything `kt-sft train` needs (CLI flag --x-y is field x_y; --threads, --backend: fields of kt)."""
 
     model: str | None = None
     data: str | None = None
