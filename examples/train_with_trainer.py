@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 from kt_sft_train import KTConfig, kt_lora_config
-from kt_sft_train.data import Formatter, collate, read_jsonl, tokenize_records
+from kt_sft_train.app.data import Formatter, collate, read_jsonl, tokenize_records
+from kt_sft_train.app.options import default_job_dir
 from kt_sft_train.integrations import KTTimeSplitCallback
 from kt_sft_train.model import load_kt_model
-from kt_sft_train.options import default_job_dir
 from peft import get_peft_model
 from transformers import AutoTokenizer, Trainer, TrainingArguments
 

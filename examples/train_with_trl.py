@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from kt_sft_train import KTConfig, kt_lora_config
+from kt_sft_train.app.options import default_job_dir
 from kt_sft_train.integrations import KTTimeSplitCallback
 from kt_sft_train.model import load_kt_model
-from kt_sft_train.options import default_job_dir
 from transformers import AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 

@@ -1,7 +1,7 @@
 """Prove that LoRA fine-tuning on the embedded default job works, with plain transformers + PEFT only.
 
 No kt-sft code is imported: this is the reference that `kt-sft train` (no arguments) is held to. It
-reads a job directory the way the CLI does (kt_sft_train/options.py, data.py): the checkpoint and
+reads a job directory the way the CLI does (kt_sft_train/app/options.py, app/data.py): the checkpoint and
 tokenizer in model/, raw prompt/completion records rendered with the chat template (loss on the
 assistant part), job.json holding `kt-sft train` option values. It measures greedy held-out exact
 match, LoRA-tunes attention q/k/v/o (modules) and the routed experts' gate_up_proj / down_proj (3-D
@@ -33,7 +33,7 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-DEFAULT_JOB_DIR = Path(__file__).resolve().parents[1] / "src" / "kt_sft_train" / "default_job"
+DEFAULT_JOB_DIR = Path(__file__).resolve().parents[1] / "src" / "kt_sft_train" / "app" / "default_job"
 LOSS_RATIO_MAX = 0.6
 ACCURACY_BEFORE_MAX = 0.10
 ACCURACY_AFTER_MIN = 0.50

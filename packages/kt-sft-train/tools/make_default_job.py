@@ -30,7 +30,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src" / "kt_sft_train" / "default_job"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src" / "kt_sft_train" / "app" / "default_job"
 
 SEED = 1234
 LETTERS = string.ascii_lowercase
@@ -80,7 +80,7 @@ FINETUNE_HELDOUT_SIZE = 200
 EVAL_SIZE_PER_SHIFT = 200
 
 # Recommended `kt-sft train` options for the bundled data (job.json; keys are the CLI's option names,
-# see kt_sft_train/options.py). check_default_job.py runs the same with plain HF + PEFT.
+# see kt_sft_train/app/options.py). check_default_job.py runs the same with plain HF + PEFT.
 JOB = {
     "description": (
         f"LoRA-teach a tiny Qwen3-MoE the Caesar shift by {NEW_SHIFT} of {CODE_LENGTH}-character codes"

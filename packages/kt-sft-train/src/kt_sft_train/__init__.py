@@ -5,10 +5,9 @@ from .autograd import KTMoEFunction
 from .checkpointing import checkpoint, install_checkpoint_regions
 from .config import KTConfig, KTConfigError
 from .experts import KTExperts, wrap_moe_layers_with_kt_wrapper
-from .lora import kt_lora_config, take_over_peft_wrappers
+from .peft import kt_lora_config, take_over_peft_wrappers
 from .reference import ExpertLoRA, moe_forward
-
-__version__ = "0.1.0"
+from .versions import __version__
 
 __all__ = [
     "ExpertLoRA",

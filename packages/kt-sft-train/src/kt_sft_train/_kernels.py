@@ -186,9 +186,6 @@ class KernelLayer:
     def _kernel_lora(self, lora: ExpertLoRA | None) -> Any:
         if lora is None or all(t is None for t in lora.tensors()):
             return None
-        dtypes = {t.dtype for t in lora.tensors() if t is not None}
-        if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.bfloat16}:
-            raise TypeError(
-                f"the kernels take LoRA weights all float32 or all bfloat16, got {sorted(map(str, dtypes))}"
-            )
+        # Shapes and dtypes of the LoRA factors are validated by the kernel layer (one validator; its
+        # errors name the factor, e.g. "a_gu: expected dtype bfloat16 ... or float32, got float64").
         return self._kk.LoRA(*lora.tensors(), lora.scale_gu, lora.scale_d)

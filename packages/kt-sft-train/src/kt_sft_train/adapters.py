@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .arch import get_moe_arch_config
+from .peft.layout import per_expert_factors
 from .weights import (
     CheckpointError,
     CheckpointKeyMapper,
@@ -306,8 +307,8 @@ def load_adapter(
 class LoRAFactors:
     """LoRA of one base parameter: ΔW = scaling · B @ A (per expert for 3-D parameters).
 
-    Linear: A [r, in], B [out, r]. Experts (PEFT's ParamWrapper layout): A [r·E, in] expert-major,
-    B [out, r·E] rank-major, so expert e uses A[e·r:(e+1)·r] and B[:, e::E].
+    Linear: A [r, in], B [out, r]. Experts: PEFT's ParamWrapper layout, decoded by
+    kt_sft_train.peft.layout (the one decoder).
     """
 
     parameter: str
@@ -321,7 +322,8 @@ class LoRAFactors:
         self, a: torch.Tensor, b: torch.Tensor, expert: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.num_experts is not None
-        return a[expert * self.rank : (expert + 1) * self.rank], b[:, expert :: self.num_experts]
+        a_experts, b_experts = per_expert_factors(a, b, self.num_experts)
+        return a_experts[expert], b_experts[expert]
 
 
 def _lora_scaling(config: Any) -> tuple[int, float]:

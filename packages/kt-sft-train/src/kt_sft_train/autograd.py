@@ -12,6 +12,8 @@ ctx, so the backward finds it whichever node (first pass or recompute) autograd 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -37,12 +39,48 @@ class ExpertsLayer(Protocol):
     def backward(self, handle: Any, grad_out: torch.Tensor) -> ExpertGrads: ...
 
 
+TransferObserver = Callable[[float], None]
+_transfer_observer: TransferObserver | None = None
+
+
+def set_transfer_observer(observer: TransferObserver | None) -> TransferObserver | None:
+    """Install `observer(seconds)`, called after every host<->device staging copy; returns the previous one.
+
+    While one is installed each copy is bracketed by a CUDA synchronize, so a copy is not charged with
+    the GPU work queued before it (kt_sft_train.timing.StepTimer installs one). None removes it.
+    """
+    global _transfer_observer
+    previous, _transfer_observer = _transfer_observer, observer
+    return previous
+
+
+def transfer_observer() -> TransferObserver | None:
+    """The installed transfer observer, if any."""
+    return _transfer_observer
+
+
+def _synchronize(tensor: torch.Tensor) -> None:
+    if tensor.device.type == "cuda":
+        torch.cuda.synchronize(tensor.device)
+
+
 def to_host(tensor: torch.Tensor, dtype: torch.dtype, *, pin_memory: bool, copy: bool) -> torch.Tensor:
     """A contiguous CPU tensor of `dtype`; from an accelerator through a pinned staging buffer.
 
     Pinned buffers come from PyTorch's caching host allocator, so they are reused across calls once
     their last user (a kernel handle, an in-flight copy) is gone.
     """
+    observer = _transfer_observer
+    if observer is None:
+        return _stage_to_host(tensor, dtype, pin_memory=pin_memory, copy=copy)
+    _synchronize(tensor)
+    start = time.perf_counter()
+    result = _stage_to_host(tensor, dtype, pin_memory=pin_memory, copy=copy)
+    observer(time.perf_counter() - start)
+    return result
+
+
+def _stage_to_host(tensor: torch.Tensor, dtype: torch.dtype, *, pin_memory: bool, copy: bool) -> torch.Tensor:
     if tensor.device.type == "cpu":
         return tensor.to(dtype=dtype, copy=copy).contiguous()
     staging = torch.empty(tensor.shape, dtype=dtype, pin_memory=pin_memory and torch.cuda.is_available())
@@ -52,9 +90,16 @@ def to_host(tensor: torch.Tensor, dtype: torch.dtype, *, pin_memory: bool, copy:
 
 def to_device(host: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """`host` moved to `device` and `dtype` (asynchronously from pinned memory)."""
+    observer = _transfer_observer
+    start = time.perf_counter()
     if device.type == "cpu":
-        return host.to(dtype=dtype)
-    return host.to(device=device, dtype=dtype, non_blocking=host.is_pinned())
+        result = host.to(dtype=dtype)
+    else:
+        result = host.to(device=device, dtype=dtype, non_blocking=host.is_pinned())
+    if observer is not None:
+        _synchronize(result)
+        observer(time.perf_counter() - start)
+    return result
 
 
 class KTMoEFunction(torch.autograd.Function):

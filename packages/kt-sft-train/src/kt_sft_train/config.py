@@ -21,8 +21,18 @@ ACTIVATION_POLICIES = ("retain", "recompute")
 ISA_TIERS = ("portable", "avx2", "avx512", "avx512_bf16", "amx")
 DISTRIBUTED_MODES = ("none", "host_owner")
 ENV_PREFIX = "KT_SFT_"
-# Variables of the KT_SFT_ namespace that belong to the kernel wheel, not to KTConfig.
-KERNEL_ONLY_ENV = frozenset({"KT_SFT_PROFILE", "KT_SFT_NUM_THREADS"})  # read by kt_sft_kernels itself
+# One variable per fact (docs/environment.md lists them all). A KTConfig field is KT_SFT_<FIELD>, except
+# the thread count: KT_SFT_NUM_THREADS, which the kernel wheel also reads for its default pool.
+ENV_NAMES = {"threads": "KT_SFT_NUM_THREADS"}
+# Variables of the KT_SFT_ namespace that belong to the kernel wheel only, not to KTConfig.
+KERNEL_ONLY_ENV = frozenset({"KT_SFT_PROFILE"})  # read by kt_sft_kernels itself
+# Names that meant the same as another variable: an error that names the one to use.
+REMOVED_ENV = {"KT_SFT_THREADS": "KT_SFT_NUM_THREADS"}
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a KTConfig field."""
+    return ENV_NAMES.get(field, ENV_PREFIX + field.upper())
 
 
 class KTConfigError(ValueError):
@@ -109,20 +119,9 @@ class KTConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> KTConfig:
-        """Build from `KT_SFT_<FIELD>` environment variables (e.g. KT_SFT_THREADS=32)."""
-        env = os.environ if environ is None else environ
-        names = {f.name for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for var, raw in env.items():
-            if not var.startswith(ENV_PREFIX) or var in KERNEL_ONLY_ENV:
-                continue
-            name = var[len(ENV_PREFIX) :].lower()
-            if name not in names:
-                known = [ENV_PREFIX + n.upper() for n in sorted(names)]
-                raise KTConfigError(f"unknown environment variable {var}{_suggestion(var, known)}")
-            values[name] = _parse_env_value(var, name, raw)
+        """Build from the KT_SFT_* environment variables (e.g. KT_SFT_NUM_THREADS=32, KT_SFT_BACKEND=...)."""
         try:
-            return cls(**values)
+            return cls(**env_values(environ))
         except KTConfigError as error:
             raise KTConfigError(f"{error} (from the KT_SFT_* environment variables)") from None
 
@@ -134,6 +133,28 @@ class KTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def env_values(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The KTConfig fields set by KT_SFT_* environment variables (only those set), parsed.
+
+    An unknown or removed KT_SFT_* variable is an error naming the right one.
+    """
+    env = os.environ if environ is None else environ
+    by_var = {env_name(f.name): f.name for f in fields(KTConfig)}
+    values: dict[str, Any] = {}
+    for var, raw in env.items():
+        if not var.startswith(ENV_PREFIX) or var in KERNEL_ONLY_ENV:
+            continue
+        if var in REMOVED_ENV:
+            raise KTConfigError(
+                f"{var} is no longer read: the same setting is {REMOVED_ENV[var]} (see docs/environment.md)"
+            )
+        if var not in by_var:
+            known = sorted([*by_var, *KERNEL_ONLY_ENV])
+            raise KTConfigError(f"unknown environment variable {var}{_suggestion(var, known)}")
+        values[by_var[var]] = _parse_env_value(var, by_var[var], raw)
+    return values
 
 
 # -- validation helpers ---------------------------------------------------------------------------------
@@ -241,6 +262,11 @@ _RETIRED = {
 }
 
 
+def canonical_kwargs(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """`mapping` with upstream `kt_` aliases turned into KTConfig field names (unknown keys rejected)."""
+    return _canonical_kwargs(mapping)
+
+
 def _canonical_kwargs(mapping: Mapping[str, Any]) -> dict[str, Any]:
     names = [f.name for f in fields(KTConfig)]
     out: dict[str, Any] = {}
@@ -268,7 +294,8 @@ def _canonical_kwargs(mapping: Mapping[str, Any]) -> dict[str, Any]:
 def _parse_env_value(var: str, name: str, raw: str) -> Any:
     text = raw.strip()
     if name in ("threads", "numa_shards"):
-        if name == "threads" and text.lower() in ("", "auto", "none"):
+        # 0 / unset: the kernel default (physical cores), as the kernel wheel reads KT_SFT_NUM_THREADS.
+        if name == "threads" and text.lower() in ("", "0", "auto", "none"):
             return None
         try:
             return int(text)

@@ -8,6 +8,8 @@ accelerate's `prepare` never move or cast the CPU experts or materialize the pla
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -17,6 +19,17 @@ from .autograd import ExpertsLayer, moe_experts_apply
 from .checkpointing import install_checkpoint_regions
 from .config import KTConfig
 from .reference import ExpertLoRA, ReferenceLayer
+
+_experts_created_hooks: list[Callable[[], None]] = []
+
+
+def add_experts_created_hook(hook: Callable[[], None]) -> None:
+    """Call `hook()` whenever a KTExperts is built (kt_sft_train.peft installs its PEFT takeover so).
+
+    Integrations extend KTExperts through this hook instead of experts.py importing them.
+    """
+    if hook not in _experts_created_hooks:
+        _experts_created_hooks.append(hook)
 
 
 def zero_storage_placeholder(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:
@@ -75,10 +88,8 @@ class KTExperts(nn.Module):
         self.down_proj = zero_storage_placeholder((num_experts, hidden_size, intermediate_size), dtype)
         self.layer = make_layer(self.kt, num_experts, top_k, hidden_size, intermediate_size)
         self.weights_loaded = False
-
-        from .lora import ensure_peft_takeover
-
-        ensure_peft_takeover()
+        for hook in tuple(_experts_created_hooks):
+            hook()
 
     @classmethod
     def from_arch(
@@ -210,6 +221,10 @@ class KTExperts(nn.Module):
         return f"KTExperts {self.name}" if self.name else "KTExperts"
 
     def _check_inputs(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        # Not a copy of the kernel's validation: these are the caller's [..., H] / [..., top_k] tensors
+        # before they are flattened (a wrong ids shape with the right element count would reshape into a
+        # valid-looking [T, top_k]) and before staging casts the weights to the host dtype (integer
+        # weights would pass silently); they also guard the reference backend, which has no kernel.
         if hidden.shape[-1] != self.hidden_dim:
             raise ValueError(
                 f"{self._label()}: hidden_states last dim must be {self.hidden_dim}, "

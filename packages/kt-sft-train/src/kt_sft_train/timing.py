@@ -1,7 +1,8 @@
 """Step-time split of a KT model: CPU experts vs host<->device transfers vs everything else.
 
 ``StepTimer(model)`` wraps every KTExperts' layer (kernels or reference) in a timing proxy and, while
-installed, times the staging copies of ``kt_sft_train.autograd`` (``to_host`` / ``to_device``). The rest
+installed, times the staging copies of ``kt_sft_train.autograd`` through its public transfer observer
+(``set_transfer_observer``). The rest
 of a step's wall time is the dense part: attention, routers, embeddings, LM head, optimizer — on the GPU
 when there is one, else on the CPU. With CUDA tensors each transfer is bracketed by a synchronize so a
 copy is not charged with the GPU work queued before it; that serializes copies that could otherwise
@@ -12,14 +13,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import autograd as _autograd
+from .autograd import set_transfer_observer
 from .experts import KTExperts
 
 _patch_lock = threading.Lock()
@@ -87,11 +87,6 @@ class _TimedLayer:
         return getattr(self.inner, name)
 
 
-def _synchronize(tensor: torch.Tensor) -> None:
-    if tensor.device.type == "cuda":
-        torch.cuda.synchronize(tensor.device)
-
-
 class StepTimer:
     """Accumulates the CPU-experts and transfer time of a model between ``start_step`` and ``end_step``.
 
@@ -105,7 +100,6 @@ class StepTimer:
         self._transfer_s = 0.0
         self._step_start: float | None = None
         self._wrapped: list[KTExperts] = []
-        self._saved_functions: dict[str, Callable[..., Any]] = {}
 
     # -- installation -----------------------------------------------------------------------------------
 
@@ -126,9 +120,7 @@ class StepTimer:
                     )
                 module.layer = _TimedLayer(module.layer, self)
             self._wrapped = experts
-            self._saved_functions = {"to_host": _autograd.to_host, "to_device": _autograd.to_device}
-            _autograd.to_host = self._timed_to_host  # type: ignore[assignment]
-            _autograd.to_device = self._timed_to_device  # type: ignore[assignment]
+            set_transfer_observer(self._add_transfer)
             _active_timer = self
         return self
 
@@ -141,8 +133,7 @@ class StepTimer:
                 if isinstance(module.layer, _TimedLayer):
                     module.layer = module.layer.inner
             self._wrapped = []
-            _autograd.to_host = self._saved_functions["to_host"]  # type: ignore[assignment]
-            _autograd.to_device = self._saved_functions["to_device"]  # type: ignore[assignment]
+            set_transfer_observer(None)
             _active_timer = None
 
     def __enter__(self) -> StepTimer:
@@ -178,19 +169,3 @@ class StepTimer:
     def _add_transfer(self, seconds: float) -> None:
         with self._lock:
             self._transfer_s += seconds
-
-    def _timed_to_host(
-        self, tensor: torch.Tensor, dtype: torch.dtype, *, pin_memory: bool, copy: bool
-    ) -> Any:
-        _synchronize(tensor)
-        start = time.perf_counter()
-        result = self._saved_functions["to_host"](tensor, dtype, pin_memory=pin_memory, copy=copy)
-        self._add_transfer(time.perf_counter() - start)
-        return result
-
-    def _timed_to_device(self, host: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Any:
-        start = time.perf_counter()
-        result = self._saved_functions["to_device"](host, device, dtype)
-        _synchronize(result)
-        self._add_transfer(time.perf_counter() - start)
-        return result

@@ -31,7 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import KTConfig
+from ..config import KTConfig
+from ..timing import StepSplit, StepTimer
+from ..versions import library_versions
 from .data import (
     BatchSchedule,
     Formatter,
@@ -43,7 +45,6 @@ from .data import (
 )
 from .evaluation import ExactMatch, exact_match
 from .options import RESUME_INVARIANTS, OptionsError, TrainOptions, lora_target_list
-from .timing import StepSplit, StepTimer
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def save_checkpoint(
     output: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, keep: int
 ) -> Path:
-    from .adapters import atomic_directory
+    from ..adapters import atomic_directory
 
     target = output / CHECKPOINTS / f"{CHECKPOINT_PREFIX}{step:06d}"
     with atomic_directory(target) as staging:
@@ -240,7 +241,7 @@ def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.O
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from .adapters import ADAPTER_WEIGHTS, validate_adapter
+    from ..adapters import ADAPTER_WEIGHTS, validate_adapter
 
     state = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
     names = [name for name, _ in trainable_parameters(model)]
@@ -261,13 +262,13 @@ def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.O
 
 
 def lora_config_for(model: nn.Module, options: TrainOptions) -> Any:
-    from .lora import kt_lora_config
+    from ..peft import kt_lora_config
 
     targets = lora_target_list(options.lora_targets)
     experts = "experts" in targets
     modules = [t for t in targets if t not in ("experts", "attention")]
     if "attention" in targets:
-        from .arch import get_moe_arch_config
+        from ..arch import get_moe_arch_config
 
         modules = list(get_moe_arch_config(model).dense_target_modules) + modules
     return kt_lora_config(
@@ -280,7 +281,7 @@ def lora_config_for(model: nn.Module, options: TrainOptions) -> Any:
 
 
 def describe_model(model: nn.Module) -> str:
-    from .arch import get_moe_arch_config
+    from ..arch import get_moe_arch_config
 
     arch = get_moe_arch_config(model)
     return (
@@ -292,21 +293,9 @@ def describe_model(model: nn.Module) -> str:
 def kernel_tier(kt: KTConfig) -> str:
     if kt.backend != "kernels":
         return f"{kt.backend} (PyTorch)"
-    from ._kernels import load_kernels
+    from .._kernels import load_kernels
 
     return f"kernels/{load_kernels().active_isa()}"
-
-
-def library_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    versions = {}
-    for name in ("kt-sft-train", "kt-sft-kernels", "torch", "transformers", "peft", "accelerate"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 # -- progress -------------------------------------------------------------------------------------------
@@ -346,11 +335,11 @@ class Progress:
 # -- the run --------------------------------------------------------------------------------------------
 
 
-def run_training(options: TrainOptions, kt: KTConfig, *, echo: Callable[[str], None] = print) -> TrainResult:
+def run_training(options: TrainOptions, *, echo: Callable[[str], None] = print) -> TrainResult:
     from transformers import AutoTokenizer
 
-    from .adapters import save_adapter
-    from .model import load_kt_model
+    from ..adapters import save_adapter
+    from ..model import load_kt_model
 
     wall_start = time.perf_counter()
     if not (Path(options.model) / "config.json").is_file():
@@ -365,11 +354,9 @@ def run_training(options: TrainOptions, kt: KTConfig, *, echo: Callable[[str], N
             raise OptionsError(f"--resume: no checkpoint in {output / CHECKPOINTS}")
         check_resume_compatible(output, options)
 
-    if options.threads is not None:
-        torch.set_num_threads(options.threads)
-        kt = kt.replace(threads=options.threads)
-    if options.backend is not None:
-        kt = kt.replace(backend=options.backend)
+    kt = options.kt
+    if kt.threads is not None:
+        torch.set_num_threads(kt.threads)
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     seed_everything(options.seed)

@@ -32,9 +32,9 @@ class LayerShape:
 
 
 def _layer(shape: LayerShape, backend: str, threads: int | None, seed: int) -> tuple[Any, Any]:
-    from .config import KTConfig
-    from .experts import KTExperts
-    from .reference import ExpertLoRA
+    from ..config import KTConfig
+    from ..experts import KTExperts
+    from ..reference import ExpertLoRA
 
     generator = torch.Generator().manual_seed(seed)
     e, h, i, r = shape.experts, shape.hidden, shape.intermediate, shape.rank

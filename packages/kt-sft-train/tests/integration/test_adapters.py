@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_helpers import (
+from factory import (
     REFERENCE,
     deepseek_v3_config,
     logits_of,
@@ -24,6 +24,7 @@ from checkpoint_helpers import (
     quantize_fp8_blocks,
     qwen3_moe_config,
     random_model,
+    randomize_lora,
     relative_error,
     tokens,
     write_sharded,
@@ -42,7 +43,6 @@ from kt_sft_train.model import load_kt_model
 from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny_moe import randomize_lora
 from torch import nn
 from transformers import AutoModelForCausalLM, FineGrainedFP8Config
 

@@ -9,16 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kt_sft_train import (
-    KTConfig,
-    KTExperts,
-    get_moe_arch_config,
-    kt_lora_config,
-    wrap_moe_layers_with_kt_wrapper,
-)
-from kt_sft_train.lora import is_taken_over
-from peft import get_peft_model
-from tiny_moe import (
+from factory import (
     FAMILIES,
     batch,
     copy_lora,
@@ -29,6 +20,15 @@ from tiny_moe import (
     trainable_grads,
     unfreeze_routers,
 )
+from kt_sft_train import (
+    KTConfig,
+    KTExperts,
+    get_moe_arch_config,
+    kt_lora_config,
+    wrap_moe_layers_with_kt_wrapper,
+)
+from kt_sft_train.peft import is_taken_over
+from peft import get_peft_model
 
 TOLERANCE = 1e-6
 

@@ -11,9 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from kt_sft_train import KTConfig, KTExperts, kt_lora_config, wrap_moe_layers_with_kt_wrapper
-from peft import get_peft_model
-from tiny_moe import (
+from factory import (
     batch,
     copy_lora,
     deep_copy,
@@ -22,6 +20,8 @@ from tiny_moe import (
     trainable_grads,
     unfreeze_routers,
 )
+from kt_sft_train import KTConfig, KTExperts, kt_lora_config, wrap_moe_layers_with_kt_wrapper
+from peft import get_peft_model
 
 
 class ForwardSpy:

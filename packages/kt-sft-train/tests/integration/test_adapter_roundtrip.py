@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from factory import batch, kernels_or_skip, randomize_lora, tiny_model
 from kt_sft_train import KTConfig, kt_lora_config
 from kt_sft_train.model import load_kt_model
 from peft import get_peft_model
-from tiny_moe import batch, kernels_or_skip, randomize_lora, tiny_model
 
 # The child runs with `python -I` (no PYTHONPATH, no user site) and a meta-path finder that refuses
 # kt_sft_train / kt_sft_kernels, so an editable install cannot leak in either.

@@ -40,15 +40,17 @@ def test_mapping_yaml_and_env_agree(tmp_path) -> None:  # type: ignore[no-untype
     assert KTConfig.from_yaml(path) == expected
     env = {
         "KT_SFT_BACKEND": "reference",
-        "KT_SFT_THREADS": "4",
+        "KT_SFT_NUM_THREADS": "4",  # one variable for the thread count, read by both wheels
         "KT_SFT_ACTIVATION_POLICY": "recompute",
         "KT_SFT_MAX_ISA": "avx512",
-        "KT_SFT_PROFILE": "/tmp/trace.json",  # the kernel wheel's variables: not ours, not an error
-        "KT_SFT_NUM_THREADS": "3",
+        "KT_SFT_PROFILE": "/tmp/trace.json",  # the kernel wheel's variable: not ours, not an error
         "PATH": "/usr/bin",
     }
     assert KTConfig.from_env(env) == expected
     assert KTConfig.from_env({}) == KTConfig()
+    assert KTConfig.from_env({"KT_SFT_NUM_THREADS": "0"}).threads is None  # 0: the kernel default
+    with pytest.raises(KTConfigError, match=r"KT_SFT_THREADS is no longer read.*KT_SFT_NUM_THREADS"):
+        KTConfig.from_env({"KT_SFT_THREADS": "4"})
 
 
 def test_upstream_aliases() -> None:
@@ -86,10 +88,10 @@ def test_bad_configuration_fails_with_one_clear_message(mapping: dict, message: 
 
 
 def test_bad_environment_names_the_variable() -> None:
-    with pytest.raises(KTConfigError, match=r"KT_SFT_THREAD .*did you mean 'KT_SFT_THREADS'"):
+    with pytest.raises(KTConfigError, match=r"KT_SFT_THREAD .*did you mean 'KT_SFT_NUM_THREADS'"):
         KTConfig.from_env({"KT_SFT_THREAD": "4"})
-    with pytest.raises(KTConfigError, match=r"KT_SFT_THREADS='many' is not an integer"):
-        KTConfig.from_env({"KT_SFT_THREADS": "many"})
+    with pytest.raises(KTConfigError, match=r"KT_SFT_NUM_THREADS='many' is not an integer"):
+        KTConfig.from_env({"KT_SFT_NUM_THREADS": "many"})
     with pytest.raises(KTConfigError, match=r"environment"):
         KTConfig.from_env({"KT_SFT_BACKEND": "gpu"})
 

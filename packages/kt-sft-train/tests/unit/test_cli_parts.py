@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from job_fixtures import CHAT_TEMPLATE, char_tokenizer, make_job, write_jsonl
-from kt_sft_train.data import (
+from factory import CHAT_TEMPLATE, char_tokenizer, make_job, write_jsonl
+from kt_sft_train import KTConfig, KTConfigError
+from kt_sft_train.app.data import (
     IGNORE_INDEX,
     BatchSchedule,
     DataError,
@@ -18,8 +19,8 @@ from kt_sft_train.data import (
     read_jsonl,
     tokenize_records,
 )
-from kt_sft_train.options import OptionsError, TrainOptions, resolve_options
-from kt_sft_train.training import decile_means, learning_rate
+from kt_sft_train.app.options import ConfigFile, OptionsError, TrainOptions, resolve
+from kt_sft_train.app.training import decile_means, learning_rate
 
 
 def decode_labelled(tokenizer, example) -> str:  # type: ignore[no-untyped-def]
@@ -166,13 +167,29 @@ def stand_in_job(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_option_precedence_job_then_yaml_then_flags(stand_in_job: Path) -> None:
-    options = resolve_options({}, job_dir=stand_in_job, train_section={})
+    options = resolve({}, job_dir=stand_in_job)
     assert options.model == str(stand_in_job / "model") and options.heldout == str(
         stand_in_job / "heldout.jsonl"
     )
     assert (options.lora_r, options.steps, options.lr) == (4, 12, 0.01)
-    options = resolve_options({"steps": 5}, job_dir=stand_in_job, train_section={"steps": 7, "lr": 0.5})
+    options = resolve({"steps": 5}, job_dir=stand_in_job, config=ConfigFile(train={"steps": 7, "lr": 0.5}))
     assert (options.steps, options.lr) == (5, 0.5)
+
+
+def test_one_resolve_defaults_job_yaml_environment_flags(stand_in_job: Path) -> None:
+    # The experts' KTConfig travels inside TrainOptions; its fields follow the same precedence.
+    file = ConfigFile(kt={"threads": 2, "backend": "reference"}, train={"steps": 7})
+    assert resolve({}, job_dir=stand_in_job, environ={}).kt == KTConfig()
+    from_file = resolve({}, job_dir=stand_in_job, config=file, environ={})
+    assert (from_file.kt.threads, from_file.kt.backend, from_file.steps) == (2, "reference", 7)
+    env = {"KT_SFT_NUM_THREADS": "3"}
+    assert resolve({}, job_dir=stand_in_job, config=file, environ=env).kt.threads == 3
+    flags = resolve({"threads": 4, "backend": "kernels"}, job_dir=stand_in_job, config=file, environ=env)
+    assert (flags.kt.threads, flags.kt.backend) == (4, "kernels")
+    with pytest.raises(KTConfigError, match="KT_SFT_THREADS is no longer read"):
+        resolve({}, job_dir=stand_in_job, environ={"KT_SFT_THREADS": "3"})
+    with pytest.raises(OptionsError, match=r"command line: KTConfig.threads must be a positive integer"):
+        resolve({"threads": 0}, job_dir=stand_in_job, environ={})
 
 
 def test_option_errors_name_the_option(stand_in_job: Path, tmp_path: Path) -> None:
@@ -183,21 +200,21 @@ def test_option_errors_name_the_option(stand_in_job: Path, tmp_path: Path) -> No
     with pytest.raises(OptionsError, match="--batch-size must be a positive integer"):
         TrainOptions(batch_size=0)
     with pytest.raises(OptionsError, match=r"unknown option 'lora_rank' \(did you mean 'lora_r'\?\)"):
-        resolve_options({}, job_dir=stand_in_job, train_section={"lora_rank": 8})
+        resolve({}, job_dir=stand_in_job, config=ConfigFile(train={"lora_rank": 8}))
     with pytest.raises(OptionsError, match="both --model"):
-        resolve_options({"model": "x"}, job_dir=None, train_section={})
+        resolve({"model": "x"}, job_dir=None)
     with pytest.raises(OptionsError, match="cannot be combined"):
-        resolve_options({"model": "x", "data": "y"}, job_dir=stand_in_job, train_section={})
+        resolve({"model": "x", "data": "y"}, job_dir=stand_in_job)
     job = tmp_path / "job"
     job.mkdir()
     with pytest.raises(OptionsError, match=r"has no model/config\.json"):
-        resolve_options({}, job_dir=job, train_section={})
+        resolve({}, job_dir=job)
     (job / "model").mkdir()
     (job / "model" / "config.json").write_text("{}")
     write_jsonl(job / "train.jsonl", [{"prompt": "a", "completion": "b"}])
     (job / "job.json").write_text(json.dumps({"output": "/elsewhere"}))
     with pytest.raises(OptionsError, match="'output' cannot be set by a job file"):
-        resolve_options({}, job_dir=job, train_section={})
+        resolve({}, job_dir=job)
 
 
 def test_total_steps_from_epochs() -> None:
@@ -218,10 +235,10 @@ def test_step_timer_charges_the_cpu_experts_and_restores_everything(stand_in_job
 
     model = load_kt_model(stand_in_job / "model", KTConfig(backend="reference"), dtype=torch.float32)
     layers = [m.layer for m in model.modules() if isinstance(m, KTExperts)]
-    originals = (kt_autograd.to_host, kt_autograd.to_device)
+    assert kt_autograd.transfer_observer() is None
     ids = torch.randint(3, 40, (2, 12), generator=torch.Generator().manual_seed(0)).to(model.device)
     with StepTimer(model) as timer:
-        assert kt_autograd.to_host is not originals[0]
+        assert kt_autograd.transfer_observer() is not None
         with pytest.raises(RuntimeError, match="already installed"):
             StepTimer(model).install()
         timer.start_step()
@@ -230,5 +247,5 @@ def test_step_timer_charges_the_cpu_experts_and_restores_everything(stand_in_job
     assert split.experts_cpu_s > 0 and split.transfer_s >= 0 and split.total_s >= split.experts_cpu_s
     assert abs(split.dense_s + split.experts_cpu_s + split.transfer_s - split.total_s) < 1e-9
     assert abs(sum(split.shares().values()) - 1.0) < 1e-9
-    assert (kt_autograd.to_host, kt_autograd.to_device) == originals
+    assert kt_autograd.transfer_observer() is None
     assert [m.layer for m in model.modules() if isinstance(m, KTExperts)] == layers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from factory import EXPERT_INTERMEDIATE, FAMILIES, HIDDEN, build_model, moe_config, tiny_config, tiny_model
 from kt_sft_train import (
     KTConfig,
     KTExperts,
@@ -11,7 +12,6 @@ from kt_sft_train import (
     get_moe_arch_config,
     wrap_moe_layers_with_kt_wrapper,
 )
-from tiny_moe import EXPERT_INTERMEDIATE, FAMILIES, HIDDEN, tiny_config, tiny_model
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -45,25 +45,9 @@ def test_detection_sees_through_kt_and_peft_wrappers() -> None:
     assert get_moe_arch_config(peft_model.base_model.model).experts_paths == arch.experts_paths
 
 
-def _gpt_oss():  # type: ignore[no-untyped-def]
-    from transformers import GptOssConfig
-
-    return GptOssConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-    )
-
-
 def test_gpt_oss_layout_is_refused_naming_every_problem() -> None:
     with pytest.raises(UnsupportedModelError) as error:
-        get_moe_arch_config(_gpt_oss())
+        get_moe_arch_config(moe_config("gpt_oss"))
     message = str(error.value)
     for problem in ("has_bias=True", "is_transposed=True", "is_concatenated=False"):
         assert problem in message
@@ -91,13 +75,7 @@ def test_custom_gate_is_refused() -> None:
 
 
 def test_dense_model_has_no_routed_experts() -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
-        )
-    )
+    model = build_model(moe_config("llama"), init="hf")
     with pytest.raises(UnsupportedModelError, match="no routed-experts module found in LlamaForCausalLM"):
         get_moe_arch_config(model)
     with pytest.raises(TypeError, match=r"expects a torch\.nn\.Module or a transformers PretrainedConfig"):

@@ -4,7 +4,7 @@ kt-sft train                                   the embedded default job (tiny Qw
 kt-sft train --model DIR --data FILE.jsonl     LoRA-tune a local HF checkpoint
 kt-sft info                                    CPU tiers, threads, NUMA, GPUs, RAM, what fits
 kt-sft export --adapter DIR --model DIR --out DIR [--merge]
-kt-sft bench                                   benchmarks/bench_moe.py in a checkout, else a layer timing
+kt-sft bench                                   times one experts layer, kernels vs PyTorch (app/bench.py)
 """
 
 from __future__ import annotations
@@ -12,14 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from ..versions import __version__
 
 PROG = "kt-sft"
 
@@ -163,11 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench",
-        help="benchmarks/bench_moe.py in a source checkout, else a short layer timing",
-        description="In a source checkout runs benchmarks/bench_moe.py with the remaining arguments; "
-        "otherwise (or with --builtin) times one experts layer, kernels vs PyTorch.",
+        help="a short timing of one experts layer, kernels vs PyTorch",
+        description="Times one experts layer, kernels vs PyTorch (part of the installed package). The "
+        "comparison with peer implementations is benchmarks/bench_moe.py in a source checkout.",
     )
-    bench.add_argument("--builtin", action="store_true", help="the built-in layer timing even in a checkout")
     bench.add_argument("--tokens", type=int, default=512)
     bench.add_argument("--experts", type=int, default=64)
     bench.add_argument("--top-k", type=int, default=8)
@@ -186,48 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
 # -- commands -------------------------------------------------------------------------------------------
 
 
-def _kt_config_and_train_section(path: str | None) -> tuple[Any, dict[str, Any]]:
-    """KTConfig (YAML < KT_SFT_* env) and the YAML's `train:` section."""
-    from .config import KTConfig, KTConfigError
-
-    kt_mapping: dict[str, Any] = {}
-    train_section: dict[str, Any] = {}
-    if path is not None:
-        import yaml
-
-        file = Path(path)
-        if not file.is_file():
-            raise UsageError(f"--config {path!r} does not exist")
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-        if not isinstance(data, dict):
-            raise UsageError(f"--config {path}: expected a YAML mapping")
-        if set(data) & {"kt", "train"}:
-            extra = sorted(set(data) - {"kt", "train"})
-            if extra:
-                raise UsageError(f"--config {path}: unknown top-level keys {extra} (expected kt:, train:)")
-            kt_mapping = dict(data.get("kt") or {})
-            train_section = {k.replace("-", "_"): v for k, v in (data.get("train") or {}).items()}
-        else:
-            kt_mapping = data
-    kt = KTConfig.from_mapping(kt_mapping)
-    from_env = KTConfig.from_env()
-    env_fields = {
-        name: getattr(from_env, name) for name in kt.to_dict() if f"KT_SFT_{name.upper()}" in os.environ
-    }
-    try:
-        return (kt.replace(**env_fields) if env_fields else kt), train_section
-    except KTConfigError as error:
-        raise KTConfigError(f"{error} (KT_SFT_* environment over --config)") from None
-
-
 def command_train(args: argparse.Namespace) -> int:
-    from .options import resolve_options
+    from .options import read_config_file, resolve
     from .training import run_training
 
     values = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "job")}
-    kt, train_section = _kt_config_and_train_section(values.get("config"))
-    options = resolve_options(values, job_dir=args.job, train_section=train_section)
-    run_training(options, kt)
+    options = resolve(values, job_dir=args.job, config=read_config_file(values.get("config")))
+    run_training(options)
     return 0
 
 
@@ -245,7 +207,7 @@ _EXPORT_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 def command_export(args: argparse.Namespace) -> int:
     import torch
 
-    from .adapters import export_merged_checkpoint, export_per_expert_adapter
+    from ..adapters import export_merged_checkpoint, export_per_expert_adapter
 
     adapter, model, out = Path(args.adapter), Path(args.model), Path(args.out)
     if not (model / "config.json").is_file():
@@ -264,25 +226,9 @@ def command_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def source_benchmark() -> Path | None:
-    """benchmarks/bench_moe.py of the source checkout this package runs from, if any."""
-    for parent in Path(__file__).resolve().parents:
-        candidate = parent / "benchmarks" / "bench_moe.py"
-        if candidate.is_file() and (parent / "packages").is_dir():
-            return candidate
-    return None
-
-
-def command_bench(args: argparse.Namespace, raw: Sequence[str] = ()) -> int:
-    """`raw`: the arguments after `bench`, handed unchanged to benchmarks/bench_moe.py in a checkout."""
-    script = None if args.builtin else source_benchmark()
-    if script is not None:
-        print(f"running {script}", flush=True)
-        return subprocess.call([sys.executable, str(script), *raw])
-    if args.unknown:
-        raise UsageError(f"unrecognized arguments for the built-in layer timing: {' '.join(args.unknown)}")
-    from ._kernels import load_kernels
-    from .layer_bench import LayerShape, render, run
+def command_bench(args: argparse.Namespace) -> int:
+    from .._kernels import load_kernels
+    from .bench import LayerShape, render, run
 
     shape = LayerShape(args.tokens, args.experts, args.top_k, args.hidden, args.intermediate, args.rank)
     rows = run(shape, repeat=args.repeat, threads=args.threads, include_reference=args.reference)
@@ -294,12 +240,12 @@ def command_bench(args: argparse.Namespace, raw: Sequence[str] = ()) -> int:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from .adapters import AdapterError
-    from .arch import UnsupportedModelError
-    from .config import KTConfigError
+    from ..adapters import AdapterError
+    from ..arch import UnsupportedModelError
+    from ..config import KTConfigError
+    from ..weights import CheckpointError
     from .data import DataError
     from .options import OptionsError
-    from .weights import CheckpointError
 
     return (
         UsageError,
@@ -317,15 +263,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown and args.command != "bench":
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "bench":
-            args.unknown = unknown
-            raw = argv[argv.index("bench") + 1 :]
-            return command_bench(args, raw)
         return int(args.handler(args))
     except _known_errors() as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)

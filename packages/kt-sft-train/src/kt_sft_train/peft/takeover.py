@@ -9,10 +9,7 @@ lora_B of the whole chain and hands them to the CPU experts in the kernel layout
 `_apply` keeps the expert LoRA on the host. Everything else about PEFT is untouched, so
 `save_pretrained` writes a standard PEFT adapter.
 
-PEFT layout of a 3-D parameter with E experts and rank r (peft 0.21, ParamWrapper.get_delta_weight):
-lora_A.weight [r*E, in] is expert-major (row e*r + i), lora_B.weight [out, r*E] is rank-major
-(column i*E + e), and ΔW[e] = scaling * B_e @ A_e with B_e [out, r], A_e [r, in]. For gate_up_proj
-[E, 2I, H]: in = H, out = 2I; for down_proj [E, H, I]: in = I, out = H.
+The layout of the 3-D LoRA factors is decoded in kt_sft_train.peft.layout (one place).
 """
 
 from __future__ import annotations
@@ -20,85 +17,18 @@ from __future__ import annotations
 import sys
 import threading
 import types
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from .arch import MOEArchConfig, get_moe_arch_config
-from .experts import KTExperts
-from .reference import ExpertLoRA
+from ..experts import KTExperts, add_experts_created_hook
+from ..reference import ExpertLoRA
+from .layout import per_expert_factors
 
 _PEFT_LAYER_MODULE = "peft.tuners.lora.layer"
 _hook_lock = threading.Lock()
 _hook_handle: Any = None
-
-
-# -- the LoraConfig helper ---------------------------------------------------------------------------------
-
-
-def kt_lora_config(
-    model_or_arch: nn.Module | MOEArchConfig | Any,
-    *,
-    r: int = 16,
-    lora_alpha: float | None = None,
-    alpha: float | None = None,
-    target_modules: str | Iterable[str] | None = "attention",
-    experts: bool = True,
-    use_rslora: bool = False,
-    lora_dropout: float = 0.0,
-    **kwargs: Any,
-) -> Any:
-    """A peft.LoraConfig with expert LoRA (`target_parameters`) for the detected MoE family.
-
-    target_modules: "attention" (the Linear layers of the decoder layers outside their MLP/MoE block,
-        found by structure), an explicit list of module names, or None for expert LoRA only.
-    experts: put LoRA on the routed experts' gate_up_proj and down_proj (run by the CPU kernels).
-    lora_alpha (or its short name alpha): defaults to 2 * r.
-    Other keyword arguments go to LoraConfig unchanged.
-    """
-    from peft import LoraConfig
-
-    arch = model_or_arch if isinstance(model_or_arch, MOEArchConfig) else get_moe_arch_config(model_or_arch)
-    if alpha is not None and lora_alpha is not None and alpha != lora_alpha:
-        raise ValueError(f"kt_lora_config: alpha={alpha} and lora_alpha={lora_alpha} disagree; give one")
-    lora_alpha = alpha if lora_alpha is None else lora_alpha
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"kt_lora_config: r must be a positive integer, got {r!r}")
-    if experts and lora_dropout:
-        raise ValueError(
-            f"kt_lora_config: lora_dropout={lora_dropout} is not supported on the expert parameters: PEFT "
-            "cannot apply dropout to the input of a targeted nn.Parameter (ParamWrapper rejects it). Use "
-            "lora_dropout=0, or experts=False for attention-only LoRA"
-        )
-    for option in ("use_dora", "lora_bias", "fan_in_fan_out"):
-        if experts and kwargs.get(option):
-            raise ValueError(
-                f"kt_lora_config: {option}=True is not supported by PEFT on the expert parameters"
-            )
-    if target_modules == "attention":
-        modules = list(arch.dense_target_modules)
-    elif target_modules is None:
-        modules = []
-    elif isinstance(target_modules, str):
-        raise ValueError(
-            f"kt_lora_config: target_modules={target_modules!r}; use 'attention', None or a list of "
-            "module names"
-        )
-    else:
-        modules = list(target_modules)
-    if not experts and not modules:
-        raise ValueError("kt_lora_config: nothing to train (experts=False and no target_modules)")
-    return LoraConfig(
-        r=r,
-        lora_alpha=2 * r if lora_alpha is None else lora_alpha,
-        lora_dropout=lora_dropout,
-        use_rslora=use_rslora,
-        target_modules=modules,
-        target_parameters=list(arch.lora_target_parameters) if experts else None,
-        **kwargs,
-    )
 
 
 # -- taking over PEFT's ParamWrappers around KTExperts -------------------------------------------------------
@@ -242,6 +172,10 @@ def _kernel_factors(
             f"lora_B {tuple(weight_b.shape)}; expected {(rank * num_experts, in_features)} and "
             f"{(out_features, rank * num_experts)}"
         )
-    a = weight_a.reshape(num_experts, rank, in_features)
-    b = weight_b.reshape(out_features, rank, num_experts).permute(2, 0, 1).contiguous()
-    return a, b, float(wrapper.scaling[adapter])
+    a, b = per_expert_factors(weight_a, weight_b, num_experts)
+    return a, b.contiguous(), float(wrapper.scaling[adapter])
+
+
+# Every KTExperts built from now on makes sure the takeover hook is in place (experts.py offers the hook
+# and knows nothing of PEFT).
+add_experts_created_hook(ensure_peft_takeover)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from factory import batch, copy_lora, deep_copy, randomize_lora, tiny_model, trainable_grads
 from kt_sft_train import (
     KTConfig,
     KTExperts,
@@ -17,7 +18,6 @@ from kt_sft_train import (
 from peft import get_peft_model
 from peft.tuners.lora import layer as lora_layer
 from safetensors.torch import load_file
-from tiny_moe import batch, copy_lora, deep_copy, randomize_lora, tiny_model, trainable_grads
 
 
 def _kt_peft(family: str = "qwen3_moe", dtype: torch.dtype = torch.float32):  # type: ignore[no-untyped-def]
@@ -198,7 +198,7 @@ def test_rslora_scaling_reaches_the_experts() -> None:
 
 
 def test_adapter_reloads_onto_a_kt_model_with_peft_from_pretrained(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from kt_sft_train.lora import is_taken_over
+    from kt_sft_train.peft import is_taken_over
     from peft import PeftModel
 
     base = tiny_model("glm4_moe", torch.float32)

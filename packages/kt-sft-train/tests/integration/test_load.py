@@ -18,15 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_helpers import (
+from factory import (
     REFERENCE,
     VOCAB,
     assert_same_logits,
     deepseek_v3_config,
     expert_modules,
+    kernels_or_skip,
     kt_model,
     logits_of,
     mixtral_config,
+    moe_config,
     per_expert_state_dict,
     plain_hf,
     quantize_fp8_blocks,
@@ -39,12 +41,9 @@ from checkpoint_helpers import (
 from kt_sft_train.model import build_kt_device_map, load_kt_model
 from kt_sft_train.weights import CheckpointError, MissingShardError, dequantize_fp8_blocks
 from safetensors.torch import save_file
-from tiny_moe import kernels_or_skip
 from transformers import (
     AutoModelForCausalLM,
     FineGrainedFP8Config,
-    GptOssConfig,
-    Qwen3MoeConfig,
 )
 
 # -- equivalence with plain from_pretrained ---------------------------------------------------------------
@@ -222,17 +221,11 @@ def test_missing_expert_is_named(tmp_path: Path) -> None:
 def test_unsupported_family_fails_before_reading_weights(tmp_path: Path) -> None:
     from kt_sft_train.arch import UnsupportedModelError
 
-    GptOssConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
+    # No weights at all: the family check must come first.
+    moe_config(
+        "gpt_oss", vocab_size=VOCAB, hidden_size=32, intermediate_size=16, num_attention_heads=2,
         num_key_value_heads=1,
-        head_dim=16,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-    ).save_pretrained(tmp_path)  # no weights at all: the family check must come first
+    ).save_pretrained(tmp_path)  # fmt: skip
     with pytest.raises(UnsupportedModelError, match=r"gpt_oss.*(bias|transposed)"):
         kt_model(tmp_path)
 
@@ -252,7 +245,9 @@ STREAM_LAYER_BYTES = STREAM_EXPERTS * 3 * STREAM_HIDDEN * STREAM_INTERMEDIATE * 
 
 def write_streaming_checkpoint(directory: Path) -> None:
     """8 MoE layers of ~75 MB of bf16 experts, one shard per layer; everything else is tiny."""
-    config = Qwen3MoeConfig(
+    config = moe_config(
+        "qwen3_moe",
+        replace=True,
         vocab_size=VOCAB,
         hidden_size=STREAM_HIDDEN,
         intermediate_size=64,

@@ -7,16 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kt_sft_train import (
-    KTConfig,
-    KTExperts,
-    get_moe_arch_config,
-    kt_lora_config,
-    wrap_moe_layers_with_kt_wrapper,
-)
-from kt_sft_train.reference import ExpertLoRA
-from peft import get_peft_model
-from tiny_moe import (
+from factory import (
     FAMILIES,
     batch,
     copy_lora,
@@ -28,6 +19,15 @@ from tiny_moe import (
     trainable_grads,
     unfreeze_routers,
 )
+from kt_sft_train import (
+    KTConfig,
+    KTExperts,
+    get_moe_arch_config,
+    kt_lora_config,
+    wrap_moe_layers_with_kt_wrapper,
+)
+from kt_sft_train.reference import ExpertLoRA
+from peft import get_peft_model
 
 pytestmark = pytest.mark.usefixtures("_kernels")
 

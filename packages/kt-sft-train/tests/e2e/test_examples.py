@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from job_fixtures import make_job
+from factory import make_job
 
-EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[4] / "examples"
 
 
 @pytest.fixture(scope="module")

@@ -41,3 +41,36 @@ def test_missing_kernels_say_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None
         KTExperts(
             num_experts=4, top_k=2, hidden_size=32, intermediate_size=32, kt=KTConfig(backend="kernels")
         )
+
+
+def test_bad_lora_dtypes_get_the_kernel_layers_one_clear_error() -> None:
+    # The kernel layer is the one validator of the LoRA factors; its errors name the factor.
+    import torch
+    from factory import kernels_or_skip
+    from kt_sft_train.reference import ExpertLoRA
+
+    kernels_or_skip()
+    experts, rank = KTExperts(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32), 4
+    generator = torch.Generator().manual_seed(0)
+    experts.load_expert_weights(
+        torch.randn(4, 64, 64, generator=generator), torch.randn(4, 64, 32, generator=generator)
+    )
+    x = torch.randn(5, 64, generator=generator)
+    ids = torch.randint(0, 4, (5, 2), generator=generator)
+    weights = torch.rand(5, 2, generator=generator)
+
+    def lora(a_gu_dtype: torch.dtype) -> ExpertLoRA:
+        return ExpertLoRA(
+            torch.randn(4, rank, 64, generator=generator, dtype=a_gu_dtype),
+            torch.randn(4, 64, rank, generator=generator),
+            torch.randn(4, rank, 32, generator=generator),
+            torch.randn(4, 64, rank, generator=generator),
+            2.0,
+            2.0,
+        )
+
+    with pytest.raises(TypeError, match=r"a_gu: expected dtype .*float32, got float64"):
+        experts.run(x, ids, weights, lora(torch.float64))
+    with pytest.raises(TypeError, match=r"b_gu: dtype float32 differs from a_gu's bfloat16"):
+        experts.run(x, ids, weights, lora(torch.bfloat16))
+    assert torch.isfinite(experts.run(x, ids, weights, lora(torch.float32))).all()

@@ -94,7 +94,7 @@ def gpus() -> list[dict[str, Any]]:
 
 def kernel_info() -> dict[str, Any]:
     try:
-        from ._kernels import load_kernels
+        from .._kernels import load_kernels
 
         kk = load_kernels()
     except ImportError as error:
@@ -117,7 +117,7 @@ def kernel_info() -> dict[str, Any]:
 
 
 def gather() -> dict[str, Any]:
-    from .training import library_versions
+    from ..versions import library_versions
 
     total, available = memory_bytes()
     fits = []

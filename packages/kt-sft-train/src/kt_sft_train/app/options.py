@@ -1,7 +1,8 @@
-"""Options of `kt-sft train`: one typed set, filled from defaults < job.json < the YAML `train:` section <
-command-line flags, and the job directories that carry a model, data and recommended hyperparameters.
+"""Options of `kt-sft train`: one typed set (TrainOptions, holding the KTConfig of the experts), filled by
+one `resolve()` from defaults < job.json < the --config YAML < KT_SFT_* environment < command-line flags,
+and the job directories that carry a model, data and recommended hyperparameters.
 
-A job directory (the embedded default one is package data, kt_sft_train/default_job/):
+A job directory (the embedded default one is package data, kt_sft_train/app/default_job/):
 ``model/`` (HF checkpoint + tokenizer; or those files at the top of the job directory), ``train.jsonl``,
 ``heldout.jsonl`` (optional), ``job.json`` (optional: recommended option values).
 """
@@ -13,10 +14,12 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from ..config import KTConfig, KTConfigError, canonical_kwargs, env_values
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 DTYPES = ("auto", "bf16", "fp32")
@@ -44,7 +47,7 @@ class OptionsError(ValueError):
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """Everything `kt-sft train` needs (CLI flag --x-y is field x_y)."""
+    """Everything `kt-sft train` needs (CLI flag --x-y is field x_y; --threads, --backend: fields of kt)."""
 
     model: str | None = None
     data: str | None = None
@@ -67,8 +70,7 @@ class TrainOptions:
     lora_alpha: float | None = None
     lora_targets: str = "attention,experts"
     gradient_checkpointing: bool = False
-    threads: int | None = None
-    backend: str | None = None
+    kt: KTConfig = field(default_factory=KTConfig)  # the experts' config: --threads, --backend, YAML kt:
     dtype: str = "auto"
     device: str = "auto"
     chat_template: str = "auto"
@@ -94,7 +96,7 @@ class TrainOptions:
             "log_every",
         ):
             _positive_int(name, getattr(self, name))
-        for name in ("steps", "threads", "eval_limit", "save_every"):
+        for name in ("steps", "eval_limit", "save_every"):
             value = getattr(self, name)
             if value is not None:
                 _positive_int(name, value)
@@ -117,22 +119,34 @@ class TrainOptions:
             raise OptionsError("give either --steps or --epochs, not both")
         if not isinstance(self.lora_targets, str) or not lora_target_list(self.lora_targets):
             raise OptionsError(f"--lora-targets must be a comma list, got {self.lora_targets!r}")
+        if not isinstance(self.kt, KTConfig):
+            raise OptionsError(f"TrainOptions.kt must be a KTConfig, got {type(self.kt).__name__}")
 
     def with_values(self, values: Mapping[str, Any], source: str) -> TrainOptions:
-        """A copy with `values` applied (keys are field names); unknown keys are an error naming `source`."""
-        names = [f.name for f in fields(self)]
+        """A copy with `values` applied; unknown keys are an error naming `source`.
+
+        Keys are TrainOptions fields or KTConfig fields (threads, backend, ...: they go to `kt`).
+        """
+        names = [f.name for f in fields(self) if f.name != "kt"]
+        kt_names = [f.name for f in fields(KTConfig)]
         for key in values:
-            if key not in names:
-                close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            if key not in names and key not in kt_names:
+                close = difflib.get_close_matches(str(key), names + kt_names, n=1, cutoff=0.6)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise OptionsError(f"{source}: unknown option {key!r}{hint}")
+        own = {k: v for k, v in values.items() if k in names}
+        kt_changes = {k: v for k, v in values.items() if k in kt_names}
         try:
-            return replace(self, **dict(values))
-        except OptionsError as error:
+            kt = self.kt.replace(**kt_changes) if kt_changes else self.kt
+            return replace(self, kt=kt, **own)
+        except (OptionsError, KTConfigError) as error:
             raise OptionsError(f"{source}: {error}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The options without the KTConfig (run.json records that as kt_config)."""
+        values = asdict(self)
+        del values["kt"]
+        return values
 
     def total_steps(self, num_examples: int) -> int:
         """Optimizer steps of the run: --steps, else --epochs (default 1) over the data."""
@@ -177,7 +191,7 @@ def _positive_float(name: str, value: Any) -> None:
 
 def default_job_dir() -> Path:
     """The embedded default job (package data)."""
-    return Path(str(resources.files("kt_sft_train") / "default_job"))
+    return Path(str(resources.files("kt_sft_train.app") / "default_job"))
 
 
 @dataclass(frozen=True)
@@ -229,12 +243,50 @@ def load_job(directory: str | os.PathLike[str]) -> Job:
     return Job(directory, settings)
 
 
-def resolve_options(
-    cli_values: Mapping[str, Any], *, job_dir: str | os.PathLike[str] | None, train_section: Mapping[str, Any]
+@dataclass(frozen=True)
+class ConfigFile:
+    """The --config YAML: a KTConfig mapping (`kt:` or the whole file) and the `train:` options."""
+
+    kt: Mapping[str, Any] = field(default_factory=dict)
+    train: Mapping[str, Any] = field(default_factory=dict)
+
+
+def read_config_file(path: str | os.PathLike[str] | None) -> ConfigFile:
+    """Read --config: a KTConfig mapping, or `kt:` and `train:` sections (train: takes the CLI options)."""
+    if path is None:
+        return ConfigFile()
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise OptionsError(f"--config {str(path)!r} does not exist")
+    data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise OptionsError(f"--config {path}: expected a YAML mapping")
+    if not set(data) & {"kt", "train"}:
+        return ConfigFile(kt=data)
+    extra = sorted(set(data) - {"kt", "train"})
+    if extra:
+        raise OptionsError(f"--config {path}: unknown top-level keys {extra} (expected kt:, train:)")
+    train = {str(k).replace("-", "_"): v for k, v in (data.get("train") or {}).items()}
+    return ConfigFile(kt=dict(data.get("kt") or {}), train=train)
+
+
+def resolve(
+    cli_values: Mapping[str, Any],
+    *,
+    job_dir: str | os.PathLike[str] | None = None,
+    config: ConfigFile | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> TrainOptions:
-    """Defaults < job.json < YAML `train:` section < CLI flags. With no --model/--data, the job is used."""
+    """The one place of precedence: defaults < job.json < --config YAML < KT_SFT_* environment < CLI flags.
+
+    With no --model/--data (from any source) the job directory is used: --job, else the embedded default.
+    `environ` defaults to os.environ.
+    """
+    config = ConfigFile() if config is None else config
     options = TrainOptions()
-    sources = (cli_values, train_section)
+    sources = (cli_values, config.train)
     explicit = any(source.get(key) is not None for source in sources for key in ("model", "data"))
     if job_dir is not None or not explicit:
         if explicit:
@@ -248,7 +300,18 @@ def resolve_options(
             data=str(job.train_data),
             heldout=None if heldout is None else str(heldout),
         )
-    options = options.with_values(train_section, "the `train:` section of --config")
+    try:
+        KTConfig.from_mapping(config.kt)  # the whole mapping validated (aliases, values) before it is applied
+        kt_from_file = canonical_kwargs(config.kt)
+    except KTConfigError as error:
+        raise KTConfigError(f"the kt: section of --config: {error}") from None
+    options = options.with_values(kt_from_file, "the kt: section of --config")
+    options = options.with_values(config.train, "the `train:` section of --config")
+    try:
+        from_env = env_values(environ)
+    except KTConfigError as error:
+        raise KTConfigError(f"{error} (from the KT_SFT_* environment variables)") from None
+    options = options.with_values(from_env, "the KT_SFT_* environment")
     options = options.with_values(cli_values, "command line")
     if options.model is None or options.data is None:
         raise OptionsError("give both --model PATH and --data FILE.jsonl (or neither, for the default job)")
