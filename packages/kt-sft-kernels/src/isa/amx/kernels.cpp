@@ -70,11 +70,11 @@ namespace kt::isa_amx {
 using moe::KernelTable;
 using moe::PackFormat;
 
-#include "../generic_kernels.inl"
+#include "../common/generic_kernels.inl"
 #ifndef KT_AMX_EMULATE  // the emulated test build keeps the generic SwiGLU (it tests the GEMMs)
-#include "../vec_avx512.inl"
-#include "../simd_act.inl"
-#include "../simd_lora_avx512.inl"
+#include "../common/vec_avx512.inl"
+#include "../common/simd_act.inl"
+#include "../common/simd_lora_avx512.inl"
 #endif
 
 Tuning& tuning() {
