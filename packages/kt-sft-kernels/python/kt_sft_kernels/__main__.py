@@ -6,10 +6,9 @@ import os
 import sys
 
 import kt_sft_kernels as kk
-from kt_sft_kernels._core import _cpu_feature_names
 
 # The names live in one place, the C++ KT_CPU_FEATURE_FLAGS / KT_OS_FEATURE_FLAGS lists.
-_FEATURE_FLAGS, _OS_FLAGS = _cpu_feature_names()
+_FEATURE_FLAGS, _OS_FLAGS = kk.cpu_feature_names()
 
 
 def _yes(flag: bool) -> str:

@@ -42,7 +42,7 @@ def isa_cap_source() -> str:
 def cpu_features() -> dict[str, bool | str]:
     """What CPUID/XGETBV report, and the AMX permission."""
 
-def _cpu_feature_names() -> tuple[list[str], list[str]]:
+def cpu_feature_names() -> tuple[list[str], list[str]]:
     """(CPU feature flags, OS state flags): the boolean keys of cpu_features(), for reports."""
 
 def build_info() -> dict[str, Any]:

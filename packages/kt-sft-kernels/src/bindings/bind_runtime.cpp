@@ -182,7 +182,7 @@ void bind_runtime(nb::module_& m) {
   m.def("isa_cap_source", [] { return std::string(runtime::isa_cap_source()); },
         "Where the cap came from: 'none', 'KT_SFT_MAX_ISA' or 'set_max_isa'.");
   m.def("cpu_features", &cpu_features_dict, "What CPUID/XGETBV report, and the AMX permission.");
-  m.def("_cpu_feature_names", [] {
+  m.def("cpu_feature_names", [] {
 #define KT_FEATURE_NAME(name) #name,
     return std::make_pair(std::vector<std::string>{KT_CPU_FEATURE_FLAGS(KT_FEATURE_NAME)},
                           std::vector<std::string>{KT_OS_FEATURE_FLAGS(KT_FEATURE_NAME)});
