@@ -10,7 +10,7 @@ const moe::KernelTable& kernel_table();
 struct Tuning {
   int kc_steps = 8;       // reduction steps (32 values each) per cache block of the weight tiles
   // Calls with m < small_m take the AVX-512 dot-product path. 1 (never): on the AMX machine the
-  // tile path was faster at every m >= 1 (ci/device_amx_check.sh's sweep measures it again).
+  // tile path was faster at every m >= 1 (`ci/device.sh amx-cpp`'s sweep measures it again).
   int small_m = 1;
   bool prefetch = true;   // software prefetch (weights one cache block ahead, activations below)
   int act_prefetch_steps = 4;  // activation tiles prefetched this many reduction steps ahead (0: off)
