@@ -15,7 +15,7 @@ struct Tuning {
   bool prefetch = true;   // software prefetch (weights one cache block ahead, activations below)
   int act_prefetch_steps = 4;  // activation tiles prefetched this many reduction steps ahead (0: off)
   // NT: an m-block whose activation panel is at most this big runs column pairs outermost, a bigger
-  // one reduction chunks outermost (kernels.cpp, "Blocking").
+  // one reduction chunks outermost (amx_internal.hpp, "Blocking").
   int nt_panel_in_l2_bytes = 1 << 20;
   // Weight tiles are prefetched this many (chunk, column) items ahead, into L1 or into L2 only.
   int weight_prefetch_items = 1;
