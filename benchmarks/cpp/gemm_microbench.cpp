@@ -13,7 +13,7 @@
 #include <thread>
 #include <vector>
 
-#include "../../packages/kt-sft-kernels/src/isa/x86_intrinsics.hpp"
+#include "../../packages/kt-sft-kernels/src/isa/common/x86_intrinsics.hpp"
 #include "kt/core/bf16.hpp"
 #include "kt/moe/kernels.hpp"
 

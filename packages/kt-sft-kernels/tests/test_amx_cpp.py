@@ -1,43 +1,35 @@
 """The amx tier's C++ correctness test (tests/cpp/amx_kernels_test.cpp) under pytest.
 
-On a CPU whose amx tier runs, it is built with the wheel's amx flags and runs the real AMX and
-AVX-512 instructions; elsewhere (any x86-64 with AVX2) the same test is built with -DKT_AMX_EMULATE,
-which replaces exactly the tier's instruction wrappers by portable C++ (layouts, tiling, tails and
-determinism are checked; real rounding and speed are not). Skipped without g++ or off x86-64.
+Built through CMake (KT_SFT_BUILD_CPP_TESTS). On a CPU whose amx tier runs, it is built with the wheel's
+amx flags and runs the real AMX and AVX-512 instructions; elsewhere (any x86-64 with AVX2) the same test
+is built with KT_SFT_ISA_EMULATION, which replaces exactly the tier's instruction wrappers by portable
+C++ (layouts, tiling, tails and determinism are checked; real rounding and speed are not). Skipped
+without cmake/g++ or off x86-64.
 """
 
 from __future__ import annotations
 
 import platform
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import kt_sft_kernels as kk
 import pytest
-
-PACKAGE = Path(__file__).resolve().parents[1]
+from _cmake_build import build_cpp_tests, have_cmake
 
 
 def test_amx_kernels_against_float64(tmp_path: Path) -> None:
-    if shutil.which("g++") is None:
-        pytest.skip("no g++")
+    if not have_cmake():
+        pytest.skip("no cmake or g++")
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("the amx tier is x86-64 only")
     real = kk.isa_supported("amx")
     if not real and not kk.isa_supported("avx2"):
         pytest.skip("the emulated build needs AVX2")
-    script = PACKAGE / "tests" / "cpp" / "build_amx_tests.sh"
-    build = subprocess.run(
-        ["bash", str(script), "real" if real else "emulate", str(tmp_path), "--test-only"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
-    binary = tmp_path / ("amx_kernels_test" if real else "amx_kernels_test_emulated")
+    build = build_cpp_tests(tmp_path, ["amx_kernels_test"], emulated=not real)
+    assert build.returncode == 0, build.stdout[-8000:]
+    binary = tmp_path / "amx_kernels_test"
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=600, check=False)
     print(run.stdout[-2000:])
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]

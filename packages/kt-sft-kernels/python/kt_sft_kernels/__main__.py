@@ -7,21 +7,8 @@ import sys
 
 import kt_sft_kernels as kk
 
-_FEATURE_FLAGS = (
-    "avx2",
-    "fma",
-    "f16c",
-    "avx512f",
-    "avx512bw",
-    "avx512dq",
-    "avx512vl",
-    "avx512_bf16",
-    "avx512_vnni",
-    "amx_tile",
-    "amx_bf16",
-    "amx_int8",
-)
-_OS_FLAGS = ("os_avx", "os_avx512", "os_amx")
+# The names live in one place, the C++ KT_CPU_FEATURE_FLAGS / KT_OS_FEATURE_FLAGS lists.
+_FEATURE_FLAGS, _OS_FLAGS = kk.cpu_feature_names()
 
 
 def _yes(flag: bool) -> str:

@@ -42,6 +42,9 @@ def isa_cap_source() -> str:
 def cpu_features() -> dict[str, bool | str]:
     """What CPUID/XGETBV report, and the AMX permission."""
 
+def cpu_feature_names() -> tuple[list[str], list[str]]:
+    """(CPU feature flags, OS state flags): the boolean keys of cpu_features(), for reports."""
+
 def build_info() -> dict[str, Any]:
     """Version, compiler, build type and the compiled tiers with their flags."""
 

@@ -35,63 +35,6 @@ std::string object_type_name(nb::handle obj) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// MoEConfig
-
-const char* weight_dtype_name(moe::WeightDType d) {
-  switch (d) {
-    case moe::WeightDType::bf16: return "bf16";
-    case moe::WeightDType::int8: return "int8";
-    case moe::WeightDType::int4: return "int4";
-  }
-  return "?";
-}
-
-moe::MoEConfig make_config(int num_experts, int top_k, int hidden, int intermediate, const std::string& weight_dtype,
-                           int group_size, int numa_shards) {
-  const auto positive = [](int value, const char* name) {
-    if (value < 1) raise_value(std::string("MoEConfig: ") + name + " must be >= 1, got " + std::to_string(value));
-  };
-  positive(num_experts, "num_experts");
-  positive(top_k, "top_k");
-  positive(hidden, "hidden");
-  positive(intermediate, "intermediate");
-  positive(group_size, "group_size");
-  positive(numa_shards, "numa_shards");
-  moe::MoEConfig c;
-  if (weight_dtype == "bf16") {
-    c.weight_dtype = moe::WeightDType::bf16;
-  } else if (weight_dtype == "int8" || weight_dtype == "int4") {
-    throw NotImplementedError("MoEConfig: weight_dtype='" + weight_dtype +
-                              "' (quantized frozen base) is not implemented yet; use 'bf16'");
-  } else {
-    raise_value("MoEConfig: weight_dtype must be one of 'bf16', 'int8', 'int4', got '" + weight_dtype + "'");
-  }
-  if (numa_shards > 1)
-    throw NotImplementedError("MoEConfig: numa_shards=" + std::to_string(numa_shards) +
-                              " is not implemented yet; use 1");
-  c.num_experts = num_experts;
-  c.top_k = top_k;
-  c.hidden = hidden;
-  c.intermediate = intermediate;
-  c.group_size = group_size;
-  c.numa_shards = numa_shards;
-  return c;
-}
-
-std::string config_repr(const moe::MoEConfig& c) {
-  return "MoEConfig(num_experts=" + std::to_string(c.num_experts) + ", top_k=" + std::to_string(c.top_k) +
-         ", hidden=" + std::to_string(c.hidden) + ", intermediate=" + std::to_string(c.intermediate) +
-         ", weight_dtype='" + weight_dtype_name(c.weight_dtype) + "', group_size=" + std::to_string(c.group_size) +
-         ", numa_shards=" + std::to_string(c.numa_shards) + ")";
-}
-
-bool config_equal(const moe::MoEConfig& a, const moe::MoEConfig& b) {
-  return a.num_experts == b.num_experts && a.top_k == b.top_k && a.hidden == b.hidden &&
-         a.intermediate == b.intermediate && a.weight_dtype == b.weight_dtype && a.group_size == b.group_size &&
-         a.numa_shards == b.numa_shards;
-}
-
-// ---------------------------------------------------------------------------------------------
 // LoRA and LoRAGrads
 
 // The four LoRA arrays (weights or gradients); a projection without LoRA has both arrays absent.
@@ -521,7 +464,7 @@ void bind_moe(nb::module_& m) {
            [](moe::MoEConfig* self, int num_experts, int top_k, int hidden, int intermediate,
               const std::string& weight_dtype, int group_size, int numa_shards) {
              new (self) moe::MoEConfig(
-                 make_config(num_experts, top_k, hidden, intermediate, weight_dtype, group_size, numa_shards));
+                 moe::make_config(num_experts, top_k, hidden, intermediate, weight_dtype, group_size, numa_shards));
            },
            nb::kw_only(), nb::arg("num_experts"), nb::arg("top_k"), nb::arg("hidden"), nb::arg("intermediate"),
            nb::arg("weight_dtype") = "bf16", nb::arg("group_size") = 128, nb::arg("numa_shards") = 1)
@@ -530,11 +473,11 @@ void bind_moe(nb::module_& m) {
       .def_ro("hidden", &moe::MoEConfig::hidden)
       .def_ro("intermediate", &moe::MoEConfig::intermediate)
       .def_prop_ro("weight_dtype",
-                   [](const moe::MoEConfig& c) { return std::string(weight_dtype_name(c.weight_dtype)); })
+                   [](const moe::MoEConfig& c) { return std::string(moe::weight_dtype_name(c.weight_dtype)); })
       .def_ro("group_size", &moe::MoEConfig::group_size)
       .def_ro("numa_shards", &moe::MoEConfig::numa_shards)
-      .def("__eq__", &config_equal, nb::is_operator())
-      .def("__repr__", &config_repr);
+      .def("__eq__", [](const moe::MoEConfig& a, const moe::MoEConfig& b) { return a == b; }, nb::is_operator())
+      .def("__repr__", &moe::config_repr);
 
   nb::class_<PyLoRA>(m, "LoRA",
                      "LoRA weights of one layer's experts, read from caller memory on every call: a_gu [E,r,H], "

@@ -1,6 +1,7 @@
 // Runtime bindings: ISA tiers, CPU features, build info, thread pools.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -9,6 +10,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <unistd.h>
@@ -20,15 +22,6 @@
 
 namespace kt::bindings {
 namespace {
-
-std::string valid_isa_names() {
-  std::string names;
-  for (int i = 0; i < kIsaCount; ++i) {
-    if (i) names += ", ";
-    names += isa_name(static_cast<Isa>(i));
-  }
-  return names;
-}
 
 Isa parse_isa(const std::string& name) {
   const std::optional<Isa> isa = isa_from_name(name);
@@ -58,21 +51,10 @@ nb::dict cpu_features_dict() {
   nb::dict d;
   d["vendor"] = f.vendor;
   d["brand"] = f.brand;
-  d["avx2"] = f.avx2;
-  d["fma"] = f.fma;
-  d["f16c"] = f.f16c;
-  d["avx512f"] = f.avx512f;
-  d["avx512bw"] = f.avx512bw;
-  d["avx512dq"] = f.avx512dq;
-  d["avx512vl"] = f.avx512vl;
-  d["avx512_bf16"] = f.avx512_bf16;
-  d["avx512_vnni"] = f.avx512_vnni;
-  d["amx_tile"] = f.amx_tile;
-  d["amx_bf16"] = f.amx_bf16;
-  d["amx_int8"] = f.amx_int8;
-  d["os_avx"] = f.os_avx;
-  d["os_avx512"] = f.os_avx512;
-  d["os_amx"] = f.os_amx;
+#define KT_FEATURE_ENTRY(name) d[#name] = f.name;
+  KT_CPU_FEATURE_FLAGS(KT_FEATURE_ENTRY)
+  KT_OS_FEATURE_FLAGS(KT_FEATURE_ENTRY)
+#undef KT_FEATURE_ENTRY
   d["amx_permitted"] = f.amx_permitted;
   d["amx_permission"] = f.amx_permission;
   return d;
@@ -200,6 +182,12 @@ void bind_runtime(nb::module_& m) {
   m.def("isa_cap_source", [] { return std::string(runtime::isa_cap_source()); },
         "Where the cap came from: 'none', 'KT_SFT_MAX_ISA' or 'set_max_isa'.");
   m.def("cpu_features", &cpu_features_dict, "What CPUID/XGETBV report, and the AMX permission.");
+  m.def("cpu_feature_names", [] {
+#define KT_FEATURE_NAME(name) #name,
+    return std::make_pair(std::vector<std::string>{KT_CPU_FEATURE_FLAGS(KT_FEATURE_NAME)},
+                          std::vector<std::string>{KT_OS_FEATURE_FLAGS(KT_FEATURE_NAME)});
+#undef KT_FEATURE_NAME
+  }, "(CPU feature flags, OS state flags): the boolean keys of cpu_features(), for reports.");
   m.def("build_info", &build_info_dict, "Version, compiler, build type and the compiled tiers with their flags.");
   m.def("physical_cores", &runtime::physical_cores_available,
         "Physical cores among the CPUs this process may run on (sched_getaffinity).");

@@ -190,14 +190,6 @@ std::string lower(std::string s) {
   return s;
 }
 
-std::string valid_names() {
-  std::string names;
-  for (int i = 0; i < kIsaCount; ++i) {
-    if (i) names += ", ";
-    names += isa_name(static_cast<Isa>(i));
-  }
-  return names;
-}
 
 // Caller holds state.mutex.
 void apply_cap(CapState& state, std::optional<Isa> cap, const char* source) {
@@ -222,7 +214,7 @@ void read_env_once(CapState& state) {
     const std::optional<Isa> cap = isa_from_name(lower(env));
     if (!cap) {
       state.env_error =
-          std::string("KT_SFT_MAX_ISA='") + env + "' is not a tier name; valid names: " + valid_names();
+          std::string("KT_SFT_MAX_ISA='") + env + "' is not a tier name; valid names: " + valid_isa_names();
       state.env_invalid.store(true, std::memory_order_release);
       return;
     }

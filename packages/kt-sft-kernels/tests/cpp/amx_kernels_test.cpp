@@ -5,8 +5,8 @@
 //
 // Two builds of this one file:
 //  * emulated, on any x86-64/AVX2 machine (the AMX and AVX-512 operations come from
-//    src/isa/amx/amx_ops_emulated.hpp):  tests/cpp/build_amx_tests.sh emulate
-//  * real, on an AMX machine (ci/device_amx_check.sh builds and runs it).
+//    src/isa/amx/amx_ops_emulated.hpp): CMake -DKT_SFT_BUILD_CPP_TESTS=ON -DKT_SFT_ISA_EMULATION=ON
+//  * real, on an AMX machine (`ci/device.sh amx-cpp` builds and runs it).
 #include <algorithm>
 #include <atomic>
 #include <cmath>

@@ -1,5 +1,5 @@
 // AMX machine self-test and microbenchmark of the amx tier's GEMMs (real instructions only; run by
-// ci/device_amx_check.sh). A benchmark, not a test: it asserts correctness of what it times (each
+// `ci/device.sh amx-cpp`). A benchmark, not a test: it asserts correctness of what it times (each
 // configuration's output is spot-checked against a float64 reference, and the 1-thread and
 // all-thread outputs must be bitwise equal) but no speed.
 //
@@ -11,7 +11,7 @@
 //
 // Usage: amx_selftest [--out DIR] [--threads N] [--experts E] [--quick] [--layer-sweep]
 // (--quick: one timed run per configuration, fewer sweeps; with an emulated build it checks the
-// program's own logic: tests/cpp/build_amx_tests.sh emulate builds amx_selftest_emulated.)
+// program's own logic: the CMake option KT_SFT_ISA_EMULATION builds it emulated.)
 #include <pthread.h>
 #include <sched.h>
 

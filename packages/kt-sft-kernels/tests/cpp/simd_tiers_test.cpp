@@ -1,6 +1,6 @@
 // Every KernelTable entry of the avx2, avx512 and avx512_bf16 tiers against the portable tier, on
 // random data with awkward sizes (row tails, 32-wide column blocks, special values). Built by
-// tests/cpp/build_simd_tests.sh; with KT_SFT_EMULATE_X86_WITH_SIMDE the AVX-512 tiers run through
+// CMake (KT_SFT_BUILD_CPP_TESTS); with KT_SFT_ISA_EMULATION the AVX-512 tiers run through
 // SIMDe, so this covers their code on a CPU without AVX-512 (the comparisons are tolerance-based,
 // except bf16 rounding: exact). avx512_bf16 runs the avx512 tier's kernels; it is checked as a tier.
 #include <algorithm>

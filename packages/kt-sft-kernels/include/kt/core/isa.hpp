@@ -1,6 +1,7 @@
 // ISA tiers, nested: each tier implies every tier before it (DESIGN.md §3.2).
 #pragma once
 #include <optional>
+#include <string>
 #include <string_view>
 
 namespace kt {
@@ -17,6 +18,16 @@ inline std::optional<Isa> isa_from_name(std::string_view name) {
   for (int i = 0; i < kIsaCount; ++i)
     if (isa_name(static_cast<Isa>(i)) == name) return static_cast<Isa>(i);
   return std::nullopt;
+}
+
+// "portable, avx2, ...": for error messages naming the valid tiers.
+inline std::string valid_isa_names() {
+  std::string names;
+  for (int i = 0; i < kIsaCount; ++i) {
+    if (i) names += ", ";
+    names += isa_name(static_cast<Isa>(i));
+  }
+  return names;
 }
 
 }  // namespace kt

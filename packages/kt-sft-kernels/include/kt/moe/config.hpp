@@ -1,5 +1,6 @@
 #pragma once
 #include <cstdint>
+#include <string>
 
 namespace kt::moe {
 
@@ -13,6 +14,15 @@ struct MoEConfig {
   WeightDType weight_dtype = WeightDType::bf16;
   int group_size = 128;  // int4 only
   int numa_shards = 1;
+
+  bool operator==(const MoEConfig&) const = default;
 };
+
+// A validated config: every size >= 1 (std::invalid_argument naming the field, -> ValueError), a
+// known weight_dtype ('bf16'; 'int8'/'int4' and numa_shards > 1 -> kt::NotImplementedError).
+MoEConfig make_config(int num_experts, int top_k, int hidden, int intermediate, const std::string& weight_dtype,
+                      int group_size, int numa_shards);
+const char* weight_dtype_name(WeightDType d);
+std::string config_repr(const MoEConfig& c);  // MoEConfig(num_experts=..., ...)
 
 }  // namespace kt::moe

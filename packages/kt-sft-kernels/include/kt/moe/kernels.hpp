@@ -21,7 +21,7 @@ namespace kt::moe {
 
 // How a tier lays out packed base weights. Tiers sharing a format can use each other's packing;
 // a layer re-packs when the active tier needs another format.
-// amx_bf16_tiles: 16x32 row-major tiles, qword-permuted rows (src/isa/amx/kernels.cpp explains).
+// amx_bf16_tiles: 16x32 row-major tiles, qword-permuted rows (src/isa/amx/amx_internal.hpp explains).
 enum class PackFormat : int { row_major_bf16 = 0, amx_bf16_tiles = 1 };
 
 struct KernelTable {

@@ -9,12 +9,18 @@
 
 namespace kt::runtime {
 
+// The CPU-feature names, in one place: the struct's fields, the bindings' cpu_features() keys and
+// `python -m kt_sft_kernels` (through cpu_feature_names()) all expand these lists.
+#define KT_CPU_FEATURE_FLAGS(X) \
+  X(avx2) X(fma) X(f16c) X(avx512f) X(avx512bw) X(avx512dq) X(avx512vl) X(avx512_bf16) X(avx512_vnni) \
+  X(amx_tile) X(amx_bf16) X(amx_int8)
+#define KT_OS_FEATURE_FLAGS(X) X(os_avx) X(os_avx512) X(os_amx)  // XCR0 state enabled by the OS
+
 struct CpuFeatures {
-  bool avx2 = false, fma = false, f16c = false;
-  bool avx512f = false, avx512bw = false, avx512dq = false, avx512vl = false;
-  bool avx512_bf16 = false, avx512_vnni = false;
-  bool amx_tile = false, amx_bf16 = false, amx_int8 = false;
-  bool os_avx = false, os_avx512 = false, os_amx = false;  // XCR0 state enabled by the OS
+#define KT_FEATURE_FIELD(name) bool name = false;
+  KT_CPU_FEATURE_FLAGS(KT_FEATURE_FIELD)
+  KT_OS_FEATURE_FLAGS(KT_FEATURE_FIELD)
+#undef KT_FEATURE_FIELD
   bool amx_permitted = false;                                // arch_prctl(ARCH_REQ_XCOMP_PERM) granted
   std::string vendor, brand;
   std::string amx_permission;  // "granted", "not requested (...)" or "denied (...)": for reports

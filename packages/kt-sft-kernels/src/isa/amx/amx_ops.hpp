@@ -31,7 +31,7 @@ static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads exactly 64 bytes");
 #else
 #include <cstring>
 
-#include "../x86_intrinsics.hpp"
+#include "../common/x86_intrinsics.hpp"
 
 namespace kt::isa_amx {
 

@@ -10,12 +10,12 @@ const moe::KernelTable& kernel_table();
 struct Tuning {
   int kc_steps = 8;       // reduction steps (32 values each) per cache block of the weight tiles
   // Calls with m < small_m take the AVX-512 dot-product path. 1 (never): on the AMX machine the
-  // tile path was faster at every m >= 1 (ci/device_amx_check.sh's sweep measures it again).
+  // tile path was faster at every m >= 1 (`ci/device.sh amx-cpp`'s sweep measures it again).
   int small_m = 1;
   bool prefetch = true;   // software prefetch (weights one cache block ahead, activations below)
   int act_prefetch_steps = 4;  // activation tiles prefetched this many reduction steps ahead (0: off)
   // NT: an m-block whose activation panel is at most this big runs column pairs outermost, a bigger
-  // one reduction chunks outermost (kernels.cpp, "Blocking").
+  // one reduction chunks outermost (amx_internal.hpp, "Blocking").
   int nt_panel_in_l2_bytes = 1 << 20;
   // Weight tiles are prefetched this many (chunk, column) items ahead, into L1 or into L2 only.
   int weight_prefetch_items = 1;

@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "../x86_intrinsics.hpp"
+#include "../common/x86_intrinsics.hpp"
 #include "kt/moe/kernels.hpp"
 
 namespace kt::isa_avx2 {
@@ -13,16 +13,16 @@ namespace kt::isa_avx2 {
 using moe::KernelTable;
 using moe::PackFormat;
 
-#include "../generic_kernels.inl"
+#include "../common/generic_kernels.inl"
 
-#include "../vec_avx2.inl"
-#include "../simd_act.inl"
+#include "vec_avx2.inl"
+#include "../common/simd_act.inl"
 
 constexpr int kNtRows = 3;  // 3 rows x 4 weight rows = 12 accumulators of 16 ymm registers
 constexpr int kPanelBlockRows = 3;  // 3 rows x 32 columns = 12 accumulators
 constexpr int kPanelBlockCols = 32;
 
-#include "../simd_f32_gemm.inl"
+#include "../common/simd_f32_gemm.inl"
 
 const KernelTable& kernel_table() {
   static const KernelTable table = [] {

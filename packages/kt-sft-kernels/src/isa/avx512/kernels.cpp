@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "../x86_intrinsics.hpp"
+#include "../common/x86_intrinsics.hpp"
 #include "kt/moe/kernels.hpp"
 
 namespace kt::isa_avx512 {
@@ -14,17 +14,17 @@ namespace kt::isa_avx512 {
 using moe::KernelTable;
 using moe::PackFormat;
 
-#include "../generic_kernels.inl"
+#include "../common/generic_kernels.inl"
 
-#include "../vec_avx512.inl"
-#include "../simd_act.inl"
-#include "../simd_lora_avx512.inl"
+#include "../common/vec_avx512.inl"
+#include "../common/simd_act.inl"
+#include "../common/simd_lora_avx512.inl"
 
 constexpr int kNtRows = 4;  // 4 rows x 4 weight rows = 16 accumulators of 32 zmm registers
 constexpr int kPanelBlockRows = 6;  // 6 rows x 64 columns = 24 accumulators
 constexpr int kPanelBlockCols = 64;
 
-#include "../simd_f32_gemm.inl"
+#include "../common/simd_f32_gemm.inl"
 
 // NT through the panel: B[q][n] = W[n][q], filled with transposed 16 x 16 blocks of W (depth and width
 // are multiples of 32), so a call reads W once, not once per block of kNtRows rows. Measured at

@@ -11,7 +11,7 @@ namespace kt::isa_portable {
 using moe::KernelTable;
 using moe::PackFormat;
 
-#include "../generic_kernels.inl"
+#include "../common/generic_kernels.inl"
 
 const KernelTable& kernel_table() {
   static const KernelTable table = generic_table(Isa::portable);

@@ -1,5 +1,5 @@
 // Plain C++ versions of every KernelTable entry. This file is textually included by each tier's
-// kernels.cpp INSIDE its namespace kt::isa_<tier> (after <algorithm>, <cmath>, <cstdint>, <cstring>
+// kernels.cpp (amx: table.cpp) INSIDE its namespace kt::isa_<tier> (after <algorithm>, <cmath>, <cstdint>, <cstring>
 // and "kt/moe/kernels.hpp"), so it is compiled once per tier with that tier's flags and never
 // clashes across tiers. The portable tier uses all of it (it is the reference for the others); the
 // SIMD tiers replace the GEMMs and keep the rest, which the compiler vectorizes with their flags.

@@ -1,45 +1,10 @@
-#!/usr/bin/env bash
-# Kernel performance on the AMX machine (issue 4), run by hand (NOT part of CI):
-#     OUT=/tmp/perf bash ci/device_perf.sh [package dir, default packages/kt-sft-kernels]
-# 1. builds the kernel wheel into $KT_PERF_SITE (pip --target, no build isolation, no network),
-# 2. runs the MoE numerics suite at the amx tier only, the profiler tests and the amx C++ test,
-# 3. times one MoE layer (LoRA r16 on gate_up and down, uniform top-8 routing, explicit 16-thread pool)
-#    fwd and fwd+bwd at the amx tier: Qwen3-30B-A3B T=512 and 4096, DeepSeek-V3 T=4096 (unless
-#    KT_PERF_SKIP_DSV3=1), then one profiled fwd+bwd per shape (kk.profiler stage table),
-#    checks that amx results are bitwise equal with 16 and 7 threads,
-# 4. writes $OUT/perf.json, $OUT/perf.log and the Chrome trace of the T=4096 Qwen3 profile.
-# About 3-5 minutes on the 16-vCPU AMX machine (DeepSeek-V3 needs ~50 GB of RAM).
-set -uo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
-pkg=$(cd "${1:-$root/packages/kt-sft-kernels}" && pwd)
-OUT=${OUT:-/tmp/kt-perf}
-SITE=${KT_PERF_SITE:-/tmp/kt-perf-site}
-PYTHON=${PYTHON:-python3}
-mkdir -p "$OUT"
-failed=0
-export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+"""Kernel performance at the amx tier (ci/device.sh perf): layer timing, determinism, profiles.
 
-echo "THP: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null) defrag: $(cat /sys/kernel/mm/transparent_hugepage/defrag 2>/dev/null)"
-echo "== build ($pkg)"
-start=$SECONDS
-if ! "$PYTHON" -m pip install --no-build-isolation --no-deps -q --upgrade --target "$SITE" \
-    -C build-dir="$SITE-build" "$pkg" >"$OUT/build.log" 2>&1; then
-  tail -n 40 "$OUT/build.log"; echo "FAIL build"; exit 1
-fi
-echo "build ok ($((SECONDS - start)) s)"
-export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+Usage: python3 ci/device/perf_layer.py OUT_DIR (env: KT_PERF_REPS, KT_PERF_TIER, KT_PERF_THREADS,
+KT_PERF_TINY, KT_PERF_SKIP_DSV3).
+"""
 
-if [ "${KT_PERF_SKIP_TESTS:-0}" != 1 ]; then
-echo "== amx numerics + profiler tests"
-start=$SECONDS
-(cd "$pkg/tests" && timeout 300 "$PYTHON" -m pytest -q -p no:cacheprovider \
-   test_moe_numerics.py test_profiler.py test_amx_cpp.py -k "amx or profiler or report" 2>&1 | tail -n 15) \
-  || failed=1
-echo "tests done ($((SECONDS - start)) s)"
-fi
-
-echo "== layer timing"
-timeout 420 "$PYTHON" - "$OUT" <<'PY' || failed=1
+# ruff: noqa: E741, B023  (I is the MoE intermediate size; step() runs inside the iteration that defines it)
 import json
 import os
 import sys
@@ -71,13 +36,17 @@ def random_experts(e: int, rows: int, cols: int, std: float, distinct: int = 4) 
 
 
 def stage_table(stats: dict) -> list[str]:
-    lines = [f"  {'stage':22s} {'calls':>6s} {'wall ms/call':>12s} {'busy ms/call':>12s} {'thr':>4s} {'imbal':>6s}"]
+    lines = [
+        f"  {'stage':22s} {'calls':>6s} {'wall ms/call':>12s} {'busy ms/call':>12s} {'thr':>4s} {'imbal':>6s}"
+    ]
     calls_ref = max(stats.get("forward", {}).get("calls", 1), 1)
     for name, s in stats.items():
         per = s["calls"] or calls_ref
         wall = 1e3 * s["total_s"] / per if s["calls"] else float("nan")
-        lines.append(f"  {name:22s} {s['calls']:6d} {wall:12.2f} {1e3 * s['busy_s'] / per:12.2f} "
-                     f"{s['threads']:4d} {s['imbalance']:6.2f}")
+        lines.append(
+            f"  {name:22s} {s['calls']:6d} {wall:12.2f} {1e3 * s['busy_s'] / per:12.2f} "
+            f"{s['threads']:4d} {s['imbalance']:6.2f}"
+        )
     return lines
 
 
@@ -97,11 +66,22 @@ for name, E, H, I, K, tokens in shapes:
     if name != "Qwen3-30B-A3B":  # only the small shape keeps its inputs (determinism check)
         del gate_up, down
         gate_up = down = None
-    huge_kb = next((int(ln.split()[1]) for ln in open("/proc/meminfo") if ln.startswith("AnonHugePages")), 0)
-    print(f"{name}: weights made in {t1 - t0:.1f} s, load_weights (pack) {load_s:.2f} s, "
-          f"AnonHugePages {huge_kb / 2**20:.1f} GB", flush=True)
-    lora_arrays = [rng.standard_normal(s, dtype=np.float32) * f for s, f in
-                   (((E, R, H), H**-0.5), ((E, 2 * I, R), R**-0.5), ((E, R, I), I**-0.5), ((E, H, R), R**-0.5))]
+    with open("/proc/meminfo") as meminfo:
+        huge_kb = next((int(ln.split()[1]) for ln in meminfo if ln.startswith("AnonHugePages")), 0)
+    print(
+        f"{name}: weights made in {t1 - t0:.1f} s, load_weights (pack) {load_s:.2f} s, "
+        f"AnonHugePages {huge_kb / 2**20:.1f} GB",
+        flush=True,
+    )
+    lora_arrays = [
+        rng.standard_normal(s, dtype=np.float32) * f
+        for s, f in (
+            ((E, R, H), H**-0.5),
+            ((E, 2 * I, R), R**-0.5),
+            ((E, R, I), I**-0.5),
+            ((E, H, R), R**-0.5),
+        )
+    ]
     lora = kk.LoRA(*lora_arrays, 2.0, 2.0)
     grad_arrays = [np.empty_like(a) for a in lora_arrays]
     grads = kk.LoRAGrads(*grad_arrays)
@@ -126,20 +106,38 @@ for name, E, H, I, K, tokens in shapes:
         pairs = T * K
         flop = pairs * (12 * H * I + 3 * 2 * R * (H + 2 * I) + 3 * 2 * R * (I + H))
         weights_gb = E * 3 * H * I * 2 / 1e9
-        print(f"{name} T={T} {TIER} threads={THREADS}: fwd {1e3 * fwd:.1f} ms  fwd+bwd {1e3 * tot:.1f} ms  "
-              f"({flop / tot / 1e12:.2f} TFLOP/s, weights {weights_gb:.2f} GB)", flush=True)
-        entry = {"shape": name, "E": E, "H": H, "I": I, "k": K, "r": R, "T": T, "tier": TIER,
-                 "threads": THREADS, "fwd_ms": 1e3 * fwd, "fwd_bwd_ms": 1e3 * tot,
-                 "all_ms": [[1e3 * a, 1e3 * b] for a, b in times], "tflops": flop / tot / 1e12,
-                 "load_weights_s": load_s}
+        print(
+            f"{name} T={T} {TIER} threads={THREADS}: fwd {1e3 * fwd:.1f} ms  fwd+bwd {1e3 * tot:.1f} ms  "
+            f"({flop / tot / 1e12:.2f} TFLOP/s, weights {weights_gb:.2f} GB)",
+            flush=True,
+        )
+        entry = {
+            "shape": name,
+            "E": E,
+            "H": H,
+            "I": I,
+            "k": K,
+            "r": R,
+            "T": T,
+            "tier": TIER,
+            "threads": THREADS,
+            "fwd_ms": 1e3 * fwd,
+            "fwd_bwd_ms": 1e3 * tot,
+            "all_ms": [[1e3 * a, 1e3 * b] for a, b in times],
+            "tflops": flop / tot / 1e12,
+            "load_weights_s": load_s,
+        }
         if name == "Qwen3-30B-A3B" and T == 512:  # bitwise equal results with another thread count
             ref = [a.copy() for a in (out, dx, gw, *grad_arrays)]
-            layer7 = kk.MoELayer(kk.MoEConfig(num_experts=E, top_k=K, hidden=H, intermediate=I),
-                                 pool=kk.ThreadPool(threads=7))
+            layer7 = kk.MoELayer(
+                kk.MoEConfig(num_experts=E, top_k=K, hidden=H, intermediate=I), pool=kk.ThreadPool(threads=7)
+            )
             layer7.load_weights(gate_up=gate_up, down=down)
             step(layer7)
-            same = all(np.array_equal(a.view(np.uint8), b.view(np.uint8))
-                       for a, b in zip(ref, (out, dx, gw, *grad_arrays)))
+            same = all(
+                np.array_equal(a.view(np.uint8), b.view(np.uint8))
+                for a, b in zip(ref, (out, dx, gw, *grad_arrays), strict=True)
+            )
             print(f"  determinism 16 vs 7 threads: {'bitwise equal' if same else 'DIFFERENT'}", flush=True)
             entry["bitwise_equal_16_vs_7_threads"] = same
             del layer7
@@ -171,14 +169,14 @@ for name, E, H, I, K, tokens in shapes:
                 small.forward(xs, ids_s, w_s, o_s, save=False)
                 ts.append(time.perf_counter() - a)
             lat[label] = 1e6 * sorted(ts)[len(ts) // 2]
-        print(f"  tiny layer forward (T=64, 6 phases), median us: back to back {lat['back_to_back']:.0f}, "
-              f"after 5 ms idle {lat['after_5ms_idle']:.0f}", flush=True)
+        print(
+            f"  tiny layer forward (T=64, 6 phases), median us: back to back {lat['back_to_back']:.0f}, "
+            f"after 5 ms idle {lat['after_5ms_idle']:.0f}",
+            flush=True,
+        )
         results.append({"shape": name, "wake_up_us": lat})
         del small
     del layer, gate_up, down
 
 with open(os.path.join(out_dir, "perf.json"), "w") as f:
     json.dump({"cpu_features": kk.cpu_features(), "build": kk.build_info(), "results": results}, f, indent=1)
-PY
-echo "== exit: failed=$failed"
-exit $failed

@@ -1,3 +1,4 @@
+// In common/, not avx512/: included by both the avx512 and the amx tier (avx512_bf16 reuses avx512's table).
 // LoRA entries of the KernelTable for the AVX-512 tiers (avx512, avx512_bf16, amx): register-blocked
 // fp32 FMA on zmm registers, AVX-512F/BW/DQ/VL only. Included inside namespace kt::isa_<tier> after
 // generic_kernels.inl (fallbacks, to_f32, store_as) and vec_avx512.inl (Vec::load_bf16 / store_bf16).

@@ -1,3 +1,4 @@
+// In common/, not avx512/: included by both the avx512 and the amx tier (avx512_bf16 reuses avx512's table).
 // Vec for the avx512 and avx512_bf16 tiers: 16 fp32 lanes (AVX-512F/BW/DQ/VL). Included inside
 // the tier's namespace.
 struct Vec {

@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# The accelerator-machine run (DESIGN.md §6 layer 5), by named stage, from anywhere in the repository:
+#     OUT=/tmp/device bash ci/device.sh STAGE... [perf-ab LABEL=DIR...]
+# Stages (each does what one of the former ci/device_*.sh scripts did; the wheels are built once, by
+# pip through scikit-build-core, and the C++ programs once, through CMake):
+#   build       install both wheels (pip --no-build-isolation --no-deps: no network), python -m kt_sft_kernels;
+#               run first automatically by every stage that needs it
+#   runtime     runtime/binding probes + suites under three process setups (the device-run-1 segfault hunt)
+#   kernels     the kernel pytest suite, which sweeps every tier this CPU runs
+#   amx-cpp     CMake's C++ tests with the real instructions: amx_kernels_test, then amx_selftest (GEMM rates)
+#   simd-cpp    simd_tiers_test (every SIMD tier's table entry vs portable, real instructions)
+#   layer       one Qwen3-30B-A3B MoE layer fwd+bwd at avx512_bf16 and amx (ci/device/layer_timing.py)
+#   microbench  benchmarks/cpp/gemm_microbench (per-call GEMM rates, avx512 tier)
+#   bench       benchmarks/bench_moe.py: our tiers vs PyTorch vs kt-kernel 0.7.2, Qwen3-30B-A3B T=512,4096
+#   train-gpu   the training suites, GPU for the non-expert parts, the best tier for the experts
+#   e2e         benchmarks/e2e_train.py (full-width Qwen3-30B-A3B layers, GPU + AMX; kt-kernel's wrapper too)
+#   perf        amx numerics/profiler/C++ tests + ci/device/perf_layer.py on this tree (KT_PERF_* env knobs)
+#   perf-ab LABEL=DIR...  perf of several kernel package trees on this one machine, each in its own site;
+#               must be the last stage (it takes the rest of the arguments)
+# Former scripts: device_check.sh kernels = `runtime kernels amx-cpp layer`; device_amx_check.sh =
+# `kernels amx-cpp layer`; device_kernels_check.sh = `kernels layer`; device_runtime_check.sh = `runtime`;
+# device_perf.sh [DIR] = `perf` (KT_PERF_PKG=DIR); device_perf_ab.sh ARGS = `perf-ab ARGS`.
+# Optional carried folders: .whl (pytest, ml_dtypes, setuptools wheels) and .kt_kernel/py312.
+# Everything lands in $OUT/device.tar.gz plus $OUT/summary.txt; exit status non-zero if a stage failed.
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+kernels_pkg=$root/packages/kt-sft-kernels
+OUT=${OUT:-$root/_out/device}
+PYTHON=${PYTHON:-python3}
+work=$(mktemp -d)
+summary=$work/summary.txt
+failed=0
+export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+[ $# -ge 1 ] || { sed -n 2,26p "$0"; exit 2; }
+if [ -d .whl ]; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+step() {  # step NAME LIMIT COMMAND...: COMMAND under a time limit, output in $work/NAME.log, one summary line
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  local start=$SECONDS rc
+  if [ "$(type -t "$1")" = function ]; then  # a stage function: its commands carry their own limits
+    ("$@") >"$work/$name.log" 2>&1
+  else
+    timeout --kill-after=10 "$limit" "$@" >"$work/$name.log" 2>&1
+  fi
+  rc=$?
+  tail -n 30 "$work/$name.log"
+  if [ "$rc" -ne 0 ]; then failed=1; fi
+  echo "$name: exit $rc in $((SECONDS - start)) s" | tee -a "$summary"
+  return "$rc"
+}
+
+built=0
+ensure_built() {
+  [ "$built" = 1 ] && return 0
+  built=1
+  step build 600 bash -c "'$PYTHON' -m pip install --no-build-isolation --no-deps --force-reinstall \
+    ./packages/kt-sft-kernels ./packages/kt-sft-train && '$PYTHON' -m kt_sft_kernels"
+}
+
+cpp_built=0
+ensure_cpp_built() {  # the C++ tests, real instructions, one CMake build directory
+  [ "$cpp_built" = 1 ] && return 0
+  cpp_built=1
+  step cpp-build 300 bash -c "cmake -S '$kernels_pkg' -B '$work/cpp' -DKT_SFT_BUILD_EXTENSION=OFF \
+    -DKT_SFT_BUILD_CPP_TESTS=ON && cmake --build '$work/cpp'"
+}
+
+runtime_probes() {  # device run 1 segfaulted inside pytest; these separate the candidate causes
+  local tests=$kernels_pkg/tests
+  uname -a; ldd --version | head -n 1; ulimit -s
+  "$PYTHON" -c "import os, sys; print(sys.version); print('affinity', sorted(os.sched_getaffinity(0)))"
+  "$PYTHON" -c "import importlib.metadata as m; print('pytest plugins:', sorted(e.value for e in m.entry_points(group='pytest11')))"
+  probe() {
+    echo "== $1"
+    timeout 300 "$PYTHON" -X faulthandler -c "import kt_sft_kernels as kk
+from kt_sft_kernels._core import _testing as t
+$2"
+    echo "   exit status $?"
+  }
+  local pool_check="
+print(kk.cpu_features()['amx_permission'])
+assert len({kk.physical_cores() for _ in range(2000)}) == 1
+print(kk.default_pool(), t.pool_run_counting(kk.default_pool(), 100) == [1] * 100)"
+  probe "detection, then physical_cores() x2000 and the default pool" "$pool_check"
+  probe "NumPy + numpy.linalg (OpenBLAS threads) + ml_dtypes loaded first" "
+import numpy, numpy.linalg, ml_dtypes
+numpy.linalg.inv(numpy.eye(64) * 2.0)$pool_check"
+  run_pytest() {
+    local name=$1; shift
+    echo "== pytest: $name"
+    env "$@" timeout 600 "$PYTHON" -X faulthandler -m pytest -q -rs -p no:cacheprovider \
+      "$tests/test_runtime.py" "$tests/test_bindings.py" "$tests/test_import.py" 2>&1 | tail -n 40
+    echo "   exit status ${PIPESTATUS[0]}"
+  }
+  run_pytest "plain" PYTHONFAULTHANDLER=1
+  run_pytest "no auto-loaded plugins" PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
+  local malloc_debug
+  malloc_debug=$(ls /usr/lib/x86_64-linux-gnu/libc_malloc_debug.so.0 /lib/x86_64-linux-gnu/libc_malloc_debug.so.0 \
+    2>/dev/null | head -n 1)
+  if [ -n "$malloc_debug" ]; then
+    run_pytest "glibc malloc checking" LD_PRELOAD="$malloc_debug" GLIBC_TUNABLES=glibc.malloc.check=3
+  fi
+  if command -v cuda-gdb >/dev/null; then  # the image has no gdb; cuda-gdb debugs CPU-only programs too
+    echo "== cuda-gdb backtrace of the runtime suite (only meaningful if it crashes)"
+    timeout 600 cuda-gdb -q -batch -ex "set pagination off" -ex "handle SIGSEGV stop print" -ex run \
+      -ex "bt 30" -ex "info registers rip rsp" -ex "x/8i \$pc" -ex "info symbol \$pc" \
+      --args "$PYTHON" -m pytest -q -p no:cacheprovider -p no:faulthandler "$tests/test_runtime.py" 2>&1 | tail -n 120
+  fi
+}
+
+perf_tree() {  # perf_tree PKG_DIR SITE OUT_DIR: build PKG_DIR into SITE, amx tests (unless skipped), timing
+  local pkg site dir rc=0
+  pkg=$(cd "$1" && pwd) site=$2 dir=$3
+  mkdir -p "$dir"
+  echo "THP: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null)" \
+    "defrag: $(cat /sys/kernel/mm/transparent_hugepage/defrag 2>/dev/null)"
+  "$PYTHON" -m pip install --no-build-isolation --no-deps -q --upgrade --target "$site" \
+    -C build-dir="$site-build" "$pkg" >"$dir/build.log" 2>&1 || { tail -n 40 "$dir/build.log"; return 1; }
+  echo "build ok ($pkg)"
+  if [ "${KT_PERF_SKIP_TESTS:-0}" != 1 ]; then
+    (cd "$pkg/tests" && PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH} timeout 300 "$PYTHON" -m pytest -q \
+      -p no:cacheprovider test_moe_numerics.py test_profiler.py test_amx_cpp.py -k "amx or profiler or report" \
+      2>&1 | tail -n 15) || rc=1
+  fi
+  PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH} timeout 420 "$PYTHON" "$root/ci/device/perf_layer.py" "$dir" || rc=1
+  return $rc
+}
+
+perf_ab() {  # LABEL=DIR...: every tree but the last without tests and DeepSeek-V3 (env overrides)
+  local n=$# i=0 rc=0 spec label dir
+  for spec in "$@"; do
+    i=$((i + 1)) label=${spec%%=*} dir=${spec#*=}
+    echo "######## $label ($dir)"
+    if [ "$i" -lt "$n" ]; then
+      KT_PERF_SKIP_TESTS=${KT_PERF_AB_SKIP_TESTS:-1} KT_PERF_SKIP_DSV3=${KT_PERF_AB_SKIP_DSV3:-1} \
+        perf_tree "$dir" "/tmp/kt-perf-site-$label" "$work/perf-ab/$label" || rc=1
+    else
+      perf_tree "$dir" "/tmp/kt-perf-site-$label" "$work/perf-ab/$label" || rc=1
+    fi
+  done
+  return $rc
+}
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  git: $(git -C "$root" log --oneline -1 2>/dev/null || echo 'no git')"
+  nproc
+  lscpu | grep -E 'Model name|^CPU\(s\)|Thread|Core|Socket|L1d|L2|L3|NUMA node\(s\)'
+  echo "amx flags: $(grep -o -w 'amx_[a-z0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+  echo "compiler: $(${CXX:-g++} --version | head -1); python: $($PYTHON --version 2>&1)"
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
+  "$PYTHON" -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', \
+transformers.__version__, 'peft', peft.__version__)" 2>/dev/null
+} | tee -a "$summary"
+
+while [ $# -gt 0 ]; do
+  stage=$1
+  shift
+  case $stage in
+    build) ensure_built ;;
+    runtime) ensure_built && step runtime 1500 runtime_probes ;;
+    kernels) ensure_built && step kernels 600 "$PYTHON" -m pytest -q -rA -p no:cacheprovider "$kernels_pkg/tests"
+      tail -n 3 "$work/kernels.log" >>"$summary" ;;
+    amx-cpp)
+      ensure_cpp_built && step amx_kernels_test 120 "$work/cpp/amx_kernels_test" &&
+        step amx_selftest 240 "$work/cpp/amx_selftest" --out "$work/amx_selftest"
+      grep -h "checks," "$work/amx_kernels_test.log" >>"$summary" 2>/dev/null ;;
+    simd-cpp) ensure_cpp_built && step simd_tiers_test 120 "$work/cpp/simd_tiers_test"
+      tail -n 1 "$work/simd_tiers_test.log" >>"$summary" ;;
+    layer) ensure_built && step layer 240 "$PYTHON" ci/device/layer_timing.py
+      grep -E "^layer " "$work/layer.log" >>"$summary" ;;
+    microbench) step microbench 300 bash benchmarks/cpp/gemm_microbench.sh ;;
+    bench) ensure_built && step bench 300 "$PYTHON" benchmarks/bench_moe.py --shape qwen3-30b --tokens 512,4096 \
+        --repeats 3 --max-seconds 20 --out "$work/bench"
+      cat "$work/bench/results.md" >>"$summary" 2>/dev/null ;;
+    train-gpu) ensure_built && step train 400 "$PYTHON" -m pytest -q -rs -p no:cacheprovider packages/kt-sft-train/tests
+      tail -n 15 "$work/train.log" >>"$summary" ;;
+    e2e) ensure_built && step e2e 560 "$PYTHON" benchmarks/e2e_train.py \
+        --variants kt_sft,kt_kernel,hf_all_gpu,hf_experts_cpu --steps 3 --warmup 1 --out "$work/e2e"
+      cat "$work/e2e/results.md" >>"$summary" 2>/dev/null ;;
+    perf) step perf 900 perf_tree "${KT_PERF_PKG:-$kernels_pkg}" "${KT_PERF_SITE:-/tmp/kt-perf-site}" "$work/perf"
+      grep -E "T=|determinism" "$work/perf.log" >>"$summary" ;;
+    perf-ab) step perf-ab 1800 perf_ab "$@"
+      grep -E "########|T=|determinism" "$work/perf-ab.log" >>"$summary"
+      shift $# ;;
+    *) echo "unknown stage $stage (run without arguments for the list)" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$OUT" && tar -C "$work" -czf "$OUT/device.tar.gz" . && cp "$summary" "$OUT/summary.txt"
+echo "===== summary"; cat "$summary"
+exit "$failed"

@@ -1,0 +1,159 @@
+// The amx tier's NN product on tiles: C = A W (backward) from the same packed weights.
+#include "amx_internal.hpp"
+
+namespace kt::isa_amx {
+
+// ---- AMX path: NN ------------------------------------------------------------------------------------
+
+// VNNI "B" tiles of W rows [32 qs, 32 qs + 32) x columns [32 ct, 32 ct + 32): lo = columns 0..15,
+// hi = 16..31, each 16 rows (row pairs) x 16 dwords.
+inline void build_nn_tiles(const std::uint8_t* w, int tile_cols, int qs, int ct, std::uint8_t* lo, std::uint8_t* hi) {
+  for (int half = 0; half < 2; ++half) {
+    const std::uint8_t* tile = w + tile_offset(2 * qs + half, ct, tile_cols);
+    for (int p = 0; p < 8; ++p) {
+      const V x = v_load(tile + 128 * p), y = v_load(tile + 128 * p + 64);
+      v_store(lo + 64 * (8 * half + p), v_unpacklo16(x, y));
+      v_store(hi + 64 * (8 * half + p), v_unpackhi16(x, y));
+    }
+  }
+}
+
+// One row pair over `steps` reduction steps of the B tiles in bbuf; loads interleaved as in nt_steps.
+template <int MT>
+inline void nn_steps(const std::uint8_t* bbuf, const std::uint8_t* a0, const std::uint8_t* a1, int steps,
+                     const Prefetch* pf) {
+  const TileStream act{a0, MT == 2 ? a1 : nullptr};
+  for (int s = 0; s < steps; ++s) {
+    const std::uint8_t* b = bbuf + static_cast<std::size_t>(s) * 2 * kTileBytes;
+    const std::size_t off = static_cast<std::size_t>(s) * kTileBytes;
+    if (pf) prefetch_step(*pf, act, s, 0, steps);
+    tile_load<6>(a0 + off, 64);
+    tile_load<4>(b, 64);
+    tile_dpbf16ps<0, 6, 4>();
+    tile_load<5>(b + kTileBytes, 64);
+    tile_dpbf16ps<1, 6, 5>();
+    if constexpr (MT == 2) {
+      tile_load<7>(a1 + off, 64);
+      tile_dpbf16ps<2, 7, 4>();
+      tile_dpbf16ps<3, 7, 5>();
+    }
+  }
+}
+
+// C tile (16 rows x 16 columns, natural layout) -> c.
+template <int T>
+inline void store_nn_tile(float* c, std::int64_t ldc, int rows) {
+  if (rows == 16) {
+    tile_store<T>(c, ldc * static_cast<std::int64_t>(sizeof(float)));
+    return;
+  }
+  alignas(64) float buf[256];
+  tile_store<T>(buf, 64);
+  for (int i = 0; i < rows; ++i) std::memcpy(c + i * ldc, buf + 16 * i, 64);
+}
+
+// NN accumulators: tile 0 = (m0, lo), 1 = (m0, hi), 2 = (m1, lo), 3 = (m1, hi).
+template <int MT>
+inline void nn_load_accumulators(const std::uint8_t* spill, bool zero) {
+  if (zero) {
+    tile_zero<0>();
+    tile_zero<1>();
+    if constexpr (MT == 2) {
+      tile_zero<2>();
+      tile_zero<3>();
+    }
+  } else {
+    tile_load<0>(spill, 64);
+    tile_load<1>(spill + kTileBytes, 64);
+    if constexpr (MT == 2) {
+      tile_load<2>(spill + 2 * kTileBytes, 64);
+      tile_load<3>(spill + 3 * kTileBytes, 64);
+    }
+  }
+}
+
+template <int MT>
+inline void nn_spill_accumulators(std::uint8_t* spill) {
+  tile_store<0>(spill, 64);
+  tile_store<1>(spill + kTileBytes, 64);
+  if constexpr (MT == 2) {
+    tile_store<2>(spill + 2 * kTileBytes, 64);
+    tile_store<3>(spill + 3 * kTileBytes, 64);
+  }
+}
+
+template <int MT>
+inline void nn_output(float* c, std::int64_t ldc, int rows0, int rows1) {
+  store_nn_tile<0>(c, ldc, rows0);
+  store_nn_tile<1>(c + 16, ldc, rows0);
+  if constexpr (MT == 2) {
+    store_nn_tile<2>(c + 16 * ldc, ldc, rows1);
+    store_nn_tile<3>(c + 16 * ldc + 16, ldc, rows1);
+  }
+}
+
+void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int cols, int j0, int j1, float* c,
+            std::int64_t ldc) {
+  const TileSession session;
+  const int q_steps = k / 32, tile_cols = cols / 32, m_tiles = (m + 15) / 16, col_tiles = (j1 - j0) / 32;
+  const bool prefetch = tuning().prefetch;
+  const int ahead = prefetch ? std::max(0, tuning().act_prefetch_steps) : 0;
+  const int w_ahead = std::max(1, tuning().weight_prefetch_items);
+  const bool w_to_l2 = tuning().weight_prefetch_l2;
+  alignas(64) std::uint8_t bbuf[kMaxKcSteps * 2 * kTileBytes];
+  const std::size_t panel = static_cast<std::size_t>(q_steps) * kTileBytes;  // one m-tile of activations
+  for (int mb = 0; mb < m_tiles; mb += kMBlockTiles) {
+    const int mb_end = std::min(m_tiles, mb + kMBlockTiles);
+    const int row_pairs = (mb_end - mb + 1) / 2;
+    // One row pair: a larger chunk (fewer accumulator spills), at most what the B-tile buffer holds.
+    const int kc = row_pairs > 1 ? kc_steps() : std::clamp(tuning().nn_single_pair_kc_steps, 1, kMaxKcSteps);
+    auto* spill = static_cast<std::uint8_t*>(
+        kc < q_steps ? spill_store.ensure(static_cast<std::size_t>(col_tiles * row_pairs) * 4 * kTileBytes) : nullptr);
+    const int items = (q_steps + kc - 1) / kc * col_tiles;  // (chunk, column tile), chunk outermost
+    for (int i = 0; i < items; ++i) {
+      const int ci = i % col_tiles, qs0 = i / col_tiles * kc, qs1 = std::min(q_steps, qs0 + kc);
+      const bool first = qs0 == 0, last = qs1 == q_steps;
+      const int j = j0 + 32 * ci, ct = j / 32;
+      // The weights of a later item (weight_prefetch_items on): step qs of this chunk prefetches
+      // step qs - qs0 of that one.
+      const int target = i + w_ahead;
+      const int target_q0 = target / col_tiles * kc, target_ct = j0 / 32 + target % col_tiles;
+      for (int qs = qs0; qs < qs1; ++qs) {
+        std::uint8_t* b = bbuf + static_cast<std::size_t>(qs - qs0) * 2 * kTileBytes;
+        build_nn_tiles(w, tile_cols, qs, ct, b, b + kTileBytes);
+        const int next = target_q0 + (qs - qs0);
+        if (prefetch && target < items && next < q_steps) {
+          prefetch_tile(w + tile_offset(2 * next, target_ct, tile_cols), w_to_l2);
+          prefetch_tile(w + tile_offset(2 * next + 1, target_ct, tile_cols), w_to_l2);
+        }
+      }
+      for (int rp = 0; rp < row_pairs; ++rp) {
+        const int mt = mb + 2 * rp;
+        Prefetch pf;  // weights were prefetched while the B tiles were built
+        // As in nt_amx: the chunk's first column tile brings its activation tiles in, the very last
+        // row pair of the chunk starts on the next chunk's.
+        const bool chunk_end = ci + 1 == col_tiles && rp + 1 == row_pairs && !last;
+        if (ci == 0 || chunk_end) pf.ahead = ahead;
+        if (ci == 0 && rp + 1 < row_pairs) pf.act_next = act_pair(act, panel, mt + 2, mb_end, qs0);
+        if (chunk_end) pf.act_next = act_pair(act, panel, mb, mb_end, qs1);
+        std::uint8_t* sp = spill ? spill + static_cast<std::size_t>(ci * row_pairs + rp) * 4 * kTileBytes : nullptr;
+        const std::uint8_t* a0 = act + static_cast<std::size_t>(mt) * panel + static_cast<std::size_t>(qs0) * kTileBytes;
+        float* out = c + static_cast<std::int64_t>(16 * mt) * ldc + (j - j0);
+        const int rows0 = std::min(16, m - 16 * mt), rows1 = std::min(16, m - 16 * mt - 16);
+        if (mt + 1 < mb_end) {
+          nn_load_accumulators<2>(sp, first);
+          nn_steps<2>(bbuf, a0, a0 + panel, qs1 - qs0, pf.ahead ? &pf : nullptr);
+          if (last) nn_output<2>(out, ldc, rows0, rows1);
+          else nn_spill_accumulators<2>(sp);
+        } else {
+          nn_load_accumulators<1>(sp, first);
+          nn_steps<1>(bbuf, a0, nullptr, qs1 - qs0, pf.ahead ? &pf : nullptr);
+          if (last) nn_output<1>(out, ldc, rows0, 0);
+          else nn_spill_accumulators<1>(sp);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace kt::isa_amx

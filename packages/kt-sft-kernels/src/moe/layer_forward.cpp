@@ -1,0 +1,155 @@
+// MoELayer::forward: routing, the gate/up GEMMs with LoRA, SwiGLU, down, the weighted combine
+// (docs/kernels.md lists the phases and rounding points).
+#include "layer_internal.hpp"
+
+namespace kt::moe {
+
+// ---- forward -------------------------------------------------------------------------------------------
+
+ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& weights, const View& out,
+                                  const LoRAViews& lora, bool save) {
+  Impl& L = *impl_;
+  const MoEConfig& c = L.config;
+  const int E = c.num_experts, H = c.hidden, I = c.intermediate, K = c.top_k;
+  if (!L.loaded) throw std::logic_error("MoELayer.forward: call load_weights() first");
+  expect_present(x, "x");
+  if (x.ndim != 2) bad_argument("x: expected shape [T, " + std::to_string(H) + "], got " + shape_text(x));
+  const std::int64_t T = x.shape[0];
+  expect_shape(x, "x", {T, H});
+  expect_dtype(x, "x", DType::bf16, DType::f32);
+  expect_present(ids, "ids");
+  expect_shape(ids, "ids", {T, K});
+  expect_dtype(ids, "ids", DType::i32, DType::i64);
+  expect_present(weights, "weights");
+  expect_shape(weights, "weights", {T, K});
+  expect_dtype(weights, "weights", DType::f32, DType::bf16);
+  expect_present(out, "out");
+  expect_shape(out, "out", {T, H});
+  expect_dtype(out, "out", DType::bf16, DType::f32);
+  const int rg = check_lora_pair(lora.a_gu, lora.b_gu, "a_gu", "b_gu", E, H, 2 * I);
+  const int rd = check_lora_pair(lora.a_d, lora.b_d, "a_d", "b_d", E, I, H);
+  if (rg && rd && lora.a_gu.dtype != lora.a_d.dtype) throw TypeError("a_d: dtype must match a_gu");
+
+  std::lock_guard<std::mutex> lock(L.mutex);
+  const prof::Scope whole(Stage::forward, prof::Kind::wall);
+  const KernelTable& kt = L.kernels();
+  runtime::ThreadPool& pool = *L.pool;
+  const std::lock_guard<std::mutex> ws_lock(L.shared->mutex);
+  Workspace& ws = L.shared->ws;
+
+  ForwardCachePtr cache;
+  if (save) {
+    cache.reset(new ForwardCache);
+    cache->recycler = L.recycler;
+    L.recycler->take(cache->gu, cache->ad, cache->ax);
+    cache->layer = this;
+    cache->x = x;
+    cache->lora = lora;
+    cache->rank_gu = rg;
+    cache->rank_d = rd;
+  }
+  Routing& r = save ? cache->routing : ws.routing;
+  {
+    const prof::Scope timed(Stage::route, prof::Kind::wall);
+    build_routing(ids, weights, E, r);
+  }
+  const std::int64_t P = r.pairs();
+  const auto n_active = static_cast<std::int64_t>(r.active.size());
+
+  const bf16* xb = as_bf16_rows(x, ws.xb, pool);
+  const bf16** x_rows = ws.x_rows.ensure(P);
+  bf16* gu = save ? cache->gu.ensure(P * 2 * I) : ws.gu.ensure(P * 2 * I);
+  bf16* hb = ws.hb.ensure(P * I);
+  const bf16** h_rows = ws.h_rows.ensure(P);
+  for (std::int64_t p = 0; p < P; ++p) {
+    x_rows[p] = xb + static_cast<std::int64_t>(r.token[p]) * H;
+    h_rows[p] = hb + p * I;
+  }
+  build_chunks(r, ws.chunks);
+  const auto n_chunks = static_cast<std::int64_t>(ws.chunks.size());
+  const DType lora_dtype = rg ? lora.a_gu.dtype : lora.a_d.dtype;
+
+  // F1: A_gu x per pair (fp32, kept unrounded).
+  float* ax = rg ? (save ? cache->ax.ensure(P * rg) : ws.ax.ensure(P * rg)) : nullptr;
+  if (rg)
+    run_tasks(pool, Stage::lora_a_gu, n_chunks, [&](std::int64_t task, int) {
+      const PairChunk& ch = ws.chunks[task];
+      kt.lora_a(static_cast<int>(ch.end - ch.begin), x_rows + ch.begin, expert_slice(lora.a_gu, ch.expert),
+                lora_dtype, rg, H, ax + ch.begin * rg);
+    });
+
+  // F2: gate and up rows of one column block, + LoRA, rounded to bf16 (R1); h = silu(g) u (R2).
+  const int i_blocks = blocks_of(I, kGateUpBlock);
+  const PackedRows* xp = ws.packed.build(kt, false, r, x_rows, H, pool) ? &ws.packed : nullptr;
+  float* tiles = ws.tiles.ensure(static_cast<std::size_t>(pool.size()) * kTileFloats);
+  run_tasks(pool, Stage::gate_up, n_active * i_blocks, [&](std::int64_t task, int thread) {
+    const int e = r.active[task / i_blocks];
+    const int i0 = static_cast<int>(task % i_blocks) * kGateUpBlock, i1 = std::min(I, i0 + kGateUpBlock);
+    const int width = i1 - i0;
+    const void* w = L.gate_up_of(e);
+    float* tile = tiles + thread * kTileFloats;  // [row][gate block | up block]
+    constexpr std::int64_t ld = 2 * kGateUpBlock;
+    for_each_call(r, e, [&](std::int64_t b, int m) {
+      chunk_nt(kt, xp, r, e, b, m, x_rows, w, 2 * I, H, i0, i1, tile, ld);
+      chunk_nt(kt, xp, r, e, b, m, x_rows, w, 2 * I, H, I + i0, I + i1, tile + kGateUpBlock, ld);
+      if (rg) {
+        const auto timed = part(Stage::lora_b);
+        const void* bm = expert_slice(lora.b_gu, e);
+        kt.lora_b_add(m, ax + b * rg, bm, lora_dtype, rg, i0, i1, lora.scale_gu, tile, ld);
+        kt.lora_b_add(m, ax + b * rg, bm, lora_dtype, rg, I + i0, I + i1, lora.scale_gu, tile + kGateUpBlock, ld);
+      }
+      const auto timed_act = part(Stage::act);
+      for (int i = 0; i < m; ++i) {
+        bf16* g = gu + (b + i) * 2 * I + i0;
+        kt.silu_mul(width, tile + i * ld, tile + i * ld + kGateUpBlock, g, g + I, hb + (b + i) * I + i0);
+      }
+    });
+  });
+
+  // F3: A_d h per pair (fp32; cached for the backward).
+  float* ad = rd ? (save ? cache->ad.ensure(P * rd) : ws.ad.ensure(P * rd)) : nullptr;
+  if (rd)
+    run_tasks(pool, Stage::lora_a_d, n_chunks, [&](std::int64_t task, int) {
+      const PairChunk& ch = ws.chunks[task];
+      kt.lora_a(static_cast<int>(ch.end - ch.begin), h_rows + ch.begin, expert_slice(lora.a_d, ch.expert),
+                lora_dtype, rd, I, ad + ch.begin * rd);
+    });
+
+  // F4: y = W_d h + s_d B_d (A_d h) per pair, fp32 rows.
+  float* y = ws.rows.ensure(P * H);
+  const int h_blocks = blocks_of(H, kDownBlock);
+  const PackedRows* hp = ws.packed.build(kt, false, r, h_rows, I, pool) ? &ws.packed : nullptr;
+  run_tasks(pool, Stage::down, n_active * h_blocks, [&](std::int64_t task, int) {
+    const int e = r.active[task / h_blocks];
+    const int h0 = static_cast<int>(task % h_blocks) * kDownBlock, h1 = std::min(H, h0 + kDownBlock);
+    for_each_call(r, e, [&](std::int64_t b, int m) {
+      chunk_nt(kt, hp, r, e, b, m, h_rows, L.down_of(e), H, I, h0, h1, y + b * H + h0, H);
+      if (rd) {
+        const auto timed = part(Stage::lora_b);
+        kt.lora_b_add(m, ad + b * rd, expert_slice(lora.b_d, e), lora_dtype, rd, h0, h1, lora.scale_d,
+                      y + b * H + h0, H);
+      }
+    });
+  });
+
+  // F5: out[t] = sum_j w[t, j] y[t, j] in j order (fp32), rounded once (R3).
+  run_tasks(pool, Stage::combine, (T + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
+    float acc[kCombineWidth];
+    for (std::int64_t t = task * kTokenChunk; t < std::min(T, (task + 1) * kTokenChunk); ++t)
+      for (int c0 = 0; c0 < H; c0 += kCombineWidth) {
+        const int width = std::min(kCombineWidth, H - c0);
+        std::fill(acc, acc + width, 0.f);
+        for (int j = 0; j < K; ++j) {
+          const std::int64_t row = r.row_of_slot[t * K + j];
+          if (row < 0) continue;
+          const float wj = r.weight[row];
+          const float* yr = y + row * H + c0;
+          for (int i = 0; i < width; ++i) acc[i] += wj * yr[i];
+        }
+        for (int i = 0; i < width; ++i) store_value(out.data, out.dtype, t * H + c0 + i, acc[i]);
+      }
+  });
+  return cache;
+}
+
+}  // namespace kt::moe

@@ -1,0 +1,317 @@
+// What the layer's translation units share (layer.cpp: construction and weight packing;
+// layer_forward.cpp; layer_backward.cpp): block sizes, argument checks, phase helpers, the per-call
+// workspace and MoELayer::Impl. Private to src/moe.
+#pragma once
+#include <algorithm>
+#include <cstddef>
+#include <cstring>
+#include <initializer_list>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "buffer.hpp"
+#include "kt/core/bf16.hpp"
+#include "kt/core/errors.hpp"
+#include "kt/moe/kernels.hpp"
+#include "kt/moe/layer.hpp"
+#include "kt/runtime/cpu_features.hpp"
+#include "kt/runtime/profiler.hpp"
+#include "forward_cache.hpp"
+#include "routing.hpp"
+
+namespace kt::moe {
+
+constexpr int kBlock = 64;         // output columns of one dB_d task
+constexpr int kGateUpBlock = 128;  // gate (and as many up) columns of one F2 task; wider tasks re-read
+                                   // the expert's packed activations less often (AMX: 1 KB tiles)
+constexpr int kDownBlock = 256;    // output columns of one F4 task (same reason; measured best on AMX)
+constexpr int kWideBlock = 256;    // output columns of one backward task (NN products: a wider
+                                   // strip of the row-major weights per visit of each row)
+constexpr int kMaxChunkRows = 256; // routed pairs per GEMM call at most (AMX: one weight pass per call)
+constexpr int kPairChunk = 32;     // routed pairs per task of the per-pair phases
+constexpr int kTokenChunk = 16;    // tokens per task of the combine phases
+constexpr int kCombineWidth = 512; // columns summed per pass in the combine phases
+
+// fp32 result block of one GEMM call in F2 / B2 (too big for a worker's stack).
+constexpr std::size_t kTileFloats = static_cast<std::size_t>(kMaxChunkRows) * std::max(2 * kGateUpBlock, kWideBlock);
+
+inline int blocks_of(int n, int block = kBlock) { return (n + block - 1) / block; }
+
+// Rows per GEMM call for an expert with `rows` routed pairs: the fewest calls of at most
+// kMaxChunkRows rows, of equal size rounded up to whole 16-row tiles. Each call streams the task's
+// weights once, so an expert of 130 rows makes one call, not 128 + 2.
+inline std::int64_t chunk_rows(std::int64_t rows) {
+  const std::int64_t calls = std::max<std::int64_t>(1, (rows + kMaxChunkRows - 1) / kMaxChunkRows);
+  return ((rows + calls - 1) / calls + 15) / 16 * 16;
+}
+
+// Calls f(b, m) for each GEMM call over the rows of expert e: sorted rows [b, b + m), in order.
+template <class F>
+inline void for_each_call(const Routing& r, int e, F&& f) {
+  const std::int64_t end = r.offsets[e + 1], step = chunk_rows(r.rows_of(e));
+  for (std::int64_t b = r.offsets[e]; b < end; b += step) f(b, static_cast<int>(std::min(step, end - b)));
+}
+
+inline std::size_t dtype_size(DType d) {
+  switch (d) {
+    case DType::bf16: return 2;
+    case DType::f32: case DType::i32: return 4;
+    case DType::i64: return 8;
+  }
+  return 0;
+}
+
+inline const char* dtype_name(DType d) {
+  switch (d) {
+    case DType::bf16: return "bfloat16";
+    case DType::f32: return "float32";
+    case DType::i32: return "int32";
+    case DType::i64: return "int64";
+  }
+  return "?";
+}
+
+// ---- argument checks (the bindings check first with friendlier messages; these keep the C++ API
+// itself memory-safe) ---------------------------------------------------------------------------
+
+[[noreturn]] inline void bad_argument(const std::string& message) { throw std::invalid_argument(message); }
+
+inline std::string shape_text(const View& v) {
+  std::string s = "[";
+  for (int i = 0; i < v.ndim; ++i) s += (i ? ", " : "") + std::to_string(v.shape[i]);
+  return s + "]";
+}
+
+inline void expect_shape(const View& v, const char* name, std::initializer_list<std::int64_t> shape) {
+  bool ok = v.ndim == static_cast<int>(shape.size());
+  int i = 0;
+  for (std::int64_t n : shape) ok = ok && v.shape[i++] == n;
+  if (!ok) {
+    std::string want = "[";
+    i = 0;
+    for (std::int64_t n : shape) want += (i++ ? ", " : "") + std::to_string(n);
+    bad_argument(std::string(name) + ": expected shape " + want + "], got " + shape_text(v));
+  }
+}
+
+inline void expect_dtype(const View& v, const char* name, DType a, DType b) {
+  if (v.dtype != a && v.dtype != b)
+    throw TypeError(std::string(name) + ": expected dtype " + dtype_name(a) + " or " + dtype_name(b) + ", got " +
+                 dtype_name(v.dtype));
+}
+
+inline void expect_present(const View& v, const char* name) {
+  if (!v) bad_argument(std::string(name) + " is required");
+}
+
+// Rank of a LoRA pair (0 when absent), after checking shapes: A [E, r, in], B [E, out, r].
+inline int check_lora_pair(const View& a, const View& b, const char* a_name, const char* b_name, int experts, int in,
+                    int out) {
+  if (!a && !b) return 0;
+  if (!a || !b) bad_argument(std::string(a_name) + " and " + b_name + " must be given together");
+  if (a.ndim != 3) bad_argument(std::string(a_name) + ": expected 3 dimensions, got shape " + shape_text(a));
+  const std::int64_t r = a.shape[1];
+  if (r <= 0) bad_argument(std::string(a_name) + ": LoRA rank must be positive, got shape " + shape_text(a));
+  expect_shape(a, a_name, {experts, r, in});
+  expect_shape(b, b_name, {experts, out, r});
+  expect_dtype(a, a_name, DType::f32, DType::bf16);
+  if (b.dtype != a.dtype) throw TypeError(std::string(b_name) + ": dtype must match " + a_name);
+  return static_cast<int>(r);
+}
+
+inline void check_grad_like(const View& grad, const View& weight, const char* name) {
+  if (!grad) return;
+  if (!weight) bad_argument(std::string(name) + " given, but the forward ran without that LoRA");
+  if (grad.dtype != weight.dtype) throw TypeError(std::string(name) + ": dtype must match the LoRA weights");
+  if (grad.ndim != 3) bad_argument(std::string(name) + ": expected shape " + shape_text(weight));
+  expect_shape(grad, name, {weight.shape[0], weight.shape[1], weight.shape[2]});
+}
+
+// ---- small helpers -------------------------------------------------------------------------------
+
+inline const std::byte* expert_slice(const View& v, int e) {
+  return static_cast<const std::byte*>(v.data) +
+         static_cast<std::size_t>(e) * static_cast<std::size_t>(v.shape[1] * v.shape[2]) * dtype_size(v.dtype);
+}
+inline std::byte* expert_slice_mut(const View& v, int e) { return const_cast<std::byte*>(expert_slice(v, e)); }
+
+inline void store_value(void* base, DType dtype, std::int64_t i, float value) {
+  if (dtype == DType::bf16) static_cast<bf16*>(base)[i] = f32_to_bf16(value);
+  else static_cast<float*>(base)[i] = value;
+}
+
+namespace prof = runtime::profiler;
+using prof::Stage;
+
+// One phase: a parallel_for, profiled as `stage` (wall time here, busy time per task).
+template <class F>
+inline void run_tasks(runtime::ThreadPool& pool, Stage stage, std::int64_t tasks, F&& body) {
+  if (tasks <= 0) return;
+  const prof::Scope wall(stage, prof::Kind::wall);
+  if (!prof::enabled()) return pool.parallel_for(tasks, body);
+  pool.parallel_for(tasks, [&](std::int64_t task, int thread) {
+    const prof::Scope busy(stage, prof::Kind::busy);
+    body(task, thread);
+  });
+}
+
+// Times a part of a task (nested busy time).
+inline prof::Scope part(Stage stage) { return prof::Scope(stage, prof::Kind::busy); }
+
+struct PairChunk {
+  int expert;
+  std::int64_t begin, end;
+};
+
+
+
+// bf16 view of [T, H] activations: the caller's memory when already bf16, else rounded once into
+// `storage` (rounding point R0/R4 of docs/kernels.md).
+inline const bf16* as_bf16_rows(const View& v, Buffer<bf16>& storage, runtime::ThreadPool& pool) {
+  if (v.dtype == DType::bf16) return v.as<const bf16>();
+  const std::int64_t rows = v.shape[0], cols = v.shape[1];
+  bf16* dst = storage.ensure(static_cast<std::size_t>(rows * cols));
+  const float* src = v.as<const float>();
+  run_tasks(pool, Stage::convert, (rows + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
+    const std::int64_t end = std::min(rows, (task + 1) * kTokenChunk) * cols;
+    for (std::int64_t i = task * kTokenChunk * cols; i < end; ++i) dst[i] = f32_to_bf16(src[i]);
+  });
+  return dst;
+}
+
+inline void build_chunks(const Routing& r, std::vector<PairChunk>& chunks) {
+  chunks.clear();
+  for (int e : r.active)
+    for (std::int64_t b = r.offsets[e]; b < r.offsets[e + 1]; b += kPairChunk)
+      chunks.push_back({e, b, std::min(r.offsets[e + 1], b + kPairChunk)});
+}
+
+// Tile-packed activation rows for one operand of one phase, for tiers whose GEMMs want them
+// (KernelTable::pack_a_nt/nn non-null: amx). Each chunk_rows() chunk of each expert's rows (the same
+// chunks the GEMM tasks use) is packed once, in parallel, and then shared by every column-block
+// task of that expert.
+class PackedRows {
+ public:
+  // False (and nothing packed) when the tier reads row pointers directly.
+  bool build(const KernelTable& kt, bool nn, const Routing& r, const bf16* const* rows, int k,
+             runtime::ThreadPool& pool) {
+    if (kt.pack_a_nt == nullptr || kt.pack_a_nn == nullptr) return false;
+    offsets_.clear();
+    first_.assign(r.offsets.size(), 0);
+    std::size_t bytes = 0;
+    chunks_.clear();
+    for (int e : r.active) {
+      first_[e] = static_cast<std::int64_t>(offsets_.size());
+      for_each_call(r, e, [&](std::int64_t b, int m) {
+        offsets_.push_back(bytes);
+        chunks_.push_back({e, b, b + m});
+        bytes += kt.packed_a_bytes(m, k);
+      });
+    }
+    std::byte* dst = storage_.ensure(bytes);
+    const auto pack = nn ? kt.pack_a_nn : kt.pack_a_nt;
+    run_tasks(pool, Stage::pack, static_cast<std::int64_t>(chunks_.size()), [&](std::int64_t c, int) {
+      const PairChunk& ch = chunks_[c];
+      pack(static_cast<int>(ch.end - ch.begin), rows + ch.begin, k, dst + offsets_[c]);
+    });
+    return true;
+  }
+  // The packing of the chunk of expert e that starts at sorted row b.
+  const void* at(const Routing& r, int e, std::int64_t b) const {
+    return storage_.data() + offsets_[first_[e] + (b - r.offsets[e]) / chunk_rows(r.rows_of(e))];
+  }
+
+ private:
+  Buffer<std::byte> storage_;
+  std::vector<std::size_t> offsets_;
+  std::vector<std::int64_t> first_;
+  std::vector<PairChunk> chunks_;
+};
+
+// c = rows W^T (NT) or rows W (NN) for one chunk, through the packing when the tier made one.
+inline void chunk_nt(const KernelTable& kt, const PackedRows* packed, const Routing& r, int e, std::int64_t b, int m,
+              const bf16* const* rows, const void* w, int n_rows, int k, int n0, int n1, float* c,
+              std::int64_t ldc) {
+  if (packed) kt.gemm_nt_packed(m, packed->at(r, e, b), w, n_rows, k, n0, n1, c, ldc);
+  else kt.gemm_nt(m, rows + b, w, n_rows, k, n0, n1, c, ldc);
+}
+inline void chunk_nn(const KernelTable& kt, const PackedRows* packed, const Routing& r, int e, std::int64_t b, int m,
+              const bf16* const* rows, const void* w, int k, int cols, int j0, int j1, float* c,
+              std::int64_t ldc) {
+  if (packed) kt.gemm_nn_packed(m, packed->at(r, e, b), w, k, cols, j0, j1, c, ldc);
+  else kt.gemm_nn(m, rows + b, w, k, cols, j0, j1, c, ldc);
+}
+
+// Per-call scratch, reused across calls (grow-only).
+struct Workspace {
+  Routing routing;  // forward(save=false) keeps its routing here
+  Buffer<bf16> xb, gb, gu, hb, dgu;
+  Buffer<float> ax, ad, bg, bgu, rows, gw_part, gw, scratch;
+  Buffer<float> tiles;  // per thread: one GEMM call's fp32 result block (kTileFloats)
+  Buffer<const bf16*> x_rows, g_rows, h_rows, dgu_rows;
+  std::vector<PairChunk> chunks;
+  PackedRows packed;  // activation packing of the current phase (amx-style tiers only)
+};
+
+// The per-call scratch of every layer that runs on one thread pool. A model's layers run one at a
+// time, so one grow-only workspace serves them all: per-layer workspaces cost ~0.3 GB a layer at
+// Qwen3-30B-A3B width and T = 2048 (~2 GB a layer for DeepSeek-V3 at T = 4096). `mutex` is held for a
+// whole forward or backward call (after the layer's own mutex: one lock order, no deadlock).
+struct SharedWorkspace {
+  std::mutex mutex;
+  Workspace ws;
+};
+
+// The grow-only scratch shared by every layer on `pool` (layer.cpp).
+std::shared_ptr<SharedWorkspace> workspace_for(const runtime::ThreadPool* pool);
+
+
+struct MoELayer::Impl {
+  MoEConfig config;
+  runtime::ThreadPool* pool = nullptr;
+  bool loaded = false;
+  const KernelTable* packed_by = nullptr;  // table whose format the weights are in
+  Buffer<std::byte> gate_up, down;
+  std::size_t gate_up_stride = 0, down_stride = 0;  // packed bytes per expert
+  std::mutex mutex;                                 // one call at a time per layer
+  std::shared_ptr<SharedWorkspace> shared;          // scratch shared with the pool's other layers
+  std::shared_ptr<CacheRecycler> recycler = std::make_shared<CacheRecycler>();
+
+  const void* gate_up_of(int e) const { return gate_up.data() + e * gate_up_stride; }
+  const void* down_of(int e) const { return down.data() + e * down_stride; }
+
+  // The active tier's table; re-packs the weights if that tier wants another layout.
+  const KernelTable& kernels() {
+    const KernelTable& table = kernels_for(runtime::active_isa());
+    if (table.format != packed_by->format) repack(table);
+    return table;
+  }
+
+  void pack_all(const View* gate_up_w, const View* gate, const View* up, const View& down_w);
+
+  void repack(const KernelTable& to) {
+    const int E = config.num_experts, H = config.hidden, I = config.intermediate;
+    Buffer<std::byte> new_gu, new_d;
+    const std::size_t gu_stride = to.packed_bytes(2 * I, H), d_stride = to.packed_bytes(H, I);
+    new_gu.ensure(gu_stride * E);
+    new_d.ensure(d_stride * E);
+    const KernelTable& from = *packed_by;
+    pool->parallel_for(E, [&](std::int64_t e, int) {
+      std::vector<bf16> plain(static_cast<std::size_t>(2 * I) * H);
+      from.unpack(gate_up_of(static_cast<int>(e)), 2 * I, H, plain.data());
+      to.pack(plain.data(), 2 * I, H, new_gu.data() + e * gu_stride);
+      from.unpack(down_of(static_cast<int>(e)), H, I, plain.data());
+      to.pack(plain.data(), H, I, new_d.data() + e * d_stride);
+    });
+    gate_up.swap(new_gu);
+    down.swap(new_d);
+    gate_up_stride = gu_stride;
+    down_stride = d_stride;
+    packed_by = &to;
+  }
+};
+
+}  // namespace kt::moe
