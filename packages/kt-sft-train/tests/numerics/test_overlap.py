@@ -32,6 +32,12 @@ from peft import get_peft_model
 pytestmark = pytest.mark.usefixtures("_kernels")
 
 CHECKPOINTING = {"none": None, "reentrant": True, "non_reentrant": False}
+# On a GPU host the dense part runs on the GPU (the experts stay on the CPU kernels): that is where the
+# engine's device thread and the per-thread CUDA streams come into play.
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+]
 
 
 @pytest.fixture
@@ -66,10 +72,13 @@ def _microbatch_step(model: torch.nn.Module, ids: torch.Tensor, parts: int, conc
     )
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("checkpointing", sorted(CHECKPOINTING))
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "no_overlap"])
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
-def test_whole_model_microbatches_vs_hf_peft_bf16(family: str, overlap: bool, checkpointing: str) -> None:
+def test_whole_model_microbatches_vs_hf_peft_bf16(
+    family: str, overlap: bool, checkpointing: str, device: str
+) -> None:
     """Loss, every gradient and one optimizer step vs plain HF + PEFT on the whole batch (DESIGN §7)."""
     base = tiny_model(family, torch.bfloat16)
     hf = get_peft_model(deep_copy(base), kt_lora_config(get_moe_arch_config(base), r=4))
@@ -78,7 +87,9 @@ def test_whole_model_microbatches_vs_hf_peft_bf16(family: str, overlap: bool, ch
     kt = _kt_model(base)
     copy_lora(hf, kt)
     _checkpointing(kt, checkpointing)
-    ids = batch(batch_size=2, length=16)
+    for model in (hf, kt):
+        model.to(device)  # KTExperts keep their experts and expert LoRA on the CPU
+    ids = batch(batch_size=2, length=16).to(device)
 
     hf_loss = hf(input_ids=ids, labels=ids).loss
     hf_loss.backward()
@@ -165,12 +176,16 @@ class _ThreadRecorder:
         layer.forward, layer.backward = recorded_forward, recorded_backward
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("checkpointing", ["none", "non_reentrant"])
-def test_experts_backward_runs_on_each_microbatch_thread(checkpointing: str) -> None:
+def test_experts_backward_runs_on_each_microbatch_thread(checkpointing: str, device: str) -> None:
+    """On CUDA this is the engine claim of kt_sft_train.overlap: the experts node has host gradients, so
+    its backward runs on the thread that called backward, not on the shared CUDA device thread."""
     base = tiny_model("qwen3_moe", torch.bfloat16)
     model = _kt_model(base)
     randomize_lora(model)
     _checkpointing(model, checkpointing)
+    model.to(device)
     recorder = _ThreadRecorder(model)
     step_threads: set[int] = set()
 
@@ -178,7 +193,7 @@ def test_experts_backward_runs_on_each_microbatch_thread(checkpointing: str) -> 
         step_threads.add(threading.get_ident())
         return model(**mb).loss
 
-    ids = batch(batch_size=2, length=16)
+    ids = batch(batch_size=2, length=16).to(device)
     microbatches = split_batch({"input_ids": ids, "labels": ids}, 2)
     run_microbatches(step, microbatches, parameters=[p for p in model.parameters() if p.requires_grad])
     layers = sum(isinstance(m, KTExperts) for m in model.modules())
