@@ -1,8 +1,10 @@
 """Micro-batch overlap: the CPU experts of one micro-batch run while the GPU computes another's dense part.
 
-`run_microbatches(step, microbatches, weights=...)` runs every micro-batch's forward and backward in its
-own Python thread (`concurrent=True`) or one after the other on the calling thread (`concurrent=False`,
-the same arithmetic). Why threads overlap:
+`run_microbatches(step, microbatches, parameters=..., weights=...)` runs every micro-batch's forward and
+backward in its own Python thread (`concurrent=True`, two at a time) or one after the other on the
+calling thread (`concurrent=False`, the same arithmetic); `split_batch` and `label_tokens` cut a batch
+and weight its parts. Used by `kt-sft train --overlap N` and benchmarks/e2e_train.py (variant kt_sft).
+Why threads overlap:
 - forward: the kernel call releases the GIL, so while micro-batch A's experts run on the CPU, thread B
   launches its attention / router / dense work on the GPU; the kernel layer runs one call at a time per
   layer and per thread pool (its mutexes), so B's experts queue behind A's.
