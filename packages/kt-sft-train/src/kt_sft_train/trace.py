@@ -97,8 +97,10 @@ def retained_bytes(layer: Any, x: torch.Tensor, ids: torch.Tensor, weights: torc
 class StepTrace:
     """Records one (or more) steps of `model` for a Chrome trace; a context manager."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, torch_profiler: bool | None = None) -> None:
+        """torch_profiler: run torch.profiler for the GPU kernels (default: when CUDA is available)."""
         self.model = model
+        self.use_torch_profiler = torch.cuda.is_available() if torch_profiler is None else torch_profiler
         self._lock = threading.Lock()
         self._spans: list[Span] = []
         self._outstanding: dict[int, int] = {}
@@ -112,6 +114,8 @@ class StepTrace:
         self._end_s = 0.0
         self._anchor_s = 0.0
         self._gpu_trace_path: str | None = None
+        self._gpu_cache: list[dict[str, Any]] | None = None
+        self._gpu_unaligned = False  # torch.profiler's trace had no anchor event: GPU times unknown
 
     # -- installation -------------------------------------------------------------------------------------
 
@@ -131,12 +135,15 @@ class StepTrace:
             self._kernels = load_kernels()
             self._kernels.profiler.reset()
             self._kernels.profiler.enable()
-        if torch.cuda.is_available():
-            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        if self.use_torch_profiler:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
             self._profiler = torch.profiler.profile(activities=activities)
             self._profiler.__enter__()
             with torch.profiler.record_function(ANCHOR):
                 self._anchor_s = time.perf_counter()
+        if torch.cuda.is_available():
             torch.cuda.synchronize()
         self._start_s = time.perf_counter()
         return self
@@ -183,9 +190,13 @@ class StepTrace:
         """torch.profiler's GPU kernel / memcpy events, shifted onto the perf_counter clock (µs)."""
         if self._gpu_trace_path is None:
             return []
+        if self._gpu_cache is not None:
+            return self._gpu_cache
         events = json.loads(Path(self._gpu_trace_path).read_text()).get("traceEvents", [])
         anchor = next((e for e in events if e.get("name") == ANCHOR and "ts" in e), None)
         if anchor is None:
+            self._gpu_cache = []
+            self._gpu_unaligned = True
             return []
         shift = self._anchor_s * 1e6 - float(anchor["ts"])
         gpu = []
@@ -199,6 +210,7 @@ class StepTrace:
                         "tid": event.get("tid", 0),
                     }
                 )
+        self._gpu_cache = gpu
         return gpu
 
     def summary(self) -> dict[str, Any]:
@@ -215,7 +227,7 @@ class StepTrace:
             "retained_host_bytes_peak": self.peak_retained_bytes,
             "retained_host_bytes_per_layer_token": retained / tokens if tokens else 0.0,
         }
-        if self._profiler is not None:
+        if self._profiler is not None and not self._gpu_unaligned:
             both = _length(_intersection(cpu, gpu))
             result.update(
                 gpu_busy_s=_length(gpu),
@@ -225,6 +237,8 @@ class StepTrace:
             )
         else:
             result.update(gpu_busy_s=None, gpu_busy_fraction=None, overlap_s=None, overlap_fraction=None)
+            if self._gpu_unaligned:
+                result["gpu_note"] = f"torch.profiler's trace has no {ANCHOR} event: GPU times not aligned"
         return result
 
     def write(self, path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -56,3 +56,19 @@ def test_step_trace_merges_threads_phases_and_kernel_stages(tmp_path: Path) -> N
 def test_step_trace_refuses_a_model_without_kt_experts() -> None:
     with pytest.raises(ValueError, match="the model has no KTExperts"):
         StepTrace(torch.nn.Linear(2, 2)).__enter__()
+
+
+def test_torch_profiler_is_aligned_by_its_anchor(tmp_path: Path) -> None:
+    """The torch.profiler plumbing (CPU activity only here): its anchor event is found, so GPU-busy and
+    overlap are numbers (zero without CUDA kernels), not "unaligned"."""
+    kernels_or_skip()
+    model = tiny_model("qwen3_moe", torch.bfloat16)
+    wrap_moe_layers_with_kt_wrapper(model, KTConfig(backend="kernels"))
+    ids = batch(batch_size=1, length=8)
+    with StepTrace(model, torch_profiler=True) as trace:
+        model(input_ids=ids, labels=ids).loss.backward()
+    summary = trace.write(tmp_path / "step.json")
+    assert "gpu_note" not in summary
+    assert summary["gpu_busy_s"] is not None and summary["overlap_fraction"] is not None
+    if not torch.cuda.is_available():
+        assert summary["gpu_busy_s"] == 0.0
