@@ -472,9 +472,12 @@ def run_variant(args: argparse.Namespace, variant: str, layers: int) -> dict[str
         seconds = timed_steps()
     tokens = args.batch * args.seq_len
 
+    label = LABELS[variant]
+    if variant == "kt_sft" and microbatches == 1:
+        label = "kt-sft (experts on CPU kernels, overlap off: batch of 1 row)"
     result: dict[str, Any] = {
         "variant": variant,
-        "label": LABELS[variant],
+        "label": label,
         "layers": layers,
         "seq_len": args.seq_len,
         "batch": args.batch,
