@@ -6,7 +6,11 @@ intermediate 768, top-8, 32 query / 4 KV heads of 128, vocab 151936), the first 
 gate_up_proj / down_proj, AdamW, one sequence of --seq-len tokens (default 2048) per step.
 
 Variants (each runs in its own process, so peak memory is its own):
-  kt_sft          experts in kt-sft's CPU kernels (AMX where the CPU has it), everything else on the GPU
+  kt_sft          experts in kt-sft's CPU kernels (AMX where the CPU has it), everything else on the GPU;
+                  each step's batch split into --overlap micro-batches (default 2, one row or more each)
+                  run on threads of their own (kt_sft_train.overlap): one micro-batch's CPU experts run
+                  while the GPU computes the other's dense part, in the forward and in the backward
+  kt_sft_no_overlap  the same without micro-batches (the whole batch in one forward and backward)
   hf_experts_cpu  plain transformers + PEFT with the experts left on the CPU in PyTorch (bf16); the rest
                   on the GPU. Hooks move the experts' inputs to the CPU and their output back: what a user
                   without kt-sft does when the experts do not fit the GPU
@@ -62,6 +66,13 @@ wrapping, adaptation, a step) is recorded as "could not run: <exception> raised 
     python benchmarks/e2e_train.py --out bench-e2e --layers 48     # all layers (host RAM: ~70 GB)
     python benchmarks/e2e_train.py --tiny --out /tmp/e2e           # a tiny model on any machine (CI)
     python benchmarks/e2e_train.py --variants kt_kernel --out bench-e2e-kt   # kt-kernel's own wrapper
+    python benchmarks/e2e_train.py --variants kt_sft --batch 2 --layers 48 --trace step.json --out o
+    python benchmarks/e2e_train.py --shape dsv3-width --layers 3 --grad-ckpt --batch 2 --out o-dsv3
+
+Every kt-sft variant also runs one traced step (kt_sft_train.trace.StepTrace: kernel profiler stages,
+experts calls per thread, micro-batch phases and, with CUDA, torch.profiler's GPU kernels in one Chrome
+trace; --trace writes it): the report gives CPU-busy, GPU-busy and both-at-once fractions of that step
+and the host bytes the CPU experts retain for the backward (peak, and per layer per token).
 
 Time: each variant builds its model (random weights drawn in parallel on the CPU) and runs warmup +
 steps + split steps; at 8 layers a variant takes about a minute or two. With a per-command time limit,
@@ -88,10 +99,12 @@ from typing import Any
 
 import _bench_kt
 
-DEFAULT_VARIANTS = ("kt_sft", "hf_experts_cpu", "hf_all_gpu")
+DEFAULT_VARIANTS = ("kt_sft", "kt_sft_no_overlap", "hf_experts_cpu", "hf_all_gpu")
 VARIANTS = (*DEFAULT_VARIANTS, "kt_kernel")
+KT_SFT_VARIANTS = ("kt_sft", "kt_sft_no_overlap")
 LABELS = {
-    "kt_sft": "kt-sft (experts on CPU kernels)",
+    "kt_sft": "kt-sft (experts on CPU kernels, micro-batch overlap)",
+    "kt_sft_no_overlap": "kt-sft (experts on CPU kernels, no overlap)",
     "hf_experts_cpu": "HF + PEFT, experts on CPU (PyTorch)",
     "hf_all_gpu": "HF + PEFT, all on GPU",
     "kt_kernel": "kt-kernel 0.7.2 SFT wrapper (experts on CPU)",
@@ -105,13 +118,25 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # -- the model --------------------------------------------------------------------------------------------
 
 
-def model_config(tiny: bool, layers: int) -> Any:
+SHAPES = ("qwen3-30b-a3b", "dsv3-width")
+
+
+def model_config(tiny: bool, layers: int, shape_name: str = "qwen3-30b-a3b") -> Any:
     from transformers import Qwen3MoeConfig
 
     if tiny:
         shape = dict(
             vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        )  # fmt: skip
+    elif shape_name == "dsv3-width":
+        # DeepSeek-V3's MoE widths (E256 H7168 I2048 top-8, vocab 129280) on the Qwen3-MoE architecture:
+        # the routed experts are what the CPU runs; attention is GQA (56 x 128 heads, 8 KV) instead of
+        # DeepSeek's MLA, and there is no shared expert and no dense first layers.
+        shape = dict(
+            vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+            num_attention_heads=56, num_key_value_heads=8, head_dim=128, num_experts=256,
+            num_experts_per_tok=8, max_position_embeddings=163840, rope_theta=10_000.0, rms_norm_eps=1e-6,
         )  # fmt: skip
     else:  # Qwen/Qwen3-30B-A3B config.json
         shape = dict(
@@ -379,13 +404,13 @@ def run_variant(args: argparse.Namespace, variant: str, layers: int) -> dict[str
     if not args.tiny and device.type != "cuda":
         raise SystemExit("the full-width benchmark needs a CUDA GPU; use --tiny on a CPU-only machine")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = model_config(args.tiny, layers)
+    config = model_config(args.tiny, layers, args.shape)
 
     build_start = time.perf_counter()
     checkpointing: dict[str, Any] = {"use_reentrant": False}
     kt_expert_lora: list = []
     after_optimizer_step: Callable[[], None] = lambda: None  # noqa: E731
-    if variant == "kt_sft":
+    if variant in KT_SFT_VARIANTS:
         model = build_kt_sft(config, device, dtype, args.threads)
     elif variant == "kt_kernel":
         model, sft, kt_expert_lora = build_kt_kernel(config, device, dtype, args)
@@ -410,10 +435,22 @@ def run_variant(args: argparse.Namespace, variant: str, layers: int) -> dict[str
         torch.cuda.reset_peak_memory_stats(device)
 
     losses: list[float] = []
+    microbatches = overlap_microbatches(args, variant)
 
     def step() -> None:
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        loss.backward()
+        if microbatches > 1:
+            from kt_sft_train.overlap import run_microbatches, split_batch
+
+            parts = split_batch({"input_ids": batch, "labels": batch}, microbatches)
+            loss = run_microbatches(
+                lambda mb: model(**mb, use_cache=False).loss,
+                parts,
+                parameters=trainable,
+                weights=[mb["input_ids"].shape[0] / args.batch for mb in parts],  # equal-length rows
+            )
+        else:
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            loss.backward()
         optimizer.step()
         after_optimizer_step()
         optimizer.zero_grad(set_to_none=True)
@@ -435,9 +472,12 @@ def run_variant(args: argparse.Namespace, variant: str, layers: int) -> dict[str
         seconds = timed_steps()
     tokens = args.batch * args.seq_len
 
+    label = LABELS[variant]
+    if variant == "kt_sft" and microbatches == 1:
+        label = "kt-sft (experts on CPU kernels, overlap off: batch of 1 row)"
     result: dict[str, Any] = {
         "variant": variant,
-        "label": LABELS[variant],
+        "label": label,
         "layers": layers,
         "seq_len": args.seq_len,
         "batch": args.batch,
@@ -452,6 +492,9 @@ def run_variant(args: argparse.Namespace, variant: str, layers: int) -> dict[str
         "dense_dtype": str(dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
         "experts_implementation": model.get_base_model().config._experts_implementation,
+        "microbatches": microbatches,
+        "gradient_checkpointing": bool(args.gradient_checkpointing),
+        "shape": "tiny" if args.tiny else args.shape,
     }
     if device.type == "cuda":
         result["gpu_after_build_gib"] = gpu_after_build
@@ -462,9 +505,18 @@ def run_variant(args: argparse.Namespace, variant: str, layers: int) -> dict[str
         result["kernel_tier"] = f"kt-kernel {kt_kernel.__cpu_variant__}"
         result["kt_threads"] = args.kt_threads
         result["split_note"] = "not measured: kt-kernel's layer has no hook between its CPU and GPU work"
-    if variant == "kt_sft":
+    if variant in KT_SFT_VARIANTS:
         import kt_sft_kernels
         from kt_sft_train.timing import StepSplit, StepTimer
+        from kt_sft_train.trace import StepTrace
+
+        # One traced step: CPU-busy / GPU-busy / overlap and retained host bytes (profilers on: not timed).
+        with StepTrace(model) as trace:
+            step()
+        trace_path = trace_file(args, variant)
+        result["trace"] = trace.write(trace_path) if trace_path else trace.summary()
+        if trace_path:
+            result["trace_path"] = trace_path
 
         result["kernel_tier"] = kt_sft_kernels.active_isa()
         total = StepSplit(0.0, 0.0, 0.0)
@@ -482,6 +534,23 @@ def run_variant(args: argparse.Namespace, variant: str, layers: int) -> dict[str
         }
     result.update(host_memory())
     return result
+
+
+def overlap_microbatches(args: argparse.Namespace, variant: str) -> int:
+    """Micro-batches in flight for `variant`: --overlap for kt_sft (at most one row each), else 1."""
+    if variant != "kt_sft":
+        return 1
+    return max(1, min(args.overlap, args.batch))
+
+
+def trace_file(args: argparse.Namespace, variant: str) -> str | None:
+    """--trace PATH for kt_sft; PATH with the variant's name before the suffix for the others."""
+    if args.trace is None:
+        return None
+    path = Path(args.trace)
+    if variant == "kt_sft":
+        return str(path)
+    return str(path.with_name(f"{path.stem}_{variant}{path.suffix or '.json'}"))
 
 
 def worker_main(args: argparse.Namespace) -> int:
@@ -529,6 +598,9 @@ def forwarded_flags(args: argparse.Namespace) -> list[str]:
         flags.append("--tiny")
     if args.gradient_checkpointing:
         flags.append("--gradient-checkpointing")
+    flags += ["--shape", args.shape, "--overlap", str(args.overlap)]
+    if args.trace is not None:
+        flags += ["--trace", str(Path(args.trace).resolve())]
     if args.threads is not None:
         flags += ["--threads", str(args.threads)]
     if args.torch_threads is not None:
@@ -602,17 +674,23 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {row['label']} | {row['layers']} | {row['tokens_per_s']:,.0f} | {row['step_time_s']:.3f} | "
             f"{row['ms_per_layer']:.1f} | {gpu} | {row['host_peak_gib']:.1f} |"
         )
-    kt = next((r for r in report["results"] if r["variant"] == "kt_sft" and "split_s" in r), None)
+    # The StepTimer split is clearest without threads (with them, both threads' CPU time is summed).
+    splits = [r for r in report["results"] if r["variant"] in KT_SFT_VARIANTS and "split_s" in r]
+    kt = min(splits, key=lambda r: r.get("microbatches", 1), default=None)
     if kt is not None:
         split = kt["split_s"]
         total = split["total"] or 1.0
         lines += [
             "",
-            f"kt-sft step-time split (mean of {report['split_steps']} instrumented steps, "
+            f"{kt['label']} step-time split (StepTimer, mean of {report['split_steps']} instrumented steps, "
             f"{split['total']:.3f} s/step): GPU and rest {split['gpu_and_rest'] / total:.0%}, CPU experts "
             f"({kt.get('kernel_tier', '?')}) {split['cpu_experts'] / total:.0%}, host<->GPU transfers "
-            f"{split['transfers'] / total:.0%}.",
+            f"{split['transfers'] / total:.0%} (with micro-batch threads the CPU time of both threads is "
+            "summed: see the traced step below for what ran at the same time).",
         ]
+    for row in report["results"]:
+        if "trace" in row:
+            lines += ["", trace_line(row)]
     kt_kernel = next((r for r in report["results"] if r["variant"] == "kt_kernel"), None)
     if kt_kernel is not None:
         lines += [
@@ -624,6 +702,27 @@ def markdown(report: dict[str, Any]) -> str:
         ]
     lines += ["", "ms/layer = step time / decoder layers: compares variants measured at different depths."]
     return "\n".join(lines) + "\n"
+
+
+def trace_line(row: dict[str, Any]) -> str:
+    """The traced step of a kt-sft variant: busy fractions, overlap and retained host bytes."""
+    t = row["trace"]
+
+    def share(key: str) -> str:
+        return "-" if t.get(key) is None else f"{t[key]:.0%}"
+
+    gib = t["retained_host_bytes_peak"] / GIB
+    per_layer = t["retained_host_bytes_per_layer_token"]
+    per_step = per_layer * row["batch"] * row["seq_len"] / GIB
+    return (
+        f"{row['label']}, one traced step ({t['step_s']:.3f} s, "
+        f"{row.get('microbatches', 1)} micro-batch(es), "
+        f"checkpointing {'on' if row.get('gradient_checkpointing') else 'off'}): CPU experts busy "
+        f"{share('cpu_busy_fraction')}, GPU busy {share('gpu_busy_fraction')}, both at once "
+        f"{share('overlap_fraction')} of the step; CPU activations retained: peak {gib:.2f} GiB, "
+        f"{per_layer / 1024:.1f} KiB per layer per token ({per_step:.2f} "
+        f"GiB per layer per step)" + (f"; trace {row['trace_path']}" if "trace_path" in row else "") + "."
+    )
 
 
 def expert_lora_summary(results: list[dict[str, Any]]) -> str:
@@ -645,7 +744,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     left.barh(names, [r["ms_per_layer"] for r in rows], color="#1f4e8c")
     left.set_xlabel("ms per decoder layer per step (lower is better)")
     left.invert_yaxis()
-    kt = next((r for r in rows if r["variant"] == "kt_sft" and "split_s" in r), None)
+    kt = next((r for r in rows if r["variant"] in KT_SFT_VARIANTS and "split_s" in r), None)
     if kt is not None:
         split = kt["split_s"]
         parts = [("GPU and rest", split["gpu_and_rest"]), ("CPU experts", split["cpu_experts"]),
@@ -697,7 +796,9 @@ def parent_main(args: argparse.Namespace) -> int:
     report = {
         "model": "tiny Qwen3-MoE"
         if args.tiny
-        else f"Qwen3-30B-A3B architecture ({args.layers} of 48 layers)",
+        else f"Qwen3-30B-A3B architecture ({args.layers} of 48 layers)"
+        if args.shape == "qwen3-30b-a3b"
+        else f"DeepSeek-V3 MoE widths on Qwen3-MoE layers ({args.layers} layers)",
         "machine": machine,
         "gpu": {"cpu": "none (CPU only)"}.get(first.get("device", "?"), first.get("device", "?")),
         "seq_len": args.seq_len,
@@ -750,7 +851,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=max(1, (os.cpu_count() or 2) - 1),
         help="kt-kernel's cpuinfer threads (default CPUs - 1, its best in benchmarks/bench_moe.py)",
     )
-    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        "--grad-ckpt",
+        action="store_true",
+        help="gradient checkpointing (non-reentrant); kt-sft keeps the CPU experts' activations",
+    )
+    parser.add_argument(
+        "--shape",
+        choices=SHAPES,
+        default="qwen3-30b-a3b",
+        help="layer widths: Qwen3-30B-A3B (default) or DeepSeek-V3's MoE widths (E256 H7168 I2048)",
+    )
+    parser.add_argument(
+        "--overlap",
+        type=int,
+        default=2,
+        help="micro-batches in flight for variant kt_sft (rows of --batch; kt_sft_no_overlap runs 1)",
+    )
+    parser.add_argument(
+        "--trace",
+        default=None,
+        help="kt_sft's merged Chrome trace of one step goes here (other kt-sft variants: STEM_VARIANT)",
+    )
     parser.add_argument("--tiny", action="store_true", help="a tiny Qwen3-MoE (runs on a CPU in seconds)")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--worker-layers", type=int, help=argparse.SUPPRESS)
@@ -759,7 +882,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.seq_len = 64 if args.tiny else 2048
     if args.layers is None:
         args.layers = 2 if args.tiny else 8
-    for name in ("layers", "seq_len", "batch", "steps", "kt_threads"):
+    for name in ("layers", "seq_len", "batch", "steps", "kt_threads", "overlap"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     return args

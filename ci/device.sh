@@ -14,6 +14,12 @@
 #   bench       benchmarks/bench_moe.py: our tiers vs PyTorch vs kt-kernel 0.7.2, Qwen3-30B-A3B T=512,4096
 #   train-gpu   the training suites, GPU for the non-expert parts, the best tier for the experts
 #   e2e         benchmarks/e2e_train.py (full-width Qwen3-30B-A3B layers, GPU + AMX; kt-kernel's wrapper too)
+#   e2e-overlap issue 17, 48-layer Qwen3-30B-A3B, batch 2 x seq 2048, variants from $KT_E2E_VARIANTS (default
+#               kt_sft; one variant per device command: kt_sft, kt_sft_no_overlap, kt_kernel), one traced step
+#   e2e-dsv3    DeepSeek-V3 MoE widths (E256 H7168 I2048), $KT_E2E_LAYERS (default 3) layers, batch 2 x 2048,
+#               --grad-ckpt, kt_sft then kt_sft_no_overlap
+#   e2e-long    seq 8192 x batch 2, $KT_E2E_LAYERS (default 8) Qwen3-30B-A3B layers, --grad-ckpt, kt_sft
+#               then kt_sft_no_overlap
 #   perf        amx numerics/profiler/C++ tests + ci/device/perf_layer.py on this tree (KT_PERF_* env knobs)
 #   perf-ab LABEL=DIR...  perf of several kernel package trees on this one machine, each in its own site;
 #               must be the last stage (it takes the rest of the arguments)
@@ -32,7 +38,7 @@ work=$(mktemp -d)
 summary=$work/summary.txt
 failed=0
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
-[ $# -ge 1 ] || { sed -n 2,26p "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,30p "$0"; exit 2; }
 if [ -d .whl ]; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -183,6 +189,18 @@ while [ $# -gt 0 ]; do
     e2e) ensure_built && step e2e 560 "$PYTHON" benchmarks/e2e_train.py \
         --variants kt_sft,kt_kernel,hf_all_gpu,hf_experts_cpu --steps 3 --warmup 1 --out "$work/e2e"
       cat "$work/e2e/results.md" >>"$summary" 2>/dev/null ;;
+    e2e-overlap) ensure_built && step e2e-overlap 580 "$PYTHON" benchmarks/e2e_train.py \
+        --variants "${KT_E2E_VARIANTS:-kt_sft}" --layers "${KT_E2E_LAYERS:-48}" --batch 2 --seq-len 2048 \
+        --steps 2 --warmup 1 --split-steps 1 --trace "$work/e2e-overlap/step.json" --out "$work/e2e-overlap"
+      cat "$work/e2e-overlap/results.md" >>"$summary" 2>/dev/null ;;
+    e2e-dsv3) ensure_built && step e2e-dsv3 580 "$PYTHON" benchmarks/e2e_train.py --shape dsv3-width \
+        --variants kt_sft,kt_sft_no_overlap --layers "${KT_E2E_LAYERS:-3}" --batch 2 --seq-len 2048 --grad-ckpt \
+        --steps 2 --warmup 1 --split-steps 1 --trace "$work/e2e-dsv3/step.json" --out "$work/e2e-dsv3"
+      cat "$work/e2e-dsv3/results.md" >>"$summary" 2>/dev/null ;;
+    e2e-long) ensure_built && step e2e-long 580 "$PYTHON" benchmarks/e2e_train.py \
+        --variants kt_sft,kt_sft_no_overlap --layers "${KT_E2E_LAYERS:-8}" --batch 2 --seq-len 8192 --grad-ckpt \
+        --steps 2 --warmup 1 --split-steps 1 --trace "$work/e2e-long/step.json" --out "$work/e2e-long"
+      cat "$work/e2e-long/results.md" >>"$summary" 2>/dev/null ;;
     perf) step perf 900 perf_tree "${KT_PERF_PKG:-$kernels_pkg}" "${KT_PERF_SITE:-/tmp/kt-perf-site}" "$work/perf"
       grep -E "T=|determinism" "$work/perf.log" >>"$summary" ;;
     perf-ab) step perf-ab 1800 perf_ab "$@"

@@ -1,10 +1,13 @@
 """KTMoEFunction: the routed experts as one autograd node running on a CPU experts layer.
 
-Forward: hidden states, routing ids and weights go to the host (through pinned staging buffers when they
-live on an accelerator), the layer (kernels or reference) runs, and the output returns to the input's
-device and dtype. Backward: grad_out goes to the host, the layer's backward consumes the forward handle,
-and the grads for the hidden states, the routing weights and the expert LoRA factors come back. PyTorch
-accumulates them, so `zero_grad(set_to_none=True)` and gradient accumulation behave as usual.
+Three nodes per call: HostCopy (hidden states and routing weights to the host, through pinned staging
+buffers when they live on an accelerator), KTMoEFunction (the layer, kernels or reference, on host
+tensors only) and DeviceCopy (the output back to the input's device and dtype). The experts node has
+host inputs and outputs so that autograd runs its backward on the thread that called backward(), not
+on the shared CUDA device thread (see kt_sft_train.overlap). Backward: grad_out comes to the host, the
+layer's backward consumes the forward handle, and the grads for the hidden states, the routing weights
+and the expert LoRA factors come back. PyTorch accumulates them, so `zero_grad(set_to_none=True)` and
+gradient accumulation behave as usual.
 
 Under gradient checkpointing (see checkpointing.py) the handle lives in the region's store instead of on
 ctx, so the backward finds it whichever node (first pass or recompute) autograd runs.
@@ -102,65 +105,121 @@ def to_device(host: torch.Tensor, device: torch.device, dtype: torch.dtype) -> t
     return result
 
 
+class HostCopy(torch.autograd.Function):
+    """x on the host in the layer's dtype; the backward moves the gradient back to x's device and dtype.
+
+    A node of its own (not part of KTMoEFunction) so that autograd places the experts node by host tensors:
+    the engine runs a node on the worker thread of the device its incoming gradients live on, so with host
+    gradients the CPU experts backward runs on the thread that called backward(), not on the one shared
+    CUDA device thread (kt_sft_train.overlap relies on this to overlap two micro-batches' backwards).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, tensor: torch.Tensor, dtype: torch.dtype, pin_memory: bool, copy: bool
+    ) -> torch.Tensor:
+        ctx.device, ctx.dtype = tensor.device, tensor.dtype
+        return to_host(tensor, dtype, pin_memory=pin_memory, copy=copy)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return to_device(grad, ctx.device, ctx.dtype), None, None, None
+
+
+class DeviceCopy(torch.autograd.Function):
+    """A host tensor moved to `device`/`dtype`; the backward stages the gradient back to the host.
+
+    On CUDA the backward copy is asynchronous into pinned memory and records an event in `link`; the
+    experts backward (a CPU node, on another thread) waits for that event before it reads the gradient,
+    so the shared CUDA device thread is not blocked while the copy drains its stream.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, host: torch.Tensor, device: torch.device, dtype: torch.dtype, link: GradLink
+    ) -> torch.Tensor:
+        ctx.host_dtype, ctx.link = host.dtype, link
+        return to_device(host, device, dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        link: GradLink = ctx.link
+        if grad.device.type == "cuda" and link.pin_memory and _transfer_observer is None:
+            host = torch.empty(grad.shape, dtype=ctx.host_dtype, pin_memory=True)
+            host.copy_(grad, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(grad.device))
+            link.ready = event
+            return host, None, None, None
+        return to_host(grad, ctx.host_dtype, pin_memory=link.pin_memory, copy=False), None, None, None
+
+
+class GradLink:
+    """Hands the readiness of an asynchronous gradient copy from DeviceCopy to KTMoEFunction's backward."""
+
+    def __init__(self, pin_memory: bool) -> None:
+        self.pin_memory = pin_memory
+        self.ready: Any = None  # a torch.cuda.Event while a copy may be in flight
+
+    def wait(self) -> None:
+        event, self.ready = self.ready, None
+        if event is not None:
+            event.synchronize()
+
+
 class KTMoEFunction(torch.autograd.Function):
-    """out = experts(x, ids, weights) with expert LoRA (DESIGN.md §2) on a CPU experts layer."""
+    """out = experts(x, ids, weights) with expert LoRA (DESIGN.md §2) on a CPU experts layer.
+
+    Host tensors in and out (HostCopy / DeviceCopy stage them): x, ids and weights are already in the
+    layer's host dtype, the output is too.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
         layer: ExpertsLayer,
         options: dict[str, Any],
-        x: torch.Tensor,
-        ids: torch.Tensor,
-        weights: torch.Tensor,
+        x_host: torch.Tensor,
+        ids_host: torch.Tensor,
+        weights_host: torch.Tensor,
         a_gu: torch.Tensor | None,
         b_gu: torch.Tensor | None,
         a_d: torch.Tensor | None,
         b_d: torch.Tensor | None,
     ) -> torch.Tensor:
-        pin = options["pin_memory"]
         call: RegionCall | None = options["region_call"]
         save = options["grad_needed"]
-        # A saving layer keeps references to x (and the routing) until the backward: give it copies.
-        keep = save or call is not None
-        x_host = to_host(x, layer.host_dtype(x.dtype), pin_memory=pin, copy=keep)
-        ids_host = to_host(ids, ids.dtype, pin_memory=pin, copy=keep)
-        weights_host = to_host(weights, layer.host_dtype(weights.dtype), pin_memory=pin, copy=keep)
         lora = _lora(options, a_gu, b_gu, a_d, b_d)
         lora_tensors = (a_gu, b_gu, a_d, b_d)
 
         ctx.layer = layer
         ctx.call = call
         ctx.handle = None
-        ctx.pin_memory = pin
+        ctx.link = options["link"]
         ctx.lora_present = tuple(t is not None for t in lora_tensors)
         # The layer reads the LoRA factors again in the backward: they must not change in between.
         ctx.lora_versions = tuple(None if t is None else t._version for t in lora_tensors)
         ctx.lora_tensors = lora_tensors
-        ctx.x_device, ctx.x_dtype = x.device, x.dtype
-        ctx.weights_device, ctx.weights_dtype = weights.device, weights.dtype
         if call is None:
             out_host, ctx.handle = layer.forward(x_host, ids_host, weights_host, lora, save)
         else:
             out_host = _region_forward(layer, call, options["policy"], x_host, ids_host, weights_host, lora)
         # A saved tensor makes a non-reentrant checkpoint recompute this region before our backward.
-        ctx.save_for_backward(ids)
-        return to_device(out_host, x.device, x.dtype)
+        ctx.save_for_backward(ids_host)
+        return out_host
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad_host: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         ctx.saved_tensors  # noqa: B018  (unpacking triggers the checkpoint recompute, see forward)
         layer: ExpertsLayer = ctx.layer
         handle = _take_handle(ctx)
         _check_lora_unchanged(ctx)
-        grad_host = to_host(grad_out, layer.host_dtype(ctx.x_dtype), pin_memory=ctx.pin_memory, copy=False)
-        grads = layer.backward(handle, grad_host)
-        grad_x = to_device(grads.grad_x, ctx.x_device, ctx.x_dtype)
-        grad_weights = to_device(grads.grad_weights, ctx.weights_device, ctx.weights_dtype)
+        ctx.link.wait()
+        grads = layer.backward(handle, grad_host.contiguous())
         lora_grads = tuple(
             g if present else None for g, present in zip(grads.lora, ctx.lora_present, strict=True)
         )
-        return (None, None, grad_x, None, grad_weights, *lora_grads)
+        return (None, None, grads.grad_x, None, grads.grad_weights, *lora_grads)
 
 
 def _lora(
@@ -245,12 +304,20 @@ def moe_experts_apply(
     lora = lora or ExpertLoRA()
     tensors = (x, weights, *lora.tensors())
     grad_needed = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    region_call = current_call(owner)
+    # A saving layer keeps references to x (and the routing) until the backward: give it copies.
+    keep = grad_needed or region_call is not None
+    x_host = HostCopy.apply(x, layer.host_dtype(x.dtype), pin_memory, keep)
+    ids_host = to_host(ids, ids.dtype, pin_memory=pin_memory, copy=keep)
+    weights_host = HostCopy.apply(weights, layer.host_dtype(weights.dtype), pin_memory, keep)
+    link = GradLink(pin_memory)
     options = {
-        "pin_memory": pin_memory,
         "policy": policy,
         "grad_needed": grad_needed,
-        "region_call": current_call(owner),
+        "region_call": region_call,
+        "link": link,
         "scale_gu": lora.scale_gu,
         "scale_d": lora.scale_d,
     }
-    return KTMoEFunction.apply(layer, options, x, ids, weights, *lora.tensors())
+    out_host = KTMoEFunction.apply(layer, options, x_host, ids_host, weights_host, *lora.tensors())
+    return DeviceCopy.apply(out_host, x.device, x.dtype, link)

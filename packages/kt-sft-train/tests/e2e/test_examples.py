@@ -62,7 +62,7 @@ def test_e2e_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
     if not script.is_file():
         pytest.skip(f"{script} is not here (tests run outside a source checkout)")
     argv = ["--tiny", "--out", str(tmp_path), "--steps", "1", "--warmup", "1", "--split-steps", "1"]
-    argv += ["--threads", "1", "--torch-threads", "1"]
+    argv += ["--threads", "1", "--torch-threads", "1", "--batch", "2", "--trace", str(tmp_path / "step.json")]
     result = subprocess.run(
         [sys.executable, str(script), *argv],
         capture_output=True,
@@ -73,7 +73,8 @@ def test_e2e_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "results.json").read_text())
     rows = {row["variant"]: row for row in report["results"]}
-    assert sorted(rows) == ["hf_all_gpu", "hf_experts_cpu", "kt_sft"]
+    assert sorted(rows) == ["hf_all_gpu", "hf_experts_cpu", "kt_sft", "kt_sft_no_overlap"]
+    assert (rows["kt_sft"]["microbatches"], rows["kt_sft_no_overlap"]["microbatches"]) == (2, 1)
     for row in rows.values():
         assert row["tokens_per_s"] > 0 and row["layers"] == 2 and row["host_peak_gib"] > 0
         assert all(loss == loss and 0 < loss < 20 for loss in row["losses"]), row["losses"]
@@ -82,7 +83,17 @@ def test_e2e_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
     reference = rows["hf_all_gpu"]["losses"][0]
     for row in rows.values():
         assert abs(row["losses"][0] - reference) <= 1e-2 * reference, (row["variant"], row["losses"])
-    split = rows["kt_sft"]["split_s"]
+    split = rows["kt_sft_no_overlap"]["split_s"]
     assert split["cpu_experts"] > 0 and split["total"] >= split["cpu_experts"]
-    assert "| kt-sft (experts on CPU kernels) | 2 |" in (tmp_path / "results.md").read_text()
+    assert rows["kt_sft"]["split_s"]["cpu_experts"] > 0  # summed over both threads: may exceed the wall time
+    assert (
+        "| kt-sft (experts on CPU kernels, micro-batch overlap) | 2 |"
+        in (tmp_path / "results.md").read_text()
+    )
+    for variant in ("kt_sft", "kt_sft_no_overlap"):
+        trace = rows[variant]["trace"]
+        assert 0 < trace["cpu_busy_s"] <= trace["step_s"] and trace["retained_host_bytes_per_layer_token"] > 0
+    events = json.loads((tmp_path / "step.json").read_text())["traceEvents"]
+    assert any(e["name"] == "micro-batch 1 backward" for e in events)
+    assert (tmp_path / "step_kt_sft_no_overlap.json").is_file()
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"

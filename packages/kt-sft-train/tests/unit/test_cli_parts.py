@@ -249,3 +249,15 @@ def test_step_timer_charges_the_cpu_experts_and_restores_everything(stand_in_job
     assert abs(sum(split.shares().values()) - 1.0) < 1e-9
     assert kt_autograd.transfer_observer() is None
     assert [m.layer for m in model.modules() if isinstance(m, KTExperts)] == layers
+
+
+def test_overlap_flags() -> None:
+    from kt_sft_train.app.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["train", "--overlap", "2"]).overlap_microbatches == 2
+    assert parser.parse_args(["train", "--overlap", "3", "--no-overlap"]).overlap_microbatches == 1
+    assert not hasattr(parser.parse_args(["train"]), "overlap_microbatches")  # job / YAML value stays
+    assert TrainOptions().overlap_microbatches == 1
+    with pytest.raises(OptionsError, match=r"--overlap must be a positive integer \(1 = off\), got 0"):
+        TrainOptions(overlap_microbatches=0)

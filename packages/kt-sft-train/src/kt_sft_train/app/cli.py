@@ -105,6 +105,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="recompute dense activations in the backward (CPU expert activations are retained)",
     )
+    _add(
+        loop,
+        "--overlap",
+        type=int,
+        metavar="N",
+        dest="overlap_microbatches",
+        help="split each batch into N micro-batches on threads of their own, so one's CPU experts run "
+        "while the GPU computes another's dense part (default 1 = off; 2 on a GPU host)",
+    )
+    _add(
+        loop,
+        "--no-overlap",
+        action="store_const",
+        const=1,
+        dest="overlap_microbatches",
+        help="one micro-batch at a time (same as --overlap 1)",
+    )
 
     system = train.add_argument_group("hardware")
     _add(system, "--threads", type=int, help="CPU threads for the experts kernels and torch")

@@ -70,6 +70,10 @@ class TrainOptions:
     lora_alpha: float | None = None
     lora_targets: str = "attention,experts"
     gradient_checkpointing: bool = False
+    # Micro-batches of each batch run on threads of their own so the CPU experts of one overlap the GPU
+    # work of another (kt_sft_train.overlap); 1 = off. Same gradients up to rounding (bitwise equal to
+    # running those micro-batches one after the other).
+    overlap_microbatches: int = 1
     kt: KTConfig = field(default_factory=KTConfig)  # the experts' config: --threads, --backend, YAML kt:
     dtype: str = "auto"
     device: str = "auto"
@@ -101,6 +105,9 @@ class TrainOptions:
             if value is not None:
                 _positive_int(name, value)
         _non_negative_int("warmup_steps", self.warmup_steps)
+        value = self.overlap_microbatches
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise OptionsError(f"--overlap must be a positive integer (1 = off), got {value!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise OptionsError(f"--seed must be a non-negative integer, got {self.seed!r}")
         _positive_float("lr", self.lr)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..config import KTConfig
+from ..overlap import label_tokens, run_microbatches, split_batch
 from ..timing import StepSplit, StepTimer
 from ..versions import library_versions
 from .data import (
@@ -483,10 +484,9 @@ def _train_steps(
                         k: v.to(device)
                         for k, v in collate([examples[i] for i in indices], pad_token_id).items()
                     }
-                    loss = model(**batch, use_cache=False).loss
+                    loss = _forward_backward(model, batch, parameters, options)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"the loss is {loss.item()} at step {step + 1}; lower --lr")
-                    (loss / options.grad_accum).backward()
                     step_loss += loss.item() / options.grad_accum
                     step_tokens += int(batch["attention_mask"].sum())
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, options.max_grad_norm))
@@ -520,6 +520,29 @@ def _train_steps(
     finally:
         progress.close()
     return _Trained(tokens_total, split_total)
+
+
+def _forward_backward(
+    model: nn.Module, batch: dict[str, torch.Tensor], parameters: list[nn.Parameter], options: TrainOptions
+) -> torch.Tensor:
+    """The batch's mean loss, its gradient / grad_accum accumulated into .grad; micro-batches overlapped
+    on threads when options.overlap_microbatches > 1 (each weighted by its share of the label tokens, so
+    the sum is the batch's mean loss)."""
+    parts = min(options.overlap_microbatches, int(batch["input_ids"].shape[0]))
+    microbatches = [mb for mb in split_batch(batch, parts) if label_tokens(mb) > 0] if parts > 1 else []
+    if len(microbatches) < 2:
+        loss = model(**batch, use_cache=False).loss
+        (loss / options.grad_accum).backward()
+        return loss.detach()
+    total = sum(label_tokens(mb) for mb in microbatches)
+    weights = [label_tokens(mb) / total for mb in microbatches]
+    weighted = run_microbatches(
+        lambda mb: model(**mb, use_cache=False).loss / options.grad_accum,
+        microbatches,
+        parameters=parameters,
+        weights=weights,
+    )
+    return weighted * options.grad_accum
 
 
 def _evaluator(
