@@ -36,13 +36,14 @@ inline void dequant_block32(const QuantMatrix<Bits, Group>& w, int r, int c, bf1
 template <int Bits, int Group>
 void dequant_tiles(const QuantMatrix<Bits, Group>& w, int r0, int rows, int c0, int cols, std::uint8_t* dst) {
   const int tile_cols = cols / 32;
+  const V order = weight_qword_order();  // stored qword s = columns 4 kPerm[s] .. + 3 (pack_weights)
   alignas(64) bf16 block[32];
   for (int rt = 0; rt < rows / 16; ++rt)
     for (int ct = 0; ct < tile_cols; ++ct) {
       std::uint8_t* tile = dst + tile_offset(rt, ct, tile_cols);
       for (int r = 0; r < 16; ++r) {
         dequant_block32(w, r0 + 16 * rt + r, c0 + 32 * ct, block);
-        for (int s = 0; s < 8; ++s) std::memcpy(tile + 64 * r + 8 * s, block + 4 * kPerm[s], 8);
+        v_store(tile + 64 * r, v_permute64(v_load(block), order));
       }
     }
 }
