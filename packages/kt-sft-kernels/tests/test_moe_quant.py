@@ -394,6 +394,13 @@ def test_estimate_layer_bytes_counts_the_activation_cache() -> None:
     estimate = kk.estimate_layer_bytes(cfg, tokens=50, lora_rank=8)
     assert estimate["cache"] == layer.memory_report()["cache_spare"] == 50 * 2 * (2 * 128 * 2 + 16 * 4)
     assert estimate["total"] == estimate["weights"] + estimate["scales"] + estimate["cache"]
+    # a live handle holds the cache (+ its routing: a few int/float per routed pair), 0 once consumed
+    out = kt.nan_array(case.x.shape, case.x.dtype)
+    handle = layer.forward(case.x, case.ids, case.weights, out, lora=kt.kernel_lora(case), save=True)
+    routing_bound = 2 * (50 * 2 * 16 + (4 + 1) * 12)
+    assert estimate["cache"] <= handle.cache_bytes <= estimate["cache"] + routing_bound
+    kt.run_backward(layer, handle, case, kt.KernelResult(out=out))
+    assert handle.cache_bytes == 0
 
 
 # ---- bad inputs: one-line errors naming the argument ------------------------------------------------

@@ -208,6 +208,9 @@ class ForwardHandle:
     def consumed(self) -> bool: ...
     @property
     def has_lora(self) -> bool: ...
+    @property
+    def cache_bytes(self) -> int:
+        """Host bytes of the activation cache this handle holds (0 once consumed)."""
     def __repr__(self) -> str: ...
 
 class Pending:

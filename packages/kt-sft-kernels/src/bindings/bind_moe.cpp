@@ -601,6 +601,9 @@ void bind_moe(nb::module_& m) {
       .def_ro("tokens", &PyForwardHandle::tokens)
       .def_ro("consumed", &PyForwardHandle::consumed)
       .def_prop_ro("has_lora", [](const PyForwardHandle& h) { return !h.lora_object.is_none(); })
+      .def_prop_ro(
+          "cache_bytes", [](const PyForwardHandle& h) { return h.cache ? moe::cache_bytes(*h.cache) : std::size_t{0}; },
+          "Host bytes of the activation cache this handle holds (0 once consumed).")
       .def("__repr__", [](const PyForwardHandle& h) {
         return "ForwardHandle(tokens=" + std::to_string(h.tokens) + (h.consumed ? ", consumed" : "") + ")";
       });

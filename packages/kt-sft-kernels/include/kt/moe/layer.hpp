@@ -95,5 +95,7 @@ std::int64_t cache_tokens(const ForwardCache& cache);
 const MoELayer* cache_layer(const ForwardCache& cache);
 bool cache_has_lora_gate_up(const ForwardCache& cache);
 bool cache_has_lora_down(const ForwardCache& cache);
+// Host bytes the cache holds (its buffers as allocated, the routing included); 0 once consumed.
+std::size_t cache_bytes(const ForwardCache& cache);
 
 }  // namespace kt::moe
