@@ -1,9 +1,9 @@
 """kt-kernel 0.7.2's SFT MoE, its C++ class called directly with our inputs (no checkpoint, no torch).
 
 We load the extension variant for this CPU (`_kt_kernel_ext_amx` or `_kt_kernel_ext_avx512_bf16`; both
-expose the same class names, `AMXBF16_SFT_MOE` and `AMXInt8_SFT_MOE`) from an unpacked wheel folder and
-configure it the way kt_kernel/sft/amx.py does (MOESFTConfig + a CPUInfer worker pool), passing raw
-pointers of NumPy arrays.
+expose the same class names, `AMXBF16_SFT_MOE`, `AMXInt8_SFT_MOE` and, where built, `AMXInt4_SFT_MOE`)
+from an unpacked wheel folder and configure it the way kt_kernel/sft/amx.py does (MOESFTConfig + a
+CPUInfer worker pool), passing raw pointers of NumPy arrays.
 
 LoRA convention: kt-kernel has separate gate and up LoRAs (A_g, B_g, A_u, B_u) with s = alpha/r. Our
 fused form (one A_gu shared by gate and up, B_gu = [B_g; B_u]) maps onto it exactly with A_g = A_u = A_gu,
@@ -25,7 +25,7 @@ import numpy as np
 from _bench_inputs import Problem
 
 KT_M_STEP = 32  # kt aligns its max_len to this (kt_kernel/sft/amx.py _AMX_M_STEP)
-KT_CLASSES = {"bf16": "AMXBF16_SFT_MOE", "int8": "AMXInt8_SFT_MOE"}
+KT_CLASSES = {"bf16": "AMXBF16_SFT_MOE", "int8": "AMXInt8_SFT_MOE", "int4": "AMXInt4_SFT_MOE"}
 
 _AMX_FLAGS = ("amx_tile", "amx_int8", "amx_bf16")
 _AVX512_BF16_FLAGS = ("avx512f", "avx512bw", "avx512_vnni", "avx512_vbmi", "avx512_bf16")

@@ -43,7 +43,9 @@ def build_info() -> dict:
 class Ours:
     name = "ours"
 
-    def __init__(self, p: Problem, threads: int | None, tier: str) -> None:
+    def __init__(
+        self, p: Problem, threads: int | None, tier: str, weight_dtype: str = "bf16", group_size: int = 128
+    ) -> None:
         import kt_sft_kernels as kk
 
         self.kk = kk
@@ -58,16 +60,18 @@ class Ours:
             top_k=sh.top_k,
             hidden=sh.hidden,
             intermediate=sh.intermediate,
-            weight_dtype="bf16",
+            weight_dtype=weight_dtype,
+            group_size=group_size,
         )
         pool = kk.ThreadPool(threads=threads) if threads else None
         self.layer = kk.MoELayer(cfg, pool=pool)
 
         gate_up, down = inputs.fused_weights(p)
         start = time.perf_counter()
-        self.layer.load_weights(gate_up=_bf16(gate_up), down=_bf16(down))
+        self.layer.load_weights(gate_up=_bf16(gate_up), down=_bf16(down))  # int8/int4: quantized here
         self.load_ms = 1e3 * (time.perf_counter() - start)
         del gate_up, down  # the layer packed its own copy
+        self.memory = dict(self.layer.memory_report())
 
         lora = inputs.lora_weights(p)
         self.lora = kk.LoRA(
@@ -85,7 +89,10 @@ class Ours:
         self.handle: Any = None
 
     def setup_costs(self) -> dict[str, float]:
-        return {"load_weights_ms": self.load_ms}
+        return {
+            "load_weights_ms": self.load_ms,
+            "packed_weight_gb": (self.memory["weights"] + self.memory["scales"]) / 1e9,
+        }
 
     def prepare_step(self) -> None:
         """Nothing: our gradients are written, never accumulated."""

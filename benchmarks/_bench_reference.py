@@ -10,6 +10,10 @@ h and dgu, which are rounded to bf16 where our kernels round them (`round_like_k
 "Rounding points"). Backends that round elsewhere (PyTorch bf16 rounds after every op) differ from this
 by a few 1e-3 relative, inside the §7 bounds.
 
+Quantized bases (`weight_dtype` int8 / int4): the reference runs on the DEQUANTIZED weights of the kernel
+wheel's own quantizer (kt_sft_kernels.testing.quantize / dequantize, the rule of docs/kernels.md), i.e.
+exactly what our quantized layer computes with; only the library reference supports it.
+
 `reference()` uses the library's own reference, kt_sft_kernels.testing.moe_reference, when the kernel
 wheel is installed (restricted to the checked rows and experts, weights generated lazily per expert),
 and the NumPy implementation here otherwise; `reference_name()` says which one ran.
@@ -137,7 +141,9 @@ class _LazyExperts:
         return self.make(int(expert))
 
 
-def library_reference(p: Problem, tokens: np.ndarray, experts: np.ndarray) -> dict[str, np.ndarray]:
+def library_reference(
+    p: Problem, tokens: np.ndarray, experts: np.ndarray, weight_dtype: str = "bf16", group_size: int = 128
+) -> dict[str, np.ndarray]:
     """kt_sft_kernels.testing.moe_reference on two sub-problems: the checked rows (rows are independent),
     and every pair routed to a checked expert with the other slots set to -1 (skipped)."""
     import ml_dtypes
@@ -151,8 +157,16 @@ def library_reference(p: Problem, tokens: np.ndarray, experts: np.ndarray) -> di
     lora_arrays = testing.LoRAWeights(
         lora.a_gu.view(bf16), lora.b_gu.view(bf16), lora.a_d.view(bf16), lora.b_d.view(bf16), p.scale, p.scale
     )
-    gate_up = _LazyExperts(lambda e: np.concatenate([inputs.gate(p, e), inputs.up(p, e)]).view(bf16))
-    down = _LazyExperts(lambda e: inputs.down(p, e).view(bf16))
+
+    def base(matrix: np.ndarray) -> np.ndarray:
+        """One expert matrix as the layer computes with it (bf16, or its dequantized fp32 values)."""
+        if weight_dtype == "bf16":
+            return matrix
+        q, scale = testing.quantize(matrix, weight_dtype, group_size)
+        return testing.dequantize(q, scale, weight_dtype, group_size)
+
+    gate_up = _LazyExperts(lambda e: base(np.concatenate([inputs.gate(p, e), inputs.up(p, e)]).view(bf16)))
+    down = _LazyExperts(lambda e: base(inputs.down(p, e).view(bf16)))
 
     def solve(rows: np.ndarray, row_ids: np.ndarray) -> Any:
         case = testing.MoECase(
@@ -190,15 +204,22 @@ def library_available() -> bool:
     return True
 
 
-def reference_name() -> str:
+def reference_name(weight_dtype: str = "bf16", group_size: int = 128) -> str:
+    base = {"bf16": "", "int8": " on int8-dequantized weights"}.get(
+        weight_dtype, f" on {weight_dtype} g{group_size}-dequantized weights"
+    )
     if library_available():
-        return "kt_sft_kernels.testing.moe_reference"
-    return "benchmarks/_bench_reference.py numpy_reference"
+        return "kt_sft_kernels.testing.moe_reference" + base
+    return "benchmarks/_bench_reference.py numpy_reference" + base
 
 
-def reference(p: Problem, tokens: np.ndarray, experts: np.ndarray) -> dict[str, np.ndarray]:
+def reference(
+    p: Problem, tokens: np.ndarray, experts: np.ndarray, weight_dtype: str = "bf16", group_size: int = 128
+) -> dict[str, np.ndarray]:
     if library_available():
-        return library_reference(p, tokens, experts)
+        return library_reference(p, tokens, experts, weight_dtype, group_size)
+    if weight_dtype != "bf16":
+        raise RuntimeError(f"a {weight_dtype} reference needs kt_sft_kernels.testing (the wheel's quantizer)")
     return numpy_reference(p, tokens, experts)
 
 

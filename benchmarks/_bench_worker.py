@@ -52,7 +52,9 @@ def _make_runner(p: Problem, backend: dict[str, Any]) -> tuple[Runner, dict[str,
     if kind == "ours":
         import _bench_ours
 
-        ours = _bench_ours.Ours(p, threads, backend["tier"])
+        ours = _bench_ours.Ours(
+            p, threads, backend["tier"], backend.get("weight_dtype", "bf16"), backend.get("group_size", 128)
+        )
         return ours, {"isa": ours.active_isa, "version": _bench_ours.library_version()}
     if kind.startswith("torch-"):
         import _bench_machine
@@ -142,11 +144,12 @@ def run_reference(spec: dict[str, Any]) -> dict[str, Any]:
     ids, _ = inputs.routing(p)
     tokens = inputs.check_tokens(p, spec["check_tokens"])
     experts = inputs.check_experts(p, ids, spec["check_experts"])
+    weight_dtype, group_size = spec.get("weight_dtype", "bf16"), spec.get("group_size", 128)
     start = time.perf_counter()
-    expected = _bench_reference.reference(p, tokens, experts)
+    expected = _bench_reference.reference(p, tokens, experts, weight_dtype, group_size)
     np.savez(spec["arrays_path"], **expected)
     return {
-        "reference": _bench_reference.reference_name(),
+        "reference": _bench_reference.reference_name(weight_dtype, group_size),
         "seconds": time.perf_counter() - start,
         "checked_tokens": len(tokens),
         "checked_experts": len(experts),

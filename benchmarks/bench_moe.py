@@ -5,7 +5,12 @@
 
 Backends: our kernels (kt_sft_kernels) at every ISA tier the host supports; PyTorch on CPU in bf16
 (naive per-expert loop with autograd, sorted per-expert matmuls, torch._grouped_mm); kt-kernel 0.7.2's
-SFT MoE (bf16, and int8 where it loads) from an unpacked wheel folder. Each backend runs in its own
+SFT MoE (bf16, and int8 / int4 where it loads) from an unpacked wheel folder. `--weight-dtype
+bf16,int8,int4` adds our frozen quantized bases (a row per tier and dtype; `--group-size` for int4).
+Quantized runs (ours and kt's) are checked against the reference on the weights dequantized by OUR
+quantizer (testing.quantize); their error against the bf16 weights is recorded beside it
+(`errors_vs_bf16`). kt quantizes with its own rule, so its distance from our dequantized reference
+includes the difference of the two quantizations. Each backend runs in its own
 process (clean peak RSS, no competing thread pools, crashes reported). Every result is checked against a
 float64 reference; one that fails DESIGN.md §7 is printed as FAILED, never as a time. Ceilings (matmul
 peak through torch, memory triad) are measured in the same run. Writes results.json, results.md and
@@ -39,7 +44,9 @@ from _bench_inputs import Problem, Shape
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "_bench_worker.py"
 TORCH_BACKENDS = ("torch-loop", "torch-sorted", "torch-grouped_mm", "torch-sorted-fp32")
-ALL_BACKENDS = ("ours", *TORCH_BACKENDS, "kt", "kt-int8")
+ALL_BACKENDS = ("ours", *TORCH_BACKENDS, "kt", "kt-int8", "kt-int4")
+KT_WEIGHT_TYPES = {"kt": "bf16", "kt-int8": "int8", "kt-int4": "int4"}
+WEIGHT_DTYPES = ("bf16", "int8", "int4")
 BATCHED_TORCH = ("torch-sorted", "torch-grouped_mm")
 
 # Rough resident memory per backend, in multiples of the layer's bf16 expert weights (inputs + packed
@@ -99,6 +106,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="run kt even where its build lacks the class (to see what happens)",
     )
+    ap.add_argument(
+        "--weight-dtype",
+        default="bf16",
+        help="comma list of our base weight dtypes: bf16, int8, int4 (default bf16)",
+    )
+    ap.add_argument("--group-size", type=int, default=128, help="our int4 group size: 32, 64 or 128")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -130,6 +143,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
+    args.weight_dtypes = args.weight_dtype.split(",")
+    unknown = set(args.weight_dtypes) - set(WEIGHT_DTYPES)
+    if unknown:
+        ap.error(f"--weight-dtype: unknown {sorted(unknown)}; choose from {', '.join(WEIGHT_DTYPES)}")
+    if args.group_size not in (32, 64, 128):
+        ap.error(f"--group-size must be 32, 64 or 128, got {args.group_size}")
     return args
 
 
@@ -214,13 +233,28 @@ class Harness:
                         },
                     )
                 )
-            for tier in self.tiers():
-                specs.append(
-                    (
-                        {"kind": "ours", "tier": tier, "threads": self.args.threads},
-                        {"kind": "ours", "label": f"ours {tier}", "threads": self.args.threads or "default"},
+            for weight_dtype in self.args.weight_dtypes:
+                suffix = "" if weight_dtype == "bf16" else f" {weight_dtype}"
+                if weight_dtype == "int4":
+                    suffix += f" g{self.args.group_size}"
+                for tier in self.tiers():
+                    specs.append(
+                        (
+                            {
+                                "kind": "ours",
+                                "tier": tier,
+                                "threads": self.args.threads,
+                                "weight_dtype": weight_dtype,
+                                "group_size": self.args.group_size,
+                            },
+                            {
+                                "kind": "ours",
+                                "label": f"ours {tier}{suffix}",
+                                "threads": self.args.threads or "default",
+                                "weight_type": weight_dtype,
+                            },
+                        )
                     )
-                )
         for name in TORCH_BACKENDS:
             if name not in wanted:
                 continue
@@ -234,7 +268,7 @@ class Harness:
                 specs.append(({}, {**record, "status": "unavailable", "reason": reason}))
             else:
                 specs.append(({"kind": name, "threads": torch_threads}, record))
-        for name, weight_type in (("kt", "bf16"), ("kt-int8", "int8")):
+        for name, weight_type in KT_WEIGHT_TYPES.items():
             if name not in wanted:
                 continue
             kt_probe = self.probe.get("kt", {"error": "not probed"})
@@ -245,8 +279,8 @@ class Harness:
                 specs.append(({}, {**record, "status": "unavailable", "reason": reason}))
                 continue
             modes = {"shared": [True], "persistent": [False], "both": [True, False]}[self.args.kt_bb]
-            if weight_type == "int8":
-                modes = [True]  # kt's trainer requires share_backward_bb for int8
+            if weight_type != "bf16":
+                modes = [True]  # kt's trainer requires share_backward_bb for its quantized classes
             bb_name = {True: "shared", False: "persistent"}
             for shared in modes:
                 for threads in self.kt_threads():
@@ -306,10 +340,30 @@ class Harness:
             flush=True,
         )
         case["floor"] = _bench_report.streaming_floor(p, reference["active_experts"], self.ceilings)
-        expected = dict(np.load(reference["arrays_path"]))
+        expected = {"bf16": dict(np.load(reference["arrays_path"]))}
+        for weight_type in sorted(
+            {r.get("weight_type", "bf16") for s, r in specs if "status" not in r} - {"bf16"}
+        ):
+            quantized = self.child(
+                {
+                    "task": "reference",
+                    "weight_dtype": weight_type,
+                    "group_size": self.args.group_size,
+                    **common,
+                },
+                f"reference {weight_type}",
+            )
+            if not quantized.get("ok"):
+                print(f"  {weight_type} reference failed: {quantized.get('error')}", file=sys.stderr)
+                continue
+            expected[weight_type] = dict(np.load(quantized["arrays_path"]))
+            case.setdefault("quantized_references", {})[weight_type] = quantized["reference"]
+            print(f"  reference ({quantized['reference']}): {quantized['seconds']:.1f} s", flush=True)
         for spec, record in specs:
             run = dict(record)
-            if "status" not in run:
+            if "status" not in run and record.get("weight_type", "bf16") not in expected:
+                run.update(status="error", reason=f"no {record['weight_type']} reference")
+            elif "status" not in run:
                 run.update(self.run_backend(p, spec, record, expected, common, reference["active_experts"]))
             case["runs"].append(run)
             print("  " + one_line(run), flush=True)
@@ -337,10 +391,14 @@ class Harness:
             return {"status": "error", "reason": result.get("error", "?")}
         got = dict(np.load(result["arrays_path"]))
         os.unlink(result["arrays_path"])
-        errors = _bench_reference.errors(got, expected)
-        passed, err_out, err_grad = _bench_report.verdict(errors, record.get("weight_type", "bf16"))
+        weight_type = record.get("weight_type", "bf16")
+        errors = _bench_reference.errors(got, expected[weight_type])
+        passed, err_out, err_grad = _bench_report.verdict(errors, weight_type)
         run: dict[str, Any] = {
             "errors": errors,
+            "errors_vs_bf16": _bench_reference.errors(got, expected["bf16"])
+            if weight_type != "bf16"
+            else errors,
             "err_out": err_out,
             "err_grad": err_grad,
             "info": result["info"],

@@ -100,3 +100,38 @@ def test_ours_backend_end_to_end(tmp_path: Path) -> None:
     ids, _ = inputs.routing(p)
     expected = reference.reference(p, inputs.check_tokens(p, 24), inputs.check_experts(p, ids, 8))
     assert report.verdict(reference.errors(got, expected), "bf16")[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("kt_sft_kernels") is None, reason="kt_sft_kernels not installed")
+@pytest.mark.parametrize(("weight_dtype", "group_size"), [("int8", 128), ("int4", 32)])
+def test_ours_quantized_backend_against_the_dequantized_reference(
+    tmp_path: Path, weight_dtype: str, group_size: int
+) -> None:
+    """A quantized run passes against the reference on the dequantized weights and would fail against
+    the bf16 weights' reference at int4 (so the quantized reference is what decides)."""
+    p = Problem(Shape("tiny", num_experts=8, hidden=64, intermediate=32, top_k=2), 24, rank=4, alpha=8.0)
+    spec = {
+        "problem": p.to_dict(),
+        "backend": {
+            "kind": "ours",
+            "tier": "portable",
+            "threads": 1,
+            "weight_dtype": weight_dtype,
+            "group_size": group_size,
+        },
+        "warmup": 0,
+        "repeats": 1,
+        "max_seconds": 60.0,
+        "check_tokens": 24,
+        "check_experts": 8,
+        "arrays_path": str(tmp_path / "got.npz"),
+    }
+    worker.run_backend(spec)
+    got = dict(np.load(spec["arrays_path"]))
+    ids, _ = inputs.routing(p)
+    rows, experts = inputs.check_tokens(p, 24), inputs.check_experts(p, ids, 8)
+    dequantized = reference.reference(p, rows, experts, weight_dtype, group_size)
+    assert report.verdict(reference.errors(got, dequantized), weight_dtype)[0]
+    if weight_dtype == "int4":
+        exact = reference.reference(p, rows, experts)
+        assert not report.verdict(reference.errors(got, exact), weight_dtype)[0]

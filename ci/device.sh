@@ -12,6 +12,9 @@
 #   layer       one Qwen3-30B-A3B MoE layer fwd+bwd at avx512_bf16 and amx (ci/device/layer_timing.py)
 #   microbench  benchmarks/cpp/gemm_microbench (per-call GEMM rates, avx512 tier)
 #   bench       benchmarks/bench_moe.py: our tiers vs PyTorch vs kt-kernel 0.7.2, Qwen3-30B-A3B T=512,4096
+#   bench-quant       bench_moe.py, quantized bases (issue 11): ours amx bf16/int8/int4 vs kt-kernel bf16/int8/int4,
+#               Qwen3-30B-A3B T=512,4096
+#   bench-quant-dsv3  the same at DeepSeek-V3 T=4096
 #   train-gpu   the training suites, GPU for the non-expert parts, the best tier for the experts
 #   e2e         benchmarks/e2e_train.py (full-width Qwen3-30B-A3B layers, GPU + AMX; kt-kernel's wrapper too)
 #   e2e-overlap issue 17, 48-layer Qwen3-30B-A3B, batch 2 x seq 2048, variants from $KT_E2E_VARIANTS (default
@@ -38,7 +41,7 @@ work=$(mktemp -d)
 summary=$work/summary.txt
 failed=0
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
-[ $# -ge 1 ] || { sed -n 2,30p "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 2; }
 if [ -d .whl ]; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -184,6 +187,14 @@ while [ $# -gt 0 ]; do
     bench) ensure_built && step bench 300 "$PYTHON" benchmarks/bench_moe.py --shape qwen3-30b --tokens 512,4096 \
         --repeats 3 --max-seconds 20 --out "$work/bench"
       cat "$work/bench/results.md" >>"$summary" 2>/dev/null ;;
+    bench-quant) ensure_built && step bench-quant 560 "$PYTHON" benchmarks/bench_moe.py --shape qwen3-30b \
+        --tokens 512,4096 --backends ours,kt,kt-int8,kt-int4 --tiers amx --weight-dtype bf16,int8,int4 \
+        --group-size 128 --kt-threads 15 --repeats 3 --max-seconds 15 --out "$work/bench-quant"
+      cat "$work/bench-quant/results.md" >>"$summary" 2>/dev/null ;;
+    bench-quant-dsv3) ensure_built && step bench-quant-dsv3 580 "$PYTHON" benchmarks/bench_moe.py \
+        --shape deepseek-v3 --tokens 4096 --backends ours,kt-int8,kt-int4 --tiers amx --weight-dtype bf16,int8,int4 \
+        --group-size 128 --kt-threads 15 --repeats 2 --max-seconds 15 --out "$work/bench-quant-dsv3"
+      cat "$work/bench-quant-dsv3/results.md" >>"$summary" 2>/dev/null ;;
     train-gpu) ensure_built && step train 400 "$PYTHON" -m pytest -q -rs -p no:cacheprovider packages/kt-sft-train/tests
       tail -n 15 "$work/train.log" >>"$summary" ;;
     e2e) ensure_built && step e2e 560 "$PYTHON" benchmarks/e2e_train.py \

@@ -127,8 +127,6 @@ def test_config_rejects_non_positive_fields(field: str) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "what"),
     [
-        ({"weight_dtype": "int8"}, "int8"),
-        ({"weight_dtype": "int4"}, "int4"),
         ({"numa_shards": 2}, "numa_shards=2"),
     ],
 )

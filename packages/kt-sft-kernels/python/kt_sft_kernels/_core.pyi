@@ -78,13 +78,25 @@ class ThreadPool:
     def __hash__(self) -> int: ...
     def __repr__(self) -> str: ...
 
+def estimate_layer_bytes(config: MoEConfig, tokens: int = 0, lora_rank: int = 0) -> dict[str, int]:
+    """
+    Host bytes of one layer of `config`: weights and scales (exact: what memory_report shows once loaded),
+    cache (the activation cache of a forward(save=True) on `tokens` tokens, LoRA rank `lora_rank` on both
+    projections), total. The pool's shared workspace is not included.
+    """
+
 def default_pool() -> ThreadPool:
     """
     The process-wide pool (physical cores of the affinity mask), created at first use.
     """
 
 class MoEConfig:
-    """Shape and storage of one MoE layer's routed experts."""
+    """
+    Shape and storage of one MoE layer's routed experts. weight_dtype: "bf16", or a frozen quantized
+    base, "int8" (per output row, fp32 scales) or "int4" (groups of group_size along the reduction
+    dimension, fp32 scales; hidden and intermediate must be multiples of group_size). group_size is
+    32, 64 or 128 (ValueError otherwise; only int4 uses it). docs/kernels.md, "Quantized bases".
+    """
 
     def __init__(
         self,
@@ -196,6 +208,9 @@ class ForwardHandle:
     def consumed(self) -> bool: ...
     @property
     def has_lora(self) -> bool: ...
+    @property
+    def cache_bytes(self) -> int:
+        """Host bytes of the activation cache this handle holds (0 once consumed)."""
     def __repr__(self) -> str: ...
 
 class Pending:
@@ -229,8 +244,33 @@ class MoELayer:
         up: Array | None = None,
     ) -> None:
         """
-        Packs bf16 weights (gate_up [E,2I,H] or gate/up [E,I,H] each, down [E,H,I]) into the layer's own
-        memory; the caller may free its arrays afterwards.
+        Packs the weights (gate_up [E,2I,H] or gate/up [E,I,H] each, down [E,H,I]) into the layer's own
+        memory; the caller may free its arrays afterwards. bf16 layers take bf16; int8/int4 layers take
+        bf16 or float32 and quantize while packing (the one rule of docs/kernels.md: int8 scale =
+        max|row|/127, int4 scale = max|group|/8, q = round-half-even(w/scale) clamped to [-127, 127] /
+        [-8, 7]).
+        """
+
+    def load_quantized(
+        self, gate_up_q: Array, gate_up_scale: Array, down_q: Array, down_scale: Array
+    ) -> None:
+        """
+        Loads a pre-quantized base bit-exactly (int8/int4 layers). int8: q int8 [E,N,K], scale [E,N]. int4:
+        q uint8 [E,N,K/2] (element k in byte k//2, low nibble = even k, two's complement nibble, so
+        [-8, 7]), scale [E,N,K/group_size]. Scales float32 or bfloat16 (converted exactly). gate_up is
+        N = 2I, K = H; down is N = H, K = I. The kernels use W = fp32(q * scale).
+        """
+
+    def read_quantized(
+        self, gate_up_q: Array, gate_up_scale: Array, down_q: Array, down_scale: Array
+    ) -> None:
+        """Writes the packed quantized base into caller arrays: load_quantized's shapes, float32 scales."""
+
+    def memory_report(self) -> dict[str, int]:
+        """
+        Host bytes: weights (packed values), scales, cache_spare (the freed activation cache kept for the
+        next forward), total (= the three: the layer's own), workspace_shared (the thread pool's per-call
+        scratch, shared by workspace_layers layers: count it once per pool, not per layer).
         """
 
     def forward(

@@ -17,6 +17,7 @@ Needs NumPy and ml_dtypes (the test extra); importing kt_sft_kernels itself need
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,6 +147,90 @@ def make_case(
     return MoECase(E, k, H, inter, gate_up, down, x, ids, weights, grad_out, lora, idle)
 
 
+# ---- quantized bases: the independent NumPy quantizer (docs/kernels.md, "Quantized bases") -------
+#
+# int8: per row, scale = fp32(max|w| / 127), q = round_half_even(fp32(w / scale)) in [-127, 127].
+# int4: per group of G values along the row, scale = fp32(max|w_g| / 8), q likewise in [-8, 7];
+#       packed two a byte, element k in byte k // 2, low nibble = even k, two's complement nibbles.
+# Dequantized weight = bf16(fp32(q * scale)) (RQ): the one rounding point of a quantized base.
+
+
+def _quantize(w: np.ndarray, group: int, divisor: int, qmin: int, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """q (int8, [..., N, K]) and fp32 scales [..., N, K // group] of w (any float dtype)."""
+    w32 = np.asarray(w).astype(np.float32)
+    grouped = w32.reshape(*w32.shape[:-1], w32.shape[-1] // group, group)
+    scale = (np.max(np.abs(grouped), axis=-1) / np.float32(divisor)).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1))[..., None]
+    with np.errstate(invalid="ignore"):
+        ratio = (grouped / safe).astype(np.float32)
+    q = np.where(scale[..., None] > 0, np.clip(np.rint(ratio), qmin, qmax), 0).astype(np.int8)
+    return q.reshape(w32.shape), scale
+
+
+def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-output-channel int8: (q int8 [..., N, K], scale fp32 [..., N])."""
+    q, scale = _quantize(w, np.asarray(w).shape[-1], 127, -127, 127)
+    return q, scale[..., 0]
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """int values in [-8, 7], [..., K] -> uint8 [..., K // 2] (low nibble = even k)."""
+    nib = (np.asarray(q).astype(np.int16) & 0xF).astype(np.uint8)
+    return (nib[..., 0::2] | (nib[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_int4(packed: np.ndarray) -> np.ndarray:
+    """uint8 [..., K // 2] -> int8 [..., K] in [-8, 7]."""
+    p = np.asarray(packed, dtype=np.uint8)
+    lo = (p & 0xF).astype(np.int8)
+    hi = (p >> 4).astype(np.int8)
+    q = np.stack([lo, hi], axis=-1).reshape(*p.shape[:-1], 2 * p.shape[-1])
+    return np.where(q >= 8, q - 16, q).astype(np.int8)
+
+
+def quantize_int4(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Group-wise int4 along the last axis: (packed uint8 [..., N, K // 2], scale fp32 [..., N, K // G])."""
+    q, scale = _quantize(w, group_size, 8, -8, 7)
+    return pack_int4(q), scale
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, weight_dtype: str, group_size: int = 128) -> np.ndarray:
+    """bf16(fp32(q * scale)) (RQ), as bf16, for int8 (q int8, scale [..., N]) or int4 (q packed uint8,
+    scale [..., N, K // G])."""
+    s = np.asarray(scale).astype(np.float32)  # bf16 scales convert exactly
+    if weight_dtype == "int8":
+        product = np.asarray(q).astype(np.float32) * s[..., None]
+    else:
+        product = unpack_int4(q).astype(np.float32) * np.repeat(s, group_size, axis=-1)
+    return product.astype(np.float32).astype(BF16)
+
+
+def quantize(w: np.ndarray, weight_dtype: str, group_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """The kernels' quantization rule for one weight stack ([E, N, K])."""
+    if weight_dtype == "int8":
+        return quantize_int8(w)
+    if weight_dtype == "int4":
+        return quantize_int4(w, group_size)
+    raise ValueError(f"quantize: weight_dtype must be 'int8' or 'int4', got {weight_dtype!r}")
+
+
+def quantization_error(w: np.ndarray, weight_dtype: str, group_size: int = 128) -> float:
+    """Relative Frobenius error of the dequantized weights against the original ones."""
+    q, scale = quantize(w, weight_dtype, group_size)
+    return rel_fro(dequantize(q, scale, weight_dtype, group_size), w)
+
+
+def dequantized_case(case: MoECase, weight_dtype: str, group_size: int = 128) -> MoECase:
+    """The case with its base weights replaced by their dequantized (bf16) values: the reference a
+    quantized layer loaded with case.gate_up / case.down is checked against."""
+    if weight_dtype == "bf16":
+        return case
+    out = copy.copy(case)
+    out.gate_up = dequantize(*quantize(case.gate_up, weight_dtype, group_size), weight_dtype, group_size)
+    out.down = dequantize(*quantize(case.down, weight_dtype, group_size), weight_dtype, group_size)
+    return out
+
+
 # ---- the reference -------------------------------------------------------------------------------
 
 
@@ -257,11 +342,24 @@ def nan_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     return np.full(shape, np.nan, dtype=np.float32).astype(dtype)
 
 
-def build_layer(case: MoECase, pool: Any = None, *, separate_gate_up: bool = False) -> Any:
+def build_layer(
+    case: MoECase,
+    pool: Any = None,
+    *,
+    separate_gate_up: bool = False,
+    weight_dtype: str = "bf16",
+    group_size: int = 128,
+) -> Any:
+    """A layer loaded with the case's weights (quantized by the kernels for int8/int4)."""
     import kt_sft_kernels as kk
 
     cfg = kk.MoEConfig(
-        num_experts=case.num_experts, top_k=case.top_k, hidden=case.hidden, intermediate=case.intermediate
+        num_experts=case.num_experts,
+        top_k=case.top_k,
+        hidden=case.hidden,
+        intermediate=case.intermediate,
+        weight_dtype=weight_dtype,
+        group_size=group_size,
     )
     layer = kk.MoELayer(cfg, pool=pool)
     if separate_gate_up:

@@ -19,6 +19,8 @@ std::optional<DType> kt_dtype(const nb::dlpack::dtype& dt) {
   if (dt.code == static_cast<std::uint8_t>(Code::Float) && dt.bits == 32) return DType::f32;
   if (dt.code == static_cast<std::uint8_t>(Code::Int) && dt.bits == 32) return DType::i32;
   if (dt.code == static_cast<std::uint8_t>(Code::Int) && dt.bits == 64) return DType::i64;
+  if (dt.code == static_cast<std::uint8_t>(Code::Int) && dt.bits == 8) return DType::i8;
+  if (dt.code == static_cast<std::uint8_t>(Code::UInt) && dt.bits == 8) return DType::u8;
   return std::nullopt;
 }
 
@@ -50,6 +52,8 @@ std::string allowed_names(unsigned mask) {
   add(kF32, "float32");
   add(kI32, "int32");
   add(kI64, "int64");
+  add(kI8, "int8");
+  add(kU8, "uint8");
   return text;
 }
 
@@ -78,6 +82,7 @@ std::size_t item_size(DType dtype) {
     case DType::f32: return 4;
     case DType::i32: return 4;
     case DType::i64: return 8;
+    case DType::i8: case DType::u8: return 1;
   }
   return 1;
 }
@@ -129,6 +134,8 @@ std::string dtype_name(DType dtype) {
     case DType::f32: return "float32";
     case DType::i32: return "int32";
     case DType::i64: return "int64";
+    case DType::i8: return "int8";
+    case DType::u8: return "uint8";
   }
   return "?";
 }

@@ -24,6 +24,8 @@ enum DTypeMask : unsigned {
   kF32 = 1u << static_cast<unsigned>(DType::f32),
   kI32 = 1u << static_cast<unsigned>(DType::i32),
   kI64 = 1u << static_cast<unsigned>(DType::i64),
+  kI8 = 1u << static_cast<unsigned>(DType::i8),
+  kU8 = 1u << static_cast<unsigned>(DType::u8),
 };
 
 // One imported argument. `array` keeps the producer's memory alive and must be destroyed with the

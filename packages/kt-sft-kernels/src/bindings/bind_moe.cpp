@@ -295,16 +295,18 @@ void load_weights(PyMoELayer& self, nb::handle gate_up, nb::handle down, nb::han
                    ? "gate_up: required (or gate= and up= separately)"
                    : std::string(gate.is_none() ? "gate" : "up") + ": required together with " +
                          (gate.is_none() ? "up" : "gate"));
-  Array down_a = import_array(down, "down", kBF16, 3, Access::read);
+  // A quantized layer quantizes bf16 or fp32 sources while packing.
+  const unsigned kWeightDTypes = c.weight_dtype == moe::WeightDType::bf16 ? kBF16 : kBF16 | kF32;
+  Array down_a = import_array(down, "down", kWeightDTypes, 3, Access::read);
   check_shape(down_a, {E, H, I});
   Array gu_a, g_a, u_a;
   if (separate) {
-    g_a = import_array(gate, "gate", kBF16, 3, Access::read);
+    g_a = import_array(gate, "gate", kWeightDTypes, 3, Access::read);
     check_shape(g_a, {E, I, H});
-    u_a = import_array(up, "up", kBF16, 3, Access::read);
+    u_a = import_array(up, "up", kWeightDTypes, 3, Access::read);
     check_shape(u_a, {E, I, H});
   } else {
-    gu_a = import_array(gate_up, "gate_up", kBF16, 3, Access::read);
+    gu_a = import_array(gate_up, "gate_up", kWeightDTypes, 3, Access::read);
     check_shape(gu_a, {E, 2 * I, H});
   }
   moe::MoELayer* layer = self.layer.get();
@@ -318,6 +320,77 @@ void load_weights(PyMoELayer& self, nb::handle gate_up, nb::handle down, nb::han
   });
   wait_and_rethrow(*job);
   self.weights_loaded = true;
+}
+
+// load_quantized / read_quantized: the four arrays of a quantized base (shapes checked in C++).
+struct QuantArrays {
+  Array gu_q, gu_s, d_q, d_s;
+};
+
+QuantArrays import_quant_arrays(const PyMoELayer& self, nb::handle gu_q, nb::handle gu_s, nb::handle d_q,
+                                nb::handle d_s, Access access) {
+  const moe::MoEConfig& c = self.layer->config();
+  if (c.weight_dtype == moe::WeightDType::bf16)
+    raise_value(std::string(access == Access::read ? "load_quantized" : "read_quantized") +
+                ": this layer's weight_dtype is 'bf16'; use MoEConfig(weight_dtype='int8' or 'int4')");
+  const int scale_ndim = c.weight_dtype == moe::WeightDType::int8 ? 2 : 3;
+  const unsigned scale_dtypes = access == Access::read ? (kF32 | kBF16) : kF32;
+  QuantArrays q;
+  q.gu_q = import_array(gu_q, "gate_up_q", kI8 | kU8, 3, access);
+  q.gu_s = import_array(gu_s, "gate_up_scale", scale_dtypes, scale_ndim, access);
+  q.d_q = import_array(d_q, "down_q", kI8 | kU8, 3, access);
+  q.d_s = import_array(d_s, "down_scale", scale_dtypes, scale_ndim, access);
+  if (access == Access::write) check_no_overlap({&q.gu_q, &q.gu_s, &q.d_q, &q.d_s}, {});
+  return q;
+}
+
+void load_quantized(PyMoELayer& self, nb::handle gu_q, nb::handle gu_s, nb::handle d_q, nb::handle d_s) {
+  const QuantArrays q = import_quant_arrays(self, gu_q, gu_s, d_q, d_s, Access::read);
+  moe::MoELayer* layer = self.layer.get();
+  const View a = q.gu_q.view, b = q.gu_s.view, cq = q.d_q.view, d = q.d_s.view;
+  self.weights_loaded = false;
+  auto job = self.context->submit([=] { layer->load_quantized(a, b, cq, d); });
+  wait_and_rethrow(*job);
+  self.weights_loaded = true;
+}
+
+void read_quantized(PyMoELayer& self, nb::handle gu_q, nb::handle gu_s, nb::handle d_q, nb::handle d_s) {
+  if (!self.weights_loaded) throw std::runtime_error("MoELayer: call load_weights() or load_quantized() first");
+  const QuantArrays q = import_quant_arrays(self, gu_q, gu_s, d_q, d_s, Access::write);
+  moe::MoELayer* layer = self.layer.get();
+  const View a = q.gu_q.view, b = q.gu_s.view, cq = q.d_q.view, d = q.d_s.view;
+  auto job = self.context->submit([=] { layer->read_quantized(a, b, cq, d); });
+  wait_and_rethrow(*job);
+}
+
+nb::dict memory_report(PyMoELayer& self) {
+  moe::MemoryReport m;
+  {
+    nb::gil_scoped_release release;  // waits for the layer's call in flight, if any
+    m = self.layer->memory_report();
+  }
+  nb::dict d;
+  d["weights"] = m.weights;
+  d["scales"] = m.scales;
+  d["cache_spare"] = m.cache_spare;
+  d["total"] = m.weights + m.scales + m.cache_spare;
+  d["workspace_shared"] = m.workspace_shared;
+  d["workspace_layers"] = m.workspace_layers;
+  return d;
+}
+
+nb::dict estimate_layer_bytes(const moe::MoEConfig& c, std::int64_t tokens, int lora_rank) {
+  if (tokens < 0) raise_value("tokens must be >= 0, got " + std::to_string(tokens));
+  if (lora_rank < 0) raise_value("lora_rank must be >= 0, got " + std::to_string(lora_rank));
+  const moe::LayerSizes s = moe::layer_sizes(c);
+  const std::size_t cache =
+      static_cast<std::size_t>(tokens) * static_cast<std::size_t>(c.top_k) * moe::cache_bytes_per_pair(c, lora_rank, lora_rank);
+  nb::dict d;
+  d["weights"] = s.weights;
+  d["scales"] = s.scales;
+  d["cache"] = cache;
+  d["total"] = s.weights + s.scales + cache;
+  return d;
 }
 
 PyPending start_forward(PyMoELayer& self, nb::handle x, nb::handle ids, nb::handle weights, nb::handle out,
@@ -528,6 +601,9 @@ void bind_moe(nb::module_& m) {
       .def_ro("tokens", &PyForwardHandle::tokens)
       .def_ro("consumed", &PyForwardHandle::consumed)
       .def_prop_ro("has_lora", [](const PyForwardHandle& h) { return !h.lora_object.is_none(); })
+      .def_prop_ro(
+          "cache_bytes", [](const PyForwardHandle& h) { return h.cache ? moe::cache_bytes(*h.cache) : std::size_t{0}; },
+          "Host bytes of the activation cache this handle holds (0 once consumed).")
       .def("__repr__", [](const PyForwardHandle& h) {
         return "ForwardHandle(tokens=" + std::to_string(h.tokens) + (h.consumed ? ", consumed" : "") + ")";
       });
@@ -551,6 +627,16 @@ void bind_moe(nb::module_& m) {
            nb::kw_only(), nb::arg("gate").none() = nb::none(), nb::arg("up").none() = nb::none(),
            "Packs bf16 weights (gate_up [E,2I,H] or gate/up [E,I,H] each, down [E,H,I]) into the layer's own "
            "memory; the caller may free its arrays afterwards.")
+      .def("load_quantized", &load_quantized, nb::arg("gate_up_q").none(), nb::arg("gate_up_scale").none(),
+           nb::arg("down_q").none(), nb::arg("down_scale").none(),
+           "Loads a pre-quantized base bit-exactly (weight_dtype int8: q int8 [E,N,K], scale [E,N]; int4: q uint8 "
+           "[E,N,K/2] two nibbles a byte, low nibble = even k, scale [E,N,K/group_size]; scales float32 or bf16).")
+      .def("read_quantized", &read_quantized, nb::arg("gate_up_q").none(), nb::arg("gate_up_scale").none(),
+           nb::arg("down_q").none(), nb::arg("down_scale").none(),
+           "Writes the packed quantized base into caller arrays (load_quantized's shapes, float32 scales).")
+      .def("memory_report", &memory_report,
+           "Host bytes: weights, scales, cache_spare, total (the layer's own), workspace_shared (the pool's, shared by "
+           "workspace_layers layers: count it once per pool).")
       .def("forward",
            [](PyMoELayer& self, nb::handle x, nb::handle ids, nb::handle weights, nb::handle out, nb::handle lora,
               bool save) { return start_forward(self, x, ids, weights, out, lora, save).wait(); },
@@ -574,6 +660,12 @@ void bind_moe(nb::module_& m) {
       .def("__repr__", [](const PyMoELayer& l) {
         return "MoELayer(" + config_repr(l.layer->config()) + (l.weights_loaded ? "" : ", not loaded") + ")";
       });
+
+  m.def("estimate_layer_bytes", &estimate_layer_bytes, nb::arg("config"), nb::arg("tokens") = 0,
+        nb::arg("lora_rank") = 0,
+        "Host bytes of one layer of this config: weights, scales (exact, as memory_report shows once loaded), cache "
+        "(the activation cache of forward(save=True) on `tokens` tokens, LoRA rank lora_rank on both projections), "
+        "total. The pool's shared workspace is not included.");
 
   nb::module_ testing = nb::borrow<nb::module_>(m.attr("_testing"));
   testing.def("failing_pending", &failing_pending, nb::arg("pool"), nb::arg("message"),

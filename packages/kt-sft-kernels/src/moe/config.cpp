@@ -33,9 +33,10 @@ MoEConfig make_config(int num_experts, int top_k, int hidden, int intermediate, 
   MoEConfig c;
   if (weight_dtype == "bf16") {
     c.weight_dtype = WeightDType::bf16;
-  } else if (weight_dtype == "int8" || weight_dtype == "int4") {
-    throw NotImplementedError("MoEConfig: weight_dtype='" + weight_dtype +
-                              "' (quantized frozen base) is not implemented yet; use 'bf16'");
+  } else if (weight_dtype == "int8") {
+    c.weight_dtype = WeightDType::int8;
+  } else if (weight_dtype == "int4") {
+    c.weight_dtype = WeightDType::int4;
   } else {
     throw std::invalid_argument("MoEConfig: weight_dtype must be one of 'bf16', 'int8', 'int4', got '" +
                                 weight_dtype + "'");
@@ -49,7 +50,18 @@ MoEConfig make_config(int num_experts, int top_k, int hidden, int intermediate, 
   c.intermediate = intermediate;
   c.group_size = group_size;
   c.numa_shards = numa_shards;
+  check_group_size(c, "MoEConfig: ");
   return c;
+}
+
+void check_group_size(const MoEConfig& c, const std::string& prefix) {
+  const int g = c.group_size;
+  if (g != 32 && g != 64 && g != 128)
+    throw std::invalid_argument(prefix + "group_size must be 32, 64 or 128, got " + std::to_string(g));
+  if (c.weight_dtype == WeightDType::int4 && (c.hidden % g || c.intermediate % g))
+    throw std::invalid_argument(prefix + "group_size=" + std::to_string(g) +
+                                ": int4 needs hidden and intermediate to be multiples of group_size, got hidden=" +
+                                std::to_string(c.hidden) + ", intermediate=" + std::to_string(c.intermediate));
 }
 
 std::string config_repr(const MoEConfig& c) {

@@ -21,6 +21,10 @@ class CacheRecycler {
     if (ad.capacity() > ad_.capacity()) ad_.swap(ad);
     if (ax.capacity() > ax_.capacity()) ax_.swap(ax);
   }
+  std::size_t bytes() {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    return gu_.capacity() * sizeof(bf16) + (ad_.capacity() + ax_.capacity()) * sizeof(float);
+  }
   void take(Buffer<bf16>& gu, Buffer<float>& ad, Buffer<float>& ax) {
     const std::lock_guard<std::mutex> lock(mutex_);
     gu.swap(gu_);

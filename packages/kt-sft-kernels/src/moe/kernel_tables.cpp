@@ -1,10 +1,14 @@
 // kernels_for(): maps a tier to its table. Only tiers the build compiled (KT_SFT_HAVE_ISA_<TIER>)
 // are referenced, so this file needs no -m flags. The table's `isa` is the tier it serves (avx512_bf16
 // serves the avx512 tier's kernels: src/isa/avx512_bf16/kernels.cpp says why).
+#include <array>
+#include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
 
 #include "kt/moe/kernels.hpp"
+#include "kt/moe/quant.hpp"
 
 #define KT_DECLARE_TIER(tier)                   \
   namespace kt::isa_##tier {                    \
@@ -49,6 +53,52 @@ const KernelTable& kernels_for(Isa isa) {
     default: break;
   }
   throw std::invalid_argument("no MoE kernels compiled for ISA tier '" + std::string(isa_name(isa)) + "'");
+}
+
+namespace {
+
+QuantKind quant_kind(WeightDType dtype, int group_size) {
+  if (dtype == WeightDType::int8) return kQuantInt8;
+  switch (group_size) {
+    case 32: return kQuantInt4G32;
+    case 64: return kQuantInt4G64;
+    case 128: return kQuantInt4G128;
+    default: break;
+  }
+  throw std::invalid_argument("group_size must be 32, 64 or 128 for int4, got " + std::to_string(group_size));
+}
+
+}  // namespace
+
+const KernelTable& kernels_for(Isa isa, WeightDType dtype, int group_size) {
+  if (dtype == WeightDType::bf16) return kernels_for(isa);
+  const QuantKind kind = quant_kind(dtype, group_size);
+  static std::mutex mutex;
+  static std::array<std::array<std::optional<KernelTable>, kQuantKinds>, kIsaCount> tables;  // [isa][kind]
+  const auto tier = static_cast<std::size_t>(isa);
+  const std::lock_guard<std::mutex> lock(mutex);
+  std::optional<KernelTable>& slot = tables.at(tier)[kind];
+  if (!slot) {
+    KernelTable t = kernels_for(isa);
+    t.format = PackFormat::quantized;
+    t.packed_bytes = nullptr;
+    t.pack = nullptr;
+    t.unpack = nullptr;
+    const QuantGemms& q = t.quant[kind];
+    t.gemm_nt = q.gemm_nt;
+    t.gemm_nn = q.gemm_nn;
+    t.gemm_nt_packed = q.gemm_nt_packed;
+    t.gemm_nn_packed = q.gemm_nn_packed;
+    if (!q.gemm_nt_packed || !q.gemm_nn_packed) {  // this tier's quantized products read row pointers
+      t.packed_a_bytes = nullptr;
+      t.pack_a_nt = nullptr;
+      t.pack_a_nn = nullptr;
+      t.gemm_nt_packed = nullptr;
+      t.gemm_nn_packed = nullptr;
+    }
+    slot = t;
+  }
+  return *slot;
 }
 
 }  // namespace kt::moe

@@ -37,8 +37,7 @@ MoELayer::MoELayer(const MoEConfig& config, runtime::ThreadPool& pool) : impl_(s
     bad_argument("hidden must be a positive multiple of 32, got " + std::to_string(config.hidden));
   if (config.intermediate <= 0 || config.intermediate % 32)
     bad_argument("intermediate must be a positive multiple of 32, got " + std::to_string(config.intermediate));
-  if (config.weight_dtype != WeightDType::bf16)
-    throw NotImplementedError("MoELayer: int8/int4 base weights are not implemented yet");
+  check_group_size(config, "MoELayer: ");
   if (config.numa_shards != 1) throw NotImplementedError("MoELayer: numa_shards > 1 is not implemented yet");
   impl_->config = config;
   impl_->pool = &pool;
@@ -81,29 +80,38 @@ void MoELayer::Impl::pack_all(const View* gate_up_w, const View* gate, const Vie
 
 namespace {
 
-void check_weight(const View& v, const char* name, std::initializer_list<std::int64_t> shape) {
+// bf16 layers take bf16; quantized layers bf16 or f32 (quantized while packing).
+void check_weight(const View& v, const char* name, std::initializer_list<std::int64_t> shape, bool quantized) {
   expect_present(v, name);
   expect_shape(v, name, shape);
-  if (v.dtype != DType::bf16) throw TypeError(std::string(name) + ": expected dtype bfloat16, got " + dtype_name(v.dtype));
+  if (quantized) expect_dtype(v, name, DType::bf16, DType::f32);
+  else if (v.dtype != DType::bf16)
+    throw TypeError(std::string(name) + ": expected dtype bfloat16, got " + dtype_name(v.dtype));
 }
 
 }  // namespace
 
 void MoELayer::load_weights(const View& gate_up, const View& down) {
   const MoEConfig& c = impl_->config;
-  check_weight(gate_up, "gate_up", {c.num_experts, 2 * c.intermediate, c.hidden});
-  check_weight(down, "down", {c.num_experts, c.hidden, c.intermediate});
+  const bool q = impl_->quantized();
+  check_weight(gate_up, "gate_up", {c.num_experts, 2 * c.intermediate, c.hidden}, q);
+  check_weight(down, "down", {c.num_experts, c.hidden, c.intermediate}, q);
   std::lock_guard<std::mutex> lock(impl_->mutex);
-  impl_->pack_all(&gate_up, nullptr, nullptr, down);
+  impl_->loaded = false;
+  if (q) impl_->quantize_all(&gate_up, nullptr, nullptr, down);
+  else impl_->pack_all(&gate_up, nullptr, nullptr, down);
 }
 
 void MoELayer::load_weights(const View& gate, const View& up, const View& down) {
   const MoEConfig& c = impl_->config;
-  check_weight(gate, "gate", {c.num_experts, c.intermediate, c.hidden});
-  check_weight(up, "up", {c.num_experts, c.intermediate, c.hidden});
-  check_weight(down, "down", {c.num_experts, c.hidden, c.intermediate});
+  const bool q = impl_->quantized();
+  check_weight(gate, "gate", {c.num_experts, c.intermediate, c.hidden}, q);
+  check_weight(up, "up", {c.num_experts, c.intermediate, c.hidden}, q);
+  check_weight(down, "down", {c.num_experts, c.hidden, c.intermediate}, q);
   std::lock_guard<std::mutex> lock(impl_->mutex);
-  impl_->pack_all(nullptr, &gate, &up, down);
+  impl_->loaded = false;
+  if (q) impl_->quantize_all(nullptr, &gate, &up, down);
+  else impl_->pack_all(nullptr, &gate, &up, down);
 }
 
 }  // namespace kt::moe

@@ -1,5 +1,5 @@
 // What the layer's translation units share (layer.cpp: construction and weight packing;
-// layer_forward.cpp; layer_backward.cpp): block sizes, argument checks, phase helpers, the per-call
+// layer_quant.cpp: quantized bases and the memory report; layer_forward.cpp; layer_backward.cpp): block sizes, argument checks, phase helpers, the per-call
 // workspace and MoELayer::Impl. Private to src/moe.
 #pragma once
 #include <algorithm>
@@ -60,6 +60,7 @@ inline std::size_t dtype_size(DType d) {
     case DType::bf16: return 2;
     case DType::f32: case DType::i32: return 4;
     case DType::i64: return 8;
+    case DType::i8: case DType::u8: return 1;
   }
   return 0;
 }
@@ -70,6 +71,8 @@ inline const char* dtype_name(DType d) {
     case DType::f32: return "float32";
     case DType::i32: return "int32";
     case DType::i64: return "int64";
+    case DType::i8: return "int8";
+    case DType::u8: return "uint8";
   }
   return "?";
 }
@@ -132,9 +135,11 @@ inline void check_grad_like(const View& grad, const View& weight, const char* na
 
 // ---- small helpers -------------------------------------------------------------------------------
 
+// Expert e's slice of a [E, ...] array (2 or 3 dimensions).
 inline const std::byte* expert_slice(const View& v, int e) {
+  const std::int64_t per_expert = v.ndim == 2 ? v.shape[1] : v.shape[1] * v.shape[2];
   return static_cast<const std::byte*>(v.data) +
-         static_cast<std::size_t>(e) * static_cast<std::size_t>(v.shape[1] * v.shape[2]) * dtype_size(v.dtype);
+         static_cast<std::size_t>(e) * static_cast<std::size_t>(per_expert) * dtype_size(v.dtype);
 }
 inline std::byte* expert_slice_mut(const View& v, int e) { return const_cast<std::byte*>(expert_slice(v, e)); }
 
@@ -219,6 +224,7 @@ class PackedRows {
     });
     return true;
   }
+  std::size_t bytes() const { return storage_.capacity(); }
   // The packing of the chunk of expert e that starts at sorted row b.
   const void* at(const Routing& r, int e, std::int64_t b) const {
     return storage_.data() + offsets_[first_[e] + (b - r.offsets[e]) / chunk_rows(r.rows_of(e))];
@@ -254,6 +260,15 @@ struct Workspace {
   Buffer<const bf16*> x_rows, g_rows, h_rows, dgu_rows;
   std::vector<PairChunk> chunks;
   PackedRows packed;  // activation packing of the current phase (amx-style tiers only)
+
+  std::size_t bytes() const {
+    std::size_t n = packed.bytes();
+    for (const Buffer<bf16>* b : {&xb, &gb, &gu, &hb, &dgu}) n += b->capacity() * sizeof(bf16);
+    for (const Buffer<float>* b : {&ax, &ad, &bg, &bgu, &rows, &gw_part, &gw, &scratch, &tiles})
+      n += b->capacity() * sizeof(float);
+    for (const Buffer<const bf16*>* b : {&x_rows, &g_rows, &h_rows, &dgu_rows}) n += b->capacity() * sizeof(bf16*);
+    return n;
+  }
 };
 
 // The per-call scratch of every layer that runs on one thread pool. A model's layers run one at a
@@ -283,14 +298,19 @@ struct MoELayer::Impl {
   const void* gate_up_of(int e) const { return gate_up.data() + e * gate_up_stride; }
   const void* down_of(int e) const { return down.data() + e * down_stride; }
 
-  // The active tier's table; re-packs the weights if that tier wants another layout.
+  bool quantized() const { return config.weight_dtype != WeightDType::bf16; }
+
+  // The active tier's table; re-packs bf16 weights if that tier wants another layout (quantized
+  // bases have one layout for every tier: kt/moe/quant.hpp).
   const KernelTable& kernels() {
+    if (quantized()) return kernels_for(runtime::active_isa(), config.weight_dtype, config.group_size);
     const KernelTable& table = kernels_for(runtime::active_isa());
     if (table.format != packed_by->format) repack(table);
     return table;
   }
 
   void pack_all(const View* gate_up_w, const View* gate, const View* up, const View& down_w);
+  void quantize_all(const View* gate_up_w, const View* gate, const View* up, const View& down_w);  // layer_quant.cpp
 
   void repack(const KernelTable& to) {
     const int E = config.num_experts, H = config.hidden, I = config.intermediate;

@@ -1,7 +1,8 @@
 // Correctness of the amx tier's GEMMs and packings against a float64 reference: tile tails in m,
 // column sub-ranges, strided output, reductions that span several cache chunks and several m-blocks,
 // both paths (AVX-512 dot products for tiny m, AMX tiles otherwise), and bitwise determinism (packed
-// vs row-pointer entries, column splits, chunk sizes, threads, repeats).
+// vs row-pointer entries, column splits, chunk sizes, threads, repeats), and the quantized-base entries
+// (bitwise the bf16 products of the dequantized matrix).
 //
 // Two builds of this one file:
 //  * emulated, on any x86-64/AVX2 machine (the AMX and AVX-512 operations come from
@@ -264,6 +265,60 @@ void report_prefetch_coverage(std::mt19937& rng) {
 }
 #endif
 
+// Quantized bases (amx_quant.inl): every QuantKind's four entries on random int8/int4 values and
+// scales equal, bitwise, the bf16 entries on the packing of the dequantized matrix (bf16(q * scale)),
+// for several m (both paths), column ranges, NT and NN.
+void test_quantized(std::mt19937& rng) {
+  const struct {
+    int kind, bits, group;
+  } kinds[] = {{kt::moe::kQuantInt8, 8, 0}, {kt::moe::kQuantInt4G32, 4, 32}, {kt::moe::kQuantInt4G64, 4, 64},
+               {kt::moe::kQuantInt4G128, 4, 128}};
+  const kt::moe::KernelTable& t = table();
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::uniform_real_distribution<float> scale(0.005f, 0.02f);
+  const int rows = 128, cols = 256;
+  for (const auto& kind : kinds) {
+    const int group = kind.group ? kind.group : cols;
+    const std::size_t n = static_cast<std::size_t>(rows) * cols, values = n * kind.bits / 8;
+    std::vector<std::uint8_t> q(values + 4 * static_cast<std::size_t>(rows) * (cols / group));
+    for (std::size_t i = 0; i < values; ++i) q[i] = static_cast<std::uint8_t>(byte(rng));
+    std::vector<float> scales(static_cast<std::size_t>(rows) * (cols / group));
+    for (auto& v : scales) v = scale(rng);
+    std::memcpy(q.data() + values, scales.data(), 4 * scales.size());
+    std::vector<bf16> plain(n);
+    for (std::size_t i = 0; i < n; ++i) {
+      int v = kind.bits == 8 ? static_cast<std::int8_t>(q[i]) : (((q[i / 2] >> (4 * (i & 1))) & 0xF) ^ 8) - 8;
+      plain[i] = kt::f32_to_bf16(static_cast<float>(v) * scales[(i / cols) * (cols / group) + (i % cols) / group]);
+    }
+    Aligned packed(t.packed_bytes(rows, cols));
+    t.pack(plain.data(), rows, cols, packed.p);
+    const kt::moe::QuantGemms& g = t.quant[kind.kind];
+    for (int m : {1, 5, 17, 64, 150})
+      for (const bool nn : {false, true}) {
+        const int k = nn ? rows : cols, outs = nn ? cols : rows;
+        const Rows a(m, k, rng);
+        Aligned act(t.packed_a_bytes(m, k));
+        (nn ? t.pack_a_nn : t.pack_a_nt)(m, a.ptr.data(), k, act.p);
+        for (auto [o0, o1] : {std::pair{0, outs}, std::pair{32, 96}}) {
+          const int width = o1 - o0;
+          std::vector<float> want(static_cast<std::size_t>(m) * width), got_rows(want.size()), got_packed(want.size());
+          if (nn) {
+            t.gemm_nn(m, a.ptr.data(), packed.p, k, cols, o0, o1, want.data(), width);
+            g.gemm_nn(m, a.ptr.data(), q.data(), k, cols, o0, o1, got_rows.data(), width);
+            g.gemm_nn_packed(m, act.p, q.data(), k, cols, o0, o1, got_packed.data(), width);
+          } else {
+            t.gemm_nt(m, a.ptr.data(), packed.p, rows, k, o0, o1, want.data(), width);
+            g.gemm_nt(m, a.ptr.data(), q.data(), rows, k, o0, o1, got_rows.data(), width);
+            g.gemm_nt_packed(m, act.p, q.data(), rows, k, o0, o1, got_packed.data(), width);
+          }
+          EXPECT(same_bits(got_rows, want) && same_bits(got_packed, want),
+                 "quant[%d] %s m=%d [%d,%d): differs from the bf16 product of the dequantized matrix", kind.kind,
+                 nn ? "nn" : "nt", m, o0, o1);
+        }
+      }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -282,6 +337,7 @@ int main() {
   kt::isa_amx::tuning().small_m = 4;  // both paths in the determinism checks
   test_determinism(rng);
   test_threads(rng);
+  test_quantized(rng);
   kt::isa_amx::tuning().small_m = default_small_m;
 #ifdef KT_AMX_EMULATE
   report_prefetch_coverage(rng);

@@ -1,4 +1,5 @@
-// Every KernelTable entry of the avx2, avx512 and avx512_bf16 tiers against the portable tier, on
+// Every KernelTable entry of the avx2, avx512 and avx512_bf16 tiers (with the quantized-base GEMMs)
+// against the portable tier, on
 // random data with awkward sizes (row tails, 32-wide column blocks, special values). Built by
 // CMake (KT_SFT_BUILD_CPP_TESTS); with KT_SFT_ISA_EMULATION the AVX-512 tiers run through
 // SIMDe, so this covers their code on a CPU without AVX-512 (the comparisons are tolerance-based,
@@ -125,6 +126,82 @@ void test_gemms(const KernelTable& ref, const KernelTable& t, const char* name) 
       }
     }
   }
+}
+
+// A random quantized matrix [rows, cols] in the layout of kt/moe/quant.hpp, and its dequantized values
+// (RQ: bf16(q * scale)) for the tolerance scale.
+struct QuantCase {
+  std::vector<std::uint8_t> packed;
+  std::vector<float> dequantized;
+};
+
+QuantCase random_quant(int rows, int cols, int bits, int group) {
+  const std::size_t n = static_cast<std::size_t>(rows) * cols;
+  const int groups = cols / group;
+  QuantCase q;
+  q.packed.resize(n * bits / 8 + 4 * static_cast<std::size_t>(rows) * groups);
+  std::uniform_int_distribution<int> byte(0, 255);
+  for (std::size_t i = 0; i < n * bits / 8; ++i) q.packed[i] = static_cast<std::uint8_t>(byte(rng));
+  std::vector<float> scales(static_cast<std::size_t>(rows) * groups);
+  std::uniform_real_distribution<float> scale(0.005f, 0.02f);
+  for (auto& v : scales) v = scale(rng);
+  std::memcpy(q.packed.data() + n * bits / 8, scales.data(), 4 * scales.size());
+  q.dequantized.resize(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    int v = bits == 8 ? static_cast<std::int8_t>(q.packed[i]) : ((q.packed[i / 2] >> (4 * (i & 1))) & 0xF);
+    if (bits == 4) v = (v ^ 8) - 8;
+    const float s = scales[(i / cols) * groups + (i % cols) / group];
+    q.dequantized[i] = bf16_to_f32(f32_to_bf16(static_cast<float>(v) * s));
+  }
+  return q;
+}
+
+void test_quant_gemms(const KernelTable& ref, const KernelTable& t, const char* name) {
+  const struct {
+    int kind, bits, group;
+  } kinds[] = {{kt::moe::kQuantInt8, 8, 0}, {kt::moe::kQuantInt4G32, 4, 32}, {kt::moe::kQuantInt4G64, 4, 64},
+               {kt::moe::kQuantInt4G128, 4, 128}};
+  const int rows = 256, cols = 256;
+  for (const auto& kind : kinds)
+    for (int k : {128, 256}) {
+      const std::string tag = std::string(name) + " quant[" + std::to_string(kind.kind) + "]";
+      const QuantCase w_nt = random_quant(rows, k, kind.bits, kind.group ? kind.group : k);
+      const QuantCase w_nn = random_quant(k, cols, kind.bits, kind.group ? kind.group : cols);
+      for (int m : {1, 3, 8, 9, 33}) {
+        std::vector<bf16> a = random_bf16(static_cast<std::size_t>(m) * (k + 32));
+        const auto a_rows = rows_of(a, m, k, 32);
+        for (auto [n0, n1] : {std::pair{0, 256}, std::pair{32, 96}, std::pair{128, 160}}) {
+          const int width = n1 - n0, ldc = width + 16;
+          const float nan = std::numeric_limits<float>::quiet_NaN();
+          for (const bool nn : {false, true}) {
+            std::vector<float> c_ref(static_cast<std::size_t>(m) * ldc, nan), c(c_ref.size(), nan);
+            if (nn) {
+              ref.quant[kind.kind].gemm_nn(m, a_rows.data(), w_nn.packed.data(), k, cols, n0, n1, c_ref.data(), ldc);
+              t.quant[kind.kind].gemm_nn(m, a_rows.data(), w_nn.packed.data(), k, cols, n0, n1, c.data(), ldc);
+            } else {
+              ref.quant[kind.kind].gemm_nt(m, a_rows.data(), w_nt.packed.data(), rows, k, n0, n1, c_ref.data(), ldc);
+              t.quant[kind.kind].gemm_nt(m, a_rows.data(), w_nt.packed.data(), rows, k, n0, n1, c.data(), ldc);
+            }
+            const std::string what = tag + (nn ? " gemm_nn" : " gemm_nt") + " m=" + std::to_string(m) +
+                                     " k=" + std::to_string(k) + " n0=" + std::to_string(n0);
+            for (int i = 0; i < m; ++i)
+              for (int j = 0; j < ldc; ++j) {
+                const float got = c[i * ldc + j], want = c_ref[i * ldc + j];
+                if (j >= width) {
+                  check(std::isnan(got), what + " wrote outside its columns");
+                  continue;
+                }
+                float scale = 0.f;
+                for (int q = 0; q < k; ++q) {
+                  const float wv = nn ? w_nn.dequantized[q * cols + n0 + j] : w_nt.dequantized[(n0 + j) * k + q];
+                  scale += std::fabs(bf16_to_f32(a_rows[i][q]) * wv);
+                }
+                check(close(got, want, scale, 2e-5f), what);
+              }
+          }
+        }
+      }
+    }
 }
 
 // Within `ulps` bf16 units of the portable value (the tiers' sigmoids differ in the last fp32 bits).
@@ -395,6 +472,7 @@ int main() {
   for (const auto& [name, table] : tiers) {
     const int before = failures;
     test_gemms(ref, *table, name);
+    test_quant_gemms(ref, *table, name);
     test_activation(ref, *table, name);
     test_lora<float>(ref, *table, name, DType::f32);
     test_lora<bf16>(ref, *table, name, DType::bf16);

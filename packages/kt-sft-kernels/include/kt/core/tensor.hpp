@@ -11,7 +11,7 @@ namespace kt {
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wshadow"
 #endif
-enum class DType : std::uint8_t { bf16, f32, i32, i64 };
+enum class DType : std::uint8_t { bf16, f32, i32, i64, i8, u8 };
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif

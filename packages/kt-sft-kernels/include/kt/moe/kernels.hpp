@@ -16,13 +16,36 @@
 #include "kt/core/bf16.hpp"
 #include "kt/core/isa.hpp"
 #include "kt/core/tensor.hpp"
+#include "kt/moe/config.hpp"
 
 namespace kt::moe {
 
 // How a tier lays out packed base weights. Tiers sharing a format can use each other's packing;
 // a layer re-packs when the active tier needs another format.
 // amx_bf16_tiles: 16x32 row-major tiles, qword-permuted rows (src/isa/amx/amx_internal.hpp explains).
-enum class PackFormat : int { row_major_bf16 = 0, amx_bf16_tiles = 1 };
+// quantized: int8/int4 values + fp32 scales (include/kt/moe/quant.hpp), one layout for every tier.
+enum class PackFormat : int { row_major_bf16 = 0, amx_bf16_tiles = 1, quantized = 2 };
+
+using GemmNtFn = void (*)(int m, const bf16* const* a, const void* w, int rows, int k, int n0, int n1, float* c,
+                          std::int64_t ldc);
+using GemmNnFn = void (*)(int m, const bf16* const* a, const void* w, int k, int cols, int j0, int j1, float* c,
+                          std::int64_t ldc);
+
+using GemmNtPackedFn = void (*)(int m, const void* a, const void* w, int rows, int k, int n0, int n1, float* c,
+                                std::int64_t ldc);
+using GemmNnPackedFn = void (*)(int m, const void* a, const void* w, int k, int cols, int j0, int j1, float* c,
+                                std::int64_t ldc);
+
+// The base products over a quantized packing (quant.hpp): same contracts as gemm_nt / gemm_nn (and
+// their activation-packed forms, null where the tier has none), with W[r][c] = bf16(q * scale)
+// dequantized on the fly, a block or strip at a time (never a whole expert).
+struct QuantGemms {
+  GemmNtFn gemm_nt = nullptr;
+  GemmNnFn gemm_nn = nullptr;
+  GemmNtPackedFn gemm_nt_packed = nullptr;
+  GemmNnPackedFn gemm_nn_packed = nullptr;
+};
+enum QuantKind : int { kQuantInt8 = 0, kQuantInt4G32 = 1, kQuantInt4G64 = 2, kQuantInt4G128 = 3, kQuantKinds = 4 };
 
 struct KernelTable {
   Isa isa;
@@ -40,6 +63,8 @@ struct KernelTable {
   // This is the transposed product of the same packed matrix: the backward needs no second copy.
   void (*gemm_nn)(int m, const bf16* const* a, const void* w, int k, int cols, int j0, int j1, float* c,
                   std::int64_t ldc);
+  // The same products over quantized bases, indexed by QuantKind.
+  QuantGemms quant[kQuantKinds];
 
   // Optional activation packing (null in tiers whose GEMMs read the row pointers directly). A tier
   // whose GEMMs want rows in a tile layout lets the caller pack each chunk of rows ONCE per phase and
@@ -86,5 +111,11 @@ struct KernelTable {
 
 // The table of a compiled tier; throws std::invalid_argument if that tier is not in this binary.
 const KernelTable& kernels_for(Isa isa);
+
+// The tier's table for a quantized base (weight_dtype int8/int4): the GEMM entries are the tier's
+// quant[kind] products (the activation packing stays where the tier has packed forms), format is
+// PackFormat::quantized, and the bf16 weight-packing entries are null (quantized packing is
+// tier-independent: src/moe/quantize.cpp). bf16 -> kernels_for(isa).
+const KernelTable& kernels_for(Isa isa, WeightDType dtype, int group_size);
 
 }  // namespace kt::moe

@@ -9,6 +9,7 @@
 //   LoRA grads               : same shapes and dtype as the LoRA weights; written, never accumulated.
 // Outputs are always fully written (zeros included). T = 0 is legal.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 
@@ -38,6 +39,24 @@ struct ForwardCacheDeleter {
 };
 using ForwardCachePtr = std::unique_ptr<ForwardCache, ForwardCacheDeleter>;
 
+// Host bytes of one layer (MoELayer::memory_report). weights + scales + cache_spare are the layer's
+// own; the workspace is the thread pool's, shared by `workspace_layers` layers (count it once per pool).
+struct MemoryReport {
+  std::size_t weights = 0;           // packed base weights (bf16 tiles, or int8 / int4 values)
+  std::size_t scales = 0;            // fp32 scales of a quantized base
+  std::size_t cache_spare = 0;       // the freed activation cache the layer keeps for its next forward
+  std::size_t workspace_shared = 0;  // the pool's grow-only per-call workspace
+  int workspace_layers = 0;          // layers sharing that workspace
+};
+
+// Packed weight and scale bytes of a layer of this config (exact; what memory_report shows once loaded).
+struct LayerSizes {
+  std::size_t weights = 0, scales = 0;
+};
+LayerSizes layer_sizes(const MoEConfig& config);
+// Activation-cache bytes a forward(save=true) keeps per routed pair (gu bf16, A_gu x and A_d h fp32).
+std::size_t cache_bytes_per_pair(const MoEConfig& config, int rank_gu, int rank_d);
+
 class MoELayer {
  public:
   MoELayer(const MoEConfig& config, runtime::ThreadPool& pool);
@@ -51,6 +70,13 @@ class MoELayer {
   // Packs the weights into the layer's own memory; the caller may free its arrays afterwards.
   void load_weights(const View& gate_up /*[E,2I,H] bf16*/, const View& down /*[E,H,I] bf16*/);
   void load_weights(const View& gate /*[E,I,H]*/, const View& up /*[E,I,H]*/, const View& down);
+  // weight_dtype int8 / int4: the sources may be bf16 or f32; they are quantized while packing
+  // (src/moe/quantize.hpp: the one rule). load_quantized takes pre-quantized values as they are
+  // (include/kt/moe/quant.hpp), bit-exact: q int8 [E,N,K] + scale [E,N], or q uint8 [E,N,K/2] +
+  // scale [E,N,K/group_size]; scales f32 or bf16. read_quantized writes them back (f32 scales).
+  void load_quantized(const View& gate_up_q, const View& gate_up_scale, const View& down_q, const View& down_scale);
+  void read_quantized(const View& gate_up_q, const View& gate_up_scale, const View& down_q, const View& down_scale);
+  MemoryReport memory_report();
 
   // Returns the activation cache when save is true, nullptr otherwise.
   ForwardCachePtr forward(const View& x, const View& ids, const View& weights,
@@ -69,5 +95,7 @@ std::int64_t cache_tokens(const ForwardCache& cache);
 const MoELayer* cache_layer(const ForwardCache& cache);
 bool cache_has_lora_gate_up(const ForwardCache& cache);
 bool cache_has_lora_down(const ForwardCache& cache);
+// Host bytes the cache holds (its buffers as allocated, the routing included); 0 once consumed.
+std::size_t cache_bytes(const ForwardCache& cache);
 
 }  // namespace kt::moe

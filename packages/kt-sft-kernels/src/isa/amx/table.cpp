@@ -1,4 +1,5 @@
-// The amx tier's KernelTable: its packing and GEMM entries, the SIMD SwiGLU/LoRA entries shared with avx512.
+// The amx tier's KernelTable: its packing and GEMM entries (bf16, and quantized bases through
+// amx_quant.inl), the SIMD SwiGLU/LoRA entries shared with avx512.
 #include "amx_internal.hpp"
 
 namespace kt::isa_amx {
@@ -55,6 +56,8 @@ void gemm_nn_rows(int m, const bf16* const* a, const void* w, int k, int cols, i
   gemm_nn_packed(m, packed, w, k, cols, j0, j1, c, ldc);
 }
 
+#include "amx_quant.inl"
+
 }  // namespace
 
 const KernelTable& kernel_table() {
@@ -71,6 +74,7 @@ const KernelTable& kernel_table() {
     t.pack_a_nn = pack_a_nn;
     t.gemm_nt_packed = gemm_nt_packed;
     t.gemm_nn_packed = gemm_nn_packed;
+    install_amx_quant(t);  // quantized bases: dequantized strips on the same tiles (amx_quant.inl)
 #ifndef KT_AMX_EMULATE
     t.silu_mul = simd_silu_mul;  // the SIMD tiers' one sigmoid, as in avx512_bf16
     t.silu_mul_bwd = simd_silu_mul_bwd;

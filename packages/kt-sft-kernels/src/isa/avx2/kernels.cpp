@@ -23,12 +23,14 @@ constexpr int kPanelBlockRows = 3;  // 3 rows x 32 columns = 12 accumulators
 constexpr int kPanelBlockCols = 32;
 
 #include "../common/simd_f32_gemm.inl"
+#include "../common/simd_quant_gemm.inl"
 
 const KernelTable& kernel_table() {
   static const KernelTable table = [] {
     KernelTable t = generic_table(Isa::avx2);
     t.gemm_nt = simd_gemm_nt_dot;
     t.gemm_nn = simd_gemm_nn;
+    install_simd_quant(t);
     t.silu_mul = simd_silu_mul;
     t.silu_mul_bwd = simd_silu_mul_bwd;
     return t;

@@ -9,6 +9,21 @@ struct Vec {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
   }
   static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
+  // 8 int8 values, exactly.
+  static reg load_i8(const std::int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  // 8 two's complement nibbles from 4 bytes (low nibble first), exactly.
+  static reg load_i4(const std::uint8_t* p) {
+    std::int32_t word;
+    std::memcpy(&word, p, sizeof(word));
+    const __m128i bytes = _mm_cvtsi32_si128(word);
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+    const __m256i eight = _mm256_set1_epi32(8);
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_xor_si256(v, eight), eight));
+  }
   // Round to nearest even bf16 exactly like kt::f32_to_bf16 (NaN stays a quiet NaN); returns the
   // rounded values as fp32 and stores their bits.
   static reg store_bf16(bf16* p, reg v) {

@@ -25,6 +25,7 @@ constexpr int kPanelBlockRows = 6;  // 6 rows x 64 columns = 24 accumulators
 constexpr int kPanelBlockCols = 64;
 
 #include "../common/simd_f32_gemm.inl"
+#include "../common/simd_quant_gemm.inl"
 
 // NT through the panel: B[q][n] = W[n][q], filled with transposed 16 x 16 blocks of W (depth and width
 // are multiples of 32), so a call reads W once, not once per block of kNtRows rows. Measured at
@@ -54,6 +55,7 @@ const KernelTable& kernel_table() {
     KernelTable t = generic_table(Isa::avx512);
     t.gemm_nt = simd_gemm_nt_panel;
     t.gemm_nn = simd_gemm_nn;
+    install_simd_quant(t);
     t.silu_mul = simd_silu_mul;
     t.silu_mul_bwd = simd_silu_mul_bwd;
     install_simd_lora(t);

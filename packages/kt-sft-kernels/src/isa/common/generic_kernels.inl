@@ -66,6 +66,8 @@ inline void generic_gemm_nn(int m, const bf16* const* a, const void* w_packed, i
   }
 }
 
+#include "quant_kernels.inl"
+
 // ---- SwiGLU: the one sigmoid of this tier, shared by forward and backward ----------------------
 
 inline float sigmoid(float g) { return 1.f / (1.f + std::exp(-g)); }
@@ -279,6 +281,7 @@ inline KernelTable generic_table(Isa isa) {
   t.unpack = unpack_row_major;
   t.gemm_nt = generic_gemm_nt;
   t.gemm_nn = generic_gemm_nn;
+  install_generic_quant(t);
   t.silu_mul = generic_silu_mul;
   t.silu_mul_bwd = generic_silu_mul_bwd;
   t.lora_a = generic_lora_a;

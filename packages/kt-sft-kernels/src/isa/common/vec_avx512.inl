@@ -11,6 +11,19 @@ struct Vec {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
   }
   static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
+  // 16 int8 values, exactly.
+  static reg load_i8(const std::int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  // 16 two's complement nibbles from 8 bytes (low nibble first), exactly.
+  static reg load_i4(const std::uint8_t* p) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+    const __m512i eight = _mm512_set1_epi32(8);
+    return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_xor_si512(v, eight), eight));
+  }
   // Round to nearest even bf16 exactly like kt::f32_to_bf16 (NaN stays a quiet NaN); returns the
   // rounded values as fp32 and stores their bits.
   static reg store_bf16(bf16* p, reg v) {

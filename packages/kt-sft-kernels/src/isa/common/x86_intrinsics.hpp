@@ -39,6 +39,27 @@ inline __mmask16 _mm512_cmpgt_epu32_mask(simde__m512i a, simde__m512i b) {
   for (int i = 0; i < 16; ++i) mask = static_cast<__mmask16>(mask | ((x[i] > y[i] ? 1u : 0u) << i));
   return mask;
 }
+inline simde__m512i _mm512_cvtepi8_epi32(simde__m128i a) {
+  std::int8_t in[16];
+  std::int32_t out[16];
+  simde_mm_storeu_si128(reinterpret_cast<simde__m128i*>(in), a);
+  for (int i = 0; i < 16; ++i) out[i] = in[i];
+  return simde_mm512_loadu_si512(out);
+}
+inline simde__m512i _mm512_cvtepu8_epi32(simde__m128i a) {
+  std::uint8_t in[16];
+  std::int32_t out[16];
+  simde_mm_storeu_si128(reinterpret_cast<simde__m128i*>(in), a);
+  for (int i = 0; i < 16; ++i) out[i] = in[i];
+  return simde_mm512_loadu_si512(out);
+}
+inline simde__m512 _mm512_cvtepi32_ps(simde__m512i a) {
+  std::int32_t in[16];
+  float out[16];
+  simde_mm512_storeu_si512(in, a);
+  for (int i = 0; i < 16; ++i) out[i] = static_cast<float>(in[i]);
+  return simde_mm512_loadu_ps(out);
+}
 #define _mm512_shuffle_f32x4(a, b, imm) \
   simde_mm512_castsi512_ps(simde_mm512_shuffle_i32x4(simde_mm512_castps_si512(a), simde_mm512_castps_si512(b), imm))
 #else

@@ -1,0 +1,71 @@
+// fp32-FMA products over quantized bases (weight-only dequantization), for the tiers that include
+// simd_f32_gemm.inl (after it, and after generic_kernels.inl for QuantMatrix). The per-call fp32
+// panel of panel_gemm is filled straight from the int8 / int4 values: each panel element is
+// bf16(fp32(q * scale)) (RQ), exactly the portable tier's dequantized weight, so the quantized products
+// round where the bf16 ones do plus RQ (docs/kernels.md). The whole expert is never dequantized: a panel is
+// kPanelRows x kPanelCols fp32 (32 KB) on the stack, rebuilt per block and reused by every row block.
+// Vec provides load_i8 / load_i4 (kWidth values, exact) on top of simd_f32_gemm.inl's needs.
+
+template <class V>
+constexpr bool vec_has_transpose = requires(typename V::reg* r) { V::transpose(r); };
+
+// kWidth dequantized values W[r][c .. c + kWidth) (c a multiple of kWidth, so one scale covers them).
+template <class V, int Bits, int Group>
+inline typename V::reg quant_load(const QuantMatrix<Bits, Group>& w, int r, int c) {
+  const std::int64_t i = static_cast<std::int64_t>(r) * w.cols + c;
+  typename V::reg q;
+  if constexpr (Bits == 8) q = V::load_i8(reinterpret_cast<const std::int8_t*>(w.values + i));
+  else q = V::load_i4(w.values + i / 2);
+  alignas(64) bf16 rounded[V::kWidth];  // RQ: store_bf16 returns the rounded values
+  return V::store_bf16(rounded, V::mul(q, V::set1(w.scale(r, c))));
+}
+
+// NT panel: B[q][n] = W[n][q] for q in [qc, qc + depth), n in [jb, jb + width).
+template <class V, int Bits, int Group>
+inline void quant_panel_nt(const QuantMatrix<Bits, Group>& w, int qc, int depth, int jb, int width, float* panel) {
+  constexpr int kW = V::kWidth;
+  if constexpr (vec_has_transpose<V>) {
+    for (int j = 0; j < width; j += kW)
+      for (int q = 0; q < depth; q += kW) {
+        typename V::reg r[kW];
+        for (int x = 0; x < kW; ++x) r[x] = quant_load<V>(w, jb + j + x, qc + q);
+        V::transpose(r);
+        for (int y = 0; y < kW; ++y) V::store(panel + (q + y) * kPanelCols + j, r[y]);
+      }
+  } else {
+    alignas(64) float column[kW];
+    for (int n = 0; n < width; ++n)
+      for (int q = 0; q < depth; q += kW) {
+        V::store(column, quant_load<V>(w, jb + n, qc + q));
+        for (int y = 0; y < kW; ++y) panel[(q + y) * kPanelCols + n] = column[y];
+      }
+  }
+}
+
+template <int Bits, int Group>
+void simd_quant_gemm_nt(int m, const bf16* const* a, const void* w_packed, int rows, int k, int n0, int n1, float* c,
+                        std::int64_t ldc) {
+  const QuantMatrix<Bits, Group> w(w_packed, rows, k);
+  panel_gemm(m, a, k, n0, n1, c, ldc, [&](int qc, int depth, int jb, int width, float* panel) {
+    quant_panel_nt<Vec>(w, qc, depth, jb, width, panel);
+  });
+}
+
+// NN panel: B[q][j] = W[q][j], rows of W dequantized in place.
+template <int Bits, int Group>
+void simd_quant_gemm_nn(int m, const bf16* const* a, const void* w_packed, int k, int cols, int j0, int j1, float* c,
+                        std::int64_t ldc) {
+  const QuantMatrix<Bits, Group> w(w_packed, k, cols);
+  panel_gemm(m, a, k, j0, j1, c, ldc, [&](int qc, int depth, int jb, int width, float* panel) {
+    for (int q = 0; q < depth; ++q)
+      for (int j = 0; j < width; j += Vec::kWidth)
+        Vec::store(panel + q * kPanelCols + j, quant_load<Vec>(w, qc + q, jb + j));
+  });
+}
+
+inline void install_simd_quant(KernelTable& t) {
+  t.quant[moe::kQuantInt8] = {simd_quant_gemm_nt<8, 0>, simd_quant_gemm_nn<8, 0>};
+  t.quant[moe::kQuantInt4G32] = {simd_quant_gemm_nt<4, 32>, simd_quant_gemm_nn<4, 32>};
+  t.quant[moe::kQuantInt4G64] = {simd_quant_gemm_nt<4, 64>, simd_quant_gemm_nn<4, 64>};
+  t.quant[moe::kQuantInt4G128] = {simd_quant_gemm_nt<4, 128>, simd_quant_gemm_nn<4, 128>};
+}

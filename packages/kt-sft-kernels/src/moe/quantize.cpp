@@ -1,0 +1,90 @@
+#include "quantize.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstring>
+#include <stdexcept>
+
+#include "kt/core/bf16.hpp"
+#include "kt/moe/quant.hpp"
+
+namespace kt::moe {
+
+namespace {
+
+struct Packed {
+  std::uint8_t* values;
+  float* scales;
+};
+
+Packed packed_rows(void* dst, int total_rows, int row0, int cols, WeightDType dtype, int group_size) {
+  auto* base = static_cast<std::uint8_t*>(dst);
+  auto* scales = const_cast<float*>(quant_scales(dst, dtype, total_rows, cols));
+  const int groups = cols / quant_group(dtype, group_size, cols);
+  return {base + quant_value_bytes(dtype, row0, cols), scales + static_cast<std::size_t>(row0) * groups};
+}
+
+float load(const void* src, DType dtype, std::size_t i) {
+  return dtype == DType::bf16 ? bf16_to_f32(static_cast<const bf16*>(src)[i]) : static_cast<const float*>(src)[i];
+}
+
+void store_q(std::uint8_t* values, WeightDType dtype, std::size_t i, int q) {
+  if (dtype == WeightDType::int8) {
+    values[i] = static_cast<std::uint8_t>(static_cast<std::int8_t>(q));
+    return;
+  }
+  const auto nibble = static_cast<std::uint8_t>(q & 0xF);
+  std::uint8_t& byte = values[i / 2];
+  byte = (i & 1) ? static_cast<std::uint8_t>((byte & 0x0F) | (nibble << 4)) : static_cast<std::uint8_t>((byte & 0xF0) | nibble);
+}
+
+}  // namespace
+
+void quantize_rows(const void* src, DType src_dtype, int rows, int cols, WeightDType dtype, int group_size,
+                   void* dst, int total_rows, int row0, const char* name, int expert) {
+  const int group = quant_group(dtype, group_size, cols);
+  // int8: [-127, 127] with scale max/127. int4: scale max/8 over the full [-8, 7] (a group's largest
+  // positive value clips to 7 * scale); measured on Gaussian groups of 64 this gives 0.099 relative
+  // error against 0.108 for max/7 over [-7, 7] (ADR 0601).
+  const int divisor = dtype == WeightDType::int8 ? 127 : 8;
+  const int qmin = dtype == WeightDType::int8 ? -127 : -8, qmax = dtype == WeightDType::int8 ? 127 : 7;
+  const Packed p = packed_rows(dst, total_rows, row0, cols, dtype, group_size);
+  const int groups = cols / group;
+  for (int r = 0; r < rows; ++r)
+    for (int g = 0; g < groups; ++g) {
+      const std::size_t first = static_cast<std::size_t>(r) * cols + static_cast<std::size_t>(g) * group;
+      float max_abs = 0.f;
+      for (int c = 0; c < group; ++c) max_abs = std::max(max_abs, std::fabs(load(src, src_dtype, first + c)));
+      if (!std::isfinite(max_abs))
+        throw std::invalid_argument(std::string(name) + ": non-finite weight in expert " + std::to_string(expert) +
+                                    ", row " + std::to_string(row0 + r));
+      const float scale = max_abs / static_cast<float>(divisor);
+      p.scales[static_cast<std::size_t>(r) * groups + g] = scale;
+      for (int c = 0; c < group; ++c) {
+        int q = 0;
+        if (scale > 0.f) {
+          const float ratio = load(src, src_dtype, first + c) / scale;
+          q = std::clamp(static_cast<int>(std::nearbyint(ratio)), qmin, qmax);  // ties to even (default mode)
+        }
+        store_q(p.values, dtype, first + c, q);
+      }
+    }
+}
+
+void copy_quantized_rows(const void* q, const void* scales, DType scale_dtype, int rows, int cols, WeightDType dtype,
+                         int group_size, void* dst, int total_rows, int row0) {
+  const Packed p = packed_rows(dst, total_rows, row0, cols, dtype, group_size);
+  std::memcpy(p.values, q, quant_value_bytes(dtype, rows, cols));
+  const std::size_t n = quant_scale_count(dtype, group_size, rows, cols);
+  for (std::size_t i = 0; i < n; ++i) p.scales[i] = load(scales, scale_dtype, i);
+}
+
+void read_quantized_rows(const void* packed, int rows, int cols, WeightDType dtype, int group_size, void* q,
+                         float* scales) {
+  std::memcpy(q, packed, quant_value_bytes(dtype, rows, cols));
+  std::memcpy(scales, quant_scales(packed, dtype, rows, cols),
+              4 * quant_scale_count(dtype, group_size, rows, cols));
+}
+
+}  // namespace kt::moe
