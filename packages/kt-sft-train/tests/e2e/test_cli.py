@@ -144,7 +144,8 @@ def test_default_job_end_to_end(tmp_path: Path) -> None:
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    output = tmp_path / "kt-sft-output"
+    (output,) = (tmp_path / "kt-sft-output").iterdir()  # a new run-YYYYMMDD-HHMMSS folder per run
+    assert output.name.startswith("run-")
     print(result.stdout)
 
     losses = step_losses(output / "metrics.jsonl")

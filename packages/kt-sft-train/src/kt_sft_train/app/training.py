@@ -21,7 +21,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +48,7 @@ from .data import (
 )
 from .evaluation import ExactMatch, exact_match
 from .options import RESUME_INVARIANTS, OptionsError, TrainOptions, lora_target_list
+from .outputs import check_writable, create_run_directory, new_run_directory, remove_if_empty
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,19 @@ CHECKPOINTS = "checkpoints"
 CHECKPOINT_PREFIX = "step-"
 METRICS = "metrics.jsonl"
 _OWNED_OUTPUTS = ("adapter", CHECKPOINTS, METRICS, "loss.png", "run.json", "summary.json")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; `checkpoint` is the newest resumable checkpoint (None: nothing to resume)."""
+
+    def __init__(self, output: Path, checkpoint: Path | None) -> None:
+        super().__init__(str(output))
+        self.output = output
+        self.checkpoint = checkpoint
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or a gradient became NaN/Inf; the message names the layer and tensor."""
 
 
 @dataclass
@@ -159,12 +175,14 @@ class MetricsLog:
 # -- output directory and checkpoints -------------------------------------------------------------------
 
 
-def prepare_output(output: Path, options: TrainOptions) -> None:
-    """Refuse to mix a new run into a previous one unless --resume or --overwrite says what to do."""
+def prepare_output(output: Path, options: TrainOptions) -> list[Path]:
+    """Refuse to mix a new run into a previous one unless --resume or --overwrite says what to do.
+
+    Returns the folders it created (a failed run removes them again while they are empty).
+    """
     if options.resume and options.overwrite:
         raise OptionsError("--resume and --overwrite contradict each other")
-    if output.exists() and not output.is_dir():
-        raise OptionsError(f"--output {str(output)!r} exists and is not a directory")
+    check_writable(output)
     previous = [name for name in _OWNED_OUTPUTS if (output / name).exists()]
     if previous and not options.resume:
         if not options.overwrite:
@@ -175,7 +193,7 @@ def prepare_output(output: Path, options: TrainOptions) -> None:
         for name in previous:
             path = output / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    output.mkdir(parents=True, exist_ok=True)
+    return create_run_directory(output)
 
 
 def latest_checkpoint(output: Path) -> Path | None:
@@ -217,7 +235,11 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def save_checkpoint(
-    output: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, keep: int
+    output: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    keep: int,
 ) -> Path:
     from ..adapters import atomic_directory
 
@@ -337,23 +359,43 @@ class Progress:
 
 
 def run_training(options: TrainOptions, *, echo: Callable[[str], None] = print) -> TrainResult:
-    from transformers import AutoTokenizer
-
-    from ..adapters import save_adapter
-    from ..model import load_kt_model
-
     wall_start = time.perf_counter()
     if not (Path(options.model) / "config.json").is_file():
         raise OptionsError(
             f"--model {options.model!r} is not a local Hugging Face checkpoint directory (no config.json)"
         )
-    output = Path(options.output)
-    prepare_output(output, options)
+    if options.output is None:
+        if options.resume:
+            raise OptionsError("--resume needs --output DIR: the run folder to continue")
+        output = new_run_directory()
+    else:
+        output = Path(options.output)
+    created = prepare_output(output, options)
+    try:
+        return _run(options, output, echo, wall_start)
+    except TrainingInterrupted:
+        remove_if_empty(created)
+        raise
+    except KeyboardInterrupt:
+        remove_if_empty(created)
+        raise TrainingInterrupted(output, latest_checkpoint(output)) from None
+    except BaseException:
+        remove_if_empty(created)
+        raise
+
+
+def _run(options: TrainOptions, output: Path, echo: Callable[[str], None], wall_start: float) -> TrainResult:
+    from transformers import AutoTokenizer
+
+    from ..adapters import save_adapter
+    from ..model import load_kt_model
+
     checkpoint = latest_checkpoint(output) if options.resume else None
     if options.resume:
         if checkpoint is None:
             raise OptionsError(f"--resume: no checkpoint in {output / CHECKPOINTS}")
         check_resume_compatible(output, options)
+    echo(f"output    {output}")
 
     kt = options.kt
     if kt.threads is not None:
@@ -452,6 +494,85 @@ class _Trained:
     split: StepSplit
 
 
+class _DeferredInterrupt:
+    """The first Ctrl-C lets the current step finish and a checkpoint be saved; a second one stops at once.
+
+    Stopping between steps keeps adapter and optimizer state consistent (never half an optimizer update).
+    Signal handlers can only be set from the main thread; elsewhere Ctrl-C stays a plain KeyboardInterrupt.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> _DeferredInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\nkt-sft: interrupted: finishing this step and saving a checkpoint (Ctrl-C again to stop now)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            previous = self._previous if self._previous is not None else signal.default_int_handler
+            signal.signal(signal.SIGINT, previous)
+
+
+def first_nonfinite_gradient(model: nn.Module) -> str | None:
+    """The name of the first trainable parameter whose gradient holds NaN/Inf (None: all finite)."""
+    for name, parameter in trainable_parameters(model):
+        if parameter.grad is not None and not bool(torch.isfinite(parameter.grad).all()):
+            return name
+    return None
+
+
+def first_nonfinite_output(model: nn.Module, batch: dict[str, torch.Tensor]) -> str | None:
+    """Re-run a forward without gradients and name the first module whose output holds NaN/Inf."""
+    found: list[str] = []
+
+    def hook(name: str) -> Callable[..., None]:
+        def check(module: nn.Module, inputs: Any, output: Any) -> None:
+            tensors = output if isinstance(output, (tuple, list)) else (output,)
+            for tensor in tensors:
+                floating = isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+                if floating and not found and not bool(torch.isfinite(tensor).all()):
+                    found.append(name)
+
+        return check
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules() if name]
+    try:
+        with torch.no_grad():
+            model(**batch, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if found:
+        return found[0]
+    for name, parameter in model.named_parameters():
+        if not bool(torch.isfinite(parameter).all()):
+            return f"{name} (weights)"
+    return None
+
+
+def _nonfinite_message(what: str, step: int, where: str | None) -> str:
+    place = f"first non-finite tensor: {where}" if where else "no module output is non-finite on a re-run"
+    return (
+        f"{what} became non-finite at step {step} ({place}); lower --lr or --max-grad-norm, check the data "
+        "and the checkpoint, or pass --skip-nonfinite-steps to skip such steps"
+    )
+
+
 def _train_steps(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -469,15 +590,18 @@ def _train_steps(
     progress = Progress(total_steps, start_step, options.progress)
     tokens_total = 0
     split_total = StepSplit(0.0, 0.0, 0.0)
+    saved_step = start_step
+    last_save = time.monotonic()
     model.train()
     try:
-        with StepTimer(model) as timer:
+        with StepTimer(model) as timer, _DeferredInterrupt() as interrupt:
             for step in range(start_step, total_steps):
                 lr = learning_rate(options, step, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 timer.start_step()
                 step_loss, step_tokens = 0.0, 0
+                nonfinite: str | None = None
                 for micro in range(options.grad_accum):
                     indices = schedule.indices(step * options.grad_accum + micro)
                     batch = {
@@ -486,9 +610,24 @@ def _train_steps(
                     }
                     loss = _forward_backward(model, batch, parameters, options)
                     if not torch.isfinite(loss):
-                        raise FloatingPointError(f"the loss is {loss.item()} at step {step + 1}; lower --lr")
+                        where = first_nonfinite_output(model, batch)
+                        nonfinite = _nonfinite_message(f"the loss ({loss.item()})", step + 1, where)
+                        break
                     step_loss += loss.item() / options.grad_accum
                     step_tokens += int(batch["attention_mask"].sum())
+                if nonfinite is None:
+                    bad_gradient = first_nonfinite_gradient(model)
+                    if bad_gradient is not None:
+                        nonfinite = _nonfinite_message("a gradient", step + 1, f"{bad_gradient}.grad")
+                if nonfinite is not None:
+                    optimizer.zero_grad(set_to_none=True)
+                    timer.end_step()
+                    if not options.skip_nonfinite_steps:
+                        raise NonFiniteError(nonfinite)
+                    logger.warning("skipped: %s", nonfinite)
+                    metrics.write({"event": "skipped", "step": step + 1, "reason": nonfinite})
+                    progress.update("skipped a non-finite step")
+                    continue
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, options.max_grad_norm))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -514,9 +653,16 @@ def _train_steps(
                 progress.update(
                     f"loss {step_loss:.4f} | {rate:,.0f} tok/s | {split_text(split_total, device)}"
                 )
-                if options.save_every is not None and done % options.save_every == 0 and done < total_steps:
+                by_steps = options.save_every is not None and done % options.save_every == 0
+                minutes = options.save_every_minutes
+                by_time = minutes > 0 and time.monotonic() - last_save >= 60.0 * minutes
+                if (by_steps or by_time or interrupt.requested) and done < total_steps:
                     save_checkpoint(output, done, model, optimizer, options.keep_checkpoints)
-            save_checkpoint(output, total_steps, model, optimizer, options.keep_checkpoints)
+                    saved_step, last_save = done, time.monotonic()
+                if interrupt.requested and done < total_steps:
+                    raise TrainingInterrupted(output, latest_checkpoint(output))
+            if saved_step != total_steps:
+                save_checkpoint(output, total_steps, model, optimizer, options.keep_checkpoints)
     finally:
         progress.close()
     return _Trained(tokens_total, split_total)
