@@ -105,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of: attention, experts, or module names (default attention,experts)",
     )
 
+    _add(
+        lora,
+        "--lora-dropout",
+        type=float,
+        metavar="P",
+        help="dropout on the input of the attention/dense LoRA only (PEFT cannot drop the input of the "
+        "expert parameter targets); saved adapters record 0, as inference ignores it",
+    )
+
     loop = train.add_argument_group("training")
     _add(loop, "--steps", type=int, help="optimizer steps (default: one epoch)")
     _add(loop, "--epochs", type=float, help="epochs over the data (instead of --steps)")
@@ -189,12 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in --output from its last checkpoint with the options in its run.json",
     )
     _add(run, "--overwrite", action="store_true", help="replace a previous run in the output directory")
+    _add(
+        run,
+        "--report-to",
+        metavar="LIST",
+        help="also send the metrics to: none, tensorboard, wandb, mlflow (comma list; the tool's own "
+        "library must be installed)",
+    )
     train.add_argument(
         "--no-progress",
         dest="progress",
         action="store_false",
         default=argparse.SUPPRESS,
-        help="no progress bar",
+        help="no progress bars (training, and transformers' weight loading)",
     )
     train.set_defaults(handler=command_train)
 

@@ -72,6 +72,7 @@ class TrainOptions:
     lora_r: int = 16
     lora_alpha: float | None = None
     lora_targets: str = "attention,experts"
+    lora_dropout: float = 0.0  # on the dense (attention) LoRA only: PEFT has no dropout for parameter targets
     gradient_checkpointing: bool = False
     # Micro-batches of each batch run on threads of their own so the CPU experts of one overlap the GPU
     # work of another (kt_sft_train.overlap); 1 = off. Same gradients up to rounding (bitwise equal to
@@ -92,6 +93,7 @@ class TrainOptions:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    report_to: str = "none"  # comma list of none, tensorboard, wandb, mlflow (app/reporting.py)
 
     def __post_init__(self) -> None:
         for name in (
@@ -128,6 +130,11 @@ class TrainOptions:
             or self.save_every_minutes < 0
         ):
             raise OptionsError(f"--save-every-minutes must be >= 0, got {self.save_every_minutes!r}")
+        dropout = self.lora_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise OptionsError(f"--lora-dropout must be in [0, 1), got {dropout!r}")
+        if not isinstance(self.report_to, str):
+            raise OptionsError(f"--report-to must be a comma list, got {self.report_to!r}")
         if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
             raise OptionsError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
         _choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)

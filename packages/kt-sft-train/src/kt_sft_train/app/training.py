@@ -49,6 +49,7 @@ from .data import (
 from .evaluation import ExactMatch, exact_match
 from .options import RESUME_INVARIANTS, OptionsError, TrainOptions, lora_target_list
 from .outputs import check_writable, create_run_directory, new_run_directory, remove_if_empty
+from .reporting import Reporters, check_available
 
 logger = logging.getLogger(__name__)
 
@@ -134,8 +135,12 @@ def decile_means(losses: Sequence[float]) -> tuple[float, float]:
 class MetricsLog:
     """metrics.jsonl: appended and flushed per record, so a crash loses at most one line."""
 
-    def __init__(self, path: Path, *, keep_steps_upto: int | None) -> None:
+    def __init__(
+        self, path: Path, *, keep_steps_upto: int | None, reporters: Reporters | None = None
+    ) -> None:
         self.path = path
+        self.reporters = reporters  # --report-to sinks, fed the step and eval records
+        self.last_step = 0
         if keep_steps_upto is None:
             path.write_text("")
         else:
@@ -159,6 +164,11 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         self._handle.write(json.dumps(record, sort_keys=True) + "\n")
         self._handle.flush()
+        if self.reporters is not None and record.get("event") in ("step", "eval"):
+            step = int(record.get("step", 0 if record.get("phase") == "before" else self.last_step))
+            self.last_step = max(self.last_step, step)
+            prefix = "train" if record["event"] == "step" else f"eval_{record['phase']}"
+            self.reporters.log(record, step, prefix)
 
     def step_losses(self) -> list[tuple[int, float]]:
         out = []
@@ -170,6 +180,8 @@ class MetricsLog:
 
     def close(self) -> None:
         self._handle.close()
+        if self.reporters is not None:
+            self.reporters.close()
 
 
 # -- output directory and checkpoints -------------------------------------------------------------------
@@ -303,6 +315,25 @@ def lora_config_for(model: nn.Module, options: TrainOptions) -> Any:
     )
 
 
+def apply_dense_lora_dropout(peft_model: nn.Module, probability: float) -> int:
+    """Dropout on the input of every LoRA-wrapped nn.Linear (attention/dense targets); returns how many.
+
+    PEFT's LoraConfig has one lora_dropout for all targets and rejects a nonzero one on parameter targets
+    (the experts), so the config keeps 0 and the dense layers' dropout slots are filled here.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    count = 0
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), nn.Linear):
+            for adapter in module.lora_dropout:
+                module.lora_dropout[adapter] = nn.Dropout(p=probability)
+                count += 1
+    if count == 0:
+        raise OptionsError("--lora-dropout needs attention/dense LoRA targets (see --lora-targets)")
+    return count
+
+
 def describe_model(model: nn.Module) -> str:
     from ..arch import get_moe_arch_config
 
@@ -364,6 +395,7 @@ def run_training(options: TrainOptions, *, echo: Callable[[str], None] = print) 
         raise OptionsError(
             f"--model {options.model!r} is not a local Hugging Face checkpoint directory (no config.json)"
         )
+    check_available(options.report_to)
     if options.output is None:
         if options.resume:
             raise OptionsError("--resume needs --output DIR: the run folder to continue")
@@ -371,6 +403,11 @@ def run_training(options: TrainOptions, *, echo: Callable[[str], None] = print) 
     else:
         output = Path(options.output)
     created = prepare_output(output, options)
+    from transformers.utils import logging as hf_logging
+
+    bars_were_enabled = hf_logging.is_progress_bar_enabled()
+    if not options.progress:
+        hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
     try:
         return _run(options, output, echo, wall_start)
     except TrainingInterrupted:
@@ -382,6 +419,9 @@ def run_training(options: TrainOptions, *, echo: Callable[[str], None] = print) 
     except BaseException:
         remove_if_empty(created)
         raise
+    finally:
+        if bars_were_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _run(options: TrainOptions, output: Path, echo: Callable[[str], None], wall_start: float) -> TrainResult:
@@ -432,6 +472,8 @@ def _run(options: TrainOptions, output: Path, echo: Callable[[str], None], wall_
     from peft import get_peft_model
 
     peft_model = get_peft_model(model, lora_config_for(model, options))
+    if options.lora_dropout:
+        apply_dense_lora_dropout(peft_model, options.lora_dropout)
     if options.gradient_checkpointing:
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     parameters = [p for _, p in trainable_parameters(peft_model)]
@@ -446,7 +488,10 @@ def _run(options: TrainOptions, output: Path, echo: Callable[[str], None], wall_
         )
 
     _write_run_file(output, options, kt, device, dtype)
-    metrics = MetricsLog(output / METRICS, keep_steps_upto=start_step if checkpoint else None)
+    reporters = Reporters(options.report_to, output, options.to_dict())
+    metrics = MetricsLog(
+        output / METRICS, keep_steps_upto=start_step if checkpoint else None, reporters=reporters
+    )
     if before is not None and checkpoint is None:
         metrics.write({"event": "eval", "phase": "before", **before.as_dict()})
     trained = _train_steps(
