@@ -298,3 +298,33 @@ def test_first_nonfinite_gradient_names_the_parameter() -> None:
     assert first_nonfinite_gradient(model) is None
     model[1].weight.grad[0, 1] = float("inf")
     assert first_nonfinite_gradient(model) == "1.weight"
+
+
+# -- 6: Ctrl-C while the heavy libraries import ---------------------------------------------------------
+
+CTRL_C_DURING_IMPORTS = """
+import importlib.abc, sys
+
+class CtrlCOnTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt  # what a Ctrl-C while torch loads raises
+        return None
+
+sys.meta_path.insert(0, CtrlCOnTorch())
+from kt_sft_launcher import main
+sys.exit(main())
+"""
+
+
+def test_ctrl_c_during_imports_prints_one_line() -> None:
+    import tomllib
+
+    pyproject = Path(__file__).parents[2] / "pyproject.toml"
+    scripts = tomllib.loads(pyproject.read_text())["project"]["scripts"]
+    assert scripts["kt-sft"] == "kt_sft_launcher:main"
+    result = subprocess.run(
+        [sys.executable, "-c", CTRL_C_DURING_IMPORTS, "train"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 130
+    assert result.stderr == "kt-sft: interrupted while starting (nothing was written)\n", result.stderr
