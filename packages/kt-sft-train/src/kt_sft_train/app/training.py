@@ -246,6 +246,51 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
+# Config keys that say how a model was loaded or saved, not what it is.
+_NOT_ARCHITECTURE = {"transformers_version", "dtype", "torch_dtype", "architectures", "use_cache"}
+
+
+def base_model_description(model: nn.Module) -> dict[str, Any]:
+    """What a checkpoint's adapter and optimizer state were trained on: the base's architectural config
+    and its expert shapes (recorded in state.json, compared before a resume touches the model)."""
+    from ..arch import get_moe_arch_config
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = {
+        key: value
+        for key, value in base.config.to_dict().items()
+        if not key.startswith("_") and key not in _NOT_ARCHITECTURE
+    }
+    arch = get_moe_arch_config(base)
+    experts = {
+        "layers": len(arch.layers),
+        "experts": arch.num_experts,
+        "hidden": arch.hidden_size,
+        "intermediate": arch.intermediate_size,
+    }
+    # JSON round trip: the comparison sees what state.json stores (lists for tuples, ...).
+    return json.loads(json.dumps({"config": config, "experts": experts}, default=str))
+
+
+def check_checkpoint_base(checkpoint: Path, model: nn.Module) -> None:
+    """Raise OptionsError naming what differs when `checkpoint` was trained on another base model."""
+    recorded = json.loads((checkpoint / "state.json").read_text(encoding="utf-8")).get("base_model")
+    if recorded is None:
+        return  # a checkpoint of an older kt-sft: the adapter's keys and shapes are still validated
+    current = base_model_description(model)
+    differences = []
+    for section in ("experts", "config"):
+        before, now = recorded.get(section, {}), current[section]
+        for key in sorted(set(before) | set(now)):
+            if before.get(key) != now.get(key):
+                differences.append(f"{key}: {before.get(key)!r} -> {now.get(key)!r}")
+    if differences:
+        shown = ", ".join(differences[:5]) + (
+            f" and {len(differences) - 5} more" if len(differences) > 5 else ""
+        )
+        raise OptionsError(f"--resume: {checkpoint} was trained on another base model ({shown})")
+
+
 def save_checkpoint(
     output: Path,
     step: int,
@@ -260,7 +305,11 @@ def save_checkpoint(
         model.save_pretrained(staging / "adapter")
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(_rng_state(), staging / "rng.pt")
-        state = {"step": step, "parameters": [name for name, _ in trainable_parameters(model)]}
+        state = {
+            "step": step,
+            "parameters": [name for name, _ in trainable_parameters(model)],
+            "base_model": base_model_description(model),
+        }
         (staging / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
     checkpoints = sorted(
         (p for p in (output / CHECKPOINTS).iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)),
@@ -466,6 +515,8 @@ def _run(options: TrainOptions, output: Path, echo: Callable[[str], None], wall_
         f"{options.batch_size} x accumulation {options.grad_accum}"
     )
 
+    if checkpoint is not None:
+        check_checkpoint_base(checkpoint, model)  # before the evaluation and the LoRA touch the model
     evaluate = _evaluator(tokenizer, prompts, options, device, formatter.pad_token_id)
     before = evaluate(model, "before", echo)
 
