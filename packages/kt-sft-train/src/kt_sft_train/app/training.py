@@ -126,6 +126,17 @@ def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def resident_mib() -> float | None:
+    """This process's resident memory (MiB) from /proc (Linux); None elsewhere. Logged per step, so a leak
+    shows in metrics.jsonl (and tests/e2e bound it)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            resident_pages = int(handle.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def decile_means(losses: Sequence[float]) -> tuple[float, float]:
     """Mean loss of the first and of the last 10% of steps (at least one step each)."""
     count = max(1, len(losses) // 10)
@@ -742,6 +753,7 @@ def _train_steps(
                             "grad_norm": grad_norm,
                             "tokens": step_tokens,
                             "tokens_per_s": step_tokens / split.total_s if split.total_s > 0 else 0.0,
+                            "rss_mib": resident_mib(),
                             **split.as_dict(),
                         }
                     )
