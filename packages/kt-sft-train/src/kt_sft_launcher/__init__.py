@@ -16,7 +16,3 @@ def main() -> int:
         print("kt-sft: interrupted while starting (nothing was written)", file=sys.stderr)
         return 130
     return cli_main()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
