@@ -83,6 +83,45 @@ _FAMILY_KWARGS: dict[str, tuple[str, dict[str, Any]]] = {
         "OlmoeConfig",
         dict(_COMMON, intermediate_size=EXPERT_INTERMEDIATE, num_experts=4, num_experts_per_tok=2),
     ),
+    # Edge families of issue 16 (what "attention" means; per-layer top-k): for the detection tests.
+    # afmoe: an attention output gate named gate_proj, layer 0 a dense MLP with its own gate_proj.
+    "afmoe": (
+        "AfmoeConfig",
+        dict(_COMMON, head_dim=16, intermediate_size=96, moe_intermediate_size=EXPERT_INTERMEDIATE,
+             num_experts=4, num_experts_per_tok=2, num_dense_layers=1),
+    ),
+    # Layer 0 a Mamba mixer (in_proj, x_proj, dt_proj, out_proj), layer 1 attention.
+    "jamba": (
+        "JambaConfig",
+        dict(_COMMON, intermediate_size=EXPERT_INTERMEDIATE, num_experts=4, num_experts_per_tok=2,
+             attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0,
+             mamba_d_state=4, mamba_dt_rank=8, mamba_expand=2, use_mamba_kernels=False),
+    ),
+    # Layer 0 linear attention (Gated DeltaNet), layer 1 full attention.
+    "qwen3_next": (
+        "Qwen3NextConfig",
+        dict(_COMMON, head_dim=16, intermediate_size=96, moe_intermediate_size=EXPERT_INTERMEDIATE,
+             shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2, linear_num_key_heads=2,
+             linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+             layer_types=["linear_attention", "full_attention"]),
+    ),
+    # Layer 0 a short convolution (in_proj, out_proj), layer 1 attention (its output is `out_proj`).
+    "lfm2_moe": (
+        "Lfm2MoeConfig",
+        dict(_COMMON, intermediate_size=96, moe_intermediate_size=EXPERT_INTERMEDIATE, num_experts=4,
+             num_experts_per_tok=2, num_dense_layers=0, layer_types=["conv", "full_attention"]),
+    ),
+    # A shared MLP (input_linear, output_linear) beside the routed experts.
+    "granitemoeshared": (
+        "GraniteMoeSharedConfig",
+        dict(_COMMON, intermediate_size=EXPERT_INTERMEDIATE, num_local_experts=4, num_experts_per_tok=2,
+             shared_intermediate_size=32),
+    ),
+    # A per-layer top-k list.
+    "hunyuan_v1_moe": (
+        "HunYuanMoEV1Config",
+        dict(_COMMON, head_dim=16, intermediate_size=EXPERT_INTERMEDIATE, num_experts=4, moe_topk=[2, 1]),
+    ),
     # Families kt-sft refuses (or that have no routed experts): for the detection tests.
     "gpt_oss": (
         "GptOssConfig",

@@ -130,6 +130,26 @@ def _replace_directory(staging: Path, target: Path) -> None:
     _fsync_path(target.parent)
 
 
+def current_umask() -> int:
+    # os.umask can only be read by setting it; set it straight back (process-wide, but only for an instant).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(root: Path) -> None:
+    """Give the staged tree the modes a plain ``open()``/``mkdir()`` would (0644/0755 under umask 022).
+
+    mkdtemp makes the staging directory 0700 and safetensors writes 0600 files; a serving process of another
+    user must be able to read saved weights like the JSON beside them.
+    """
+    mask = current_umask()
+    for directory, _, files in os.walk(root):
+        os.chmod(directory, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o666 & ~mask)
+
+
 @contextmanager
 def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield an empty staging directory; on success it replaces ``target`` atomically, else it is removed."""
@@ -138,6 +158,7 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     try:
         yield staging
+        _apply_umask(staging)
         _fsync_tree(staging)
         _replace_directory(staging, target)
     except BaseException:

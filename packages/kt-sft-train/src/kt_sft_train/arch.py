@@ -52,7 +52,7 @@ class MOEArchConfig:
     dtype: torch.dtype
     layers: tuple[MoELayerInfo, ...]
     experts_suffix: str
-    dense_target_modules: tuple[str, ...]
+    dense_target_modules: tuple[str, ...]  # full paths of the attention blocks' Linears ("attention")
 
     @property
     def tested(self) -> bool:
@@ -188,8 +188,10 @@ def layout_problems(module: nn.Module) -> list[str]:
                 f"gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} are not "
                 "[E, 2I, H] and [E, H, I]"
             )
-    if not problems:
-        problems.extend(_gate_problems(module, int(gate_up.shape[1]) // 2))
+    if isinstance(gate_up, torch.Tensor) and gate_up.dim() == 3:
+        # Checked with the other problems, so the error names every reason at once (gpt_oss: layout and gate).
+        two_i = int(gate_up.shape[2] if module.is_transposed else gate_up.shape[1])
+        problems.extend(_gate_problems(module, two_i // 2))
     return problems
 
 
@@ -212,8 +214,12 @@ def _gate_problems(module: nn.Module, intermediate: int) -> list[str]:
     apply_gate = getattr(module, "_apply_gate", None)
     if apply_gate is None:
         return ["no _apply_gate method (not a transformers>=5 experts module)"]
-    # The probe is [gate | up] over a narrow intermediate size, which is what _apply_gate splits.
-    probe = torch.cat([gate, up], dim=-1)
+    # The probe is [gate | up] (or gate/up interleaved) over a narrow intermediate size, which is what
+    # _apply_gate splits.
+    if module.is_concatenated:
+        probe = torch.cat([gate, up], dim=-1)
+    else:
+        probe = torch.stack([gate, up], dim=-1).flatten(-2)
     try:
         result = apply_gate(probe)
     except Exception as error:
@@ -225,7 +231,7 @@ def _gate_problems(module: nn.Module, intermediate: int) -> list[str]:
 
 def experts_top_k(module: nn.Module) -> int:
     """Router top-k of an experts module, from the config transformers stores on it."""
-    top_k = getattr(_text_config(getattr(module, "config", None)), "num_experts_per_tok", None)
+    top_k = _single_top_k(getattr(_text_config(getattr(module, "config", None)), "num_experts_per_tok", None))
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise UnsupportedModelError(
             f"cannot find the router top-k (num_experts_per_tok) of {type(module).__name__}"
@@ -239,8 +245,21 @@ def _text_config(config: Any) -> Any:
     return config
 
 
+def _single_top_k(top_k: Any) -> Any:
+    """One top-k for all layers: a per-layer list (hunyuan_v1_moe's moe_topk) must hold one value."""
+    if isinstance(top_k, (list, tuple)):
+        values = sorted(set(top_k))
+        if len(values) > 1:
+            raise UnsupportedModelError(
+                f"per-layer router top-k (num_experts_per_tok / moe_topk = {list(top_k)}) is not implemented "
+                "yet: kt-sft runs one top-k for all MoE layers"
+            )
+        return values[0] if values else None
+    return top_k
+
+
 def _top_k(text_config: Any, model: nn.Module, experts_path: str) -> int:
-    top_k = getattr(text_config, "num_experts_per_tok", None)
+    top_k = _single_top_k(getattr(text_config, "num_experts_per_tok", None))
     if isinstance(top_k, int) and top_k > 0:
         return top_k
     parent = model.get_submodule(experts_path.rpartition(".")[0]) if "." in experts_path else model
@@ -266,23 +285,49 @@ def _experts_suffix(path: str) -> str:
     return path
 
 
+# Leaf names that PEFT's transformers-v5 MoE conversion (peft.utils.transformers_weight_conversion) maps to
+# the fused expert parameters or the router of MoE families: a target ending in one of them is re-read as an
+# expert target (afmoe's attention output gate `self_attn.gate_proj` made get_peft_model fail). An attention
+# Linear with such a name is therefore left out of the "attention" targets.
+PEFT_MOE_REMAPPED_NAMES = frozenset({"gate", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"})
+
+
+def is_attention_block(module: nn.Module) -> bool:
+    """A decoder layer's softmax-attention block (class name ends in "Attention": Qwen3MoeAttention,
+    DeepseekV3Attention, JambaAttention, ...). Mamba mixers, linear attention (Qwen3NextGatedDeltaNet),
+    short convolutions (Lfm2MoeShortConv) and MLPs are not."""
+    return type(module).__name__.endswith("Attention")
+
+
 def _dense_linear_names(model: nn.Module, found: list[tuple[str, nn.Module]]) -> tuple[str, ...]:
-    """Leaf names of the nn.Linear modules of the decoder layers outside their MLP/MoE block."""
+    """Full module paths of the nn.Linear modules inside the attention blocks of the decoder layers.
+
+    Full paths, not leaf names: a leaf name would also hit same-named Linears elsewhere (dense
+    `mlp.gate_proj`s, Mamba `out_proj`s). Names PEFT remaps to experts (PEFT_MOE_REMAPPED_NAMES) are left
+    out.
+    """
     first_path = found[0][0]
     parts = first_path.split(".")
     digit = next((i for i, part in enumerate(parts) if part.isdigit()), None)
-    if digit is None or digit + 1 >= len(parts):
+    if digit is None:
         return ()
-    container = model.get_submodule(".".join(parts[:digit]))
-    mlp_name = parts[digit + 1]
-    names: set[str] = set()
-    for layer in container.children():
+    container_path = ".".join(parts[:digit])
+    container = model.get_submodule(container_path)
+    paths: set[str] = set()
+    for index, layer in container.named_children():
         for child_name, child in layer.named_children():
-            if child_name == mlp_name:
+            if not is_attention_block(child):
                 continue
             for path, module in child.named_modules():
                 if not isinstance(module, nn.Linear) or not path or ".lora_" in f".{path}":
                     continue
                 # A PEFT-wrapped Linear shows up as `<name>.base_layer`: keep `<name>`.
-                names.add(path.split(".base_layer")[0].rpartition(".")[2])
-    return tuple(sorted(names))
+                path = path.split(".base_layer")[0]
+                if path.rpartition(".")[2] in PEFT_MOE_REMAPPED_NAMES:
+                    continue
+                paths.add(f"{container_path}.{index}.{child_name}.{path}")
+    return tuple(sorted(paths, key=_natural_key))
+
+
+def _natural_key(path: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in path.split(".")]

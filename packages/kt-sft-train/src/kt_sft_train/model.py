@@ -58,6 +58,26 @@ def _routed_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(path, model.get_submodule(path)) for path in get_moe_arch_config(model).experts_paths]
 
 
+KERNEL_SIZE_MULTIPLE = 32  # the CPU kernels' tile width for the hidden and intermediate sizes
+
+
+def _check_kernel_sizes(experts: Sequence[tuple[str, nn.Module]], kt: KTConfig) -> None:
+    """Name the first experts layer whose sizes the CPU kernels cannot run (reference runs any size)."""
+    if kt.backend != "kernels":
+        return
+    from .arch import UnsupportedModelError
+
+    for path, module in experts:
+        _, two_i, hidden = module.gate_up_proj.shape
+        for what, size in (("hidden", int(hidden)), ("intermediate", int(two_i) // 2)):
+            if size % KERNEL_SIZE_MULTIPLE:
+                raise UnsupportedModelError(
+                    f"{path}: expert {what} size {size} is not a multiple of {KERNEL_SIZE_MULTIPLE}, which "
+                    "the CPU kernels need (padding is not implemented yet; the reference backend, "
+                    "KTConfig(backend='reference') or --backend reference, runs any size)"
+                )
+
+
 def _default_device() -> str:
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
@@ -202,6 +222,7 @@ def load_kt_model(
 
     skeleton = _meta_model(config, model_class, hf_kwargs)
     experts = _routed_experts(skeleton)
+    _check_kernel_sizes(experts, kt)  # before any weight is read
     checkpoint = SafetensorsCheckpoint(directory)
     plans = plan_expert_layers(skeleton, experts, checkpoint, key_mapping=hf_kwargs.get("key_mapping"))
     experts_classes = tuple({type(module) for _, module in experts})

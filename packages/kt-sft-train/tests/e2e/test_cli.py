@@ -144,7 +144,8 @@ def test_default_job_end_to_end(tmp_path: Path) -> None:
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    output = tmp_path / "kt-sft-output"
+    (output,) = (tmp_path / "kt-sft-output").iterdir()  # a new run-YYYYMMDD-HHMMSS folder per run
+    assert output.name.startswith("run-")
     print(result.stdout)
 
     losses = step_losses(output / "metrics.jsonl")
@@ -209,7 +210,10 @@ def test_model_and_data_train_a_tiny_checkpoint(
     config = json.loads((output / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8
     assert sorted(config["target_parameters"]) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
-    assert {"q_proj", "k_proj", "v_proj", "o_proj"} <= set(config["target_modules"])
+    # "attention": full module paths of the attention blocks (a leaf name would hit same-named Linears).
+    assert {f"model.layers.{n}.self_attn.{p}_proj" for n in (0, 1) for p in "qkvo"} == set(
+        config["target_modules"]
+    )
     assert (output / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert_adapter_is_vanilla_peft(
         stand_in / "model", output / "adapter", stand_in / "heldout.jsonl", tmp_path

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 import subprocess
 import sys
@@ -97,3 +98,49 @@ def test_e2e_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
     assert any(e["name"] == "micro-batch 1 backward" for e in events)
     assert (tmp_path / "step_kt_sft_no_overlap.json").is_file()
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# -- beyond SFT: stock TRL DPO and GRPO on the embedded default model (issue 16) ---------------------------
+
+
+def run_beyond_sft_example(name: str, output: Path) -> dict:
+    """The example on the embedded default job, 4 steps, one thread; returns its RESULT JSON line."""
+    pytest.importorskip("trl", reason="TRL is in kt-sft-train's test extra; install it to run this example")
+    from kt_sft_train.app.options import default_job_dir
+
+    script = EXAMPLES / name
+    if not script.is_file():
+        pytest.skip(f"{script} is not here (tests run outside a source checkout)")
+    if not (default_job_dir() / "train.jsonl").is_file():
+        pytest.skip("the embedded default job is not built into this checkout yet")
+    argv = ["--output", str(output), "--max-steps", "4", "--batch-size", "8", "--threads", "1"]
+    result = subprocess.run(
+        [sys.executable, str(script), *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))
+    report = json.loads(line.removeprefix("RESULT "))
+    losses = report["losses"]
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses), losses
+    assert len(set(losses)) > 1, losses  # the loss moves
+    # disable_adapter() reaches the expert LoRA inside the kernels: exactly the base model's logits, while
+    # the trained adapter changes them (so the equality is not the adapter doing nothing).
+    assert report["disabled_vs_base"] == 0.0, report
+    assert report["adapter_effect"] > 1e-3, report
+    config = json.loads((Path(report["adapter"]) / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    return report
+
+
+def test_dpo_example_on_the_default_model(tmp_path: Path) -> None:
+    report = run_beyond_sft_example("dpo_with_trl.py", tmp_path / "dpo")
+    assert isinstance(report["generated"], str) and report["generated"]  # model.generate works
+
+
+def test_grpo_example_on_the_default_model(tmp_path: Path) -> None:
+    report = run_beyond_sft_example("grpo_with_trl.py", tmp_path / "grpo")
+    assert len(report["rewards"]) == 4 and all(0.0 <= r <= 1.0 for r in report["rewards"])

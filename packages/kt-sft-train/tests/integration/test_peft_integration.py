@@ -168,7 +168,9 @@ def test_lora_config_helper() -> None:
     assert config.r == 8 and config.lora_alpha == 16
     assert kt_lora_config(base, r=8, alpha=4).lora_alpha == 4
     assert sorted(config.target_parameters) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
-    assert {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"} <= set(config.target_modules)
+    leaves = {name.rpartition(".")[2] for name in config.target_modules}
+    assert leaves == {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
+    assert all(name.startswith("model.layers.") and ".self_attn." in name for name in config.target_modules)
     assert not any("expert" in name or "gate" in name for name in config.target_modules)
     with pytest.raises(ValueError, match="lora_dropout"):
         kt_lora_config(base, lora_dropout=0.05)

@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,26 @@ class UsageError(ValueError):
 # -- parser ---------------------------------------------------------------------------------------------
 
 
+def _default_of(flag: str) -> Any:
+    """The TrainOptions (or KTConfig) default of a train flag: options.py is the one place for defaults."""
+    from ..config import KTConfig
+    from .options import TrainOptions
+
+    name = flag.removeprefix("--").replace("-", "_")
+    for field in (*fields(TrainOptions), *fields(KTConfig)):
+        if field.name == name and field.default is not MISSING:
+            return field.default
+    return MISSING
+
+
 def _add(group: Any, flag: str, **kwargs: Any) -> None:
     # Unset flags are absent from the namespace, so job.json / YAML values are only overridden when given.
-    group.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
+    help_text = kwargs.pop("help", "")
+    default = _default_of(flag)
+    is_switch = kwargs.get("action") in ("store_true", "store_false")
+    if "default" not in help_text and not is_switch and default not in (None, MISSING):
+        help_text = f"{help_text} (default: {default})"
+    group.add_argument(flag, default=argparse.SUPPRESS, help=help_text, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="YAML",
         help="YAML with a KTConfig mapping, or `kt:` and `train:` sections (train: takes these options)",
     )
-    _add(source, "--output", metavar="DIR", help="output directory (default: ./kt-sft-output)")
+    _add(
+        source,
+        "--output",
+        metavar="DIR",
+        help="the run folder, exactly (default: a new ./kt-sft-output/run-YYYYMMDD-HHMMSS per run)",
+    )
     _add(
         source,
         "--chat-template",
@@ -82,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of: attention, experts, or module names (default attention,experts)",
     )
 
+    _add(
+        lora,
+        "--lora-dropout",
+        type=float,
+        metavar="P",
+        help="dropout on the input of the attention/dense LoRA only (PEFT cannot drop the input of the "
+        "expert parameter targets); saved adapters record 0, as inference ignores it",
+    )
+
     loop = train.add_argument_group("training")
     _add(loop, "--steps", type=int, help="optimizer steps (default: one epoch)")
     _add(loop, "--epochs", type=float, help="epochs over the data (instead of --steps)")
@@ -95,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("constant", "linear", "cosine"),
         help="after warmup (default constant)",
     )
-    _add(loop, "--warmup-steps", type=int, metavar="N")
-    _add(loop, "--weight-decay", type=float)
+    _add(loop, "--warmup-steps", type=int, metavar="N", help="linear warmup steps from 0 to --lr")
+    _add(loop, "--weight-decay", type=float, help="AdamW weight decay")
     _add(loop, "--max-grad-norm", type=float, help="gradient clipping (default 1.0)")
     _add(loop, "--seed", type=int, help="seed of the LoRA init and the data order (default 0)")
     _add(
@@ -124,7 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     system = train.add_argument_group("hardware")
-    _add(system, "--threads", type=int, help="CPU threads for the experts kernels and torch")
+    _add(
+        system,
+        "--threads",
+        type=int,
+        help="CPU threads for the experts kernels and torch (default: all cores of the process)",
+    )
     _add(system, "--backend", choices=("kernels", "reference"), help="experts backend (default kernels)")
     _add(system, "--device", choices=("auto", "cpu", "cuda"), help="where the dense part runs (default auto)")
     _add(
@@ -135,20 +172,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     run = train.add_argument_group("evaluation, checkpoints, output")
-    _add(run, "--eval-max-new-tokens", type=int, metavar="N")
+    _add(run, "--eval-max-new-tokens", type=int, metavar="N", help="greedy tokens per held-out prompt")
     _add(run, "--eval-limit", type=int, metavar="N", help="held-out prompts to score (default 64)")
-    _add(run, "--eval-batch-size", type=int, metavar="N")
+    _add(run, "--eval-batch-size", type=int, metavar="N", help="held-out prompts generated at once")
     _add(run, "--save-every", type=int, metavar="N", help="checkpoint every N steps (always at the end)")
+    _add(
+        run,
+        "--save-every-minutes",
+        type=float,
+        metavar="M",
+        help="also checkpoint when M minutes passed since the last one; 0: off (default 10)",
+    )
+    _add(
+        loop,
+        "--skip-nonfinite-steps",
+        action="store_true",
+        help="skip an optimizer step whose loss or gradients are NaN/Inf (default: stop, naming the tensor)",
+    )
     _add(run, "--keep-checkpoints", type=int, metavar="N", help="checkpoints to keep (default 2)")
     _add(run, "--log-every", type=int, metavar="N", help="metrics.jsonl every N steps (default 1)")
-    _add(run, "--resume", action="store_true", help="continue from the output directory's last checkpoint")
+    _add(
+        run,
+        "--resume",
+        action="store_true",
+        help="continue the run in --output from its last checkpoint with the options in its run.json",
+    )
     _add(run, "--overwrite", action="store_true", help="replace a previous run in the output directory")
+    _add(
+        run,
+        "--report-to",
+        metavar="LIST",
+        help="also send the metrics to: none, tensorboard, wandb, mlflow (comma list; the tool's own "
+        "library must be installed)",
+    )
     train.add_argument(
         "--no-progress",
         dest="progress",
         action="store_false",
         default=argparse.SUPPRESS,
-        help="no progress bar",
+        help="no progress bars (training, and transformers' weight loading)",
     )
     train.set_defaults(handler=command_train)
 
@@ -178,18 +240,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="a short timing of one experts layer, kernels vs PyTorch",
         description="Times one experts layer, kernels vs PyTorch (part of the installed package). The "
         "comparison with peer implementations is benchmarks/bench_moe.py in a source checkout.",
     )
-    bench.add_argument("--tokens", type=int, default=512)
-    bench.add_argument("--experts", type=int, default=64)
-    bench.add_argument("--top-k", type=int, default=8)
-    bench.add_argument("--hidden", type=int, default=1024)
-    bench.add_argument("--intermediate", type=int, default=512)
-    bench.add_argument("--rank", type=int, default=16)
-    bench.add_argument("--repeat", type=int, default=3)
-    bench.add_argument("--threads", type=int, default=None)
+    bench.add_argument("--tokens", type=int, default=512, help="tokens per forward")
+    bench.add_argument("--experts", type=int, default=64, help="routed experts of the layer")
+    bench.add_argument("--top-k", type=int, default=8, help="experts per token")
+    bench.add_argument("--hidden", type=int, default=1024, help="hidden size")
+    bench.add_argument("--intermediate", type=int, default=512, help="expert intermediate size")
+    bench.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    bench.add_argument("--repeat", type=int, default=3, help="timed repetitions (the best is reported)")
+    bench.add_argument("--threads", type=int, default=None, help="CPU threads (None: all cores)")
     bench.add_argument(
         "--no-reference", dest="reference", action="store_false", help="skip the PyTorch reference timing"
     )
@@ -263,6 +326,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from ..weights import CheckpointError
     from .data import DataError
     from .options import OptionsError
+    from .training import NonFiniteError
 
     return (
         UsageError,
@@ -271,6 +335,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         KTConfigError,
         AdapterError,
         CheckpointError,
+        NonFiniteError,
         UnsupportedModelError,
         NotImplementedError,
         FileNotFoundError,
@@ -287,11 +352,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _known_errors() as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(
-            f"{PROG}: interrupted (a --save-every checkpoint can be continued with --resume)", file=sys.stderr
-        )
+    except KeyboardInterrupt as interrupt:
+        print(f"{PROG}: {interrupted_message(interrupt)}", file=sys.stderr)
         return 130
+
+
+def interrupted_message(interrupt: KeyboardInterrupt) -> str:
+    """Names --resume only when there is a checkpoint to resume from."""
+    checkpoint = getattr(interrupt, "checkpoint", None)
+    if checkpoint is None:
+        return "interrupted (no checkpoint was saved, nothing to resume)"
+    output = getattr(interrupt, "output", checkpoint.parent.parent)
+    return (
+        f"interrupted; checkpoint {checkpoint.name} saved: continue with "
+        f"`{PROG} train --resume --output {output}`"
+    )
 
 
 if __name__ == "__main__":

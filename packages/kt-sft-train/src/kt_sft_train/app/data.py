@@ -93,6 +93,10 @@ def validate_record(record: Any, where: str) -> None:
         return
     if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
         return
+    if "prompt" in record and "completion" in record:
+        types = {key: type(record[key]).__name__ for key in ("prompt", "completion")}
+        wrong = ", ".join(f"{key!r} is {name}" for key, name in types.items() if name != "str")
+        raise DataError(f"{where}: 'prompt' and 'completion' must be strings ({wrong})")
     raise DataError(
         f"{where}: expected {{'prompt': str, 'completion': str}} or {{'messages': [...]}}, got keys "
         f"{sorted(record)}"

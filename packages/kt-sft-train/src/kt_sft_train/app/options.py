@@ -26,6 +26,9 @@ DTYPES = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 CHAT_TEMPLATE = ("auto", "off")
 JOB_FILE = "job.json"
+RUN_FILE = "run.json"
+# Recorded in run.json but chosen anew by every invocation (a resumed run does not inherit them).
+_NOT_INHERITED = ("output", "resume", "overwrite", "progress", "config")
 # Options that define what a checkpoint's adapter and optimizer state mean: a resumed run must match them.
 RESUME_INVARIANTS = (
     "model",
@@ -52,7 +55,7 @@ class TrainOptions:
     model: str | None = None
     data: str | None = None
     heldout: str | None = None
-    output: str = "kt-sft-output"
+    output: str | None = None  # None: a new ./kt-sft-output/run-YYYYMMDD-HHMMSS (app/outputs.py)
     config: str | None = None
     description: str = ""
     seed: int = 0
@@ -69,6 +72,7 @@ class TrainOptions:
     lora_r: int = 16
     lora_alpha: float | None = None
     lora_targets: str = "attention,experts"
+    lora_dropout: float = 0.0  # on the dense (attention) LoRA only: PEFT has no dropout for parameter targets
     gradient_checkpointing: bool = False
     # Micro-batches of each batch run on threads of their own so the CPU experts of one overlap the GPU
     # work of another (kt_sft_train.overlap); 1 = off. Same gradients up to rounding (bitwise equal to
@@ -82,11 +86,14 @@ class TrainOptions:
     eval_limit: int | None = 64
     eval_batch_size: int = 16
     save_every: int | None = None
+    save_every_minutes: float = 10.0  # also a checkpoint when this much time passed since the last; 0: off
+    skip_nonfinite_steps: bool = False
     keep_checkpoints: int = 2
     log_every: int = 1
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    report_to: str = "none"  # comma list of none, tensorboard, wandb, mlflow (app/reporting.py)
 
     def __post_init__(self) -> None:
         for name in (
@@ -116,6 +123,18 @@ class TrainOptions:
             _positive_float("epochs", self.epochs)
         if self.lora_alpha is not None:
             _positive_float("lora_alpha", self.lora_alpha)
+        if (
+            isinstance(self.save_every_minutes, bool)
+            or not isinstance(self.save_every_minutes, (int, float))
+            or not math.isfinite(self.save_every_minutes)
+            or self.save_every_minutes < 0
+        ):
+            raise OptionsError(f"--save-every-minutes must be >= 0, got {self.save_every_minutes!r}")
+        dropout = self.lora_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise OptionsError(f"--lora-dropout must be in [0, 1), got {dropout!r}")
+        if not isinstance(self.report_to, str):
+            raise OptionsError(f"--report-to must be a comma list, got {self.report_to!r}")
         if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
             raise OptionsError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
         _choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
@@ -279,6 +298,43 @@ def read_config_file(path: str | os.PathLike[str] | None) -> ConfigFile:
     return ConfigFile(kt=dict(data.get("kt") or {}), train=train)
 
 
+def _recorded_run(cli_values: Mapping[str, Any]) -> TrainOptions | None:
+    """The options recorded in --output's run.json when --resume is given (None: nothing to inherit)."""
+    if not cli_values.get("resume") or cli_values.get("output") is None:
+        return None
+    run_file = Path(cli_values["output"]) / RUN_FILE
+    if not run_file.is_file():
+        return None
+    try:
+        recorded = json.loads(run_file.read_text(encoding="utf-8"))
+        values = {k: v for k, v in recorded["options"].items() if k not in _NOT_INHERITED}
+        kt = KTConfig.from_mapping(recorded.get("kt_config") or {})
+    except (OSError, ValueError, KeyError, TypeError, KTConfigError) as error:
+        raise OptionsError(f"--resume: cannot read the run's options from {run_file} ({error})") from None
+    return replace(TrainOptions(kt=kt).with_values(values, str(run_file)), resume=True)
+
+
+def _same_value(name: str, a: Any, b: Any) -> bool:
+    if name in ("model", "data") and a is not None and b is not None:
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
+
+
+def _refuse_changed_invariants(recorded: TrainOptions, explicit: Mapping[str, Any]) -> None:
+    changed = [
+        name
+        for name in RESUME_INVARIANTS
+        if name in explicit and not _same_value(name, getattr(recorded, name), explicit[name])
+    ]
+    if changed:
+        details = ", ".join(f"{n}: {getattr(recorded, n)!r} -> {explicit[n]!r}" for n in changed)
+        flags = " ".join(f"--{n.replace('_', '-')}" for n in changed)
+        raise OptionsError(
+            f"--resume: the run was trained with other options ({details}); drop {flags} to continue it "
+            "with its recorded options"
+        )
+
+
 def resolve(
     cli_values: Mapping[str, Any],
     *,
@@ -295,7 +351,12 @@ def resolve(
     options = TrainOptions()
     sources = (cli_values, config.train)
     explicit = any(source.get(key) is not None for source in sources for key in ("model", "data"))
-    if job_dir is not None or not explicit:
+    recorded = _recorded_run(cli_values)
+    if recorded is not None:
+        # `--resume --output DIR` alone continues the run with the options it recorded.
+        options = recorded
+        _refuse_changed_invariants(recorded, {**config.train, **cli_values})
+    elif job_dir is not None or not explicit:
         if explicit:
             raise OptionsError("--job cannot be combined with --model/--data")
         job = load_job(default_job_dir() if job_dir is None else job_dir)

@@ -21,7 +21,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +48,8 @@ from .data import (
 )
 from .evaluation import ExactMatch, exact_match
 from .options import RESUME_INVARIANTS, OptionsError, TrainOptions, lora_target_list
+from .outputs import check_writable, create_run_directory, new_run_directory, remove_if_empty
+from .reporting import Reporters, check_available
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,19 @@ CHECKPOINTS = "checkpoints"
 CHECKPOINT_PREFIX = "step-"
 METRICS = "metrics.jsonl"
 _OWNED_OUTPUTS = ("adapter", CHECKPOINTS, METRICS, "loss.png", "run.json", "summary.json")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; `checkpoint` is the newest resumable checkpoint (None: nothing to resume)."""
+
+    def __init__(self, output: Path, checkpoint: Path | None) -> None:
+        super().__init__(str(output))
+        self.output = output
+        self.checkpoint = checkpoint
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or a gradient became NaN/Inf; the message names the layer and tensor."""
 
 
 @dataclass
@@ -109,6 +126,17 @@ def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def resident_mib() -> float | None:
+    """This process's resident memory (MiB) from /proc (Linux); None elsewhere. Logged per step, so a leak
+    shows in metrics.jsonl (and tests/e2e bound it)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            resident_pages = int(handle.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def decile_means(losses: Sequence[float]) -> tuple[float, float]:
     """Mean loss of the first and of the last 10% of steps (at least one step each)."""
     count = max(1, len(losses) // 10)
@@ -118,8 +146,12 @@ def decile_means(losses: Sequence[float]) -> tuple[float, float]:
 class MetricsLog:
     """metrics.jsonl: appended and flushed per record, so a crash loses at most one line."""
 
-    def __init__(self, path: Path, *, keep_steps_upto: int | None) -> None:
+    def __init__(
+        self, path: Path, *, keep_steps_upto: int | None, reporters: Reporters | None = None
+    ) -> None:
         self.path = path
+        self.reporters = reporters  # --report-to sinks, fed the step and eval records
+        self.last_step = 0
         if keep_steps_upto is None:
             path.write_text("")
         else:
@@ -143,6 +175,11 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         self._handle.write(json.dumps(record, sort_keys=True) + "\n")
         self._handle.flush()
+        if self.reporters is not None and record.get("event") in ("step", "eval"):
+            step = int(record.get("step", 0 if record.get("phase") == "before" else self.last_step))
+            self.last_step = max(self.last_step, step)
+            prefix = "train" if record["event"] == "step" else f"eval_{record['phase']}"
+            self.reporters.log(record, step, prefix)
 
     def step_losses(self) -> list[tuple[int, float]]:
         out = []
@@ -154,17 +191,21 @@ class MetricsLog:
 
     def close(self) -> None:
         self._handle.close()
+        if self.reporters is not None:
+            self.reporters.close()
 
 
 # -- output directory and checkpoints -------------------------------------------------------------------
 
 
-def prepare_output(output: Path, options: TrainOptions) -> None:
-    """Refuse to mix a new run into a previous one unless --resume or --overwrite says what to do."""
+def prepare_output(output: Path, options: TrainOptions) -> list[Path]:
+    """Refuse to mix a new run into a previous one unless --resume or --overwrite says what to do.
+
+    Returns the folders it created (a failed run removes them again while they are empty).
+    """
     if options.resume and options.overwrite:
         raise OptionsError("--resume and --overwrite contradict each other")
-    if output.exists() and not output.is_dir():
-        raise OptionsError(f"--output {str(output)!r} exists and is not a directory")
+    check_writable(output)
     previous = [name for name in _OWNED_OUTPUTS if (output / name).exists()]
     if previous and not options.resume:
         if not options.overwrite:
@@ -175,7 +216,7 @@ def prepare_output(output: Path, options: TrainOptions) -> None:
         for name in previous:
             path = output / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    output.mkdir(parents=True, exist_ok=True)
+    return create_run_directory(output)
 
 
 def latest_checkpoint(output: Path) -> Path | None:
@@ -216,8 +257,57 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
+# Config keys that say how a model was loaded or saved, not what it is.
+_NOT_ARCHITECTURE = {"transformers_version", "dtype", "torch_dtype", "architectures", "use_cache"}
+
+
+def base_model_description(model: nn.Module) -> dict[str, Any]:
+    """What a checkpoint's adapter and optimizer state were trained on: the base's architectural config
+    and its expert shapes (recorded in state.json, compared before a resume touches the model)."""
+    from ..arch import get_moe_arch_config
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = {
+        key: value
+        for key, value in base.config.to_dict().items()
+        if not key.startswith("_") and key not in _NOT_ARCHITECTURE
+    }
+    arch = get_moe_arch_config(base)
+    experts = {
+        "layers": len(arch.layers),
+        "experts": arch.num_experts,
+        "hidden": arch.hidden_size,
+        "intermediate": arch.intermediate_size,
+    }
+    # JSON round trip: the comparison sees what state.json stores (lists for tuples, ...).
+    return json.loads(json.dumps({"config": config, "experts": experts}, default=str))
+
+
+def check_checkpoint_base(checkpoint: Path, model: nn.Module) -> None:
+    """Raise OptionsError naming what differs when `checkpoint` was trained on another base model."""
+    recorded = json.loads((checkpoint / "state.json").read_text(encoding="utf-8")).get("base_model")
+    if recorded is None:
+        return  # a checkpoint of an older kt-sft: the adapter's keys and shapes are still validated
+    current = base_model_description(model)
+    differences = []
+    for section in ("experts", "config"):
+        before, now = recorded.get(section, {}), current[section]
+        for key in sorted(set(before) | set(now)):
+            if before.get(key) != now.get(key):
+                differences.append(f"{key}: {before.get(key)!r} -> {now.get(key)!r}")
+    if differences:
+        shown = ", ".join(differences[:5]) + (
+            f" and {len(differences) - 5} more" if len(differences) > 5 else ""
+        )
+        raise OptionsError(f"--resume: {checkpoint} was trained on another base model ({shown})")
+
+
 def save_checkpoint(
-    output: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, keep: int
+    output: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    keep: int,
 ) -> Path:
     from ..adapters import atomic_directory
 
@@ -226,7 +316,11 @@ def save_checkpoint(
         model.save_pretrained(staging / "adapter")
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(_rng_state(), staging / "rng.pt")
-        state = {"step": step, "parameters": [name for name, _ in trainable_parameters(model)]}
+        state = {
+            "step": step,
+            "parameters": [name for name, _ in trainable_parameters(model)],
+            "base_model": base_model_description(model),
+        }
         (staging / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
     checkpoints = sorted(
         (p for p in (output / CHECKPOINTS).iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)),
@@ -279,6 +373,25 @@ def lora_config_for(model: nn.Module, options: TrainOptions) -> Any:
         target_modules=modules or None,
         experts=experts,
     )
+
+
+def apply_dense_lora_dropout(peft_model: nn.Module, probability: float) -> int:
+    """Dropout on the input of every LoRA-wrapped nn.Linear (attention/dense targets); returns how many.
+
+    PEFT's LoraConfig has one lora_dropout for all targets and rejects a nonzero one on parameter targets
+    (the experts), so the config keeps 0 and the dense layers' dropout slots are filled here.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    count = 0
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), nn.Linear):
+            for adapter in module.lora_dropout:
+                module.lora_dropout[adapter] = nn.Dropout(p=probability)
+                count += 1
+    if count == 0:
+        raise OptionsError("--lora-dropout needs attention/dense LoRA targets (see --lora-targets)")
+    return count
 
 
 def describe_model(model: nn.Module) -> str:
@@ -337,23 +450,52 @@ class Progress:
 
 
 def run_training(options: TrainOptions, *, echo: Callable[[str], None] = print) -> TrainResult:
-    from transformers import AutoTokenizer
-
-    from ..adapters import save_adapter
-    from ..model import load_kt_model
-
     wall_start = time.perf_counter()
     if not (Path(options.model) / "config.json").is_file():
         raise OptionsError(
             f"--model {options.model!r} is not a local Hugging Face checkpoint directory (no config.json)"
         )
-    output = Path(options.output)
-    prepare_output(output, options)
+    check_available(options.report_to)
+    if options.output is None:
+        if options.resume:
+            raise OptionsError("--resume needs --output DIR: the run folder to continue")
+        output = new_run_directory()
+    else:
+        output = Path(options.output)
+    created = prepare_output(output, options)
+    from transformers.utils import logging as hf_logging
+
+    bars_were_enabled = hf_logging.is_progress_bar_enabled()
+    if not options.progress:
+        hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
+    try:
+        return _run(options, output, echo, wall_start)
+    except TrainingInterrupted:
+        remove_if_empty(created)
+        raise
+    except KeyboardInterrupt:
+        remove_if_empty(created)
+        raise TrainingInterrupted(output, latest_checkpoint(output)) from None
+    except BaseException:
+        remove_if_empty(created)
+        raise
+    finally:
+        if bars_were_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _run(options: TrainOptions, output: Path, echo: Callable[[str], None], wall_start: float) -> TrainResult:
+    from transformers import AutoTokenizer
+
+    from ..adapters import save_adapter
+    from ..model import load_kt_model
+
     checkpoint = latest_checkpoint(output) if options.resume else None
     if options.resume:
         if checkpoint is None:
             raise OptionsError(f"--resume: no checkpoint in {output / CHECKPOINTS}")
         check_resume_compatible(output, options)
+    echo(f"output    {output}")
 
     kt = options.kt
     if kt.threads is not None:
@@ -384,12 +526,16 @@ def run_training(options: TrainOptions, *, echo: Callable[[str], None] = print) 
         f"{options.batch_size} x accumulation {options.grad_accum}"
     )
 
+    if checkpoint is not None:
+        check_checkpoint_base(checkpoint, model)  # before the evaluation and the LoRA touch the model
     evaluate = _evaluator(tokenizer, prompts, options, device, formatter.pad_token_id)
     before = evaluate(model, "before", echo)
 
     from peft import get_peft_model
 
     peft_model = get_peft_model(model, lora_config_for(model, options))
+    if options.lora_dropout:
+        apply_dense_lora_dropout(peft_model, options.lora_dropout)
     if options.gradient_checkpointing:
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     parameters = [p for _, p in trainable_parameters(peft_model)]
@@ -404,7 +550,10 @@ def run_training(options: TrainOptions, *, echo: Callable[[str], None] = print) 
         )
 
     _write_run_file(output, options, kt, device, dtype)
-    metrics = MetricsLog(output / METRICS, keep_steps_upto=start_step if checkpoint else None)
+    reporters = Reporters(options.report_to, output, options.to_dict())
+    metrics = MetricsLog(
+        output / METRICS, keep_steps_upto=start_step if checkpoint else None, reporters=reporters
+    )
     if before is not None and checkpoint is None:
         metrics.write({"event": "eval", "phase": "before", **before.as_dict()})
     trained = _train_steps(
@@ -452,6 +601,85 @@ class _Trained:
     split: StepSplit
 
 
+class _DeferredInterrupt:
+    """The first Ctrl-C lets the current step finish and a checkpoint be saved; a second one stops at once.
+
+    Stopping between steps keeps adapter and optimizer state consistent (never half an optimizer update).
+    Signal handlers can only be set from the main thread; elsewhere Ctrl-C stays a plain KeyboardInterrupt.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> _DeferredInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\nkt-sft: interrupted: finishing this step and saving a checkpoint (Ctrl-C again to stop now)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            previous = self._previous if self._previous is not None else signal.default_int_handler
+            signal.signal(signal.SIGINT, previous)
+
+
+def first_nonfinite_gradient(model: nn.Module) -> str | None:
+    """The name of the first trainable parameter whose gradient holds NaN/Inf (None: all finite)."""
+    for name, parameter in trainable_parameters(model):
+        if parameter.grad is not None and not bool(torch.isfinite(parameter.grad).all()):
+            return name
+    return None
+
+
+def first_nonfinite_output(model: nn.Module, batch: dict[str, torch.Tensor]) -> str | None:
+    """Re-run a forward without gradients and name the first module whose output holds NaN/Inf."""
+    found: list[str] = []
+
+    def hook(name: str) -> Callable[..., None]:
+        def check(module: nn.Module, inputs: Any, output: Any) -> None:
+            tensors = output if isinstance(output, (tuple, list)) else (output,)
+            for tensor in tensors:
+                floating = isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+                if floating and not found and not bool(torch.isfinite(tensor).all()):
+                    found.append(name)
+
+        return check
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules() if name]
+    try:
+        with torch.no_grad():
+            model(**batch, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if found:
+        return found[0]
+    for name, parameter in model.named_parameters():
+        if not bool(torch.isfinite(parameter).all()):
+            return f"{name} (weights)"
+    return None
+
+
+def _nonfinite_message(what: str, step: int, where: str | None) -> str:
+    place = f"first non-finite tensor: {where}" if where else "no module output is non-finite on a re-run"
+    return (
+        f"{what} became non-finite at step {step} ({place}); lower --lr or --max-grad-norm, check the data "
+        "and the checkpoint, or pass --skip-nonfinite-steps to skip such steps"
+    )
+
+
 def _train_steps(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -469,15 +697,18 @@ def _train_steps(
     progress = Progress(total_steps, start_step, options.progress)
     tokens_total = 0
     split_total = StepSplit(0.0, 0.0, 0.0)
+    saved_step = start_step
+    last_save = time.monotonic()
     model.train()
     try:
-        with StepTimer(model) as timer:
+        with StepTimer(model) as timer, _DeferredInterrupt() as interrupt:
             for step in range(start_step, total_steps):
                 lr = learning_rate(options, step, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 timer.start_step()
                 step_loss, step_tokens = 0.0, 0
+                nonfinite: str | None = None
                 for micro in range(options.grad_accum):
                     indices = schedule.indices(step * options.grad_accum + micro)
                     batch = {
@@ -486,9 +717,24 @@ def _train_steps(
                     }
                     loss = _forward_backward(model, batch, parameters, options)
                     if not torch.isfinite(loss):
-                        raise FloatingPointError(f"the loss is {loss.item()} at step {step + 1}; lower --lr")
+                        where = first_nonfinite_output(model, batch)
+                        nonfinite = _nonfinite_message(f"the loss ({loss.item()})", step + 1, where)
+                        break
                     step_loss += loss.item() / options.grad_accum
                     step_tokens += int(batch["attention_mask"].sum())
+                if nonfinite is None:
+                    bad_gradient = first_nonfinite_gradient(model)
+                    if bad_gradient is not None:
+                        nonfinite = _nonfinite_message("a gradient", step + 1, f"{bad_gradient}.grad")
+                if nonfinite is not None:
+                    optimizer.zero_grad(set_to_none=True)
+                    timer.end_step()
+                    if not options.skip_nonfinite_steps:
+                        raise NonFiniteError(nonfinite)
+                    logger.warning("skipped: %s", nonfinite)
+                    metrics.write({"event": "skipped", "step": step + 1, "reason": nonfinite})
+                    progress.update("skipped a non-finite step")
+                    continue
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, options.max_grad_norm))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -507,6 +753,7 @@ def _train_steps(
                             "grad_norm": grad_norm,
                             "tokens": step_tokens,
                             "tokens_per_s": step_tokens / split.total_s if split.total_s > 0 else 0.0,
+                            "rss_mib": resident_mib(),
                             **split.as_dict(),
                         }
                     )
@@ -514,9 +761,16 @@ def _train_steps(
                 progress.update(
                     f"loss {step_loss:.4f} | {rate:,.0f} tok/s | {split_text(split_total, device)}"
                 )
-                if options.save_every is not None and done % options.save_every == 0 and done < total_steps:
+                by_steps = options.save_every is not None and done % options.save_every == 0
+                minutes = options.save_every_minutes
+                by_time = minutes > 0 and time.monotonic() - last_save >= 60.0 * minutes
+                if (by_steps or by_time or interrupt.requested) and done < total_steps:
                     save_checkpoint(output, done, model, optimizer, options.keep_checkpoints)
-            save_checkpoint(output, total_steps, model, optimizer, options.keep_checkpoints)
+                    saved_step, last_save = done, time.monotonic()
+                if interrupt.requested and done < total_steps:
+                    raise TrainingInterrupted(output, latest_checkpoint(output))
+            if saved_step != total_steps:
+                save_checkpoint(output, total_steps, model, optimizer, options.keep_checkpoints)
     finally:
         progress.close()
     return _Trained(tokens_total, split_total)
