@@ -87,6 +87,12 @@ def time_layer(shape: LayerShape, backend: str, *, repeat: int, threads: int | N
     return steady[len(steady) // 2]
 
 
+# The reference backend: fp32 math in a per-expert loop with autograd, converting each expert's bf16
+# weights per call. A plain-PyTorch baseline, not PyTorch's fastest (bf16 grouped GEMMs on oneDNN can be
+# several times faster): bench_moe.py in a source checkout times those and kt-kernel too.
+REFERENCE_LABEL = "PyTorch fp32 per-expert loop"
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     tier: str
@@ -175,8 +181,10 @@ def run(
     threads: int,
     include_reference: bool,
     configs: list[KernelConfig],
+    reference_repeat: int = 1,
 ) -> list[dict[str, Any]]:
-    """Times each kernel config, then the PyTorch reference with the same thread count, on one shape."""
+    """Times each kernel config (`repeat` steps), then the PyTorch reference with the same thread count
+    (`reference_repeat` steps: at the default shape one step of it costs ~10x one of ours), on one shape."""
     from .._kernels import load_kernels
 
     kk = load_kernels()
@@ -210,15 +218,15 @@ def run(
         torch.set_num_threads(threads)
         try:
             meter.start()
-            seconds = time_layer(shape, "reference", repeat=repeat, threads=threads)
-            record("PyTorch (reference)", seconds, meter.stop())
+            seconds = time_layer(shape, "reference", repeat=reference_repeat, threads=threads)
+            record(REFERENCE_LABEL, seconds, meter.stop())
         finally:
             torch.set_num_threads(before)
     return rows
 
 
 def render(shape: LayerShape, rows: list[dict[str, Any]]) -> str:
-    reference = next((r["seconds"] for r in rows if r["backend"] == "PyTorch (reference)"), None)
+    reference = next((r["seconds"] for r in rows if r["backend"] == REFERENCE_LABEL), None)
     lines = [
         f"one MoE experts layer, forward + backward with LoRA: T={shape.tokens} E={shape.experts} "
         f"top-{shape.top_k} H={shape.hidden} I={shape.intermediate} r={shape.rank} (median step)",
@@ -231,6 +239,11 @@ def render(shape: LayerShape, rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"{row['backend']:<28} {row['seconds'] * 1e3:>9.2f} {row['tokens_per_s']:>10,.0f} "
             f"{row['tflops']:>8.3f} {speedup:>10} {others:>10}"
+        )
+    if reference:
+        lines.append(
+            f"'vs PyTorch' is against the {REFERENCE_LABEL} (the reference backend); faster PyTorch "
+            "formulations and kt-kernel: benchmarks/bench_moe.py"
         )
     if any(r["other_cpus"] is not None and r["other_cpus"] > 0.25 for r in rows):
         lines.append(

@@ -253,7 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--hidden", type=int, default=1024, help="hidden size")
     bench.add_argument("--intermediate", type=int, default=512, help="expert intermediate size")
     bench.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    bench.add_argument("--repeat", type=int, default=3, help="timed steps per backend (median reported)")
+    bench.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="timed steps of ours (median); PyTorch: 1 step (--full: this many)",
+    )
     bench.add_argument(
         "--threads",
         type=int,
@@ -334,7 +339,12 @@ def command_bench(args: argparse.Namespace) -> int:
     for tokens in token_counts:
         shape = LayerShape(tokens, args.experts, args.top_k, args.hidden, args.intermediate, args.rank)
         rows = run(
-            shape, repeat=args.repeat, threads=threads, include_reference=args.reference, configs=configs
+            shape,
+            repeat=args.repeat,
+            threads=threads,
+            include_reference=args.reference,
+            configs=configs,
+            reference_repeat=args.repeat if args.full else 1,
         )
         print(render(shape, rows), flush=True)
     return 0
