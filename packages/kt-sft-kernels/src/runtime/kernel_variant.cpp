@@ -46,7 +46,8 @@ Choice decide() {
   char id[96];
   std::snprintf(id, sizeof id, "%s family 0x%x model 0x%x", f.vendor.c_str(), m.family, m.model);
   if (!isa_supported(Isa::avx512_bf16))
-    return {KernelVariant::fma, "cpu table", std::string(id) + ": the avx512_bf16 tier cannot run here (variant unused)"};
+    return {KernelVariant::fma, "cpu table",
+            std::string(id) + ": the avx512_bf16 tier cannot run here (variant unused)"};
   if (f.vendor == "AuthenticAMD" && m.family >= 0x19)
     return {KernelVariant::bf16dot, "cpu table",
             std::string(id) + " (Zen 4/5): VDPBF16PS at the FMA instruction rate, twice its FLOPs"};
@@ -95,7 +96,8 @@ void read_env_once(ForceState& state) {
     std::lock_guard<std::mutex> lock(state.mutex);
     const std::optional<KernelVariant> v = kernel_variant_from_name(lower(env));
     if (!v) {
-      state.env_error = std::string("KT_SFT_KERNEL_VARIANT='") + env + "' is not a kernel variant; valid: auto, fma, bf16dot";
+      state.env_error =
+          std::string("KT_SFT_KERNEL_VARIANT='") + env + "' is not a kernel variant; valid: auto, fma, bf16dot";
       state.env_invalid.store(true, std::memory_order_release);
       return;
     }

@@ -34,14 +34,19 @@ namespace {
 // SIMDe has no VDPBF16PS: the instruction's documented semantics in plain C++ (pairs as 32-bit words;
 // the high bf16 product is added first; denormals flushed).
 inline float flush(float v) { return std::fabs(v) < 1.17549435e-38f ? 0.f * v : v; }
+inline float flushed_float(std::uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return flush(f);
+}
+inline float lo(std::uint32_t pair) { return flushed_float(pair << 16); }
+inline float hi(std::uint32_t pair) { return flushed_float(pair & 0xffff0000u); }
 inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
   float s[16];
   std::uint32_t x[16], y[16];
   _mm512_storeu_ps(s, acc);
   _mm512_storeu_si512(x, a);
   _mm512_storeu_si512(y, b);
-  const auto lo = [](std::uint32_t v) { float f; const std::uint32_t bits = v << 16; std::memcpy(&f, &bits, 4); return flush(f); };
-  const auto hi = [](std::uint32_t v) { float f; const std::uint32_t bits = v & 0xffff0000u; std::memcpy(&f, &bits, 4); return flush(f); };
   for (int j = 0; j < 16; ++j) {
     float t = flush(s[j]);
     t = flush(t + hi(x[j]) * hi(y[j]));
