@@ -28,6 +28,15 @@ def supported_tiers() -> list[str]:
     return [tier for tier in TIERS if kk.isa_supported(tier)]
 
 
+def variant_choice() -> str:
+    """The avx512_bf16 tier's kernel variant this CPU gets, and why (ADR 0902)."""
+    import kt_sft_kernels as kk
+
+    if not hasattr(kk, "kernel_variant"):
+        return "n/a (library without kernel variants)"
+    return f"{kk.kernel_variant()} (from {kk.kernel_variant_source()}: {kk.kernel_variant_reason()})"
+
+
 def library_version() -> str:
     import kt_sft_kernels as kk
 
@@ -44,7 +53,13 @@ class Ours:
     name = "ours"
 
     def __init__(
-        self, p: Problem, threads: int | None, tier: str, weight_dtype: str = "bf16", group_size: int = 128
+        self,
+        p: Problem,
+        threads: int | None,
+        tier: str,
+        weight_dtype: str = "bf16",
+        group_size: int = 128,
+        variant: str | None = None,
     ) -> None:
         import kt_sft_kernels as kk
 
@@ -53,6 +68,9 @@ class Ours:
         self.active_isa = str(kk.active_isa())
         if self.active_isa != tier:
             raise RuntimeError(f"asked for ISA tier {tier!r} but the library chose {self.active_isa!r}")
+        if variant:  # the avx512_bf16 tier's kernel variant (ADR 0902); None = the library's choice
+            kk.set_kernel_variant(variant)
+        self.variant = str(kk.kernel_variant())
         sh = p.shape
         self.p = p
         cfg = kk.MoEConfig(

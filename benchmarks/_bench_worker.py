@@ -53,9 +53,15 @@ def _make_runner(p: Problem, backend: dict[str, Any]) -> tuple[Runner, dict[str,
         import _bench_ours
 
         ours = _bench_ours.Ours(
-            p, threads, backend["tier"], backend.get("weight_dtype", "bf16"), backend.get("group_size", 128)
+            p,
+            threads,
+            backend["tier"],
+            backend.get("weight_dtype", "bf16"),
+            backend.get("group_size", 128),
+            backend.get("variant"),
         )
-        return ours, {"isa": ours.active_isa, "version": _bench_ours.library_version()}
+        version = _bench_ours.library_version()
+        return ours, {"isa": ours.active_isa, "variant": ours.variant, "version": version}
     if kind.startswith("torch-"):
         import _bench_machine
         import _bench_torch
@@ -165,6 +171,7 @@ def run_probe(spec: dict[str, Any]) -> dict[str, Any]:
 
         result["ours"] = {
             "tiers": _bench_ours.supported_tiers(),
+            "avx512_bf16_variant": _bench_ours.variant_choice(),
             "version": _bench_ours.library_version(),
             "build": _bench_ours.build_info(),
         }

@@ -48,6 +48,7 @@ ALL_BACKENDS = ("ours", *TORCH_BACKENDS, "kt", "kt-int8", "kt-int4")
 KT_WEIGHT_TYPES = {"kt": "bf16", "kt-int8": "int8", "kt-int4": "int4"}
 WEIGHT_DTYPES = ("bf16", "int8", "int4")
 BATCHED_TORCH = ("torch-sorted", "torch-grouped_mm")
+VARIANTS = ("fma", "bf16dot")  # kernel variants of our avx512_bf16 tier (ADR 0902)
 
 # Rough resident memory per backend, in multiples of the layer's bf16 expert weights (inputs + packed
 # copies); used only to skip what cannot fit instead of swapping the machine to death.
@@ -79,6 +80,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     ap.add_argument(
         "--tiers", default=None, help="our ISA tiers to run (default: every tier the host supports)"
+    )
+    ap.add_argument(
+        "--variants",
+        default=None,
+        help="kernel variants of our avx512_bf16 tier, one row each: comma list of fma, bf16dot "
+        "(default: the library's choice for this CPU, ADR 0902)",
     )
     ap.add_argument(
         "--threads",
@@ -116,7 +123,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5, help="timed steps per backend (median reported)")
+    ap.add_argument(
+        "--repeats", type=int, default=5, help="timed steps per backend (median and best reported)"
+    )
     ap.add_argument(
         "--max-seconds",
         type=float,
@@ -149,6 +158,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ap.error(f"--weight-dtype: unknown {sorted(unknown)}; choose from {', '.join(WEIGHT_DTYPES)}")
     if args.group_size not in (32, 64, 128):
         ap.error(f"--group-size must be 32, 64 or 128, got {args.group_size}")
+    if args.variants:
+        bad = [v for v in args.variants.split(",") if v not in VARIANTS]
+        if bad:
+            ap.error(f"--variants: {', '.join(bad)} not among {', '.join(VARIANTS)}")
     return args
 
 
@@ -238,23 +251,27 @@ class Harness:
                 if weight_dtype == "int4":
                     suffix += f" g{self.args.group_size}"
                 for tier in self.tiers():
-                    specs.append(
-                        (
-                            {
-                                "kind": "ours",
-                                "tier": tier,
-                                "threads": self.args.threads,
-                                "weight_dtype": weight_dtype,
-                                "group_size": self.args.group_size,
-                            },
-                            {
-                                "kind": "ours",
-                                "label": f"ours {tier}{suffix}",
-                                "threads": self.args.threads or "default",
-                                "weight_type": weight_dtype,
-                            },
+                    variants = self.args.variants.split(",") if self.args.variants else [None]
+                    for variant in variants if tier == "avx512_bf16" else [None]:
+                        label = f"ours {tier}{suffix}" + (f" ({variant})" if variant else "")
+                        specs.append(
+                            (
+                                {
+                                    "kind": "ours",
+                                    "tier": tier,
+                                    "variant": variant,
+                                    "threads": self.args.threads,
+                                    "weight_dtype": weight_dtype,
+                                    "group_size": self.args.group_size,
+                                },
+                                {
+                                    "kind": "ours",
+                                    "label": label,
+                                    "threads": self.args.threads or "default",
+                                    "weight_type": weight_dtype,
+                                },
+                            )
                         )
-                    )
         for name in TORCH_BACKENDS:
             if name not in wanted:
                 continue
@@ -434,8 +451,13 @@ def one_line(run: dict[str, Any]) -> str:
     if run["status"] != "ok":
         return f"{head}  {run['status']}: {run.get('reason', '')} {errs}"
     extra = f" (repack {run['between_ms']:.0f} ms incl.)" if run.get("between_ms", 0) > 0.5 else ""
+    best = min(run["samples_ms"]["fwd_bwd"])
+    best_fwd = min(run["samples_ms"]["fwd"])
+    variant = run["info"].get("variant")
+    variant_note = f" variant {variant}" if variant and run["info"].get("isa") == "avx512_bf16" else ""
     return (
-        f"{head}  fwd {run['fwd_ms']:9.1f} ms  fwd+bwd {run['fwd_bwd_ms']:9.1f} ms{extra}  "
+        f"{head}  fwd {run['fwd_ms']:9.1f} (best {best_fwd:.1f}) ms  fwd+bwd {run['fwd_bwd_ms']:9.1f} "
+        f"(best {best:.1f}) ms{extra}{variant_note}  "
         f"{run['tokens_per_s']:8.0f} tok/s  {run['tflops']:.3f} TFLOP/s ({run['pct_ceiling']:.0f}% ceil)  "
         f"{run['weight_gbps']:.1f} GB/s  RSS {run['peak_rss_gb']:.2f} GB  {errs}  [{run['steps']} steps, "
         f"load {run['load_average'][0]:.1f}, {run['cpu_per_wall']:.2f} CPU/s]"

@@ -135,3 +135,51 @@ def test_ours_quantized_backend_against_the_dequantized_reference(
     if weight_dtype == "int4":
         exact = reference.reference(p, rows, experts)
         assert not report.verdict(reference.errors(got, exact), weight_dtype)[0]
+
+
+def test_variants_give_one_row_each_for_avx512_bf16(tmp_path: Path) -> None:
+    """--variants splits our avx512_bf16 row into one per kernel variant (ADR 0902); other tiers keep one."""
+    import bench_moe
+
+    args = bench_moe.parse_args(["--tiers", "avx512,avx512_bf16", "--variants", "fma,bf16dot"])
+    harness = bench_moe.Harness(args, tmp_path)
+    harness.probe = {"ours": {"tiers": ["portable", "avx512", "avx512_bf16"]}}
+    specs = harness.backend_specs(["ours"])
+    assert [record["label"] for _, record in specs] == [
+        "ours avx512",
+        "ours avx512_bf16 (fma)",
+        "ours avx512_bf16 (bf16dot)",
+    ]
+    assert [spec["variant"] for spec, _ in specs] == [None, "fma", "bf16dot"]
+    with pytest.raises(SystemExit):
+        bench_moe.parse_args(["--variants", "fma,vnni"])
+
+
+def _has_avx512_bf16() -> bool:
+    if importlib.util.find_spec("kt_sft_kernels") is None:
+        return False
+    import kt_sft_kernels as kk
+
+    return bool(kk.isa_supported("avx512_bf16"))
+
+
+@pytest.mark.skipif(not _has_avx512_bf16(), reason="this CPU cannot run the avx512_bf16 tier")
+def test_ours_backend_runs_the_requested_variant(tmp_path: Path) -> None:
+    p = Problem(Shape("tiny", num_experts=8, hidden=64, intermediate=32, top_k=2), 24, rank=4, alpha=8.0)
+    for variant in ("fma", "bf16dot"):
+        spec = {
+            "problem": p.to_dict(),
+            "backend": {"kind": "ours", "tier": "avx512_bf16", "variant": variant, "threads": 1},
+            "warmup": 0,
+            "repeats": 1,
+            "max_seconds": 60.0,
+            "check_tokens": 24,
+            "check_experts": 8,
+            "arrays_path": str(tmp_path / f"{variant}.npz"),
+        }
+        result = worker.run_backend(spec)
+        assert result["info"]["variant"] == variant
+        got = dict(np.load(spec["arrays_path"]))
+        ids, _ = inputs.routing(p)
+        expected = reference.reference(p, inputs.check_tokens(p, 24), inputs.check_experts(p, ids, 8))
+        assert report.verdict(reference.errors(got, expected), "bf16")[0]

@@ -24,8 +24,10 @@
 #   e2e-long    seq 8192 x batch 2, $KT_E2E_LAYERS (default 8) Qwen3-30B-A3B layers, --grad-ckpt, kt_sft
 #               then kt_sft_no_overlap
 #   perf        amx numerics/profiler/C++ tests + ci/device/perf_layer.py on this tree (KT_PERF_* env knobs)
-#   perf-ab LABEL=DIR...  perf of several kernel package trees on this one machine, each in its own site;
-#               must be the last stage (it takes the rest of the arguments)
+#   perf-ab LABEL=DIR|COMMIT...  perf of several kernel package trees on this one machine, each in its own
+#               site, at every tier of KT_PERF_AB_TIERS (default "amx avx512_bf16"); a COMMIT (e.g. base=HEAD~1)
+#               is exported from git here, or from _out/ab/COMMIT (ci/ab_tree.sh COMMIT, carried) where the
+#               copy has no .git; must be the last stage (it takes the rest of the arguments)
 # Former scripts: device_check.sh kernels = `runtime kernels amx-cpp layer`; device_amx_check.sh =
 # `kernels amx-cpp layer`; device_kernels_check.sh = `kernels layer`; device_runtime_check.sh = `runtime`;
 # device_perf.sh [DIR] = `perf` (KT_PERF_PKG=DIR); device_perf_ab.sh ARGS = `perf-ab ARGS`.
@@ -137,14 +139,37 @@ perf_tree() {  # perf_tree PKG_DIR SITE OUT_DIR: build PKG_DIR into SITE, amx te
       -p no:cacheprovider test_moe_numerics.py test_profiler.py test_amx_cpp.py -k "amx or profiler or report" \
       2>&1 | tail -n 15) || rc=1
   fi
-  PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH} timeout 420 "$PYTHON" "$root/ci/device/perf_layer.py" "$dir" || rc=1
+  local tier
+  for tier in ${KT_PERF_TIERS:-amx}; do  # perf_layer.py prints the tier on every line
+    mkdir -p "$dir/$tier"
+    KT_PERF_TIER=$tier PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH} timeout 420 "$PYTHON" \
+      "$root/ci/device/perf_layer.py" "$dir/$tier" || rc=1
+  done
   return $rc
 }
 
-perf_ab() {  # LABEL=DIR...: every tree but the last without tests and DeepSeek-V3 (env overrides)
+# A perf-ab tree: a directory, or a commit whose packages/kt-sft-kernels is exported to _out/ab/COMMIT
+# (by git here, or beforehand by ci/ab_tree.sh where the device copy has no .git).
+ab_tree() {
+  local spec=$1 dest=$root/_out/ab/$1
+  if [ -d "$spec" ]; then echo "$spec"; return 0; fi
+  if [ ! -d "$dest/packages/kt-sft-kernels" ]; then
+    if ! git -C "$root" rev-parse -q --verify "$spec^{commit}" >/dev/null 2>&1; then
+      echo "perf-ab: '$spec' is neither a directory nor a commit of this copy; run 'bash ci/ab_tree.sh $spec'" \
+        "and carry _out/ab/$spec" >&2
+      return 1
+    fi
+    mkdir -p "$dest" && git -C "$root" archive "$spec" packages/kt-sft-kernels | tar -x -C "$dest" || return 1
+  fi
+  echo "$dest/packages/kt-sft-kernels"
+}
+
+perf_ab() {  # LABEL=DIR|COMMIT...: every tree but the last without tests and DeepSeek-V3 (env overrides)
   local n=$# i=0 rc=0 spec label dir
+  export KT_PERF_TIERS=${KT_PERF_AB_TIERS:-amx avx512_bf16}
   for spec in "$@"; do
-    i=$((i + 1)) label=${spec%%=*} dir=${spec#*=}
+    i=$((i + 1)) label=${spec%%=*}
+    dir=$(ab_tree "${spec#*=}") || { rc=1; continue; }
     echo "######## $label ($dir)"
     if [ "$i" -lt "$n" ]; then
       KT_PERF_SKIP_TESTS=${KT_PERF_AB_SKIP_TESTS:-1} KT_PERF_SKIP_DSV3=${KT_PERF_AB_SKIP_DSV3:-1} \

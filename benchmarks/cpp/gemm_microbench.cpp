@@ -1,5 +1,6 @@
-// Single-kernel timing of the avx512 tier's base GEMMs (which the avx512_bf16 tier runs too) on the
-// layer's real call shapes, plus the raw throughput of VFMADD231PS and VDPBF16PS. Diagnosis for kernel
+// Single-kernel timing of the avx512 tier's base GEMMs (the avx512_bf16 tier's "fma" variant) and of the
+// avx512_bf16 "bf16dot" variant (VDPBF16PS pair panels) on the layer's real call shapes, plus the raw
+// throughput of VFMADD231PS and VDPBF16PS. Diagnosis for kernel
 // work on an AVX-512 BF16 machine; the numbers that count come from bench_moe.py. Built and run by
 // benchmarks/cpp/gemm_microbench.sh (a baseline tree's avx512_bf16 tier can be linked in beside it,
 // renamed, for an A/B in one process).
@@ -19,6 +20,9 @@
 
 namespace kt::isa_avx512 {
 const moe::KernelTable& kernel_table();
+}
+namespace kt::isa_avx512_bf16 {
+const moe::KernelTable& kernel_table_bf16dot();
 }
 #ifdef KT_MICROBENCH_BASELINE
 namespace kt::isa_avx512_bf16_baseline {
@@ -128,7 +132,8 @@ int main() {
   std::printf("one thread: vfmadd231ps zmm %.2f G/s (%.0f GFLOP/s), vdpbf16ps zmm %.2f G/s (%.0f GFLOP/s)\n",
               fma / 1e9, fma * 32 / 1e9, dp / 1e9, dp * 64 / 1e9);
 
-  std::vector<Case> cases = {{"avx512", &kt::isa_avx512::kernel_table()}};
+  std::vector<Case> cases = {{"avx512 (= bf16 fma)", &kt::isa_avx512::kernel_table()},
+                             {"avx512_bf16 bf16dot", &kt::isa_avx512_bf16::kernel_table_bf16dot()}};
 #ifdef KT_MICROBENCH_BASELINE
   cases.push_back({"avx512_bf16 baseline", &kt::isa_avx512_bf16_baseline::kernel_table()});
 #endif

@@ -18,7 +18,7 @@ out_dir = sys.argv[1]
 BF16 = ml_dtypes.bfloat16
 R, THREADS = 16, 16
 REPS = int(os.environ.get("KT_PERF_REPS", "3"))
-TIER = os.environ.get("KT_PERF_TIER", "amx")  # another tier only for a dry run of this script
+TIER = os.environ.get("KT_PERF_TIER", "amx")  # perf-ab also runs avx512_bf16 (KT_PERF_AB_TIERS)
 THREADS = int(os.environ.get("KT_PERF_THREADS", THREADS))
 kk.set_max_isa(TIER)
 assert kk.active_isa() == TIER, kk.active_isa()

@@ -18,7 +18,13 @@ import numpy as np
 import pytest
 from kt_sft_kernels import testing as kt
 
-TIERS = [t for t in ("portable", "avx2", "avx512", "avx512_bf16", "amx") if kk.isa_supported(t)]
+# Every tier the host runs; the avx512_bf16 tier once per kernel variant ("avx512_bf16/bf16dot").
+TIERS = [
+    f"{t}/{v}" if t == "avx512_bf16" else t
+    for t in ("portable", "avx2", "avx512", "avx512_bf16", "amx")
+    if kk.isa_supported(t)
+    for v in (kk.kernel_variant_names() if t == "avx512_bf16" else [""])
+]
 SIMD_TIERS = [t for t in TIERS if t != "portable"]
 BF16 = kt.BF16
 F32 = np.dtype(np.float32)
@@ -33,12 +39,18 @@ def test_report_tiers() -> None:
 
 @contextmanager
 def tier(name: str) -> Iterator[None]:
-    kk.set_max_isa(name)
+    """Runs the block on tier `name` ("tier" or "tier/variant")."""
+    isa, _, variant = name.partition("/")
+    kk.set_max_isa(isa)
+    if variant:
+        kk.set_kernel_variant(variant)
     try:
-        assert kk.active_isa() == name
+        assert kk.active_isa() == isa
+        assert not variant or kk.kernel_variant() == variant
         yield
     finally:
         kk.set_max_isa(None)
+        kk.set_kernel_variant(None)
 
 
 @dataclass(frozen=True)

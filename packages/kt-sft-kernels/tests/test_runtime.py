@@ -240,8 +240,34 @@ def test_env_var_sizes_the_default_pool() -> None:
 def test_default_pool_is_one_per_process() -> None:
     assert kk.default_pool() == kk.default_pool()
     assert kk.default_pool().is_default
-    assert kk.default_pool().threads == kk.physical_cores()
-    assert kk.ThreadPool(0).threads == kk.physical_cores()
+    assert kk.default_pool().threads == kk.default_thread_count()
+    assert kk.ThreadPool(0).threads == kk.default_thread_count()
+
+
+@pytest.mark.parametrize(
+    ("logical", "physical", "threads"),
+    [
+        (2, 1, 2),  # a 2-vCPU VM that sysfs shows as 1 core x 2 threads: both vCPUs
+        (2, 2, 2),
+        (4, 2, 4),  # small SMT box: every logical CPU
+        (6, 3, 6),
+        (8, 4, 4),  # real SMT machine with >= 4 cores: one thread per core
+        (64, 32, 32),
+        (16, 16, 16),
+        (1, 1, 1),
+    ],
+)
+def test_default_thread_rule(logical: int, physical: int, threads: int) -> None:
+    """ADR 0901: all logical CPUs unless SMT siblings on >= 4 physical cores."""
+    assert kk.default_thread_count(logical, physical) == threads
+
+
+def test_default_thread_count_on_this_host() -> None:
+    logical, physical = len(kk.affinity_cpus()), kk.physical_cores()
+    assert kk.default_thread_count() == kk.default_thread_count(logical, physical)
+    assert kk.default_thread_reason().startswith(f"{kk.default_thread_count()} (")
+    with pytest.raises(ValueError, match="give both"):
+        kk.default_thread_count(2)
 
 
 # ---- thread pool --------------------------------------------------------------------------------

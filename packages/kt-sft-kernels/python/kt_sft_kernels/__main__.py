@@ -36,8 +36,20 @@ def tier_summary() -> str:
     cap = kk.isa_cap()
     return (
         f"kt_sft_kernels {kk.__version__} tiers: compiled={','.join(compiled)} "
-        f"supported={','.join(supported)} active={kk.active_isa()} "
+        f"supported={','.join(supported)} active={kk.active_isa()} variant={kk.kernel_variant()} "
         f"(cap: {cap or 'none'}, from {kk.isa_cap_source()})"
+    )
+
+
+def variant_summary() -> str:
+    """The avx512_bf16 tier's kernel variant: which one runs, where that came from, and why (ADR 0902)."""
+    model = kk.cpu_model()
+    ratio = kk.bf16dot_probe_ratio()
+    probe = f"{ratio:.2f}" if ratio is not None else "n/a (tier cannot run here)"
+    return (
+        f"avx512_bf16 kernel variant: {kk.kernel_variant()} (from {kk.kernel_variant_source()}; automatic: "
+        f"{kk.auto_kernel_variant()}, {kk.kernel_variant_reason()}); cpu family {model['family']:#x} model "
+        f"{model['model']:#x}; probe VDPBF16PS/FMA FLOP rate: {probe}"
     )
 
 
@@ -63,12 +75,13 @@ def report() -> str:
         f"best tier: {kk.best_isa()}; cap: {cap or 'none'} (from {kk.isa_cap_source()}); "
         f"tier chosen: {kk.active_isa()}"
     )
+    lines.append(variant_summary())
     cpus = kk.affinity_cpus()
     lines.append(
         f"affinity: {len(cpus)} logical CPUs ({_cpu_ranges(cpus)}), physical cores {kk.physical_cores()}"
     )
     requested = os.environ.get("KT_SFT_NUM_THREADS")
-    source = f"KT_SFT_NUM_THREADS={requested}" if requested else "physical cores"
+    source = f"KT_SFT_NUM_THREADS={requested}" if requested else f"default rule: {kk.default_thread_reason()}"
     lines.append(f"threads: default pool {kk.default_pool().threads} ({source})")
     lines.append(tier_summary())
     return "\n".join(lines)

@@ -39,6 +39,33 @@ def isa_cap() -> str | None:
 def isa_cap_source() -> str:
     """Where the cap came from: 'none', 'KT_SFT_MAX_ISA' or 'set_max_isa'."""
 
+def kernel_variant_names() -> list[str]:
+    """Kernel variants of the avx512_bf16 tier."""
+
+def kernel_variant() -> str:
+    """The variant the avx512_bf16 tier's next kernel call uses ('fma' or 'bf16dot')."""
+
+def set_kernel_variant(name: str | None) -> str:
+    """
+    Force the avx512_bf16 tier's kernel variant (None: back to the automatic choice); returns the variant
+    now active.
+    """
+
+def kernel_variant_source() -> str:
+    """Where the variant came from: 'cpu table', 'probe', 'KT_SFT_KERNEL_VARIANT' or 'set_kernel_variant'."""
+
+def kernel_variant_reason() -> str:
+    """Why the automatic choice is what it is."""
+
+def auto_kernel_variant() -> str:
+    """The automatic choice (CPU table, or probe for CPUs it does not know), whatever is forced."""
+
+def bf16dot_probe_ratio() -> float | None:
+    """VDPBF16PS FLOP rate over VFMADD231PS FLOP rate on this core, measured once (None: tier cannot run)."""
+
+def cpu_model() -> dict[str, int]:
+    """CPUID family, model and stepping (as /proc/cpuinfo shows them; 0 off x86)."""
+
 def cpu_features() -> dict[str, bool | str]:
     """What CPUID/XGETBV report, and the AMX permission."""
 
@@ -56,6 +83,15 @@ def physical_cores() -> int:
 def affinity_cpus() -> list[int]:
     """Logical CPUs in this process's affinity mask."""
 
+def default_thread_count(logical_cpus: int | None = None, physical_cores: int | None = None) -> int:
+    """
+    Threads of a pool nobody sized (ADR 0901): the logical CPUs of the affinity mask, or one per physical
+    core on an SMT machine with >= 4 cores. With arguments: the rule for those counts.
+    """
+
+def default_thread_reason() -> str:
+    """The default thread count and which branch of the rule gave it, for reports."""
+
 class ThreadPool:
     """
     A pool of worker threads; the thread making a call works too. Calls on one pool run one at a time, in
@@ -64,7 +100,7 @@ class ThreadPool:
 
     def __init__(self, threads: int = 0, pin: bool = False) -> None:
         """
-        threads: total threads including the caller; 0 = the physical cores this process may use. pin:
+        threads: total threads including the caller; 0 = default_thread_count(). pin:
         bind each worker to its own physical core.
         """
 
@@ -87,7 +123,7 @@ def estimate_layer_bytes(config: MoEConfig, tokens: int = 0, lora_rank: int = 0)
 
 def default_pool() -> ThreadPool:
     """
-    The process-wide pool (physical cores of the affinity mask), created at first use.
+    The process-wide pool (KT_SFT_NUM_THREADS, else default_thread_count() threads), created at first use.
     """
 
 class MoEConfig:

@@ -19,6 +19,8 @@
 #include "kt/core/isa.hpp"
 #include "kt/runtime/build_info.hpp"
 #include "kt/runtime/cpu_features.hpp"
+#include "kt/runtime/default_threads.hpp"
+#include "kt/runtime/kernel_variant.hpp"
 
 namespace kt::bindings {
 namespace {
@@ -181,6 +183,33 @@ void bind_runtime(nb::module_& m) {
   }, "The cap in force, or None.");
   m.def("isa_cap_source", [] { return std::string(runtime::isa_cap_source()); },
         "Where the cap came from: 'none', 'KT_SFT_MAX_ISA' or 'set_max_isa'.");
+  m.def("kernel_variant_names", &runtime::kernel_variant_names, "Kernel variants of the avx512_bf16 tier.");
+  m.def("kernel_variant", [] { return std::string(runtime::kernel_variant_name(runtime::active_kernel_variant())); },
+        "The variant the avx512_bf16 tier's next kernel call uses ('fma' or 'bf16dot').");
+  m.def("set_kernel_variant", [](std::optional<std::string> name) {
+    std::optional<runtime::KernelVariant> v;
+    if (name) {
+      v = runtime::kernel_variant_from_name(*name);
+      if (!v) throw std::invalid_argument("set_kernel_variant: unknown variant '" + *name + "'; valid: fma, bf16dot (None: automatic)");
+    }
+    return std::string(runtime::kernel_variant_name(runtime::set_kernel_variant(v)));
+  }, nb::arg("name").none(),
+     "Force the avx512_bf16 tier's kernel variant (None: back to the automatic choice); returns the variant now active.");
+  m.def("kernel_variant_source", [] { return std::string(runtime::kernel_variant_source()); },
+        "Where the variant came from: 'cpu table', 'probe', 'KT_SFT_KERNEL_VARIANT' or 'set_kernel_variant'.");
+  m.def("kernel_variant_reason", &runtime::kernel_variant_reason, "Why the automatic choice is what it is.");
+  m.def("auto_kernel_variant", [] { return std::string(runtime::kernel_variant_name(runtime::auto_kernel_variant())); },
+        "The automatic choice (CPU table, or probe for CPUs it does not know), whatever is forced.");
+  m.def("bf16dot_probe_ratio", &runtime::bf16dot_probe_ratio,
+        "VDPBF16PS FLOP rate over VFMADD231PS FLOP rate on this core, measured once (None: tier cannot run).");
+  m.def("cpu_model", [] {
+    const runtime::CpuModel c = runtime::cpu_model();
+    nb::dict d;
+    d["family"] = c.family;
+    d["model"] = c.model;
+    d["stepping"] = c.stepping;
+    return d;
+  }, "CPUID family, model and stepping (as /proc/cpuinfo shows them; 0 off x86).");
   m.def("cpu_features", &cpu_features_dict, "What CPUID/XGETBV report, and the AMX permission.");
   m.def("cpu_feature_names", [] {
 #define KT_FEATURE_NAME(name) #name,
@@ -192,6 +221,17 @@ void bind_runtime(nb::module_& m) {
   m.def("physical_cores", &runtime::physical_cores_available,
         "Physical cores among the CPUs this process may run on (sched_getaffinity).");
   m.def("affinity_cpus", &runtime::affinity_cpus, "Logical CPUs in this process's affinity mask.");
+  m.def("default_thread_count", [](std::optional<int> logical_cpus, std::optional<int> physical_cores) {
+    if (logical_cpus.has_value() != physical_cores.has_value())
+      throw std::invalid_argument("default_thread_count: give both logical_cpus and physical_cores, or neither");
+    if (logical_cpus && (*logical_cpus < 1 || *physical_cores < 1))
+      throw std::invalid_argument("default_thread_count: logical_cpus and physical_cores must be >= 1");
+    return logical_cpus ? runtime::default_thread_count(*logical_cpus, *physical_cores) : runtime::default_thread_count();
+  }, nb::arg("logical_cpus").none() = nb::none(), nb::arg("physical_cores").none() = nb::none(),
+     "Threads of a pool nobody sized (ADR 0901): the logical CPUs of the affinity mask, or one per physical "
+     "core on an SMT machine with >= 4 cores. With arguments: the rule for those counts.");
+  m.def("default_thread_reason", &runtime::default_thread_reason,
+        "The default thread count and which branch of the rule gave it, for reports.");
 
   nb::class_<PyThreadPool>(m, "ThreadPool",
                            "A pool of worker threads; the thread making a call works too. Calls on one pool "
@@ -201,7 +241,7 @@ void bind_runtime(nb::module_& m) {
              new (self) PyThreadPool(make_pool(threads, pin));
            },
            nb::arg("threads") = 0, nb::arg("pin") = false,
-           "threads: total threads including the caller; 0 = the physical cores this process may use. "
+           "threads: total threads including the caller; 0 = default_thread_count(). "
            "pin: bind each worker to its own physical core.")
       .def_prop_ro("threads", [](const PyThreadPool& p) { return p.context->pool->size(); })
       .def_prop_ro("pinned", [](const PyThreadPool& p) { return p.context->pool->pinned(); })
@@ -215,7 +255,7 @@ void bind_runtime(nb::module_& m) {
       });
 
   m.def("default_pool", [] { return PyThreadPool{default_pool_context()}; },
-        "The process-wide pool (physical cores of the affinity mask), created at first use.");
+        "The process-wide pool (KT_SFT_NUM_THREADS, else default_thread_count() threads), created at first use.");
 
   nb::module_ testing = m.def_submodule("_testing", "Hooks for the package's own tests.");
   testing.def("pool_run_counting", &run_counting, nb::arg("pool"), nb::arg("num_tasks"),

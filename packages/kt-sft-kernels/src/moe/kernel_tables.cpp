@@ -1,6 +1,8 @@
 // kernels_for(): maps a tier to its table. Only tiers the build compiled (KT_SFT_HAVE_ISA_<TIER>)
-// are referenced, so this file needs no -m flags. The table's `isa` is the tier it serves (avx512_bf16
-// serves the avx512 tier's kernels: src/isa/avx512_bf16/kernels.cpp says why).
+// are referenced, so this file needs no -m flags. The table's `isa` is the tier it serves. avx512_bf16
+// has two variants (runtime/kernel_variant.hpp): "fma" serves the avx512 tier's kernels
+// (src/isa/avx512_bf16/kernels.cpp says why), "bf16dot" VDPBF16PS pair panels (bf16dot.cpp) for bf16
+// bases; the quantized products are the same in both.
 #include <array>
 #include <mutex>
 #include <optional>
@@ -9,6 +11,7 @@
 
 #include "kt/moe/kernels.hpp"
 #include "kt/moe/quant.hpp"
+#include "kt/runtime/kernel_variant.hpp"
 
 #define KT_DECLARE_TIER(tier)                   \
   namespace kt::isa_##tier {                    \
@@ -26,6 +29,9 @@ KT_DECLARE_TIER(avx512)
 #endif
 #ifdef KT_SFT_HAVE_ISA_AVX512_BF16
 KT_DECLARE_TIER(avx512_bf16)
+namespace kt::isa_avx512_bf16 {
+const moe::KernelTable& kernel_table_bf16dot();
+}
 #endif
 #ifdef KT_SFT_HAVE_ISA_AMX
 KT_DECLARE_TIER(amx)
@@ -45,7 +51,10 @@ const KernelTable& kernels_for(Isa isa) {
     case Isa::avx512: return isa_avx512::kernel_table();
 #endif
 #ifdef KT_SFT_HAVE_ISA_AVX512_BF16
-    case Isa::avx512_bf16: return isa_avx512_bf16::kernel_table();
+    case Isa::avx512_bf16:
+      return runtime::active_kernel_variant() == runtime::KernelVariant::bf16dot
+                 ? isa_avx512_bf16::kernel_table_bf16dot()
+                 : isa_avx512_bf16::kernel_table();
 #endif
 #ifdef KT_SFT_HAVE_ISA_AMX
     case Isa::amx: return isa_amx::kernel_table();

@@ -2,6 +2,7 @@
 // atomic counter; workers spin for a short while after a job (back-to-back kernel phases find them
 // awake), then sleep on a condition variable.
 #include "kt/runtime/thread_pool.hpp"
+#include "kt/runtime/default_threads.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -187,7 +188,7 @@ void ThreadPool::Impl::worker_main(int thread, int cpu) {
 ThreadPool::ThreadPool(int threads, bool pin) : impl_(std::make_unique<Impl>()) {
   if (threads < 0)
     throw std::invalid_argument("threads must be >= 0 (0 = physical cores), got " + std::to_string(threads));
-  impl_->size = threads == 0 ? physical_cores_available() : threads;
+  impl_->size = threads == 0 ? default_thread_count() : threads;  // ADR 0901
   impl_->pinned = pin;
   impl_->owner_pid = getpid();
   const std::vector<int> cpus = pin ? one_cpu_per_core() : std::vector<int>{};

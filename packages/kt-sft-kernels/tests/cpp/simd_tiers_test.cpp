@@ -3,7 +3,8 @@
 // random data with awkward sizes (row tails, 32-wide column blocks, special values). Built by
 // CMake (KT_SFT_BUILD_CPP_TESTS); with KT_SFT_ISA_EMULATION the AVX-512 tiers run through
 // SIMDe, so this covers their code on a CPU without AVX-512 (the comparisons are tolerance-based,
-// except bf16 rounding: exact). avx512_bf16 runs the avx512 tier's kernels; it is checked as a tier.
+// except bf16 rounding: exact). avx512_bf16 runs the avx512 tier's kernels (variant "fma") or VDPBF16PS pair panels (variant
+// "bf16dot"); both are checked.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -11,6 +12,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <initializer_list>
 #include <iterator>
 #include <string>
 #include <type_traits>
@@ -30,6 +32,7 @@ const moe::KernelTable& kernel_table();
 }
 namespace kt::isa_avx512_bf16 {
 const moe::KernelTable& kernel_table();
+const moe::KernelTable& kernel_table_bf16dot();
 }
 
 namespace {
@@ -76,15 +79,19 @@ std::vector<const bf16*> rows_of(const std::vector<bf16>& data, int m, int k, in
   return rows;
 }
 
-void test_gemms(const KernelTable& ref, const KernelTable& t, const char* name) {
+// ks x ms on [rows, k] / [k, cols] weights; the large case (k = 2048, m = 200) makes the bf16dot
+// variant split its rows into L2-sized chunks.
+void test_gemms(const KernelTable& ref, const KernelTable& t, const char* name,
+                std::initializer_list<int> ks = {32, 96, 160},
+                std::initializer_list<int> ms = {1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 33, 64}) {
   const int rows = 160, cols = 160;
-  for (int k : {32, 96, 160}) {
+  for (int k : ks) {
     std::vector<bf16> w_nt = random_bf16(static_cast<std::size_t>(rows) * k);   // [rows, k]
     std::vector<bf16> w_nn = random_bf16(static_cast<std::size_t>(k) * cols);   // [k, cols]
     std::vector<std::uint8_t> packed_nt(ref.packed_bytes(rows, k)), packed_nn(ref.packed_bytes(k, cols));
     t.pack(w_nt.data(), rows, k, packed_nt.data());
     t.pack(w_nn.data(), k, cols, packed_nn.data());
-    for (int m : {1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 33, 64}) {
+    for (int m : ms) {
       std::vector<bf16> a = random_bf16(static_cast<std::size_t>(m) * (k + 32));
       const auto a_rows = rows_of(a, m, k, 32);  // rows are not contiguous: gathered by pointer
       for (auto [n0, n1] : {std::pair{0, 160}, std::pair{32, 96}, std::pair{128, 160}}) {
@@ -468,15 +475,17 @@ int main() {
       {"avx2", &kt::isa_avx2::kernel_table()},
       {"avx512", &kt::isa_avx512::kernel_table()},
       {"avx512_bf16", &kt::isa_avx512_bf16::kernel_table()},
+      {"avx512_bf16/bf16dot", &kt::isa_avx512_bf16::kernel_table_bf16dot()},
   };
   for (const auto& [name, table] : tiers) {
     const int before = failures;
     test_gemms(ref, *table, name);
     test_quant_gemms(ref, *table, name);
+    test_gemms(ref, *table, name, {2048}, {200});
     test_activation(ref, *table, name);
     test_lora<float>(ref, *table, name, DType::f32);
     test_lora<bf16>(ref, *table, name, DType::bf16);
-    std::printf("%-12s %s\n", name, failures == before ? "ok" : "FAILED");
+    std::printf("%-20s %s\n", name, failures == before ? "ok" : "FAILED");
   }
   std::printf("simd tiers vs portable: %d failed checks\n", failures);
   return failures ? 1 : 0;

@@ -387,7 +387,21 @@ def test_bench_runs_the_packaged_layer_timing(capsys: pytest.CaptureFixture[str]
              "--rank", "4", "--repeat", "1", "--threads", "1"]  # fmt: skip
     assert main(["bench", *small]) == 0
     out = capsys.readouterr().out
-    assert "kt-sft kernels" in out and "PyTorch (reference)" in out
+    import kt_sft_kernels as kk
+
+    # What was measured, on what, with how many threads, under which load: before any figure.
+    assert out.startswith("machine: ") and kk.cpu_features()["vendor"] in out
+    assert f"kernel tier: {kk.active_isa()}" in out and f"variant {kk.kernel_variant()}" in out
+    assert "threads: 1 for kt-sft and for PyTorch" in out and "vs PyTorch" in out
+    assert f"kt-sft {kk.active_isa()}" in out and "PyTorch fp32 per-expert loop" in out
+    # --full: one row per tier this host runs (avx512_bf16 once per kernel variant).
+    assert main(["bench", *small, "--full", "--no-reference"]) == 0
+    rows = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("kt-sft ")]
+    tiers = [t for t in kk.isa_names() if kk.isa_supported(t)]
+    variants = len(kk.kernel_variant_names()) if "avx512_bf16" in tiers else 1
+    assert len(rows) == len(tiers) + variants - 1 and set(rows) == set(tiers)
+    assert main(["bench", "--threads", "0"]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err
     # The peer comparison is benchmarks/bench_moe.py in a checkout: the installed command never looks for it.
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--quick", "--shape", "qwen3"])

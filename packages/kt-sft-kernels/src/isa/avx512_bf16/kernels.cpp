@@ -2,7 +2,8 @@
 // On the one AVX-512 BF16 CPU measured (the AMX host's Xeon), VDPBF16PS zmm retires at a quarter of
 // the rate of VFMADD231PS zmm, i.e. half the FLOP rate, and every VDPBF16PS GEMM tried (dot products
 // along K; pair panels, commit 0a7b59f) lost to the fp32 panels by 1.3-1.8x per call (ADR 0404).
-// The tier stays a dispatch level of its own for kernels that pay off on CPUs where it is full rate.
+// This table is the tier's "fma" variant; bf16dot.cpp holds the "bf16dot" variant (VDPBF16PS pair
+// panels) for CPUs where it is full rate (AMD Zen 4/5); runtime/kernel_variant.cpp picks per CPU.
 #include "kt/moe/kernels.hpp"
 
 namespace kt::isa_avx512 {

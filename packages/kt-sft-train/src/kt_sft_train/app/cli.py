@@ -245,14 +245,31 @@ def build_parser() -> argparse.ArgumentParser:
         description="Times one experts layer, kernels vs PyTorch (part of the installed package). The "
         "comparison with peer implementations is benchmarks/bench_moe.py in a source checkout.",
     )
-    bench.add_argument("--tokens", type=int, default=512, help="tokens per forward")
+    bench.add_argument(
+        "--tokens", type=int, default=None, help="tokens per forward (default 512; --full: 128, 512, 2048)"
+    )
     bench.add_argument("--experts", type=int, default=64, help="routed experts of the layer")
     bench.add_argument("--top-k", type=int, default=8, help="experts per token")
     bench.add_argument("--hidden", type=int, default=1024, help="hidden size")
     bench.add_argument("--intermediate", type=int, default=512, help="expert intermediate size")
     bench.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    bench.add_argument("--repeat", type=int, default=3, help="timed repetitions (the best is reported)")
-    bench.add_argument("--threads", type=int, default=None, help="CPU threads (None: all cores)")
+    bench.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="timed steps of ours (median); PyTorch: 1 step (--full: this many)",
+    )
+    bench.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for both backends (default: the kernels' default rule)",
+    )
+    bench.add_argument(
+        "--full",
+        action="store_true",
+        help="every kernel tier (and avx512_bf16 variant) this host runs, at T = 128, 512, 2048 (minutes)",
+    )
     bench.add_argument(
         "--no-reference", dest="reference", action="store_false", help="skip the PyTorch reference timing"
     )
@@ -308,11 +325,28 @@ def command_export(args: argparse.Namespace) -> int:
 
 def command_bench(args: argparse.Namespace) -> int:
     from .._kernels import load_kernels
-    from .bench import LayerShape, render, run
+    from .bench import LayerShape, kernel_configs, machine_lines, render, run
 
-    shape = LayerShape(args.tokens, args.experts, args.top_k, args.hidden, args.intermediate, args.rank)
-    rows = run(shape, repeat=args.repeat, threads=args.threads, include_reference=args.reference)
-    print(render(shape, rows, load_kernels().active_isa()))
+    for name in ("tokens", "experts", "top_k", "hidden", "intermediate", "rank", "repeat", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    kk = load_kernels()
+    threads = args.threads or kk.default_thread_count()
+    print("\n".join(machine_lines(kk, threads)), flush=True)
+    configs = kernel_configs(kk, args.full)
+    token_counts = [args.tokens] if args.tokens else ([128, 512, 2048] if args.full else [512])
+    for tokens in token_counts:
+        shape = LayerShape(tokens, args.experts, args.top_k, args.hidden, args.intermediate, args.rank)
+        rows = run(
+            shape,
+            repeat=args.repeat,
+            threads=threads,
+            include_reference=args.reference,
+            configs=configs,
+            reference_repeat=args.repeat if args.full else 1,
+        )
+        print(render(shape, rows), flush=True)
     return 0
 
 

@@ -113,6 +113,11 @@ def kernel_info() -> dict[str, Any]:
         "tiers": {name: bool(kk.isa_supported(name)) for name in kk.isa_names()},
         "physical_cores": kk.physical_cores(),
         "affinity_cpus": len(kk.affinity_cpus()),
+        "default_threads": kk.default_thread_count(),
+        "default_threads_reason": kk.default_thread_reason(),
+        "avx512_bf16_variant": kk.kernel_variant(),
+        "variant_source": kk.kernel_variant_source(),
+        "variant_reason": kk.kernel_variant_reason(),
     }
 
 
@@ -169,8 +174,10 @@ def render(info: dict[str, Any]) -> str:
             f"kernel tier  {kernels['active_tier']} (best on this CPU: {kernels['best_tier']}{cap})",
             f"tiers        {tiers}",
             f"AMX          {kernels['amx_permission']}",
-            f"threads      {kernels['physical_cores']} physical cores in the affinity mask "
-            f"({kernels['affinity_cpus']} CPUs); torch uses {info['torch_threads']}",
+            f"variant      avx512_bf16 runs {kernels['avx512_bf16_variant']} "
+            f"(from {kernels['variant_source']}: {kernels['variant_reason']})",
+            f"threads      kernels default {kernels['default_threads_reason']}; "
+            f"torch uses {info['torch_threads']}",
         ]
     else:
         lines.append(f"kernels      NOT AVAILABLE: {kernels['error']}")
