@@ -261,3 +261,35 @@ def test_numpy_rule_is_not_trivial() -> None:
     # Guards the bit-exact checks above: quantization changes the weights (no self-comparison).
     w = torch.randn(4, 8, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
     assert not np.array_equal(_numpy_quantized(w, "int8", 128).numpy(), w.float().numpy())
+
+
+def test_merged_export_of_an_int4_base_is_its_dequantized_weights_plus_lora(tmp_path: Path) -> None:
+    """export --merge on a compressed-tensors int4 base: q * scale + ΔW, written as plain bf16 weights."""
+    from kt_sft_train.adapters import export_merged_checkpoint
+    from peft import LoraConfig, get_peft_model
+
+    _int4_checkpoint(tmp_path / "base", 32)
+    kt = load_kt_model(tmp_path / "base", KTConfig(weight_dtype="int4"), dtype=torch.float32)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )
+    lora = get_peft_model(kt, config)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in sorted(lora.named_parameters()):
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3 / param.shape[-1] ** 0.5)
+    lora.save_pretrained(tmp_path / "adapter")
+    expected = logits_of(lora.eval(), tokens(7))
+
+    merged_dir = export_merged_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
+    assert "quantization_config" not in json.loads((merged_dir / "config.json").read_text())
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    # W + ΔW rounded once to bf16; the kernels ran the fp32 dequantized W with bf16 activations.
+    assert relative_error(logits_of(merged, tokens(7)), expected) <= LOGITS_BOUND
+    unmerged = _hf_with_experts(tmp_path / "merged", _kt_experts(kt))
+    # Without the experts' ΔW the logits are far off: the expert merge mattered.
+    assert relative_error(logits_of(unmerged, tokens(7)), expected) > LOGITS_BOUND

@@ -337,12 +337,25 @@ def command_export(args: argparse.Namespace) -> int:
         dtype = None if args.dtype is None else getattr(torch, _EXPORT_DTYPES[args.dtype])
         export_merged_checkpoint(model, adapter, out, dtype=dtype)
         print(f"merged checkpoint written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+        if _ships_int4(model):
+            print(
+                "note: the base ships int4 experts; they were dequantized (q x scale, exact), LoRA added, "
+                f"and written as {args.dtype or 'bf16'}: re-quantize with your serving stack if you need int4"
+            )
     else:
         if args.dtype is not None:
             raise UsageError("--dtype applies to --merge only")
         export_per_expert_adapter(adapter, out, base_dir=model)
         print(f"per-expert LoRA adapter written to {out} (gate/up/down LoRA per expert, checkpoint names)")
     return 0
+
+
+def _ships_int4(model: Path) -> bool:
+    from transformers import AutoConfig
+
+    from ..quantization import pack_quantized_scheme
+
+    return pack_quantized_scheme(AutoConfig.from_pretrained(model, local_files_only=True)) is not None
 
 
 def command_bench(args: argparse.Namespace) -> int:
