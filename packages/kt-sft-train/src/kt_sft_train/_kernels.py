@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .config import KTConfig
-from .quantization import dequantize, effective_group_size
+from .quantization import effective_group_size, kernel_weights
 from .reference import ExpertGrads, ExpertLoRA
 
 KERNELS_MODULE = "kt_sft_kernels"
@@ -180,7 +180,7 @@ class KernelLayer:
         )
 
     def dequantized_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up, down) as the kernels compute with them, fp32: fp32(q * scale) of the packed base."""
+        """(gate_up, down) as the kernels compute with them: bf16(fp32(q * scale)) of the packed base."""
         if self.weight_dtype == "bf16":
             raise ValueError("dequantized_weights needs an int8/int4 layer; a bf16 base is its checkpoint")
         E, H, inter = self.num_experts, self.hidden, self.intermediate
@@ -199,8 +199,9 @@ class KernelLayer:
                     torch.empty((E, rows, cols // group), dtype=torch.float32),
                 ]
         self._layer.read_quantized(*arrays)
-        return dequantize(arrays[0], arrays[1], self.weight_dtype), dequantize(
-            arrays[2], arrays[3], self.weight_dtype
+        return (
+            kernel_weights(arrays[0], arrays[1], self.weight_dtype),
+            kernel_weights(arrays[2], arrays[3], self.weight_dtype),
         )
 
     def memory_report(self) -> dict[str, int]:

@@ -3,8 +3,9 @@ torch terms, and checkpoints that ship int4 (compressed-tensors "pack-quantized"
 
 The kernels' storage (kt_sft_kernels docs/kernels.md, "Quantized bases"): int8 q [E, N, K] with one
 fp32 scale per output row [E, N]; int4 q packed two a byte [E, N, K/2] (element k in byte k // 2, low
-nibble = even k, two's-complement nibbles in [-8, 7]) with scales [E, N, K/G]. The dequantized weight
-is fp32(q * scale), exact (a 4- or 8-bit integer times a bf16/fp32 scale).
+nibble = even k, two's-complement nibbles in [-8, 7]) with scales [E, N, K/G]. The kernels compute with
+bf16(fp32(q * scale)) (their rounding point RQ, docs/kernels.md); fp32(q * scale) itself is exact (a 4- or
+8-bit integer times a bf16/fp32 scale).
 
 compressed-tensors "pack-quantized" (docs/design/0602-quantized-checkpoints.md): per weight
 ``<name>.weight_packed`` int32 [N, ceil(K*bits/32)], ``<name>.weight_scale`` [N, K/G] and
@@ -56,6 +57,11 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     high = (packed >> 4).to(torch.int8)
     values = torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
     return torch.where(values >= 8, values - 16, values)
+
+
+def kernel_weights(q: torch.Tensor, scale: torch.Tensor, weight_dtype: str) -> torch.Tensor:
+    """The weights the kernels compute with: bf16(fp32(q * scale)) (rounding point RQ)."""
+    return dequantize(q, scale, weight_dtype).to(torch.bfloat16)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, weight_dtype: str) -> torch.Tensor:

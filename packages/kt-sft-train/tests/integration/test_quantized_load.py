@@ -39,12 +39,14 @@ def _kernels() -> None:
 
 
 def _numpy_quantized(weight: torch.Tensor, weight_dtype: str, group_size: int) -> torch.Tensor:
-    """The kernels' documented quantization rule, by the independent NumPy quantizer (fp32 result)."""
+    """The kernels' documented quantization rule and rounding point RQ, by the independent NumPy
+    quantizer (bf16 result)."""
     from kt_sft_kernels import testing
 
     w = weight.float().numpy()
     q, scale = testing.quantize(w, weight_dtype, group_size)
-    return torch.from_numpy(testing.dequantize(q, scale, weight_dtype, group_size))
+    dequantized = np.asarray(testing.dequantize(q, scale, weight_dtype, group_size)).astype(np.float32)
+    return torch.from_numpy(dequantized).bfloat16()
 
 
 def _kt_experts(model: torch.nn.Module) -> list[KTExperts]:
@@ -52,7 +54,7 @@ def _kt_experts(model: torch.nn.Module) -> list[KTExperts]:
 
 
 def _hf_with_experts(path: Path, experts: list[KTExperts], **kwargs) -> torch.nn.Module:  # type: ignore[no-untyped-def]
-    """Plain HF (fp32) with every routed expert replaced by the kernels' dequantized weights."""
+    """Plain HF (fp32) with every routed expert replaced by the kernels' dequantized weights (bf16 values)."""
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
     arch = get_moe_arch_config(hf)
     with torch.no_grad():
@@ -151,7 +153,9 @@ def pack_int4_words(values: torch.Tensor) -> torch.Tensor:
 
 def _int4_checkpoint(directory: Path, group: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """A tiny Qwen3-MoE whose experts ship as packed int4 (random values and bf16 group scales), and the
-    checkpoint's own dequantization (q * scale in fp32, exact) of every expert weight."""
+    checkpoint's own dequantization of every expert weight: q * scale with bf16 scales, i.e. the exact
+    product rounded once to bf16 (what compressed-tensors' decompression in the scale dtype gives, and
+    the kernels' rounding point RQ)."""
     model = tiny_model("qwen3_moe", torch.bfloat16)
     generator = torch.Generator().manual_seed(11)
     tensors, dequantized = {}, {}
@@ -166,7 +170,7 @@ def _int4_checkpoint(directory: Path, group: int) -> tuple[torch.nn.Module, dict
         tensors[f"{base}.weight_packed"] = pack_int4_words(q)
         tensors[f"{base}.weight_scale"] = scale
         tensors[f"{base}.weight_shape"] = torch.tensor([rows, cols], dtype=torch.int64)
-        dequantized[key] = q.float() * scale.float().repeat_interleave(group, dim=1)
+        dequantized[key] = (q.to(torch.bfloat16) * scale.repeat_interleave(group, dim=1)).bfloat16()
     config = model.config
     config.quantization_config = {
         "quant_method": "compressed-tensors",
@@ -260,7 +264,7 @@ def test_reference_backend_refuses_quantized_bases() -> None:
 def test_numpy_rule_is_not_trivial() -> None:
     # Guards the bit-exact checks above: quantization changes the weights (no self-comparison).
     w = torch.randn(4, 8, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
-    assert not np.array_equal(_numpy_quantized(w, "int8", 128).numpy(), w.float().numpy())
+    assert not torch.equal(_numpy_quantized(w, "int8", 128), w)
 
 
 def test_merged_export_of_an_int4_base_is_its_dequantized_weights_plus_lora(tmp_path: Path) -> None:
