@@ -297,3 +297,16 @@ def test_merged_export_of_an_int4_base_is_its_dequantized_weights_plus_lora(tmp_
     unmerged = _hf_with_experts(tmp_path / "merged", _kt_experts(kt))
     # Without the experts' ΔW the logits are far off: the expert merge mattered.
     assert relative_error(logits_of(unmerged, tokens(7)), expected) > LOGITS_BOUND
+
+
+def test_memory_estimate_of_an_int4_checkpoint_uses_its_groups(tmp_path: Path) -> None:
+    """kt-sft info --model: an int4 checkpoint is estimated in its own groups; bf16/int8 not loadable."""
+    from kt_sft_train.memory import estimate_checkpoint, measure_experts
+
+    _int4_checkpoint(tmp_path, 32)
+    rows = {row.weight_dtype: row for row in estimate_checkpoint(tmp_path)}
+    assert (rows["int4"].group_size, rows["int4"].loadable) == (32, True)
+    assert not rows["bf16"].loadable and not rows["int8"].loadable
+    kt = load_kt_model(tmp_path, KTConfig(weight_dtype="int4"), dtype=torch.float32)
+    measured = measure_experts(kt)
+    assert measured is not None and measured.base_bytes == rows["int4"].bytes
