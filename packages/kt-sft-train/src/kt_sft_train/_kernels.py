@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .config import KTConfig
+from .quantization import effective_group_size, kernel_weights
 from .reference import ExpertGrads, ExpertLoRA
 
 KERNELS_MODULE = "kt_sft_kernels"
@@ -81,6 +82,27 @@ def thread_pool(threads: int | None) -> Any:
         return _pools[threads]
 
 
+def kernel_config(kt: KTConfig, num_experts: int, top_k: int, hidden: int, intermediate: int) -> Any:
+    """The kernels' MoEConfig of one layer (int4: KTConfig.group_size, or the largest that divides)."""
+    kk = load_kernels()
+    group = effective_group_size(kt.group_size, hidden, intermediate) if kt.weight_dtype == "int4" else 128
+    return kk.MoEConfig(
+        num_experts=num_experts,
+        top_k=top_k,
+        hidden=hidden,
+        intermediate=intermediate,
+        weight_dtype=kt.weight_dtype,
+        group_size=group,
+        numa_shards=kt.numa_shards,
+    )
+
+
+def estimate_layer_bytes(kt: KTConfig, num_experts: int, top_k: int, hidden: int, intermediate: int) -> int:
+    """Host bytes of one loaded layer's base (weights + scales), from the kernels' own estimate."""
+    config = kernel_config(kt, num_experts, top_k, hidden, intermediate)
+    return int(load_kernels().estimate_layer_bytes(config)["total"])
+
+
 _HOST_DTYPES = {torch.bfloat16: torch.bfloat16, torch.float32: torch.float32, torch.float16: torch.float32}
 
 
@@ -108,16 +130,10 @@ class KernelLayer:
         self.top_k = top_k
         self.hidden = hidden
         self.intermediate = intermediate
-        config = kk.MoEConfig(
-            num_experts=num_experts,
-            top_k=top_k,
-            hidden=hidden,
-            intermediate=intermediate,
-            weight_dtype=kt.weight_dtype,
-            numa_shards=kt.numa_shards,
-        )
+        self.weight_dtype = kt.weight_dtype
+        self.config = kernel_config(kt, num_experts, top_k, hidden, intermediate)
         self._kk = kk
-        self._layer = kk.MoELayer(config, pool=thread_pool(kt.threads))
+        self._layer = kk.MoELayer(self.config, pool=thread_pool(kt.threads))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> KernelLayer:
         # The packed weights are frozen: a deep-copied model (e.g. a reference model) shares them.
@@ -139,10 +155,58 @@ class KernelLayer:
         return _HOST_DTYPES[dtype]
 
     def load_weights(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
-        # The kernels pack their own copy; these bf16 staging copies die when this returns.
-        gate_up_bf16 = gate_up.detach().to("cpu", torch.bfloat16).contiguous()
-        down_bf16 = down.detach().to("cpu", torch.bfloat16).contiguous()
-        self._layer.load_weights(gate_up=gate_up_bf16, down=down_bf16)
+        # The kernels pack their own copy; staging copies die when this returns. A quantized base takes
+        # bf16 or fp32 as given (fp32 from an fp8 checkpoint: quantized with no bf16 rounding first).
+        keep = (torch.bfloat16,) if self.weight_dtype == "bf16" else (torch.bfloat16, torch.float32)
+        staged = [
+            t.detach().to("cpu", t.dtype if t.dtype in keep else keep[-1]).contiguous()
+            for t in (gate_up, down)
+        ]
+        self._layer.load_weights(gate_up=staged[0], down=staged[1])
+
+    def load_quantized(
+        self,
+        gate_up_q: torch.Tensor,
+        gate_up_scale: torch.Tensor,
+        down_q: torch.Tensor,
+        down_scale: torch.Tensor,
+    ) -> None:
+        """A pre-quantized base in the kernels' storage (see quantization.py), loaded bit-exactly."""
+        if self.weight_dtype == "bf16":
+            raise ValueError("load_quantized needs an int8/int4 layer (KTConfig.weight_dtype)")
+        # Shapes and dtypes are validated by the kernel layer (its errors name the argument).
+        self._layer.load_quantized(
+            *(t.detach().to("cpu").contiguous() for t in (gate_up_q, gate_up_scale, down_q, down_scale))
+        )
+
+    def dequantized_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up, down) as the kernels compute with them: bf16(fp32(q * scale)) of the packed base."""
+        if self.weight_dtype == "bf16":
+            raise ValueError("dequantized_weights needs an int8/int4 layer; a bf16 base is its checkpoint")
+        E, H, inter = self.num_experts, self.hidden, self.intermediate
+        shapes = {"gate_up": (2 * inter, H), "down": (H, inter)}
+        arrays = []
+        for rows, cols in shapes.values():
+            if self.weight_dtype == "int8":
+                arrays += [
+                    torch.empty((E, rows, cols), dtype=torch.int8),
+                    torch.empty((E, rows), dtype=torch.float32),
+                ]
+            else:
+                group = self.config.group_size
+                arrays += [
+                    torch.empty((E, rows, cols // 2), dtype=torch.uint8),
+                    torch.empty((E, rows, cols // group), dtype=torch.float32),
+                ]
+        self._layer.read_quantized(*arrays)
+        return (
+            kernel_weights(arrays[0], arrays[1], self.weight_dtype),
+            kernel_weights(arrays[2], arrays[3], self.weight_dtype),
+        )
+
+    def memory_report(self) -> dict[str, int]:
+        """Host bytes of this layer (the kernels' memory_report: weights, scales, cache_spare, total, ...)."""
+        return dict(self._layer.memory_report())
 
     def forward(
         self,

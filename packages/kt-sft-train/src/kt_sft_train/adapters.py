@@ -41,6 +41,7 @@ from torch import nn
 
 from .arch import get_moe_arch_config
 from .peft.layout import per_expert_factors
+from .quantization import PACKED_SUFFIXES, dequantize, pack_quantized_scheme, packed_int4_to_kernel
 from .weights import (
     CheckpointError,
     CheckpointKeyMapper,
@@ -437,7 +438,26 @@ def _base_skeleton(base_dir: Path) -> tuple[Any, nn.Module]:
 
 def _expert_plans(skeleton: nn.Module, checkpoint: SafetensorsCheckpoint) -> list[ExpertLayerPlan]:
     experts = [(path, skeleton.get_submodule(path)) for path in get_moe_arch_config(skeleton).experts_paths]
-    return plan_expert_layers(skeleton, experts, checkpoint)
+    scheme = pack_quantized_scheme(skeleton.config)
+    group = None if scheme is None else scheme.group_size
+    return plan_expert_layers(skeleton, experts, checkpoint, int4_group_size=group)
+
+
+_PACKED_COMPANIONS = tuple(f".{suffix}" for suffix in PACKED_SUFFIXES[1:])
+
+
+def _read_packed_int4(shards: OpenShards, checkpoint: SafetensorsCheckpoint, key: str) -> torch.Tensor:
+    """A compressed-tensors int4 weight (``key`` = its ``.weight_packed``) dequantized: q * scale in fp32
+    (exact), the values the int4 kernels compute with."""
+    base = key.removesuffix("_packed")
+    companions = {name: checkpoint.tensors.get(base + name) for name in ("_scale", "_shape")}
+    missing = [base + name for name, info in companions.items() if info is None]
+    if missing:
+        raise CheckpointError(f"{checkpoint.tensors[key].file.name}:{key!r} has no {missing[0]!r}")
+    shape = [int(v) for v in shards.get(companions["_shape"]).get_tensor(base + "_shape").tolist()]
+    packed = shards.get(checkpoint.tensors[key]).get_tensor(key)
+    scale = shards.get(companions["_scale"]).get_tensor(base + "_scale")
+    return dequantize(packed_int4_to_kernel(packed, shape[-1]), scale, "int4")
 
 
 @dataclass(frozen=True)
@@ -468,8 +488,8 @@ def _merge_targets(
     dense = {name: lora for name, lora in factors.items() if lora.num_experts is None}
     mapper = CheckpointKeyMapper(skeleton, None)
     for key in checkpoint.tensors:
-        if key not in targets and not key.endswith("_scale_inv"):
-            parameter = mapper.map(key, dense)[0]
+        if key not in targets and not key.endswith(("_scale_inv", *_PACKED_COMPANIONS)):
+            parameter = mapper.map(key.removesuffix("_packed"), dense)[0]
             if parameter in dense:
                 targets[key] = _MergeTarget(dense[parameter])
     unused = set(factors) - {target.factors.parameter for target in targets.values()}
@@ -519,6 +539,12 @@ def export_merged_checkpoint(
     Keys and sharding follow the base checkpoint; float8 weights are dequantized (and the config's
     quantization_config dropped). ``dtype``: output dtype of floating tensors (default: the base's,
     bf16 for float8 weights). ΔW is computed in float32 (float64 when ``dtype`` is float64).
+
+    A compressed-tensors int4 base is merged into its dequantized weights (q * scale, exact in fp32) and
+    written as plain ``.weight`` tensors in bf16 (or ``dtype``): merging a LoRA into int4 cannot stay int4
+    without re-quantizing, which would change the trained model (docs/design/0602). A base that was
+    quantized only in kt-sft (``--weight-dtype int8/int4`` on a bf16/fp8 checkpoint) is merged into the
+    checkpoint's own weights, as for any base.
     """
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     config, skeleton = _base_skeleton(base_dir)
@@ -535,6 +561,9 @@ def export_merged_checkpoint(
     dequantized_scales = {
         scale_key_for(key) for key, info in checkpoint.tensors.items() if info.dtype in _FLOAT8
     } & set(checkpoint.tensors)
+    int4 = pack_quantized_scheme(config) is not None
+    if int4:  # the companions of packed weights are folded into their dequantized ``.weight``
+        dequantized_scales |= {key for key in checkpoint.tensors if key.endswith(_PACKED_COMPANIONS)}
 
     weight_map: dict[str, str] = {}
     total_bytes = 0
@@ -557,18 +586,23 @@ def export_merged_checkpoint(
                     if key in dequantized_scales:
                         continue
                     info = checkpoint.tensors[key]
+                    packed = int4 and key.endswith(".weight_packed")
                     scale = checkpoint.tensors.get(scale_key_for(key)) if info.dtype in _FLOAT8 else None
                     if info.dtype in _FLOAT8 and scale is None:
                         raise CheckpointError(f"{file.name}:{key!r} is float8 without {scale_key_for(key)!r}")
-                    tensor = _read_whole(shards, info, scale, block)
+                    if packed:
+                        tensor = _read_packed_int4(shards, checkpoint, key)
+                    else:
+                        tensor = _read_whole(shards, info, scale, block)
                     target = targets.get(key)
                     if target is not None:
                         delta = _delta(target, *factors_of(target.factors.parameter), math_dtype)
                         tensor = tensor.to(math_dtype) + delta
                     out_dtype = dtype if dtype is not None and tensor.is_floating_point() else None
-                    if out_dtype is None and (target is not None or info.dtype in _FLOAT8):
-                        out_dtype = torch.bfloat16 if info.dtype in _FLOAT8 else info.dtype
-                    merged[key] = (tensor if out_dtype is None else tensor.to(out_dtype)).contiguous()
+                    if out_dtype is None and (target is not None or info.dtype in _FLOAT8 or packed):
+                        out_dtype = torch.bfloat16 if info.dtype in _FLOAT8 or packed else info.dtype
+                    out_key = key.removesuffix("_packed") if packed else key
+                    merged[out_key] = (tensor if out_dtype is None else tensor.to(out_dtype)).contiguous()
                 save_file(merged, staging / file.name, metadata={"format": "pt"})
                 weight_map.update(dict.fromkeys(merged, file.name))
                 total_bytes += sum(t.numel() * t.element_size() for t in merged.values())
@@ -576,8 +610,7 @@ def export_merged_checkpoint(
         finally:
             shards.close()
         config_dict = json.loads((base_dir / "config.json").read_text())
-        had_fp8 = bool(dequantized_scales)
-        if had_fp8:
+        if dequantized_scales or int4:
             config_dict.pop("quantization_config", None)
         if dtype is not None:
             config_dict["dtype"] = str(dtype).removeprefix("torch.")

@@ -17,6 +17,7 @@ from typing import Any
 
 BACKENDS = ("kernels", "reference")
 WEIGHT_DTYPES = ("bf16", "int8", "int4")
+GROUP_SIZES = (32, 64, 128)  # int4 groups along the reduction dimension (the kernels' choices)
 ACTIVATION_POLICIES = ("retain", "recompute")
 ISA_TIERS = ("portable", "avx2", "avx512", "avx512_bf16", "amx")
 DISTRIBUTED_MODES = ("none", "host_owner")
@@ -46,7 +47,10 @@ class KTConfig:
     backend: "kernels" (kt_sft_kernels, the default) or "reference" (plain PyTorch, for checking).
     threads: kernel worker threads; None = the kernel default (physical cores of the affinity mask).
     numa_shards: tensor-parallel shards of each experts layer over NUMA nodes (1 for now).
-    weight_dtype: frozen base expert weights in the kernels ("bf16"; int8/int4 later).
+    weight_dtype: frozen base expert weights in the kernels: "bf16", "int8" (per output channel) or
+        "int4" (group-wise); quantized while loading, or taken as shipped from an int4 checkpoint.
+    group_size: int4 group size (32, 64 or 128); None = the checkpoint's own groups for an int4
+        checkpoint, else the largest of 128/64/32 that divides hidden and intermediate.
     activation_policy: under gradient checkpointing, "retain" keeps the CPU activation caches of the
         first forward for the backward; "recompute" re-runs the CPU forward during the backward.
     max_isa: cap on the kernel ISA tier (None = best the CPU supports).
@@ -58,6 +62,7 @@ class KTConfig:
     threads: int | None = None
     numa_shards: int = 1
     weight_dtype: str = "bf16"
+    group_size: int | None = None
     activation_policy: str = "retain"
     max_isa: str | None = None
     distributed: str = "none"
@@ -69,6 +74,10 @@ class KTConfig:
             _check_positive_int("threads", self.threads)
         _check_positive_int("numa_shards", self.numa_shards)
         _check_choice("weight_dtype", self.weight_dtype, WEIGHT_DTYPES)
+        if self.group_size is not None and (
+            isinstance(self.group_size, bool) or self.group_size not in GROUP_SIZES
+        ):
+            raise KTConfigError(f"KTConfig.group_size={self.group_size!r} is not one of {list(GROUP_SIZES)}")
         _check_choice("activation_policy", self.activation_policy, ACTIVATION_POLICIES)
         if self.max_isa is not None:
             _check_choice("max_isa", self.max_isa, ISA_TIERS)
@@ -76,11 +85,6 @@ class KTConfig:
         if not isinstance(self.pin_memory, bool):
             raise KTConfigError(f"KTConfig.pin_memory must be a bool, got {self.pin_memory!r}")
         # Valid values of features that are not built yet: refuse them instead of ignoring them.
-        if self.weight_dtype != "bf16":
-            raise NotImplementedError(
-                f"KTConfig.weight_dtype={self.weight_dtype!r}: quantized expert weights are not implemented "
-                "yet; use weight_dtype='bf16'"
-            )
         if self.numa_shards != 1:
             raise NotImplementedError(
                 f"KTConfig.numa_shards={self.numa_shards}: NUMA-sharded experts are not implemented yet; "
@@ -185,6 +189,7 @@ _UPSTREAM_WEIGHT_FORMATS = {
     "amxint8": "int8",
     "int8": "int8",
     "amxint4": "int4",
+    "rawint4": "int4",  # upstream's name for natively int4 checkpoints (Kimi-K2 class)
     "int4": "int4",
 }
 
@@ -202,6 +207,13 @@ def _upstream_backend(value: Any) -> dict[str, Any]:
         f"kt_backend={value!r} is not understood; use one of {list(BACKENDS)} or an upstream weight "
         f"format {sorted({k.upper() for k in _UPSTREAM_WEIGHT_FORMATS if k.startswith('amx')})}"
     )
+
+
+def _upstream_weight_dtype(value: Any) -> dict[str, Any]:
+    # kt_weight_dtype takes our names and the upstream spellings (AMXINT8, amxint4, BF16, ...).
+    if isinstance(value, str) and value.lower() in _UPSTREAM_WEIGHT_FORMATS:
+        return {"weight_dtype": _UPSTREAM_WEIGHT_FORMATS[value.lower()]}
+    return {"weight_dtype": value}  # validated (with a suggestion) by KTConfig
 
 
 def _upstream_tp(value: Any) -> dict[str, Any]:
@@ -243,7 +255,8 @@ _ALIASES: dict[str, Callable[[Any], dict[str, Any]]] = {
     "kt_tp_enabled": _upstream_tp,
     "kt_cpu_activation": _rename("activation_policy"),
     "kt_activation_policy": _rename("activation_policy"),
-    "kt_weight_dtype": _rename("weight_dtype"),
+    "kt_weight_dtype": _upstream_weight_dtype,
+    "kt_group_size": _rename("group_size"),
     "kt_max_isa": _rename("max_isa"),
     "kt_num_gpu_experts": _upstream_gpu_experts,
     "kt_use_lora_experts": _upstream_lora_experts,
@@ -293,7 +306,9 @@ def _canonical_kwargs(mapping: Mapping[str, Any]) -> dict[str, Any]:
 
 def _parse_env_value(var: str, name: str, raw: str) -> Any:
     text = raw.strip()
-    if name in ("threads", "numa_shards"):
+    if name == "group_size" and text.lower() in ("", "none", "auto"):
+        return None
+    if name in ("threads", "numa_shards", "group_size"):
         # 0 / unset: the kernel default (physical cores), as the kernel wheel reads KT_SFT_NUM_THREADS.
         if name == "threads" and text.lower() in ("", "0", "auto", "none"):
             return None

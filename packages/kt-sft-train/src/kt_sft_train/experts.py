@@ -39,6 +39,11 @@ def zero_storage_placeholder(shape: tuple[int, ...], dtype: torch.dtype) -> nn.P
 
 def make_layer(kt: KTConfig, num_experts: int, top_k: int, hidden: int, intermediate: int) -> ExpertsLayer:
     if kt.backend == "reference":
+        if kt.weight_dtype != "bf16":
+            raise NotImplementedError(
+                f"not implemented yet: KTConfig(backend='reference', weight_dtype={kt.weight_dtype!r}); the "
+                "reference experts keep the checkpoint's weights (use backend='kernels' for int8/int4)"
+            )
         return ReferenceLayer(num_experts, top_k, hidden, intermediate)
     from ._kernels import KernelLayer
 
@@ -125,6 +130,13 @@ class KTExperts(nn.Module):
 
         Both backends copy gate_up/down (the kernels pack them), so the caller may drop them right after.
         """
+        experts = cls.like(hf_experts, kt, name=name)
+        experts.load_expert_weights(gate_up, down)
+        return experts
+
+    @classmethod
+    def like(cls, hf_experts: nn.Module, kt: KTConfig | None = None, *, name: str = "") -> KTExperts:
+        """An empty KTExperts with the layout of `hf_experts` (any device, meta included)."""
         problems = layout_problems(hf_experts)
         if problems:
             label = name or type(hf_experts).__name__
@@ -132,7 +144,7 @@ class KTExperts(nn.Module):
                 f"kt-sft cannot run the routed experts at {label}: " + "; ".join(problems)
             )
         num_experts, two_i, hidden = hf_experts.gate_up_proj.shape
-        experts = cls(
+        return cls(
             num_experts=int(num_experts),
             top_k=experts_top_k(hf_experts),
             hidden_size=int(hidden),
@@ -141,8 +153,17 @@ class KTExperts(nn.Module):
             dtype=hf_experts.gate_up_proj.dtype,
             name=name,
         )
-        experts.load_expert_weights(gate_up, down)
-        return experts
+
+    def load_quantized_weights(
+        self,
+        gate_up_q: torch.Tensor,
+        gate_up_scale: torch.Tensor,
+        down_q: torch.Tensor,
+        down_scale: torch.Tensor,
+    ) -> None:
+        """Load a pre-quantized int8/int4 base bit-exactly (layout: kt_sft_train.quantization)."""
+        self.layer.load_quantized(gate_up_q, gate_up_scale, down_q, down_scale)  # type: ignore[attr-defined]
+        self.weights_loaded = True
 
     @property
     def backend(self) -> str:

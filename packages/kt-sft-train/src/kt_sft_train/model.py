@@ -30,11 +30,13 @@ from torch import nn
 from .arch import get_moe_arch_config
 from .config import KTConfig
 from .experts import KTExperts, attach_kt, replace_module, wrap_moe_layers_with_kt_wrapper
+from .quantization import PackQuantizedScheme, pack_quantized_scheme
 from .weights import (
     CheckpointError,
     ExpertLayerPlan,
     SafetensorsCheckpoint,
     fp8_block_size,
+    is_packed_int4,
     plan_expert_layers,
     read_expert_layer,
 )
@@ -220,11 +222,24 @@ def load_kt_model(
     model_class = model_class or _auto_causal_lm()
     config = _hf_config(directory, hf_kwargs)
 
+    int4_scheme = pack_quantized_scheme(config)
+    kt = _kt_for_checkpoint(kt, int4_scheme, directory)
     skeleton = _meta_model(config, model_class, hf_kwargs)
     experts = _routed_experts(skeleton)
     _check_kernel_sizes(experts, kt)  # before any weight is read
     checkpoint = SafetensorsCheckpoint(directory)
-    plans = plan_expert_layers(skeleton, experts, checkpoint, key_mapping=hf_kwargs.get("key_mapping"))
+    plans = plan_expert_layers(
+        skeleton,
+        experts,
+        checkpoint,
+        key_mapping=hf_kwargs.get("key_mapping"),
+        int4_group_size=None if int4_scheme is None else int4_scheme.group_size,
+    )
+    if int4_scheme is not None:
+        _check_only_experts_packed(checkpoint, plans)
+        # Every packed tensor is an expert kt-sft streams itself: transformers loads the rest as plain
+        # weights (it would otherwise need the compressed-tensors package and decompress the experts).
+        del config.quantization_config
     experts_classes = tuple({type(module) for _, module in experts})
     del skeleton, experts
 
@@ -246,6 +261,40 @@ def load_kt_model(
 
     _stream_experts_into_kernels(model, plans, kt, fp8_block_size(config))
     return model
+
+
+def _kt_for_checkpoint(kt: KTConfig, scheme: PackQuantizedScheme | None, directory: Path) -> KTConfig:
+    """The KTConfig an int4 checkpoint is loaded with: its own groups, refused for bf16/int8 bases
+    (re-quantizing or rounding the shipped int4 would silently change the weights: ADR 0602)."""
+    if scheme is None:
+        return kt
+    if kt.weight_dtype != "int4":
+        raise CheckpointError(
+            f"{directory} ships int4 experts (compressed-tensors, group {scheme.group_size}): load it with "
+            f"KTConfig(weight_dtype='int4') (--weight-dtype int4); weight_dtype={kt.weight_dtype!r} would "
+            "re-round the shipped weights"
+        )
+    if kt.group_size not in (None, scheme.group_size):
+        raise CheckpointError(
+            f"{directory} ships int4 experts in groups of {scheme.group_size}; KTConfig.group_size="
+            f"{kt.group_size} cannot change them (leave it unset)"
+        )
+    return kt.replace(group_size=scheme.group_size)
+
+
+def _check_only_experts_packed(checkpoint: SafetensorsCheckpoint, plans: Sequence[ExpertLayerPlan]) -> None:
+    planned = {piece.tensor.key for plan in plans for p in (plan.gate_up, plan.down) for piece in p.slices}
+    others = sorted(
+        key for key in checkpoint.tensors if key.endswith(".weight_packed") and key not in planned
+    )
+    if others:
+        raise NotImplementedError(
+            f"not implemented yet: packed int4 weights outside the routed experts ({len(others)}, e.g. "
+            f"{others[0]!r}); kt-sft reads int4 experts only"
+        )
+    for plan in plans:
+        if is_packed_int4(plan) != any(p.tensor.dtype == torch.int32 for p in plan.down.slices):
+            raise CheckpointError(f"{plan.module_name}: gate/up and down are not both packed int4")
 
 
 def _resolve_model_class(model_class: Any, config: Any) -> type:
@@ -275,10 +324,15 @@ def _stream_experts_into_kernels(
     loaded: list[KTExperts] = []
     for plan in plans:
         placeholder = placeholders[plan.module_name]
-        weights = read_expert_layer(plan, fp8_block=fp8_block)
-        experts = KTExperts.from_weights(
-            placeholder.hf_experts, weights.gate_up, weights.down, kt, name=plan.module_name
+        experts = KTExperts.like(placeholder.hf_experts, kt, name=plan.module_name)
+        weights = read_expert_layer(
+            plan, fp8_block=fp8_block, quantized_base=kt.weight_dtype != "bf16", int4_group_size=kt.group_size
         )
+        if weights.int4 is not None:
+            experts.load_quantized_weights(*weights.int4)
+        else:
+            assert weights.gate_up is not None and weights.down is not None
+            experts.load_expert_weights(weights.gate_up, weights.down)
         del weights  # the experts layer holds its own copy (reference) or packed copy (kernels)
         replace_module(model, plan.module_name, experts)
         loaded.append(experts)

@@ -7,7 +7,10 @@ Checkpoint layouts understood (see docs/design/0101-expert-checkpoint-loading.md
 - per-expert keys (``...experts.{e}.gate_proj.weight`` / ``up_proj`` / ``down_proj``, Mixtral's
   ``w1``/``w3``/``w2``, or whatever the family's transformers conversion mapping names);
 - fused keys (``...experts.gate_up_proj [E,2I,H]``, ``...experts.down_proj [E,H,I]``);
-- float8 weights with per-block ``weight_scale_inv`` (DeepSeek-V3 style), dequantized to bf16 here.
+- float8 weights with per-block ``weight_scale_inv`` (DeepSeek-V3 style), dequantized to bf16 here
+  (to fp32 for an int8/int4 base, which the kernels quantize: no bf16 rounding in between);
+- compressed-tensors int4 "pack-quantized" per-expert weights (``weight_packed`` / ``weight_scale`` /
+  ``weight_shape``), converted bit-exactly into the kernels' int4 storage (quantization.py).
 
 Key names are mapped to the model's parameters by transformers' own conversion mapping (the renames
 and ``WeightConverter`` patterns it uses in ``from_pretrained``); only the tensor assembly is done
@@ -29,11 +32,14 @@ import torch
 from safetensors import safe_open
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
+from .quantization import PACKED_SUFFIXES, packed_int4_to_kernel
+
 EXPERT_PARAM_NAMES = ("gate_up_proj", "down_proj")
 DEFAULT_FP8_BLOCK = (128, 128)
 _FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _PLAIN_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_SCALE_SUFFIXES = ("_scale_inv", "activation_scale", "input_scale")
+_SCALE_SUFFIXES = ("_scale_inv", "activation_scale", "input_scale", *(f".{s}" for s in PACKED_SUFFIXES[1:]))
+_PACKED_KEY = ".weight_packed"
 
 
 class CheckpointError(ValueError):
@@ -157,6 +163,7 @@ class ExpertSlice:
     scale: TensorInfo | None
     expert: int
     slot: int
+    packed_shape: TensorInfo | None = None  # ``weight_shape`` of a packed int4 weight
 
 
 @dataclass
@@ -289,6 +296,7 @@ def plan_expert_layers(
     checkpoint: SafetensorsCheckpoint,
     *,
     key_mapping: dict[str, str] | None = None,
+    int4_group_size: int | None = None,
 ) -> list[ExpertLayerPlan]:
     """Match checkpoint tensors to every experts module and check all shapes, reading no data.
 
@@ -305,11 +313,19 @@ def plan_expert_layers(
     for key, info in checkpoint.tensors.items():
         if key.endswith(_SCALE_SUFFIXES):
             continue
-        target, converter, pattern, renamed_key = mapper.map(key, plans)
+        packed = key.endswith(_PACKED_KEY)
+        # A packed weight is planned under the name of the weight it stands for (``....weight``).
+        logical_key = key.removesuffix("_packed") if packed else key
+        target, converter, pattern, renamed_key = mapper.map(logical_key, plans)
         plan = plans.get(target)
         if plan is None:
             continue
-        scale = checkpoint.tensors.get(scale_key_for(key))
+        if packed and int4_group_size is None:
+            raise CheckpointError(
+                f"{info.file.name}:{key!r} is a packed weight, but config.json has no compressed-tensors "
+                "quantization_config"
+            )
+        scale = checkpoint.tensors.get(logical_key + "_scale" if packed else scale_key_for(key))
         if converter is None:
             if plan.fused is not None:
                 raise CheckpointError(
@@ -319,17 +335,18 @@ def plan_expert_layers(
             continue
         plan.num_slots = _converter_slots(converter, target)
         slot = converter.source_patterns.index(pattern)
-        plan.slices.append(ExpertSlice(info, scale, _expert_index(pattern, renamed_key, target), slot))
+        shape = checkpoint.tensors.get(logical_key + "_shape") if packed else None
+        plan.slices.append(ExpertSlice(info, scale, _expert_index(pattern, renamed_key, target), slot, shape))
 
     for plan in plans.values():
-        _validate_plan(plan)
+        _validate_plan(plan, int4_group_size)
     return [
         ExpertLayerPlan(name, plans[f"{name}.gate_up_proj"], plans[f"{name}.down_proj"])
         for name, _ in experts_modules
     ]
 
 
-def _validate_plan(plan: ExpertParamPlan) -> None:
+def _validate_plan(plan: ExpertParamPlan, int4_group_size: int | None) -> None:
     num_experts, rows, cols = plan.shape
     if plan.fused is not None and plan.slices:
         raise CheckpointError(
@@ -337,6 +354,10 @@ def _validate_plan(plan: ExpertParamPlan) -> None:
             f"tensors such as {plan.slices[0].tensor.key!r}"
         )
     if plan.fused is not None:
+        if plan.fused.dtype == torch.int32:
+            raise NotImplementedError(
+                f"not implemented yet: fused packed int4 expert tensor {plan.fused.key!r} (per-expert only)"
+            )
         _check_shape(plan.fused, plan.shape, plan.target)
         _check_dtype_and_scale(plan.fused, plan.fused_scale, plan.target, fused_experts=num_experts)
         return
@@ -348,6 +369,8 @@ def _validate_plan(plan: ExpertParamPlan) -> None:
     if rows % plan.num_slots:
         raise CheckpointError(f"{plan.target}: {rows} rows cannot be split into {plan.num_slots} parts")
     seen: dict[tuple[int, int], str] = {}
+    if len({piece.tensor.dtype == torch.int32 for piece in plan.slices}) > 1:
+        raise CheckpointError(f"{plan.target}: the checkpoint mixes packed int4 and unpacked expert weights")
     for piece in plan.slices:
         if not 0 <= piece.expert < num_experts:
             raise CheckpointError(
@@ -357,6 +380,9 @@ def _validate_plan(plan: ExpertParamPlan) -> None:
         previous = seen.setdefault((piece.slot, piece.expert), piece.tensor.key)
         if previous != piece.tensor.key:
             raise CheckpointError(f"{plan.target}: {previous!r} and {piece.tensor.key!r} fill the same rows")
+        if piece.tensor.dtype == torch.int32:
+            _check_packed(piece, (rows // plan.num_slots, cols), int4_group_size or 0, plan.target)
+            continue
         _check_shape(piece.tensor, (rows // plan.num_slots, cols), plan.target)
         _check_dtype_and_scale(piece.tensor, piece.scale, plan.target, fused_experts=None)
     for slot in range(plan.num_slots):
@@ -366,6 +392,29 @@ def _validate_plan(plan: ExpertParamPlan) -> None:
                 f"{plan.target}: the checkpoint lacks part {slot} of experts {absent[:8]}"
                 f"{' ...' if len(absent) > 8 else ''} (found e.g. {plan.slices[0].tensor.key!r})"
             )
+
+
+def _check_packed(piece: ExpertSlice, shape: tuple[int, int], group: int, target: str) -> None:
+    """A compressed-tensors int4 expert slice: int32 [R, C/8] values and [R, C/group] scales."""
+    rows, cols = shape
+    info, scale = piece.tensor, piece.scale
+    where = f"{info.file.name}:{info.key!r} (for {target})"
+    if cols % 8 or tuple(info.shape) != (rows, cols // 8):
+        raise CheckpointError(
+            f"shape mismatch for {target}: {where} has shape {list(info.shape)}, 4-bit packing of the "
+            f"model's {[rows, cols]} is {[rows, cols // 8]}"
+        )
+    for name, companion in (("_scale", scale), ("_shape", piece.packed_shape)):
+        if companion is None:
+            raise CheckpointError(f"{where} has no {info.key.removesuffix('_packed') + name!r}")
+    assert scale is not None
+    if cols % group or tuple(scale.shape) != (rows, cols // group):
+        raise CheckpointError(
+            f"{scale.file.name}:{scale.key!r} has shape {list(scale.shape)}; groups of {group} of a "
+            f"{[rows, cols]} weight need {[rows, cols // group]}"
+        )
+    if scale.dtype not in _PLAIN_FLOAT_DTYPES:
+        raise CheckpointError(f"{scale.file.name}:{scale.key!r} has dtype {scale.dtype}; expected a float")
 
 
 def _check_shape(info: TensorInfo, expected: Sequence[int], target: str) -> None:
@@ -403,11 +452,14 @@ def _check_dtype_and_scale(
 
 @dataclass
 class ExpertLayerWeights:
-    """One experts module's weights in the kernel layout (bf16, CPU, contiguous)."""
+    """One experts module's weights in the kernel layout (CPU, contiguous): bf16 (fp32 where a quantized
+    base is made from fp8/fp16/fp32 weights), or, for a packed int4 checkpoint, ``int4``: the kernels'
+    int4 storage (gate_up q [E,2I,H/2] uint8, scale [E,2I,H/G] fp32, down q [E,H,I/2], scale [E,H,I/G])."""
 
     module_name: str
-    gate_up: torch.Tensor  # [E, 2I, H]
-    down: torch.Tensor  # [E, H, I]
+    gate_up: torch.Tensor | None  # [E, 2I, H]
+    down: torch.Tensor | None  # [E, H, I]
+    int4: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 def dequantize_fp8_blocks(
@@ -481,29 +533,88 @@ def read_matrix(
     return value.to(dtype)
 
 
-def _fill_param(plan: ExpertParamPlan, shards: OpenShards, block: tuple[int, int]) -> torch.Tensor:
-    out = torch.empty(plan.shape, dtype=torch.bfloat16)
+def _staging_dtype(plan: ExpertParamPlan, quantized_base: bool) -> torch.dtype:
+    # A quantized base is made from the checkpoint's exact values: fp8/fp16/fp32 go to the kernels'
+    # quantizer in fp32 (no bf16 rounding first); bf16 stays bf16 (half the staging memory).
+    sources = [plan.fused] if plan.fused is not None else [piece.tensor for piece in plan.slices]
+    if quantized_base and any(info.dtype != torch.bfloat16 for info in sources if info is not None):
+        return torch.float32
+    return torch.bfloat16
+
+
+def _fill_param(
+    plan: ExpertParamPlan, shards: OpenShards, block: tuple[int, int], quantized_base: bool
+) -> torch.Tensor:
+    dtype = _staging_dtype(plan, quantized_base)
+    out = torch.empty(plan.shape, dtype=dtype)
     if plan.fused is not None:
         for expert in range(plan.shape[0]):
-            out[expert].copy_(read_matrix(shards, plan.fused, plan.fused_scale, block, expert))
+            out[expert].copy_(read_matrix(shards, plan.fused, plan.fused_scale, block, expert, dtype))
         return out
     rows = plan.shape[1] // plan.num_slots
     for piece in plan.slices:
         start = piece.slot * rows
         out[piece.expert, start : start + rows].copy_(
-            read_matrix(shards, piece.tensor, piece.scale, block, None)
+            read_matrix(shards, piece.tensor, piece.scale, block, None, dtype)
         )
     return out
 
 
+def _fill_packed_int4(
+    plan: ExpertParamPlan, shards: OpenShards, group: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed int4 parameter in the kernels' storage: (q uint8 [E, R, C/2], scale fp32 [E, R, C/G])."""
+    num_experts, rows_all, cols = plan.shape
+    q = torch.empty((num_experts, rows_all, cols // 2), dtype=torch.uint8)
+    scale = torch.empty((num_experts, rows_all, cols // group), dtype=torch.float32)
+    rows = rows_all // plan.num_slots
+    for piece in plan.slices:
+        assert piece.scale is not None and piece.packed_shape is not None  # checked by _check_packed
+        shape_info = piece.packed_shape
+        stored_shape = [int(v) for v in shards.get(shape_info).get_tensor(shape_info.key).tolist()]
+        if stored_shape != [rows, cols]:
+            raise CheckpointError(
+                f"{shape_info.file.name}:{shape_info.key!r} is {stored_shape}, the model expects "
+                f"{[rows, cols]}"
+            )
+        start = piece.slot * rows
+        packed = shards.get(piece.tensor).get_tensor(piece.tensor.key)
+        q[piece.expert, start : start + rows].copy_(packed_int4_to_kernel(packed, cols))
+        scale[piece.expert, start : start + rows].copy_(shards.get(piece.scale).get_tensor(piece.scale.key))
+    return q, scale
+
+
+def is_packed_int4(plan: ExpertLayerPlan) -> bool:
+    """True when the layer's experts are compressed-tensors packed int4 in the checkpoint."""
+    return any(piece.tensor.dtype == torch.int32 for piece in plan.gate_up.slices)
+
+
 def read_expert_layer(
-    plan: ExpertLayerPlan, *, fp8_block: tuple[int, int] = DEFAULT_FP8_BLOCK
+    plan: ExpertLayerPlan,
+    *,
+    fp8_block: tuple[int, int] = DEFAULT_FP8_BLOCK,
+    quantized_base: bool = False,
+    int4_group_size: int | None = None,
 ) -> ExpertLayerWeights:
-    """Read and assemble one experts module. Peak extra host memory: this layer plus one expert slice."""
+    """Read and assemble one experts module. Peak extra host memory: this layer plus one expert slice.
+
+    ``quantized_base``: the kernels will quantize these weights (int8/int4), so non-bf16 checkpoint
+    values are staged in fp32. A packed int4 checkpoint layer comes back in ``int4`` (needs its group size).
+    """
     shards = OpenShards()
     try:
-        gate_up = _fill_param(plan.gate_up, shards, fp8_block)
-        down = _fill_param(plan.down, shards, fp8_block)
+        if is_packed_int4(plan):
+            if int4_group_size is None:
+                raise CheckpointError(
+                    f"{plan.module_name}: packed int4 experts need the checkpoint's group size"
+                )
+            gate_up_q, gate_up_scale = _fill_packed_int4(plan.gate_up, shards, int4_group_size)
+            down_q, down_scale = _fill_packed_int4(plan.down, shards, int4_group_size)
+            return ExpertLayerWeights(
+                plan.module_name, None, None, (gate_up_q, gate_up_scale, down_q, down_scale)
+            )
+        gate_up = _fill_param(plan.gate_up, shards, fp8_block, quantized_base)
+        down = _fill_param(plan.down, shards, fp8_block, quantized_base)
     finally:
         shards.close()
     return ExpertLayerWeights(plan.module_name, gate_up, down)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -161,6 +162,28 @@ def test_default_job_end_to_end(tmp_path: Path) -> None:
     assert "held-out exact match" in result.stdout and "tokens/s" in result.stdout
     assert (output / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert_adapter_is_vanilla_peft(load_job(job).model, output / "adapter", job / "heldout.jsonl", tmp_path)
+
+
+@pytest.mark.parametrize("weight_dtype", ["int8", "int4"])
+def test_default_job_learns_on_a_quantized_base(
+    tmp_path: Path, weight_dtype: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kt-sft train --weight-dtype int8|int4`, embedded default: loss falls, held-out accuracy rises."""
+    job = default_job_dir()
+    if not (job / "train.jsonl").is_file():
+        pytest.skip(f"the embedded default job is not built into this checkout yet ({job})")
+    output = tmp_path / "out"
+    assert main(["train", "--weight-dtype", weight_dtype, "--output", str(output), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert f"memory    experts base {weight_dtype}" in text
+    estimated, actual = re.search(r"estimated (.+?), actual (.+?) on the host", text).groups()  # type: ignore[union-attr]
+    assert estimated == actual
+    losses = step_losses(output / "metrics.jsonl")
+    tenth = max(1, len(losses) // 10)
+    assert sum(losses[-tenth:]) <= 0.6 * sum(losses[:tenth])
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["accuracy_after"] > summary["accuracy_before"], summary
+    assert json.loads((output / "run.json").read_text())["kt_config"]["weight_dtype"] == weight_dtype
 
 
 # -- --model / --data on a tiny checkpoint --------------------------------------------------------------
@@ -336,9 +359,35 @@ def test_info_reports_tiers_and_a_correct_fit_table(capsys: pytest.CaptureFixtur
     assert qwen.expert_params == experts
     assert abs(qwen.total_params - total) / total < 0.01
 
+    # bf16 experts: 2 bytes a parameter (+ the headroom rule); int8 about half, int4 about a quarter.
+    row = next(r for r in info["model_fit"] if r["model"] == "Qwen3-30B-A3B")
+    assert row["experts_bf16_gib"] * 1024**3 == 2 * experts
+    assert 0.5 < row["experts_int8_gib"] / row["experts_bf16_gib"] < 0.52
+    assert 0.25 < row["experts_int4_gib"] / row["experts_bf16_gib"] < 0.27
+
     assert main(["info"]) == 0
     text = capsys.readouterr().out
-    assert "kernel tier" in text and "Qwen3-30B-A3B" in text
+    assert "kernel tier" in text and "Qwen3-30B-A3B" in text and "int4 need" in text
+
+
+def test_info_model_estimates_the_expert_base_without_loading(capsys: pytest.CaptureFixture[str]) -> None:
+    job = default_job_dir()
+    if not (job / "model" / "config.json").is_file():
+        pytest.skip(f"the embedded default job is not built into this checkout yet ({job})")
+    assert main(["info", "--json", "--model", str(job / "model")]) == 0
+    memory = json.loads(capsys.readouterr().out)["model_memory"]
+    rows = {row["weight_dtype"]: row for row in memory["experts"]}
+    # 2 MoE layers x 8 experts x 3 x 64 x 64 parameters (README of the default job).
+    params = 2 * 8 * 3 * 64 * 64
+    assert rows["bf16"]["experts_bytes"] == 2 * params
+    # int8: one byte a weight + one fp32 scale per output row (2I + H rows per expert per layer).
+    assert rows["int8"]["experts_bytes"] == params + 4 * 2 * 8 * (2 * 64 + 64)
+    # int4: half a byte a weight + one fp32 scale per group (64 divides hidden and intermediate).
+    assert rows["int4"]["group_size"] == 64
+    assert rows["int4"]["experts_bytes"] == params // 2 + 4 * params // 64
+    assert all(row["loadable"] for row in rows.values())
+    assert main(["info", "--model", str(job / "model")]) == 0
+    assert "int4 (groups of 64)" in capsys.readouterr().out
 
 
 def test_export_merged_and_per_expert(

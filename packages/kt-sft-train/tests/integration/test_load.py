@@ -318,7 +318,8 @@ STREAM_CHILD = textwrap.dedent(
         hwm_reset = True
     except OSError:
         hwm_reset = False
-    model = load_kt_model(sys.argv[1], kt=KTConfig(backend=sys.argv[2]), dtype=torch.bfloat16)
+    kt = KTConfig(backend=sys.argv[2], weight_dtype=sys.argv[3])
+    model = load_kt_model(sys.argv[1], kt=kt, dtype=torch.bfloat16)
     gc.collect()
     experts = sum(type(m).__name__ == "KTExperts" for m in model.modules())
     print(json.dumps({"baseline": baseline, "final": status("VmRSS"), "peak": status("VmHWM"),
@@ -339,14 +340,22 @@ def streaming_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return checkpoint
 
 
-@pytest.mark.parametrize("backend", ["reference", "kernels"])
+# Bytes of a loaded base per bf16 byte of the checkpoint (int8: 1 of 2 bytes, int4: 0.5 of 2, scales aside).
+BASE_FRACTION = {"bf16": 1.0, "int8": 0.5, "int4": 0.25}
+
+
+@pytest.mark.parametrize(
+    ("backend", "weight_dtype"),
+    [("reference", "bf16"), ("kernels", "bf16"), ("kernels", "int8"), ("kernels", "int4")],
+)
 def test_streaming_load_peak_rss_is_final_footprint_plus_one_layer(
-    streaming_checkpoint: Path, backend: str
+    streaming_checkpoint: Path, backend: str, weight_dtype: str
 ) -> None:
+    """Quantized bases too: each bf16 layer is quantized by the kernels as it streams in."""
     if backend == "kernels":
         kernels_or_skip()
     result = subprocess.run(
-        [sys.executable, "-c", STREAM_CHILD, str(streaming_checkpoint), backend],
+        [sys.executable, "-c", STREAM_CHILD, str(streaming_checkpoint), backend, weight_dtype],
         capture_output=True,
         text=True,
         timeout=300,
@@ -357,6 +366,12 @@ def test_streaming_load_peak_rss_is_final_footprint_plus_one_layer(
     assert numbers["experts"] == STREAM_LAYERS
     final_rise = numbers["final"] - numbers["baseline"]
     peak_rise = numbers["peak"] - numbers["baseline"]
-    # The experts really are resident (both backends keep a bf16 copy of every layer).
-    assert final_rise >= 0.9 * STREAM_LAYERS * STREAM_LAYER_BYTES, numbers
+    # The experts really are resident (bf16: both backends keep a copy of every layer; int8/int4 their
+    # quantized copy).
+    assert final_rise >= 0.9 * BASE_FRACTION[weight_dtype] * STREAM_LAYERS * STREAM_LAYER_BYTES, numbers
+    if weight_dtype != "bf16":
+        # No bf16 copy of the experts stays behind (it would add 1.0 x all layers). The slack of 0.5 x all
+        # layers covers what the process keeps besides the base (allocator caches, runtime; ~0.3 here).
+        limit = (BASE_FRACTION[weight_dtype] + 0.5) * STREAM_LAYERS * STREAM_LAYER_BYTES
+        assert final_rise <= limit, numbers
     assert peak_rise <= final_rise + 1.5 * STREAM_LAYER_BYTES, numbers

@@ -99,8 +99,6 @@ def test_bad_environment_names_the_variable() -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"weight_dtype": "int8"},
-        {"weight_dtype": "int4"},
         {"numa_shards": 2},
         {"distributed": "host_owner"},
     ],
@@ -110,12 +108,38 @@ def test_features_not_built_yet_say_so(kwargs: dict) -> None:
         KTConfig(**kwargs)
 
 
-@pytest.mark.parametrize(
-    "mapping", [{"kt_backend": "AMXINT8"}, {"kt_tp_enabled": True}, {"kt_threadpool_count": 2}]
-)
+@pytest.mark.parametrize("mapping", [{"kt_tp_enabled": True}, {"kt_threadpool_count": 2}])
 def test_upstream_names_of_unbuilt_features_say_so(mapping: dict) -> None:
     with pytest.raises(NotImplementedError, match="not implemented yet"):
         KTConfig.from_mapping(mapping)
+
+
+@pytest.mark.parametrize(
+    ("mapping", "weight_dtype", "group_size"),
+    [
+        ({"kt_backend": "AMXINT8"}, "int8", None),
+        ({"kt_method": "AMXINT4", "kt_group_size": 64}, "int4", 64),
+        ({"kt_weight_dtype": "amxint4"}, "int4", None),
+        ({"kt_weight_dtype": "RAWINT4"}, "int4", None),
+        ({"kt_weight_dtype": "int8"}, "int8", None),
+        ({"weight_dtype": "int4", "group_size": 32}, "int4", 32),
+    ],
+)
+def test_quantized_bases_and_their_upstream_names(
+    mapping: dict, weight_dtype: str, group_size: int | None
+) -> None:
+    config = KTConfig.from_mapping(mapping)
+    assert (config.weight_dtype, config.group_size) == (weight_dtype, group_size)
+
+
+def test_quantized_base_settings_are_checked() -> None:
+    with pytest.raises(KTConfigError, match=r"group_size=48 is not one of \[32, 64, 128\]"):
+        KTConfig(weight_dtype="int4", group_size=48)
+    with pytest.raises(KTConfigError, match=r"weight_dtype='int3' is not one of"):
+        KTConfig.from_mapping({"kt_weight_dtype": "int3"})
+    assert KTConfig.from_env({"KT_SFT_WEIGHT_DTYPE": "int8", "KT_SFT_GROUP_SIZE": "64"}).group_size == 64
+    with pytest.raises(KTConfigError, match=r"KT_SFT_GROUP_SIZE='big' is not an integer"):
+        KTConfig.from_env({"KT_SFT_GROUP_SIZE": "big"})
 
 
 def test_yaml_that_is_not_a_mapping(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -163,6 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU threads for the experts kernels and torch (default: all cores of the process)",
     )
     _add(system, "--backend", choices=("kernels", "reference"), help="experts backend (default kernels)")
+    _add(
+        system,
+        "--weight-dtype",
+        choices=("bf16", "int8", "int4"),
+        help="frozen expert base in the kernels (default bf16; int8/int4 quantized while loading, an int4 "
+        "checkpoint needs int4)",
+    )
+    _add(
+        system,
+        "--group-size",
+        type=int,
+        choices=(32, 64, 128),
+        help="int4 group size (default: the checkpoint's, else the largest of 128/64/32 that fits)",
+    )
     _add(system, "--device", choices=("auto", "cpu", "cuda"), help="where the dense part runs (default auto)")
     _add(
         system,
@@ -216,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="hardware, kernel tiers, versions, which models fit")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    info.add_argument(
+        "--model",
+        metavar="DIR",
+        default=None,
+        help="also estimate the host bytes of this checkpoint's experts in bf16/int8/int4 (config.json only)",
+    )
     info.set_defaults(handler=command_info)
 
     export = commands.add_parser(
@@ -293,7 +313,9 @@ def command_train(args: argparse.Namespace) -> int:
 def command_info(args: argparse.Namespace) -> int:
     from .info import gather, render
 
-    info = gather()
+    if args.model is not None and not (Path(args.model) / "config.json").is_file():
+        raise UsageError(f"--model {args.model!r} is not a checkpoint directory (no config.json)")
+    info = gather(model=args.model)
     print(json.dumps(info, indent=2) if args.json else render(info))
     return 0
 
@@ -315,12 +337,25 @@ def command_export(args: argparse.Namespace) -> int:
         dtype = None if args.dtype is None else getattr(torch, _EXPORT_DTYPES[args.dtype])
         export_merged_checkpoint(model, adapter, out, dtype=dtype)
         print(f"merged checkpoint written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+        if _ships_int4(model):
+            print(
+                "note: the base ships int4 experts; they were dequantized (q x scale, exact), LoRA added, "
+                f"and written as {args.dtype or 'bf16'}: re-quantize with your serving stack if you need int4"
+            )
     else:
         if args.dtype is not None:
             raise UsageError("--dtype applies to --merge only")
         export_per_expert_adapter(adapter, out, base_dir=model)
         print(f"per-expert LoRA adapter written to {out} (gate/up/down LoRA per expert, checkpoint names)")
     return 0
+
+
+def _ships_int4(model: Path) -> bool:
+    from transformers import AutoConfig
+
+    from ..quantization import pack_quantized_scheme
+
+    return pack_quantized_scheme(AutoConfig.from_pretrained(model, local_files_only=True)) is not None
 
 
 def command_bench(args: argparse.Namespace) -> int:

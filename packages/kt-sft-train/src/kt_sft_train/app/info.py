@@ -1,5 +1,6 @@
 """`kt-sft info`: what this machine offers kt-sft (CPU tiers, threads, NUMA, GPUs, RAM, versions) and which
-MoE models fit its RAM in bf16."""
+MoE models fit its RAM with bf16, int8 or int4 expert bases; with --model PATH, the host bytes of that
+checkpoint's experts in each (from its config.json, no weight read)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..config import WEIGHT_DTYPES
 
 GIB = 1024**3
 
@@ -49,8 +52,30 @@ HOST_HEADROOM = 1.10
 HOST_RESERVE_BYTES = 16 * GIB
 
 
-def host_bytes_needed(family: MoEFamily) -> float:
-    return family.expert_params * 2 * HOST_HEADROOM + HOST_RESERVE_BYTES
+def expert_base_bytes(family: MoEFamily, weight_dtype: str) -> float | None:
+    """Host bytes of a family's frozen expert base (weights + scales), the kernels' own estimate; None
+    without the kernels."""
+    try:
+        from .._kernels import estimate_layer_bytes
+        from ..config import KTConfig
+    except ImportError:
+        return None
+    try:
+        # top_k does not change the base's size; 1 fits every family.
+        per_layer = estimate_layer_bytes(
+            KTConfig(weight_dtype=weight_dtype),
+            family.num_experts,
+            1,
+            family.hidden,
+            family.expert_intermediate,
+        )
+    except ImportError:
+        return None
+    return per_layer * family.moe_layers
+
+
+def host_bytes_needed(base_bytes: float) -> float:
+    return base_bytes * HOST_HEADROOM + HOST_RESERVE_BYTES
 
 
 def memory_bytes() -> tuple[int | None, int | None]:
@@ -121,24 +146,25 @@ def kernel_info() -> dict[str, Any]:
     }
 
 
-def gather() -> dict[str, Any]:
+def gather(model: str | None = None) -> dict[str, Any]:
     from ..versions import library_versions
 
     total, available = memory_bytes()
     fits = []
     for family in FAMILIES:
-        need = host_bytes_needed(family)
-        fits.append(
-            {
-                "model": family.name,
-                "total_params_b": family.total_params / 1e9,
-                "experts_bf16_gib": family.expert_params * 2 / GIB,
-                "dense_bf16_gib": family.dense_params * 2 / GIB,
-                "host_ram_needed_gib": need / GIB,
-                "fits_host_ram": None if total is None else need <= total,
-            }
-        )
-    return {
+        row: dict[str, Any] = {
+            "model": family.name,
+            "total_params_b": family.total_params / 1e9,
+            "dense_bf16_gib": family.dense_params * 2 / GIB,
+        }
+        for weight_dtype in WEIGHT_DTYPES:
+            base = expert_base_bytes(family, weight_dtype)
+            need = None if base is None else host_bytes_needed(base)
+            row[f"experts_{weight_dtype}_gib"] = None if base is None else base / GIB
+            row[f"host_ram_needed_{weight_dtype}_gib"] = None if need is None else need / GIB
+            row[f"fits_host_ram_{weight_dtype}"] = None if total is None or need is None else need <= total
+        fits.append(row)
+    info = {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "logical_cpus": os.cpu_count(),
@@ -150,6 +176,30 @@ def gather() -> dict[str, Any]:
         "gpus": gpus(),
         "versions": library_versions(),
         "model_fit": fits,
+    }
+    if model is not None:
+        info["model_memory"] = model_memory(model)
+    return info
+
+
+def model_memory(path: str) -> dict[str, Any]:
+    """Estimated host bytes of one checkpoint's expert base in bf16/int8/int4 (config.json only)."""
+    from ..memory import estimate_checkpoint
+
+    rows = estimate_checkpoint(path)
+    return {
+        "model": path,
+        "moe_layers": rows[0].moe_layers,
+        "experts": [
+            {
+                "weight_dtype": row.weight_dtype,
+                "group_size": row.group_size,
+                "experts_bytes": row.bytes,
+                "host_ram_needed_bytes": host_bytes_needed(row.bytes),
+                "loadable": row.loadable,
+            }
+            for row in rows
+        ],
     }
 
 
@@ -200,19 +250,43 @@ def render(info: dict[str, Any]) -> str:
         )
     )
     lines.append("versions     " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
-    lines += ["", "Which MoE models fit this machine's RAM (bf16 experts on the host, the rest on GPUs):", ""]
-    header = (
-        f"{'model':<18} {'params':>8} {'experts bf16':>13} {'dense bf16':>11} {'host RAM need':>14}  fits"
+    if "model_memory" in info:
+        lines += _model_memory_lines(info["model_memory"])
+    lines += [
+        "",
+        "Which MoE models fit this machine's RAM (expert base on the host, the rest on GPUs),",
+        "host RAM needed and fit per expert base:",
+        "",
+    ]
+    header = f"{'model':<18} {'params':>8} {'dense bf16':>11}" + "".join(
+        f" {weight_dtype + ' need':>14} {'fits':>4}" for weight_dtype in WEIGHT_DTYPES
     )
     lines += [header, "-" * len(header)]
     for row in info["model_fit"]:
-        fits = {True: "yes", False: "no", None: "?"}[row["fits_host_ram"]]
-        lines.append(
-            f"{row['model']:<18} {row['total_params_b']:>7.0f}B {row['experts_bf16_gib']:>10.0f} GiB "
-            f"{row['dense_bf16_gib']:>7.0f} GiB {row['host_ram_needed_gib']:>10.0f} GiB  {fits}"
-        )
+        line = f"{row['model']:<18} {row['total_params_b']:>7.0f}B {row['dense_bf16_gib']:>7.0f} GiB"
+        for weight_dtype in WEIGHT_DTYPES:
+            need = row[f"host_ram_needed_{weight_dtype}_gib"]
+            fits = {True: "yes", False: "no", None: "?"}[row[f"fits_host_ram_{weight_dtype}"]]
+            line += f" {'?' if need is None else f'{need:.0f}':>10} GiB {fits:>4}"
+        lines.append(line)
     lines.append(
-        f"(host need = experts x {HOST_HEADROOM:.2f} for LoRA, optimizer and activations + "
-        f"{HOST_RESERVE_BYTES // GIB} GiB; the dense part must fit the GPUs' memory)"
+        f"(host need = expert base x {HOST_HEADROOM:.2f} for LoRA, optimizer and activations + "
+        f"{HOST_RESERVE_BYTES // GIB} GiB; int4 in groups of 128; the dense part must fit the GPUs' memory)"
     )
     return "\n".join(lines)
+
+
+def _model_memory_lines(memory: dict[str, Any]) -> list[str]:
+    from ..memory import format_bytes
+
+    lines = ["", f"Expert base of {memory['model']} ({memory['moe_layers']} MoE layers), host bytes:", ""]
+    for row in memory["experts"]:
+        group = f" (groups of {row['group_size']})" if row["group_size"] else ""
+        note = (
+            "" if row["loadable"] else "  not loadable: the checkpoint ships int4 (use --weight-dtype int4)"
+        )
+        lines.append(
+            f"  {row['weight_dtype'] + group:<22} experts {format_bytes(row['experts_bytes'])}, host need "
+            f"{format_bytes(row['host_ram_needed_bytes'])}{note}"
+        )
+    return lines

@@ -404,6 +404,21 @@ def describe_model(model: nn.Module) -> str:
     )
 
 
+def experts_memory_line(model: nn.Module, path: str, kt: KTConfig) -> str | None:
+    """Estimated (from config.json) vs actual (the loaded kernel layers) host bytes of the frozen experts."""
+    from ..memory import estimate_checkpoint, format_bytes, measure_experts
+
+    measured = measure_experts(model)
+    if measured is None:
+        return None
+    estimate = next(e for e in estimate_checkpoint(path, kt) if e.weight_dtype == kt.weight_dtype)
+    group = f", group {estimate.group_size}" if estimate.group_size else ""
+    return (
+        f"memory    experts base {kt.weight_dtype}{group}: estimated {format_bytes(estimate.bytes)}, "
+        f"actual {format_bytes(measured.base_bytes)} on the host after load ({measured.layers} layers)"
+    )
+
+
 def kernel_tier(kt: KTConfig) -> str:
     if kt.backend != "kernels":
         return f"{kt.backend} (PyTorch)"
@@ -521,6 +536,9 @@ def _run(options: TrainOptions, output: Path, echo: Callable[[str], None], wall_
     load_time = time.perf_counter() - load_start
     echo(f"model     {options.model}: {describe_model(model)}; loaded in {load_time:.1f} s")
     echo(f"experts   CPU ({kernel_tier(kt)}), dense part on {device} in {str(dtype).removeprefix('torch.')}")
+    memory_line = experts_memory_line(model, options.model, kt)
+    if memory_line:
+        echo(memory_line)
     echo(
         f"data      {len(examples)} examples ({formatter.mode}), {total_steps} steps x batch "
         f"{options.batch_size} x accumulation {options.grad_accum}"
