@@ -376,6 +376,13 @@ class MoELayer:
     ) -> Pending:
         """backward() queued on the layer's pool; returns a Pending."""
 
+    def shard_report(self) -> list[dict[str, Any]]:
+        """
+        numa_shards > 1: one dict per shard: intermediate slice [i0, i1), nodes, cpus (one pinned thread
+        each), weight_bytes (packed base weights it owns), buffer_bytes (its fp32 partials), weight_node
+        (NUMA node of its first weight page, -1 unknown). [] for an unsharded layer.
+        """
+
     def __repr__(self) -> str: ...
 
 class profiler:  # a submodule at runtime; written as a class of static functions here

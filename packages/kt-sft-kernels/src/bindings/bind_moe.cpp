@@ -6,6 +6,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include <cmath>
 #include <memory>
@@ -522,6 +523,25 @@ PyPending start_backward(PyMoELayer& self, nb::handle saved, nb::handle grad_out
 }
 
 // Test hook: a Pending whose job throws, to check that wait() re-raises and that dropping it warns.
+nb::list shard_report(PyMoELayer& self) {
+  std::vector<moe::ShardInfo> infos;
+  // On the pool's executor: never concurrent with a call that grows the shards' buffers.
+  wait_and_rethrow(*self.context->submit([&] { infos = self.layer->shard_report(); }));
+  nb::list out;
+  for (const moe::ShardInfo& s : infos) {
+    nb::dict d;
+    d["i0"] = s.i0;
+    d["i1"] = s.i1;
+    d["nodes"] = s.nodes;
+    d["cpus"] = s.cpus;
+    d["weight_bytes"] = s.weight_bytes;
+    d["buffer_bytes"] = s.buffer_bytes;
+    d["weight_node"] = s.weight_node;
+    out.append(d);
+  }
+  return out;
+}
+
 PyPending failing_pending(PyThreadPool& pool, const std::string& message) {
   PyPending p;
   p.what = "test";
@@ -657,6 +677,10 @@ void bind_moe(nb::module_& m) {
       .def("backward_async", &start_backward, nb::arg("saved").none(), nb::arg("grad_out").none(),
            nb::arg("grad_x").none(), nb::arg("grad_weights").none(), nb::arg("lora_grads").none() = nb::none(),
            "backward() queued on the layer's pool; returns a Pending.")
+      .def("shard_report", &shard_report,
+           "numa_shards > 1: one dict per shard: intermediate slice [i0, i1), nodes, cpus (one pinned thread "
+           "each), weight_bytes (packed base weights it owns), buffer_bytes (its fp32 partials), weight_node "
+           "(NUMA node of its first weight page, -1 unknown). [] for an unsharded layer.")
       .def("__repr__", [](const PyMoELayer& l) {
         return "MoELayer(" + config_repr(l.layer->config()) + (l.weights_loaded ? "" : ", not loaded") + ")";
       });

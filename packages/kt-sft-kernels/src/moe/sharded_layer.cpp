@@ -1,0 +1,314 @@
+// NUMA shards of one MoE layer (sharded_layer.hpp, ADR 0701).
+//
+// Each call runs in two rounds on every shard at once, each shard on its own driver thread (a
+// SerialExecutor pinned to the shard's first CPU, which is also thread 0 of the shard's pool):
+//   round 1: the shard's MoELayer call on its slice, into fp32 partials the shard owns;
+//   round 2: the cross-shard reduction, split between the shards (tokens for out / dx / grad_w,
+//            experts for dA_gu / dB_d, and each shard writes its own dB_gu rows and dA_d columns).
+// Every reduced element is summed in shard order 0..N-1 in fp32 and rounded once: the bits do not
+// depend on thread counts (only on N, whose slices change the fp32 summation inside each product).
+#include "sharded_layer.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#include "buffer.hpp"
+#include "kt/core/bf16.hpp"
+#include "kt/runtime/numa_memory.hpp"
+#include "kt/runtime/serial_executor.hpp"
+#include "kt/runtime/thread_pool.hpp"
+#include "kt/runtime/topology.hpp"
+
+namespace kt::moe {
+
+namespace {
+
+constexpr std::int64_t kTokenChunk = 16;  // tokens per reduction task
+
+inline float load_value(const void* base, DType dtype, std::int64_t i) {
+  return dtype == DType::bf16 ? bf16_to_f32(static_cast<const bf16*>(base)[i]) : static_cast<const float*>(base)[i];
+}
+
+inline void store_value(void* base, DType dtype, std::int64_t i, float value) {
+  if (dtype == DType::bf16) static_cast<bf16*>(base)[i] = f32_to_bf16(value);
+  else static_cast<float*>(base)[i] = value;
+}
+
+View f32_view(float* data, std::int64_t d0, std::int64_t d1, std::int64_t d2 = -1) {
+  View v;
+  v.data = data;
+  v.dtype = DType::f32;
+  v.ndim = d2 < 0 ? 2 : 3;
+  v.shape[0] = d0;
+  v.shape[1] = d1;
+  v.shape[2] = d2 < 0 ? 0 : d2;
+  return v;
+}
+
+// The fp32 LoRA a shard runs with: its slices of B_gu (rows) and A_d (columns), and A_gu / B_d
+// themselves (the caller's arrays when fp32, exact fp32 copies when bf16).
+struct LoRASlice {
+  Buffer<float> a_gu, b_gu, a_d, b_d;
+  LoRAViews views;
+  std::size_t bytes() const { return (a_gu.capacity() + b_gu.capacity() + a_d.capacity() + b_d.capacity()) * 4; }
+};
+
+}  // namespace
+
+struct ShardedCache {
+  std::vector<ForwardCachePtr> caches;              // one per shard
+  std::vector<std::unique_ptr<LoRASlice>> lora;     // what the caches' LoRA views point at
+};
+
+struct ShardState {
+  int index = 0, i0 = 0, i1 = 0;
+  runtime::Shard place;
+  std::unique_ptr<runtime::ThreadPool> pool;
+  std::unique_ptr<MoELayer> layer;
+  Buffer<float> out, gx, gw, da_gu, db_gu, da_d, db_d;  // fp32 partials, grow-only
+  runtime::SerialExecutor driver;  // declared last: drained and joined before the layer and pool go
+
+  int width() const { return i1 - i0; }
+  std::size_t buffer_bytes() const {
+    return (out.capacity() + gx.capacity() + gw.capacity() + da_gu.capacity() + db_gu.capacity() + da_d.capacity() +
+            db_d.capacity()) * sizeof(float);
+  }
+};
+
+struct ShardedLayer::Impl {
+  MoEConfig config;
+  std::vector<std::unique_ptr<ShardState>> shards;
+
+  // Runs body(shard) on every shard's driver thread at once; rethrows the first failure (in shard
+  // order) after all have finished.
+  void on_shards(const std::function<void(ShardState&)>& body) {
+    std::vector<std::shared_ptr<runtime::Job>> jobs;
+    std::exception_ptr failure;
+    for (auto& shard : shards) {
+      try {
+        jobs.push_back(shard->driver.submit([&body, s = shard.get()] { body(*s); }));
+      } catch (...) {
+        failure = std::current_exception();
+        break;
+      }
+    }
+    for (auto& job : jobs) {
+      job->wait();
+      if (!failure && job->error()) failure = job->error();
+    }
+    if (failure) std::rethrow_exception(failure);
+  }
+
+  std::unique_ptr<LoRASlice> slice_lora(const ShardState& s, const LoRAViews& lora) const;
+};
+
+std::vector<std::pair<int, int>> shard_slices(int intermediate, int shards) {
+  const int blocks = intermediate / 32;
+  if (shards < 1) throw std::invalid_argument("numa_shards must be >= 1, got " + std::to_string(shards));
+  if (blocks < shards)
+    throw std::invalid_argument("numa_shards=" + std::to_string(shards) + " does not fit intermediate=" +
+                                std::to_string(intermediate) + ": every shard needs a multiple of 32 rows, so "
+                                "numa_shards can be at most intermediate / 32 = " + std::to_string(blocks));
+  std::vector<std::pair<int, int>> slices;
+  for (int s = 0; s < shards; ++s) slices.emplace_back(32 * (s * blocks / shards), 32 * ((s + 1) * blocks / shards));
+  return slices;
+}
+
+ShardedLayer::ShardedLayer(const MoEConfig& config) : impl_(std::make_unique<Impl>()) {
+  impl_->config = config;
+  const int n = config.numa_shards;
+  const auto slices = shard_slices(config.intermediate, n);
+  const auto places = runtime::plan_shards(runtime::system_topology(), n, runtime::numa_setting_from_env());
+  for (int s = 0; s < n; ++s) {
+    auto shard = std::make_unique<ShardState>();
+    shard->index = s;
+    shard->i0 = slices[static_cast<std::size_t>(s)].first;
+    shard->i1 = slices[static_cast<std::size_t>(s)].second;
+    shard->place = places[static_cast<std::size_t>(s)];
+    shard->pool = std::make_unique<runtime::ThreadPool>(shard->place.cpus);
+    MoEConfig inner = config;
+    inner.intermediate = shard->width();
+    inner.numa_shards = 1;
+    shard->layer = std::make_unique<MoELayer>(inner, *shard->pool);
+    impl_->shards.push_back(std::move(shard));
+  }
+  // Thread 0 of each shard's pool is its driver: pin it like the workers.
+  impl_->on_shards([](ShardState& s) { runtime::pin_current_thread(s.place.cpus.front()); });
+}
+
+ShardedLayer::~ShardedLayer() = default;
+
+void ShardedLayer::load_weights(const View* gate_up, const View* gate, const View* up, const View& down) {
+  const int I = impl_->config.intermediate;
+  impl_->on_shards([&](ShardState& s) { s.layer->load_weight_slice(gate_up, gate, up, down, I, s.i0); });
+}
+
+std::unique_ptr<LoRASlice> ShardedLayer::Impl::slice_lora(const ShardState& s, const LoRAViews& lora) const {
+  auto out = std::make_unique<LoRASlice>();
+  LoRAViews& v = out->views;
+  v.scale_gu = lora.scale_gu;
+  v.scale_d = lora.scale_d;
+  v.version = lora.version;
+  const std::int64_t E = config.num_experts, H = config.hidden, I = config.intermediate, w = s.width();
+  const auto rank = [](const View& a) { return a ? a.shape[1] : std::int64_t{0}; };
+  const std::int64_t rg = rank(lora.a_gu), rd = rank(lora.a_d);
+  const bool convert = (rg ? lora.a_gu.dtype : lora.a_d.dtype) == DType::bf16;
+  float* a_gu = nullptr;
+  float* b_d = nullptr;
+  float* b_gu = rg ? out->b_gu.ensure(static_cast<std::size_t>(E * 2 * w * rg)) : nullptr;
+  float* a_d = rd ? out->a_d.ensure(static_cast<std::size_t>(E * rd * w)) : nullptr;
+  if (rg) v.a_gu = convert ? f32_view(a_gu = out->a_gu.ensure(static_cast<std::size_t>(E * rg * H)), E, rg, H) : lora.a_gu;
+  if (rg) v.b_gu = f32_view(b_gu, E, 2 * w, rg);
+  if (rd) v.a_d = f32_view(a_d, E, rd, w);
+  if (rd) v.b_d = convert ? f32_view(b_d = out->b_d.ensure(static_cast<std::size_t>(E * H * rd)), E, H, rd) : lora.b_d;
+  // Per expert, on the shard's own threads (first touch puts the slices on its node).
+  s.pool->parallel_for(E, [&](std::int64_t e, int) {
+    if (rg) {
+      const DType dt = lora.b_gu.dtype;
+      for (std::int64_t i = 0; i < 2 * w; ++i) {
+        const std::int64_t row = i < w ? s.i0 + i : I + s.i0 + (i - w);
+        for (std::int64_t q = 0; q < rg; ++q)
+          b_gu[(e * 2 * w + i) * rg + q] = load_value(lora.b_gu.data, dt, (e * 2 * I + row) * rg + q);
+      }
+      if (a_gu)
+        for (std::int64_t i = 0; i < rg * H; ++i) a_gu[e * rg * H + i] = load_value(lora.a_gu.data, dt, e * rg * H + i);
+    }
+    if (rd) {
+      const DType dt = lora.a_d.dtype;
+      for (std::int64_t q = 0; q < rd; ++q)
+        for (std::int64_t j = 0; j < w; ++j)
+          a_d[(e * rd + q) * w + j] = load_value(lora.a_d.data, dt, (e * rd + q) * I + s.i0 + j);
+      if (b_d)
+        for (std::int64_t i = 0; i < H * rd; ++i) b_d[e * H * rd + i] = load_value(lora.b_d.data, dt, e * H * rd + i);
+    }
+  });
+  return out;
+}
+
+std::shared_ptr<ShardedCache> ShardedLayer::forward(const View& x, const View& ids, const View& weights,
+                                                    const View& out, const LoRAViews& lora, bool save) {
+  Impl& L = *impl_;
+  const std::int64_t T = x.shape[0], H = L.config.hidden;
+  const auto n = static_cast<int>(L.shards.size());
+  auto cache = std::make_shared<ShardedCache>();
+  cache->caches.resize(static_cast<std::size_t>(n));
+  cache->lora.resize(static_cast<std::size_t>(n));
+  const bool has_lora = lora.has_gate_up() || lora.has_down();
+
+  // Round 1: each shard's slice, into its fp32 partial output.
+  L.on_shards([&](ShardState& s) {
+    const auto k = static_cast<std::size_t>(s.index);
+    if (has_lora) cache->lora[k] = L.slice_lora(s, lora);
+    const LoRAViews inner_lora = has_lora ? cache->lora[k]->views : LoRAViews{};
+    float* partial = s.out.ensure(static_cast<std::size_t>(std::max<std::int64_t>(T * H, 1)));
+    cache->caches[k] = s.layer->forward(x, ids, weights, f32_view(partial, T, H), inner_lora, save);
+  });
+
+  // Round 2: out[t] = Σ_s partial_s[t], shard s reducing its share of the tokens.
+  L.on_shards([&](ShardState& s) {
+    const std::int64_t t0 = T * s.index / n, t1 = T * (s.index + 1) / n;
+    s.pool->parallel_for((t1 - t0 + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
+      const std::int64_t a = (t0 + task * kTokenChunk) * H, b = std::min(t1, t0 + (task + 1) * kTokenChunk) * H;
+      for (std::int64_t i = a; i < b; ++i) {
+        float sum = 0.f;
+        for (const auto& other : L.shards) sum += other->out.data()[i];
+        store_value(out.data, out.dtype, i, sum);
+      }
+    });
+  });
+  if (!save) return nullptr;
+  return cache;
+}
+
+void ShardedLayer::backward(const ShardedCache& cache, const View& grad_out, const View& grad_x,
+                            const View& grad_weights, const LoRAGradViews& lg) {
+  Impl& L = *impl_;
+  const MoEConfig& c = L.config;
+  const std::int64_t T = grad_out.shape[0], H = c.hidden, K = c.top_k, E = c.num_experts, I = c.intermediate;
+  const auto n = static_cast<int>(L.shards.size());
+  const std::int64_t rg = lg.da_gu ? lg.da_gu.shape[1] : lg.db_gu ? lg.db_gu.shape[2] : 0;
+  const std::int64_t rd = lg.da_d ? lg.da_d.shape[1] : lg.db_d ? lg.db_d.shape[2] : 0;
+
+  // Round 1: each shard's backward into fp32 partials (its slice's LoRA gradients included).
+  L.on_shards([&](ShardState& s) {
+    const std::int64_t w = s.width();
+    View gx, gw;
+    if (grad_x) gx = f32_view(s.gx.ensure(static_cast<std::size_t>(std::max<std::int64_t>(T * H, 1))), T, H);
+    if (grad_weights) gw = f32_view(s.gw.ensure(static_cast<std::size_t>(std::max<std::int64_t>(T * K, 1))), T, K);
+    LoRAGradViews inner;
+    if (lg.da_gu) inner.da_gu = f32_view(s.da_gu.ensure(static_cast<std::size_t>(E * rg * H)), E, rg, H);
+    if (lg.db_gu) inner.db_gu = f32_view(s.db_gu.ensure(static_cast<std::size_t>(E * 2 * w * rg)), E, 2 * w, rg);
+    if (lg.da_d) inner.da_d = f32_view(s.da_d.ensure(static_cast<std::size_t>(E * rd * w)), E, rd, w);
+    if (lg.db_d) inner.db_d = f32_view(s.db_d.ensure(static_cast<std::size_t>(E * H * rd)), E, H, rd);
+    s.layer->backward(*cache.caches[static_cast<std::size_t>(s.index)], grad_out, gx, gw, inner);
+  });
+
+  // Round 2: sums over shards (tokens and experts split between the shards), and each shard's own
+  // dB_gu rows / dA_d columns. Tasks: token chunks, then this shard's experts, then all experts.
+  L.on_shards([&](ShardState& s) {
+    const std::int64_t t0 = T * s.index / n, t1 = T * (s.index + 1) / n;
+    const std::int64_t e0 = E * s.index / n, e1 = E * (s.index + 1) / n;
+    const std::int64_t token_tasks = (t1 - t0 + kTokenChunk - 1) / kTokenChunk, sum_tasks = e1 - e0;
+    const std::int64_t w = s.width();
+    const auto sum_into = [&](const View& dst, Buffer<float> ShardState::*part, std::int64_t a, std::int64_t b) {
+      for (std::int64_t i = a; i < b; ++i) {
+        float sum = 0.f;
+        for (const auto& other : L.shards) sum += ((*other).*part).data()[i];
+        store_value(dst.data, dst.dtype, i, sum);
+      }
+    };
+    s.pool->parallel_for(token_tasks + sum_tasks + E, [&](std::int64_t task, int) {
+      if (task < token_tasks) {
+        const std::int64_t a = t0 + task * kTokenChunk, b = std::min(t1, a + kTokenChunk);
+        if (grad_x) sum_into(grad_x, &ShardState::gx, a * H, b * H);
+        if (grad_weights) sum_into(grad_weights, &ShardState::gw, a * K, b * K);
+        return;
+      }
+      if (task < token_tasks + sum_tasks) {
+        const std::int64_t e = e0 + task - token_tasks;
+        if (lg.da_gu) sum_into(lg.da_gu, &ShardState::da_gu, e * rg * H, (e + 1) * rg * H);
+        if (lg.db_d) sum_into(lg.db_d, &ShardState::db_d, e * H * rd, (e + 1) * H * rd);
+        return;
+      }
+      const std::int64_t e = task - token_tasks - sum_tasks;
+      if (lg.db_gu) {
+        const float* src = s.db_gu.data();
+        for (std::int64_t i = 0; i < 2 * w; ++i) {
+          const std::int64_t row = i < w ? s.i0 + i : I + s.i0 + (i - w);
+          for (std::int64_t q = 0; q < rg; ++q)
+            store_value(lg.db_gu.data, lg.db_gu.dtype, (e * 2 * I + row) * rg + q, src[(e * 2 * w + i) * rg + q]);
+        }
+      }
+      if (lg.da_d) {
+        const float* src = s.da_d.data();
+        for (std::int64_t q = 0; q < rd; ++q)
+          for (std::int64_t j = 0; j < w; ++j)
+            store_value(lg.da_d.data, lg.da_d.dtype, (e * rd + q) * I + s.i0 + j, src[(e * rd + q) * w + j]);
+      }
+    });
+  });
+}
+
+std::vector<ShardInfo> ShardedLayer::report() const {
+  std::vector<ShardInfo> out;
+  for (const auto& s : impl_->shards) {
+    ShardInfo info;
+    info.i0 = s->i0;
+    info.i1 = s->i1;
+    info.nodes = s->place.nodes;
+    info.cpus = s->place.cpus;
+    info.weight_bytes = s->layer->packed_weight_bytes();
+    info.buffer_bytes = s->buffer_bytes();
+    const void* first = s->layer->packed_weight_address();
+    info.weight_node = first ? runtime::node_of_address(first) : -1;
+    out.push_back(std::move(info));
+  }
+  return out;
+}
+
+}  // namespace kt::moe
