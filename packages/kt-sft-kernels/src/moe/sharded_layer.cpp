@@ -10,6 +10,9 @@
 #include "sharded_layer.hpp"
 
 #include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cstddef>
 #include <cstring>
 #include <exception>
 #include <functional>
@@ -84,16 +87,36 @@ struct ShardedLayer::Impl {
   MoEConfig config;
   std::vector<std::unique_ptr<ShardState>> shards;
 
-  // Runs body(shard) on every shard's driver thread at once; rethrows the first failure (in shard
-  // order) after all have finished.
-  void on_shards(const std::function<void(ShardState&)>& body) {
+  // Runs first(shard) on every shard's driver thread at once, then, once every shard has finished
+  // it and none failed, then(shard) (one hand-off per call: the rounds meet at a barrier inside the
+  // jobs). Rethrows the first failure in shard order after all have finished.
+  void on_shards(const std::function<void(ShardState&)>& first,
+                 const std::function<void(ShardState&)>& then = nullptr) {
+    const auto n = static_cast<std::ptrdiff_t>(shards.size());
+    std::barrier<> meet(n);
+    std::atomic<bool> failed{false};
     std::vector<std::shared_ptr<runtime::Job>> jobs;
     std::exception_ptr failure;
     for (auto& shard : shards) {
       try {
-        jobs.push_back(shard->driver.submit([&body, s = shard.get()] { body(*s); }));
-      } catch (...) {
+        jobs.push_back(shard->driver.submit([&, s = shard.get()] {
+          std::exception_ptr mine;
+          try {
+            first(*s);
+          } catch (...) {
+            mine = std::current_exception();
+            failed.store(true);
+          }
+          if (then) {
+            meet.arrive_and_wait();
+            if (!mine && !failed.load()) then(*s);
+          }
+          if (mine) std::rethrow_exception(mine);
+        }));
+      } catch (...) {  // a job that never started would leave the others at the barrier
         failure = std::current_exception();
+        failed.store(true);
+        for (std::size_t missing = jobs.size(); then && missing < shards.size(); ++missing) meet.arrive_and_drop();
         break;
       }
     }
@@ -207,10 +230,9 @@ std::shared_ptr<ShardedCache> ShardedLayer::forward(const View& x, const View& i
     const LoRAViews inner_lora = has_lora ? cache->lora[k]->views : LoRAViews{};
     float* partial = s.out.ensure(static_cast<std::size_t>(std::max<std::int64_t>(T * H, 1)));
     cache->caches[k] = s.layer->forward(x, ids, weights, f32_view(partial, T, H), inner_lora, save);
-  });
-
+  },
   // Round 2: out[t] = Σ_s partial_s[t], shard s reducing its share of the tokens.
-  L.on_shards([&](ShardState& s) {
+  [&](ShardState& s) {
     const std::int64_t t0 = T * s.index / n, t1 = T * (s.index + 1) / n;
     s.pool->parallel_for((t1 - t0 + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
       const std::int64_t a = (t0 + task * kTokenChunk) * H, b = std::min(t1, t0 + (task + 1) * kTokenChunk) * H;
@@ -246,11 +268,10 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& grad_out, con
     if (lg.da_d) inner.da_d = f32_view(s.da_d.ensure(static_cast<std::size_t>(E * rd * w)), E, rd, w);
     if (lg.db_d) inner.db_d = f32_view(s.db_d.ensure(static_cast<std::size_t>(E * H * rd)), E, H, rd);
     s.layer->backward(*cache.caches[static_cast<std::size_t>(s.index)], grad_out, gx, gw, inner);
-  });
-
+  },
   // Round 2: sums over shards (tokens and experts split between the shards), and each shard's own
   // dB_gu rows / dA_d columns. Tasks: token chunks, then this shard's experts, then all experts.
-  L.on_shards([&](ShardState& s) {
+  [&](ShardState& s) {
     const std::int64_t t0 = T * s.index / n, t1 = T * (s.index + 1) / n;
     const std::int64_t e0 = E * s.index / n, e1 = E * (s.index + 1) / n;
     const std::int64_t token_tasks = (t1 - t0 + kTokenChunk - 1) / kTokenChunk, sum_tasks = e1 - e0;
