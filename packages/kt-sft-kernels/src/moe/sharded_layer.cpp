@@ -16,6 +16,7 @@
 #include <cstring>
 #include <exception>
 #include <functional>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -61,11 +62,41 @@ struct LoRASlice {
   std::size_t bytes() const { return (a_gu.capacity() + b_gu.capacity() + a_d.capacity() + b_d.capacity()) * 4; }
 };
 
+// Spare LoRA slices of one shard: a finished call gives its slices back, so the next call reuses
+// memory that is already faulted in on the shard's node instead of allocating afresh. Shared with
+// the caches, which may outlive the layer.
+class SlicePool {
+ public:
+  std::unique_ptr<LoRASlice> take() {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    if (spare_.empty()) return std::make_unique<LoRASlice>();
+    std::unique_ptr<LoRASlice> slice = std::move(spare_.back());
+    spare_.pop_back();
+    return slice;
+  }
+  void give(std::unique_ptr<LoRASlice> slice) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    if (spare_.size() < kMaxSpare) spare_.push_back(std::move(slice));
+  }
+
+ private:
+  static constexpr std::size_t kMaxSpare = 2;
+  std::mutex mutex_;
+  std::vector<std::unique_ptr<LoRASlice>> spare_;
+};
+
 }  // namespace
 
 struct ShardedCache {
-  std::vector<ForwardCachePtr> caches;              // one per shard
-  std::vector<std::unique_ptr<LoRASlice>> lora;     // what the caches' LoRA views point at
+  std::vector<ForwardCachePtr> caches;           // one per shard
+  std::vector<std::unique_ptr<LoRASlice>> lora;  // what the caches' LoRA views point at
+  std::vector<std::shared_ptr<SlicePool>> slice_pools;
+
+  ~ShardedCache() {
+    caches.clear();  // the caches' views die before the slices they point at go back
+    for (std::size_t s = 0; s < lora.size(); ++s)
+      if (lora[s]) slice_pools[s]->give(std::move(lora[s]));
+  }
 };
 
 struct ShardState {
@@ -74,6 +105,7 @@ struct ShardState {
   std::unique_ptr<runtime::ThreadPool> pool;
   std::unique_ptr<MoELayer> layer;
   Buffer<float> out, gx, gw, da_gu, db_gu, da_d, db_d;  // fp32 partials, grow-only
+  std::shared_ptr<SlicePool> slices = std::make_shared<SlicePool>();
   runtime::SerialExecutor driver;  // declared last: drained and joined before the layer and pool go
 
   int width() const { return i1 - i0; }
@@ -172,8 +204,9 @@ void ShardedLayer::load_weights(const View* gate_up, const View* gate, const Vie
 }
 
 std::unique_ptr<LoRASlice> ShardedLayer::Impl::slice_lora(const ShardState& s, const LoRAViews& lora) const {
-  auto out = std::make_unique<LoRASlice>();
+  std::unique_ptr<LoRASlice> out = s.slices->take();
   LoRAViews& v = out->views;
+  v = LoRAViews{};
   v.scale_gu = lora.scale_gu;
   v.scale_d = lora.scale_d;
   v.version = lora.version;
@@ -221,6 +254,7 @@ std::shared_ptr<ShardedCache> ShardedLayer::forward(const View& x, const View& i
   auto cache = std::make_shared<ShardedCache>();
   cache->caches.resize(static_cast<std::size_t>(n));
   cache->lora.resize(static_cast<std::size_t>(n));
+  for (const auto& shard : L.shards) cache->slice_pools.push_back(shard->slices);
   const bool has_lora = lora.has_gate_up() || lora.has_down();
 
   // Round 1: each shard's slice, into its fp32 partial output.
