@@ -232,3 +232,36 @@ def test_shards_under_a_one_cpu_affinity_mask() -> None:
     cpus_line, err_line = result.stdout.splitlines()
     assert cpus_line == str([[cpu]] * 3)
     assert float(err_line) <= SAME_ROUNDING
+
+
+def _threads_of_this_process() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc/self/task")
+def test_layers_share_the_shard_runtimes() -> None:
+    """Sub-pools and drivers belong to the layout, not to each layer: a model's 48 layers must not
+    start 48 pools per shard."""
+    case = make("f32", seed=9)
+    first = kt.build_layer(case, numa_shards=2)
+    before = _threads_of_this_process()
+    more = [kt.build_layer(case, numa_shards=2) for _ in range(4)]
+    assert _threads_of_this_process() == before
+    assert all(m.shard_report()[0]["cpus"] == first.shard_report()[0]["cpus"] for m in more)
+
+
+def test_interleaved_layers_keep_their_own_caches() -> None:
+    """Layers sharing shard runtimes: forwards of two layers, then their backwards in reverse order,
+    equal each layer run alone."""
+    cases = [make("bf16", seed=10), make("f32", seed=11)]
+    layers = [kt.build_layer(c, numa_shards=3) for c in cases]
+    alone = [outputs(kt.run_kernels(layer, c)) for layer, c in zip(layers, cases, strict=True)]
+    results, handles = [], []
+    for layer, c in zip(layers, cases, strict=True):
+        out = kt.nan_array(c.x.shape, c.x.dtype)
+        handles.append(layer.forward(c.x, c.ids, c.weights, out, lora=kt.kernel_lora(c), save=True))
+        results.append(kt.KernelResult(out=out))
+    for i in (1, 0):
+        kt.run_backward(layers[i], handles[i], cases[i], results[i])
+    for got, want in zip(results, alone, strict=True):
+        assert all(outputs(got)[k].tobytes() == v.tobytes() for k, v in want.items())

@@ -379,8 +379,9 @@ class MoELayer:
     def shard_report(self) -> list[dict[str, Any]]:
         """
         numa_shards > 1: one dict per shard: intermediate slice [i0, i1), nodes, cpus (one pinned thread
-        each), weight_bytes (packed base weights it owns), buffer_bytes (its fp32 partials), weight_node
-        (NUMA node of its first weight page, -1 unknown). [] for an unsharded layer.
+        each), weight_bytes (packed base weights it owns), buffer_bytes (fp32 partials of its sub-pool,
+        shared by the layers on it), weight_node (NUMA node of its first weight page, -1 unknown). []
+        for an unsharded layer.
         """
 
     def __repr__(self) -> str: ...

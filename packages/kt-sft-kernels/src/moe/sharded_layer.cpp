@@ -16,6 +16,7 @@
 #include <cstring>
 #include <exception>
 #include <functional>
+#include <map>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -99,20 +100,57 @@ struct ShardedCache {
   }
 };
 
-struct ShardState {
-  int index = 0, i0 = 0, i1 = 0;
-  runtime::Shard place;
+// What the shards at one position of one layout share across layers (a model's layers run one at a
+// time): the pinned sub-pool (so also the inner layers' per-pool workspace), the driver thread, the
+// fp32 partials and the spare LoRA slices. Per-layer copies would cost a pool of threads and ~0.3 GB
+// of workspace per layer and shard.
+struct ShardRuntime {
   std::unique_ptr<runtime::ThreadPool> pool;
-  std::unique_ptr<MoELayer> layer;
-  Buffer<float> out, gx, gw, da_gu, db_gu, da_d, db_d;  // fp32 partials, grow-only
+  Buffer<float> out, gx, gw, da_gu, db_gu, da_d, db_d;  // fp32 partials of the call in progress
   std::shared_ptr<SlicePool> slices = std::make_shared<SlicePool>();
-  runtime::SerialExecutor driver;  // declared last: drained and joined before the layer and pool go
+  runtime::SerialExecutor driver;  // declared last: drained and joined before the pool goes
 
-  int width() const { return i1 - i0; }
   std::size_t buffer_bytes() const {
     return (out.capacity() + gx.capacity() + gw.capacity() + da_gu.capacity() + db_gu.capacity() + da_d.capacity() +
             db_d.capacity()) * sizeof(float);
   }
+};
+
+// Sharded calls of all layers run one at a time: they share the runtimes (drivers, partials).
+std::mutex& sharded_call_mutex() {
+  static auto* mutex = new std::mutex();  // never destroyed: layers may outlive static destruction
+  return *mutex;
+}
+
+// The runtime of shard `index` on `cpus`, shared by every layer with that shard; created (pool
+// pinned, driver pinned to cpus[0]) on first use. The index is part of the key: two shards of one
+// layer that share cores still get two drivers (one driver for both would deadlock at the barrier).
+std::shared_ptr<ShardRuntime> runtime_for(int index, const std::vector<int>& cpus) {
+  static std::mutex mutex;
+  static auto* registry = new std::map<std::pair<int, std::vector<int>>, std::weak_ptr<ShardRuntime>>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  for (auto it = registry->begin(); it != registry->end();)
+    it = it->second.expired() ? registry->erase(it) : std::next(it);
+  std::weak_ptr<ShardRuntime>& slot = (*registry)[{index, cpus}];
+  std::shared_ptr<ShardRuntime> rt = slot.lock();
+  if (!rt) {
+    rt = std::make_shared<ShardRuntime>();
+    rt->pool = std::make_unique<runtime::ThreadPool>(cpus);
+    // Thread 0 of the pool is the driver: pin it like the workers.
+    rt->driver.submit([cpu = cpus.front()] { runtime::pin_current_thread(cpu); })->wait();
+    slot = rt;
+  }
+  return rt;
+}
+
+struct ShardState {
+  int index = 0, i0 = 0, i1 = 0;
+  runtime::Shard place;
+  std::shared_ptr<ShardRuntime> rt;  // declared before the layer, which runs on rt->pool
+  std::unique_ptr<MoELayer> layer;
+
+  int width() const { return i1 - i0; }
+  runtime::ThreadPool& pool() const { return *rt->pool; }
 };
 
 struct ShardedLayer::Impl {
@@ -125,13 +163,14 @@ struct ShardedLayer::Impl {
   void on_shards(const std::function<void(ShardState&)>& first,
                  const std::function<void(ShardState&)>& then = nullptr) {
     const auto n = static_cast<std::ptrdiff_t>(shards.size());
+    const std::lock_guard<std::mutex> one_call(sharded_call_mutex());
     std::barrier<> meet(n);
     std::atomic<bool> failed{false};
     std::vector<std::shared_ptr<runtime::Job>> jobs;
     std::exception_ptr failure;
     for (auto& shard : shards) {
       try {
-        jobs.push_back(shard->driver.submit([&, s = shard.get()] {
+        jobs.push_back(shard->rt->driver.submit([&, s = shard.get()] {
           std::exception_ptr mine;
           try {
             first(*s);
@@ -185,15 +224,13 @@ ShardedLayer::ShardedLayer(const MoEConfig& config) : impl_(std::make_unique<Imp
     shard->i0 = slices[static_cast<std::size_t>(s)].first;
     shard->i1 = slices[static_cast<std::size_t>(s)].second;
     shard->place = places[static_cast<std::size_t>(s)];
-    shard->pool = std::make_unique<runtime::ThreadPool>(shard->place.cpus);
+    shard->rt = runtime_for(s, shard->place.cpus);
     MoEConfig inner = config;
     inner.intermediate = shard->width();
     inner.numa_shards = 1;
-    shard->layer = std::make_unique<MoELayer>(inner, *shard->pool);
+    shard->layer = std::make_unique<MoELayer>(inner, shard->pool());
     impl_->shards.push_back(std::move(shard));
   }
-  // Thread 0 of each shard's pool is its driver: pin it like the workers.
-  impl_->on_shards([](ShardState& s) { runtime::pin_current_thread(s.place.cpus.front()); });
 }
 
 ShardedLayer::~ShardedLayer() = default;
@@ -204,7 +241,7 @@ void ShardedLayer::load_weights(const View* gate_up, const View* gate, const Vie
 }
 
 std::unique_ptr<LoRASlice> ShardedLayer::Impl::slice_lora(const ShardState& s, const LoRAViews& lora) const {
-  std::unique_ptr<LoRASlice> out = s.slices->take();
+  std::unique_ptr<LoRASlice> out = s.rt->slices->take();
   LoRAViews& v = out->views;
   v = LoRAViews{};
   v.scale_gu = lora.scale_gu;
@@ -223,7 +260,7 @@ std::unique_ptr<LoRASlice> ShardedLayer::Impl::slice_lora(const ShardState& s, c
   if (rd) v.a_d = f32_view(a_d, E, rd, w);
   if (rd) v.b_d = convert ? f32_view(b_d = out->b_d.ensure(static_cast<std::size_t>(E * H * rd)), E, H, rd) : lora.b_d;
   // Per expert, on the shard's own threads (first touch puts the slices on its node).
-  s.pool->parallel_for(E, [&](std::int64_t e, int) {
+  s.pool().parallel_for(E, [&](std::int64_t e, int) {
     if (rg) {
       const DType dt = lora.b_gu.dtype;
       for (std::int64_t i = 0; i < 2 * w; ++i) {
@@ -254,7 +291,7 @@ std::shared_ptr<ShardedCache> ShardedLayer::forward(const View& x, const View& i
   auto cache = std::make_shared<ShardedCache>();
   cache->caches.resize(static_cast<std::size_t>(n));
   cache->lora.resize(static_cast<std::size_t>(n));
-  for (const auto& shard : L.shards) cache->slice_pools.push_back(shard->slices);
+  for (const auto& shard : L.shards) cache->slice_pools.push_back(shard->rt->slices);
   const bool has_lora = lora.has_gate_up() || lora.has_down();
 
   // Round 1: each shard's slice, into its fp32 partial output.
@@ -262,17 +299,17 @@ std::shared_ptr<ShardedCache> ShardedLayer::forward(const View& x, const View& i
     const auto k = static_cast<std::size_t>(s.index);
     if (has_lora) cache->lora[k] = L.slice_lora(s, lora);
     const LoRAViews inner_lora = has_lora ? cache->lora[k]->views : LoRAViews{};
-    float* partial = s.out.ensure(static_cast<std::size_t>(std::max<std::int64_t>(T * H, 1)));
+    float* partial = s.rt->out.ensure(static_cast<std::size_t>(std::max<std::int64_t>(T * H, 1)));
     cache->caches[k] = s.layer->forward(x, ids, weights, f32_view(partial, T, H), inner_lora, save);
   },
   // Round 2: out[t] = Σ_s partial_s[t], shard s reducing its share of the tokens.
   [&](ShardState& s) {
     const std::int64_t t0 = T * s.index / n, t1 = T * (s.index + 1) / n;
-    s.pool->parallel_for((t1 - t0 + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
+    s.pool().parallel_for((t1 - t0 + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
       const std::int64_t a = (t0 + task * kTokenChunk) * H, b = std::min(t1, t0 + (task + 1) * kTokenChunk) * H;
       for (std::int64_t i = a; i < b; ++i) {
         float sum = 0.f;
-        for (const auto& other : L.shards) sum += other->out.data()[i];
+        for (const auto& other : L.shards) sum += other->rt->out.data()[i];
         store_value(out.data, out.dtype, i, sum);
       }
     });
@@ -294,13 +331,13 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& grad_out, con
   L.on_shards([&](ShardState& s) {
     const std::int64_t w = s.width();
     View gx, gw;
-    if (grad_x) gx = f32_view(s.gx.ensure(static_cast<std::size_t>(std::max<std::int64_t>(T * H, 1))), T, H);
-    if (grad_weights) gw = f32_view(s.gw.ensure(static_cast<std::size_t>(std::max<std::int64_t>(T * K, 1))), T, K);
+    if (grad_x) gx = f32_view(s.rt->gx.ensure(static_cast<std::size_t>(std::max<std::int64_t>(T * H, 1))), T, H);
+    if (grad_weights) gw = f32_view(s.rt->gw.ensure(static_cast<std::size_t>(std::max<std::int64_t>(T * K, 1))), T, K);
     LoRAGradViews inner;
-    if (lg.da_gu) inner.da_gu = f32_view(s.da_gu.ensure(static_cast<std::size_t>(E * rg * H)), E, rg, H);
-    if (lg.db_gu) inner.db_gu = f32_view(s.db_gu.ensure(static_cast<std::size_t>(E * 2 * w * rg)), E, 2 * w, rg);
-    if (lg.da_d) inner.da_d = f32_view(s.da_d.ensure(static_cast<std::size_t>(E * rd * w)), E, rd, w);
-    if (lg.db_d) inner.db_d = f32_view(s.db_d.ensure(static_cast<std::size_t>(E * H * rd)), E, H, rd);
+    if (lg.da_gu) inner.da_gu = f32_view(s.rt->da_gu.ensure(static_cast<std::size_t>(E * rg * H)), E, rg, H);
+    if (lg.db_gu) inner.db_gu = f32_view(s.rt->db_gu.ensure(static_cast<std::size_t>(E * 2 * w * rg)), E, 2 * w, rg);
+    if (lg.da_d) inner.da_d = f32_view(s.rt->da_d.ensure(static_cast<std::size_t>(E * rd * w)), E, rd, w);
+    if (lg.db_d) inner.db_d = f32_view(s.rt->db_d.ensure(static_cast<std::size_t>(E * H * rd)), E, H, rd);
     s.layer->backward(*cache.caches[static_cast<std::size_t>(s.index)], grad_out, gx, gw, inner);
   },
   // Round 2: sums over shards (tokens and experts split between the shards), and each shard's own
@@ -310,29 +347,29 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& grad_out, con
     const std::int64_t e0 = E * s.index / n, e1 = E * (s.index + 1) / n;
     const std::int64_t token_tasks = (t1 - t0 + kTokenChunk - 1) / kTokenChunk, sum_tasks = e1 - e0;
     const std::int64_t w = s.width();
-    const auto sum_into = [&](const View& dst, Buffer<float> ShardState::*part, std::int64_t a, std::int64_t b) {
+    const auto sum_into = [&](const View& dst, Buffer<float> ShardRuntime::*part, std::int64_t a, std::int64_t b) {
       for (std::int64_t i = a; i < b; ++i) {
         float sum = 0.f;
-        for (const auto& other : L.shards) sum += ((*other).*part).data()[i];
+        for (const auto& other : L.shards) sum += ((*other->rt).*part).data()[i];
         store_value(dst.data, dst.dtype, i, sum);
       }
     };
-    s.pool->parallel_for(token_tasks + sum_tasks + E, [&](std::int64_t task, int) {
+    s.pool().parallel_for(token_tasks + sum_tasks + E, [&](std::int64_t task, int) {
       if (task < token_tasks) {
         const std::int64_t a = t0 + task * kTokenChunk, b = std::min(t1, a + kTokenChunk);
-        if (grad_x) sum_into(grad_x, &ShardState::gx, a * H, b * H);
-        if (grad_weights) sum_into(grad_weights, &ShardState::gw, a * K, b * K);
+        if (grad_x) sum_into(grad_x, &ShardRuntime::gx, a * H, b * H);
+        if (grad_weights) sum_into(grad_weights, &ShardRuntime::gw, a * K, b * K);
         return;
       }
       if (task < token_tasks + sum_tasks) {
         const std::int64_t e = e0 + task - token_tasks;
-        if (lg.da_gu) sum_into(lg.da_gu, &ShardState::da_gu, e * rg * H, (e + 1) * rg * H);
-        if (lg.db_d) sum_into(lg.db_d, &ShardState::db_d, e * H * rd, (e + 1) * H * rd);
+        if (lg.da_gu) sum_into(lg.da_gu, &ShardRuntime::da_gu, e * rg * H, (e + 1) * rg * H);
+        if (lg.db_d) sum_into(lg.db_d, &ShardRuntime::db_d, e * H * rd, (e + 1) * H * rd);
         return;
       }
       const std::int64_t e = task - token_tasks - sum_tasks;
       if (lg.db_gu) {
-        const float* src = s.db_gu.data();
+        const float* src = s.rt->db_gu.data();
         for (std::int64_t i = 0; i < 2 * w; ++i) {
           const std::int64_t row = i < w ? s.i0 + i : I + s.i0 + (i - w);
           for (std::int64_t q = 0; q < rg; ++q)
@@ -340,7 +377,7 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& grad_out, con
         }
       }
       if (lg.da_d) {
-        const float* src = s.da_d.data();
+        const float* src = s.rt->da_d.data();
         for (std::int64_t q = 0; q < rd; ++q)
           for (std::int64_t j = 0; j < w; ++j)
             store_value(lg.da_d.data, lg.da_d.dtype, (e * rd + q) * I + s.i0 + j, src[(e * rd + q) * w + j]);
@@ -358,7 +395,7 @@ std::vector<ShardInfo> ShardedLayer::report() const {
     info.nodes = s->place.nodes;
     info.cpus = s->place.cpus;
     info.weight_bytes = s->layer->packed_weight_bytes();
-    info.buffer_bytes = s->buffer_bytes();
+    info.buffer_bytes = s->rt->buffer_bytes();
     const void* first = s->layer->packed_weight_address();
     info.weight_node = first ? runtime::node_of_address(first) : -1;
     out.push_back(std::move(info));

@@ -114,7 +114,7 @@ class KernelLayer:
             hidden=hidden,
             intermediate=intermediate,
             weight_dtype=kt.weight_dtype,
-            numa_shards=kt.numa_shards,
+            numa_shards=numa_shard_count(kk, kt.numa_shards, intermediate),
         )
         self._kk = kk
         self._layer = kk.MoELayer(config, pool=thread_pool(kt.threads))

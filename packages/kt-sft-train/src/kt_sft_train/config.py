@@ -25,7 +25,7 @@ ENV_PREFIX = "KT_SFT_"
 # the thread count: KT_SFT_NUM_THREADS, which the kernel wheel also reads for its default pool.
 ENV_NAMES = {"threads": "KT_SFT_NUM_THREADS"}
 # Variables of the KT_SFT_ namespace that belong to the kernel wheel only, not to KTConfig.
-KERNEL_ONLY_ENV = frozenset({"KT_SFT_PROFILE", "KT_SFT_KERNEL_VARIANT"})  # read by kt_sft_kernels itself
+KERNEL_ONLY_ENV = frozenset({"KT_SFT_PROFILE", "KT_SFT_KERNEL_VARIANT", "KT_SFT_NUMA"})  # read by kt_sft_kernels
 # Names that meant the same as another variable: an error that names the one to use.
 REMOVED_ENV = {"KT_SFT_THREADS": "KT_SFT_NUM_THREADS"}
 
@@ -45,7 +45,9 @@ class KTConfig:
 
     backend: "kernels" (kt_sft_kernels, the default) or "reference" (plain PyTorch, for checking).
     threads: kernel worker threads; None = the kernel default (physical cores of the affinity mask).
-    numa_shards: tensor-parallel shards of each experts layer over NUMA nodes (1 for now).
+    numa_shards: tensor-parallel shards of each experts layer over NUMA nodes (ADR 0701): a count, or
+        "auto" = one per NUMA node with usable cores (kt_sft_kernels.shard_layout(); KT_SFT_NUMA
+        overrides the layout).
     weight_dtype: frozen base expert weights in the kernels ("bf16"; int8/int4 later).
     activation_policy: under gradient checkpointing, "retain" keeps the CPU activation caches of the
         first forward for the backward; "recompute" re-runs the CPU forward during the backward.
@@ -56,7 +58,7 @@ class KTConfig:
 
     backend: str = "kernels"
     threads: int | None = None
-    numa_shards: int = 1
+    numa_shards: int | str = 1
     weight_dtype: str = "bf16"
     activation_policy: str = "retain"
     max_isa: str | None = None
@@ -67,7 +69,8 @@ class KTConfig:
         _check_choice("backend", self.backend, BACKENDS)
         if self.threads is not None:
             _check_positive_int("threads", self.threads)
-        _check_positive_int("numa_shards", self.numa_shards)
+        if self.numa_shards != "auto":
+            _check_positive_int("numa_shards", self.numa_shards, also="or 'auto'")
         _check_choice("weight_dtype", self.weight_dtype, WEIGHT_DTYPES)
         _check_choice("activation_policy", self.activation_policy, ACTIVATION_POLICIES)
         if self.max_isa is not None:
@@ -80,11 +83,6 @@ class KTConfig:
             raise NotImplementedError(
                 f"KTConfig.weight_dtype={self.weight_dtype!r}: quantized expert weights are not implemented "
                 "yet; use weight_dtype='bf16'"
-            )
-        if self.numa_shards != 1:
-            raise NotImplementedError(
-                f"KTConfig.numa_shards={self.numa_shards}: NUMA-sharded experts are not implemented yet; "
-                "use numa_shards=1"
             )
         if self.distributed != "none":
             raise NotImplementedError(
@@ -166,9 +164,10 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise KTConfigError(f"KTConfig.{name}={value!r} is not one of {list(choices)}{hint}")
 
 
-def _check_positive_int(name: str, value: Any) -> None:
+def _check_positive_int(name: str, value: Any, also: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise KTConfigError(f"KTConfig.{name} must be a positive integer, got {value!r}")
+        what = f"a positive integer {also}".strip()
+        raise KTConfigError(f"KTConfig.{name} must be {what}, got {value!r}")
 
 
 def _suggestion(word: str, candidates: list[str]) -> str:
@@ -205,10 +204,11 @@ def _upstream_backend(value: Any) -> dict[str, Any]:
 
 
 def _upstream_tp(value: Any) -> dict[str, Any]:
-    if value:
-        raise NotImplementedError(
-            "kt_tp_enabled=True: NUMA tensor-parallel experts are not implemented yet; remove it"
-        )
+    # Resolved in _canonical_kwargs after the other keys: True makes numa_shards default to "auto"
+    # (kt-kernel's TP wrapper: one pool per NUMA node), False to 1; kt_threadpool_count / numa_shards
+    # given alongside set the count.
+    if not isinstance(value, bool):
+        raise KTConfigError(f"kt_tp_enabled must be true or false, got {value!r}")
     return {}
 
 
@@ -288,6 +288,14 @@ def _canonical_kwargs(mapping: Mapping[str, Any]) -> dict[str, Any]:
                     f"KTConfig.{name} is given twice with different values ({out[name]!r}, {new!r})"
                 )
             out[name] = new
+    tp = mapping.get("kt_tp_enabled")
+    if tp is True:
+        out.setdefault("numa_shards", "auto")
+    elif tp is False and out.get("numa_shards", 1) != 1:
+        raise KTConfigError(
+            f"kt_tp_enabled=False contradicts numa_shards={out['numa_shards']!r} (kt_threadpool_count); "
+            "drop one of them"
+        )
     return out
 
 
@@ -297,6 +305,8 @@ def _parse_env_value(var: str, name: str, raw: str) -> Any:
         # 0 / unset: the kernel default (physical cores), as the kernel wheel reads KT_SFT_NUM_THREADS.
         if name == "threads" and text.lower() in ("", "0", "auto", "none"):
             return None
+        if name == "numa_shards" and text.lower() == "auto":
+            return "auto"
         try:
             return int(text)
         except ValueError:

@@ -25,7 +25,7 @@ struct ShardInfo {
   int i0 = 0, i1 = 0;            // the intermediate slice [i0, i1)
   std::vector<int> nodes, cpus;  // placement (runtime::plan_shards): one pinned thread per CPU
   std::size_t weight_bytes = 0;  // packed base weights the shard owns
-  std::size_t buffer_bytes = 0;  // its fp32 partial-result buffers (grow-only)
+  std::size_t buffer_bytes = 0;  // fp32 partials of its runtime (shared by layers with this shard)
   int weight_node = -1;          // NUMA node of its first packed weight page (-1 = unknown)
 };
 
