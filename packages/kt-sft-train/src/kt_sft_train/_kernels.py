@@ -81,6 +81,14 @@ def thread_pool(threads: int | None) -> Any:
         return _pools[threads]
 
 
+def numa_shard_count(kk: ModuleType, numa_shards: int | str, intermediate: int) -> int:
+    """KTConfig.numa_shards as a count: "auto" = the kernel's shard layout (one shard per NUMA node,
+    KT_SFT_NUMA overrides), at most what I allows (each shard takes a multiple of 32 rows)."""
+    if numa_shards == "auto":
+        return max(1, min(len(kk.shard_layout()), intermediate // 32))
+    return int(numa_shards)
+
+
 _HOST_DTYPES = {torch.bfloat16: torch.bfloat16, torch.float32: torch.float32, torch.float16: torch.float32}
 
 
