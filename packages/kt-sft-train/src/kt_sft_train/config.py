@@ -25,7 +25,8 @@ ENV_PREFIX = "KT_SFT_"
 # the thread count: KT_SFT_NUM_THREADS, which the kernel wheel also reads for its default pool.
 ENV_NAMES = {"threads": "KT_SFT_NUM_THREADS"}
 # Variables of the KT_SFT_ namespace that belong to the kernel wheel only, not to KTConfig.
-KERNEL_ONLY_ENV = frozenset({"KT_SFT_PROFILE", "KT_SFT_KERNEL_VARIANT", "KT_SFT_NUMA"})  # read by kt_sft_kernels
+# (read by kt_sft_kernels itself)
+KERNEL_ONLY_ENV = frozenset({"KT_SFT_PROFILE", "KT_SFT_KERNEL_VARIANT", "KT_SFT_NUMA"})
 # Names that meant the same as another variable: an error that names the one to use.
 REMOVED_ENV = {"KT_SFT_THREADS": "KT_SFT_NUM_THREADS"}
 
