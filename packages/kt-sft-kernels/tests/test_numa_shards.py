@@ -265,3 +265,21 @@ def test_interleaved_layers_keep_their_own_caches() -> None:
         kt.run_backward(layers[i], handles[i], cases[i], results[i])
     for got, want in zip(results, alone, strict=True):
         assert all(outputs(got)[k].tobytes() == v.tobytes() for k, v in want.items())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_new_sharded_layer_in_a_forked_child() -> None:
+    """The shard runtimes of the parent (threads gone in the child) are not handed to the child's layers."""
+    case = make("f32", seed=12)
+    parent = kt.build_layer(case, numa_shards=2)  # alive across the fork: its runtimes stay registered
+    want = outputs(kt.run_kernels(parent, case))
+    pid = os.fork()
+    if pid == 0:  # the child: only os._exit, never back into pytest
+        code = 2
+        try:
+            got = outputs(kt.run_kernels(kt.build_layer(case, numa_shards=2), case))
+            code = 0 if all(got[k].tobytes() == v.tobytes() for k, v in want.items()) else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -22,6 +22,8 @@
 #include <string>
 #include <utility>
 
+#include <unistd.h>
+
 #include "buffer.hpp"
 #include "kt/core/bf16.hpp"
 #include "kt/runtime/numa_memory.hpp"
@@ -126,9 +128,15 @@ std::mutex& sharded_call_mutex() {
 // pinned, driver pinned to cpus[0]) on first use. The index is part of the key: two shards of one
 // layer that share cores still get two drivers (one driver for both would deadlock at the barrier).
 std::shared_ptr<ShardRuntime> runtime_for(int index, const std::vector<int>& cpus) {
+  using Registry = std::map<std::pair<int, std::vector<int>>, std::weak_ptr<ShardRuntime>>;
   static std::mutex mutex;
-  static auto* registry = new std::map<std::pair<int, std::vector<int>>, std::weak_ptr<ShardRuntime>>();
+  static Registry* registry = nullptr;
+  static pid_t registry_pid = 0;
   const std::lock_guard<std::mutex> lock(mutex);
+  if (registry == nullptr || registry_pid != ::getpid()) {  // a child after fork(): the parent's
+    registry = new Registry();                              // threads are gone, start afresh
+    registry_pid = ::getpid();                              // (the old map is left behind)
+  }
   for (auto it = registry->begin(); it != registry->end();)
     it = it->second.expired() ? registry->erase(it) : std::next(it);
   std::weak_ptr<ShardRuntime>& slot = (*registry)[{index, cpus}];
