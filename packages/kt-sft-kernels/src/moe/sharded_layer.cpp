@@ -57,6 +57,16 @@ View f32_view(float* data, std::int64_t d0, std::int64_t d1, std::int64_t d2 = -
   return v;
 }
 
+// b.ensure(n), and when that allocated fresh memory, a preference for `node` (raw mbind): the
+// shard's pinned threads touch it first anyway; this keeps it local where pinning was refused.
+float* node_local(Buffer<float>& b, std::int64_t n, int node) {
+  const std::size_t count = static_cast<std::size_t>(std::max<std::int64_t>(n, 1));
+  const bool grows = count > b.capacity();
+  float* data = b.ensure(count);
+  if (grows) runtime::prefer_node(data, count * sizeof(float), node);
+  return data;
+}
+
 // The fp32 LoRA a shard runs with: its slices of B_gu (rows) and A_d (columns), and A_gu / B_d
 // themselves (the caller's arrays when fp32, exact fp32 copies when bf16).
 struct LoRASlice {
@@ -158,6 +168,7 @@ struct ShardState {
   std::unique_ptr<MoELayer> layer;
 
   int width() const { return i1 - i0; }
+  int node() const { return place.nodes.empty() ? 0 : place.nodes.front(); }
   runtime::ThreadPool& pool() const { return *rt->pool; }
 };
 
@@ -259,14 +270,15 @@ std::unique_ptr<LoRASlice> ShardedLayer::Impl::slice_lora(const ShardState& s, c
   const auto rank = [](const View& a) { return a ? a.shape[1] : std::int64_t{0}; };
   const std::int64_t rg = rank(lora.a_gu), rd = rank(lora.a_d);
   const bool convert = (rg ? lora.a_gu.dtype : lora.a_d.dtype) == DType::bf16;
+  const int node = s.node();
   float* a_gu = nullptr;
   float* b_d = nullptr;
-  float* b_gu = rg ? out->b_gu.ensure(static_cast<std::size_t>(E * 2 * w * rg)) : nullptr;
-  float* a_d = rd ? out->a_d.ensure(static_cast<std::size_t>(E * rd * w)) : nullptr;
-  if (rg) v.a_gu = convert ? f32_view(a_gu = out->a_gu.ensure(static_cast<std::size_t>(E * rg * H)), E, rg, H) : lora.a_gu;
+  float* b_gu = rg ? node_local(out->b_gu, E * 2 * w * rg, node) : nullptr;
+  float* a_d = rd ? node_local(out->a_d, E * rd * w, node) : nullptr;
+  if (rg) v.a_gu = convert ? f32_view(a_gu = node_local(out->a_gu, E * rg * H, node), E, rg, H) : lora.a_gu;
   if (rg) v.b_gu = f32_view(b_gu, E, 2 * w, rg);
   if (rd) v.a_d = f32_view(a_d, E, rd, w);
-  if (rd) v.b_d = convert ? f32_view(b_d = out->b_d.ensure(static_cast<std::size_t>(E * H * rd)), E, H, rd) : lora.b_d;
+  if (rd) v.b_d = convert ? f32_view(b_d = node_local(out->b_d, E * H * rd, node), E, H, rd) : lora.b_d;
   // Per expert, on the shard's own threads (first touch puts the slices on its node).
   s.pool().parallel_for(E, [&](std::int64_t e, int) {
     if (rg) {
@@ -307,7 +319,7 @@ std::shared_ptr<ShardedCache> ShardedLayer::forward(const View& x, const View& i
     const auto k = static_cast<std::size_t>(s.index);
     if (has_lora) cache->lora[k] = L.slice_lora(s, lora);
     const LoRAViews inner_lora = has_lora ? cache->lora[k]->views : LoRAViews{};
-    float* partial = s.rt->out.ensure(static_cast<std::size_t>(std::max<std::int64_t>(T * H, 1)));
+    float* partial = node_local(s.rt->out, T * H, s.node());
     cache->caches[k] = s.layer->forward(x, ids, weights, f32_view(partial, T, H), inner_lora, save);
   },
   // Round 2: out[t] = Σ_s partial_s[t], shard s reducing its share of the tokens.
@@ -339,13 +351,13 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& grad_out, con
   L.on_shards([&](ShardState& s) {
     const std::int64_t w = s.width();
     View gx, gw;
-    if (grad_x) gx = f32_view(s.rt->gx.ensure(static_cast<std::size_t>(std::max<std::int64_t>(T * H, 1))), T, H);
-    if (grad_weights) gw = f32_view(s.rt->gw.ensure(static_cast<std::size_t>(std::max<std::int64_t>(T * K, 1))), T, K);
+    if (grad_x) gx = f32_view(node_local(s.rt->gx, T * H, s.node()), T, H);
+    if (grad_weights) gw = f32_view(node_local(s.rt->gw, T * K, s.node()), T, K);
     LoRAGradViews inner;
-    if (lg.da_gu) inner.da_gu = f32_view(s.rt->da_gu.ensure(static_cast<std::size_t>(E * rg * H)), E, rg, H);
-    if (lg.db_gu) inner.db_gu = f32_view(s.rt->db_gu.ensure(static_cast<std::size_t>(E * 2 * w * rg)), E, 2 * w, rg);
-    if (lg.da_d) inner.da_d = f32_view(s.rt->da_d.ensure(static_cast<std::size_t>(E * rd * w)), E, rd, w);
-    if (lg.db_d) inner.db_d = f32_view(s.rt->db_d.ensure(static_cast<std::size_t>(E * H * rd)), E, H, rd);
+    if (lg.da_gu) inner.da_gu = f32_view(node_local(s.rt->da_gu, E * rg * H, s.node()), E, rg, H);
+    if (lg.db_gu) inner.db_gu = f32_view(node_local(s.rt->db_gu, E * 2 * w * rg, s.node()), E, 2 * w, rg);
+    if (lg.da_d) inner.da_d = f32_view(node_local(s.rt->da_d, E * rd * w, s.node()), E, rd, w);
+    if (lg.db_d) inner.db_d = f32_view(node_local(s.rt->db_d, E * H * rd, s.node()), E, H, rd);
     s.layer->backward(*cache.caches[static_cast<std::size_t>(s.index)], grad_out, gx, gw, inner);
   },
   // Round 2: sums over shards (tokens and experts split between the shards), and each shard's own
