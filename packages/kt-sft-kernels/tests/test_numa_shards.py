@@ -283,3 +283,22 @@ def test_new_sharded_layer_in_a_forked_child() -> None:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_memory_report_has_each_shard() -> None:
+    case = make("f32", seed=13)
+    single = kt.build_layer(case)
+    layer = kt.build_layer(case, numa_shards=3)
+    kt.run_kernels(layer, case)
+    handle = layer.forward(
+        case.x, case.ids, case.weights, kt.nan_array(case.x.shape, case.x.dtype), save=True
+    )
+    assert handle.cache_bytes > 0  # the shards' caches are counted
+    del handle
+    report = layer.memory_report()
+    shards = report["shards"]
+    assert len(shards) == 3
+    assert report["weights"] == sum(s["weights"] for s in shards) == single.memory_report()["weights"]
+    assert [s["weights"] for s in shards] == [r["weight_bytes"] for r in layer.shard_report()]
+    assert report["total"] == sum(s["total"] for s in shards)
+    assert "shards" not in single.memory_report()

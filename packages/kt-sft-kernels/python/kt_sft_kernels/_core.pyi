@@ -335,11 +335,13 @@ class MoELayer:
     ) -> None:
         """Writes the packed quantized base into caller arrays: load_quantized's shapes, float32 scales."""
 
-    def memory_report(self) -> dict[str, int]:
+    def memory_report(self) -> dict[str, Any]:
         """
         Host bytes: weights (packed values), scales, cache_spare (the freed activation cache kept for the
         next forward), total (= the three: the layer's own), workspace_shared (the thread pool's per-call
-        scratch, shared by workspace_layers layers: count it once per pool, not per layer).
+        scratch, shared by workspace_layers layers: count it once per pool, not per layer). numa_shards > 1:
+        these are the shards' sums, and shards lists each shard's own (weights, scales, cache_spare,
+        total, workspace_shared).
         """
 
     def forward(

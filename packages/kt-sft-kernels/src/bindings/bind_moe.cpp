@@ -377,6 +377,19 @@ nb::dict memory_report(PyMoELayer& self) {
   d["total"] = m.weights + m.scales + m.cache_spare;
   d["workspace_shared"] = m.workspace_shared;
   d["workspace_layers"] = m.workspace_layers;
+  if (!m.shards.empty()) {  // numa_shards > 1: the fields above are the shards' sums
+    nb::list shards;
+    for (const moe::MemoryReport& s : m.shards) {
+      nb::dict one;
+      one["weights"] = s.weights;
+      one["scales"] = s.scales;
+      one["cache_spare"] = s.cache_spare;
+      one["total"] = s.weights + s.scales + s.cache_spare;
+      one["workspace_shared"] = s.workspace_shared;
+      shards.append(one);
+    }
+    d["shards"] = shards;
+  }
   return d;
 }
 
@@ -656,7 +669,8 @@ void bind_moe(nb::module_& m) {
            "Writes the packed quantized base into caller arrays (load_quantized's shapes, float32 scales).")
       .def("memory_report", &memory_report,
            "Host bytes: weights, scales, cache_spare, total (the layer's own), workspace_shared (the pool's, shared by "
-           "workspace_layers layers: count it once per pool).")
+           "workspace_layers layers: count it once per pool); numa_shards > 1: these are the shards' sums and "
+           "shards lists each shard's own.")
       .def("forward",
            [](PyMoELayer& self, nb::handle x, nb::handle ids, nb::handle weights, nb::handle out, nb::handle lora,
               bool save) { return start_forward(self, x, ids, weights, out, lora, save).wait(); },

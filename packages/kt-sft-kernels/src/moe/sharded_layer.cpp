@@ -406,6 +406,21 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& grad_out, con
   });
 }
 
+std::vector<MemoryReport> ShardedLayer::memory_reports() {
+  std::vector<MemoryReport> out;
+  for (const auto& s : impl_->shards) out.push_back(s->layer->memory_report());
+  return out;
+}
+
+std::size_t ShardedLayer::cache_bytes(const ShardedCache& cache) {
+  std::size_t total = 0;
+  for (const ForwardCachePtr& c : cache.caches)
+    if (c) total += moe::cache_bytes(*c);
+  for (const auto& slice : cache.lora)
+    if (slice) total += slice->bytes();
+  return total;
+}
+
 std::vector<ShardInfo> ShardedLayer::report() const {
   std::vector<ShardInfo> out;
   for (const auto& s : impl_->shards) {

@@ -36,6 +36,9 @@ class ShardedLayer {
   void backward(const ShardedCache& cache, const View& grad_out, const View& grad_x, const View& grad_weights,
                 const LoRAGradViews& lora_grads);
   std::vector<ShardInfo> report() const;
+  std::vector<MemoryReport> memory_reports();  // each shard's MoELayer::memory_report()
+  // Activation-cache bytes a forward(save=true) left in its shards (LoRA slices included).
+  static std::size_t cache_bytes(const ShardedCache& cache);
 
  private:
   struct Impl;

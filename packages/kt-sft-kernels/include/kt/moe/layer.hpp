@@ -57,6 +57,7 @@ struct MemoryReport {
   std::size_t cache_spare = 0;       // the freed activation cache the layer keeps for its next forward
   std::size_t workspace_shared = 0;  // the pool's grow-only per-call workspace
   int workspace_layers = 0;          // layers sharing that workspace
+  std::vector<MemoryReport> shards;  // numa_shards > 1: each shard's own (the fields above are their sums)
 };
 
 // Packed weight and scale bytes of a layer of this config (exact; what memory_report shows once loaded).
