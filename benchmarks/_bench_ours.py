@@ -60,6 +60,7 @@ class Ours:
         weight_dtype: str = "bf16",
         group_size: int = 128,
         variant: str | None = None,
+        numa_shards: int = 1,
     ) -> None:
         import kt_sft_kernels as kk
 
@@ -80,6 +81,7 @@ class Ours:
             intermediate=sh.intermediate,
             weight_dtype=weight_dtype,
             group_size=group_size,
+            numa_shards=numa_shards,
         )
         pool = kk.ThreadPool(threads=threads) if threads else None
         self.layer = kk.MoELayer(cfg, pool=pool)
@@ -90,6 +92,8 @@ class Ours:
         self.load_ms = 1e3 * (time.perf_counter() - start)
         del gate_up, down  # the layer packed its own copy
         self.memory = dict(self.layer.memory_report())
+        # numa_shards > 1: each shard's slice, CPUs and bytes (shards pin their own sub-pools).
+        self.shards: list[dict[str, Any]] = self.layer.shard_report() if numa_shards > 1 else []
 
         lora = inputs.lora_weights(p)
         self.lora = kk.LoRA(

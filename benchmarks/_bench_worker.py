@@ -59,9 +59,10 @@ def _make_runner(p: Problem, backend: dict[str, Any]) -> tuple[Runner, dict[str,
             backend.get("weight_dtype", "bf16"),
             backend.get("group_size", 128),
             backend.get("variant"),
+            backend.get("numa_shards", 1),
         )
-        version = _bench_ours.library_version()
-        return ours, {"isa": ours.active_isa, "variant": ours.variant, "version": version}
+        info = {"isa": ours.active_isa, "variant": ours.variant, "version": _bench_ours.library_version()}
+        return ours, info | ({"shards": ours.shards} if ours.shards else {})
     if kind.startswith("torch-"):
         import _bench_machine
         import _bench_torch

@@ -20,6 +20,7 @@ bench_moe.png (+ scaling.png with --scaling) into --out.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -94,6 +95,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="threads for every backend (default: ours = its default pool, torch = all CPUs, "
         "kt = best of CPUs-1 and CPUs)",
     )
+    ap.add_argument(
+        "--numa-shards",
+        default="1",
+        help="comma list of MoEConfig.numa_shards for our layer, one row each (e.g. 1,2: the cost of "
+        "sharding; shards > 1 use the shard layout of kt_sft_kernels.shard_layout(), not --threads)",
+    )
     ap.add_argument("--kt-threads", default=None, help="comma list of kt thread counts to try (overrides)")
     ap.add_argument(
         "--kt-kernel-path",
@@ -162,6 +169,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         bad = [v for v in args.variants.split(",") if v not in VARIANTS]
         if bad:
             ap.error(f"--variants: {', '.join(bad)} not among {', '.join(VARIANTS)}")
+    try:
+        args.numa_shards = [int(n) for n in args.numa_shards.split(",")]
+    except ValueError:
+        ap.error(f"--numa-shards: {args.numa_shards!r} is not a comma list of integers")
+    if any(n < 1 for n in args.numa_shards):
+        ap.error("--numa-shards: every shard count must be >= 1")
     return args
 
 
@@ -252,22 +265,27 @@ class Harness:
                     suffix += f" g{self.args.group_size}"
                 for tier in self.tiers():
                     variants = self.args.variants.split(",") if self.args.variants else [None]
-                    for variant in variants if tier == "avx512_bf16" else [None]:
-                        label = f"ours {tier}{suffix}" + (f" ({variant})" if variant else "")
+                    for variant, shards in itertools.product(
+                        variants if tier == "avx512_bf16" else [None], self.args.numa_shards
+                    ):
+                        sharded = f" numa_shards={shards}" if len(self.args.numa_shards) > 1 else ""
+                        threads = self.args.threads if shards == 1 else None
+                        label = f"ours {tier}{suffix}" + (f" ({variant})" if variant else "") + sharded
                         specs.append(
                             (
                                 {
                                     "kind": "ours",
                                     "tier": tier,
                                     "variant": variant,
-                                    "threads": self.args.threads,
+                                    "threads": threads,
                                     "weight_dtype": weight_dtype,
                                     "group_size": self.args.group_size,
+                                    "numa_shards": shards,
                                 },
                                 {
                                     "kind": "ours",
                                     "label": label,
-                                    "threads": self.args.threads or "default",
+                                    "threads": threads or "default",
                                     "weight_type": weight_dtype,
                                 },
                             )

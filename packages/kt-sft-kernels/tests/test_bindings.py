@@ -124,15 +124,10 @@ def test_config_rejects_non_positive_fields(field: str) -> None:
         kk.MoEConfig(**args)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "what"),
-    [
-        ({"numa_shards": 2}, "numa_shards=2"),
-    ],
-)
-def test_config_features_not_built_yet(kwargs: dict[str, Any], what: str) -> None:
-    with pytest.raises(NotImplementedError, match=rf"{what}.*not implemented yet"):
-        kk.MoEConfig(num_experts=8, top_k=2, hidden=64, intermediate=96, **kwargs)
+def test_sharded_quantized_layer_not_built_yet() -> None:
+    cfg = kk.MoEConfig(num_experts=8, top_k=2, hidden=64, intermediate=96, weight_dtype="int8", numa_shards=2)
+    with pytest.raises(NotImplementedError, match=r"numa_shards > 1 with int8/int4 .*not implemented yet"):
+        kk.MoELayer(cfg)
 
 
 def test_config_unknown_weight_dtype() -> None:

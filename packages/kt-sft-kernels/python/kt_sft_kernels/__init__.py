@@ -30,6 +30,7 @@ from ._core import (
     default_thread_count,
     default_thread_reason,
     estimate_layer_bytes,
+    format_cpu_list,
     isa_cap,
     isa_cap_source,
     isa_compiled,
@@ -43,6 +44,8 @@ from ._core import (
     profiler,
     set_kernel_variant,
     set_max_isa,
+    shard_layout,
+    topology,
 )
 from ._lora_layout import separate_gate_up_lora, split_gate_up_lora_grads
 
@@ -82,6 +85,7 @@ __all__ = [
     "default_thread_count",
     "default_thread_reason",
     "estimate_layer_bytes",
+    "format_cpu_list",
     "isa_cap",
     "isa_cap_source",
     "isa_compiled",
@@ -96,5 +100,7 @@ __all__ = [
     "separate_gate_up_lora",
     "set_kernel_variant",
     "set_max_isa",
+    "shard_layout",
     "split_gate_up_lora_grads",
+    "topology",
 ]

@@ -53,6 +53,31 @@ def variant_summary() -> str:
     )
 
 
+def numa_report() -> list[str]:
+    """The NUMA topology this process sees and the shard layout KT_SFT_NUMA asks for."""
+    topo = kk.topology()
+    where = "/sys/devices/system/node" if topo["from_sysfs"] else "no /sys/devices/system/node: one node"
+    limit = topo["cgroup_cpus"]
+    cgroup = f"cgroup CPU limit {limit:g} ({topo['cgroup_source']})" if limit else "no cgroup CPU limit"
+    lines = [f"numa: {topo['machine_nodes']} node(s) on the machine ({where}); {cgroup}"]
+    for node in topo["nodes"]:
+        lines.append(
+            f"  node {node['id']}: cpus {kk.format_cpu_list(node['cpus'])}, "
+            f"{len(node['cores'])} physical cores used ({kk.format_cpu_list(node['cores'])})"
+        )
+    setting = os.environ.get("KT_SFT_NUMA") or "auto"
+    try:
+        shards = kk.shard_layout()
+    except ValueError as error:
+        return [*lines, f"shards: {error}"]
+    lines.append(f"shards (KT_SFT_NUMA={setting}): {len(shards)}")
+    for i, shard in enumerate(shards):
+        nodes = ",".join(str(n) for n in shard["nodes"])
+        cpus = kk.format_cpu_list(sorted(shard["cpus"]))
+        lines.append(f"  shard {i}: node {nodes}, {len(shard['cpus'])} threads on cpus {cpus}")
+    return lines
+
+
 def report() -> str:
     info = kk.build_info()
     features = kk.cpu_features()
@@ -83,6 +108,7 @@ def report() -> str:
     requested = os.environ.get("KT_SFT_NUM_THREADS")
     source = f"KT_SFT_NUM_THREADS={requested}" if requested else f"default rule: {kk.default_thread_reason()}"
     lines.append(f"threads: default pool {kk.default_pool().threads} ({source})")
+    lines.extend(numa_report())
     lines.append(tier_summary())
     return "\n".join(lines)
 

@@ -1,6 +1,7 @@
 """Native core of kt_sft_kernels (use the package, not this module). Hand-kept in sync with
 src/bindings/*.cpp; tests/test_import.py checks that the names match."""
 
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any, TypeAlias
 
@@ -98,10 +99,14 @@ class ThreadPool:
     the order they were made.
     """
 
-    def __init__(self, threads: int = 0, pin: bool = False) -> None:
+    def __init__(
+        self, threads: int = 0, pin: bool = False, cpus: Sequence[int] | None = None, node: int | None = None
+    ) -> None:
         """
         threads: total threads including the caller; 0 = default_thread_count(). pin:
-        bind each worker to its own physical core.
+        bind each worker to its own physical core. cpus: a pool of one thread per listed CPU, each pinned
+        to its CPU (the pool's calling thread to the first). node: cpus = that NUMA node's physical cores
+        (kt_sft_kernels.topology()).
         """
 
     @property
@@ -110,6 +115,13 @@ class ThreadPool:
     def pinned(self) -> bool: ...
     @property
     def is_default(self) -> bool: ...
+    @property
+    def cpus(self) -> list[int]:
+        """The CPU each thread is pinned to (index 0 = the calling thread); [] when unpinned."""
+
+    def cpu_affinity(self) -> list[list[int]]:
+        """Each thread's affinity mask as the OS reports it: [calling thread, worker 1, ...]."""
+
     def __eq__(self, arg: object, /) -> bool: ...
     def __hash__(self) -> int: ...
     def __repr__(self) -> str: ...
@@ -120,6 +132,27 @@ def estimate_layer_bytes(config: MoEConfig, tokens: int = 0, lora_rank: int = 0)
     cache (the activation cache of a forward(save=True) on `tokens` tokens, LoRA rank `lora_rank` on both
     projections), total. The pool's shared workspace is not included.
     """
+
+def topology(root: str | None = None, affinity: Sequence[int] | None = None) -> dict[str, Any]:
+    """
+    NUMA nodes with the CPUs and physical cores this process may use (affinity mask, cgroup CPU limit).
+    root/affinity: read another /sys tree or cut to another mask (tests); default: this process, read once.
+    """
+
+def shard_layout(
+    shards: int | None = None,
+    numa: str | None = None,
+    root: str | None = None,
+    affinity: Sequence[int] | None = None,
+) -> list[dict[str, list[int]]]:
+    """
+    The shards a layer with numa_shards=shards would use: a list of {nodes, cpus} (one thread per CPU).
+    shards=None: the count KT_SFT_NUMA asks for ('auto' = one per node). numa: a KT_SFT_NUMA value to
+    use instead of the environment's.
+    """
+
+def format_cpu_list(cpus: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
 
 def default_pool() -> ThreadPool:
     """
@@ -302,11 +335,13 @@ class MoELayer:
     ) -> None:
         """Writes the packed quantized base into caller arrays: load_quantized's shapes, float32 scales."""
 
-    def memory_report(self) -> dict[str, int]:
+    def memory_report(self) -> dict[str, Any]:
         """
         Host bytes: weights (packed values), scales, cache_spare (the freed activation cache kept for the
         next forward), total (= the three: the layer's own), workspace_shared (the thread pool's per-call
-        scratch, shared by workspace_layers layers: count it once per pool, not per layer).
+        scratch, shared by workspace_layers layers: count it once per pool, not per layer). numa_shards > 1:
+        these are the shards' sums, and shards lists each shard's own (weights, scales, cache_spare,
+        total, workspace_shared).
         """
 
     def forward(
@@ -342,6 +377,14 @@ class MoELayer:
         lora_grads: LoRAGrads | None = None,
     ) -> Pending:
         """backward() queued on the layer's pool; returns a Pending."""
+
+    def shard_report(self) -> list[dict[str, Any]]:
+        """
+        numa_shards > 1: one dict per shard: intermediate slice [i0, i1), nodes, cpus (one pinned thread
+        each), weight_bytes (packed base weights it owns), buffer_bytes (fp32 partials of its sub-pool,
+        shared by the layers on it), weight_node (NUMA node of its first weight page, -1 unknown). []
+        for an unsharded layer.
+        """
 
     def __repr__(self) -> str: ...
 

@@ -349,6 +349,7 @@ def build_layer(
     separate_gate_up: bool = False,
     weight_dtype: str = "bf16",
     group_size: int = 128,
+    numa_shards: int = 1,
 ) -> Any:
     """A layer loaded with the case's weights (quantized by the kernels for int8/int4)."""
     import kt_sft_kernels as kk
@@ -360,6 +361,7 @@ def build_layer(
         intermediate=case.intermediate,
         weight_dtype=weight_dtype,
         group_size=group_size,
+        numa_shards=numa_shards,
     )
     layer = kk.MoELayer(cfg, pool=pool)
     if separate_gate_up:

@@ -6,6 +6,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include <cmath>
 #include <memory>
@@ -376,6 +377,19 @@ nb::dict memory_report(PyMoELayer& self) {
   d["total"] = m.weights + m.scales + m.cache_spare;
   d["workspace_shared"] = m.workspace_shared;
   d["workspace_layers"] = m.workspace_layers;
+  if (!m.shards.empty()) {  // numa_shards > 1: the fields above are the shards' sums
+    nb::list shards;
+    for (const moe::MemoryReport& s : m.shards) {
+      nb::dict one;
+      one["weights"] = s.weights;
+      one["scales"] = s.scales;
+      one["cache_spare"] = s.cache_spare;
+      one["total"] = s.weights + s.scales + s.cache_spare;
+      one["workspace_shared"] = s.workspace_shared;
+      shards.append(one);
+    }
+    d["shards"] = shards;
+  }
   return d;
 }
 
@@ -522,6 +536,25 @@ PyPending start_backward(PyMoELayer& self, nb::handle saved, nb::handle grad_out
 }
 
 // Test hook: a Pending whose job throws, to check that wait() re-raises and that dropping it warns.
+nb::list shard_report(PyMoELayer& self) {
+  std::vector<moe::ShardInfo> infos;
+  // On the pool's executor: never concurrent with a call that grows the shards' buffers.
+  wait_and_rethrow(*self.context->submit([&] { infos = self.layer->shard_report(); }));
+  nb::list out;
+  for (const moe::ShardInfo& s : infos) {
+    nb::dict d;
+    d["i0"] = s.i0;
+    d["i1"] = s.i1;
+    d["nodes"] = s.nodes;
+    d["cpus"] = s.cpus;
+    d["weight_bytes"] = s.weight_bytes;
+    d["buffer_bytes"] = s.buffer_bytes;
+    d["weight_node"] = s.weight_node;
+    out.append(d);
+  }
+  return out;
+}
+
 PyPending failing_pending(PyThreadPool& pool, const std::string& message) {
   PyPending p;
   p.what = "test";
@@ -636,7 +669,8 @@ void bind_moe(nb::module_& m) {
            "Writes the packed quantized base into caller arrays (load_quantized's shapes, float32 scales).")
       .def("memory_report", &memory_report,
            "Host bytes: weights, scales, cache_spare, total (the layer's own), workspace_shared (the pool's, shared by "
-           "workspace_layers layers: count it once per pool).")
+           "workspace_layers layers: count it once per pool); numa_shards > 1: these are the shards' sums and "
+           "shards lists each shard's own.")
       .def("forward",
            [](PyMoELayer& self, nb::handle x, nb::handle ids, nb::handle weights, nb::handle out, nb::handle lora,
               bool save) { return start_forward(self, x, ids, weights, out, lora, save).wait(); },
@@ -657,6 +691,11 @@ void bind_moe(nb::module_& m) {
       .def("backward_async", &start_backward, nb::arg("saved").none(), nb::arg("grad_out").none(),
            nb::arg("grad_x").none(), nb::arg("grad_weights").none(), nb::arg("lora_grads").none() = nb::none(),
            "backward() queued on the layer's pool; returns a Pending.")
+      .def("shard_report", &shard_report,
+           "numa_shards > 1: one dict per shard: intermediate slice [i0, i1), nodes, cpus (one pinned thread "
+           "each), weight_bytes (packed base weights it owns), buffer_bytes (fp32 partials of its sub-pool, "
+           "shared by the layers on it), weight_node (NUMA node of its first weight page, -1 unknown). [] for "
+           "an unsharded layer.")
       .def("__repr__", [](const PyMoELayer& l) {
         return "MoELayer(" + config_repr(l.layer->config()) + (l.weights_loaded ? "" : ", not loaded") + ")";
       });

@@ -79,13 +79,6 @@ nb::dict build_info_dict() {
   return d;
 }
 
-PyThreadPool make_pool(int threads, bool pin) {
-  auto context = std::make_shared<PoolContext>();
-  context->owned = std::make_unique<runtime::ThreadPool>(threads, pin);
-  context->pool = context->owned.get();
-  return PyThreadPool{std::move(context)};
-}
-
 // Test hooks for the pool itself (tests/test_runtime.py); no kernel involved.
 std::vector<int> run_counting(PyThreadPool& pool, std::int64_t num_tasks) {
   if (num_tasks < 0) throw std::invalid_argument("num_tasks must be >= 0");
@@ -124,6 +117,13 @@ void run_nested(PyThreadPool& pool) {
 }
 
 }  // namespace
+
+PyThreadPool make_pool(int threads, bool pin) {
+  auto context = std::make_shared<PoolContext>();
+  context->owned = std::make_unique<runtime::ThreadPool>(threads, pin);
+  context->pool = context->owned.get();
+  return PyThreadPool{std::move(context)};
+}
 
 std::shared_ptr<runtime::Job> PoolContext::submit(std::function<void()> work) {
   if (executor.on_executor_thread()) throw std::logic_error("a pool call was made from the pool's own executor thread");
@@ -237,12 +237,20 @@ void bind_runtime(nb::module_& m) {
                            "A pool of worker threads; the thread making a call works too. Calls on one pool "
                            "run one at a time, in the order they were made.")
       .def("__init__",
-           [](PyThreadPool* self, int threads, bool pin) {
-             new (self) PyThreadPool(make_pool(threads, pin));
+           [](PyThreadPool* self, int threads, bool pin, std::optional<std::vector<int>> cpus,
+              std::optional<int> node) {
+             new (self) PyThreadPool(make_pool_from_args(threads, pin, cpus, node));
            },
-           nb::arg("threads") = 0, nb::arg("pin") = false,
+           nb::arg("threads") = 0, nb::arg("pin") = false, nb::arg("cpus").none() = nb::none(),
+           nb::arg("node").none() = nb::none(),
            "threads: total threads including the caller; 0 = default_thread_count(). "
-           "pin: bind each worker to its own physical core.")
+           "pin: bind each worker to its own physical core. cpus: a pool of one thread per listed CPU, each "
+           "pinned to its CPU (the pool's calling thread to the first). node: cpus = that NUMA node's "
+           "physical cores (kt_sft_kernels.topology()).")
+      .def_prop_ro("cpus", [](const PyThreadPool& p) { return p.context->pool->cpus(); },
+                   "The CPU each thread is pinned to (index 0 = the calling thread); [] when unpinned.")
+      .def("cpu_affinity", &pool_affinity,
+           "Each thread's affinity mask as the OS reports it: [calling thread, worker 1, ...].")
       .def_prop_ro("threads", [](const PyThreadPool& p) { return p.context->pool->size(); })
       .def_prop_ro("pinned", [](const PyThreadPool& p) { return p.context->pool->pinned(); })
       .def_prop_ro("is_default", [](const PyThreadPool& p) { return p.context->owned == nullptr; })

@@ -4,6 +4,8 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
+#include <vector>
 
 #include "kt/runtime/serial_executor.hpp"
 #include "kt/runtime/thread_pool.hpp"
@@ -30,11 +32,19 @@ struct PyThreadPool {
 
 std::shared_ptr<PoolContext> default_pool_context();
 
+// ThreadPool(threads, pin) and the pinned forms ThreadPool(cpus=...) / ThreadPool(node=...)
+// (bind_topology.cpp); pool_affinity: [caller thread's mask, worker 1's, ...] as the OS reports them.
+PyThreadPool make_pool(int threads, bool pin);
+PyThreadPool make_pool_from_args(int threads, bool pin, const std::optional<std::vector<int>>& cpus,
+                                 std::optional<int> node);
+std::vector<std::vector<int>> pool_affinity(PyThreadPool& pool);
+
 // Waits for a job with the GIL released, then rethrows what the job threw.
 void wait_and_rethrow(runtime::Job& job);
 
 void bind_runtime(nb::module_& m);
 void bind_moe(nb::module_& m);
 void bind_profiler(nb::module_& m);
+void bind_topology(nb::module_& m);
 
 }  // namespace kt::bindings

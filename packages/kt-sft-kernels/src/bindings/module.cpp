@@ -20,4 +20,5 @@ NB_MODULE(_core, m) {
   kt::bindings::bind_runtime(m);
   kt::bindings::bind_moe(m);
   kt::bindings::bind_profiler(m);
+  kt::bindings::bind_topology(m);
 }

@@ -41,9 +41,6 @@ MoEConfig make_config(int num_experts, int top_k, int hidden, int intermediate, 
     throw std::invalid_argument("MoEConfig: weight_dtype must be one of 'bf16', 'int8', 'int4', got '" +
                                 weight_dtype + "'");
   }
-  if (numa_shards > 1)
-    throw NotImplementedError("MoEConfig: numa_shards=" + std::to_string(numa_shards) +
-                              " is not implemented yet; use 1");
   c.num_experts = num_experts;
   c.top_k = top_k;
   c.hidden = hidden;

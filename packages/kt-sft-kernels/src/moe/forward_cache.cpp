@@ -15,6 +15,7 @@ bool cache_has_lora_gate_up(const ForwardCache& cache) { return cache.rank_gu > 
 bool cache_has_lora_down(const ForwardCache& cache) { return cache.rank_d > 0; }
 
 std::size_t cache_bytes(const ForwardCache& cache) {
+  if (cache.shards) return ShardedLayer::cache_bytes(*cache.shards);
   const Routing& r = cache.routing;
   return cache.gu.capacity() * sizeof(bf16) + (cache.ad.capacity() + cache.ax.capacity()) * sizeof(float) +
          r.offsets.capacity() * sizeof(std::int64_t) + r.token.capacity() * sizeof(std::int32_t) +

@@ -7,6 +7,7 @@
 #include "kt/core/bf16.hpp"
 #include "kt/moe/layer.hpp"
 #include "routing.hpp"
+#include "sharded_layer.hpp"
 
 namespace kt::moe {
 
@@ -50,6 +51,7 @@ class ForwardCache {
   Buffer<bf16> gu;   // [P, 2I]: gate|up pre-activations, rounded to bf16
   Buffer<float> ad;  // [P, r_d]: A_d h
   Buffer<float> ax;  // [P, r_gu]: A_gu x (the backward's dB_gu needs it; r_gu floats a pair)
+  std::shared_ptr<ShardedCache> shards;  // numa_shards > 1: the shards' own caches (sharded_layer.cpp)
 };
 
 }  // namespace kt::moe

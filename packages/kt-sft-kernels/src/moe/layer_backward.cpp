@@ -35,6 +35,7 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
 
   std::lock_guard<std::mutex> lock(L.mutex);
   const prof::Scope whole(Stage::backward, prof::Kind::wall);
+  if (L.sharded) return L.sharded->backward(*cache.shards, grad_out, grad_x, grad_weights, lg);
   const KernelTable& kt = L.kernels();
   runtime::ThreadPool& pool = *L.pool;
   const std::lock_guard<std::mutex> ws_lock(L.shared->mutex);

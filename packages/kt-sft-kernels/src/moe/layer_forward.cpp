@@ -32,6 +32,19 @@ ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& we
 
   std::lock_guard<std::mutex> lock(L.mutex);
   const prof::Scope whole(Stage::forward, prof::Kind::wall);
+  if (L.sharded) {
+    std::shared_ptr<ShardedCache> shards = L.sharded->forward(x, ids, weights, out, lora, save);
+    if (!save) return nullptr;
+    ForwardCachePtr cache(new ForwardCache);
+    cache->layer = this;
+    cache->routing.tokens = T;
+    cache->x = x;
+    cache->lora = lora;
+    cache->rank_gu = rg;
+    cache->rank_d = rd;
+    cache->shards = std::move(shards);
+    return cache;
+  }
   const KernelTable& kt = L.kernels();
   runtime::ThreadPool& pool = *L.pool;
   const std::lock_guard<std::mutex> ws_lock(L.shared->mutex);

@@ -294,6 +294,7 @@ struct MoELayer::Impl {
   std::mutex mutex;                                 // one call at a time per layer
   std::shared_ptr<SharedWorkspace> shared;          // scratch shared with the pool's other layers
   std::shared_ptr<CacheRecycler> recycler = std::make_shared<CacheRecycler>();
+  std::unique_ptr<ShardedLayer> sharded;  // numa_shards > 1: the shards do all the work
 
   const void* gate_up_of(int e) const { return gate_up.data() + e * gate_up_stride; }
   const void* down_of(int e) const { return down.data() + e * down_stride; }
@@ -309,7 +310,8 @@ struct MoELayer::Impl {
     return table;
   }
 
-  void pack_all(const View* gate_up_w, const View* gate, const View* up, const View& down_w);
+  void pack_all(const View* gate_up_w, const View* gate, const View* up, const View& down_w, int source_I = 0,
+                int i0 = 0);
   void quantize_all(const View* gate_up_w, const View* gate, const View* up, const View& down_w);  // layer_quant.cpp
 
   void repack(const KernelTable& to) {

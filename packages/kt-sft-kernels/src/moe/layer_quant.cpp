@@ -111,6 +111,17 @@ MemoryReport MoELayer::memory_report() {
   Impl& L = *impl_;
   const MoEConfig& c = L.config;
   MemoryReport m;
+  if (L.sharded) {  // the shards own everything: their sums, and each shard's report
+    m.shards = L.sharded->memory_reports();
+    for (const MemoryReport& s : m.shards) {
+      m.weights += s.weights;
+      m.scales += s.scales;
+      m.cache_spare += s.cache_spare;
+      m.workspace_shared += s.workspace_shared;
+      m.workspace_layers = std::max(m.workspace_layers, s.workspace_layers);
+    }
+    return m;
+  }
   {
     std::lock_guard<std::mutex> lock(L.mutex);
     if (L.loaded) {  // bf16: the packing as allocated (a tier's tiles); quantized: values and scales apart

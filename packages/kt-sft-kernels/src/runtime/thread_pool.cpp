@@ -9,7 +9,6 @@
 #include <cerrno>
 #include <chrono>
 #include <condition_variable>
-#include <cstdio>
 #include <cstdlib>
 #include <exception>
 #include <mutex>
@@ -22,8 +21,9 @@
 #include <pthread.h>
 #include <sched.h>
 #endif
-#include <fcntl.h>
 #include <unistd.h>
+
+#include "kt/runtime/topology.hpp"
 
 namespace kt::runtime {
 namespace {
@@ -52,45 +52,26 @@ bool spin_until(const Ready& ready) {
   }
 }
 
-// A small non-negative integer from a sysfs file; -1 if unreadable. Plain POSIX I/O: this runs
-// when the default pool is created, and needs neither iostreams nor locales.
-int read_sysfs_int(int cpu, const char* name) {
-  char path[128];
-  std::snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu%d/topology/%s", cpu, name);
-  const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return -1;
-  char text[32];
-  const ssize_t got = ::read(fd, text, sizeof text - 1);
-  ::close(fd);
-  if (got <= 0) return -1;
-  int value = 0;
-  ssize_t i = 0;
-  for (; i < got && text[i] >= '0' && text[i] <= '9'; ++i) {
-    value = value * 10 + (text[i] - '0');
-    if (value > 1 << 24) return -1;
-  }
-  return i > 0 ? value : -1;
-}
-
-// (package, core) of a logical CPU, or {-1, -1} if the topology is unreadable.
-std::pair<int, int> core_of(int cpu) {
-  const int package = read_sysfs_int(cpu, "physical_package_id");
-  const int core = read_sysfs_int(cpu, "core_id");
-  if (package < 0 || core < 0) return {-1, -1};
-  return {package, core};
-}
-
-// One logical CPU per physical core of the affinity mask, for pinning.
+// One logical CPU per usable physical core (topology.cpp), ascending, for pinning.
 std::vector<int> one_cpu_per_core() {
   std::vector<int> chosen;
-  std::vector<std::pair<int, int>> seen;
-  for (int cpu : affinity_cpus()) {
-    const std::pair<int, int> key = core_of(cpu);
-    if (key.first >= 0 && std::find(seen.begin(), seen.end(), key) != seen.end()) continue;
-    seen.push_back(key);
-    chosen.push_back(cpu);
-  }
+  for (const NumaNode& node : read_topology("/").nodes) chosen.insert(chosen.end(), node.cores.begin(), node.cores.end());
+  std::sort(chosen.begin(), chosen.end());
+  if (chosen.empty()) chosen = affinity_cpus();
   return chosen;
+}
+
+bool pin_thread(std::thread& thread, int cpu) {
+#if defined(__linux__)
+  if (cpu < 0 || cpu >= CPU_SETSIZE) return false;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  return pthread_setaffinity_np(thread.native_handle(), sizeof set, &set) == 0;
+#else
+  (void)thread, (void)cpu;
+  return false;
+#endif
 }
 
 // Threads of pools that outlived a fork(): they do not exist in the child, so they can be neither
@@ -106,6 +87,7 @@ void abandon_after_fork(std::vector<std::thread>& threads) {
 struct ThreadPool::Impl {
   int size = 1;
   bool pinned = false;
+  std::vector<int> cpus;  // per thread (index 0 = caller); empty when not pinned
   pid_t owner_pid = 0;
   std::vector<std::thread> workers;
 
@@ -127,7 +109,8 @@ struct ThreadPool::Impl {
   std::mutex call_mutex;  // one parallel_for at a time
 
   void run_tasks(int thread);
-  void worker_main(int thread, int cpu);
+  void worker_main(int thread);
+  void start_workers();
 
   // The pool whose tasks this thread is running (to reject nested calls that would deadlock).
   static thread_local const Impl* running_here;
@@ -155,17 +138,7 @@ void ThreadPool::Impl::run_tasks(int thread) {
   }
 }
 
-void ThreadPool::Impl::worker_main(int thread, int cpu) {
-#if defined(__linux__)
-  if (cpu >= 0) {
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    CPU_SET(cpu, &set);
-    pthread_setaffinity_np(pthread_self(), sizeof set, &set);  // best effort: a refusal only costs speed
-  }
-#else
-  (void)cpu;
-#endif
+void ThreadPool::Impl::worker_main(int thread) {
   std::uint64_t seen = 0;
   for (;;) {
     const auto has_news = [&] {
@@ -190,22 +163,44 @@ ThreadPool::ThreadPool(int threads, bool pin) : impl_(std::make_unique<Impl>()) 
     throw std::invalid_argument("threads must be >= 0 (0 = physical cores), got " + std::to_string(threads));
   impl_->size = threads == 0 ? default_thread_count() : threads;  // ADR 0901
   impl_->pinned = pin;
-  impl_->owner_pid = getpid();
-  const std::vector<int> cpus = pin ? one_cpu_per_core() : std::vector<int>{};
-  impl_->workers.reserve(static_cast<std::size_t>(impl_->size - 1));
+  if (pin) {
+    const std::vector<int> cores = one_cpu_per_core();
+    for (int i = 0; i < impl_->size; ++i) impl_->cpus.push_back(cores[static_cast<std::size_t>(i) % cores.size()]);
+  }
+  impl_->start_workers();
+}
+
+ThreadPool::ThreadPool(const std::vector<int>& cpus) : impl_(std::make_unique<Impl>()) {
+  if (cpus.empty()) throw std::invalid_argument("cpus: a pool needs at least one CPU");
+  const std::vector<int> allowed = affinity_cpus();
+  for (int cpu : cpus)
+    if (!std::binary_search(allowed.begin(), allowed.end(), cpu))
+      throw std::invalid_argument("cpus: CPU " + std::to_string(cpu) +
+                                  " is not in this process's affinity mask (sched_getaffinity)");
+  impl_->size = static_cast<int>(cpus.size());
+  impl_->pinned = true;
+  impl_->cpus = cpus;
+  impl_->start_workers();
+}
+
+void ThreadPool::Impl::start_workers() {
+  owner_pid = getpid();
+  workers.reserve(static_cast<std::size_t>(size - 1));
   try {
-    for (int i = 1; i < impl_->size; ++i) {
-      const int cpu = cpus.empty() ? -1 : cpus[static_cast<std::size_t>(i) % cpus.size()];
-      impl_->workers.emplace_back([impl = impl_.get(), i, cpu] { impl->worker_main(i, cpu); });
+    for (int i = 1; i < size; ++i) {
+      const int cpu = cpus.empty() ? -1 : cpus[static_cast<std::size_t>(i)];
+      workers.emplace_back([this, i] { worker_main(i); });
+      // Pinned here, not by the worker itself, so the mask is in place when the constructor returns.
+      if (cpu >= 0) pin_thread(workers.back(), cpu);  // best effort: a refusal only costs speed
     }
   } catch (...) {
     // Thread creation failed part-way: stop the ones that started, then report.
-    impl_->stopping.store(true);
+    stopping.store(true);
     {
-      std::lock_guard<std::mutex> lock(impl_->sleep_mutex);
+      std::lock_guard<std::mutex> lock(sleep_mutex);
     }
-    impl_->wake_workers.notify_all();
-    for (std::thread& t : impl_->workers) t.join();
+    wake_workers.notify_all();
+    for (std::thread& t : workers) t.join();
     throw;
   }
 }
@@ -225,6 +220,23 @@ ThreadPool::~ThreadPool() {
 
 int ThreadPool::size() const { return impl_->size; }
 bool ThreadPool::pinned() const { return impl_->pinned; }
+const std::vector<int>& ThreadPool::cpus() const { return impl_->cpus; }
+
+std::vector<std::vector<int>> ThreadPool::worker_affinity() const {
+  std::vector<std::vector<int>> masks;
+#if defined(__linux__)
+  for (const std::thread& t : impl_->workers) {
+    std::vector<int> mask;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (pthread_getaffinity_np(const_cast<std::thread&>(t).native_handle(), sizeof set, &set) == 0)
+      for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu)
+        if (CPU_ISSET(cpu, &set)) mask.push_back(cpu);
+    masks.push_back(std::move(mask));
+  }
+#endif
+  return masks;
+}
 
 void ThreadPool::parallel_for(std::int64_t num_tasks, const std::function<void(std::int64_t, int)>& fn) {
   Impl& p = *impl_;
@@ -307,18 +319,34 @@ std::vector<int> affinity_cpus() {
   return cpus;
 }
 
+bool pin_current_thread(int cpu) {
+#if defined(__linux__)
+  if (cpu < 0 || cpu >= CPU_SETSIZE) return false;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  return pthread_setaffinity_np(pthread_self(), sizeof set, &set) == 0;
+#else
+  (void)cpu;
+  return false;
+#endif
+}
+
+std::vector<int> current_thread_affinity() {
+  std::vector<int> cpus;
+#if defined(__linux__)
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (pthread_getaffinity_np(pthread_self(), sizeof set, &set) == 0)
+    for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu)
+      if (CPU_ISSET(cpu, &set)) cpus.push_back(cpu);
+#endif
+  return cpus;
+}
+
 int physical_cores_available() {
-  const std::vector<int> cpus = affinity_cpus();
-  std::vector<std::pair<int, int>> cores;
-  cores.reserve(cpus.size());
-  for (int cpu : cpus) {
-    const std::pair<int, int> key = core_of(cpu);
-    if (key.first < 0) return static_cast<int>(cpus.size());
-    cores.push_back(key);
-  }
-  std::sort(cores.begin(), cores.end());
-  const auto distinct = std::unique(cores.begin(), cores.end()) - cores.begin();
-  return std::max(1, static_cast<int>(distinct));
+  // The topology reader cuts the mask to physical cores and to the cgroup CPU limit.
+  return std::max(1, read_topology("/").physical_cores());
 }
 
 }  // namespace kt::runtime

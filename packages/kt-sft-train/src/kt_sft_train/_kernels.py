@@ -93,7 +93,7 @@ def kernel_config(kt: KTConfig, num_experts: int, top_k: int, hidden: int, inter
         intermediate=intermediate,
         weight_dtype=kt.weight_dtype,
         group_size=group,
-        numa_shards=kt.numa_shards,
+        numa_shards=numa_shard_count(kk, kt.numa_shards, intermediate),
     )
 
 
@@ -101,6 +101,14 @@ def estimate_layer_bytes(kt: KTConfig, num_experts: int, top_k: int, hidden: int
     """Host bytes of one loaded layer's base (weights + scales), from the kernels' own estimate."""
     config = kernel_config(kt, num_experts, top_k, hidden, intermediate)
     return int(load_kernels().estimate_layer_bytes(config)["total"])
+
+
+def numa_shard_count(kk: ModuleType, numa_shards: int | str, intermediate: int) -> int:
+    """KTConfig.numa_shards as a count: "auto" = the kernel's shard layout (one shard per NUMA node,
+    KT_SFT_NUMA overrides), at most what I allows (each shard takes a multiple of 32 rows)."""
+    if numa_shards == "auto":
+        return max(1, min(len(kk.shard_layout()), intermediate // 32))
+    return int(numa_shards)
 
 
 _HOST_DTYPES = {torch.bfloat16: torch.bfloat16, torch.float32: torch.float32, torch.float16: torch.float32}

@@ -26,7 +26,8 @@ ENV_PREFIX = "KT_SFT_"
 # the thread count: KT_SFT_NUM_THREADS, which the kernel wheel also reads for its default pool.
 ENV_NAMES = {"threads": "KT_SFT_NUM_THREADS"}
 # Variables of the KT_SFT_ namespace that belong to the kernel wheel only, not to KTConfig.
-KERNEL_ONLY_ENV = frozenset({"KT_SFT_PROFILE", "KT_SFT_KERNEL_VARIANT"})  # read by kt_sft_kernels itself
+# (read by kt_sft_kernels itself)
+KERNEL_ONLY_ENV = frozenset({"KT_SFT_PROFILE", "KT_SFT_KERNEL_VARIANT", "KT_SFT_NUMA"})
 # Names that meant the same as another variable: an error that names the one to use.
 REMOVED_ENV = {"KT_SFT_THREADS": "KT_SFT_NUM_THREADS"}
 
@@ -46,7 +47,9 @@ class KTConfig:
 
     backend: "kernels" (kt_sft_kernels, the default) or "reference" (plain PyTorch, for checking).
     threads: kernel worker threads; None = the kernel default (physical cores of the affinity mask).
-    numa_shards: tensor-parallel shards of each experts layer over NUMA nodes (1 for now).
+    numa_shards: tensor-parallel shards of each experts layer over NUMA nodes (ADR 0701): a count, or
+        "auto" = one per NUMA node with usable cores (kt_sft_kernels.shard_layout(); KT_SFT_NUMA
+        overrides the layout). Quantized bases are not sharded yet.
     weight_dtype: frozen base expert weights in the kernels: "bf16", "int8" (per output channel) or
         "int4" (group-wise); quantized while loading, or taken as shipped from an int4 checkpoint.
     group_size: int4 group size (32, 64 or 128); None = the checkpoint's own groups for an int4
@@ -60,7 +63,7 @@ class KTConfig:
 
     backend: str = "kernels"
     threads: int | None = None
-    numa_shards: int = 1
+    numa_shards: int | str = 1
     weight_dtype: str = "bf16"
     group_size: int | None = None
     activation_policy: str = "retain"
@@ -72,7 +75,8 @@ class KTConfig:
         _check_choice("backend", self.backend, BACKENDS)
         if self.threads is not None:
             _check_positive_int("threads", self.threads)
-        _check_positive_int("numa_shards", self.numa_shards)
+        if self.numa_shards != "auto":
+            _check_positive_int("numa_shards", self.numa_shards, also="or 'auto'")
         _check_choice("weight_dtype", self.weight_dtype, WEIGHT_DTYPES)
         if self.group_size is not None and (
             isinstance(self.group_size, bool) or self.group_size not in GROUP_SIZES
@@ -85,11 +89,6 @@ class KTConfig:
         if not isinstance(self.pin_memory, bool):
             raise KTConfigError(f"KTConfig.pin_memory must be a bool, got {self.pin_memory!r}")
         # Valid values of features that are not built yet: refuse them instead of ignoring them.
-        if self.numa_shards != 1:
-            raise NotImplementedError(
-                f"KTConfig.numa_shards={self.numa_shards}: NUMA-sharded experts are not implemented yet; "
-                "use numa_shards=1"
-            )
         if self.distributed != "none":
             raise NotImplementedError(
                 f"KTConfig.distributed={self.distributed!r}: multi-rank expert ownership is not implemented "
@@ -170,9 +169,10 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise KTConfigError(f"KTConfig.{name}={value!r} is not one of {list(choices)}{hint}")
 
 
-def _check_positive_int(name: str, value: Any) -> None:
+def _check_positive_int(name: str, value: Any, also: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise KTConfigError(f"KTConfig.{name} must be a positive integer, got {value!r}")
+        what = f"a positive integer {also}".strip()
+        raise KTConfigError(f"KTConfig.{name} must be {what}, got {value!r}")
 
 
 def _suggestion(word: str, candidates: list[str]) -> str:
@@ -217,10 +217,11 @@ def _upstream_weight_dtype(value: Any) -> dict[str, Any]:
 
 
 def _upstream_tp(value: Any) -> dict[str, Any]:
-    if value:
-        raise NotImplementedError(
-            "kt_tp_enabled=True: NUMA tensor-parallel experts are not implemented yet; remove it"
-        )
+    # Resolved in _canonical_kwargs after the other keys: True makes numa_shards default to "auto"
+    # (kt-kernel's TP wrapper: one pool per NUMA node), False to 1; kt_threadpool_count / numa_shards
+    # given alongside set the count.
+    if not isinstance(value, bool):
+        raise KTConfigError(f"kt_tp_enabled must be true or false, got {value!r}")
     return {}
 
 
@@ -301,6 +302,14 @@ def _canonical_kwargs(mapping: Mapping[str, Any]) -> dict[str, Any]:
                     f"KTConfig.{name} is given twice with different values ({out[name]!r}, {new!r})"
                 )
             out[name] = new
+    tp = mapping.get("kt_tp_enabled")
+    if tp is True:
+        out.setdefault("numa_shards", "auto")
+    elif tp is False and out.get("numa_shards", 1) != 1:
+        raise KTConfigError(
+            f"kt_tp_enabled=False contradicts numa_shards={out['numa_shards']!r} (kt_threadpool_count); "
+            "drop one of them"
+        )
     return out
 
 
@@ -312,6 +321,8 @@ def _parse_env_value(var: str, name: str, raw: str) -> Any:
         # 0 / unset: the kernel default (physical cores), as the kernel wheel reads KT_SFT_NUM_THREADS.
         if name == "threads" and text.lower() in ("", "0", "auto", "none"):
             return None
+        if name == "numa_shards" and text.lower() == "auto":
+            return "auto"
         try:
             return int(text)
         except ValueError:

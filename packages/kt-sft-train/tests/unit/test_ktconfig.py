@@ -99,19 +99,12 @@ def test_bad_environment_names_the_variable() -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"numa_shards": 2},
         {"distributed": "host_owner"},
     ],
 )
 def test_features_not_built_yet_say_so(kwargs: dict) -> None:
     with pytest.raises(NotImplementedError, match="not implemented yet"):
         KTConfig(**kwargs)
-
-
-@pytest.mark.parametrize("mapping", [{"kt_tp_enabled": True}, {"kt_threadpool_count": 2}])
-def test_upstream_names_of_unbuilt_features_say_so(mapping: dict) -> None:
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
-        KTConfig.from_mapping(mapping)
 
 
 @pytest.mark.parametrize(
@@ -164,3 +157,31 @@ def test_construction_has_no_side_effects() -> None:
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_numa_shards_counts_auto_and_upstream_names() -> None:
+    assert KTConfig(numa_shards=3).numa_shards == 3
+    assert KTConfig(numa_shards="auto").numa_shards == "auto"
+    assert KTConfig.from_mapping({"kt_tp_enabled": True}).numa_shards == "auto"
+    assert KTConfig.from_mapping({"kt_tp_enabled": True, "kt_threadpool_count": 2}).numa_shards == 2
+    assert KTConfig.from_mapping({"kt_threadpool_count": 4}).numa_shards == 4
+    assert KTConfig.from_mapping({"kt_tp_enabled": False}).numa_shards == 1
+    assert KTConfig.from_env({"KT_SFT_NUMA_SHARDS": "auto"}).numa_shards == "auto"
+    assert KTConfig.from_env({"KT_SFT_NUMA_SHARDS": "2", "KT_SFT_NUMA": "0;1"}).numa_shards == 2
+
+
+@pytest.mark.parametrize(
+    ("mapping", "message"),
+    [
+        ({"numa_shards": 0}, r"numa_shards must be a positive integer or 'auto', got 0"),
+        ({"numa_shards": "all"}, r"numa_shards must be a positive integer or 'auto'"),
+        (
+            {"kt_tp_enabled": False, "kt_threadpool_count": 2},
+            r"kt_tp_enabled=False contradicts numa_shards=2",
+        ),
+        ({"kt_tp_enabled": "yes"}, r"kt_tp_enabled must be true or false"),
+    ],
+)
+def test_bad_numa_shards(mapping: dict, message: str) -> None:
+    with pytest.raises(KTConfigError, match=message):
+        KTConfig.from_mapping(mapping)

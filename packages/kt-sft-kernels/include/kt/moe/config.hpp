@@ -19,8 +19,7 @@ struct MoEConfig {
 };
 
 // A validated config: every size >= 1 (std::invalid_argument naming the field, -> ValueError), a
-// known weight_dtype ('bf16', 'int8', 'int4'), check_group_size; numa_shards > 1 ->
-// kt::NotImplementedError.
+// known weight_dtype ('bf16', 'int8', 'int4'), check_group_size.
 MoEConfig make_config(int num_experts, int top_k, int hidden, int intermediate, const std::string& weight_dtype,
                       int group_size, int numa_shards);
 // group_size is 32, 64 or 128 (every dtype; only int4 uses it), and int4 needs hidden and intermediate

@@ -12,12 +12,22 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "kt/core/tensor.hpp"
 #include "kt/moe/config.hpp"
 #include "kt/runtime/thread_pool.hpp"
 
 namespace kt::moe {
+
+// One NUMA shard of a layer with numa_shards > 1 (ADR 0701).
+struct ShardInfo {
+  int i0 = 0, i1 = 0;            // the intermediate slice [i0, i1)
+  std::vector<int> nodes, cpus;  // placement (runtime::plan_shards): one pinned thread per CPU
+  std::size_t weight_bytes = 0;  // packed base weights the shard owns
+  std::size_t buffer_bytes = 0;  // fp32 partials of its runtime (shared by layers with this shard)
+  int weight_node = -1;          // NUMA node of its first packed weight page (-1 = unknown)
+};
 
 struct LoRAViews {
   View a_gu, b_gu, a_d, b_d;
@@ -47,6 +57,7 @@ struct MemoryReport {
   std::size_t cache_spare = 0;       // the freed activation cache the layer keeps for its next forward
   std::size_t workspace_shared = 0;  // the pool's grow-only per-call workspace
   int workspace_layers = 0;          // layers sharing that workspace
+  std::vector<MemoryReport> shards;  // numa_shards > 1: each shard's own (the fields above are their sums)
 };
 
 // Packed weight and scale bytes of a layer of this config (exact; what memory_report shows once loaded).
@@ -77,6 +88,18 @@ class MoELayer {
   void load_quantized(const View& gate_up_q, const View& gate_up_scale, const View& down_q, const View& down_scale);
   void read_quantized(const View& gate_up_q, const View& gate_up_scale, const View& down_q, const View& down_scale);
   MemoryReport memory_report();
+
+  // For the NUMA shard wrapper (src/moe/sharded_layer.cpp): packs the slice [i0, i0 + intermediate)
+  // of full-width weights (gate_up [E, 2*source_intermediate, H] or gate/up [E, source_intermediate,
+  // H]; down [E, H, source_intermediate]), checked by the caller. Exactly one of gate_up / (gate, up).
+  void load_weight_slice(const View* gate_up, const View* gate, const View* up, const View& down,
+                         int source_intermediate, int i0);
+  // Bytes of packed base weights this layer owns (all shards together when numa_shards > 1), and the
+  // first of them (null before load_weights).
+  std::size_t packed_weight_bytes() const;
+  const void* packed_weight_address() const;
+  // numa_shards > 1: each shard's slice, placement and bytes; empty for an unsharded layer.
+  std::vector<ShardInfo> shard_report() const;
 
   // Returns the activation cache when save is true, nullptr otherwise.
   ForwardCachePtr forward(const View& x, const View& ids, const View& weights,

@@ -52,6 +52,18 @@ def _add(group: Any, flag: str, **kwargs: Any) -> None:
     group.add_argument(flag, default=argparse.SUPPRESS, help=help_text, **kwargs)
 
 
+def _numa_shards(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -161,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         help="CPU threads for the experts kernels and torch (default: all cores of the process)",
+    )
+    _add(
+        system,
+        "--numa-shards",
+        type=_numa_shards,
+        metavar="N|auto",
+        help="split each experts layer over N NUMA shards (auto: one per node; default 1; ADR 0701)",
     )
     _add(system, "--backend", choices=("kernels", "reference"), help="experts backend (default kernels)")
     _add(

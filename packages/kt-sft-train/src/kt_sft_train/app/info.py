@@ -143,7 +143,18 @@ def kernel_info() -> dict[str, Any]:
         "avx512_bf16_variant": kk.kernel_variant(),
         "variant_source": kk.kernel_variant_source(),
         "variant_reason": kk.kernel_variant_reason(),
+        **numa_layout(kk),
     }
+
+
+def numa_layout(kk: Any) -> dict[str, Any]:
+    """The kernel wheel's topology and the shards KTConfig(numa_shards="auto") would use (ADR 0701)."""
+    setting = os.environ.get("KT_SFT_NUMA") or "auto"
+    try:
+        shards: list[dict[str, Any]] | str = kk.shard_layout()
+    except ValueError as error:  # a bad KT_SFT_NUMA: shown, not raised
+        shards = str(error)
+    return {"topology": kk.topology(), "numa_setting": setting, "shard_layout": shards}
 
 
 def gather(model: str | None = None) -> dict[str, Any]:
@@ -209,6 +220,33 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
+def _render_numa(kernels: dict[str, Any]) -> list[str]:
+    topo = kernels["topology"]
+    limit = topo["cgroup_cpus"]
+    nodes = "; ".join(
+        f"node {n['id']}: cpus {_cpu_list(n['cpus'])} ({len(n['cores'])} cores used)" for n in topo["nodes"]
+    )
+    where = "" if topo["from_sysfs"] else " (no /sys/devices/system/node: one node)"
+    cgroup = f"; cgroup CPU limit {limit:g}" if limit else ""
+    lines = [f"NUMA         {topo['machine_nodes']} node(s){where}: {nodes}{cgroup}"]
+    shards = kernels["shard_layout"]
+    head = f"shards       numa_shards='auto' (KT_SFT_NUMA={kernels['numa_setting']}): "
+    if isinstance(shards, str):
+        return [*lines, head + shards]
+    lines.append(head + f"{len(shards)} shard(s)")
+    for i, shard in enumerate(shards):
+        on = ",".join(str(n) for n in shard["nodes"])
+        cpus = _cpu_list(shard["cpus"])
+        lines.append(f"               shard {i}: node {on}, {len(shard['cpus'])} threads on cpus {cpus}")
+    return lines
+
+
+def _cpu_list(cpus: list[int]) -> str:
+    from .._kernels import load_kernels
+
+    return str(load_kernels().format_cpu_list(sorted(cpus)))
+
+
 def render(info: dict[str, Any]) -> str:
     kernels = info["kernels"]
     lines = ["kt-sft info", ""]
@@ -231,11 +269,14 @@ def render(info: dict[str, Any]) -> str:
         ]
     else:
         lines.append(f"kernels      NOT AVAILABLE: {kernels['error']}")
-    numa = info["numa_nodes"]
-    lines.append(
-        "NUMA         "
-        + ("; ".join(f"node {n['node']}: cpus {n['cpus']}" for n in numa) if numa else "unknown")
-    )
+    if kernels["available"]:
+        lines += _render_numa(kernels)
+    else:
+        numa = info["numa_nodes"]
+        lines.append(
+            "NUMA         "
+            + ("; ".join(f"node {n['node']}: cpus {n['cpus']}" for n in numa) if numa else "unknown")
+        )
     if info["ram_total_gib"] is not None:
         available = info["ram_available_gib"]
         avail_text = "" if available is None else f", {available:.1f} GiB available"

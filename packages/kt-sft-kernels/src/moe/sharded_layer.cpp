@@ -1,0 +1,441 @@
+// NUMA shards of one MoE layer (sharded_layer.hpp, ADR 0701).
+//
+// Each call runs in two rounds on every shard at once, each shard on its own driver thread (a
+// SerialExecutor pinned to the shard's first CPU, which is also thread 0 of the shard's pool):
+//   round 1: the shard's MoELayer call on its slice, into fp32 partials the shard owns;
+//   round 2: the cross-shard reduction, split between the shards (tokens for out / dx / grad_w,
+//            experts for dA_gu / dB_d, and each shard writes its own dB_gu rows and dA_d columns).
+// Every reduced element is summed in shard order 0..N-1 in fp32 and rounded once: the bits do not
+// depend on thread counts (only on N, whose slices change the fp32 summation inside each product).
+#include "sharded_layer.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cstddef>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#include <unistd.h>
+
+#include "buffer.hpp"
+#include "kt/core/bf16.hpp"
+#include "kt/runtime/numa_memory.hpp"
+#include "kt/runtime/serial_executor.hpp"
+#include "kt/runtime/thread_pool.hpp"
+#include "kt/runtime/topology.hpp"
+
+namespace kt::moe {
+
+namespace {
+
+constexpr std::int64_t kTokenChunk = 16;  // tokens per reduction task
+
+inline float load_value(const void* base, DType dtype, std::int64_t i) {
+  return dtype == DType::bf16 ? bf16_to_f32(static_cast<const bf16*>(base)[i]) : static_cast<const float*>(base)[i];
+}
+
+inline void store_value(void* base, DType dtype, std::int64_t i, float value) {
+  if (dtype == DType::bf16) static_cast<bf16*>(base)[i] = f32_to_bf16(value);
+  else static_cast<float*>(base)[i] = value;
+}
+
+View f32_view(float* data, std::int64_t d0, std::int64_t d1, std::int64_t d2 = -1) {
+  View v;
+  v.data = data;
+  v.dtype = DType::f32;
+  v.ndim = d2 < 0 ? 2 : 3;
+  v.shape[0] = d0;
+  v.shape[1] = d1;
+  v.shape[2] = d2 < 0 ? 0 : d2;
+  return v;
+}
+
+// b.ensure(n), and when that allocated fresh memory, a preference for `node` (raw mbind): the
+// shard's pinned threads touch it first anyway; this keeps it local where pinning was refused.
+float* node_local(Buffer<float>& b, std::int64_t n, int node) {
+  const std::size_t count = static_cast<std::size_t>(std::max<std::int64_t>(n, 1));
+  const bool grows = count > b.capacity();
+  float* data = b.ensure(count);
+  if (grows) runtime::prefer_node(data, count * sizeof(float), node);
+  return data;
+}
+
+// The fp32 LoRA a shard runs with: its slices of B_gu (rows) and A_d (columns), and A_gu / B_d
+// themselves (the caller's arrays when fp32, exact fp32 copies when bf16).
+struct LoRASlice {
+  Buffer<float> a_gu, b_gu, a_d, b_d;
+  LoRAViews views;
+  std::size_t bytes() const { return (a_gu.capacity() + b_gu.capacity() + a_d.capacity() + b_d.capacity()) * 4; }
+};
+
+// Spare LoRA slices of one shard: a finished call gives its slices back, so the next call reuses
+// memory that is already faulted in on the shard's node instead of allocating afresh. Shared with
+// the caches, which may outlive the layer.
+class SlicePool {
+ public:
+  std::unique_ptr<LoRASlice> take() {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    if (spare_.empty()) return std::make_unique<LoRASlice>();
+    std::unique_ptr<LoRASlice> slice = std::move(spare_.back());
+    spare_.pop_back();
+    return slice;
+  }
+  void give(std::unique_ptr<LoRASlice> slice) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    if (spare_.size() < kMaxSpare) spare_.push_back(std::move(slice));
+  }
+
+ private:
+  static constexpr std::size_t kMaxSpare = 2;
+  std::mutex mutex_;
+  std::vector<std::unique_ptr<LoRASlice>> spare_;
+};
+
+}  // namespace
+
+struct ShardedCache {
+  std::vector<ForwardCachePtr> caches;           // one per shard
+  std::vector<std::unique_ptr<LoRASlice>> lora;  // what the caches' LoRA views point at
+  std::vector<std::shared_ptr<SlicePool>> slice_pools;
+
+  ~ShardedCache() {
+    caches.clear();  // the caches' views die before the slices they point at go back
+    for (std::size_t s = 0; s < lora.size(); ++s)
+      if (lora[s]) slice_pools[s]->give(std::move(lora[s]));
+  }
+};
+
+// What the shards at one position of one layout share across layers (a model's layers run one at a
+// time): the pinned sub-pool (so also the inner layers' per-pool workspace), the driver thread, the
+// fp32 partials and the spare LoRA slices. Per-layer copies would cost a pool of threads and ~0.3 GB
+// of workspace per layer and shard.
+struct ShardRuntime {
+  std::unique_ptr<runtime::ThreadPool> pool;
+  Buffer<float> out, gx, gw, da_gu, db_gu, da_d, db_d;  // fp32 partials of the call in progress
+  std::shared_ptr<SlicePool> slices = std::make_shared<SlicePool>();
+  runtime::SerialExecutor driver;  // declared last: drained and joined before the pool goes
+
+  std::size_t buffer_bytes() const {
+    return (out.capacity() + gx.capacity() + gw.capacity() + da_gu.capacity() + db_gu.capacity() + da_d.capacity() +
+            db_d.capacity()) * sizeof(float);
+  }
+};
+
+// Sharded calls of all layers run one at a time: they share the runtimes (drivers, partials).
+std::mutex& sharded_call_mutex() {
+  static auto* mutex = new std::mutex();  // never destroyed: layers may outlive static destruction
+  return *mutex;
+}
+
+// The runtime of shard `index` on `cpus`, shared by every layer with that shard; created (pool
+// pinned, driver pinned to cpus[0]) on first use. The index is part of the key: two shards of one
+// layer that share cores still get two drivers (one driver for both would deadlock at the barrier).
+std::shared_ptr<ShardRuntime> runtime_for(int index, const std::vector<int>& cpus) {
+  using Registry = std::map<std::pair<int, std::vector<int>>, std::weak_ptr<ShardRuntime>>;
+  static std::mutex mutex;
+  static Registry* registry = nullptr;
+  static pid_t registry_pid = 0;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (registry == nullptr || registry_pid != ::getpid()) {  // a child after fork(): the parent's
+    registry = new Registry();                              // threads are gone, start afresh
+    registry_pid = ::getpid();                              // (the old map is left behind)
+  }
+  for (auto it = registry->begin(); it != registry->end();)
+    it = it->second.expired() ? registry->erase(it) : std::next(it);
+  std::weak_ptr<ShardRuntime>& slot = (*registry)[{index, cpus}];
+  std::shared_ptr<ShardRuntime> rt = slot.lock();
+  if (!rt) {
+    rt = std::make_shared<ShardRuntime>();
+    rt->pool = std::make_unique<runtime::ThreadPool>(cpus);
+    // Thread 0 of the pool is the driver: pin it like the workers.
+    rt->driver.submit([cpu = cpus.front()] { runtime::pin_current_thread(cpu); })->wait();
+    slot = rt;
+  }
+  return rt;
+}
+
+struct ShardState {
+  int index = 0, i0 = 0, i1 = 0;
+  runtime::Shard place;
+  std::shared_ptr<ShardRuntime> rt;  // declared before the layer, which runs on rt->pool
+  std::unique_ptr<MoELayer> layer;
+
+  int width() const { return i1 - i0; }
+  int node() const { return place.nodes.empty() ? 0 : place.nodes.front(); }
+  runtime::ThreadPool& pool() const { return *rt->pool; }
+};
+
+struct ShardedLayer::Impl {
+  MoEConfig config;
+  std::vector<std::unique_ptr<ShardState>> shards;
+
+  // Runs first(shard) on every shard's driver thread at once, then, once every shard has finished
+  // it and none failed, then(shard) (one hand-off per call: the rounds meet at a barrier inside the
+  // jobs). Rethrows the first failure in shard order after all have finished.
+  void on_shards(const std::function<void(ShardState&)>& first,
+                 const std::function<void(ShardState&)>& then = nullptr) {
+    const auto n = static_cast<std::ptrdiff_t>(shards.size());
+    const std::lock_guard<std::mutex> one_call(sharded_call_mutex());
+    std::barrier<> meet(n);
+    std::atomic<bool> failed{false};
+    std::vector<std::shared_ptr<runtime::Job>> jobs;
+    std::exception_ptr failure;
+    for (auto& shard : shards) {
+      try {
+        jobs.push_back(shard->rt->driver.submit([&, s = shard.get()] {
+          std::exception_ptr mine;
+          try {
+            first(*s);
+          } catch (...) {
+            mine = std::current_exception();
+            failed.store(true);
+          }
+          if (then) {
+            meet.arrive_and_wait();
+            if (!mine && !failed.load()) then(*s);
+          }
+          if (mine) std::rethrow_exception(mine);
+        }));
+      } catch (...) {  // a job that never started would leave the others at the barrier
+        failure = std::current_exception();
+        failed.store(true);
+        for (std::size_t missing = jobs.size(); then && missing < shards.size(); ++missing) meet.arrive_and_drop();
+        break;
+      }
+    }
+    for (auto& job : jobs) {
+      job->wait();
+      if (!failure && job->error()) failure = job->error();
+    }
+    if (failure) std::rethrow_exception(failure);
+  }
+
+  std::unique_ptr<LoRASlice> slice_lora(const ShardState& s, const LoRAViews& lora) const;
+};
+
+std::vector<std::pair<int, int>> shard_slices(int intermediate, int shards) {
+  const int blocks = intermediate / 32;
+  if (shards < 1) throw std::invalid_argument("numa_shards must be >= 1, got " + std::to_string(shards));
+  if (blocks < shards)
+    throw std::invalid_argument("numa_shards=" + std::to_string(shards) + " does not fit intermediate=" +
+                                std::to_string(intermediate) + ": every shard needs a multiple of 32 rows, so "
+                                "numa_shards can be at most intermediate / 32 = " + std::to_string(blocks));
+  std::vector<std::pair<int, int>> slices;
+  for (int s = 0; s < shards; ++s) slices.emplace_back(32 * (s * blocks / shards), 32 * ((s + 1) * blocks / shards));
+  return slices;
+}
+
+ShardedLayer::ShardedLayer(const MoEConfig& config) : impl_(std::make_unique<Impl>()) {
+  impl_->config = config;
+  const int n = config.numa_shards;
+  const auto slices = shard_slices(config.intermediate, n);
+  const auto places = runtime::plan_shards(runtime::system_topology(), n, runtime::numa_setting_from_env());
+  for (int s = 0; s < n; ++s) {
+    auto shard = std::make_unique<ShardState>();
+    shard->index = s;
+    shard->i0 = slices[static_cast<std::size_t>(s)].first;
+    shard->i1 = slices[static_cast<std::size_t>(s)].second;
+    shard->place = places[static_cast<std::size_t>(s)];
+    shard->rt = runtime_for(s, shard->place.cpus);
+    MoEConfig inner = config;
+    inner.intermediate = shard->width();
+    inner.numa_shards = 1;
+    shard->layer = std::make_unique<MoELayer>(inner, shard->pool());
+    impl_->shards.push_back(std::move(shard));
+  }
+}
+
+ShardedLayer::~ShardedLayer() = default;
+
+void ShardedLayer::load_weights(const View* gate_up, const View* gate, const View* up, const View& down) {
+  const int I = impl_->config.intermediate;
+  impl_->on_shards([&](ShardState& s) { s.layer->load_weight_slice(gate_up, gate, up, down, I, s.i0); });
+}
+
+std::unique_ptr<LoRASlice> ShardedLayer::Impl::slice_lora(const ShardState& s, const LoRAViews& lora) const {
+  std::unique_ptr<LoRASlice> out = s.rt->slices->take();
+  LoRAViews& v = out->views;
+  v = LoRAViews{};
+  v.scale_gu = lora.scale_gu;
+  v.scale_d = lora.scale_d;
+  v.version = lora.version;
+  const std::int64_t E = config.num_experts, H = config.hidden, I = config.intermediate, w = s.width();
+  const auto rank = [](const View& a) { return a ? a.shape[1] : std::int64_t{0}; };
+  const std::int64_t rg = rank(lora.a_gu), rd = rank(lora.a_d);
+  const bool convert = (rg ? lora.a_gu.dtype : lora.a_d.dtype) == DType::bf16;
+  const int node = s.node();
+  float* a_gu = nullptr;
+  float* b_d = nullptr;
+  float* b_gu = rg ? node_local(out->b_gu, E * 2 * w * rg, node) : nullptr;
+  float* a_d = rd ? node_local(out->a_d, E * rd * w, node) : nullptr;
+  if (rg) v.a_gu = convert ? f32_view(a_gu = node_local(out->a_gu, E * rg * H, node), E, rg, H) : lora.a_gu;
+  if (rg) v.b_gu = f32_view(b_gu, E, 2 * w, rg);
+  if (rd) v.a_d = f32_view(a_d, E, rd, w);
+  if (rd) v.b_d = convert ? f32_view(b_d = node_local(out->b_d, E * H * rd, node), E, H, rd) : lora.b_d;
+  // Per expert, on the shard's own threads (first touch puts the slices on its node).
+  s.pool().parallel_for(E, [&](std::int64_t e, int) {
+    if (rg) {
+      const DType dt = lora.b_gu.dtype;
+      for (std::int64_t i = 0; i < 2 * w; ++i) {
+        const std::int64_t row = i < w ? s.i0 + i : I + s.i0 + (i - w);
+        for (std::int64_t q = 0; q < rg; ++q)
+          b_gu[(e * 2 * w + i) * rg + q] = load_value(lora.b_gu.data, dt, (e * 2 * I + row) * rg + q);
+      }
+      if (a_gu)
+        for (std::int64_t i = 0; i < rg * H; ++i) a_gu[e * rg * H + i] = load_value(lora.a_gu.data, dt, e * rg * H + i);
+    }
+    if (rd) {
+      const DType dt = lora.a_d.dtype;
+      for (std::int64_t q = 0; q < rd; ++q)
+        for (std::int64_t j = 0; j < w; ++j)
+          a_d[(e * rd + q) * w + j] = load_value(lora.a_d.data, dt, (e * rd + q) * I + s.i0 + j);
+      if (b_d)
+        for (std::int64_t i = 0; i < H * rd; ++i) b_d[e * H * rd + i] = load_value(lora.b_d.data, dt, e * H * rd + i);
+    }
+  });
+  return out;
+}
+
+std::shared_ptr<ShardedCache> ShardedLayer::forward(const View& x, const View& ids, const View& weights,
+                                                    const View& out, const LoRAViews& lora, bool save) {
+  Impl& L = *impl_;
+  const std::int64_t T = x.shape[0], H = L.config.hidden;
+  const auto n = static_cast<int>(L.shards.size());
+  auto cache = std::make_shared<ShardedCache>();
+  cache->caches.resize(static_cast<std::size_t>(n));
+  cache->lora.resize(static_cast<std::size_t>(n));
+  for (const auto& shard : L.shards) cache->slice_pools.push_back(shard->rt->slices);
+  const bool has_lora = lora.has_gate_up() || lora.has_down();
+
+  // Round 1: each shard's slice, into its fp32 partial output.
+  L.on_shards([&](ShardState& s) {
+    const auto k = static_cast<std::size_t>(s.index);
+    if (has_lora) cache->lora[k] = L.slice_lora(s, lora);
+    const LoRAViews inner_lora = has_lora ? cache->lora[k]->views : LoRAViews{};
+    float* partial = node_local(s.rt->out, T * H, s.node());
+    cache->caches[k] = s.layer->forward(x, ids, weights, f32_view(partial, T, H), inner_lora, save);
+  },
+  // Round 2: out[t] = Σ_s partial_s[t], shard s reducing its share of the tokens.
+  [&](ShardState& s) {
+    const std::int64_t t0 = T * s.index / n, t1 = T * (s.index + 1) / n;
+    s.pool().parallel_for((t1 - t0 + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
+      const std::int64_t a = (t0 + task * kTokenChunk) * H, b = std::min(t1, t0 + (task + 1) * kTokenChunk) * H;
+      for (std::int64_t i = a; i < b; ++i) {
+        float sum = 0.f;
+        for (const auto& other : L.shards) sum += other->rt->out.data()[i];
+        store_value(out.data, out.dtype, i, sum);
+      }
+    });
+  });
+  if (!save) return nullptr;
+  return cache;
+}
+
+void ShardedLayer::backward(const ShardedCache& cache, const View& grad_out, const View& grad_x,
+                            const View& grad_weights, const LoRAGradViews& lg) {
+  Impl& L = *impl_;
+  const MoEConfig& c = L.config;
+  const std::int64_t T = grad_out.shape[0], H = c.hidden, K = c.top_k, E = c.num_experts, I = c.intermediate;
+  const auto n = static_cast<int>(L.shards.size());
+  const std::int64_t rg = lg.da_gu ? lg.da_gu.shape[1] : lg.db_gu ? lg.db_gu.shape[2] : 0;
+  const std::int64_t rd = lg.da_d ? lg.da_d.shape[1] : lg.db_d ? lg.db_d.shape[2] : 0;
+
+  // Round 1: each shard's backward into fp32 partials (its slice's LoRA gradients included).
+  L.on_shards([&](ShardState& s) {
+    const std::int64_t w = s.width();
+    View gx, gw;
+    if (grad_x) gx = f32_view(node_local(s.rt->gx, T * H, s.node()), T, H);
+    if (grad_weights) gw = f32_view(node_local(s.rt->gw, T * K, s.node()), T, K);
+    LoRAGradViews inner;
+    if (lg.da_gu) inner.da_gu = f32_view(node_local(s.rt->da_gu, E * rg * H, s.node()), E, rg, H);
+    if (lg.db_gu) inner.db_gu = f32_view(node_local(s.rt->db_gu, E * 2 * w * rg, s.node()), E, 2 * w, rg);
+    if (lg.da_d) inner.da_d = f32_view(node_local(s.rt->da_d, E * rd * w, s.node()), E, rd, w);
+    if (lg.db_d) inner.db_d = f32_view(node_local(s.rt->db_d, E * H * rd, s.node()), E, H, rd);
+    s.layer->backward(*cache.caches[static_cast<std::size_t>(s.index)], grad_out, gx, gw, inner);
+  },
+  // Round 2: sums over shards (tokens and experts split between the shards), and each shard's own
+  // dB_gu rows / dA_d columns. Tasks: token chunks, then this shard's experts, then all experts.
+  [&](ShardState& s) {
+    const std::int64_t t0 = T * s.index / n, t1 = T * (s.index + 1) / n;
+    const std::int64_t e0 = E * s.index / n, e1 = E * (s.index + 1) / n;
+    const std::int64_t token_tasks = (t1 - t0 + kTokenChunk - 1) / kTokenChunk, sum_tasks = e1 - e0;
+    const std::int64_t w = s.width();
+    const auto sum_into = [&](const View& dst, Buffer<float> ShardRuntime::*part, std::int64_t a, std::int64_t b) {
+      for (std::int64_t i = a; i < b; ++i) {
+        float sum = 0.f;
+        for (const auto& other : L.shards) sum += ((*other->rt).*part).data()[i];
+        store_value(dst.data, dst.dtype, i, sum);
+      }
+    };
+    s.pool().parallel_for(token_tasks + sum_tasks + E, [&](std::int64_t task, int) {
+      if (task < token_tasks) {
+        const std::int64_t a = t0 + task * kTokenChunk, b = std::min(t1, a + kTokenChunk);
+        if (grad_x) sum_into(grad_x, &ShardRuntime::gx, a * H, b * H);
+        if (grad_weights) sum_into(grad_weights, &ShardRuntime::gw, a * K, b * K);
+        return;
+      }
+      if (task < token_tasks + sum_tasks) {
+        const std::int64_t e = e0 + task - token_tasks;
+        if (lg.da_gu) sum_into(lg.da_gu, &ShardRuntime::da_gu, e * rg * H, (e + 1) * rg * H);
+        if (lg.db_d) sum_into(lg.db_d, &ShardRuntime::db_d, e * H * rd, (e + 1) * H * rd);
+        return;
+      }
+      const std::int64_t e = task - token_tasks - sum_tasks;
+      if (lg.db_gu) {
+        const float* src = s.rt->db_gu.data();
+        for (std::int64_t i = 0; i < 2 * w; ++i) {
+          const std::int64_t row = i < w ? s.i0 + i : I + s.i0 + (i - w);
+          for (std::int64_t q = 0; q < rg; ++q)
+            store_value(lg.db_gu.data, lg.db_gu.dtype, (e * 2 * I + row) * rg + q, src[(e * 2 * w + i) * rg + q]);
+        }
+      }
+      if (lg.da_d) {
+        const float* src = s.rt->da_d.data();
+        for (std::int64_t q = 0; q < rd; ++q)
+          for (std::int64_t j = 0; j < w; ++j)
+            store_value(lg.da_d.data, lg.da_d.dtype, (e * rd + q) * I + s.i0 + j, src[(e * rd + q) * w + j]);
+      }
+    });
+  });
+}
+
+std::vector<MemoryReport> ShardedLayer::memory_reports() {
+  std::vector<MemoryReport> out;
+  for (const auto& s : impl_->shards) out.push_back(s->layer->memory_report());
+  return out;
+}
+
+std::size_t ShardedLayer::cache_bytes(const ShardedCache& cache) {
+  std::size_t total = 0;
+  for (const ForwardCachePtr& c : cache.caches)
+    if (c) total += moe::cache_bytes(*c);
+  for (const auto& slice : cache.lora)
+    if (slice) total += slice->bytes();
+  return total;
+}
+
+std::vector<ShardInfo> ShardedLayer::report() const {
+  std::vector<ShardInfo> out;
+  for (const auto& s : impl_->shards) {
+    ShardInfo info;
+    info.i0 = s->i0;
+    info.i1 = s->i1;
+    info.nodes = s->place.nodes;
+    info.cpus = s->place.cpus;
+    info.weight_bytes = s->layer->packed_weight_bytes();
+    info.buffer_bytes = s->rt->buffer_bytes();
+    const void* first = s->layer->packed_weight_address();
+    info.weight_node = first ? runtime::node_of_address(first) : -1;
+    out.push_back(std::move(info));
+  }
+  return out;
+}
+
+}  // namespace kt::moe

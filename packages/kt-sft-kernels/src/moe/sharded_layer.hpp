@@ -1,0 +1,52 @@
+// The NUMA tensor-parallel wrapper (DESIGN.md §3.4, ADR 0701): a layer with numa_shards = N > 1 is
+// N ordinary MoELayers, shard s owning the intermediate slice [i0_s, i1_s) (multiples of 32): gate/up
+// rows and down columns of that slice, packed by the shard's own pinned sub-pool (node-local by first
+// touch). Every shard runs the full per-expert math on its slice; the results are linear in the
+// slices, so
+//   out, dx, grad_w, dA_gu, dB_d = Σ_s (shard s's fp32 result), summed in shard order, rounded once;
+//   dB_gu rows / dA_d columns of slice s = shard s's result, written into the caller's arrays.
+// LoRA B_d (A_d h) is applied per shard (B_d (A_d[:,s] h_s)) and reduced with the output; A_gu x is
+// computed by each shard (r·H per pair, cheap next to the slice's base GEMMs).
+// Reached only through MoELayer (layer.cpp), which validates every argument first.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kt/core/tensor.hpp"
+#include "kt/moe/config.hpp"
+#include "kt/moe/layer.hpp"
+
+namespace kt::moe {
+
+struct ShardedCache;  // what forward(save=true) keeps per shard (sharded_layer.cpp)
+
+class ShardedLayer {
+ public:
+  // Plans the shards from the process topology and KT_SFT_NUMA; throws std::invalid_argument when
+  // I cannot give every shard a multiple of 32.
+  explicit ShardedLayer(const MoEConfig& config);
+  ~ShardedLayer();
+
+  void load_weights(const View* gate_up, const View* gate, const View* up, const View& down);
+  // Returns the shards' caches when save is true, nullptr otherwise.
+  std::shared_ptr<ShardedCache> forward(const View& x, const View& ids, const View& weights, const View& out,
+                                        const LoRAViews& lora, bool save);
+  void backward(const ShardedCache& cache, const View& grad_out, const View& grad_x, const View& grad_weights,
+                const LoRAGradViews& lora_grads);
+  std::vector<ShardInfo> report() const;
+  std::vector<MemoryReport> memory_reports();  // each shard's MoELayer::memory_report()
+  // Activation-cache bytes a forward(save=true) left in its shards (LoRA slices included).
+  static std::size_t cache_bytes(const ShardedCache& cache);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// The slices numa_shards=N gives intermediate I: N near-equal runs of 32-row blocks. Throws
+// std::invalid_argument naming numa_shards and intermediate when I / 32 < N.
+std::vector<std::pair<int, int>> shard_slices(int intermediate, int shards);
+
+}  // namespace kt::moe
