@@ -79,12 +79,7 @@ nb::dict build_info_dict() {
   return d;
 }
 
-PyThreadPool make_pool(int threads, bool pin) {
-  auto context = std::make_shared<PoolContext>();
-  context->owned = std::make_unique<runtime::ThreadPool>(threads, pin);
-  context->pool = context->owned.get();
-  return PyThreadPool{std::move(context)};
-}
+PyThreadPool make_pool(int threads, bool pin) { return PyThreadPool{runtime::make_pool_context(threads, pin)}; }
 
 // Test hooks for the pool itself (tests/test_runtime.py); no kernel involved.
 std::vector<int> run_counting(PyThreadPool& pool, std::int64_t num_tasks) {
@@ -124,26 +119,6 @@ void run_nested(PyThreadPool& pool) {
 }
 
 }  // namespace
-
-std::shared_ptr<runtime::Job> PoolContext::submit(std::function<void()> work) {
-  if (executor.on_executor_thread()) throw std::logic_error("a pool call was made from the pool's own executor thread");
-  return executor.submit(std::move(work));
-}
-
-std::shared_ptr<PoolContext> default_pool_context() {
-  // Never destroyed (like the default pool itself): nothing to order at interpreter exit.
-  static std::mutex mutex;
-  static std::shared_ptr<PoolContext>* context = nullptr;
-  static pid_t context_pid = 0;
-  std::lock_guard<std::mutex> lock(mutex);
-  if (context == nullptr || context_pid != getpid()) {
-    auto fresh = std::make_shared<PoolContext>();
-    fresh->pool = &runtime::default_pool();
-    context = new std::shared_ptr<PoolContext>(std::move(fresh));
-    context_pid = getpid();
-  }
-  return *context;
-}
 
 void wait_and_rethrow(runtime::Job& job) {
   {
@@ -254,7 +229,7 @@ void bind_runtime(nb::module_& m) {
                (p.context->pool->pinned() ? ", pin=True" : "") + (p.context->owned ? "" : ", default") + ")";
       });
 
-  m.def("default_pool", [] { return PyThreadPool{default_pool_context()}; },
+  m.def("default_pool", [] { return PyThreadPool{runtime::default_pool_context()}; },
         "The process-wide pool (KT_SFT_NUM_THREADS, else default_thread_count() threads), created at first use.");
 
   nb::module_ testing = m.def_submodule("_testing", "Hooks for the package's own tests.");
