@@ -31,6 +31,7 @@ void MoELayer::backward_validated(const ForwardCache& cache, const View& grad_ou
   runtime::ThreadPool& pool = *L.pool;
   const std::lock_guard<std::mutex> ws_lock(L.shared->mutex);
   Workspace& ws = L.shared->ws;
+  check_call_memory("backward", c, T, backward_bytes(c, T, rg, rd, pool.size()), L.shared->reserved_bytes);
   const std::int64_t P = r.pairs();
   const auto n_active = static_cast<std::int64_t>(r.active.size());
   const bf16* gu = cache.gu.data();

@@ -28,6 +28,7 @@ ForwardCachePtr MoELayer::forward_validated(const View& x, const View& ids, cons
   runtime::ThreadPool& pool = *L.pool;
   const std::lock_guard<std::mutex> ws_lock(L.shared->mutex);
   Workspace& ws = L.shared->ws;
+  check_call_memory("forward", c, T, forward_bytes(c, T, rg, rd, save, pool.size()), L.shared->reserved_bytes);
 
   ForwardCachePtr cache;
   if (save) {

@@ -205,7 +205,20 @@ struct Workspace {
 struct SharedWorkspace {
   std::mutex mutex;
   Workspace ws;
+  std::size_t reserved_bytes = 0;  // the largest workspace a call was allowed to grow to (memory_check.cpp)
 };
+
+// What a call allocates (memory_check.cpp): its share of the grow-only workspace, and the new
+// activation cache of forward(save=True).
+struct CallBytes {
+  std::size_t workspace = 0, cache = 0;
+};
+CallBytes forward_bytes(const MoEConfig& config, std::int64_t tokens, int rank_gu, int rank_d, bool save, int threads);
+CallBytes backward_bytes(const MoEConfig& config, std::int64_t tokens, int rank_gu, int rank_d, int threads);
+// Throws kt::MemoryError (naming the bytes and the knob) when what the call would allocate beyond
+// `reserved` exceeds the memory available; else raises `reserved` to the call's workspace.
+void check_call_memory(const char* what, const MoEConfig& config, std::int64_t tokens, const CallBytes& need,
+                       std::size_t& reserved);
 
 // The grow-only scratch shared by every layer on `pool` (layer.cpp).
 std::shared_ptr<SharedWorkspace> workspace_for(const runtime::ThreadPool* pool);
