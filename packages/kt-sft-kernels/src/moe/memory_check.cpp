@@ -24,7 +24,7 @@ CallBytes forward_bytes(const MoEConfig& c, std::int64_t T, int rg, int rd, bool
   const std::size_t P = static_cast<std::size_t>(T) * static_cast<std::size_t>(c.top_k);
   const std::size_t H = static_cast<std::size_t>(c.hidden), I = static_cast<std::size_t>(c.intermediate);
   const std::size_t routing = P * 24 + static_cast<std::size_t>(c.num_experts + 1) * 8;
-  const std::size_t cached_per_pair = 2 * 2 * I + 4 * static_cast<std::size_t>(rg + rd);
+  const std::size_t cached_per_pair = cache_bytes_per_pair(c, rg, rd);
   CallBytes b;
   b.workspace = static_cast<std::size_t>(T) * H * 2 /*xb*/ + P * (16 /*row pointers*/ + 2 * I /*hb*/ + 4 * H /*rows*/ +
                                                                   2 * std::max(H, I) /*packing*/) +
