@@ -380,7 +380,61 @@ def fuzz_dropped_objects(drop: str, n: int) -> None:
         np.testing.assert_array_equal(o, outs[0])
 
 
+@seed(SEED)
+@SETTINGS
+@given(
+    wd=st.sampled_from(["int8", "int4"]),
+    group=st.sampled_from([32, 64, 128]),
+    spoilt=st.sampled_from([None, None, 0, 1, 2, 3]),
+    wrong_dtype=st.sampled_from([np.int8, np.uint8, np.float32, BF16, np.float64]),
+    scale_dtype=st.sampled_from([np.float32, BF16]),
+    delta=st.sampled_from([0, -1, 1]),
+    isa=st.sampled_from([None, "portable", "avx2", "avx512", "avx512_bf16", "amx", "sse9", ""]),
+)
+def fuzz_quantized_bases(
+    wd: str, group: int, spoilt: int | None, wrong_dtype: Any, scale_dtype: Any, delta: int, isa: str | None
+) -> None:
+    E, H, inter = 2, 128, 128
+    cfg = kk.MoEConfig(
+        num_experts=E, top_k=1, hidden=H, intermediate=inter, weight_dtype=wd, group_size=group
+    )
+    layer = kk.MoELayer(cfg, pool=POOL)
+    assert call(layer.memory_report)[0]
+    packed = 1 if wd == "int8" else 2
+    shapes = [
+        (E, 2 * inter, H // packed),
+        (E, 2 * inter) if wd == "int8" else (E, 2 * inter, H // group),
+        (E, H, inter // packed),
+        (E, H) if wd == "int8" else (E, H, inter // group),
+    ]
+    q_dtype = np.int8 if wd == "int8" else np.uint8
+    arrays = [np.ones(shape, dtype) for shape, dtype in zip(shapes, [q_dtype, scale_dtype] * 2, strict=True)]
+    must_fail = False
+    if spoilt is not None:  # one array of another dtype, or of a wrong last extent
+        shape = (*shapes[spoilt][:-1], shapes[spoilt][-1] + delta)
+        dtype = np.dtype(wrong_dtype if delta == 0 else arrays[spoilt].dtype)
+        accepted = [np.dtype(q_dtype)] if spoilt % 2 == 0 else [np.dtype(np.float32), np.dtype(BF16)]
+        must_fail = delta != 0 or dtype not in accepted
+        arrays[spoilt] = np.ones(shape, dtype)
+    ok, _ = call(lambda: layer.load_quantized(*arrays))
+    assert ok != must_fail and layer.loaded == ok
+    outputs = [np.empty(shape, q_dtype if i % 2 == 0 else np.float32) for i, shape in enumerate(shapes)]
+    assert call(lambda: layer.read_quantized(*outputs))[0] == ok
+    if ok:
+        assert all(np.array_equal(o, a.astype(o.dtype)) for o, a in zip(outputs, arrays, strict=True))
+    call(lambda: kk.set_max_isa(isa))
+    try:
+        x = np.ones((5, H), np.float32)
+        ok, _ = call(
+            lambda: layer.forward(x, np.zeros((5, 1), np.int64), np.ones((5, 1), np.float32), x.copy())
+        )
+        assert ok == layer.loaded
+    finally:
+        kk.set_max_isa(None)
+
+
 FUZZERS = [
+    fuzz_quantized_bases,
     fuzz_lora_and_grads,
     fuzz_config_pool_and_load,
     fuzz_forward_backward,
