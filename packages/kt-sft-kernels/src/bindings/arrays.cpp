@@ -76,17 +76,6 @@ bool is_host_memory(std::int32_t device_type) {
   return device_type == 1 /* kDLCPU */ || device_type == 3 /* kDLCUDAHost: pinned host memory */;
 }
 
-std::size_t item_size(DType dtype) {
-  switch (dtype) {
-    case DType::bf16: return 2;
-    case DType::f32: return 4;
-    case DType::i32: return 4;
-    case DType::i64: return 8;
-    case DType::i8: case DType::u8: return 1;
-  }
-  return 1;
-}
-
 // NumPy has no bf16 DLPack/buffer export: an ml_dtypes.bfloat16 NumPy array is re-viewed as its
 // uint16 bits (zero copy). Detected by name so neither NumPy nor ml_dtypes is imported here.
 bool is_numpy_bfloat16(nb::handle obj) {
@@ -127,32 +116,6 @@ bool c_contiguous(const nb::ndarray<nb::ro>& a) {
 
 void raise_type(const std::string& message) { throw kt::TypeError(message); }
 void raise_value(const std::string& message) { throw std::invalid_argument(message); }
-
-std::string dtype_name(DType dtype) {
-  switch (dtype) {
-    case DType::bf16: return "bfloat16";
-    case DType::f32: return "float32";
-    case DType::i32: return "int32";
-    case DType::i64: return "int64";
-    case DType::i8: return "int8";
-    case DType::u8: return "uint8";
-  }
-  return "?";
-}
-
-std::string shape_text(const View& view) {
-  std::string text = "(";
-  for (int i = 0; i < view.ndim; ++i) {
-    if (i) text += ", ";
-    text += std::to_string(view.shape[i]);
-  }
-  if (view.ndim == 1) text += ",";
-  return text + ")";
-}
-
-std::int64_t Array::nbytes() const {
-  return view ? view.numel() * static_cast<std::int64_t>(item_size(view.dtype)) : 0;
-}
 
 Array import_array(nb::handle obj, const char* name, unsigned allowed_dtypes, int ndim, Access access,
                    bool optional) {
@@ -206,44 +169,11 @@ Array import_array(nb::handle obj, const char* name, unsigned allowed_dtypes, in
   const void* data = a.data();
   if (out.view.numel() == 0) {
     data = empty_array_storage;
-  } else if (reinterpret_cast<std::uintptr_t>(data) % item_size(*dtype) != 0) {
-    raise_value(arg + ": data is not aligned to its " + std::to_string(item_size(*dtype)) + "-byte element size");
+  } else if (reinterpret_cast<std::uintptr_t>(data) % moe::dtype_bytes(*dtype) != 0) {
+    raise_value(arg + ": data is not aligned to its " + std::to_string(moe::dtype_bytes(*dtype)) + "-byte element size");
   }
   out.view.data = const_cast<void*>(data);  // writability was checked above for outputs
   return out;
-}
-
-void check_shape(const Array& a, std::initializer_list<std::int64_t> expected, const char* free_label) {
-  bool ok = static_cast<int>(expected.size()) == a.view.ndim;
-  std::string text = "(";
-  int i = 0;
-  for (const std::int64_t extent : expected) {
-    if (i) text += ", ";
-    text += extent < 0 ? std::string(free_label) : std::to_string(extent);
-    if (extent >= 0 && i < a.view.ndim && a.view.shape[i] != extent) ok = false;
-    ++i;
-  }
-  text += ")";
-  if (!ok) raise_value(std::string(a.name) + ": expected shape " + text + ", got " + shape_text(a.view));
-}
-
-void check_no_overlap(const std::vector<const Array*>& outputs, const std::vector<const Array*>& inputs) {
-  const auto overlaps = [](const Array& x, const Array& y) {
-    if (x.nbytes() == 0 || y.nbytes() == 0) return false;
-    const auto* x0 = static_cast<const char*>(x.view.data);
-    const auto* y0 = static_cast<const char*>(y.view.data);
-    return x0 < y0 + y.nbytes() && y0 < x0 + x.nbytes();
-  };
-  for (std::size_t i = 0; i < outputs.size(); ++i) {
-    const Array& o = *outputs[i];
-    const auto check_against = [&](const Array& other) {
-      if (overlaps(o, other))
-        raise_value(std::string(o.name) + ": shares memory with " + other.name +
-                    " (outputs must not alias other arguments)");
-    };
-    for (std::size_t j = i + 1; j < outputs.size(); ++j) check_against(*outputs[j]);
-    for (const Array* in : inputs) check_against(*in);
-  }
 }
 
 }  // namespace kt::bindings

@@ -1,6 +1,6 @@
 // Importing caller arrays at the Python boundary: DLPack / buffer protocol through nb::ndarray, zero
-// copy, with every check the kernels rely on (device, dtype, rank, shape, C-contiguity, alignment,
-// writability, no aliasing between outputs and other arguments). Errors name the argument.
+// copy, with the checks that need the producer (device, dtype, rank, C-contiguity, alignment,
+// writability). Shapes and aliasing are checked by the C++ API (kt/moe/validate.hpp). Errors name the argument.
 #pragma once
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
@@ -13,6 +13,7 @@
 
 #include "kt/core/errors.hpp"
 #include "kt/core/tensor.hpp"
+#include "kt/moe/validate.hpp"
 
 namespace kt::bindings {
 
@@ -28,6 +29,11 @@ enum DTypeMask : unsigned {
   kU8 = 1u << static_cast<unsigned>(DType::u8),
 };
 
+using moe::check_no_overlap;
+using moe::check_shape;
+using moe::dtype_name;
+using moe::shape_text;
+
 // One imported argument. `array` keeps the producer's memory alive and must be destroyed with the
 // GIL held; `view` is what the kernels see (absent when the argument was None).
 struct Array {
@@ -37,7 +43,7 @@ struct Array {
 
   explicit operator bool() const { return static_cast<bool>(view); }
   std::int64_t dim(int i) const { return view.shape[i]; }
-  std::int64_t nbytes() const;
+  moe::NamedView named() const { return {view, name}; }
 };
 
 enum class Access { read, write };
@@ -46,15 +52,6 @@ enum class Access { read, write };
 // ml_dtypes.bfloat16 are taken as their raw uint16 bits; uint16 arrays are bf16 bits.
 Array import_array(nb::handle obj, const char* name, unsigned allowed_dtypes, int ndim, Access access,
                    bool optional = false);
-
-// `expected` entries < 0 are free dimensions, printed as `free_label`.
-void check_shape(const Array& a, std::initializer_list<std::int64_t> expected, const char* free_label = "T");
-
-// Every output must not share memory with any other argument (inputs or outputs).
-void check_no_overlap(const std::vector<const Array*>& outputs, const std::vector<const Array*>& inputs);
-
-std::string dtype_name(DType dtype);
-std::string shape_text(const View& view);
 
 [[noreturn]] void raise_type(const std::string& message);   // Python TypeError
 [[noreturn]] void raise_value(const std::string& message);  // Python ValueError

@@ -1,8 +1,11 @@
 // MoE bindings: MoEConfig, LoRA, LoRAGrads, MoELayer, ForwardHandle, Pending.
 //
-// Every call validates its arguments here, in the calling thread, then becomes a job on the layer's
-// pool executor (sync = submit + wait with the GIL released). Jobs see only raw views; the Python
-// objects that own the memory stay with the Pending / ForwardHandle, whose lifetime covers the job.
+// Only array import, GIL handling and the Python classes live here: argument checks are the C++
+// API's (kt/moe/validate.hpp), calls are queued and kept in order by it (kt/moe/calls.hpp).
+// Memory safety (issue 16 item 8a): a LoRA, LoRAGrads or ForwardHandle keeps the Python objects it
+// was given, never a data pointer; each call imports them again and checks that shape and dtype are
+// unchanged, so a tensor whose storage moved (resize_, set_, param.data = ...) is followed to its
+// new memory, and one whose shape or dtype changed raises ValueError naming it.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
@@ -18,8 +21,10 @@
 #include "arrays.hpp"
 #include "bindings.hpp"
 #include "kt/core/errors.hpp"
+#include "kt/moe/calls.hpp"
 #include "kt/moe/config.hpp"
 #include "kt/moe/layer.hpp"
+#include "kt/moe/validate.hpp"
 
 namespace kt::bindings {
 namespace {
@@ -36,79 +41,74 @@ std::string object_type_name(nb::handle obj) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// LoRA and LoRAGrads
+// LoRA and LoRAGrads: the four owners, and the shape/dtype each had when the object was built.
 
-// The four LoRA arrays (weights or gradients); a projection without LoRA has both arrays absent.
-struct LoRAArrays {
-  Array a_gu, b_gu, a_d, b_d;
-  nb::object objects[4];  // what the caller passed (returned by the properties)
+struct LoRAObjects {
+  const char* const* names = nullptr;
+  Access access = Access::read;
+  nb::object objects[4];  // what the caller passed (returned by the properties; None = absent)
+  View taken[4];          // shape and dtype at construction (the data pointer is never used)
 
-  bool has_gate_up() const { return static_cast<bool>(a_gu); }
-  bool has_down() const { return static_cast<bool>(a_d); }
-  std::vector<const Array*> all() const { return {&a_gu, &b_gu, &a_d, &b_d}; }
+  // Imports the four arrays again (kept alive by `keep`); each must still have its shape and dtype.
+  std::vector<View> current(std::vector<Array>& keep, const char* taken_at) const {
+    std::vector<View> views(4);
+    for (int i = 0; i < 4; ++i) {
+      if (objects[i].is_none()) continue;
+      keep.push_back(import_array(objects[i], names[i], kLoRADTypes, 3, access));
+      moe::check_unchanged(taken[i], keep.back().view, names[i], taken_at);
+      views[static_cast<std::size_t>(i)] = keep.back().view;
+    }
+    return views;
+  }
 };
 
-LoRAArrays import_lora_arrays(nb::handle a_gu, nb::handle b_gu, nb::handle a_d, nb::handle b_d,
-                              const char* const names[4], Access access) {
-  LoRAArrays l;
-  const nb::handle given[4] = {a_gu, b_gu, a_d, b_d};
-  Array* slots[4] = {&l.a_gu, &l.b_gu, &l.a_d, &l.b_d};
+LoRAObjects import_lora_objects(const nb::handle (&given)[4], const char* const names[4], Access access,
+                                std::vector<Array>& keep) {
+  LoRAObjects l;
+  l.names = names;
+  l.access = access;
   for (int i = 0; i < 4; ++i) {
-    *slots[i] = import_array(given[i], names[i], kLoRADTypes, 3, access, /*optional=*/true);
+    keep.push_back(import_array(given[i], names[i], kLoRADTypes, 3, access, /*optional=*/true));
     l.objects[i] = nb::borrow(given[i]);
-  }
-  for (int pair = 0; pair < 2; ++pair) {
-    const Array& a = *slots[2 * pair];
-    const Array& b = *slots[2 * pair + 1];
-    if (static_cast<bool>(a) != static_cast<bool>(b)) {
-      raise_type(std::string(a ? b.name : a.name) + ": required together with " + (a ? a.name : b.name) +
-                 " (give both arrays of a projection, or neither for no LoRA on it)");
-    }
-  }
-  if (!l.has_gate_up() && !l.has_down())
-    raise_type(std::string("LoRA: no arrays given; give the gate_up pair, the down pair, or both"));
-  const Array* first = l.has_gate_up() ? &l.a_gu : &l.a_d;
-  for (const Array* a : l.all()) {
-    if (*a && a->view.dtype != first->view.dtype) {
-      raise_type(std::string(a->name) + ": dtype " + dtype_name(a->view.dtype) + " differs from " + first->name +
-                 "'s " + dtype_name(first->view.dtype) + "; all LoRA arrays must share one dtype");
-    }
+    l.taken[i] = keep.back().view;
   }
   return l;
 }
 
+moe::LoRAViews lora_views(const std::vector<View>& v, float scale_gu, float scale_d, std::int64_t version) {
+  moe::LoRAViews l;
+  l.a_gu = v[0];
+  l.b_gu = v[1];
+  l.a_d = v[2];
+  l.b_d = v[3];
+  l.scale_gu = scale_gu;
+  l.scale_d = scale_d;
+  l.version = version;
+  return l;
+}
+
+moe::LoRAGradViews grad_views(const std::vector<View>& v) {
+  moe::LoRAGradViews g;
+  g.da_gu = v[0];
+  g.db_gu = v[1];
+  g.da_d = v[2];
+  g.db_d = v[3];
+  return g;
+}
+
 struct PyLoRA {
-  LoRAArrays arrays;
+  static constexpr const char* kNames[4] = {"a_gu", "b_gu", "a_d", "b_d"};
+  LoRAObjects arrays;
   float scale_gu = 0.f, scale_d = 0.f;
   std::int64_t version = 0;
 
-  DType dtype() const { return arrays.has_gate_up() ? arrays.a_gu.view.dtype : arrays.a_d.view.dtype; }
-  std::int64_t rank_gate_up() const { return arrays.has_gate_up() ? arrays.a_gu.dim(1) : 0; }
-  std::int64_t rank_down() const { return arrays.has_down() ? arrays.a_d.dim(1) : 0; }
+  DType dtype() const { return arrays.taken[0] ? arrays.taken[0].dtype : arrays.taken[2].dtype; }
+  std::int64_t rank_gate_up() const { return arrays.taken[0] ? arrays.taken[0].shape[1] : 0; }
+  std::int64_t rank_down() const { return arrays.taken[2] ? arrays.taken[2].shape[1] : 0; }
 
-  // Shapes against the layer (DESIGN.md §2): a_gu [E,r,H], b_gu [E,2I,r], a_d [E,r,I], b_d [E,H,r].
-  void check_config(const moe::MoEConfig& c) const {
-    const std::int64_t E = c.num_experts, H = c.hidden, I = c.intermediate;
-    if (arrays.has_gate_up()) {
-      check_shape(arrays.a_gu, {E, -1, H}, "r");
-      check_shape(arrays.b_gu, {E, 2 * I, rank_gate_up()});
-    }
-    if (arrays.has_down()) {
-      check_shape(arrays.a_d, {E, -1, I}, "r");
-      check_shape(arrays.b_d, {E, H, rank_down()});
-    }
-  }
-
-  moe::LoRAViews views() const {
-    moe::LoRAViews v;
-    v.a_gu = arrays.a_gu.view;
-    v.b_gu = arrays.b_gu.view;
-    v.a_d = arrays.a_d.view;
-    v.b_d = arrays.b_d.view;
-    v.scale_gu = scale_gu;
-    v.scale_d = scale_d;
-    v.version = version;
-    return v;
+  // The LoRA as it is now, its arrays imported again into `keep`.
+  moe::LoRAViews current(std::vector<Array>& keep) const {
+    return lora_views(arrays.current(keep, "the LoRA was built"), scale_gu, scale_d, version);
   }
 };
 
@@ -121,64 +121,53 @@ float checked_scale(std::optional<double> scale, bool needed, const char* name) 
 
 PyLoRA make_lora(nb::handle a_gu, nb::handle b_gu, nb::handle a_d, nb::handle b_d, std::optional<double> scale_gu,
                  std::optional<double> scale_d, std::int64_t version) {
-  static const char* const names[4] = {"a_gu", "b_gu", "a_d", "b_d"};
   PyLoRA l;
-  l.arrays = import_lora_arrays(a_gu, b_gu, a_d, b_d, names, Access::read);
-  // Pair-internal consistency now, so mistakes surface where the LoRA is built.
-  const auto check_pair = [](const Array& a, const Array& b, bool gate_up) {
-    if (!a) return;
-    const std::int64_t E = a.dim(0), r = a.dim(1);
-    if (r < 1) raise_value(std::string(a.name) + ": rank (dimension 1) must be >= 1; pass None for no LoRA");
-    if (b.dim(0) != E || b.dim(2) != r) {
-      raise_value(std::string(b.name) + ": expected shape (" + std::to_string(E) + ", " + (gate_up ? "2I" : "H") +
-                  ", " + std::to_string(r) + ") to match " + a.name + " " + shape_text(a.view) + ", got " +
-                  shape_text(b.view));
-    }
-    if (gate_up && b.dim(1) % 2 != 0)
-      raise_value(std::string(b.name) + ": dimension 1 is 2I (gate rows, then up rows) and must be even, got " +
-                  std::to_string(b.dim(1)));
-  };
-  check_pair(l.arrays.a_gu, l.arrays.b_gu, true);
-  check_pair(l.arrays.a_d, l.arrays.b_d, false);
-  l.scale_gu = checked_scale(scale_gu, l.arrays.has_gate_up(), "scale_gu");
-  l.scale_d = checked_scale(scale_d, l.arrays.has_down(), "scale_d");
+  std::vector<Array> imported;
+  l.arrays = import_lora_objects({a_gu, b_gu, a_d, b_d}, PyLoRA::kNames, Access::read, imported);
+  const moe::LoRAViews views = lora_views({l.arrays.taken, l.arrays.taken + 4}, 0.f, 0.f, version);
+  moe::validate_lora(views);
+  l.scale_gu = checked_scale(scale_gu, views.has_gate_up(), "scale_gu");
+  l.scale_d = checked_scale(scale_d, views.has_down(), "scale_d");
   l.version = version;
   return l;
 }
 
 struct PyLoRAGrads {
-  LoRAArrays arrays;
+  static constexpr const char* kNames[4] = {"da_gu", "db_gu", "da_d", "db_d"};
+  LoRAObjects arrays;
+
+  moe::LoRAGradViews current(std::vector<Array>& keep) const {
+    return grad_views(arrays.current(keep, "the LoRAGrads was built"));
+  }
 };
 
 PyLoRAGrads make_lora_grads(nb::handle da_gu, nb::handle db_gu, nb::handle da_d, nb::handle db_d) {
-  static const char* const names[4] = {"da_gu", "db_gu", "da_d", "db_d"};
-  return PyLoRAGrads{import_lora_arrays(da_gu, db_gu, da_d, db_d, names, Access::write)};
+  PyLoRAGrads g;
+  std::vector<Array> imported;
+  g.arrays = import_lora_objects({da_gu, db_gu, da_d, db_d}, PyLoRAGrads::kNames, Access::write, imported);
+  moe::validate_lora_grads(grad_views({g.arrays.taken, g.arrays.taken + 4}));
+  return g;
 }
 
 // ---------------------------------------------------------------------------------------------
 // MoELayer, ForwardHandle, Pending
 
 struct PyMoELayer {
-  std::shared_ptr<PoolContext> context;   // declared first: outlives the layer that uses its pool
+  std::shared_ptr<runtime::PoolContext> context;  // declared first: outlives the layer that uses its pool
   std::unique_ptr<moe::MoELayer> layer;
-  bool weights_loaded = false;            // only touched with the GIL held
+  bool weights_loaded = false;  // only touched with the GIL held
 };
 
 struct PyForwardHandle {
-  nb::object layer_object;                 // keeps the layer alive
+  nb::object layer_object;  // keeps the layer alive
   const PyMoELayer* layer = nullptr;
-  std::shared_ptr<ForwardCache> cache;     // null once consumed
-  Array x;                                 // the forward's input: the backward reads it
-  nb::object lora_object;                  // the forward's PyLoRA (or None): the backward reads it
+  std::shared_ptr<ForwardCache> cache;  // null once consumed
+  nb::object x_object;                  // the forward's input: the backward reads it (imported again)
+  nb::object lora_object;               // the forward's PyLoRA (or None): likewise
   std::int64_t tokens = 0;
   bool consumed = false;
 
   const PyLoRA* lora() const { return lora_object.is_none() ? nullptr : nb::cast<const PyLoRA*>(lora_object); }
-};
-
-// Where a forward job leaves its cache.
-struct CacheSlot {
-  std::shared_ptr<ForwardCache> cache;
 };
 
 void warn_unraisable(const std::string& message) {
@@ -186,18 +175,19 @@ void warn_unraisable(const std::string& message) {
   if (PyErr_WarnEx(PyExc_RuntimeWarning, message.c_str(), 1) != 0) PyErr_WriteUnraisable(nullptr);
 }
 
+// The Python face of a moe::PendingCall: the call plus the Python owners of every array it touches,
+// released (with the GIL) once it finished.
 struct PyPending {
-  std::shared_ptr<runtime::Job> job;
+  moe::PendingCall call;
   std::vector<Array> arrays;        // every array the call reads or writes
   std::vector<nb::object> objects;  // the layer, LoRA, handle, ... the call uses
-  // forward(save=True) only: the ForwardHandle made on completion.
-  std::shared_ptr<CacheSlot> slot;
-  nb::object layer_object;
+  // forward(save=True) only: what the ForwardHandle made on completion needs.
+  bool save = false;
+  nb::object layer_object, x_object, lora_object;
   const PyMoELayer* layer = nullptr;
-  nb::object lora_object;
   std::int64_t tokens = 0;
   PyForwardHandle* consumed_handle = nullptr;  // backward only (kept alive by `objects`)
-  const char* what = "";            // "forward" / "backward", for messages
+  const char* what = "";                       // "forward" / "backward", for messages
 
   bool finished = false;
   std::exception_ptr error;
@@ -210,17 +200,17 @@ struct PyPending {
   PyPending& operator=(const PyPending&) = delete;
 
   ~PyPending() {
-    if (!job || finished) return;
+    if (finished) return;
     {
       nb::gil_scoped_release release;
-      job->wait();
+      call.wait();
     }
-    if (job->error()) {
+    if (std::exception_ptr e = call.error()) {
       try {
-        std::rethrow_exception(job->error());
-      } catch (const std::exception& e) {
+        std::rethrow_exception(e);
+      } catch (const std::exception& ex) {
         warn_unraisable(std::string("kt_sft_kernels: a ") + what + "_async() call failed and its Pending was dropped "
-                        "without wait(): " + e.what());
+                        "without wait(): " + ex.what());
       } catch (...) {
         warn_unraisable(std::string("kt_sft_kernels: a ") + what + "_async() call failed and its Pending was dropped "
                         "without wait()");
@@ -232,7 +222,7 @@ struct PyPending {
     if (!finished) {
       {
         nb::gil_scoped_release release;
-        job->wait();
+        call.wait();
       }
       if (!finished) finish();  // another Python thread may have finished it meanwhile
     }
@@ -240,39 +230,37 @@ struct PyPending {
     return result;
   }
 
-  bool done() const { return finished || job->done(); }
+  bool done() const { return finished || call.done(); }
 
  private:
-  // With the GIL held, once the job has run: build the result and drop every reference.
+  // With the GIL held, once the call has run: build the result and drop every reference.
   void finish() {
     finished = true;
-    error = job->error();
-    if (!error && slot) {
+    error = call.error();
+    if (!error && save) {
       PyForwardHandle handle;
       handle.layer_object = layer_object;
       handle.layer = layer;
-      handle.cache = std::move(slot->cache);
-      handle.x = std::move(arrays.front());  // x is always the first array of a forward
+      handle.cache = call.take_cache();
+      handle.x_object = x_object;
       handle.lora_object = lora_object;
       handle.tokens = tokens;
       result = nb::cast(std::move(handle));
     }
     if (consumed_handle) {  // the backward has run: the handle need not keep x and the LoRA any more
-      consumed_handle->x = Array{};
+      consumed_handle->x_object = nb::none();
       consumed_handle->lora_object = nb::none();
     }
     arrays.clear();
     objects.clear();
-    slot.reset();
-    layer_object = nb::object();
-    lora_object = nb::object();
+    layer_object = x_object = lora_object = nb::object();
   }
 };
 
 PyMoELayer make_layer(const moe::MoEConfig& config, nb::handle pool) {
-  std::shared_ptr<PoolContext> context;
+  std::shared_ptr<runtime::PoolContext> context;
   if (pool.is_none()) {
-    context = default_pool_context();
+    context = runtime::default_pool_context();
   } else {
     PyThreadPool* p = nullptr;
     if (!nb::try_cast(pool, p) || p == nullptr)
@@ -286,8 +274,6 @@ PyMoELayer make_layer(const moe::MoEConfig& config, nb::handle pool) {
 }
 
 void load_weights(PyMoELayer& self, nb::handle gate_up, nb::handle down, nb::handle gate, nb::handle up) {
-  const moe::MoEConfig& c = self.layer->config();
-  const std::int64_t E = c.num_experts, H = c.hidden, I = c.intermediate;
   if (!gate_up.is_none() && (!gate.is_none() || !up.is_none()))
     raise_type("load_weights: give either gate_up, or gate and up, not both");
   const bool separate = gate_up.is_none();
@@ -297,21 +283,18 @@ void load_weights(PyMoELayer& self, nb::handle gate_up, nb::handle down, nb::han
                    : std::string(gate.is_none() ? "gate" : "up") + ": required together with " +
                          (gate.is_none() ? "up" : "gate"));
   // A quantized layer quantizes bf16 or fp32 sources while packing.
-  const unsigned kWeightDTypes = c.weight_dtype == moe::WeightDType::bf16 ? kBF16 : kBF16 | kF32;
+  const unsigned kWeightDTypes = self.layer->config().weight_dtype == moe::WeightDType::bf16 ? kBF16 : kBF16 | kF32;
   Array down_a = import_array(down, "down", kWeightDTypes, 3, Access::read);
-  check_shape(down_a, {E, H, I});
   Array gu_a, g_a, u_a;
   if (separate) {
     g_a = import_array(gate, "gate", kWeightDTypes, 3, Access::read);
-    check_shape(g_a, {E, I, H});
     u_a = import_array(up, "up", kWeightDTypes, 3, Access::read);
-    check_shape(u_a, {E, I, H});
   } else {
     gu_a = import_array(gate_up, "gate_up", kWeightDTypes, 3, Access::read);
-    check_shape(gu_a, {E, 2 * I, H});
   }
   moe::MoELayer* layer = self.layer.get();
   const View gu = gu_a.view, g = g_a.view, u = u_a.view, d = down_a.view;
+  moe::validate_weights(layer->config(), gu, g, u, d);  // here, so a mistake leaves loaded weights loaded
   self.weights_loaded = false;
   auto job = self.context->submit([=] {
     if (separate)
@@ -341,7 +324,7 @@ QuantArrays import_quant_arrays(const PyMoELayer& self, nb::handle gu_q, nb::han
   q.gu_s = import_array(gu_s, "gate_up_scale", scale_dtypes, scale_ndim, access);
   q.d_q = import_array(d_q, "down_q", kI8 | kU8, 3, access);
   q.d_s = import_array(d_s, "down_scale", scale_dtypes, scale_ndim, access);
-  if (access == Access::write) check_no_overlap({&q.gu_q, &q.gu_s, &q.d_q, &q.d_s}, {});
+  if (access == Access::write) check_no_overlap({q.gu_q.named(), q.gu_s.named(), q.d_q.named(), q.d_s.named()}, {});
   return q;
 }
 
@@ -410,51 +393,28 @@ nb::dict estimate_layer_bytes(const moe::MoEConfig& c, std::int64_t tokens, int 
 PyPending start_forward(PyMoELayer& self, nb::handle x, nb::handle ids, nb::handle weights, nb::handle out,
                         nb::handle lora, bool save) {
   if (!self.weights_loaded) throw std::runtime_error("MoELayer: call load_weights() before forward()");
-  const moe::MoEConfig& c = self.layer->config();
-  const std::int64_t H = c.hidden, k = c.top_k;
-
   PyPending p;
   p.what = "forward";
-  p.arrays.reserve(4);
+  p.arrays.reserve(8);
   p.arrays.push_back(import_array(x, "x", kActivationDTypes, 2, Access::read));
-  const Array& xa = p.arrays.back();
-  check_shape(xa, {-1, H});
-  const std::int64_t T = xa.dim(0);
   p.arrays.push_back(import_array(ids, "ids", kIdDTypes, 2, Access::read));
-  check_shape(p.arrays.back(), {T, k});
   p.arrays.push_back(import_array(weights, "weights", kRoutingDTypes, 2, Access::read));
-  check_shape(p.arrays.back(), {T, k});
   p.arrays.push_back(import_array(out, "out", kActivationDTypes, 2, Access::write));
-  check_shape(p.arrays.back(), {T, H});
-
   const PyLoRA* l = nullptr;
   if (!lora.is_none() && (!nb::try_cast(lora, l) || l == nullptr))
     raise_type("lora: expected a kt_sft_kernels.LoRA or None, got " + object_type_name(lora));
-  if (l) l->check_config(c);
-
-  std::vector<const Array*> inputs = {&p.arrays[0], &p.arrays[1], &p.arrays[2]};
-  if (l)
-    for (const Array* a : l->arrays.all()) inputs.push_back(a);
-  check_no_overlap({&p.arrays[3]}, inputs);
-
   const View xv = p.arrays[0].view, idv = p.arrays[1].view, wv = p.arrays[2].view, ov = p.arrays[3].view;
-  const moe::LoRAViews lv = l ? l->views() : moe::LoRAViews{};
-  moe::MoELayer* layer = self.layer.get();
-  std::shared_ptr<CacheSlot> slot = save ? std::make_shared<CacheSlot>() : nullptr;
-  p.job = self.context->submit([=] {
-    moe::ForwardCachePtr cache = layer->forward(xv, idv, wv, ov, lv, save);
-    if (!save) return;
-    if (!cache) throw std::logic_error("internal error: MoELayer::forward(save=true) returned no cache");
-    slot->cache = std::shared_ptr<ForwardCache>(std::move(cache));
-  });
-  p.objects.push_back(nb::borrow(lora));
+  const moe::LoRAViews lv = l ? l->current(p.arrays) : moe::LoRAViews{};
+  p.call = moe::submit_forward(*self.context, *self.layer, xv, idv, wv, ov, lv, save);
   p.layer_object = nb::find(&self);
+  p.objects.push_back(nb::borrow(lora));
   p.objects.push_back(p.layer_object);
   if (save) {
-    p.slot = std::move(slot);
+    p.save = true;
     p.layer = &self;
+    p.x_object = nb::borrow(x);
     p.lora_object = nb::borrow(lora);
-    p.tokens = T;
+    p.tokens = xv.shape[0];
   }
   return p;
 }
@@ -471,18 +431,12 @@ PyPending start_backward(PyMoELayer& self, nb::handle saved, nb::handle grad_out
   if (!self.weights_loaded)
     throw std::runtime_error("MoELayer: its weights were not loaded completely (a load_weights() call failed)");
 
-  const moe::MoEConfig& c = self.layer->config();
-  const std::int64_t T = h->tokens, H = c.hidden, k = c.top_k;
   PyPending p;
   p.what = "backward";
-  p.arrays.reserve(3);
+  p.arrays.reserve(16);
   p.arrays.push_back(import_array(grad_out, "grad_out", kActivationDTypes, 2, Access::read));
-  check_shape(p.arrays.back(), {T, H});
   p.arrays.push_back(import_array(grad_x, "grad_x", kActivationDTypes, 2, Access::write));
-  check_shape(p.arrays.back(), {T, H});
   p.arrays.push_back(import_array(grad_weights, "grad_weights", kRoutingDTypes, 2, Access::write));
-  check_shape(p.arrays.back(), {T, k});
-
   const PyLoRA* l = h->lora();
   const PyLoRAGrads* g = nullptr;
   if (!lora_grads.is_none() && (!nb::try_cast(lora_grads, g) || g == nullptr))
@@ -491,43 +445,17 @@ PyPending start_backward(PyMoELayer& self, nb::handle saved, nb::handle grad_out
     raise_type("lora_grads: required: the forward ran with LoRA, so pass kt_sft_kernels.LoRAGrads(...) "
                "for its gradients");
   if (g && !l) raise_value("lora_grads: the forward ran without LoRA; pass lora_grads=None");
-  std::vector<const Array*> outputs = {&p.arrays[1], &p.arrays[2]};
-  std::vector<const Array*> inputs = {&p.arrays[0], &h->x};
-  moe::LoRAGradViews gv;
-  if (l) {
-    const std::vector<const Array*> weights = l->arrays.all();
-    const std::vector<const Array*> grads = g->arrays.all();
-    for (std::size_t i = 0; i < 4; ++i) {
-      const Array& w = *weights[i];
-      const Array& d = *grads[i];
-      if (static_cast<bool>(w) != static_cast<bool>(d)) {
-        raise_value(std::string("lora_grads: ") + d.name +
-                    (w ? " is required: the forward's LoRA has " : " must be None: the forward's LoRA has no ") +
-                    w.name);
-      }
-      if (!w) continue;
-      if (d.view.dtype != w.view.dtype)
-        raise_type(std::string(d.name) + ": expected dtype " + dtype_name(w.view.dtype) + " (the dtype of " + w.name +
-                   "), got " + dtype_name(d.view.dtype));
-      if (d.view.ndim != w.view.ndim || d.view.shape[0] != w.view.shape[0] || d.view.shape[1] != w.view.shape[1] ||
-          d.view.shape[2] != w.view.shape[2])
-        raise_value(std::string(d.name) + ": expected shape " + shape_text(w.view) + " (the shape of " + w.name +
-                    "), got " + shape_text(d.view));
-      inputs.push_back(&w);
-      outputs.push_back(&d);
-    }
-    gv.da_gu = g->arrays.a_gu.view;
-    gv.db_gu = g->arrays.b_gu.view;
-    gv.da_d = g->arrays.a_d.view;
-    gv.db_d = g->arrays.b_d.view;
-  }
-  check_no_overlap(outputs, inputs);
+  // x and the LoRA as they are now (their storage may have moved since the forward).
+  p.arrays.push_back(import_array(h->x_object, "x", kActivationDTypes, 2, Access::read));
+  const View xv = p.arrays.back().view;
+  const moe::LoRAViews lv = l ? l->current(p.arrays) : moe::LoRAViews{};
+  const moe::LoRAGradViews gv = g ? g->current(p.arrays) : moe::LoRAGradViews{};
+  moe::rebind_cache_inputs(*h->cache, xv, lv);
 
   const View gov = p.arrays[0].view, gxv = p.arrays[1].view, gwv = p.arrays[2].view;
-  moe::MoELayer* layer = self.layer.get();
-  std::shared_ptr<ForwardCache> cache = std::move(h->cache);
+  p.call = moe::submit_backward(*self.context, *self.layer, h->cache, gov, gxv, gwv, gv);
+  h->cache.reset();
   h->consumed = true;
-  p.job = self.context->submit([=] { layer->backward(*cache, gov, gxv, gwv, gv); });
   p.objects.push_back(nb::borrow(saved));
   p.consumed_handle = h;
   p.objects.push_back(nb::borrow(lora_grads));
@@ -558,7 +486,7 @@ nb::list shard_report(PyMoELayer& self) {
 PyPending failing_pending(PyThreadPool& pool, const std::string& message) {
   PyPending p;
   p.what = "test";
-  p.job = pool.context->submit([message] { throw std::invalid_argument(message); });
+  p.call = moe::testing_failing_call(*pool.context, message);
   return p;
 }
 

@@ -21,6 +21,7 @@
 #include "kt/runtime/cpu_features.hpp"
 #include "kt/runtime/default_threads.hpp"
 #include "kt/runtime/kernel_variant.hpp"
+#include "kt/runtime/memory.hpp"
 
 namespace kt::bindings {
 namespace {
@@ -118,32 +119,7 @@ void run_nested(PyThreadPool& pool) {
 
 }  // namespace
 
-PyThreadPool make_pool(int threads, bool pin) {
-  auto context = std::make_shared<PoolContext>();
-  context->owned = std::make_unique<runtime::ThreadPool>(threads, pin);
-  context->pool = context->owned.get();
-  return PyThreadPool{std::move(context)};
-}
-
-std::shared_ptr<runtime::Job> PoolContext::submit(std::function<void()> work) {
-  if (executor.on_executor_thread()) throw std::logic_error("a pool call was made from the pool's own executor thread");
-  return executor.submit(std::move(work));
-}
-
-std::shared_ptr<PoolContext> default_pool_context() {
-  // Never destroyed (like the default pool itself): nothing to order at interpreter exit.
-  static std::mutex mutex;
-  static std::shared_ptr<PoolContext>* context = nullptr;
-  static pid_t context_pid = 0;
-  std::lock_guard<std::mutex> lock(mutex);
-  if (context == nullptr || context_pid != getpid()) {
-    auto fresh = std::make_shared<PoolContext>();
-    fresh->pool = &runtime::default_pool();
-    context = new std::shared_ptr<PoolContext>(std::move(fresh));
-    context_pid = getpid();
-  }
-  return *context;
-}
+PyThreadPool make_pool(int threads, bool pin) { return PyThreadPool{runtime::make_pool_context(threads, pin)}; }
 
 void wait_and_rethrow(runtime::Job& job) {
   {
@@ -262,7 +238,7 @@ void bind_runtime(nb::module_& m) {
                (p.context->pool->pinned() ? ", pin=True" : "") + (p.context->owned ? "" : ", default") + ")";
       });
 
-  m.def("default_pool", [] { return PyThreadPool{default_pool_context()}; },
+  m.def("default_pool", [] { return PyThreadPool{runtime::default_pool_context()}; },
         "The process-wide pool (KT_SFT_NUM_THREADS, else default_thread_count() threads), created at first use.");
 
   nb::module_ testing = m.def_submodule("_testing", "Hooks for the package's own tests.");
@@ -270,6 +246,10 @@ void bind_runtime(nb::module_& m) {
               "Runs num_tasks tasks; returns how many times each ran.");
   testing.def("pool_run_raising", &run_raising, nb::arg("pool"), nb::arg("num_tasks"), nb::arg("failing_task"),
               nb::arg("kind") = "runtime", "Runs tasks; task failing_task throws (RuntimeError or ValueError).");
+  testing.def("available_memory", [] {
+    const runtime::AvailableMemory m = runtime::available_memory();
+    return std::make_pair(m.bytes, m.source);
+  }, "(bytes, source): what the layer's up-front size check compares against (KT_SFT_TEST_MEM_LIMIT overrides).");
   testing.def("pool_run_nested", &run_nested, nb::arg("pool"), "Calls parallel_for from inside a task.");
 }
 

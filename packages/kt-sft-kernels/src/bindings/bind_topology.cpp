@@ -76,7 +76,7 @@ std::vector<int> node_cores(int node) {
 }  // namespace
 
 PyThreadPool make_pinned_pool(const std::vector<int>& cpus) {
-  auto context = std::make_shared<PoolContext>();
+  auto context = std::make_shared<runtime::PoolContext>();
   context->owned = std::make_unique<runtime::ThreadPool>(cpus);
   context->pool = context->owned.get();
   // Thread 0 of the pool is whoever calls parallel_for: for Python pools, the executor thread.

@@ -2,35 +2,20 @@
 #pragma once
 #include <nanobind/nanobind.h>
 
-#include <functional>
 #include <memory>
 #include <optional>
 #include <vector>
 
-#include "kt/runtime/serial_executor.hpp"
-#include "kt/runtime/thread_pool.hpp"
+#include "kt/runtime/pool_context.hpp"
 
 namespace kt::bindings {
 
 namespace nb = nanobind;
 
-// A thread pool as Python sees it: the pool plus the executor that serializes every call made on it
-// (sync calls are an async call and a wait, so calls run in the order they were made).
-struct PoolContext {
-  std::unique_ptr<runtime::ThreadPool> owned;  // null for the process default pool
-  runtime::ThreadPool* pool = nullptr;
-  runtime::SerialExecutor executor;  // declared last: destroyed (drained, joined) before the pool
-
-  // Queues work on the executor. Throws if called from the executor's own thread.
-  std::shared_ptr<runtime::Job> submit(std::function<void()> work);
-};
-
 // The Python `ThreadPool` object.
 struct PyThreadPool {
-  std::shared_ptr<PoolContext> context;
+  std::shared_ptr<runtime::PoolContext> context;
 };
-
-std::shared_ptr<PoolContext> default_pool_context();
 
 // ThreadPool(threads, pin) and the pinned forms ThreadPool(cpus=...) / ThreadPool(node=...)
 // (bind_topology.cpp); pool_affinity: [caller thread's mask, worker 1's, ...] as the OS reports them.

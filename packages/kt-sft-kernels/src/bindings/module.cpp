@@ -15,6 +15,8 @@ NB_MODULE(_core, m) {
       PyErr_SetString(PyExc_NotImplementedError, e.what());
     } catch (const kt::TypeError& e) {
       PyErr_SetString(PyExc_TypeError, e.what());
+    } catch (const kt::MemoryError& e) {
+      PyErr_SetString(PyExc_MemoryError, e.what());
     }
   });
   kt::bindings::bind_runtime(m);

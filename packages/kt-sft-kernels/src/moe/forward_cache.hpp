@@ -45,8 +45,8 @@ class ForwardCache {
   std::shared_ptr<CacheRecycler> recycler;  // shared: the cache may outlive its layer
   const MoELayer* layer = nullptr;
   Routing routing;
-  View x;          // caller memory; the binding's handle keeps it alive
-  LoRAViews lora;  // caller memory, likewise
+  View x;          // caller memory; the binding's handle keeps its owner alive and re-points
+  LoRAViews lora;  // these (rebind_cache_inputs) before the backward, as the storage may have moved
   int rank_gu = 0, rank_d = 0;
   Buffer<bf16> gu;   // [P, 2I]: gate|up pre-activations, rounded to bf16
   Buffer<float> ad;  // [P, r_d]: A_d h

@@ -100,24 +100,9 @@ void MoELayer::Impl::pack_all(const View* gate_up_w, const View* gate, const Vie
   L.loaded = true;
 }
 
-namespace {
-
-// bf16 layers take bf16; quantized layers bf16 or f32 (quantized while packing).
-void check_weight(const View& v, const char* name, std::initializer_list<std::int64_t> shape, bool quantized) {
-  expect_present(v, name);
-  expect_shape(v, name, shape);
-  if (quantized) expect_dtype(v, name, DType::bf16, DType::f32);
-  else if (v.dtype != DType::bf16)
-    throw TypeError(std::string(name) + ": expected dtype bfloat16, got " + dtype_name(v.dtype));
-}
-
-}  // namespace
-
 void MoELayer::load_weights(const View& gate_up, const View& down) {
-  const MoEConfig& c = impl_->config;
+  validate_weights(impl_->config, gate_up, View{}, View{}, down);
   const bool q = impl_->quantized();
-  check_weight(gate_up, "gate_up", {c.num_experts, 2 * c.intermediate, c.hidden}, q);
-  check_weight(down, "down", {c.num_experts, c.hidden, c.intermediate}, q);
   std::lock_guard<std::mutex> lock(impl_->mutex);
   impl_->loaded = false;
   if (impl_->sharded) {
@@ -130,11 +115,9 @@ void MoELayer::load_weights(const View& gate_up, const View& down) {
 }
 
 void MoELayer::load_weights(const View& gate, const View& up, const View& down) {
-  const MoEConfig& c = impl_->config;
+  if (!gate) throw TypeError("gate: required, got None");
+  validate_weights(impl_->config, View{}, gate, up, down);
   const bool q = impl_->quantized();
-  check_weight(gate, "gate", {c.num_experts, c.intermediate, c.hidden}, q);
-  check_weight(up, "up", {c.num_experts, c.intermediate, c.hidden}, q);
-  check_weight(down, "down", {c.num_experts, c.hidden, c.intermediate}, q);
   std::lock_guard<std::mutex> lock(impl_->mutex);
   impl_->loaded = false;
   if (impl_->sharded) {

@@ -8,28 +8,20 @@ namespace kt::moe {
 
 void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const View& grad_x,
                         const View& grad_weights, const LoRAGradViews& lg) {
+  if (cache.layer != this) throw std::invalid_argument("backward: the saved forward belongs to another layer");
+  validate_backward(impl_->config, cache.routing.tokens, cache.x, cache.lora, grad_out, grad_x, grad_weights, lg,
+                    /*all_lora_grads=*/false);
+  backward_validated(cache, grad_out, grad_x, grad_weights, lg);
+}
+
+void MoELayer::backward_validated(const ForwardCache& cache, const View& grad_out, const View& grad_x,
+                                  const View& grad_weights, const LoRAGradViews& lg) {
   Impl& L = *impl_;
   const MoEConfig& c = L.config;
   const int E = c.num_experts, H = c.hidden, I = c.intermediate, K = c.top_k;
-  if (cache.layer != this) bad_argument("backward: the saved forward belongs to another layer");
   const Routing& r = cache.routing;
   const std::int64_t T = r.tokens;
-  expect_present(grad_out, "grad_out");
-  expect_shape(grad_out, "grad_out", {T, H});
-  expect_dtype(grad_out, "grad_out", DType::bf16, DType::f32);
-  if (grad_x) {
-    expect_shape(grad_x, "grad_x", {T, H});
-    expect_dtype(grad_x, "grad_x", DType::bf16, DType::f32);
-  }
-  if (grad_weights) {
-    expect_shape(grad_weights, "grad_weights", {T, K});
-    expect_dtype(grad_weights, "grad_weights", DType::f32, DType::bf16);
-  }
   const LoRAViews& lora = cache.lora;
-  check_grad_like(lg.da_gu, lora.a_gu, "da_gu");
-  check_grad_like(lg.db_gu, lora.b_gu, "db_gu");
-  check_grad_like(lg.da_d, lora.a_d, "da_d");
-  check_grad_like(lg.db_d, lora.b_d, "db_d");
   const int rg = cache.rank_gu, rd = cache.rank_d;
   const DType lora_dtype = rg ? lora.a_gu.dtype : lora.a_d.dtype;
 
@@ -40,6 +32,7 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
   runtime::ThreadPool& pool = *L.pool;
   const std::lock_guard<std::mutex> ws_lock(L.shared->mutex);
   Workspace& ws = L.shared->ws;
+  check_call_memory("backward", c, T, backward_bytes(c, T, rg, rd, pool.size()), L.shared->reserved_bytes);
   const std::int64_t P = r.pairs();
   const auto n_active = static_cast<std::int64_t>(r.active.size());
   const bf16* gu = cache.gu.data();

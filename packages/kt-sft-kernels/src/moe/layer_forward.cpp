@@ -8,27 +8,19 @@ namespace kt::moe {
 
 ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& weights, const View& out,
                                   const LoRAViews& lora, bool save) {
+  validate_forward(impl_->config, x, ids, weights, out, lora);
+  return forward_validated(x, ids, weights, out, lora, save);
+}
+
+ForwardCachePtr MoELayer::forward_validated(const View& x, const View& ids, const View& weights, const View& out,
+                                            const LoRAViews& lora, bool save) {
   Impl& L = *impl_;
   const MoEConfig& c = L.config;
   const int E = c.num_experts, H = c.hidden, I = c.intermediate, K = c.top_k;
   if (!L.loaded) throw std::logic_error("MoELayer.forward: call load_weights() first");
-  expect_present(x, "x");
-  if (x.ndim != 2) bad_argument("x: expected shape [T, " + std::to_string(H) + "], got " + shape_text(x));
   const std::int64_t T = x.shape[0];
-  expect_shape(x, "x", {T, H});
-  expect_dtype(x, "x", DType::bf16, DType::f32);
-  expect_present(ids, "ids");
-  expect_shape(ids, "ids", {T, K});
-  expect_dtype(ids, "ids", DType::i32, DType::i64);
-  expect_present(weights, "weights");
-  expect_shape(weights, "weights", {T, K});
-  expect_dtype(weights, "weights", DType::f32, DType::bf16);
-  expect_present(out, "out");
-  expect_shape(out, "out", {T, H});
-  expect_dtype(out, "out", DType::bf16, DType::f32);
-  const int rg = check_lora_pair(lora.a_gu, lora.b_gu, "a_gu", "b_gu", E, H, 2 * I);
-  const int rd = check_lora_pair(lora.a_d, lora.b_d, "a_d", "b_d", E, I, H);
-  if (rg && rd && lora.a_gu.dtype != lora.a_d.dtype) throw TypeError("a_d: dtype must match a_gu");
+  const int rg = lora.a_gu ? static_cast<int>(lora.a_gu.shape[1]) : 0;
+  const int rd = lora.a_d ? static_cast<int>(lora.a_d.shape[1]) : 0;
 
   std::lock_guard<std::mutex> lock(L.mutex);
   const prof::Scope whole(Stage::forward, prof::Kind::wall);
@@ -49,6 +41,7 @@ ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& we
   runtime::ThreadPool& pool = *L.pool;
   const std::lock_guard<std::mutex> ws_lock(L.shared->mutex);
   Workspace& ws = L.shared->ws;
+  check_call_memory("forward", c, T, forward_bytes(c, T, rg, rd, save, pool.size()), L.shared->reserved_bytes);
 
   ForwardCachePtr cache;
   if (save) {

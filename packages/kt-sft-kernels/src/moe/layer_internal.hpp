@@ -17,6 +17,7 @@
 #include "kt/core/errors.hpp"
 #include "kt/moe/kernels.hpp"
 #include "kt/moe/layer.hpp"
+#include "kt/moe/validate.hpp"
 #include "kt/runtime/cpu_features.hpp"
 #include "kt/runtime/profiler.hpp"
 #include "forward_cache.hpp"
@@ -55,83 +56,9 @@ inline void for_each_call(const Routing& r, int e, F&& f) {
   for (std::int64_t b = r.offsets[e]; b < end; b += step) f(b, static_cast<int>(std::min(step, end - b)));
 }
 
-inline std::size_t dtype_size(DType d) {
-  switch (d) {
-    case DType::bf16: return 2;
-    case DType::f32: case DType::i32: return 4;
-    case DType::i64: return 8;
-    case DType::i8: case DType::u8: return 1;
-  }
-  return 0;
-}
-
-inline const char* dtype_name(DType d) {
-  switch (d) {
-    case DType::bf16: return "bfloat16";
-    case DType::f32: return "float32";
-    case DType::i32: return "int32";
-    case DType::i64: return "int64";
-    case DType::i8: return "int8";
-    case DType::u8: return "uint8";
-  }
-  return "?";
-}
-
-// ---- argument checks (the bindings check first with friendlier messages; these keep the C++ API
-// itself memory-safe) ---------------------------------------------------------------------------
+inline std::size_t dtype_size(DType d) { return dtype_bytes(d); }
 
 [[noreturn]] inline void bad_argument(const std::string& message) { throw std::invalid_argument(message); }
-
-inline std::string shape_text(const View& v) {
-  std::string s = "[";
-  for (int i = 0; i < v.ndim; ++i) s += (i ? ", " : "") + std::to_string(v.shape[i]);
-  return s + "]";
-}
-
-inline void expect_shape(const View& v, const char* name, std::initializer_list<std::int64_t> shape) {
-  bool ok = v.ndim == static_cast<int>(shape.size());
-  int i = 0;
-  for (std::int64_t n : shape) ok = ok && v.shape[i++] == n;
-  if (!ok) {
-    std::string want = "[";
-    i = 0;
-    for (std::int64_t n : shape) want += (i++ ? ", " : "") + std::to_string(n);
-    bad_argument(std::string(name) + ": expected shape " + want + "], got " + shape_text(v));
-  }
-}
-
-inline void expect_dtype(const View& v, const char* name, DType a, DType b) {
-  if (v.dtype != a && v.dtype != b)
-    throw TypeError(std::string(name) + ": expected dtype " + dtype_name(a) + " or " + dtype_name(b) + ", got " +
-                 dtype_name(v.dtype));
-}
-
-inline void expect_present(const View& v, const char* name) {
-  if (!v) bad_argument(std::string(name) + " is required");
-}
-
-// Rank of a LoRA pair (0 when absent), after checking shapes: A [E, r, in], B [E, out, r].
-inline int check_lora_pair(const View& a, const View& b, const char* a_name, const char* b_name, int experts, int in,
-                    int out) {
-  if (!a && !b) return 0;
-  if (!a || !b) bad_argument(std::string(a_name) + " and " + b_name + " must be given together");
-  if (a.ndim != 3) bad_argument(std::string(a_name) + ": expected 3 dimensions, got shape " + shape_text(a));
-  const std::int64_t r = a.shape[1];
-  if (r <= 0) bad_argument(std::string(a_name) + ": LoRA rank must be positive, got shape " + shape_text(a));
-  expect_shape(a, a_name, {experts, r, in});
-  expect_shape(b, b_name, {experts, out, r});
-  expect_dtype(a, a_name, DType::f32, DType::bf16);
-  if (b.dtype != a.dtype) throw TypeError(std::string(b_name) + ": dtype must match " + a_name);
-  return static_cast<int>(r);
-}
-
-inline void check_grad_like(const View& grad, const View& weight, const char* name) {
-  if (!grad) return;
-  if (!weight) bad_argument(std::string(name) + " given, but the forward ran without that LoRA");
-  if (grad.dtype != weight.dtype) throw TypeError(std::string(name) + ": dtype must match the LoRA weights");
-  if (grad.ndim != 3) bad_argument(std::string(name) + ": expected shape " + shape_text(weight));
-  expect_shape(grad, name, {weight.shape[0], weight.shape[1], weight.shape[2]});
-}
 
 // ---- small helpers -------------------------------------------------------------------------------
 
@@ -278,7 +205,20 @@ struct Workspace {
 struct SharedWorkspace {
   std::mutex mutex;
   Workspace ws;
+  std::size_t reserved_bytes = 0;  // the largest workspace a call was allowed to grow to (memory_check.cpp)
 };
+
+// What a call allocates (memory_check.cpp): its share of the grow-only workspace, and the new
+// activation cache of forward(save=True).
+struct CallBytes {
+  std::size_t workspace = 0, cache = 0;
+};
+CallBytes forward_bytes(const MoEConfig& config, std::int64_t tokens, int rank_gu, int rank_d, bool save, int threads);
+CallBytes backward_bytes(const MoEConfig& config, std::int64_t tokens, int rank_gu, int rank_d, int threads);
+// Throws kt::MemoryError (naming the bytes and the knob) when what the call would allocate beyond
+// `reserved` exceeds the memory available; else raises `reserved` to the call's workspace.
+void check_call_memory(const char* what, const MoEConfig& config, std::int64_t tokens, const CallBytes& need,
+                       std::size_t& reserved);
 
 // The grow-only scratch shared by every layer on `pool` (layer.cpp).
 std::shared_ptr<SharedWorkspace> workspace_for(const runtime::ThreadPool* pool);

@@ -34,29 +34,6 @@ void MoELayer::Impl::quantize_all(const View* gate_up_w, const View* gate, const
   L.loaded = true;
 }
 
-namespace {
-
-// q [E, N, K] int8 (int8) or [E, N, K/2] uint8 (int4); scale [E, N] (int8) or [E, N, K/group] (int4).
-void check_quantized(const View& q, const View& scale, const char* q_name, const char* scale_name,
-                     const MoEConfig& c, int rows, int cols) {
-  const std::int64_t E = c.num_experts;
-  expect_present(q, q_name);
-  expect_present(scale, scale_name);
-  if (c.weight_dtype == WeightDType::int8) {
-    if (q.dtype != DType::i8) throw TypeError(std::string(q_name) + ": expected dtype int8, got " + dtype_name(q.dtype));
-    expect_shape(q, q_name, {E, rows, cols});
-    expect_shape(scale, scale_name, {E, rows});
-  } else {
-    if (q.dtype != DType::u8)
-      throw TypeError(std::string(q_name) + ": expected dtype uint8 (two int4 values a byte), got " + dtype_name(q.dtype));
-    expect_shape(q, q_name, {E, rows, cols / 2});
-    expect_shape(scale, scale_name, {E, rows, cols / c.group_size});
-  }
-  expect_dtype(scale, scale_name, DType::f32, DType::bf16);
-}
-
-}  // namespace
-
 void MoELayer::load_quantized(const View& gate_up_q, const View& gate_up_scale, const View& down_q,
                               const View& down_scale) {
   Impl& L = *impl_;
@@ -66,8 +43,7 @@ void MoELayer::load_quantized(const View& gate_up_q, const View& gate_up_scale, 
                  "'; use load_weights(), or MoEConfig(weight_dtype='int8' or 'int4')");
   const int E = c.num_experts, H = c.hidden, I = c.intermediate, gs = c.group_size;
   const WeightDType dt = c.weight_dtype;
-  check_quantized(gate_up_q, gate_up_scale, "gate_up_q", "gate_up_scale", c, 2 * I, H);
-  check_quantized(down_q, down_scale, "down_q", "down_scale", c, H, I);
+  validate_quantized(c, gate_up_q, gate_up_scale, down_q, down_scale);
   std::lock_guard<std::mutex> lock(L.mutex);
   L.loaded = false;
   L.gate_up_stride = quant_matrix_bytes(dt, gs, 2 * I, H);
@@ -94,8 +70,7 @@ void MoELayer::read_quantized(const View& gate_up_q, const View& gate_up_scale, 
                  "', not int8/int4");
   if (!L.loaded) throw std::logic_error("MoELayer.read_quantized: call load_weights() or load_quantized() first");
   const int E = c.num_experts, H = c.hidden, I = c.intermediate, gs = c.group_size;
-  check_quantized(gate_up_q, gate_up_scale, "gate_up_q", "gate_up_scale", c, 2 * I, H);
-  check_quantized(down_q, down_scale, "down_q", "down_scale", c, H, I);
+  validate_quantized(c, gate_up_q, gate_up_scale, down_q, down_scale);
   if (gate_up_scale.dtype != DType::f32 || down_scale.dtype != DType::f32)
     throw TypeError("read_quantized: the scale outputs must be float32");
   std::lock_guard<std::mutex> lock(L.mutex);

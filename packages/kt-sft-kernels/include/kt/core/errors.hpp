@@ -20,4 +20,11 @@ class TypeError : public std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
+// Not enough memory for what a call would allocate (checked before allocating) -> Python MemoryError
+// with the message (std::bad_alloc carries none).
+class MemoryError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 }  // namespace kt

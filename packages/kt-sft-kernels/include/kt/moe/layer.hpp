@@ -1,6 +1,6 @@
 // One MoE layer's routed experts on the CPU: the math of DESIGN.md §2.
 //
-// Contract with the bindings (which validate every shape/dtype/contiguity before calling here):
+// Contract (checked by forward()/backward() through include/kt/moe/validate.hpp):
 //   x, out, grad_out, grad_x : [T, H]      bf16 or f32
 //   ids                      : [T, k]      i32 or i64; ids outside [0, E) are skipped
 //   weights, grad_weights    : [T, k]      f32 or bf16
@@ -108,14 +108,27 @@ class MoELayer {
   void backward(const ForwardCache& cache, const View& grad_out, const View& grad_x,
                 const View& grad_weights, const LoRAGradViews& lora_grads);
 
+  // forward()/backward() without the argument checks, for callers that ran validate_forward /
+  // validate_backward themselves (calls.cpp: checks in the submitting thread, work on the executor).
+  ForwardCachePtr forward_validated(const View& x, const View& ids, const View& weights, const View& out,
+                                    const LoRAViews& lora, bool save);
+  void backward_validated(const ForwardCache& cache, const View& grad_out, const View& grad_x,
+                          const View& grad_weights, const LoRAGradViews& lora_grads);
+
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
 
-// Accessors the bindings need to validate a backward call against its forward.
+// Accessors to validate a backward call against its forward.
 std::int64_t cache_tokens(const ForwardCache& cache);
 const MoELayer* cache_layer(const ForwardCache& cache);
+const View& cache_x(const ForwardCache& cache);
+const LoRAViews& cache_lora(const ForwardCache& cache);
+// Points the cache at where x and the LoRA arrays live now (a caller's tensor storage may move between
+// forward and backward: resize_, set_, param.data = ...). Each must keep its shape and dtype
+// (std::invalid_argument naming it otherwise); only the address may change (issue 16 item 8a).
+void rebind_cache_inputs(ForwardCache& cache, const View& x, const LoRAViews& lora);
 bool cache_has_lora_gate_up(const ForwardCache& cache);
 bool cache_has_lora_down(const ForwardCache& cache);
 // Host bytes the cache holds (its buffers as allocated, the routing included); 0 once consumed.

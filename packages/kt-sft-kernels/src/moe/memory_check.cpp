@@ -1,0 +1,65 @@
+// The up-front size check of forward/backward (issue 16 item 8b): estimate what a call will allocate
+// (its share of the grow-only workspace plus, for forward(save=True), the new activation cache) and
+// compare it with the memory this process may still take, before allocating anything.
+#include <cstdio>
+
+#include "kt/runtime/memory.hpp"
+#include "layer_internal.hpp"
+
+namespace kt::moe {
+namespace {
+
+std::string gib(double bytes) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.1f GiB", bytes / (1024.0 * 1024.0 * 1024.0));
+  return text;
+}
+
+}  // namespace
+
+// Upper bounds (P <= T*k routed pairs), in bytes, following the ensure() calls of layer_forward.cpp /
+// layer_backward.cpp; the routing and the activation packing of the amx-style tiers (<= one bf16 copy
+// of the widest phase input) included.
+CallBytes forward_bytes(const MoEConfig& c, std::int64_t T, int rg, int rd, bool save, int threads) {
+  const std::size_t P = static_cast<std::size_t>(T) * static_cast<std::size_t>(c.top_k);
+  const std::size_t H = static_cast<std::size_t>(c.hidden), I = static_cast<std::size_t>(c.intermediate);
+  const std::size_t routing = P * 24 + static_cast<std::size_t>(c.num_experts + 1) * 8;
+  const std::size_t cached_per_pair = cache_bytes_per_pair(c, rg, rd);
+  CallBytes b;
+  b.workspace = static_cast<std::size_t>(T) * H * 2 /*xb*/ + P * (16 /*row pointers*/ + 2 * I /*hb*/ + 4 * H /*rows*/ +
+                                                                  2 * std::max(H, I) /*packing*/) +
+                static_cast<std::size_t>(threads) * kTileFloats * 4 + (save ? 0 : P * cached_per_pair + routing);
+  b.cache = save ? P * cached_per_pair + routing : 0;
+  return b;
+}
+
+CallBytes backward_bytes(const MoEConfig& c, std::int64_t T, int rg, int rd, int threads) {
+  const std::size_t P = static_cast<std::size_t>(T) * static_cast<std::size_t>(c.top_k);
+  const std::size_t H = static_cast<std::size_t>(c.hidden), I = static_cast<std::size_t>(c.intermediate);
+  const std::size_t i_blocks = static_cast<std::size_t>(blocks_of(c.intermediate, kWideBlock));
+  CallBytes b;
+  b.workspace = static_cast<std::size_t>(T) * H * 2 * 2 /*xb, gb*/ +
+                P * (32 /*row pointers*/ + 2 * I /*hb*/ + 2 * 2 * I /*dgu*/ + 4 * static_cast<std::size_t>(rg + rd) +
+                     4 * i_blocks + 4 /*gw*/ + 4 * H /*rows*/ + 2 * std::max(H, 2 * I) /*packing*/) +
+                static_cast<std::size_t>(threads) * (kTileFloats + kWideBlock * 64) * 4;
+  return b;
+}
+
+void check_call_memory(const char* what, const MoEConfig& c, std::int64_t T, const CallBytes& need,
+                       std::size_t& reserved) {
+  // The workspace only grows past what an earlier call already holds; the cache is always new.
+  const std::size_t growth = need.workspace > reserved ? need.workspace - reserved : 0;
+  const std::size_t total = growth + need.cache;
+  if (total == 0) return;
+  const runtime::AvailableMemory available = runtime::available_memory();
+  if (total > available.bytes)
+    throw MemoryError(std::string(what) + ": " + std::to_string(T) + " tokens with top_k=" + std::to_string(c.top_k) +
+                      " need about " + gib(static_cast<double>(total)) + " (" + std::to_string(total) +
+                      " bytes) more for the workspace" + (need.cache ? " and the activation cache" : "") + ", but only " +
+                      gib(static_cast<double>(available.bytes)) + " (" + std::to_string(available.bytes) +
+                      " bytes) are available (" + available.source +
+                      "); pass fewer tokens per call (a smaller micro-batch size or sequence length)");
+  reserved = std::max(reserved, need.workspace);
+}
+
+}  // namespace kt::moe
