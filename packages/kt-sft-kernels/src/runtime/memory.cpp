@@ -16,19 +16,23 @@ bool read_number(const std::string& path, std::uint64_t& value) {
   return true;
 }
 
+// MemAvailable of /proc/meminfo, or MemTotal where MemAvailable reads as absent or 0 (seen on a
+// memory-hot-plug VM whose MemAvailable read 0 while the process ran: a zero reading is not a limit).
+// Each line is parsed on its own, so an unusual line cannot end the scan early.
 bool mem_available(std::uint64_t& bytes) {
   std::ifstream in("/proc/meminfo");
-  std::string key;
-  std::uint64_t kib = 0;
-  std::string unit;
-  while (in >> key >> kib) {
-    std::getline(in, unit);
-    if (key == "MemAvailable:") {
-      bytes = kib * 1024;
-      return true;
-    }
+  std::string line;
+  std::uint64_t available = 0, total = 0;
+  while (std::getline(in, line)) {
+    std::istringstream fields(line);
+    std::string key;
+    std::uint64_t kib = 0;
+    if (!(fields >> key >> kib)) continue;
+    if (key == "MemAvailable:") available = kib * 1024;
+    if (key == "MemTotal:") total = kib * 1024;
   }
-  return false;
+  bytes = available > 0 ? available : total;
+  return bytes > 0;
 }
 
 // This process's cgroup v2 directory ("0::/path" in /proc/self/cgroup).
