@@ -640,24 +640,33 @@ def host_owner_layer(kt: KTConfig, build_inner: Callable[[], Any], top_k: int, l
 # -- model-level helpers: parameters, DDP, gradients, saving ------------------------------------------------
 
 
-def _host_owner_experts(module: nn.Module) -> bool:
-    """True for a KTExperts of a host-owner run (found by its layer: this module imports no experts.py)."""
-    return isinstance(getattr(module, "layer", None), (OwnerLayer, RemoteLayer))
+def _host_owner_layer(module: nn.Module) -> OwnerLayer | RemoteLayer | None:
+    """The host-owner layer of a KTExperts (under proxies such as timing's), else None.
+
+    Found by its layer, so this module needs no import of experts.py."""
+    layer = getattr(module, "layer", None)
+    while layer is not None and not isinstance(layer, (OwnerLayer, RemoteLayer)):
+        layer = getattr(layer, "inner", None)
+    return layer
 
 
-def _wraps_host_owner_experts(module: nn.Module) -> bool:
+def is_host_owner_experts(module: nn.Module) -> bool:
+    return _host_owner_layer(module) is not None
+
+
+def _wrapsis_host_owner_experts(module: nn.Module) -> bool:
     """True for a PEFT wrapper (one with lora_A) whose chain of base layers ends at host-owner experts."""
     if not hasattr(module, "lora_A"):
         return False
     base = getattr(module, "base_layer", None)
-    while base is not None and not _host_owner_experts(base):
+    while base is not None and not is_host_owner_experts(base):
         base = getattr(base, "base_layer", None)
     return base is not None
 
 
 def expert_lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The expert-LoRA parameters (PEFT wrappers around host-owner KTExperts), by qualified name."""
-    wrappers = {name for name, module in model.named_modules() if _wraps_host_owner_experts(module)}
+    wrappers = {name for name, module in model.named_modules() if _wrapsis_host_owner_experts(module)}
     found: dict[str, nn.Parameter] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         parts = name.split(".")  # <wrapper>.lora_A.<adapter>.weight
@@ -670,7 +679,7 @@ def _kt_experts_names(model: nn.Module) -> list[str]:
     return [
         f"{name}.{p}"
         for name, module in model.named_modules()
-        if _host_owner_experts(module)
+        if is_host_owner_experts(module)
         for p in ("gate_up_proj", "down_proj")
     ]
 
@@ -706,13 +715,13 @@ def prepare_model(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
 
 
 def _runtime_of(model: nn.Module) -> HostOwnerRuntime:
-    experts = [m for m in model.modules() if _host_owner_experts(m)]
-    if not experts:
+    layers = [layer for m in model.modules() if (layer := _host_owner_layer(m)) is not None]
+    if not layers:
         raise ValueError(
             "the model's experts are not host-owner experts: load or wrap it with "
             "KTConfig(distributed='host_owner') after init_process_group"
         )
-    return experts[0].layer.runtime
+    return layers[0].runtime
 
 
 def _owner_expert_params(model: nn.Module) -> list[nn.Parameter]:

@@ -183,7 +183,10 @@ class KTExperts(nn.Module):
     @property
     def owns_experts(self) -> bool:
         """False on the non-owner ranks of a host-owner run (the layer is a proxy of the owner's)."""
-        return bool(getattr(self.layer, "owns_experts", True))
+        layer = self.layer
+        while not hasattr(layer, "owns_experts") and hasattr(layer, "inner"):  # under proxies (timing)
+            layer = layer.inner
+        return bool(getattr(layer, "owns_experts", True))
 
     def load_expert_weights(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
         """Copy in this layer's weights (gate_up [E, 2I, H], down [E, H, I]); the caller may free them."""

@@ -28,6 +28,9 @@ def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     rank = int(os.environ["RANK"])
     out = Path(spec["out"])
+    if spec["scenario"] == "accelerate":
+        torch.save(train_with_accelerate(spec, rank), out / f"rank{rank}.pt")
+        return
     dist.init_process_group("gloo", timeout=timedelta(seconds=spec["timeout_s"]))
     if spec["scenario"] == "train":
         torch.save(train(spec, rank), out / f"rank{rank}.pt")
@@ -52,11 +55,10 @@ def main() -> None:
     os._exit(0)
 
 
-def build(spec: dict[str, Any]) -> tuple[Any, Any, Any]:
+def host_owner_config(spec: dict[str, Any]) -> Any:
     from kt_sft_train import KTConfig
-    from kt_sft_train.distributed import monitor_ddp, prepare_model
 
-    kt = KTConfig(
+    return KTConfig(
         backend=spec["backend"],
         distributed="host_owner",
         hosts=spec["hosts"],
@@ -64,7 +66,12 @@ def build(spec: dict[str, Any]) -> tuple[Any, Any, Any]:
         distributed_timeout_s=spec["timeout_s"],
         activation_policy=spec.get("policy", "retain"),
     )
-    peft_model = common.build_peft_model(kt, spec)
+
+
+def build(spec: dict[str, Any]) -> tuple[Any, Any, Any]:
+    from kt_sft_train.distributed import monitor_ddp, prepare_model
+
+    peft_model = common.build_peft_model(host_owner_config(spec), spec)
     optimizer = common.make_optimizer(peft_model)
     prepare_model(peft_model, optimizer)
     ddp = torch.nn.parallel.DistributedDataParallel(peft_model)
@@ -109,6 +116,44 @@ def train(spec: dict[str, Any], rank: int) -> dict[str, Any]:
         "empty_experts": empty_experts.total,
         "layer_check": layer_check,
     }
+
+
+def train_with_accelerate(spec: dict[str, Any], rank: int) -> dict[str, Any]:
+    """One step through stock accelerate (MULTI_CPU, gloo) and the kt-sft helper; saves the adapter."""
+    from accelerate import Accelerator
+    from kt_sft_train.distributed import expert_lora_parameters
+    from kt_sft_train.integrations import accelerate as kt_accelerate
+
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == len(spec["pieces"]), accelerator.state
+    peft_model = common.build_peft_model(host_owner_config(spec), spec)
+    optimizer = common.make_optimizer(peft_model)
+    model, optimizer = kt_accelerate.prepare(accelerator, peft_model, optimizer)
+    pieces = common.rank_pieces(spec)
+    world = accelerator.num_processes
+    loss = common.token_loss_sum(model, pieces[rank]) * world / common.predicted_tokens(pieces)
+    accelerator.backward(loss)
+    norm = kt_accelerate.clip_grad_norm_(accelerator, model, spec["max_norm"])
+    grads = {n: p.grad.detach().clone() for n, p in peft_model.named_parameters() if p.grad is not None}
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    kt_accelerate.save_adapter(accelerator, model, Path(spec["out"]) / "adapter")
+    lora = expert_lora_parameters(peft_model)
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    result = {
+        "loss": float(loss.detach()) / world,
+        "norm": float(norm),
+        "grads": grads,
+        "params": {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad},
+        "expert_lora_in_optimizer": sum(id(p) in in_optimizer for p in lora.values()),
+        "expert_lora_count": len(lora),
+        "placeholders_ok": all(p.stride() == (0, 0) and not p.requires_grad for p in lora.values()),
+        "empty_experts": 1,  # not counted here (the train scenario checks empty experts)
+        "layer_check": None,
+    }
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
 
 
 def fail(spec: dict[str, Any], rank: int) -> None:

@@ -96,13 +96,22 @@ def reference(spec: dict[str, Any]) -> dict[str, Any]:
     pieces = common.rank_pieces(spec)
     loss = sum(common.token_loss_sum(model, piece) for piece in pieces) / common.predicted_tokens(pieces)
     loss.backward()
+    norm = None
+    if "max_norm" in spec:
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), spec["max_norm"]))
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     world = len(spec["pieces"])
     layer = common.layer_call(model, spec, list(range(world))) if spec.get("layer_check") else None
     params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return {"loss": float(loss.detach()), "grads": grads, "params": params, "layer_check": layer}
+    return {
+        "loss": float(loss.detach()),
+        "norm": norm,
+        "grads": grads,
+        "params": params,
+        "layer_check": layer,
+    }
 
 
 def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -110,7 +119,7 @@ def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).norm() / expected.norm().clamp_min(1e-300))
 
 
-def check_train(tmp_path: Path, spec: dict[str, Any], loss_tol: float, tol: float) -> None:
+def check_train(tmp_path: Path, spec: dict[str, Any], loss_tol: float, tol: float) -> dict[str, Any]:
     launch(tmp_path, spec)
     expected = reference(spec)
     hosts = spec["hosts"]
@@ -132,8 +141,11 @@ def check_train(tmp_path: Path, spec: dict[str, Any], loss_tol: float, tol: floa
         assert result["expert_lora_count"] == len(expert_names)
         assert result["expert_lora_in_optimizer"] == (len(expert_names) if is_owner else 0)
         assert result["placeholders_ok"] == (not is_owner)
+        if expected["norm"] is not None:
+            assert abs(result["norm"] - expected["norm"]) <= tol * expected["norm"], (rank, result["norm"])
     if spec.get("layer_check"):
         check_layer(spec, results, expected["layer_check"], owners, tol)
+    return expected
 
 
 def check_layer(
@@ -204,6 +216,21 @@ def test_two_hosts_of_two_ranks_match_one_process(tmp_path: Path) -> None:
         monitor_ddp=True,
     )
     check_train(tmp_path, spec, 1e-9, F64_TOL)
+
+
+def test_stock_accelerate_two_ranks_match_one_process_and_save_one_vanilla_adapter(tmp_path: Path) -> None:
+    from factory import tiny_model
+    from peft import PeftModel
+
+    spec = dict(F64, scenario="accelerate", hosts=[[0, 1]], pieces=[[2, 5], [1, 4]], max_norm=0.05)
+    expected = check_train(tmp_path, spec, 1e-9, F64_TOL)
+    assert expected["norm"] > spec["max_norm"]  # the clip acted, so its coefficient was compared
+    # One adapter, written by the owner, that plain transformers + PEFT load.
+    loaded = PeftModel.from_pretrained(tiny_model("qwen3_moe", torch.float64, seed=0), tmp_path / "adapter")
+    lora = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+    assert set(lora) == {n for n in expected["params"] if "lora_" in n}
+    for name, param in lora.items():
+        assert rel(param, expected["params"][name]) <= F64_TOL, name
 
 
 def test_kernel_backend_bf16_two_ranks_within_design_bounds(tmp_path: Path) -> None:

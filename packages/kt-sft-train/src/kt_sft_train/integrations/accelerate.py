@@ -28,10 +28,7 @@ from .. import distributed as kt_distributed
 
 
 def _host_owner(model: nn.Module) -> bool:
-    return bool(kt_distributed.expert_lora_parameters(model)) or any(
-        isinstance(getattr(m, "layer", None), (kt_distributed.OwnerLayer, kt_distributed.RemoteLayer))
-        for m in model.modules()
-    )
+    return any(kt_distributed.is_host_owner_experts(m) for m in model.modules())
 
 
 def prepare(
