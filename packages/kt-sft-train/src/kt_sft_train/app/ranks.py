@@ -74,6 +74,8 @@ class RankContext:
             return
         import torch.distributed as dist
 
+        if device.type == "cuda":  # NCCL collectives (barrier, object gathers) use the current device
+            torch.cuda.set_device(device)
         if not dist.is_initialized():
             backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=timedelta(seconds=kt.distributed_timeout_s))
