@@ -97,21 +97,6 @@ def test_bad_environment_names_the_variable() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [
-<<<<<<< HEAD
-        {"distributed": "host_owner"},
-=======
-        {"numa_shards": 2},
->>>>>>> 3f3b720 (distributed: one expert owner per host (KTConfig distributed='host_owner'): per-host gloo exchange inside the experts layer (one kernel call per layer over the host's tokens), expert-LoRA grad scaling + owners all-reduce, failure board + deadlines, DDP prep, accelerate helper; tests 2/3 ranks, 2 hosts x 2, failures; docs/distributed.md, ADR 0801)
-    ],
-)
-def test_features_not_built_yet_say_so(kwargs: dict) -> None:
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
-        KTConfig(**kwargs)
-
-
-@pytest.mark.parametrize(
     ("mapping", "weight_dtype", "group_size"),
     [
         ({"kt_backend": "AMXINT8"}, "int8", None),
