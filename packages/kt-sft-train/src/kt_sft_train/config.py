@@ -57,7 +57,12 @@ class KTConfig:
     activation_policy: under gradient checkpointing, "retain" keeps the CPU activation caches of the
         first forward for the backward; "recompute" re-runs the CPU forward during the backward.
     max_isa: cap on the kernel ISA tier (None = best the CPU supports).
-    distributed: "none" (one process owns its experts) or "host_owner" (later).
+    distributed: "none" (one process owns its experts) or "host_owner" (one process per host owns them and
+        runs them for the other ranks of its host; see kt_sft_train.distributed and docs/distributed.md).
+    owner_local_rank: with host_owner, the local rank (index among the host's ranks) that owns the experts.
+    hosts: with host_owner, the global ranks of each host, e.g. ((0, 1), (2, 3)); None = from torchrun's
+        GROUP_RANK (or the host name). Explicit hosts let tests simulate several hosts on one machine.
+    distributed_timeout_s: with host_owner, the longest any rank waits for another in an exchange.
     pin_memory: stage GPU<->CPU copies through pinned host buffers (only used with CUDA tensors).
     """
 
@@ -69,6 +74,9 @@ class KTConfig:
     activation_policy: str = "retain"
     max_isa: str | None = None
     distributed: str = "none"
+    owner_local_rank: int = 0
+    hosts: tuple[tuple[int, ...], ...] | None = None
+    distributed_timeout_s: float = 600.0
     pin_memory: bool = True
 
     def __post_init__(self) -> None:
@@ -86,14 +94,9 @@ class KTConfig:
         if self.max_isa is not None:
             _check_choice("max_isa", self.max_isa, ISA_TIERS)
         _check_choice("distributed", self.distributed, DISTRIBUTED_MODES)
+        _check_distributed(self)
         if not isinstance(self.pin_memory, bool):
             raise KTConfigError(f"KTConfig.pin_memory must be a bool, got {self.pin_memory!r}")
-        # Valid values of features that are not built yet: refuse them instead of ignoring them.
-        if self.distributed != "none":
-            raise NotImplementedError(
-                f"KTConfig.distributed={self.distributed!r}: multi-rank expert ownership is not implemented "
-                "yet; use distributed='none'"
-            )
 
     # -- constructors -------------------------------------------------------------------------------
 
@@ -173,6 +176,40 @@ def _check_positive_int(name: str, value: Any, also: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         what = f"a positive integer {also}".strip()
         raise KTConfigError(f"KTConfig.{name} must be {what}, got {value!r}")
+
+
+def _check_distributed(config: KTConfig) -> None:
+    owner = config.owner_local_rank
+    if isinstance(owner, bool) or not isinstance(owner, int) or owner < 0:
+        raise KTConfigError(f"KTConfig.owner_local_rank must be a non-negative integer, got {owner!r}")
+    timeout = config.distributed_timeout_s
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+        raise KTConfigError(f"KTConfig.distributed_timeout_s must be a positive number, got {timeout!r}")
+    if config.hosts is not None:
+        object.__setattr__(config, "hosts", _normalized_hosts(config.hosts))
+    if config.distributed == "none" and (owner != 0 or config.hosts is not None):
+        raise KTConfigError(
+            "KTConfig.owner_local_rank and KTConfig.hosts only apply with distributed='host_owner'"
+        )
+
+
+def _normalized_hosts(hosts: Any) -> tuple[tuple[int, ...], ...]:
+    problem = f"KTConfig.hosts must be a list of lists of global ranks, e.g. [[0, 1], [2, 3]], got {hosts!r}"
+    if isinstance(hosts, (str, bytes)) or not isinstance(hosts, (list, tuple)) or not hosts:
+        raise KTConfigError(problem)
+    normalized: list[tuple[int, ...]] = []
+    for host in hosts:
+        if isinstance(host, (str, bytes)) or not isinstance(host, (list, tuple)) or not host:
+            raise KTConfigError(problem)
+        if any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in host):
+            raise KTConfigError(problem)
+        normalized.append(tuple(sorted(host)))
+    ranks = [r for host in normalized for r in host]
+    if len(set(ranks)) != len(ranks):
+        raise KTConfigError(f"KTConfig.hosts names a rank twice: {hosts!r}")
+    if sorted(ranks) != list(range(len(ranks))):
+        raise KTConfigError(f"KTConfig.hosts must name every rank 0..N-1 exactly once, got {hosts!r}")
+    return tuple(sorted(normalized))
 
 
 def _suggestion(word: str, candidates: list[str]) -> str:
@@ -317,7 +354,18 @@ def _parse_env_value(var: str, name: str, raw: str) -> Any:
     text = raw.strip()
     if name == "group_size" and text.lower() in ("", "none", "auto"):
         return None
-    if name in ("threads", "numa_shards", "group_size"):
+    if name == "hosts":
+        # KT_SFT_HOSTS="0,1;2,3": hosts separated by ';', ranks by ','.
+        try:
+            return [[int(r) for r in host.split(",")] for host in text.split(";")]
+        except ValueError:
+            raise KTConfigError(f"{var}={raw!r} is not a host list like '0,1;2,3'") from None
+    if name == "distributed_timeout_s":
+        try:
+            return float(text)
+        except ValueError:
+            raise KTConfigError(f"{var}={raw!r} is not a number of seconds") from None
+    if name in ("threads", "numa_shards", "group_size", "owner_local_rank"):
         # 0 / unset: the kernel default (physical cores), as the kernel wheel reads KT_SFT_NUM_THREADS.
         if name == "threads" and text.lower() in ("", "0", "auto", "none"):
             return None

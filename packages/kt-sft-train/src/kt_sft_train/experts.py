@@ -37,17 +37,27 @@ def zero_storage_placeholder(shape: tuple[int, ...], dtype: torch.dtype) -> nn.P
     return nn.Parameter(torch.zeros((), dtype=dtype).expand(shape), requires_grad=False)
 
 
-def make_layer(kt: KTConfig, num_experts: int, top_k: int, hidden: int, intermediate: int) -> ExpertsLayer:
-    if kt.backend == "reference":
-        if kt.weight_dtype != "bf16":
-            raise NotImplementedError(
-                f"not implemented yet: KTConfig(backend='reference', weight_dtype={kt.weight_dtype!r}); the "
-                "reference experts keep the checkpoint's weights (use backend='kernels' for int8/int4)"
-            )
-        return ReferenceLayer(num_experts, top_k, hidden, intermediate)
-    from ._kernels import KernelLayer
+def make_layer(
+    kt: KTConfig, num_experts: int, top_k: int, hidden: int, intermediate: int, name: str = ""
+) -> ExpertsLayer:
+    def build() -> ExpertsLayer:
+        if kt.backend == "reference":
+            if kt.weight_dtype != "bf16":
+                raise NotImplementedError(
+                    "not implemented yet: KTConfig(backend='reference', "
+                    f"weight_dtype={kt.weight_dtype!r}); the reference experts keep the checkpoint's weights "
+                    "(use backend='kernels' for int8/int4)"
+                )
+            return ReferenceLayer(num_experts, top_k, hidden, intermediate)
+        from ._kernels import KernelLayer
 
-    return KernelLayer(num_experts, top_k, hidden, intermediate, kt)
+        return KernelLayer(num_experts, top_k, hidden, intermediate, kt)
+
+    if kt.distributed == "host_owner":
+        from .distributed import host_owner_layer
+
+        return host_owner_layer(kt, build, top_k, f"KTExperts {name}" if name else "")
+    return build()
 
 
 class KTExperts(nn.Module):
@@ -91,8 +101,9 @@ class KTExperts(nn.Module):
         self.act_fn = nn.SiLU()
         self.gate_up_proj = zero_storage_placeholder((num_experts, 2 * intermediate_size, hidden_size), dtype)
         self.down_proj = zero_storage_placeholder((num_experts, hidden_size, intermediate_size), dtype)
-        self.layer = make_layer(self.kt, num_experts, top_k, hidden_size, intermediate_size)
-        self.weights_loaded = False
+        self.layer = make_layer(self.kt, num_experts, top_k, hidden_size, intermediate_size, name)
+        # A host-owner proxy has no weights to load: its host's owner runs the experts.
+        self.weights_loaded = not self.owns_experts
         for hook in tuple(_experts_created_hooks):
             hook()
 
@@ -168,6 +179,14 @@ class KTExperts(nn.Module):
     @property
     def backend(self) -> str:
         return self.layer.backend
+
+    @property
+    def owns_experts(self) -> bool:
+        """False on the non-owner ranks of a host-owner run (the layer is a proxy of the owner's)."""
+        layer = self.layer
+        while not hasattr(layer, "owns_experts") and hasattr(layer, "inner"):  # under proxies (timing)
+            layer = layer.inner
+        return bool(getattr(layer, "owns_experts", True))
 
     def load_expert_weights(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
         """Copy in this layer's weights (gate_up [E, 2I, H], down [E, H, I]); the caller may free them."""
@@ -290,7 +309,7 @@ def wrap_moe_layers_with_kt_wrapper(model: nn.Module, kt: KTConfig | None = None
     Call this before `get_peft_model`. Returns the KTExperts in model order (upstream's name and result).
     """
     kt = kt if kt is not None else KTConfig()
-    _refuse_multi_rank()
+    _refuse_multi_rank(kt)
     arch = get_moe_arch_config(model)
     wrapped: list[KTExperts] = []
     for layer in arch.layers:
@@ -315,10 +334,12 @@ def _is_plain_experts(module: nn.Module) -> bool:
     return isinstance(gate_up, torch.Tensor) and "base_layer" not in module._modules
 
 
-def _refuse_multi_rank() -> None:
+def _refuse_multi_rank(kt: KTConfig) -> None:
     distributed = torch.distributed
+    if kt.distributed != "none":
+        return
     if distributed.is_available() and distributed.is_initialized() and distributed.get_world_size() > 1:
-        raise NotImplementedError(
-            "CPU experts with several ranks (one expert owner per host) are not implemented yet; "
-            "run one process"
+        raise ValueError(
+            "several ranks with KTConfig(distributed='none') would each hold a full copy of the CPU experts; "
+            "use KTConfig(distributed='host_owner') (one expert owner per host)"
         )

@@ -325,6 +325,10 @@ def _stream_experts_into_kernels(
     for plan in plans:
         placeholder = placeholders[plan.module_name]
         experts = KTExperts.like(placeholder.hf_experts, kt, name=plan.module_name)
+        if not experts.owns_experts:  # a host-owner proxy reads nothing: its owner holds the weights
+            loaded.append(experts)
+            replace_module(model, plan.module_name, experts)
+            continue
         weights = read_expert_layer(
             plan, fp8_block=fp8_block, quantized_base=kt.weight_dtype != "bf16", int4_group_size=kt.group_size
         )

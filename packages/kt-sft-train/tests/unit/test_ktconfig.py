@@ -97,17 +97,6 @@ def test_bad_environment_names_the_variable() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"distributed": "host_owner"},
-    ],
-)
-def test_features_not_built_yet_say_so(kwargs: dict) -> None:
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
-        KTConfig(**kwargs)
-
-
-@pytest.mark.parametrize(
     ("mapping", "weight_dtype", "group_size"),
     [
         ({"kt_backend": "AMXINT8"}, "int8", None),

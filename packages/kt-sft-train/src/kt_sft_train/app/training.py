@@ -23,6 +23,7 @@ import random
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +50,7 @@ from .data import (
 from .evaluation import ExactMatch, exact_match
 from .options import RESUME_INVARIANTS, OptionsError, TrainOptions, lora_target_list
 from .outputs import check_writable, create_run_directory, new_run_directory, remove_if_empty
+from .ranks import RankContext
 from .reporting import Reporters, check_available
 
 logger = logging.getLogger(__name__)
@@ -340,17 +342,48 @@ def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.O
 
     state = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
     names = [name for name, _ in trainable_parameters(model)]
-    if state["parameters"] != names:
+    saved: list[str] = state["parameters"]
+    # A non-owner rank of a distributed run trains the saved parameters minus the expert LoRA.
+    if saved != names and not (_is_host_owner_proxy(model) and set(names) < set(saved)):
         raise OptionsError(f"--resume: {checkpoint} holds other trainable parameters than this model")
     validate_adapter(model, checkpoint / "adapter")
     weights = load_file(checkpoint / "adapter" / ADAPTER_WEIGHTS)
+    if saved != names:
+        weights = {k: v for k, v in weights.items() if not _is_expert_lora_key(model, k)}
     result = set_peft_model_state_dict(model, weights)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise OptionsError(f"--resume: {checkpoint} adapter has keys the model lacks: {unexpected[:3]}")
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+    optimizer_state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    if saved != names:
+        optimizer_state = _optimizer_state_subset(optimizer_state, saved, names)
+    optimizer.load_state_dict(optimizer_state)
     _set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=False))
     return int(state["step"])
+
+
+def _is_host_owner_proxy(model: nn.Module) -> bool:
+    from .. import distributed
+
+    runtime = distributed.current_runtime()
+    return runtime is not None and not runtime.layout.is_owner
+
+
+def _is_expert_lora_key(model: nn.Module, key: str) -> bool:
+    from .. import distributed
+
+    names = {name.replace(".default.", ".") for name in distributed.expert_lora_parameters(model)}
+    return key in names
+
+
+def _optimizer_state_subset(state: dict[str, Any], saved: list[str], names: list[str]) -> dict[str, Any]:
+    """The saved optimizer state (one group, parameters in `saved` order) restricted to `names`."""
+    keep = [saved.index(name) for name in names]
+    (group,) = state["param_groups"]
+    return {
+        "state": {new: state["state"][old] for new, old in enumerate(keep) if old in state["state"]},
+        "param_groups": [dict(group, params=list(range(len(keep))))],
+    }
 
 
 # -- model ----------------------------------------------------------------------------------------------
@@ -470,21 +503,32 @@ def run_training(options: TrainOptions, *, echo: Callable[[str], None] = print) 
         raise OptionsError(
             f"--model {options.model!r} is not a local Hugging Face checkpoint directory (no config.json)"
         )
+    ranks = RankContext.from_environment()
+    if not ranks.writes_files:
+        echo = _silent
     check_available(options.report_to)
+    if ranks.distributed and options.output is None:
+        raise OptionsError(
+            f"--output DIR is required with {ranks.world_size} ranks (they share one run folder)"
+        )
     if options.output is None:
         if options.resume:
             raise OptionsError("--resume needs --output DIR: the run folder to continue")
         output = new_run_directory()
     else:
         output = Path(options.output)
-    created = prepare_output(output, options)
+    kt = ranks.experts_config(options)
+    device = ranks.device(resolve_device(options.device))
+    ranks.init_process_group(device, kt)
+    created = prepare_output(output, options) if ranks.writes_files else []
+    ranks.barrier()
     from transformers.utils import logging as hf_logging
 
     bars_were_enabled = hf_logging.is_progress_bar_enabled()
     if not options.progress:
         hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
     try:
-        return _run(options, output, echo, wall_start)
+        return _run(options, output, echo, wall_start, ranks, kt, device)
     except TrainingInterrupted:
         remove_if_empty(created)
         raise
@@ -499,12 +543,22 @@ def run_training(options: TrainOptions, *, echo: Callable[[str], None] = print) 
             hf_logging.enable_progress_bar()
 
 
-def _run(options: TrainOptions, output: Path, echo: Callable[[str], None], wall_start: float) -> TrainResult:
+def _run(
+    options: TrainOptions,
+    output: Path,
+    echo: Callable[[str], None],
+    wall_start: float,
+    ranks: RankContext,
+    kt: KTConfig,
+    device: torch.device,
+) -> TrainResult:
     from transformers import AutoTokenizer
 
     from ..adapters import save_adapter
     from ..model import load_kt_model
 
+    # Files of this rank: the output for rank 0, a scratch directory for the others (nothing shared).
+    files = output if ranks.writes_files else Path(tempfile.mkdtemp(prefix=f"kt-sft-rank{ranks.rank}-"))
     checkpoint = latest_checkpoint(output) if options.resume else None
     if options.resume:
         if checkpoint is None:
@@ -512,10 +566,8 @@ def _run(options: TrainOptions, output: Path, echo: Callable[[str], None], wall_
         check_resume_compatible(output, options)
     echo(f"output    {output}")
 
-    kt = options.kt
     if kt.threads is not None:
         torch.set_num_threads(kt.threads)
-    device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     seed_everything(options.seed)
     if options.description:
@@ -558,6 +610,7 @@ def _run(options: TrainOptions, output: Path, echo: Callable[[str], None], wall_
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     parameters = [p for _, p in trainable_parameters(peft_model)]
     optimizer = torch.optim.AdamW(parameters, lr=options.lr, weight_decay=options.weight_decay)
+    forward_model = ranks.prepare(peft_model, optimizer)
     start_step = 0
     if checkpoint is not None:
         start_step = load_checkpoint(checkpoint, peft_model, optimizer)
@@ -567,15 +620,17 @@ def _run(options: TrainOptions, output: Path, echo: Callable[[str], None], wall_
             f"--resume: the checkpoint is at step {start_step}, the run has {total_steps} steps"
         )
 
-    _write_run_file(output, options, kt, device, dtype)
-    reporters = Reporters(options.report_to, output, options.to_dict())
+    _write_run_file(files, options, kt, device, dtype)
+    reporters = Reporters(options.report_to, files, options.to_dict())
     metrics = MetricsLog(
-        output / METRICS, keep_steps_upto=start_step if checkpoint else None, reporters=reporters
+        files / METRICS, keep_steps_upto=start_step if checkpoint else None, reporters=reporters
     )
     if before is not None and checkpoint is None:
         metrics.write({"event": "eval", "phase": "before", **before.as_dict()})
     trained = _train_steps(
         peft_model,
+        forward_model,
+        ranks,
         optimizer,
         examples,
         formatter.pad_token_id,
@@ -587,7 +642,10 @@ def _run(options: TrainOptions, output: Path, echo: Callable[[str], None], wall_
         output,
     )
 
-    adapter = save_adapter(peft_model, output / "adapter")
+    adapter = output / "adapter"
+    if ranks.writes_files:
+        save_adapter(peft_model, adapter)
+    ranks.barrier()
     after = evaluate(peft_model, "after", echo)
     if after is not None:
         metrics.write({"event": "eval", "phase": "after", **after.as_dict()})
@@ -596,8 +654,9 @@ def _run(options: TrainOptions, output: Path, echo: Callable[[str], None], wall_
     summary = _summary(options, kt, device, history, before, after, trained, wall_start, adapter, output)
     metrics.write({"event": "summary", **summary})
     metrics.close()
-    _write_json(output / "summary.json", summary)
-    _plot(output, history, before, after)
+    _write_json(files / "summary.json", summary)
+    _plot(files, history, before, after)
+    ranks.finish()
     for line in summary_lines(summary):
         echo(line)
     return TrainResult(
@@ -700,6 +759,8 @@ def _nonfinite_message(what: str, step: int, where: str | None) -> str:
 
 def _train_steps(
     model: nn.Module,
+    forward_model: nn.Module,
+    ranks: RankContext,
     optimizer: torch.optim.Optimizer,
     examples: Sequence[TokenizedExample],
     pad_token_id: int,
@@ -728,17 +789,20 @@ def _train_steps(
                 step_loss, step_tokens = 0.0, 0
                 nonfinite: str | None = None
                 for micro in range(options.grad_accum):
-                    indices = schedule.indices(step * options.grad_accum + micro)
+                    indices = ranks.shard(schedule.indices(step * options.grad_accum + micro))
                     batch = {
                         k: v.to(device)
                         for k, v in collate([examples[i] for i in indices], pad_token_id).items()
                     }
-                    loss = _forward_backward(model, batch, parameters, options)
+                    # Distributed: the loss is scaled so that DDP's average is the global batch's token mean.
+                    scale, tokens, total = ranks.loss_scale(batch["labels"])
+                    loss = _forward_backward(forward_model, batch, parameters, options, scale)
                     if not torch.isfinite(loss):
-                        where = first_nonfinite_output(model, batch)
+                        # With several ranks a lone re-run would wait for the others' experts exchange.
+                        where = None if ranks.distributed else first_nonfinite_output(model, batch)
                         nonfinite = _nonfinite_message(f"the loss ({loss.item()})", step + 1, where)
                         break
-                    step_loss += loss.item() / options.grad_accum
+                    step_loss += ranks.global_mean(loss, tokens, total) / options.grad_accum
                     step_tokens += int(batch["attention_mask"].sum())
                 if nonfinite is None:
                     bad_gradient = first_nonfinite_gradient(model)
@@ -753,7 +817,7 @@ def _train_steps(
                     metrics.write({"event": "skipped", "step": step + 1, "reason": nonfinite})
                     progress.update("skipped a non-finite step")
                     continue
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, options.max_grad_norm))
+                grad_norm = ranks.clip_grad_norm_(model, parameters, options.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 split = timer.end_step()
@@ -782,39 +846,60 @@ def _train_steps(
                 by_steps = options.save_every is not None and done % options.save_every == 0
                 minutes = options.save_every_minutes
                 by_time = minutes > 0 and time.monotonic() - last_save >= 60.0 * minutes
-                if (by_steps or by_time or interrupt.requested) and done < total_steps:
-                    save_checkpoint(output, done, model, optimizer, options.keep_checkpoints)
+                # Every rank takes the same decisions (time and signals are per process).
+                save_now, stop_now = ranks.any_rank(
+                    by_steps or by_time or interrupt.requested, interrupt.requested
+                )
+                if save_now and done < total_steps:
+                    _save_checkpoint(ranks, output, done, model, optimizer, options.keep_checkpoints)
                     saved_step, last_save = done, time.monotonic()
-                if interrupt.requested and done < total_steps:
+                if stop_now and done < total_steps:
                     raise TrainingInterrupted(output, latest_checkpoint(output))
             if saved_step != total_steps:
-                save_checkpoint(output, total_steps, model, optimizer, options.keep_checkpoints)
+                _save_checkpoint(ranks, output, total_steps, model, optimizer, options.keep_checkpoints)
     finally:
         progress.close()
     return _Trained(tokens_total, split_total)
 
 
 def _forward_backward(
-    model: nn.Module, batch: dict[str, torch.Tensor], parameters: list[nn.Parameter], options: TrainOptions
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    parameters: list[nn.Parameter],
+    options: TrainOptions,
+    scale: float = 1.0,
 ) -> torch.Tensor:
-    """The batch's mean loss, its gradient / grad_accum accumulated into .grad; micro-batches overlapped
-    on threads when options.overlap_microbatches > 1 (each weighted by its share of the label tokens, so
-    the sum is the batch's mean loss)."""
+    """The batch's mean loss, its gradient * scale / grad_accum accumulated into .grad; micro-batches
+    overlapped on threads when options.overlap_microbatches > 1 (each weighted by its share of the label
+    tokens, so the sum is the batch's mean loss)."""
     parts = min(options.overlap_microbatches, int(batch["input_ids"].shape[0]))
     microbatches = [mb for mb in split_batch(batch, parts) if label_tokens(mb) > 0] if parts > 1 else []
     if len(microbatches) < 2:
         loss = model(**batch, use_cache=False).loss
-        (loss / options.grad_accum).backward()
+        (loss * scale / options.grad_accum).backward()
         return loss.detach()
     total = sum(label_tokens(mb) for mb in microbatches)
     weights = [label_tokens(mb) / total for mb in microbatches]
     weighted = run_microbatches(
-        lambda mb: model(**mb, use_cache=False).loss / options.grad_accum,
+        lambda mb: model(**mb, use_cache=False).loss * scale / options.grad_accum,
         microbatches,
         parameters=parameters,
         weights=weights,
     )
-    return weighted * options.grad_accum
+    return weighted * options.grad_accum / scale
+
+
+def _save_checkpoint(
+    ranks: RankContext, output: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, keep: int
+) -> None:
+    # Rank 0 owns the experts of its host: its adapter and optimizer state are the whole run's.
+    if ranks.writes_files:
+        save_checkpoint(output, step, model, optimizer, keep)
+    ranks.barrier()
+
+
+def _silent(text: str) -> None:
+    """The echo of ranks other than 0."""
 
 
 def _evaluator(

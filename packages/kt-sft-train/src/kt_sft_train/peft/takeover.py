@@ -102,7 +102,9 @@ def _wrapper_forward(
     chain, experts = wrapper_chain(self)
     if experts is None:
         raise RuntimeError("kt-sft took over a PEFT wrapper whose base is no longer a KTExperts")
-    return experts.run(hidden_states, top_k_index, top_k_weights, expert_lora(chain, experts))
+    # A host-owner proxy runs on its owner, which holds the expert LoRA.
+    lora = expert_lora(chain, experts) if experts.owns_experts else None
+    return experts.run(hidden_states, top_k_index, top_k_weights, lora)
 
 
 def _wrapper_apply(self: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:

@@ -1,0 +1,91 @@
+"""Stock accelerate with host-owner experts (KTConfig(distributed="host_owner"); docs/distributed.md).
+
+    accelerator = Accelerator()                       # under `accelerate launch` / torchrun
+    model = load_kt_model(path, kt=KTConfig(distributed="host_owner"))
+    model = get_peft_model(model, kt_lora_config(model))
+    optimizer = torch.optim.AdamW(p for p in model.parameters() if p.requires_grad)
+    model, optimizer, loader = kt_accelerate.prepare(accelerator, model, optimizer, loader)
+    ...
+    accelerator.backward(loss)                        # loss: see "Loss scaling" in docs/distributed.md
+    kt_accelerate.clip_grad_norm_(accelerator, model, 1.0)   # instead of accelerator.clip_grad_norm_
+    optimizer.step(); optimizer.zero_grad()
+    kt_accelerate.save_adapter(accelerator, model, "out/adapter")
+
+`prepare` readies the model (non-owners drop their expert-LoRA copies from the model and the optimizer,
+DDP ignores the expert LoRA), makes `optimizer.step()` sum the owners' expert grads across hosts first,
+then calls `accelerator.prepare` unchanged. With one process it is `accelerator.prepare`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import distributed as kt_distributed
+
+
+def _host_owner(model: nn.Module) -> bool:
+    return any(kt_distributed.is_host_owner_experts(m) for m in model.modules())
+
+
+def prepare(
+    accelerator: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *others: Any,
+    monitor_dense: bool | None = None,
+) -> tuple[Any, ...]:
+    """`accelerator.prepare(model, optimizer, *others)` for a model with host-owner CPU experts.
+
+    monitor_dense: make DDP's gradient all-reduce fail with the failing rank's message instead of
+        after the process-group timeout (kt_sft_train.distributed.monitor_ddp; gives up DDP's
+        communication overlap). None = on for gloo (CPU) process groups, off for NCCL.
+    """
+    from accelerate.utils import DistributedType
+
+    if not _host_owner(model):
+        if accelerator.num_processes > 1:
+            raise ValueError(
+                "kt_sft_train.integrations.accelerate.prepare: several processes need the model's experts "
+                "built with KTConfig(distributed='host_owner')"
+            )
+        return accelerator.prepare(model, optimizer, *others)
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise NotImplementedError(
+            f"{accelerator.distributed_type.value} with host-owner CPU experts is not implemented yet; use "
+            "DDP (the default of `accelerate launch --multi_gpu` / MULTI_CPU)"
+        )
+    kt_distributed.prepare_model(model, optimizer)
+    kt_distributed.install_step_sync(model, optimizer)
+    prepared = accelerator.prepare(model, optimizer, *others)
+    wrapped = prepared[0]
+    if isinstance(wrapped, nn.parallel.DistributedDataParallel):
+        if monitor_dense is None:
+            import torch.distributed as dist
+
+            monitor_dense = dist.get_backend() == "gloo"
+        if monitor_dense:
+            kt_distributed.monitor_ddp(wrapped)
+    return tuple(prepared)
+
+
+def clip_grad_norm_(accelerator: Any, model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Gradient clipping over the whole run (use it instead of `accelerator.clip_grad_norm_`)."""
+    unwrapped = accelerator.unwrap_model(model)
+    if not _host_owner(unwrapped):
+        return accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    return kt_distributed.clip_grad_norm_(unwrapped, max_norm)
+
+
+def save_adapter(accelerator: Any, model: nn.Module, path: str | os.PathLike[str], **kwargs: Any) -> None:
+    """Write ONE PEFT adapter (from the first host's owner, which holds the expert LoRA); all ranks wait."""
+    unwrapped = accelerator.unwrap_model(model)
+    if not _host_owner(unwrapped):
+        if accelerator.is_main_process:
+            unwrapped.save_pretrained(path, **kwargs)
+        accelerator.wait_for_everyone()
+        return
+    kt_distributed.save_adapter(unwrapped, path, **kwargs)
