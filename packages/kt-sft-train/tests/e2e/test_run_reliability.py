@@ -291,7 +291,7 @@ def test_skip_nonfinite_steps_skips_and_records(poisoned_job: Path, tmp_path: Pa
 
 
 def test_first_nonfinite_gradient_names_the_parameter() -> None:
-    from kt_sft_train.app.training import first_nonfinite_gradient
+    from kt_sft_train.app.nonfinite import first_nonfinite_gradient
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
     model(torch.randn(2, 3)).sum().backward()

@@ -12,9 +12,9 @@ import torch
 from factory import REFERENCE, batch, build_model, make_job, moe_config, randomize_lora
 from kt_sft_train import kt_lora_config, wrap_moe_layers_with_kt_wrapper
 from kt_sft_train.app.cli import main
+from kt_sft_train.app.model_setup import apply_dense_lora_dropout
 from kt_sft_train.app.options import OptionsError
 from kt_sft_train.app.reporting import check_available
-from kt_sft_train.app.training import apply_dense_lora_dropout
 from torch import nn
 
 

@@ -19,8 +19,9 @@ from kt_sft_train.app.data import (
     read_jsonl,
     tokenize_records,
 )
+from kt_sft_train.app.metrics import decile_means
 from kt_sft_train.app.options import ConfigFile, OptionsError, TrainOptions, resolve
-from kt_sft_train.app.training import decile_means, learning_rate
+from kt_sft_train.app.training import learning_rate
 
 
 def decode_labelled(tokenizer, example) -> str:  # type: ignore[no-untyped-def]

@@ -413,8 +413,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from ..config import KTConfigError
     from ..weights import CheckpointError
     from .data import DataError
+    from .nonfinite import NonFiniteError
     from .options import OptionsError
-    from .training import NonFiniteError
 
     return (
         UsageError,

@@ -38,6 +38,15 @@ from ..config import KTConfig
 from ..overlap import label_tokens, run_microbatches, split_batch
 from ..timing import StepSplit, StepTimer
 from ..versions import library_versions
+from .checkpoints import (
+    CHECKPOINTS,
+    check_checkpoint_base,
+    check_resume_compatible,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    trainable_parameters,
+)
 from .data import (
     BatchSchedule,
     Formatter,
@@ -48,16 +57,30 @@ from .data import (
     tokenize_records,
 )
 from .evaluation import ExactMatch, exact_match
-from .options import RESUME_INVARIANTS, OptionsError, TrainOptions, lora_target_list
+from .metrics import (
+    METRICS,
+    MetricsLog,
+    Progress,
+    decile_means,
+    resident_mib,
+    split_text,
+    summary_lines,
+)
+from .model_setup import (
+    apply_dense_lora_dropout,
+    describe_model,
+    experts_memory_line,
+    kernel_tier,
+    lora_config_for,
+)
+from .nonfinite import NonFiniteError, first_nonfinite_gradient, first_nonfinite_output, nonfinite_message
+from .options import OptionsError, TrainOptions
 from .outputs import check_writable, create_run_directory, new_run_directory, remove_if_empty
 from .ranks import RankContext
 from .reporting import Reporters, check_available
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
-CHECKPOINT_PREFIX = "step-"
-METRICS = "metrics.jsonl"
 _OWNED_OUTPUTS = ("adapter", CHECKPOINTS, METRICS, "loss.png", "run.json", "summary.json")
 
 
@@ -68,10 +91,6 @@ class TrainingInterrupted(KeyboardInterrupt):
         super().__init__(str(output))
         self.output = output
         self.checkpoint = checkpoint
-
-
-class NonFiniteError(FloatingPointError):
-    """The loss or a gradient became NaN/Inf; the message names the layer and tensor."""
 
 
 @dataclass
@@ -124,80 +143,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
-
-def resident_mib() -> float | None:
-    """This process's resident memory (MiB) from /proc (Linux); None elsewhere. Logged per step, so a leak
-    shows in metrics.jsonl (and tests/e2e bound it)."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as handle:
-            resident_pages = int(handle.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def decile_means(losses: Sequence[float]) -> tuple[float, float]:
-    """Mean loss of the first and of the last 10% of steps (at least one step each)."""
-    count = max(1, len(losses) // 10)
-    return mean(losses[:count]), mean(losses[-count:])
-
-
-class MetricsLog:
-    """metrics.jsonl: appended and flushed per record, so a crash loses at most one line."""
-
-    def __init__(
-        self, path: Path, *, keep_steps_upto: int | None, reporters: Reporters | None = None
-    ) -> None:
-        self.path = path
-        self.reporters = reporters  # --report-to sinks, fed the step and eval records
-        self.last_step = 0
-        if keep_steps_upto is None:
-            path.write_text("")
-        else:
-            self._truncate(keep_steps_upto)
-        self._handle = path.open("a", encoding="utf-8")
-
-    def _truncate(self, last_step: int) -> None:
-        # A resumed run drops what the interrupted run logged after its last checkpoint (and its end).
-        kept = []
-        if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                record = json.loads(line)
-                is_kept_step = record.get("event") == "step" and record["step"] <= last_step
-                is_first_eval = record.get("event") == "eval" and record.get("phase") == "before"
-                if is_kept_step or is_first_eval:
-                    kept.append(line)
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(temporary, self.path)
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record, sort_keys=True) + "\n")
-        self._handle.flush()
-        if self.reporters is not None and record.get("event") in ("step", "eval"):
-            step = int(record.get("step", 0 if record.get("phase") == "before" else self.last_step))
-            self.last_step = max(self.last_step, step)
-            prefix = "train" if record["event"] == "step" else f"eval_{record['phase']}"
-            self.reporters.log(record, step, prefix)
-
-    def step_losses(self) -> list[tuple[int, float]]:
-        out = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            if record.get("event") == "step":
-                out.append((int(record["step"]), float(record["loss"])))
-        return out
-
-    def close(self) -> None:
-        self._handle.close()
-        if self.reporters is not None:
-            self.reporters.close()
-
-
-# -- output directory and checkpoints -------------------------------------------------------------------
+# -- output directory -----------------------------------------------------------------------------------
 
 
 def prepare_output(output: Path, options: TrainOptions) -> list[Path]:
@@ -219,279 +165,6 @@ def prepare_output(output: Path, options: TrainOptions) -> list[Path]:
             path = output / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     return create_run_directory(output)
-
-
-def latest_checkpoint(output: Path) -> Path | None:
-    root = output / CHECKPOINTS
-    if not root.is_dir():
-        return None
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
-    found = [p for p in found if (p / "state.json").is_file()]
-    return max(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
-
-
-def check_resume_compatible(output: Path, options: TrainOptions) -> None:
-    run_file = output / "run.json"
-    if not run_file.is_file():
-        raise OptionsError(f"--resume: {run_file} is missing, so the previous run's options are unknown")
-    previous = json.loads(run_file.read_text(encoding="utf-8"))["options"]
-    changed = [name for name in RESUME_INVARIANTS if previous.get(name) != getattr(options, name)]
-    if changed:
-        details = ", ".join(f"{n}: {previous.get(n)!r} -> {getattr(options, n)!r}" for n in changed)
-        raise OptionsError(f"--resume: the checkpoint was trained with other options ({details})")
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-
-
-# Config keys that say how a model was loaded or saved, not what it is.
-_NOT_ARCHITECTURE = {"transformers_version", "dtype", "torch_dtype", "architectures", "use_cache"}
-
-
-def base_model_description(model: nn.Module) -> dict[str, Any]:
-    """What a checkpoint's adapter and optimizer state were trained on: the base's architectural config
-    and its expert shapes (recorded in state.json, compared before a resume touches the model)."""
-    from ..arch import get_moe_arch_config
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = {
-        key: value
-        for key, value in base.config.to_dict().items()
-        if not key.startswith("_") and key not in _NOT_ARCHITECTURE
-    }
-    arch = get_moe_arch_config(base)
-    experts = {
-        "layers": len(arch.layers),
-        "experts": arch.num_experts,
-        "hidden": arch.hidden_size,
-        "intermediate": arch.intermediate_size,
-    }
-    # JSON round trip: the comparison sees what state.json stores (lists for tuples, ...).
-    return json.loads(json.dumps({"config": config, "experts": experts}, default=str))
-
-
-def check_checkpoint_base(checkpoint: Path, model: nn.Module) -> None:
-    """Raise OptionsError naming what differs when `checkpoint` was trained on another base model."""
-    recorded = json.loads((checkpoint / "state.json").read_text(encoding="utf-8")).get("base_model")
-    if recorded is None:
-        return  # a checkpoint of an older kt-sft: the adapter's keys and shapes are still validated
-    current = base_model_description(model)
-    differences = []
-    for section in ("experts", "config"):
-        before, now = recorded.get(section, {}), current[section]
-        for key in sorted(set(before) | set(now)):
-            if before.get(key) != now.get(key):
-                differences.append(f"{key}: {before.get(key)!r} -> {now.get(key)!r}")
-    if differences:
-        shown = ", ".join(differences[:5]) + (
-            f" and {len(differences) - 5} more" if len(differences) > 5 else ""
-        )
-        raise OptionsError(f"--resume: {checkpoint} was trained on another base model ({shown})")
-
-
-def save_checkpoint(
-    output: Path,
-    step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    keep: int,
-) -> Path:
-    from ..adapters import atomic_directory
-
-    target = output / CHECKPOINTS / f"{CHECKPOINT_PREFIX}{step:06d}"
-    with atomic_directory(target) as staging:
-        model.save_pretrained(staging / "adapter")
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        torch.save(_rng_state(), staging / "rng.pt")
-        state = {
-            "step": step,
-            "parameters": [name for name, _ in trainable_parameters(model)],
-            "base_model": base_model_description(model),
-        }
-        (staging / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-    checkpoints = sorted(
-        (p for p in (output / CHECKPOINTS).iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)),
-        key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)),
-    )
-    for old in checkpoints[:-keep]:
-        shutil.rmtree(old)
-    return target
-
-
-def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Restore adapter weights, optimizer state and RNG from `checkpoint`; returns its step."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from ..adapters import ADAPTER_WEIGHTS, validate_adapter
-
-    state = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
-    names = [name for name, _ in trainable_parameters(model)]
-    saved: list[str] = state["parameters"]
-    # A non-owner rank of a distributed run trains the saved parameters minus the expert LoRA.
-    if saved != names and not (_is_host_owner_proxy(model) and set(names) < set(saved)):
-        raise OptionsError(f"--resume: {checkpoint} holds other trainable parameters than this model")
-    validate_adapter(model, checkpoint / "adapter")
-    weights = load_file(checkpoint / "adapter" / ADAPTER_WEIGHTS)
-    if saved != names:
-        weights = {k: v for k, v in weights.items() if not _is_expert_lora_key(model, k)}
-    result = set_peft_model_state_dict(model, weights)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise OptionsError(f"--resume: {checkpoint} adapter has keys the model lacks: {unexpected[:3]}")
-    optimizer_state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
-    if saved != names:
-        optimizer_state = _optimizer_state_subset(optimizer_state, saved, names)
-    optimizer.load_state_dict(optimizer_state)
-    _set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=False))
-    return int(state["step"])
-
-
-def _is_host_owner_proxy(model: nn.Module) -> bool:
-    from .. import distributed
-
-    runtime = distributed.current_runtime()
-    return runtime is not None and not runtime.layout.is_owner
-
-
-def _is_expert_lora_key(model: nn.Module, key: str) -> bool:
-    from .. import distributed
-
-    names = {name.replace(".default.", ".") for name in distributed.expert_lora_parameters(model)}
-    return key in names
-
-
-def _optimizer_state_subset(state: dict[str, Any], saved: list[str], names: list[str]) -> dict[str, Any]:
-    """The saved optimizer state (one group, parameters in `saved` order) restricted to `names`."""
-    keep = [saved.index(name) for name in names]
-    (group,) = state["param_groups"]
-    return {
-        "state": {new: state["state"][old] for new, old in enumerate(keep) if old in state["state"]},
-        "param_groups": [dict(group, params=list(range(len(keep))))],
-    }
-
-
-# -- model ----------------------------------------------------------------------------------------------
-
-
-def lora_config_for(model: nn.Module, options: TrainOptions) -> Any:
-    from ..peft import kt_lora_config
-
-    targets = lora_target_list(options.lora_targets)
-    experts = "experts" in targets
-    modules = [t for t in targets if t not in ("experts", "attention")]
-    if "attention" in targets:
-        from ..arch import get_moe_arch_config
-
-        modules = list(get_moe_arch_config(model).dense_target_modules) + modules
-    return kt_lora_config(
-        model,
-        r=options.lora_r,
-        lora_alpha=options.lora_alpha,
-        target_modules=modules or None,
-        experts=experts,
-    )
-
-
-def apply_dense_lora_dropout(peft_model: nn.Module, probability: float) -> int:
-    """Dropout on the input of every LoRA-wrapped nn.Linear (attention/dense targets); returns how many.
-
-    PEFT's LoraConfig has one lora_dropout for all targets and rejects a nonzero one on parameter targets
-    (the experts), so the config keeps 0 and the dense layers' dropout slots are filled here.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    count = 0
-    for module in peft_model.modules():
-        if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), nn.Linear):
-            for adapter in module.lora_dropout:
-                module.lora_dropout[adapter] = nn.Dropout(p=probability)
-                count += 1
-    if count == 0:
-        raise OptionsError("--lora-dropout needs attention/dense LoRA targets (see --lora-targets)")
-    return count
-
-
-def describe_model(model: nn.Module) -> str:
-    from ..arch import get_moe_arch_config
-
-    arch = get_moe_arch_config(model)
-    return (
-        f"{arch.model_type}, {len(arch.layers)} MoE layers x {arch.num_experts} experts (top-{arch.top_k}), "
-        f"hidden {arch.hidden_size}, expert intermediate {arch.intermediate_size}"
-    )
-
-
-def experts_memory_line(model: nn.Module, path: str, kt: KTConfig) -> str | None:
-    """Estimated (from config.json) vs actual (the loaded kernel layers) host bytes of the frozen experts."""
-    from ..memory import estimate_checkpoint, format_bytes, measure_experts
-
-    measured = measure_experts(model)
-    if measured is None:
-        return None
-    estimate = next(e for e in estimate_checkpoint(path, kt) if e.weight_dtype == kt.weight_dtype)
-    group = f", group {estimate.group_size}" if estimate.group_size else ""
-    return (
-        f"memory    experts base {kt.weight_dtype}{group}: estimated {format_bytes(estimate.bytes)}, "
-        f"actual {format_bytes(measured.base_bytes)} on the host after load ({measured.layers} layers)"
-    )
-
-
-def kernel_tier(kt: KTConfig) -> str:
-    if kt.backend != "kernels":
-        return f"{kt.backend} (PyTorch)"
-    from .._kernels import load_kernels
-
-    return f"kernels/{load_kernels().active_isa()}"
-
-
-# -- progress -------------------------------------------------------------------------------------------
-
-
-def split_text(split: StepSplit, device: torch.device) -> str:
-    shares = split.shares()
-    dense = "gpu" if device.type == "cuda" else "dense cpu"
-    return (
-        f"experts cpu {shares['experts_cpu']:.0%} · {dense} {shares['dense']:.0%} · "
-        f"transfers {shares['transfer']:.0%}"
-    )
-
-
-class Progress:
-    """A tqdm bar on stderr (or nothing, with --no-progress)."""
-
-    def __init__(self, total: int, initial: int, enabled: bool) -> None:
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(
-                total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
-            )
-
-    def update(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(text, refresh=False)
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 # -- the run --------------------------------------------------------------------------------------------
@@ -712,51 +385,6 @@ class _DeferredInterrupt:
             signal.signal(signal.SIGINT, previous)
 
 
-def first_nonfinite_gradient(model: nn.Module) -> str | None:
-    """The name of the first trainable parameter whose gradient holds NaN/Inf (None: all finite)."""
-    for name, parameter in trainable_parameters(model):
-        if parameter.grad is not None and not bool(torch.isfinite(parameter.grad).all()):
-            return name
-    return None
-
-
-def first_nonfinite_output(model: nn.Module, batch: dict[str, torch.Tensor]) -> str | None:
-    """Re-run a forward without gradients and name the first module whose output holds NaN/Inf."""
-    found: list[str] = []
-
-    def hook(name: str) -> Callable[..., None]:
-        def check(module: nn.Module, inputs: Any, output: Any) -> None:
-            tensors = output if isinstance(output, (tuple, list)) else (output,)
-            for tensor in tensors:
-                floating = isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
-                if floating and not found and not bool(torch.isfinite(tensor).all()):
-                    found.append(name)
-
-        return check
-
-    handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules() if name]
-    try:
-        with torch.no_grad():
-            model(**batch, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if found:
-        return found[0]
-    for name, parameter in model.named_parameters():
-        if not bool(torch.isfinite(parameter).all()):
-            return f"{name} (weights)"
-    return None
-
-
-def _nonfinite_message(what: str, step: int, where: str | None) -> str:
-    place = f"first non-finite tensor: {where}" if where else "no module output is non-finite on a re-run"
-    return (
-        f"{what} became non-finite at step {step} ({place}); lower --lr or --max-grad-norm, check the data "
-        "and the checkpoint, or pass --skip-nonfinite-steps to skip such steps"
-    )
-
-
 def _train_steps(
     model: nn.Module,
     forward_model: nn.Module,
@@ -800,14 +428,14 @@ def _train_steps(
                     if not torch.isfinite(loss):
                         # With several ranks a lone re-run would wait for the others' experts exchange.
                         where = None if ranks.distributed else first_nonfinite_output(model, batch)
-                        nonfinite = _nonfinite_message(f"the loss ({loss.item()})", step + 1, where)
+                        nonfinite = nonfinite_message(f"the loss ({loss.item()})", step + 1, where)
                         break
                     step_loss += ranks.global_mean(loss, tokens, total) / options.grad_accum
                     step_tokens += int(batch["attention_mask"].sum())
                 if nonfinite is None:
                     bad_gradient = first_nonfinite_gradient(model)
                     if bad_gradient is not None:
-                        nonfinite = _nonfinite_message("a gradient", step + 1, f"{bad_gradient}.grad")
+                        nonfinite = nonfinite_message("a gradient", step + 1, f"{bad_gradient}.grad")
                 if nonfinite is not None:
                     optimizer.zero_grad(set_to_none=True)
                     timer.end_step()
@@ -987,29 +615,6 @@ def _summary(
         "metrics": str(output / METRICS),
         "loss_plot": str(output / "loss.png"),
     }
-
-
-def summary_lines(summary: dict[str, Any]) -> list[str]:
-    lines = [f"done      {summary['steps']} steps in {summary['wall_time_s']:.1f} s"]
-    if summary["first_loss"] is not None:
-        lines.append(
-            f"loss      first {summary['first_loss']:.4f} -> last {summary['last_loss']:.4f} "
-            f"(first 10% mean {summary['first_10pct_loss']:.4f}, last 10% {summary['last_10pct_loss']:.4f})"
-        )
-    if summary["accuracy_after"] is not None:
-        lines.append(
-            f"accuracy  held-out exact match {summary['accuracy_before']:.1%} -> "
-            f"{summary['accuracy_after']:.1%} ({summary['heldout_examples']} prompts)"
-        )
-    shares = summary["time_split_share"]
-    dense = "gpu" if summary["device"].startswith("cuda") else "dense on cpu"
-    lines.append(
-        f"speed     {summary['tokens_per_s']:,.0f} tokens/s; step time: experts {summary['experts']} "
-        f"{shares['experts_cpu']:.0%}, {dense} {shares['dense']:.0%}, transfers {shares['transfer']:.0%}"
-    )
-    lines.append(f"adapter   {summary['adapter']} (PEFT; PeftModel.from_pretrained(base, path) loads it)")
-    lines.append(f"metrics   {summary['metrics']}; loss plot {summary['loss_plot']}")
-    return lines
 
 
 def _plot(
