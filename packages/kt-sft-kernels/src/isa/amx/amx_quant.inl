@@ -71,27 +71,36 @@ inline void dequant_block32(const QuantMatrix<Bits, Group>& w, int r, int c, bf1
 #endif
 
 // W[r0 .. r0 + rows, c0 .. c0 + cols) dequantized into the tile layout of a [rows, cols] matrix.
+// Row by row: each W row is read once, front to back (tile by tile, the reads hop rows `cols` bytes
+// apart and wait on memory), with the rows a few ahead prefetched; the writes land in the strip,
+// which stays in this core's L2.
 template <int Bits, int Group>
 void dequant_tiles(const QuantMatrix<Bits, Group>& w, int r0, int rows, int c0, int cols, std::uint8_t* dst) {
   const int tile_cols = cols / 32;
+  constexpr int kAhead = 4;  // rows prefetched ahead
+  const std::int64_t row_bytes = static_cast<std::int64_t>(w.cols) * Bits / 8;
+  const std::int64_t span = static_cast<std::int64_t>(cols) * Bits / 8;  // bytes read per row
 #ifndef KT_AMX_EMULATE
   const __m512i words = tile_row_words();
 #else
   const V order = weight_qword_order();  // stored qword s = columns 4 kPerm[s] .. + 3 (pack_weights)
   alignas(64) bf16 block[32];
 #endif
-  for (int rt = 0; rt < rows / 16; ++rt)
-    for (int ct = 0; ct < tile_cols; ++ct) {
-      std::uint8_t* tile = dst + tile_offset(rt, ct, tile_cols);
-      for (int r = 0; r < 16; ++r) {
-#ifndef KT_AMX_EMULATE
-        v_store(tile + 64 * r, dequant_tile_row(w, r0 + 16 * rt + r, c0 + 32 * ct, words));
-#else
-        dequant_block32(w, r0 + 16 * rt + r, c0 + 32 * ct, block);
-        v_store(tile + 64 * r, v_permute64(v_load(block), order));
-#endif
-      }
+  for (int r = 0; r < rows; ++r) {
+    if (r + kAhead < rows) {
+      const std::uint8_t* next = w.values + (r0 + r + kAhead) * row_bytes + static_cast<std::int64_t>(c0) * Bits / 8;
+      for (std::int64_t b = 0; b < span; b += 64) prefetch_l1(next + b);
     }
+    std::uint8_t* row = dst + tile_offset(r / 16, 0, tile_cols) + 64 * (r % 16);
+    for (int ct = 0; ct < tile_cols; ++ct) {
+#ifndef KT_AMX_EMULATE
+      v_store(row + ct * std::size_t{kTileBytes}, dequant_tile_row(w, r0 + r, c0 + 32 * ct, words));
+#else
+      dequant_block32(w, r0 + r, c0 + 32 * ct, block);
+      v_store(row + ct * std::size_t{kTileBytes}, v_permute64(v_load(block), order));
+#endif
+    }
+  }
 }
 
 thread_local ThreadScratch quant_strip;
