@@ -79,20 +79,20 @@ void dequant_tiles(const QuantMatrix<Bits, Group>& w, int r0, int rows, int c0, 
   const int tile_cols = cols / 32;
   constexpr int kAhead = 4;  // rows prefetched ahead
   const std::int64_t row_bytes = static_cast<std::int64_t>(w.cols) * Bits / 8;
-  const std::int64_t span = static_cast<std::int64_t>(cols) * Bits / 8;  // bytes read per row
 #ifndef KT_AMX_EMULATE
   const __m512i words = tile_row_words();
 #else
   const V order = weight_qword_order();  // stored qword s = columns 4 kPerm[s] .. + 3 (pack_weights)
   alignas(64) bf16 block[32];
 #endif
+  constexpr int kTilesPerLine = 64 / (32 * Bits / 8);  // tile rows per 64-byte line of W
   for (int r = 0; r < rows; ++r) {
-    if (r + kAhead < rows) {
-      const std::uint8_t* next = w.values + (r0 + r + kAhead) * row_bytes + static_cast<std::int64_t>(c0) * Bits / 8;
-      for (std::int64_t b = 0; b < span; b += 64) prefetch_l1(next + b);
-    }
+    // One line of the row kAhead below per line consumed here, spread over the row's work (a burst
+    // of prefetches stalls on the fill buffers).
+    const std::uint8_t* next = r + kAhead < rows ? w.values + (r0 + r + kAhead) * row_bytes + c0 * Bits / 8 : nullptr;
     std::uint8_t* row = dst + tile_offset(r / 16, 0, tile_cols) + 64 * (r % 16);
     for (int ct = 0; ct < tile_cols; ++ct) {
+      if (next && ct % kTilesPerLine == 0) prefetch_l1(next + ct / kTilesPerLine * 64);
 #ifndef KT_AMX_EMULATE
       v_store(row + ct * std::size_t{kTileBytes}, dequant_tile_row(w, r0 + r, c0 + 32 * ct, words));
 #else
