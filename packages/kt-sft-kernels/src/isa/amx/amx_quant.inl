@@ -33,7 +33,7 @@ inline __m512i tile_row_words() {
 
 // W[r][c .. c + 32) dequantized (RQ), as one tile row in the stored order (c a multiple of 32).
 template <int Bits, int Group>
-inline V dequant_tile_row(const QuantMatrix<Bits, Group>& w, int r, int c, __m512i words) {
+inline V dequant_tile_row(const QuantMatrix<Bits, Group>& w, int r, int c, __m512i words, __m512i qwords) {
   const __m512 s = _mm512_set1_ps(w.scale(r, c));
   const std::int64_t i = static_cast<std::int64_t>(r) * w.cols + c;
   __m128i lo, hi;  // int8 values of columns 0-15 and 16-31
@@ -47,9 +47,17 @@ inline V dequant_tile_row(const QuantMatrix<Bits, Group>& w, int r, int c, __m51
     lo = _mm_sub_epi8(_mm_xor_si128(_mm_unpacklo_epi8(even, odd), eight), eight);
     hi = _mm_sub_epi8(_mm_xor_si128(_mm_unpackhi_epi8(even, odd), eight), eight);
   }
-  const __m512i r0 = bf16_bits_rne(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), s));
-  const __m512i r1 = bf16_bits_rne(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), s));
-  return {_mm512_permutex2var_epi16(r0, words, r1)};
+  const __m512 v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), s);
+  const __m512 v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), s);
+  // A finite scale of 0 or at least FLT_MIN makes every product 0 or normal (|q| >= 1), and then the
+  // hardware's round to nearest even (which would flush denormals) gives the very bits of f32_to_bf16.
+  const float sv = w.scale(r, c), mag = std::fabs(sv);
+  if (mag < std::numeric_limits<float>::infinity() && (mag == 0.f || mag >= std::numeric_limits<float>::min())) {
+    __m512bh pair = _mm512_cvtne2ps_pbh(v1, v0);  // columns 0-15 | 16-31
+    const __m512i both = reinterpret_cast<__m512i&>(pair);
+    return {_mm512_permutexvar_epi64(qwords, both)};
+  }
+  return {_mm512_permutex2var_epi16(bf16_bits_rne(v0), words, bf16_bits_rne(v1))};
 }
 #else
 // The emulated build (no AVX-512 intrinsics): scalar, then the qword permutation.
@@ -80,7 +88,7 @@ void dequant_tiles(const QuantMatrix<Bits, Group>& w, int r0, int rows, int c0, 
   constexpr int kAhead = 4;  // rows prefetched ahead
   const std::int64_t row_bytes = static_cast<std::int64_t>(w.cols) * Bits / 8;
 #ifndef KT_AMX_EMULATE
-  const __m512i words = tile_row_words();
+  const __m512i words = tile_row_words(), qwords = weight_qword_order().r;
 #else
   const V order = weight_qword_order();  // stored qword s = columns 4 kPerm[s] .. + 3 (pack_weights)
   alignas(64) bf16 block[32];
@@ -94,7 +102,7 @@ void dequant_tiles(const QuantMatrix<Bits, Group>& w, int r0, int rows, int c0, 
     for (int ct = 0; ct < tile_cols; ++ct) {
       if (next && ct % kTilesPerLine == 0) prefetch_l1(next + ct / kTilesPerLine * 64);
 #ifndef KT_AMX_EMULATE
-      v_store(row + ct * std::size_t{kTileBytes}, dequant_tile_row(w, r0 + r, c0 + 32 * ct, words));
+      v_store(row + ct * std::size_t{kTileBytes}, dequant_tile_row(w, r0 + r, c0 + 32 * ct, words, qwords));
 #else
       dequant_block32(w, r0 + r, c0 + 32 * ct, block);
       v_store(row + ct * std::size_t{kTileBytes}, v_permute64(v_load(block), order));
