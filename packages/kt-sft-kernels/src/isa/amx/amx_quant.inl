@@ -7,19 +7,64 @@
 // reduction length bf16: 0.5-3.5 MB at DeepSeek-V3 width), never an expert, and is reused by every call
 // of its thread.
 
-// 32 dequantized values W[r][c .. c + 32) (c a multiple of 32: one scale covers them).
+#ifndef KT_AMX_EMULATE
+// The hot loop of this file: one tile row (32 values of one W row, one scale) per call, straight
+// into a register in the stored tile order -- no bf16 staging buffer (a 64-byte reload of two 32-byte
+// stores stalls on store forwarding) and no separate permute.
+
+// bf16 bits of fp32 lanes in the low half of each dword, rounded to nearest even exactly like
+// kt::f32_to_bf16 (a NaN stays a quiet NaN) -- not VCVTNEPS2BF16, which flushes denormals.
+inline __m512i bf16_bits_rne(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan =
+      _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+  return _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+}
+
+// VPERMT2W indices: stored word w (qword w / 4 of the tile row, pack_weights' order) takes column
+// c = 4 kPerm[w / 4] + w % 4, i.e. word 2c of (columns 0-15 dwords | columns 16-31 dwords).
+inline __m512i tile_row_words() {
+  alignas(64) std::uint16_t idx[32];
+  for (int w = 0; w < 32; ++w) idx[w] = static_cast<std::uint16_t>(2 * (4 * kPerm[w / 4] + w % 4));
+  return _mm512_load_si512(idx);
+}
+
+// W[r][c .. c + 32) dequantized (RQ), as one tile row in the stored order (c a multiple of 32).
+template <int Bits, int Group>
+inline V dequant_tile_row(const QuantMatrix<Bits, Group>& w, int r, int c, __m512i words, __m512i qwords) {
+  const __m512 s = _mm512_set1_ps(w.scale(r, c));
+  const std::int64_t i = static_cast<std::int64_t>(r) * w.cols + c;
+  __m128i lo, hi;  // int8 values of columns 0-15 and 16-31
+  if constexpr (Bits == 8) {
+    lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.values + i));
+    hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.values + i + 16));
+  } else {  // byte j = columns 2j (low nibble), 2j + 1; two's complement nibbles
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.values + i / 2));
+    const __m128i mask = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+    const __m128i even = _mm_and_si128(bytes, mask), odd = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+    lo = _mm_sub_epi8(_mm_xor_si128(_mm_unpacklo_epi8(even, odd), eight), eight);
+    hi = _mm_sub_epi8(_mm_xor_si128(_mm_unpackhi_epi8(even, odd), eight), eight);
+  }
+  const __m512 v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), s);
+  const __m512 v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), s);
+  // A finite scale of 0 or at least FLT_MIN makes every product 0 or normal (|q| >= 1), and then the
+  // hardware's round to nearest even (which would flush denormals) gives the very bits of f32_to_bf16.
+  const float sv = w.scale(r, c), mag = std::fabs(sv);
+  if (mag < std::numeric_limits<float>::infinity() && (mag == 0.f || mag >= std::numeric_limits<float>::min())) {
+    __m512bh pair = _mm512_cvtne2ps_pbh(v1, v0);  // columns 0-15 | 16-31
+    const __m512i both = reinterpret_cast<__m512i&>(pair);
+    return {_mm512_permutexvar_epi64(qwords, both)};
+  }
+  return {_mm512_permutex2var_epi16(bf16_bits_rne(v0), words, bf16_bits_rne(v1))};
+}
+#else
+// The emulated build (no AVX-512 intrinsics): scalar, then the qword permutation.
 template <int Bits, int Group>
 inline void dequant_block32(const QuantMatrix<Bits, Group>& w, int r, int c, bf16* out) {
   const float s = w.scale(r, c);
   const std::int64_t i = static_cast<std::int64_t>(r) * w.cols + c;
-#ifndef KT_AMX_EMULATE  // Vec (vec_avx512.inl): the same products and the same rounding, 16 lanes at a time
-  for (int half = 0; half < 2; ++half) {
-    const Vec::reg q = Bits == 8 ? Vec::load_i8(reinterpret_cast<const std::int8_t*>(w.values + i) + 16 * half)
-                                 : Vec::load_i4(w.values + i / 2 + 8 * half);
-    Vec::store_bf16(out + 16 * half, Vec::mul(q, Vec::set1(s)));
-  }
-  return;
-#endif
   if constexpr (Bits == 8) {
     const auto* v = reinterpret_cast<const std::int8_t*>(w.values + i);
     for (int j = 0; j < 32; ++j) out[j] = f32_to_bf16(static_cast<float>(v[j]) * s);
@@ -31,21 +76,39 @@ inline void dequant_block32(const QuantMatrix<Bits, Group>& w, int r, int c, bf1
     }
   }
 }
+#endif
 
 // W[r0 .. r0 + rows, c0 .. c0 + cols) dequantized into the tile layout of a [rows, cols] matrix.
+// Row by row: each W row is read once, front to back (tile by tile, the reads hop rows `cols` bytes
+// apart and wait on memory), with the rows a few ahead prefetched; the writes land in the strip,
+// which stays in this core's L2.
 template <int Bits, int Group>
 void dequant_tiles(const QuantMatrix<Bits, Group>& w, int r0, int rows, int c0, int cols, std::uint8_t* dst) {
   const int tile_cols = cols / 32;
+  constexpr int kAhead = 4;  // rows prefetched ahead
+  const std::int64_t row_bytes = static_cast<std::int64_t>(w.cols) * Bits / 8;
+#ifndef KT_AMX_EMULATE
+  const __m512i words = tile_row_words(), qwords = weight_qword_order().r;
+#else
   const V order = weight_qword_order();  // stored qword s = columns 4 kPerm[s] .. + 3 (pack_weights)
   alignas(64) bf16 block[32];
-  for (int rt = 0; rt < rows / 16; ++rt)
+#endif
+  constexpr int kTilesPerLine = 64 / (32 * Bits / 8);  // tile rows per 64-byte line of W
+  for (int r = 0; r < rows; ++r) {
+    // One line of the row kAhead below per line consumed here, spread over the row's work (a burst
+    // of prefetches stalls on the fill buffers).
+    const std::uint8_t* next = r + kAhead < rows ? w.values + (r0 + r + kAhead) * row_bytes + c0 * Bits / 8 : nullptr;
+    std::uint8_t* row = dst + tile_offset(r / 16, 0, tile_cols) + 64 * (r % 16);
     for (int ct = 0; ct < tile_cols; ++ct) {
-      std::uint8_t* tile = dst + tile_offset(rt, ct, tile_cols);
-      for (int r = 0; r < 16; ++r) {
-        dequant_block32(w, r0 + 16 * rt + r, c0 + 32 * ct, block);
-        v_store(tile + 64 * r, v_permute64(v_load(block), order));
-      }
+      if (next && ct % kTilesPerLine == 0) prefetch_l1(next + ct / kTilesPerLine * 64);
+#ifndef KT_AMX_EMULATE
+      v_store(row + ct * std::size_t{kTileBytes}, dequant_tile_row(w, r0 + r, c0 + 32 * ct, words, qwords));
+#else
+      dequant_block32(w, r0 + r, c0 + 32 * ct, block);
+      v_store(row + ct * std::size_t{kTileBytes}, v_permute64(v_load(block), order));
+#endif
     }
+  }
 }
 
 thread_local ThreadScratch quant_strip;

@@ -1,5 +1,7 @@
 // The amx tier's KernelTable: its packing and GEMM entries (bf16, and quantized bases through
 // amx_quant.inl), the SIMD SwiGLU/LoRA entries shared with avx512.
+#include <limits>
+
 #include "amx_internal.hpp"
 
 namespace kt::isa_amx {
