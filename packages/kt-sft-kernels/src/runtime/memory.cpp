@@ -1,6 +1,8 @@
 #include "kt/runtime/memory.hpp"
 
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 
@@ -16,22 +18,28 @@ bool read_number(const std::string& path, std::uint64_t& value) {
   return true;
 }
 
-// MemAvailable of /proc/meminfo, or MemTotal where MemAvailable reads as absent or 0 (seen on a
-// memory-hot-plug VM whose MemAvailable read 0 while the process ran: a zero reading is not a limit).
-// Each line is parsed on its own, so an unusual line cannot end the scan early.
-bool mem_available(std::uint64_t& bytes) {
-  std::ifstream in("/proc/meminfo");
-  std::string line;
-  std::uint64_t available = 0, total = 0;
-  while (std::getline(in, line)) {
-    std::istringstream fields(line);
-    std::string key;
-    std::uint64_t kib = 0;
-    if (!(fields >> key >> kib)) continue;
-    if (key == "MemAvailable:") available = kib * 1024;
-    if (key == "MemTotal:") total = kib * 1024;
+// "<key>: <number> kB" lines of /proc/meminfo, in bytes. Parsed with stdio and strtoull, not iostreams:
+// on the AMX + H200 VM, once NumPy 2.5 was imported, the iostream reading gave 0 for every field.
+std::uint64_t meminfo_bytes(const char* key) {
+  std::FILE* file = std::fopen("/proc/meminfo", "r");
+  if (file == nullptr) return 0;
+  const std::size_t key_length = std::strlen(key);
+  char line[256];
+  std::uint64_t bytes = 0;
+  while (std::fgets(line, sizeof line, file) != nullptr) {
+    if (std::strncmp(line, key, key_length) == 0 && line[key_length] == ':') {
+      bytes = std::strtoull(line + key_length + 1, nullptr, 10) * 1024;
+      break;
+    }
   }
-  bytes = available > 0 ? available : total;
+  std::fclose(file);
+  return bytes;
+}
+
+// MemAvailable, or MemTotal where MemAvailable is absent or reads 0 (a zero reading is not a limit).
+bool mem_available(std::uint64_t& bytes) {
+  bytes = meminfo_bytes("MemAvailable");
+  if (bytes == 0) bytes = meminfo_bytes("MemTotal");
   return bytes > 0;
 }
 
