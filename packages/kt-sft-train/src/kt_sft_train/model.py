@@ -17,6 +17,7 @@ Peak host memory is about the final footprint plus one layer's experts (docs/des
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import re
 import threading
@@ -338,6 +339,9 @@ def _stream_experts_into_kernels(
             assert weights.gate_up is not None and weights.down is not None
             experts.load_expert_weights(weights.gate_up, weights.down)
         del weights  # the experts layer holds its own copy (reference) or packed copy (kernels)
+        # A layer's source tensors caught in a reference cycle would otherwise live until the garbage
+        # collector happens to run, i.e. sometimes beside the next layer (peak + 1 layer, seen in CI).
+        gc.collect()
         replace_module(model, plan.module_name, experts)
         loaded.append(experts)
     attach_kt(model, loaded)
