@@ -231,14 +231,16 @@ def lora_config() -> Any:
     )
 
 
-def build_kt_sft(config: Any, device: Any, dtype: Any, threads: int | None) -> Any:
+def build_kt_sft(
+    config: Any, device: Any, dtype: Any, threads: int | None, weight_dtype: str = "bf16"
+) -> Any:
     from kt_sft_train import KTConfig, get_moe_arch_config, kt_lora_config
     from kt_sft_train.experts import KTExperts, attach_kt, replace_module
     from peft import get_peft_model
 
     model = meta_model(config, dtype)
     arch = get_moe_arch_config(model)
-    kt = KTConfig(threads=threads)
+    kt = KTConfig(threads=threads, weight_dtype=weight_dtype)
     wrapped = []
     e, h, i = arch.num_experts, arch.hidden_size, arch.intermediate_size
     for path in arch.experts_paths:
@@ -411,7 +413,7 @@ def run_variant(args: argparse.Namespace, variant: str, layers: int) -> dict[str
     kt_expert_lora: list = []
     after_optimizer_step: Callable[[], None] = lambda: None  # noqa: E731
     if variant in KT_SFT_VARIANTS:
-        model = build_kt_sft(config, device, dtype, args.threads)
+        model = build_kt_sft(config, device, dtype, args.threads, args.weight_dtype)
     elif variant == "kt_kernel":
         model, sft, kt_expert_lora = build_kt_kernel(config, device, dtype, args)
         checkpointing["context_fn"] = sft.get_activation_checkpoint_context_fn()
@@ -475,6 +477,8 @@ def run_variant(args: argparse.Namespace, variant: str, layers: int) -> dict[str
     label = LABELS[variant]
     if variant == "kt_sft" and microbatches == 1:
         label = "kt-sft (experts on CPU kernels, overlap off: batch of 1 row)"
+    if variant in KT_SFT_VARIANTS and args.weight_dtype != "bf16":
+        label = label.replace("CPU kernels", f"CPU kernels, {args.weight_dtype} base")
     result: dict[str, Any] = {
         "variant": variant,
         "label": label,
@@ -598,7 +602,7 @@ def forwarded_flags(args: argparse.Namespace) -> list[str]:
         flags.append("--tiny")
     if args.gradient_checkpointing:
         flags.append("--gradient-checkpointing")
-    flags += ["--shape", args.shape, "--overlap", str(args.overlap)]
+    flags += ["--shape", args.shape, "--overlap", str(args.overlap), "--weight-dtype", args.weight_dtype]
     if args.trace is not None:
         flags += ["--trace", str(Path(args.trace).resolve())]
     if args.threads is not None:
@@ -873,6 +877,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--trace",
         default=None,
         help="kt_sft's merged Chrome trace of one step goes here (other kt-sft variants: STEM_VARIANT)",
+    )
+    parser.add_argument(
+        "--weight-dtype",
+        choices=("bf16", "int8", "int4"),
+        default="bf16",
+        help="kt-sft variants' frozen expert base (int4: group 128); the other variants stay bf16",
     )
     parser.add_argument("--tiny", action="store_true", help="a tiny Qwen3-MoE (runs on a CPU in seconds)")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)

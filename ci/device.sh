@@ -18,7 +18,8 @@
 #   train-gpu   the training suites, GPU for the non-expert parts, the best tier for the experts
 #   e2e         benchmarks/e2e_train.py (full-width Qwen3-30B-A3B layers, GPU + AMX; kt-kernel's wrapper too)
 #   e2e-overlap issue 17, 48-layer Qwen3-30B-A3B, batch 2 x seq 2048, variants from $KT_E2E_VARIANTS (default
-#               kt_sft; one variant per device command: kt_sft, kt_sft_no_overlap, kt_kernel), one traced step
+#               kt_sft; one variant per device command: kt_sft, kt_sft_no_overlap, kt_kernel), one traced step;
+#               $KT_E2E_WEIGHT_DTYPE (bf16, int8, int4) is the kt-sft variants' expert base
 #   e2e-dsv3    DeepSeek-V3 MoE widths (E256 H7168 I2048), $KT_E2E_LAYERS (default 3) layers, batch 2 x 2048,
 #               --grad-ckpt, kt_sft then kt_sft_no_overlap
 #   e2e-long    seq 8192 x batch 2, $KT_E2E_LAYERS (default 8) Qwen3-30B-A3B layers, --grad-ckpt, kt_sft
@@ -227,6 +228,7 @@ while [ $# -gt 0 ]; do
       cat "$work/e2e/results.md" >>"$summary" 2>/dev/null ;;
     e2e-overlap) ensure_built && step e2e-overlap 580 "$PYTHON" benchmarks/e2e_train.py \
         --variants "${KT_E2E_VARIANTS:-kt_sft}" --layers "${KT_E2E_LAYERS:-48}" --batch 2 --seq-len 2048 \
+        --weight-dtype "${KT_E2E_WEIGHT_DTYPE:-bf16}" \
         --steps 2 --warmup 1 --split-steps 1 --trace "$work/e2e-overlap/step.json" --out "$work/e2e-overlap"
       cat "$work/e2e-overlap/results.md" >>"$summary" 2>/dev/null ;;
     e2e-dsv3) ensure_built && step e2e-dsv3 580 "$PYTHON" benchmarks/e2e_train.py --shape dsv3-width \
