@@ -1,6 +1,7 @@
 """Timeline picture of one traced training step (the Chrome trace written by `e2e_train.py --trace`).
 
     python benchmarks/plot_trace.py STEP.json [STEP2.json ...] --out timeline.png
+    python benchmarks/plot_trace.py STEP.json --summary        # where a step's time went, as text
 
 One panel per trace, three lanes each: the CPU experts calls of every micro-batch thread, the kernel
 thread pool's busy time (union of the profiler's stage tasks), and the GPU kernels (union). Read the
@@ -47,11 +48,50 @@ def lanes(events: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
     return {lane: [(s, e - s) for s, e in _union(spans)] for lane, spans in raw.items()}
 
 
+def summary(events: list[dict[str, Any]]) -> str:
+    """Milliseconds per experts call (= per layer without micro-batches) and per kernel phase in them.
+
+    "outside the kernel" is the experts calls' time not inside a kernel forward/backward phase: host
+    staging, output/gradient allocation and conversions on the Python side of each call.
+    """
+    complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    calls: dict[str, list[float]] = {}
+    for e in complete:
+        if e["pid"] == THREADS_PID:
+            calls.setdefault(e["name"].split()[1], []).append(e["dur"] / 1e3)  # "experts fwd N"
+    n = max(1, len(calls.get("fwd", [])))
+    phases: dict[str, float] = {}
+    for e in complete:
+        if e["pid"] == STAGES_PID and e.get("cat") == "phase":
+            phases[e["name"]] = phases.get(e["name"], 0.0) + e["dur"] / 1e3
+    span = (max(e["ts"] + e["dur"] for e in complete) - min(e["ts"] for e in complete)) / 1e3
+    lines = [f"step {span:.1f} ms, {n} forward experts calls; per call (ms):"]
+    for direction, phase in (("fwd", "forward"), ("bwd", "backward")):
+        total = sum(calls.get(direction, []))
+        kernel = phases.get(phase, 0.0)
+        lines.append(
+            f"  experts {direction} {total / n:8.2f}   kernel {phase} {kernel / n:8.2f}   "
+            f"outside the kernel {(total - kernel) / n:8.2f}"
+        )
+    for name, ms in sorted(phases.items(), key=lambda kv: -kv[1]):
+        if name not in ("forward", "backward"):
+            lines.append(f"  {name:24s} {ms / n:8.2f}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("traces", nargs="+", type=Path)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="timeline picture (PNG)")
+    parser.add_argument("--summary", action="store_true", help="print per-layer times instead")
     args = parser.parse_args()
+    if args.summary:
+        for path in args.traces:
+            data = json.loads(path.read_text())
+            print(f"{path.name}: {summary(data['traceEvents'] if isinstance(data, dict) else data)}")
+        return
+    if args.out is None:
+        parser.error("--out is required for the picture")
 
     import matplotlib
 

@@ -230,7 +230,9 @@ while [ $# -gt 0 ]; do
         --variants "${KT_E2E_VARIANTS:-kt_sft}" --layers "${KT_E2E_LAYERS:-48}" --batch 2 --seq-len 2048 \
         --weight-dtype "${KT_E2E_WEIGHT_DTYPE:-bf16}" \
         --steps 2 --warmup 1 --split-steps 1 --trace "$work/e2e-overlap/step.json" --out "$work/e2e-overlap"
-      cat "$work/e2e-overlap/results.md" >>"$summary" 2>/dev/null ;;
+      cat "$work/e2e-overlap/results.md" >>"$summary" 2>/dev/null
+      "$PYTHON" benchmarks/plot_trace.py "$work"/e2e-overlap/step*.json --summary >>"$summary" 2>&1
+      gzip -f "$work"/e2e-overlap/step*.json ;;
     e2e-dsv3) ensure_built && step e2e-dsv3 580 "$PYTHON" benchmarks/e2e_train.py --shape dsv3-width \
         --variants kt_sft,kt_sft_no_overlap --layers "${KT_E2E_LAYERS:-3}" --batch 2 --seq-len 2048 --grad-ckpt \
         --steps 2 --warmup 1 --split-steps 1 --trace "$work/e2e-dsv3/step.json" --out "$work/e2e-dsv3"
