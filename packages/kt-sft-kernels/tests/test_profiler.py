@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,8 +113,11 @@ def test_ring_is_bounded_and_stats_stay_exact(fresh_profiler: None, tmp_path: Pa
     per_step = sum(v["calls"] + v["tasks"] for v in kk.profiler.stats().values())
     ring = kk.profiler.ring_events_per_thread()
     steps = 2 * ring // per_step + 1  # at least twice the ring's capacity, all threads together
-    for _ in range(steps):
+    for _ in range(steps - 1):
         s.step()
+    before = time.perf_counter()
+    s.step()
+    after = time.perf_counter()
     stats = kk.profiler.stats()
     assert stats["forward"]["calls"] == steps + 1  # counters are exact even after the ring wrapped
     path = tmp_path / "trace.json"
@@ -122,6 +126,13 @@ def test_ring_is_bounded_and_stats_stay_exact(fresh_profiler: None, tmp_path: Pa
     threads = {e["tid"] for e in spans}
     assert n == len(spans) <= ring * len(threads)
     assert n < (steps + 1) * per_step  # events were dropped, not kept
+    # The origin is stated on perf_counter's clock (steady_clock), so the last step's phases sit inside
+    # the last step's wall-clock window although the ring dropped the run's first events.
+    origin = json.loads(path.read_text())["otherData"]["origin_steady_s"]
+    assert origin > 0
+    last = max((e for e in spans if e["name"] == "forward"), key=lambda e: e["ts"])
+    start = origin + last["ts"] / 1e6
+    assert before - 1e-3 <= start <= start + last["dur"] / 1e6 <= after + 1e-3
 
 
 def test_env_var_writes_a_trace_at_exit(tmp_path: Path) -> None:

@@ -56,6 +56,11 @@ struct Registry {
   std::unique_ptr<Slot> slots[kMaxThreads];
   std::atomic<int> used{0};
   double hz = 0;
+  // One (ticks, steady_clock seconds) pair taken at calibration: the trace states its origin on
+  // steady_clock (CLOCK_MONOTONIC, Python's perf_counter on Linux), so it can be merged with other
+  // timelines even after the ring has overwritten the oldest events.
+  std::uint64_t ref_ticks = 0;
+  double ref_steady_s = 0;
 };
 
 Registry& registry() {
@@ -94,6 +99,8 @@ double calibrate_locked(Registry& r) {
 #else
   r.hz = 1e9;  // now_ticks() counts steady_clock nanoseconds
 #endif
+  r.ref_ticks = now_ticks();
+  r.ref_steady_s = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
   return r.hz;
 }
 
@@ -211,8 +218,13 @@ std::size_t dump_chrome_trace(const std::string& path) {
   }
   std::FILE* f = std::fopen(path.c_str(), "w");
   if (!f) throw std::runtime_error("profiler: cannot open '" + path + "' for writing");
-  std::fprintf(f, "{\"displayTimeUnit\":\"ms\",\"otherData\":{\"tsc_hz\":%.1f,\"ring_events_per_thread\":%zu},",
-               hz, kRingEvents);
+  const double origin_steady_s =
+      origin == UINT64_MAX ? 0.0
+                           : r.ref_steady_s + (static_cast<double>(origin) - static_cast<double>(r.ref_ticks)) / hz;
+  std::fprintf(f,
+               "{\"displayTimeUnit\":\"ms\",\"otherData\":{\"tsc_hz\":%.1f,\"ring_events_per_thread\":%zu,"
+               "\"origin_steady_s\":%.6f},",
+               hz, kRingEvents, origin_steady_s);
   std::fprintf(f, "\"traceEvents\":[");
   std::size_t written = 0;
   const double us_per_tick = 1e6 / hz;

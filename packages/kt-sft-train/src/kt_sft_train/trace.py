@@ -8,8 +8,8 @@ where CUDA is available, torch.profiler for the GPU kernels. ``write(path)`` mer
 
 - our events use time.perf_counter; torch.profiler's are aligned by an anchor ``record_function`` whose
   perf_counter time is known (error: microseconds);
-- the kernel profiler's trace starts at its first event (its own clock); it is placed at the start of the
-  first experts call of the step (error: the call's entry overhead, tens of microseconds).
+- the kernel profiler's trace states its origin on steady_clock (CLOCK_MONOTONIC, which perf_counter
+  reads on Linux); a trace without it is placed at the start of the first experts call of the step.
 
 ``summary()``: step wall time, CPU-busy (union of the experts calls), GPU-busy (union of GPU kernels;
 None without CUDA), their overlap, each as a fraction of the step, and the retained host bytes.
@@ -269,8 +269,12 @@ class StepTrace:
         with tempfile.TemporaryDirectory() as scratch:
             dumped = Path(scratch) / "kernels.json"
             self._kernels.profiler.dump_chrome_trace(str(dumped))
-            kernel = json.loads(dumped.read_text()).get("traceEvents", [])
-        shift = min(calls) * 1e6 - origin
+            data = json.loads(dumped.read_text())
+        kernel = data.get("traceEvents", [])
+        # The trace's first event is the oldest its bounded ring kept, not necessarily the step's first:
+        # place it by its steady_clock origin (= perf_counter's clock on Linux) where the kernels say it.
+        start_s = data.get("otherData", {}).get("origin_steady_s") or min(calls)
+        shift = start_s * 1e6 - origin
         return [
             {**event, "ts": float(event["ts"]) + shift, "pid": PIDS["CPU kernel stages"]}
             for event in kernel

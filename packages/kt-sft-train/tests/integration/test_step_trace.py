@@ -44,6 +44,11 @@ def test_step_trace_merges_threads_phases_and_kernel_stages(tmp_path: Path) -> N
     assert len({e["tid"] for e in ours if e["name"].startswith("experts bwd")}) == 2  # one per micro-batch
     stages = [e for e in events if e.get("pid") == PIDS["CPU kernel stages"] and e["ph"] == "X"]
     assert stages and all(e["ts"] >= 0 for e in stages)
+    # Each kernel call's phase lies inside one experts call on the merged clock (slack: 1 ms).
+    calls = [(e["ts"] - 1e3, e["ts"] + e["dur"] + 1e3) for e in ours if e["name"].startswith("experts ")]
+    phases = [e for e in stages if e["name"] in ("forward", "backward")]
+    assert len(phases) == 4 * layers
+    assert all(any(a <= e["ts"] and e["ts"] + e["dur"] <= b for a, b in calls) for e in phases)
     assert 0 < summary["cpu_busy_s"] <= summary["step_s"]
     # 2 layers x 16 tokens of H = 64 bf16 per micro-batch at least (x alone), plus the kernel cache.
     assert summary["retained_host_bytes_per_layer_token"] > 64 * 2
