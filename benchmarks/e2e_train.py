@@ -383,9 +383,18 @@ def host_memory() -> dict[str, float]:
         key, _, rest = line.partition(":")
         if key in ("VmHWM", "VmRSS"):
             values[key] = int(rest.split()[0]) * 1024 / GIB
+    # Resident memory backed by transparent huge pages: weight streaming needs 512x fewer TLB entries
+    # on them, so a low share at 48 layers (fragmented host memory) is one reason a layer runs slower
+    # in a deep model than alone in bench_moe.py.
+    rollup = Path("/proc/self/smaps_rollup")
+    for line in rollup.read_text().splitlines() if rollup.exists() else []:
+        key, _, rest = line.partition(":")
+        if key == "AnonHugePages":
+            values[key] = int(rest.split()[0]) * 1024 / GIB
     return {
         "host_peak_gib": values.get("VmHWM", float("nan")),
         "host_rss_gib": values.get("VmRSS", float("nan")),
+        "host_huge_pages_gib": values.get("AnonHugePages", float("nan")),
     }
 
 
@@ -792,7 +801,9 @@ def parent_main(args: argparse.Namespace) -> int:
                 result["could_not_run"] += f"; {build}"
         results.append(result)
         summary = {
-            k: result[k] for k in ("tokens_per_s", "layers", "gpu_peak_gib", "host_peak_gib") if k in result
+            k: result[k]
+            for k in ("tokens_per_s", "layers", "gpu_peak_gib", "host_peak_gib", "host_huge_pages_gib")
+            if k in result
         }
         print(f"[e2e] {variant}: {summary or result}", flush=True)
     first = next((r for r in results if "device" in r), {})

@@ -49,33 +49,38 @@ def lanes(events: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
 
 
 def summary(events: list[dict[str, Any]]) -> str:
-    """Milliseconds per experts call (= per layer without micro-batches) and per kernel phase in them.
+    """Milliseconds per experts call and per layer of each kernel phase.
 
-    "outside the kernel" is the experts calls' time not inside a kernel forward/backward phase: host
-    staging, output/gradient allocation and conversions on the Python side of each call.
+    Only the part of the step the kernel trace covers counts (its ring keeps the latest events, so in a
+    deep model the first calls may have none). "outside the kernel" is the experts calls' time not in a
+    kernel forward/backward phase: host staging, output/gradient allocation, conversions in Python.
     """
     complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
-    calls: dict[str, list[float]] = {}
+    stages = [e for e in complete if e["pid"] == STAGES_PID and e.get("cat") == "phase"]
+    covered = min((e["ts"] for e in stages), default=float("inf"))
+    calls: dict[str, list[float]] = {"fwd": [], "bwd": []}
     for e in complete:
-        if e["pid"] == THREADS_PID:
-            calls.setdefault(e["name"].split()[1], []).append(e["dur"] / 1e3)  # "experts fwd N"
-    n = max(1, len(calls.get("fwd", [])))
+        if e["pid"] == THREADS_PID and e["ts"] >= covered - 1e3:  # "experts fwd N"; 1 ms slack
+            calls[e["name"].split()[1]].append(e["dur"] / 1e3)
     phases: dict[str, float] = {}
-    for e in complete:
-        if e["pid"] == STAGES_PID and e.get("cat") == "phase":
-            phases[e["name"]] = phases.get(e["name"], 0.0) + e["dur"] / 1e3
+    for e in stages:
+        phases[e["name"]] = phases.get(e["name"], 0.0) + e["dur"] / 1e3
     span = (max(e["ts"] + e["dur"] for e in complete) - min(e["ts"] for e in complete)) / 1e3
-    lines = [f"step {span:.1f} ms, {n} forward experts calls; per call (ms):"]
-    for direction, phase in (("fwd", "forward"), ("bwd", "backward")):
-        total = sum(calls.get(direction, []))
-        kernel = phases.get(phase, 0.0)
-        lines.append(
-            f"  experts {direction} {total / n:8.2f}   kernel {phase} {kernel / n:8.2f}   "
-            f"outside the kernel {(total - kernel) / n:8.2f}"
-        )
+    n_fwd, n_bwd = len(calls["fwd"]), len(calls["bwd"])
+    lines = [
+        f"step {span:.1f} ms; the kernel trace covers {n_fwd} forward and {n_bwd} backward experts calls"
+    ]
+    for direction, phase, n in (("fwd", "forward", n_fwd), ("bwd", "backward", n_bwd)):
+        if n:
+            total, kernel = sum(calls[direction]), phases.get(phase, 0.0)
+            lines.append(
+                f"  experts {direction} {total / n:8.2f} ms/call   kernel {phase} {kernel / n:8.2f}   "
+                f"outside the kernel {(total - kernel) / n:8.2f}"
+            )
     for name, ms in sorted(phases.items(), key=lambda kv: -kv[1]):
-        if name not in ("forward", "backward"):
-            lines.append(f"  {name:24s} {ms / n:8.2f}")
+        n = n_bwd if name.startswith("bwd_") else n_fwd
+        if name not in ("forward", "backward", "pack") and n:
+            lines.append(f"  {name:24s} {ms / n:8.2f} ms/call")
     return "\n".join(lines)
 
 
