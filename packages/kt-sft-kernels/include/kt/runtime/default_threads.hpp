@@ -11,7 +11,7 @@ inline constexpr int kSmtMinCores = 4;
 
 // The rule, given the logical CPUs and the physical cores of the affinity mask.
 int default_thread_count(int logical_cpus, int physical_cores);
-// The rule on this process's affinity mask and sysfs topology.
+// The rule on this process's affinity mask (cut to its cgroup CPU limit) and sysfs topology.
 int default_thread_count();
 // One line for reports: the count and which branch of the rule gave it.
 std::string default_thread_reason();
