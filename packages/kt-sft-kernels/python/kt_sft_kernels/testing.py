@@ -152,7 +152,9 @@ def make_case(
 # int8: per row, scale = fp32(max|w| / 127), q = round_half_even(fp32(w / scale)) in [-127, 127].
 # int4: per group of G values along the row, scale = fp32(max|w_g| / 8), q likewise in [-8, 7];
 #       packed two a byte, element k in byte k // 2, low nibble = even k, two's complement nibbles.
-# Dequantized weight = bf16(fp32(q * scale)) (RQ): the one rounding point of a quantized base.
+# Dequantized weight (RQ, the one rounding point of a quantized base): int8 fp32(q * scale), not
+# rounded further (the amx tier multiplies the int8 values themselves: ADR 0603); int4
+# bf16(fp32(q * scale)).
 
 
 def _quantize(w: np.ndarray, group: int, divisor: int, qmin: int, qmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -195,13 +197,12 @@ def quantize_int4(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarra
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, weight_dtype: str, group_size: int = 128) -> np.ndarray:
-    """bf16(fp32(q * scale)) (RQ), as bf16, for int8 (q int8, scale [..., N]) or int4 (q packed uint8,
-    scale [..., N, K // G])."""
+    """The dequantized weight (RQ): int8 (q int8, scale [..., N]) fp32(q * scale) as float32; int4
+    (q packed uint8, scale [..., N, K // G]) bf16(fp32(q * scale)) as bf16."""
     s = np.asarray(scale).astype(np.float32)  # bf16 scales convert exactly
     if weight_dtype == "int8":
-        product = np.asarray(q).astype(np.float32) * s[..., None]
-    else:
-        product = unpack_int4(q).astype(np.float32) * np.repeat(s, group_size, axis=-1)
+        return np.asarray(q).astype(np.float32) * s[..., None]
+    product = unpack_int4(q).astype(np.float32) * np.repeat(s, group_size, axis=-1)
     return product.astype(np.float32).astype(BF16)
 
 
@@ -221,7 +222,7 @@ def quantization_error(w: np.ndarray, weight_dtype: str, group_size: int = 128) 
 
 
 def dequantized_case(case: MoECase, weight_dtype: str, group_size: int = 128) -> MoECase:
-    """The case with its base weights replaced by their dequantized (bf16) values: the reference a
+    """The case with its base weights replaced by their dequantized (RQ) values: the reference a
     quantized layer loaded with case.gate_up / case.down is checked against."""
     if weight_dtype == "bf16":
         return case

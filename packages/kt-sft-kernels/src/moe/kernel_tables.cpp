@@ -98,6 +98,12 @@ const KernelTable& kernels_for(Isa isa, WeightDType dtype, int group_size) {
     t.gemm_nn = q.gemm_nn;
     t.gemm_nt_packed = q.gemm_nt_packed;
     t.gemm_nn_packed = q.gemm_nn_packed;
+    if (q.packed_a_bytes) {  // the products' own activation packing (amx int8)
+      t.packed_a_bytes = q.packed_a_bytes;
+      t.pack_a_nt = q.pack_a_nt;
+      t.pack_a_nn = nullptr;
+      t.pack_a_nn_w = q.pack_a_nn_w;
+    }
     if (!q.gemm_nt_packed || !q.gemm_nn_packed) {  // this tier's quantized products read row pointers
       t.packed_a_bytes = nullptr;
       t.pack_a_nt = nullptr;

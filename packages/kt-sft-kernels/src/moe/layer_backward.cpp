@@ -76,7 +76,7 @@ void MoELayer::backward_validated(const ForwardCache& cache, const View& grad_ou
   float* gw_part = ws.gw_part.ensure(P * i_blocks);
   const bool want_db_d = rd && lg.db_d;
   const std::int64_t main_tasks = n_active * i_blocks;
-  const PackedRows* gp = ws.packed.build(kt, true, r, g_rows, H, pool) ? &ws.packed : nullptr;
+  const PackedRows* gp = ws.packed.build(kt, true, r, g_rows, H, pool, {L.down.data(), L.down_stride, I}) ? &ws.packed : nullptr;
   float* tiles = ws.tiles.ensure(static_cast<std::size_t>(pool.size()) * kTileFloats);
   run_tasks(pool, Stage::bwd_down, main_tasks + (want_db_d ? n_active * db_d_blocks : 0), [&](std::int64_t task, int thread) {
     float* tscratch = scratch + thread * scratch_per_thread;
@@ -140,7 +140,7 @@ void MoELayer::backward_validated(const ForwardCache& cache, const View& grad_ou
   // B4: per (expert, H block): dx rows = W_gu^T dgu + s_gu A_gu^T (B_gu^T dgu); the block's columns of dA_gu.
   float* dx_rows = ws.rows.ensure(P * H);
   const bool want_da_gu = rg && lg.da_gu;
-  const PackedRows* dp = grad_x && ws.packed.build(kt, true, r, dgu_rows, 2 * I, pool) ? &ws.packed : nullptr;
+  const PackedRows* dp = grad_x && ws.packed.build(kt, true, r, dgu_rows, 2 * I, pool, {L.gate_up.data(), L.gate_up_stride, H}) ? &ws.packed : nullptr;
   if (grad_x || want_da_gu)
     run_tasks(pool, Stage::bwd_gate_up, n_active * h_blocks, [&](std::int64_t task, int thread) {
       const int e = r.active[task / h_blocks];

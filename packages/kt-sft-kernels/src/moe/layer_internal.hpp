@@ -125,12 +125,22 @@ inline void build_chunks(const Routing& r, std::vector<PairChunk>& chunks) {
 // (KernelTable::pack_a_nt/nn non-null: amx). Each chunk_rows() chunk of each expert's rows (the same
 // chunks the GEMM tasks use) is packed once, in parallel, and then shared by every column-block
 // task of that expert.
+// The experts' weight matrices [k, cols] of an NN phase, for tiers whose NN packing reads them
+// (KernelTable::pack_a_nn_w: amx int8 folds W's row scales into the activations).
+struct ExpertMatrices {
+  const std::byte* base = nullptr;
+  std::size_t stride = 0;  // bytes per expert
+  int cols = 0;
+  const void* of(int e) const { return base + static_cast<std::size_t>(e) * stride; }
+};
+
 class PackedRows {
  public:
-  // False (and nothing packed) when the tier reads row pointers directly.
+  // False (and nothing packed) when the tier reads row pointers directly. NN phases pass the
+  // weights they multiply (`w`).
   bool build(const KernelTable& kt, bool nn, const Routing& r, const bf16* const* rows, int k,
-             runtime::ThreadPool& pool) {
-    if (kt.pack_a_nt == nullptr || kt.pack_a_nn == nullptr) return false;
+             runtime::ThreadPool& pool, const ExpertMatrices& w = {}) {
+    if (kt.pack_a_nt == nullptr || (kt.pack_a_nn == nullptr && kt.pack_a_nn_w == nullptr)) return false;
     offsets_.clear();
     first_.assign(r.offsets.size(), 0);
     std::size_t bytes = 0;
@@ -145,9 +155,12 @@ class PackedRows {
     }
     std::byte* dst = storage_.ensure(bytes);
     const auto pack = nn ? kt.pack_a_nn : kt.pack_a_nt;
+    if (nn && !pack && !w.base) throw std::logic_error("PackedRows: this tier's NN packing needs the weights");
     run_tasks(pool, Stage::pack, static_cast<std::int64_t>(chunks_.size()), [&](std::int64_t c, int) {
       const PairChunk& ch = chunks_[c];
-      pack(static_cast<int>(ch.end - ch.begin), rows + ch.begin, k, dst + offsets_[c]);
+      const int m = static_cast<int>(ch.end - ch.begin);
+      if (pack) pack(m, rows + ch.begin, k, dst + offsets_[c]);
+      else kt.pack_a_nn_w(m, rows + ch.begin, w.of(ch.expert), k, w.cols, dst + offsets_[c]);
     });
     return true;
   }

@@ -26,9 +26,11 @@
 #ifdef KT_AMX_EMULATE
 #include "../../src/isa/amx/amx_ops.hpp"  // the emulator's prefetch log
 constexpr const char* kMode = "EMULATED AMX/AVX-512";
+constexpr bool kRealAmx = false;  // int8 stays on amx_quant.inl's strip path here
 #else
 #include "kt/runtime/cpu_features.hpp"
 constexpr const char* kMode = "real AMX";
+constexpr bool kRealAmx = true;
 #endif
 
 namespace {
@@ -265,6 +267,40 @@ void report_prefetch_coverage(std::mt19937& rng) {
 }
 #endif
 
+// The int8 entries on real AMX (amx_int8.cpp) against float64 with the exact dequantized weight
+// fp32(q * scale) (RQ for int8): relative error of each output row <= 1e-4, <= 5e-4 for rows with
+// a value 100x the rest (two activation digits: each value within max|row| / 65024), packed and
+// row entries bitwise equal.
+void check_int8(bool nn, int m, const Rows& a, const std::vector<std::uint8_t>& q, const std::vector<float>& scales,
+                int rows, int cols, int o0, int o1, const std::vector<float>& got_rows,
+                const std::vector<float>& got_packed) {
+  const int k = nn ? rows : cols, width = o1 - o0;
+  EXPECT(same_bits(got_rows, got_packed), "int8 %s m=%d: packed entry differs from row entry", nn ? "nn" : "nt", m);
+  double worst = 0, worst_outlier = 0;
+  for (int i = 0; i < m; ++i) {
+    double err = 0, norm = 0;
+    for (int o = o0; o < o1; ++o) {
+      double want = 0;
+      for (int x = 0; x < k; ++x) {
+        const int r = nn ? x : o, c = nn ? o : x;  // W[r][c]
+        const float wv = static_cast<float>(static_cast<std::int8_t>(q[static_cast<std::size_t>(r) * cols + c])) * scales[r];
+        want += static_cast<double>(kt::bf16_to_f32(a.ptr[i][x])) * wv;
+      }
+      const double got = got_rows[static_cast<std::size_t>(i) * width + (o - o0)];
+      err += (got - want) * (got - want);
+      norm += want * want;
+    }
+    double& w = i == 0 || i == m / 2 ? worst_outlier : worst;
+    w = std::max(w, std::sqrt(err / std::max(norm, 1e-300)));
+  }
+  EXPECT(worst <= 1e-4 && worst_outlier <= 5e-4,
+         "int8 %s m=%d [%d,%d): worst row relative error %.3g (> 1e-4), with an outlier %.3g (> 5e-4)",
+         nn ? "nn" : "nt", m, o0, o1, worst, worst_outlier);
+  if (std::getenv("KT_INT8_TEST_VERBOSE"))
+    std::printf("int8 %s m=%d [%d,%d): worst row rel err %.3g, outlier rows %.3g\n", nn ? "nn" : "nt", m, o0, o1, worst,
+                worst_outlier);
+}
+
 // Quantized bases (amx_quant.inl): every QuantKind's four entries on random int8/int4 values and
 // scales equal, bitwise, the bf16 entries on the packing of the dequantized matrix (bf16(q * scale)),
 // for several m (both paths), column ranges, NT and NN.
@@ -296,9 +332,13 @@ void test_quantized(std::mt19937& rng) {
     for (int m : {1, 5, 17, 64, 150})
       for (const bool nn : {false, true}) {
         const int k = nn ? rows : cols, outs = nn ? cols : rows;
-        const Rows a(m, k, rng);
-        Aligned act(t.packed_a_bytes(m, k));
-        (nn ? t.pack_a_nn : t.pack_a_nt)(m, a.ptr.data(), k, act.p);
+        Rows a(m, k, rng);
+        if (kind.bits == 8)  // outlier rows: one value 100x the rest (row 0, and the middle row)
+          for (int i : {0, m / 2}) const_cast<bf16*>(a.ptr[i])[(7 * i + 3) % k] = kt::f32_to_bf16(100.f);
+        Aligned act(g.packed_a_bytes ? g.packed_a_bytes(m, k) : t.packed_a_bytes(m, k));
+        if (g.packed_a_bytes && nn) g.pack_a_nn_w(m, a.ptr.data(), q.data(), k, cols, act.p);
+        else if (g.packed_a_bytes) g.pack_a_nt(m, a.ptr.data(), k, act.p);
+        else (nn ? t.pack_a_nn : t.pack_a_nt)(m, a.ptr.data(), k, act.p);
         for (auto [o0, o1] : {std::pair{0, outs}, std::pair{32, 96}}) {
           const int width = o1 - o0;
           std::vector<float> want(static_cast<std::size_t>(m) * width), got_rows(want.size()), got_packed(want.size());
@@ -310,6 +350,10 @@ void test_quantized(std::mt19937& rng) {
             t.gemm_nt(m, a.ptr.data(), packed.p, rows, k, o0, o1, want.data(), width);
             g.gemm_nt(m, a.ptr.data(), q.data(), rows, k, o0, o1, got_rows.data(), width);
             g.gemm_nt_packed(m, act.p, q.data(), rows, k, o0, o1, got_packed.data(), width);
+          }
+          if (kind.bits == 8 && kRealAmx) {  // amx_int8.cpp: TDPBSSD, two activation digits
+            check_int8(nn, m, a, q, scales, rows, cols, o0, o1, got_rows, got_packed);
+            continue;
           }
           EXPECT(same_bits(got_rows, want) && same_bits(got_packed, want),
                  "quant[%d] %s m=%d [%d,%d): differs from the bf16 product of the dequantized matrix", kind.kind,

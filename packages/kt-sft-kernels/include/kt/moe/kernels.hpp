@@ -44,6 +44,12 @@ struct QuantGemms {
   GemmNnFn gemm_nn = nullptr;
   GemmNtPackedFn gemm_nt_packed = nullptr;
   GemmNnPackedFn gemm_nn_packed = nullptr;
+  // Optional activation packing of the tier's own for these products (amx int8: int8 digits,
+  // amx_int8.cpp); null: the tier's bf16 pack_a_* serve them. pack_a_nn_w packs rows for the NN
+  // product with W (packed [k, cols]) because it folds W's per-row scales into the activations.
+  std::size_t (*packed_a_bytes)(int m, int k) = nullptr;
+  void (*pack_a_nt)(int m, const bf16* const* a, int k, void* dst) = nullptr;
+  void (*pack_a_nn_w)(int m, const bf16* const* a, const void* w, int k, int cols, void* dst) = nullptr;
 };
 enum QuantKind : int { kQuantInt8 = 0, kQuantInt4G32 = 1, kQuantInt4G64 = 2, kQuantInt4G128 = 3, kQuantKinds = 4 };
 
@@ -78,6 +84,9 @@ struct KernelTable {
                          std::int64_t ldc);
   void (*gemm_nn_packed)(int m, const void* a, const void* w, int k, int cols, int j0, int j1, float* c,
                          std::int64_t ldc);
+  // Set instead of pack_a_nn where the NN packing needs the weight matrix W (packed [k, cols]) the
+  // product will use (QuantGemms::pack_a_nn_w); the caller packs per expert then.
+  void (*pack_a_nn_w)(int m, const bf16* const* a, const void* w, int k, int cols, void* dst) = nullptr;
 
   // SwiGLU forward: g = bf16(g32), u = bf16(u32) (the cached pre-activations), then
   // h[i] = bf16(silu(g[i]) * u[i]) from the rounded g, u. n is a multiple of 32.

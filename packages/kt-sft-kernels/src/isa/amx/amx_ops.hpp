@@ -63,6 +63,13 @@ inline void tile_dpbf16ps() {
                    "i"(B));
 }
 
+// tmm[C] += tmm[A] . tmm[B]  (TDPBSSD: int8 x int8 in groups of 4 along the reduction, int32 sums;
+// A rows x 4-byte groups, B groups x columns in VNNI form). Real instructions only (amx_int8.cpp).
+template <int C, int A, int B>
+inline void tile_dpbssd() {
+  __asm__ volatile("{tdpbssd %%tmm%c2, %%tmm%c1, %%tmm%c0|tdpbssd tmm%c0, tmm%c1, tmm%c2}" ::"i"(C), "i"(A), "i"(B));
+}
+
 // ---- 512-bit vectors ----------------------------------------------------------------------------
 
 struct V {

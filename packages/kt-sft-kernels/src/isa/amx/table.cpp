@@ -78,6 +78,9 @@ const KernelTable& kernel_table() {
     t.gemm_nn_packed = gemm_nn_packed;
     install_amx_quant(t);  // quantized bases: dequantized strips on the same tiles (amx_quant.inl)
 #ifndef KT_AMX_EMULATE
+    install_amx_int8(t);  // int8 bases: TDPBSSD on the int8 weights as stored (amx_int8.cpp)
+#endif
+#ifndef KT_AMX_EMULATE
     t.silu_mul = simd_silu_mul;  // the SIMD tiers' one sigmoid, as in avx512_bf16
     t.silu_mul_bwd = simd_silu_mul_bwd;
     install_simd_lora(t);  // LoRA: simd_lora_avx512.inl

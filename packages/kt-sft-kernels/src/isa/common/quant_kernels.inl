@@ -1,6 +1,7 @@
 // Plain C++ products over quantized bases (include/kt/moe/quant.hpp): the reference for every tier.
-// Included by generic_kernels.inl (inside the tier's namespace). W[r][c] = bf16(fp32(q * scale)) (RQ,
-// the one rounding of a quantized base); the sums keep the bf16 GEMMs' orders (NT: dot_lanes over c;
+// Included by generic_kernels.inl (inside the tier's namespace). The dequantized weight (RQ, the one
+// rounding of a quantized base): int4 W[r][c] = bf16(fp32(q * scale)); int8 W[r][c] = fp32(q * scale),
+// not rounded to bf16 (the amx tier multiplies the int8 values themselves, ADR 0603); the sums keep the bf16 GEMMs' orders (NT: dot_lanes over c;
 // NN: c in increasing order), so the portable tier rounds exactly where docs/kernels.md says.
 
 // Quantized matrix [rows, cols] with Bits (8 or 4) and Group columns per scale (0 = whole row).
@@ -29,10 +30,14 @@ struct QuantMatrix {
       return (nibble ^ 8) - 8;  // two's complement nibble
     }
   }
-  // Dequantized W[r][c0 .. c0+n) (RQ: the fp32 product rounded to bf16).
-  bf16 at(int r, int c) const { return f32_to_bf16(static_cast<float>(value(r, c)) * scale(r, c)); }
+  // Dequantized W[r][c] (RQ: the fp32 product, rounded to bf16 for int4 only).
+  float at(int r, int c) const {
+    const float product = static_cast<float>(value(r, c)) * scale(r, c);
+    if constexpr (Bits == 8) return product;
+    else return bf16_to_f32(f32_to_bf16(product));
+  }
   void row(int r, int c0, int n, float* out) const {
-    for (int j = 0; j < n; ++j) out[j] = bf16_to_f32(at(r, c0 + j));
+    for (int j = 0; j < n; ++j) out[j] = at(r, c0 + j);
   }
 };
 

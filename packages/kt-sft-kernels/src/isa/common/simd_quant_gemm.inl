@@ -1,7 +1,7 @@
 // fp32-FMA products over quantized bases (weight-only dequantization), for the tiers that include
 // simd_f32_gemm.inl (after it, and after generic_kernels.inl for QuantMatrix). The per-call fp32
 // panel of panel_gemm is filled straight from the int8 / int4 values: each panel element is
-// bf16(fp32(q * scale)) (RQ), exactly the portable tier's dequantized weight, so the quantized products
+// fp32(q * scale) for int8, bf16(fp32(q * scale)) for int4 (RQ), exactly the portable tier's dequantized weight, so the quantized products
 // round where the bf16 ones do plus RQ (docs/kernels.md). The whole expert is never dequantized: a panel is
 // kPanelRows x kPanelCols fp32 (32 KB) on the stack, rebuilt per block and reused by every row block.
 // Vec provides load_i8 / load_i4 (kWidth values, exact) on top of simd_f32_gemm.inl's needs.
@@ -16,8 +16,10 @@ inline typename V::reg quant_load(const QuantMatrix<Bits, Group>& w, int r, int 
   typename V::reg q;
   if constexpr (Bits == 8) q = V::load_i8(reinterpret_cast<const std::int8_t*>(w.values + i));
   else q = V::load_i4(w.values + i / 2);
-  alignas(64) bf16 rounded[V::kWidth];  // RQ: store_bf16 returns the rounded values
-  return V::store_bf16(rounded, V::mul(q, V::set1(w.scale(r, c))));
+  const typename V::reg product = V::mul(q, V::set1(w.scale(r, c)));
+  if constexpr (Bits == 8) return product;  // RQ for int8: the fp32 product itself
+  alignas(64) bf16 rounded[V::kWidth];      // RQ for int4: store_bf16 returns the rounded values
+  return V::store_bf16(rounded, product);
 }
 
 // NT panel: B[q][n] = W[n][q] for q in [qc, qc + depth), n in [jb, jb + width).
