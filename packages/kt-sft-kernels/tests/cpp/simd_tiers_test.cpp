@@ -136,7 +136,7 @@ void test_gemms(const KernelTable& ref, const KernelTable& t, const char* name,
 }
 
 // A random quantized matrix [rows, cols] in the layout of kt/moe/quant.hpp, and its dequantized values
-// (RQ: bf16(q * scale)) for the tolerance scale.
+// (RQ: fp32(q * scale) for int8, bf16 of it for int4) for the tolerance scale.
 struct QuantCase {
   std::vector<std::uint8_t> packed;
   std::vector<float> dequantized;
@@ -158,7 +158,8 @@ QuantCase random_quant(int rows, int cols, int bits, int group) {
     int v = bits == 8 ? static_cast<std::int8_t>(q.packed[i]) : ((q.packed[i / 2] >> (4 * (i & 1))) & 0xF);
     if (bits == 4) v = (v ^ 8) - 8;
     const float s = scales[(i / cols) * groups + (i % cols) / group];
-    q.dequantized[i] = bf16_to_f32(f32_to_bf16(static_cast<float>(v) * s));
+    const float product = static_cast<float>(v) * s;
+    q.dequantized[i] = bits == 8 ? product : bf16_to_f32(f32_to_bf16(product));
   }
   return q;
 }

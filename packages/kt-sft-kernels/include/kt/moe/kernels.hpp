@@ -37,8 +37,9 @@ using GemmNnPackedFn = void (*)(int m, const void* a, const void* w, int k, int 
                                 std::int64_t ldc);
 
 // The base products over a quantized packing (quant.hpp): same contracts as gemm_nt / gemm_nn (and
-// their activation-packed forms, null where the tier has none), with W[r][c] = bf16(q * scale)
-// dequantized on the fly, a block or strip at a time (never a whole expert).
+// their activation-packed forms, null where the tier has none), with W[r][c] = the dequantized weight
+// (RQ, quant.hpp) on the fly, a block or strip at a time (never a whole expert) -- or, amx int8, the
+// int8 values multiplied as they are with the activations in two int8 digits (ADR 0603).
 struct QuantGemms {
   GemmNtFn gemm_nt = nullptr;
   GemmNnFn gemm_nn = nullptr;

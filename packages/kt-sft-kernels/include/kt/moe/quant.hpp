@@ -6,9 +6,10 @@
 //           two's complement nibble, so q in [-8, 7])
 //   scales  R x C/G fp32 right after the values, G = C for int8 (one scale per row), G = group_size
 //           for int4 (groups along the reduction dimension C)
-// and the dequantized weight is W[r][c] = bf16(fp32(q[r][c] * scale[r][c / G])): the fp32 product
-// rounded once to bf16 (rounding point RQ of docs/kernels.md), on every tier -- the AMX tier feeds it to
-// bf16 tiles, the others to fp32 panels, the reference rounds there too. Every tier uses this one
+// and the dequantized weight (rounding point RQ of docs/kernels.md, on every tier and in the reference)
+// is W[r][c] = fp32(q[r][c] * scale[r]) for int8 (not rounded further: the amx tier multiplies the int8
+// values themselves, ADR 0603) and bf16(fp32(q[r][c] * scale[r][c / G])) for int4 (the amx tier feeds
+// it to bf16 tiles; the other tiers use fp32 panels). Every tier uses this one
 // layout, so switching tiers never re-packs; the NN (backward) products read the same bytes transposed.
 #pragma once
 #include <cstddef>

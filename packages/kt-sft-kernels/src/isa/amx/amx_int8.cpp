@@ -24,13 +24,14 @@
 //    on the way out.
 //  * NN: the tile is the A operand: row t holds token t's 64 bytes. The B operand needs 4 rows of W
 //    interleaved byte by byte (VNNI); per call the call's column strip of W is rearranged once into
-//    that form (4 x 16-byte loads, one VPERMD and one VPSHUFB per 64-byte tile row) in a per-thread
-//    buffer.
+//    that form (4 x 32-byte loads per two tile rows, one VPERMT2D and one VPSHUFB per 64-byte tile
+//    row) in a per-thread buffer.
 //
 // ---- Blocking ---------------------------------------------------------------------------------------
 // Tiles 0..3 accumulate (2 output tiles) x (hi, lo); 4..7 are the operands. NT: a pair of W tile rows
-// (32 outputs) against one m-tile's (hi, lo), over the whole reduction. NN: one m-tile's (hi, lo)
-// against two 16-column B tiles. Each output element is one chain of TDPBSSD in reduction order
+// (32 outputs) against one m-tile's (hi, lo); with more than 2 m-tiles the reduction runs in chunks
+// (kNtChunk) so the W chunk stays in L1 for every m-tile. NN: one m-tile's (hi, lo) against two
+// 16-column B tiles. Each output element is one chain of TDPBSSD in reduction order
 // (exact integers), so results depend neither on the column range of a call nor on threads.
 #include "amx_internal.hpp"
 
@@ -93,7 +94,6 @@ float quantize_row(const bf16* a, const float* wscale, int k, int padded, std::i
                      _mm512_cvtsepi32_epi8(_mm512_cvt_roundps_epi32(_mm512_mul_ps(r, vinv256),
                                                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
   }
-  if (const char* e = std::getenv("KT_AMX_INT8_ONE"); e && *e == '1') std::memset(lo, 0, static_cast<std::size_t>(k));  // TEMPORARY
   return pre == 1.f ? s : s / pre;
 }
 
@@ -120,8 +120,9 @@ void pack_digits(int m, const bf16* const* a, const float* wscale, int k, bool n
     }
     for (int ks = 0; ks < steps; ++ks)
       for (int d = 0; d < 2; ++d) {
-        const std::int8_t* src = rows + static_cast<std::size_t>(16 * d) * padded + static_cast<std::size_t>(kStep) * ks;
-        std::uint8_t* tile = out + static_cast<std::size_t>(mt) * m_tile_bytes(k) + static_cast<std::size_t>(2 * ks + d) * kTileBytes;
+        const std::int8_t* src = rows + static_cast<std::size_t>(16 * d) * padded + std::size_t{kStep} * ks;
+        std::uint8_t* tile =
+            out + static_cast<std::size_t>(mt) * m_tile_bytes(k) + static_cast<std::size_t>(2 * ks + d) * kTileBytes;
         V r[16];
         for (int i = 0; i < 16; ++i) r[i] = v_load(src + static_cast<std::size_t>(i) * padded);
         if (!nn) transpose16(r);  // r[p] = dword p (k = 4p .. 4p + 3) of the 16 tokens
@@ -148,6 +149,35 @@ inline __m512 combine_digits(const std::int32_t* hi, const std::int32_t* lo) {
 
 // ---- NT: C = A W^T ---------------------------------------------------------------------------------
 
+// Reduction steps per chunk when the call has several m-tiles: a chunk of a W tile-row pair
+// (32 rows x kNtChunk x 64 bytes = 16 KB) stays in L1 while every m-tile runs over it; the
+// accumulators wait in a per-thread spill buffer between chunks (exact int32: the chunking cannot
+// change a result).
+constexpr int kNtChunk = 8;
+thread_local ThreadScratch nt_spill;
+
+// Accumulators (tiles 0..3) of m-tile mt -> c (all steps done): hi + lo / 256, times the scales.
+inline void nt_store_output(std::int32_t (*acc)[256], const float* wscale, const float* act_scale, int m, int mt,
+                            int n, int n0, float* c, std::int64_t ldc) {
+  tile_store<0>(acc[0], 64);
+  tile_store<1>(acc[1], 64);
+  tile_store<2>(acc[2], 64);
+  tile_store<3>(acc[3], 64);
+  const int valid = std::min(16, m - 16 * mt);
+  for (int half = 0; half < 2; ++half) {
+    V r[16];  // r[i]: output n + 16 half + i for the 16 tokens
+    for (int i = 0; i < 16; ++i)
+      r[i].r = _mm512_castps_si512(combine_digits(acc[2 * half] + 16 * i, acc[2 * half + 1] + 16 * i));
+    transpose16(r);  // r[t]: token t's 16 outputs
+    const __m512 ws = _mm512_loadu_ps(wscale + n + 16 * half);
+    for (int t = 0; t < valid; ++t) {
+      const int row = 16 * mt + t;
+      const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_castsi512_ps(r[t].r), ws), _mm512_set1_ps(act_scale[row]));
+      _mm512_storeu_ps(c + row * ldc + (n - n0) + 16 * half, v);
+    }
+  }
+}
+
 void nt_int8(int m, const std::uint8_t* act, const void* wq, int rows, int k, int n0, int n1, float* c,
              std::int64_t ldc) {
   const TileSession session;
@@ -156,44 +186,54 @@ void nt_int8(int m, const std::uint8_t* act, const void* wq, int rows, int k, in
   const auto* act_scale = reinterpret_cast<const float*>(act);
   const std::uint8_t* tiles = act + scale_bytes(m);
   const int steps = steps_of(k), m_tiles = (m + 15) / 16;
+  const int chunk = m_tiles > 2 ? kNtChunk : steps;  // up to 2 m-tiles: measured neutral either way
+  auto* spill = static_cast<std::uint8_t*>(
+      chunk < steps ? nt_spill.ensure(static_cast<std::size_t>(m_tiles) * 4 * kTileBytes) : nullptr);
   const std::int64_t stride = k;
   alignas(64) std::int32_t acc[4][256];
   for (int n = n0; n < n1; n += 32) {
     const std::uint8_t* w0 = w + static_cast<std::size_t>(n) * k;
     const std::uint8_t* w1 = w0 + static_cast<std::size_t>(16) * k;
-    for (int mt = 0; mt < m_tiles; ++mt) {
-      const std::uint8_t* b = tiles + static_cast<std::size_t>(mt) * m_tile_bytes(k);
-      tile_zero<0>();
-      tile_zero<1>();
-      tile_zero<2>();
-      tile_zero<3>();
-      for (int ks = 0; ks < steps; ++ks) {
-        const std::size_t off = static_cast<std::size_t>(ks) * kStep;
-        const std::uint8_t* bk = b + static_cast<std::size_t>(ks) * 2 * kTileBytes;
-        tile_load<4>(w0 + off, stride);
-        tile_load<6>(bk, 64);
-        tile_dpbssd<0, 4, 6>();
-        tile_load<7>(bk + kTileBytes, 64);
-        tile_dpbssd<1, 4, 7>();
-        tile_load<5>(w1 + off, stride);
-        tile_dpbssd<2, 5, 6>();
-        tile_dpbssd<3, 5, 7>();
-      }
-      tile_store<0>(acc[0], 64);
-      tile_store<1>(acc[1], 64);
-      tile_store<2>(acc[2], 64);
-      tile_store<3>(acc[3], 64);
-      const int valid = std::min(16, m - 16 * mt);
-      for (int half = 0; half < 2; ++half) {
-        V r[16];  // r[i]: output n + 16 half + i for the 16 tokens
-        for (int i = 0; i < 16; ++i)
-          r[i].r = _mm512_castps_si512(combine_digits(acc[2 * half] + 16 * i, acc[2 * half + 1] + 16 * i));
-        transpose16(r);  // r[t]: token t's 16 outputs
-        const __m512 ws = _mm512_loadu_ps(wscale + n + 16 * half);
-        for (int t = 0; t < valid; ++t) {
-          const int row = 16 * mt + t;
-          const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_castsi512_ps(r[t].r), ws), _mm512_set1_ps(act_scale[row]));
-          _mm512_storeu_ps(c + row * ldc + (n - n0) + 16 * half, v);
+    // The next pair of W tile rows streams in from memory during this pair's first m-tile: step ks
+    // prefetches its line ks of each of the 32 rows (into L2; 32 rows x k bytes do not fit L1).
+    const std::uint8_t* next = n + 32 < n1 ? w1 + static_cast<std::size_t>(16) * k : nullptr;
+    for (int k0 = 0; k0 < steps; k0 += chunk) {
+      const int k1 = std::min(steps, k0 + chunk);
+      for (int mt = 0; mt < m_tiles; ++mt) {
+        const std::uint8_t* b = tiles + static_cast<std::size_t>(mt) * m_tile_bytes(k);
+        std::uint8_t* sp = spill ? spill + static_cast<std::size_t>(mt) * 4 * kTileBytes : nullptr;
+        if (k0 == 0) {
+          tile_zero<0>();
+          tile_zero<1>();
+          tile_zero<2>();
+          tile_zero<3>();
+        } else {
+          tile_load<0>(sp, 64);
+          tile_load<1>(sp + kTileBytes, 64);
+          tile_load<2>(sp + 2 * kTileBytes, 64);
+          tile_load<3>(sp + 3 * kTileBytes, 64);
+        }
+        for (int ks = k0; ks < k1; ++ks) {
+          const std::size_t off = static_cast<std::size_t>(ks) * kStep;
+          const std::uint8_t* bk = b + static_cast<std::size_t>(ks) * 2 * kTileBytes;
+          if (next && mt == 0)
+            for (int r = 0; r < 32; ++r) prefetch_l2(next + static_cast<std::size_t>(r) * k + off);
+          tile_load<4>(w0 + off, stride);
+          tile_load<6>(bk, 64);
+          tile_dpbssd<0, 4, 6>();
+          tile_load<7>(bk + kTileBytes, 64);
+          tile_dpbssd<1, 4, 7>();
+          tile_load<5>(w1 + off, stride);
+          tile_dpbssd<2, 5, 6>();
+          tile_dpbssd<3, 5, 7>();
+        }
+        if (k1 == steps) {
+          nt_store_output(acc, wscale, act_scale, m, mt, n, n0, c, ldc);
+        } else {
+          tile_store<0>(sp, 64);
+          tile_store<1>(sp + kTileBytes, 64);
+          tile_store<2>(sp + 2 * kTileBytes, 64);
+          tile_store<3>(sp + 3 * kTileBytes, 64);
         }
       }
     }
@@ -206,25 +246,28 @@ thread_local ThreadScratch vnni_strip;
 
 // W [k, cols], columns [j0, j1) -> per 16-column tile jt, per step ks, the B tile (VNNI):
 // row p, bytes 4j .. 4j + 3 = W[64 ks + 4p + i][j0 + 16 jt + j], i = 0..3 (zeros from row k on).
+// Rows are read front to back, 4 at a time, 32 columns (two tiles) per step of the inner loop.
 const std::uint8_t* build_vnni_strip(const std::uint8_t* w, int k, int cols, int j0, int j1) {
   const int steps = steps_of(k), col_tiles = (j1 - j0) / 16;
-  auto* strip = static_cast<std::uint8_t*>(
-      vnni_strip.ensure(static_cast<std::size_t>(col_tiles) * steps * kTileBytes));
-  // x holds rows i = 0..3 in its 128-bit lanes. VPERMD: lane L <- dword L of each row (columns
-  // 4L .. 4L + 3); VPSHUFB: inside the lane, byte 4j + i <- byte 4i + j (AVX512F/BW only: no VBMI).
-  alignas(64) std::int32_t dwords[16];
+  const std::size_t tile_stride = static_cast<std::size_t>(steps) * kTileBytes;  // one column tile's B tiles
+  auto* strip = static_cast<std::uint8_t*>(vnni_strip.ensure(static_cast<std::size_t>(col_tiles) * tile_stride));
+  // lo01 = (row 0 | row 1) and lo23 = (row 2 | row 3), 32 columns each half. VPERMT2D gathers, for
+  // each 128-bit lane L of an output tile row, dword L (columns 4L .. 4L + 3) of rows 0..3; VPSHUFB
+  // then turns each lane's 4 x 4 bytes (row-major) into column-major: byte 4j + i = row i, column j.
+  alignas(64) std::int32_t first[16], second[16];
   alignas(64) std::uint8_t bytes[64];
   for (int L = 0; L < 4; ++L)
     for (int i = 0; i < 4; ++i) {
-      dwords[4 * L + i] = 4 * i + L;
+      const int base = (i >= 2 ? 16 : 0) + (i % 2) * 8;  // row i's 32 columns start at this dword
+      first[4 * L + i] = base + L;                         // columns 0..15
+      second[4 * L + i] = base + 4 + L;                    // columns 16..31
       for (int j = 0; j < 4; ++j) bytes[16 * L + 4 * j + i] = static_cast<std::uint8_t>(4 * i + j);
     }
-  const __m512i lanes = _mm512_load_si512(dwords), within = _mm512_load_si512(bytes);
+  const __m512i idx0 = _mm512_load_si512(first), idx1 = _mm512_load_si512(second), within = _mm512_load_si512(bytes);
   constexpr int kAhead = 4;  // row groups prefetched ahead
   for (int g = 0; g < steps * 16; ++g) {
     const int ks = g / 16, p = g % 16;
     std::uint8_t* dst = strip + static_cast<std::size_t>(ks) * kTileBytes + 64 * p;
-    const std::size_t tile_stride = static_cast<std::size_t>(steps) * kTileBytes;
     if (4 * g >= k) {
       for (int jt = 0; jt < col_tiles; ++jt) _mm512_store_si512(dst + jt * tile_stride, _mm512_setzero_si512());
       continue;
@@ -233,13 +276,15 @@ const std::uint8_t* build_vnni_strip(const std::uint8_t* w, int k, int cols, int
     if (4 * (g + kAhead) < k)
       for (int i = 0; i < 4; ++i)
         for (int b = 0; b < j1 - j0; b += 64) prefetch_l1(r0 + static_cast<std::size_t>(4 * kAhead + i) * cols + b);
-    for (int jt = 0; jt < col_tiles; ++jt) {
+    for (int jt = 0; jt < col_tiles; jt += 2) {
       const std::uint8_t* src = r0 + 16 * jt;
-      __m512i x = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-      x = _mm512_inserti32x4(x, _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + cols)), 1);
-      x = _mm512_inserti32x4(x, _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * cols)), 2);
-      x = _mm512_inserti32x4(x, _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 3 * cols)), 3);
-      _mm512_store_si512(dst + jt * tile_stride, _mm512_shuffle_epi8(_mm512_permutexvar_epi32(lanes, x), within));
+      const auto row = [&](int i) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * cols)); };
+      const __m512i r01 = _mm512_inserti64x4(_mm512_castsi256_si512(row(0)), row(1), 1);
+      const __m512i r23 = _mm512_inserti64x4(_mm512_castsi256_si512(row(2)), row(3), 1);
+      _mm512_store_si512(dst + jt * tile_stride,
+                         _mm512_shuffle_epi8(_mm512_permutex2var_epi32(r01, idx0, r23), within));
+      _mm512_store_si512(dst + (jt + 1) * tile_stride,
+                         _mm512_shuffle_epi8(_mm512_permutex2var_epi32(r01, idx1, r23), within));
     }
   }
   return strip;
@@ -323,48 +368,17 @@ void int8_gemm_nn(int m, const bf16* const* a, const void* w, int k, int cols, i
   int8_gemm_nn_packed(m, packed, w, k, cols, j0, j1, c, ldc);
 }
 
-// TEMPORARY A/B (measurement only): KT_AMX_INT8_OLD=1 at call time runs the strip path.
-moe::QuantGemms old_q;
-std::size_t (*old_bytes)(int, int);
-void (*old_pack_nt)(int, const bf16* const*, int, void*);
-void (*old_pack_nn)(int, const bf16* const*, int, void*);
-bool use_old() {
-  const char* e = std::getenv("KT_AMX_INT8_OLD");
-  return e && *e == '1';
-}
-std::size_t ab_bytes(int m, int k) { return use_old() ? old_bytes(m, k) : int8_packed_a_bytes(m, k); }
-void ab_pack_nt(int m, const bf16* const* a, int k, void* d) { use_old() ? old_pack_nt(m, a, k, d) : int8_pack_a_nt(m, a, k, d); }
-void ab_pack_nn(int m, const bf16* const* a, const void* w, int k, int cols, void* d) {
-  use_old() ? old_pack_nn(m, a, k, d) : int8_pack_a_nn_w(m, a, w, k, cols, d);
-}
-void ab_nt(int m, const bf16* const* a, const void* w, int rows, int k, int n0, int n1, float* c, std::int64_t ldc) {
-  use_old() ? old_q.gemm_nt(m, a, w, rows, k, n0, n1, c, ldc) : int8_gemm_nt(m, a, w, rows, k, n0, n1, c, ldc);
-}
-void ab_nn(int m, const bf16* const* a, const void* w, int k, int cols, int j0, int j1, float* c, std::int64_t ldc) {
-  use_old() ? old_q.gemm_nn(m, a, w, k, cols, j0, j1, c, ldc) : int8_gemm_nn(m, a, w, k, cols, j0, j1, c, ldc);
-}
-void ab_ntp(int m, const void* a, const void* w, int rows, int k, int n0, int n1, float* c, std::int64_t ldc) {
-  use_old() ? old_q.gemm_nt_packed(m, a, w, rows, k, n0, n1, c, ldc) : int8_gemm_nt_packed(m, a, w, rows, k, n0, n1, c, ldc);
-}
-void ab_nnp(int m, const void* a, const void* w, int k, int cols, int j0, int j1, float* c, std::int64_t ldc) {
-  use_old() ? old_q.gemm_nn_packed(m, a, w, k, cols, j0, j1, c, ldc) : int8_gemm_nn_packed(m, a, w, k, cols, j0, j1, c, ldc);
-}
-
 }  // namespace
 
 void install_amx_int8(KernelTable& t) {
-  old_q = t.quant[moe::kQuantInt8];
-  old_bytes = t.packed_a_bytes;
-  old_pack_nt = t.pack_a_nt;
-  old_pack_nn = t.pack_a_nn;
   moe::QuantGemms& q = t.quant[moe::kQuantInt8];
-  q.gemm_nt = ab_nt;
-  q.gemm_nn = ab_nn;
-  q.gemm_nt_packed = ab_ntp;
-  q.gemm_nn_packed = ab_nnp;
-  q.packed_a_bytes = ab_bytes;
-  q.pack_a_nt = ab_pack_nt;
-  q.pack_a_nn_w = ab_pack_nn;
+  q.gemm_nt = int8_gemm_nt;
+  q.gemm_nn = int8_gemm_nn;
+  q.gemm_nt_packed = int8_gemm_nt_packed;
+  q.gemm_nn_packed = int8_gemm_nn_packed;
+  q.packed_a_bytes = int8_packed_a_bytes;
+  q.pack_a_nt = int8_pack_a_nt;
+  q.pack_a_nn_w = int8_pack_a_nn_w;
 }
 
 }  // namespace kt::isa_amx

@@ -1,4 +1,5 @@
-// The amx tier: base-weight GEMMs on AMX-BF16 tiles (TDPBF16PS), AVX-512 BF16 dot products for
+// The amx tier: base-weight GEMMs on AMX-BF16 tiles (TDPBF16PS) -- int8 bases on AMX-INT8 tiles
+// (TDPBSSD, amx_int8.cpp has its own notes) --, AVX-512 BF16 dot products for
 //
 // This header: the tier's design notes (below), the constants, tile session and vector helpers its files
 // share, and the declarations that tie them together: packing.cpp (weights and activations),

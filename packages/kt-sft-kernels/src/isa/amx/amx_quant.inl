@@ -1,6 +1,8 @@
-// Quantized bases on AMX tiles (weight-only dequantization). Included at the end of table.cpp's
+// Quantized bases on AMX tiles (weight-only dequantization): int4, and int8 only in the emulated C++
+// test build (real AMX runs int8 on amx_int8.cpp's TDPBSSD path, ADR 0603; here int8 is still rounded
+// to bf16, unlike RQ for int8 elsewhere). Included at the end of table.cpp's
 // anonymous namespace. Per GEMM call, the call's strip of W -- rows [n0, n1) for NT, columns [j0, j1)
-// for NN -- is dequantized (RQ: bf16(fp32(q * scale)), the rule of every tier) straight into this
+// for NN -- is dequantized (RQ: bf16(fp32(q * scale)), int4's rule on every tier) straight into this
 // tier's tile layout in a per-thread buffer, which the bf16 kernels above then read as if it were a
 // packed matrix of just that strip. The AMX chains do not depend on the column range of a call, so the
 // result equals the bf16 GEMM on the whole dequantized matrix. The buffer holds one strip (block width x
