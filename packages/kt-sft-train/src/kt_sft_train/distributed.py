@@ -714,6 +714,24 @@ def prepare_model(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
     return ignored
 
 
+def ignored_modules(model: nn.Module, ignored: Sequence[str]) -> list[nn.Module]:
+    """The modules that hold exactly the parameters named in `ignored` (prepare_model's list).
+
+    For FSDP2's `ignored_params` through accelerate's `ignored_modules`: the LoRA factor modules of the
+    expert wrappers and the KTExperts (whose own parameters are the zero-storage placeholders).
+    """
+    modules = {name.rpartition(".")[0] for name in ignored}
+    found = [model.get_submodule(name) for name in sorted(modules)]
+    held = {id(p) for m in found for p in m.parameters()}
+    wanted = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name in set(ignored)}
+    if held != wanted:  # a module with other parameters would take them out of FSDP too
+        raise RuntimeError(
+            "the expert LoRA and experts placeholders do not sit in modules of their own; cannot exclude "
+            "them from FSDP2 by module"
+        )
+    return found
+
+
 def _runtime_of(model: nn.Module) -> HostOwnerRuntime:
     layers = [layer for m in model.modules() if (layer := _host_owner_layer(m)) is not None]
     if not layers:
@@ -767,9 +785,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     experts = (
         [p for p in _owner_expert_params(model) if p.grad is not None] if runtime.layout.is_owner else []
     )
-    dense_sq = sum(
-        (p.grad.detach().double().pow(2).sum() for p in dense), torch.zeros((), dtype=torch.float64)
-    )  # type: ignore[union-attr]
+    dense_sq = _dense_squared_norm(runtime, [p.grad for p in dense])  # type: ignore[misc]
     expert_sq = sum(
         (p.grad.detach().double().pow(2).sum() for p in experts), torch.zeros((), dtype=torch.float64)
     )  # type: ignore[union-attr]
@@ -785,6 +801,37 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     return total.float()
 
 
+def _dense_squared_norm(runtime: HostOwnerRuntime, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Squared norm of the dense gradient: replicated grads (DDP) as they are, FSDP2's sharded grads
+    (DTensors) summed over their shards with one all-reduce."""
+    from torch.distributed.tensor import DTensor
+
+    replicated = torch.zeros((), dtype=torch.float64)
+    sharded = torch.zeros(1, dtype=torch.float64)
+    any_sharded = False
+    for grad in grads:
+        if isinstance(grad, DTensor):
+            any_sharded = True
+            sharded += grad.to_local().detach().double().pow(2).sum().cpu()
+        else:
+            replicated += grad.detach().double().pow(2).sum().cpu()
+    if any_sharded:
+        work = dist.all_reduce(sharded, async_op=True)
+        runtime.wait([work], "dense gradient norm of the FSDP2 shards")
+    return replicated + sharded[0]
+
+
+def full_state_dict(model: nn.Module, keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+    """`model.state_dict()` entries whose name passes `keep`, FSDP2 shards gathered (every rank calls it)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if keep(name):
+            out[name] = tensor.full_tensor().cpu() if isinstance(tensor, DTensor) else tensor
+    return out
+
+
 def install_step_sync(model: nn.Module, optimizer: torch.optim.Optimizer) -> Any:
     """Make `optimizer.step()` sync the expert grads across hosts first (a torch step pre-hook)."""
     return optimizer.register_step_pre_hook(lambda *_: sync_expert_grads(model))
@@ -793,10 +840,16 @@ def install_step_sync(model: nn.Module, optimizer: torch.optim.Optimizer) -> Any
 def save_adapter(model: nn.Module, path: str | os.PathLike[str], **kwargs: Any) -> None:
     """`save_pretrained` of the PEFT model on the adapter writer only (the first host's owner); all wait."""
     runtime = _runtime_of(model)
+    peft_model = getattr(model, "module", model)
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in peft_model.parameters()) and "state_dict" not in kwargs:
+        # FSDP2 shards the dense LoRA: gather the adapter's tensors (a collective on every rank).
+        kwargs["state_dict"] = full_state_dict(peft_model, lambda name: "lora_" in name)
     error: BaseException | None = None
     if runtime.layout.is_adapter_writer:
         try:
-            getattr(model, "module", model).save_pretrained(path, **kwargs)
+            peft_model.save_pretrained(path, **kwargs)
         except BaseException as caught:
             runtime.report(caught)
             error = caught

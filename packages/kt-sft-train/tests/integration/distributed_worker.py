@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import distributed_common as common
@@ -125,6 +126,17 @@ def train_with_accelerate(spec: dict[str, Any], rank: int) -> dict[str, Any]:
     from kt_sft_train.integrations import accelerate as kt_accelerate
 
     accelerator = Accelerator(cpu=True)
+    if spec.get("fsdp2"):
+        from accelerate import FullyShardedDataParallelPlugin
+        from accelerate.utils import DistributedType
+
+        # accelerate 1.15 selects FSDP only for GPU-like devices (MULTI_CPU never becomes FSDP); its FSDP2
+        # code itself is device-agnostic (fully_shard on a CPU mesh). Set the state as `accelerate launch
+        # --use_fsdp --fsdp_version 2` does on GPUs. transformer_based_wrap: one FSDP2 unit per decoder layer.
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+    assert accelerator.is_fsdp2 == bool(spec.get("fsdp2")), accelerator.state
     assert accelerator.num_processes == len(spec["pieces"]), accelerator.state
     peft_model = common.build_peft_model(host_owner_config(spec), spec)
     optimizer = common.make_optimizer(peft_model)
@@ -134,17 +146,19 @@ def train_with_accelerate(spec: dict[str, Any], rank: int) -> dict[str, Any]:
     loss = common.token_loss_sum(model, pieces[rank]) * world / common.predicted_tokens(pieces)
     accelerator.backward(loss)
     norm = kt_accelerate.clip_grad_norm_(accelerator, model, spec["max_norm"])
-    grads = {n: p.grad.detach().clone() for n, p in peft_model.named_parameters() if p.grad is not None}
+    grads = {n: full(p.grad) for n, p in peft_model.named_parameters() if p.grad is not None}
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     kt_accelerate.save_adapter(accelerator, model, Path(spec["out"]) / "adapter")
+    sharded = sum(isinstance(p, DTensor) for p in peft_model.parameters())
+    assert (sharded > 0) == bool(spec.get("fsdp2")), sharded
     lora = expert_lora_parameters(peft_model)
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     result = {
         "loss": float(loss.detach()) / world,
         "norm": float(norm),
         "grads": grads,
-        "params": {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad},
+        "params": {n: full(p) for n, p in peft_model.named_parameters() if p.requires_grad},
         "expert_lora_in_optimizer": sum(id(p) in in_optimizer for p in lora.values()),
         "expert_lora_count": len(lora),
         "placeholders_ok": all(p.stride() == (0, 0) and not p.requires_grad for p in lora.values()),
@@ -154,6 +168,13 @@ def train_with_accelerate(spec: dict[str, Any], rank: int) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached copy of `tensor`, FSDP2 shards gathered (a collective: every rank calls it alike)."""
+    if isinstance(tensor, DTensor):
+        return tensor.detach().full_tensor().clone()
+    return tensor.detach().clone()
 
 
 def fail(spec: dict[str, Any], rank: int) -> None:

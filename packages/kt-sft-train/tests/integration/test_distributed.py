@@ -233,6 +233,30 @@ def test_stock_accelerate_two_ranks_match_one_process_and_save_one_vanilla_adapt
         assert rel(param, expected["params"][name]) <= F64_TOL, name
 
 
+def test_accelerate_fsdp2_two_ranks_match_one_process_and_save_one_vanilla_adapter(tmp_path: Path) -> None:
+    """Dense part sharded by FSDP2 (stock accelerate, fsdp_version=2); expert LoRA and placeholders not."""
+    from factory import tiny_model
+    from peft import PeftModel
+
+    spec = dict(
+        F64, scenario="accelerate", fsdp2=True, hosts=[[0, 1]], pieces=[[2, 5], [1, 4]], max_norm=0.05
+    )
+    expected = check_train(tmp_path, spec, 1e-9, F64_TOL)
+    assert expected["norm"] > spec["max_norm"]
+    loaded = PeftModel.from_pretrained(tiny_model("qwen3_moe", torch.float64, seed=0), tmp_path / "adapter")
+    lora = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+    assert set(lora) == {n for n in expected["params"] if "lora_" in n}
+    for name, param in lora.items():
+        assert rel(param, expected["params"][name]) <= F64_TOL, name
+
+
+def test_accelerate_fsdp2_two_hosts_of_two_ranks_match_one_process(tmp_path: Path) -> None:
+    spec = dict(F64, scenario="accelerate", fsdp2=True, hosts=[[0, 1], [2, 3]], max_norm=0.05)
+    spec["pieces"] = [[1, 5], [2, 4], [1, 3], [1, 8]]
+    expected = check_train(tmp_path, spec, 1e-9, F64_TOL)
+    assert expected["norm"] > spec["max_norm"]
+
+
 def test_kernel_backend_bf16_two_ranks_within_design_bounds(tmp_path: Path) -> None:
     from factory import kernels_or_skip
 

@@ -11,9 +11,10 @@
     optimizer.step(); optimizer.zero_grad()
     kt_accelerate.save_adapter(accelerator, model, "out/adapter")
 
-`prepare` readies the model (non-owners drop their expert-LoRA copies from the model and the optimizer,
-DDP ignores the expert LoRA), makes `optimizer.step()` sum the owners' expert grads across hosts first,
-then calls `accelerator.prepare` unchanged. With one process it is `accelerator.prepare`.
+`prepare` readies the model (non-owners drop their expert-LoRA copies from the model and the optimizer;
+DDP or FSDP2 ignores the expert LoRA and the experts' placeholders), makes `optimizer.step()` sum the
+owners' expert grads across hosts first, then calls `accelerator.prepare` unchanged. With one process it
+is `accelerator.prepare`.
 """
 
 from __future__ import annotations
@@ -53,13 +54,17 @@ def prepare(
                 "built with KTConfig(distributed='host_owner')"
             )
         return accelerator.prepare(model, optimizer, *others)
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if accelerator.distributed_type == DistributedType.DEEPSPEED or (fsdp and not accelerator.is_fsdp2):
+        kind = "FSDP1" if fsdp else "DeepSpeed"
         raise NotImplementedError(
-            f"{accelerator.distributed_type.value} with host-owner CPU experts is not implemented yet; use "
-            "DDP (the default of `accelerate launch --multi_gpu` / MULTI_CPU)"
+            f"{kind} with host-owner CPU experts is not implemented yet; use DDP (the default of "
+            "`accelerate launch --multi_gpu` / MULTI_CPU) or FSDP2 (fsdp_version: 2)"
         )
-    kt_distributed.prepare_model(model, optimizer)
+    ignored = kt_distributed.prepare_model(model, optimizer)
     kt_distributed.install_step_sync(model, optimizer)
+    if fsdp:
+        _exclude_from_fsdp2(accelerator.state.fsdp_plugin, model, ignored)
     prepared = accelerator.prepare(model, optimizer, *others)
     wrapped = prepared[0]
     if isinstance(wrapped, nn.parallel.DistributedDataParallel):
@@ -70,6 +75,22 @@ def prepare(
         if monitor_dense:
             kt_distributed.monitor_ddp(wrapped)
     return tuple(prepared)
+
+
+def _exclude_from_fsdp2(plugin: Any, model: nn.Module, ignored: list[str]) -> None:
+    """Keep the expert LoRA (owner-held) and the experts' placeholders out of FSDP2's sharding.
+
+    accelerate passes the parameters of `plugin.ignored_modules` to every `fully_shard` call as
+    `ignored_params`; the user's own ignored modules (a list or a name regex) are kept.
+    """
+    import re
+
+    modules = kt_distributed.ignored_modules(model, ignored)
+    user = plugin.ignored_modules
+    if isinstance(user, str):
+        pattern = re.compile(user)
+        user = [m for name, m in model.named_modules() if pattern.fullmatch(name)]
+    plugin.ignored_modules = list(user or []) + [m for m in modules if all(m is not u for u in user or [])]
 
 
 def clip_grad_norm_(accelerator: Any, model: nn.Module, max_norm: float) -> torch.Tensor:
