@@ -130,7 +130,25 @@ class HostLayout:
         return self.rank == self.owners[0]
 
 
-def discover_layout(kt: KTConfig) -> HostLayout:
+def control_group_for(default_backend: str) -> Any:
+    """A process group over all ranks that runs collectives on host (CPU) tensors with gloo.
+
+    The default group when it serves CPU tensors with gloo ("gloo", or "cpu:gloo,cuda:nccl"); otherwise
+    (e.g. "nccl", the default of accelerate and torchrun scripts on GPUs) a new gloo group over the world.
+    The host-owner layout discovery, the error board's address, the saving barrier and the small
+    all-reduces of clipping run on it, so an NCCL default group never sees a host tensor.
+    """
+    return dist.group.WORLD if gloo_serves_cpu(default_backend) else dist.new_group(backend="gloo")
+
+
+def gloo_serves_cpu(backend: str) -> bool:
+    """Whether a process group of `backend` ("gloo", "nccl", "cpu:gloo,cuda:nccl", ...) runs CPU tensors on
+    gloo."""
+    parts = [part.strip().split(":") for part in backend.lower().split(",")]
+    return any(p == ["gloo"] or p == ["cpu", "gloo"] for p in parts)
+
+
+def discover_layout(kt: KTConfig, control_group: Any = None) -> HostLayout:
     """The layout from `kt.hosts`, else from torchrun's GROUP_RANK (or the host name) of every rank."""
     rank, world = dist.get_rank(), dist.get_world_size()
     if kt.hosts is not None:
@@ -140,7 +158,7 @@ def discover_layout(kt: KTConfig) -> HostLayout:
         return HostLayout(kt.hosts, kt.owner_local_rank, rank)
     key = os.environ.get("GROUP_RANK") or socket.gethostname()
     keys: list[Any] = [None] * world
-    dist.all_gather_object(keys, key)
+    dist.all_gather_object(keys, key, group=control_group)
     grouped: dict[str, list[int]] = {}
     for r, k in enumerate(keys):
         grouped.setdefault(str(k), []).append(r)
@@ -153,9 +171,10 @@ def discover_layout(kt: KTConfig) -> HostLayout:
 class HostOwnerRuntime:
     """Process groups and failure handling of one process in a host-owner run (one per process)."""
 
-    def __init__(self, layout: HostLayout, timeout_s: float) -> None:
+    def __init__(self, layout: HostLayout, timeout_s: float, control_group: Any) -> None:
         self.layout = layout
         self.timeout_s = timeout_s
+        self.control_group = control_group  # gloo over all ranks (control_group_for)
         timeout = timedelta(seconds=timeout_s)
         # Every rank creates every group, in the same order (torch.distributed's rule for new_group).
         self.host_group: Any = None
@@ -165,7 +184,7 @@ class HostOwnerRuntime:
                 self.host_group = group
         owners_group = dist.new_group(list(layout.owners), backend="gloo", timeout=timeout)
         self.owners_group: Any = owners_group if layout.is_owner else None
-        self.board = _open_board(timeout)
+        self.board = _open_board(timeout, control_group)
         self.expert_grads_pending = False
         self._failed = False
         self._acknowledged = False
@@ -274,7 +293,7 @@ class HostOwnerRuntime:
         return dist.irecv(tensor, src=src, group=self.group_for(tensor))
 
 
-def _open_board(timeout: timedelta) -> Any:
+def _open_board(timeout: timedelta, control_group: Any) -> Any:
     """A TCPStore for failure messages: rank 0 serves it on a free port, the others connect."""
     host = os.environ.get("MASTER_ADDR", "127.0.0.1")
     if dist.get_rank() == 0:
@@ -282,7 +301,7 @@ def _open_board(timeout: timedelta) -> Any:
         address = [host, store.port]
     else:
         address = [None, None]
-    dist.broadcast_object_list(address, src=0)
+    dist.broadcast_object_list(address, src=0, group=control_group)
     if dist.get_rank() == 0:
         return store
     return dist.TCPStore(str(address[0]), int(address[1]), dist.get_world_size(), False, timeout=timeout)
@@ -292,8 +311,12 @@ _runtime: HostOwnerRuntime | None = None
 _runtime_lock = threading.Lock()
 
 
-def runtime_for(kt: KTConfig) -> HostOwnerRuntime:
-    """The process's host-owner runtime (created on first use; every rank must reach this together)."""
+def runtime_for(kt: KTConfig, default_backend: str | None = None) -> HostOwnerRuntime:
+    """The process's host-owner runtime (created on first use; every rank must reach this together).
+
+    default_backend: the default process group's backend (None: dist.get_backend()); it decides whether
+        the host-tensor collectives need a gloo group of their own (control_group_for).
+    """
     global _runtime
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
@@ -310,7 +333,10 @@ def runtime_for(kt: KTConfig) -> HostOwnerRuntime:
                     f"timeout {have}; one host layout per process"
                 )
             return _runtime
-        runtime = HostOwnerRuntime(discover_layout(kt), kt.distributed_timeout_s)
+        backend = dist.get_backend() if default_backend is None else default_backend
+        control_group = control_group_for(str(backend))
+        layout = discover_layout(kt, control_group)
+        runtime = HostOwnerRuntime(layout, kt.distributed_timeout_s, control_group)
         runtime.config_hosts = kt.hosts  # type: ignore[attr-defined]
         _install_excepthook(runtime)
         _runtime = runtime
@@ -816,7 +842,7 @@ def _dense_squared_norm(runtime: HostOwnerRuntime, grads: Sequence[torch.Tensor]
         else:
             replicated += grad.detach().double().pow(2).sum().cpu()
     if any_sharded:
-        work = dist.all_reduce(sharded, async_op=True)
+        work = dist.all_reduce(sharded, group=runtime.control_group, async_op=True)
         runtime.wait([work], "dense gradient norm of the FSDP2 shards")
     return replicated + sharded[0]
 
@@ -855,7 +881,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], **kwargs: Any) 
             error = caught
     if error is not None:
         raise error
-    runtime.wait([dist.barrier(async_op=True, group=None)], f"saving the adapter to {path}")
+    runtime.wait([dist.barrier(async_op=True, group=runtime.control_group)], f"saving the adapter to {path}")
 
 
 def monitor_ddp(ddp_model: nn.parallel.DistributedDataParallel) -> None:

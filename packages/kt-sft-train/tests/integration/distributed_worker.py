@@ -70,8 +70,10 @@ def host_owner_config(spec: dict[str, Any]) -> Any:
 
 
 def build(spec: dict[str, Any]) -> tuple[Any, Any, Any]:
-    from kt_sft_train.distributed import monitor_ddp, prepare_model
+    from kt_sft_train.distributed import monitor_ddp, prepare_model, runtime_for
 
+    if "default_backend" in spec:  # the path a run with this default backend takes (e.g. "nccl" on GPUs)
+        runtime_for(host_owner_config(spec), default_backend=spec["default_backend"])
     peft_model = common.build_peft_model(host_owner_config(spec), spec)
     optimizer = common.make_optimizer(peft_model)
     prepare_model(peft_model, optimizer)
@@ -116,7 +118,19 @@ def train(spec: dict[str, Any], rank: int) -> dict[str, Any]:
         "placeholders_ok": placeholders_ok,
         "empty_experts": empty_experts.total,
         "layer_check": layer_check,
+        "control_group": control_group_kind(),
     }
+
+
+def control_group_kind() -> str:
+    """ "world" when the runtime reuses the default group for host tensors, else its own group's backend."""
+    from kt_sft_train.distributed import current_runtime
+
+    runtime = current_runtime()
+    assert runtime is not None
+    if runtime.control_group is dist.group.WORLD:
+        return "world"
+    return f"own {dist.get_backend(runtime.control_group)} group"
 
 
 def train_with_accelerate(spec: dict[str, Any], rank: int) -> dict[str, Any]:

@@ -143,6 +143,9 @@ def check_train(tmp_path: Path, spec: dict[str, Any], loss_tol: float, tol: floa
         assert result["placeholders_ok"] == (not is_owner)
         if expected["norm"] is not None:
             assert abs(result["norm"] - expected["norm"]) <= tol * expected["norm"], (rank, result["norm"])
+        if "control_group" in result:  # host tensors on gloo: the default group unless it is e.g. NCCL
+            wanted = "world" if spec.get("default_backend", "gloo") == "gloo" else "own gloo group"
+            assert result["control_group"] == wanted, (rank, result["control_group"])
     if spec.get("layer_check"):
         check_layer(spec, results, expected["layer_check"], owners, tol)
     return expected
@@ -214,6 +217,9 @@ def test_two_hosts_of_two_ranks_match_one_process(tmp_path: Path) -> None:
         checkpointing=True,
         policy="recompute",
         monitor_ddp=True,
+        # The host-owner runtime takes the path of an NCCL default group (GPU runs): layout discovery,
+        # error board and the host-tensor collectives on a gloo group of its own.
+        default_backend="nccl",
     )
     check_train(tmp_path, spec, 1e-9, F64_TOL)
 

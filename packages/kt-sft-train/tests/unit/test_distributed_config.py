@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from kt_sft_train import KTConfig, KTConfigError
-from kt_sft_train.distributed import HostLayout
+from kt_sft_train.distributed import HostLayout, gloo_serves_cpu
 
 
 def test_host_owner_fields_from_kwargs_mapping_and_env() -> None:
@@ -51,3 +51,31 @@ def test_layout_owners_and_writer() -> None:
     assert layout.owners == (1, 4) and not layout.is_adapter_writer and layout.world_size == 5
     with pytest.raises(ValueError, match="owner_local_rank=2 but host"):
         HostLayout(((0, 1, 2), (3, 4)), owner_local_rank=2, rank=0)
+
+
+@pytest.mark.parametrize(
+    "key", ["kt_distributed", "kt_owner_local_rank", "kt_hosts", "kt_distributed_timeout_s"]
+)
+def test_no_upstream_kt_name_for_the_host_owner_fields(key: str) -> None:
+    """Upstream kt-kernel / LLaMA-Factory has no kt_* key for its (implicit) rank-0 ownership: a kt_-prefixed
+    spelling of ours is rejected, pointing at the real field, instead of being silently ignored."""
+    field = key.removeprefix("kt_")
+    with pytest.raises(KTConfigError, match=rf"unknown KTConfig key '{key}' \(did you mean '{field}'\?\)"):
+        KTConfig.from_mapping({key: 1})
+
+
+@pytest.mark.parametrize(
+    ("backend", "serves"),
+    [
+        ("gloo", True),
+        ("cpu:gloo,cuda:nccl", True),
+        ("cuda:nccl, cpu:gloo", True),
+        ("nccl", False),
+        ("cuda:nccl", False),
+        ("cpu:nccl", False),
+        ("mpi", False),
+    ],
+)
+def test_which_default_backends_run_host_tensors_on_gloo(backend: str, serves: bool) -> None:
+    # Otherwise (NCCL on GPUs) the host-owner runtime makes a gloo group of its own (control_group_for).
+    assert gloo_serves_cpu(backend) is serves

@@ -128,7 +128,7 @@ class RankContext:
         import torch.distributed as dist
 
         tensor = torch.tensor([int(f) for f in flags], dtype=torch.int64)
-        work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True)
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_control_group(), async_op=True)
         self._wait(work, "the step decision all-reduce")
         return tuple(bool(v) for v in tensor.tolist())
 
@@ -146,7 +146,7 @@ class RankContext:
 
         from .. import distributed
 
-        work = dist.all_reduce(tensor, async_op=True)
+        work = dist.all_reduce(tensor, group=_control_group(), async_op=True)
         runtime = distributed.current_runtime()
         if runtime is not None:
             runtime.wait([work], f"the {what} all-reduce")
@@ -169,7 +169,7 @@ class RankContext:
         from .. import distributed
 
         runtime = distributed.current_runtime()
-        work = dist.barrier(async_op=True)
+        work = dist.barrier(group=_control_group(), async_op=True)
         if runtime is not None:
             runtime.wait([work], "waiting for rank 0 to write its files")
         else:
@@ -185,3 +185,11 @@ class RankContext:
         self.barrier()
         distributed.shutdown()
         dist.destroy_process_group()
+
+
+def _control_group() -> object:
+    """The host-owner runtime's gloo group over all ranks (for host tensors), else the default group."""
+    from .. import distributed
+
+    runtime = distributed.current_runtime()
+    return None if runtime is None else runtime.control_group
