@@ -2,10 +2,12 @@
 
     python examples/train_with_trainer.py                      # the embedded default job's model and data
     python examples/train_with_trainer.py --model DIR --data FILE.jsonl --max-steps 100
+    torchrun --nproc-per-node 2 examples/train_with_trainer.py     # 2 processes, one expert owner
 
 The only kt-sft specific lines are `load_kt_model` (experts streamed into the CPU kernels, everything
 else placed on the GPU, or the CPU without one) and `kt_lora_config` (a PEFT LoraConfig with expert LoRA
-for the detected family). The Trainer, PEFT and the saved adapter are stock.
+for the detected family); `KTTrainer` is the stock Trainer plus what several processes need with one
+expert owner per host (docs/distributed.md). PEFT and the saved adapter are stock.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ import torch
 from kt_sft_train import KTConfig, kt_lora_config
 from kt_sft_train.app.data import Formatter, collate, read_jsonl, tokenize_records
 from kt_sft_train.app.options import default_job_dir
-from kt_sft_train.integrations import KTTimeSplitCallback
+from kt_sft_train.integrations import KTTimeSplitCallback, KTTrainer, host_owner_config
 from kt_sft_train.model import load_kt_model
 from peft import get_peft_model
-from transformers import AutoTokenizer, Trainer, TrainingArguments
+from transformers import AutoTokenizer, TrainingArguments, set_seed
 
 
 def main() -> None:
@@ -43,9 +45,26 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     on_gpu = torch.cuda.is_available()
 
-    # 1. The model: routed experts in kt-sft's CPU kernels, the rest on the GPU (or CPU).
+    training_args = TrainingArguments(
+        output_dir=args.output,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        logging_steps=max(1, args.max_steps // 10),
+        save_strategy="no",
+        report_to=[],
+        bf16=on_gpu,
+        use_cpu=not on_gpu,
+        dataloader_pin_memory=on_gpu,
+    )
+
+    # 1. The model: routed experts in kt-sft's CPU kernels, the rest on the GPU (or CPU). Under torchrun
+    #    with several processes, one process per host owns the experts (host_owner_config).
+    set_seed(training_args.seed)  # the LoRA init draws from the global RNG: the same on every rank and run
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    model = load_kt_model(args.model, KTConfig(threads=args.threads), dtype=dtype)
+    kt = host_owner_config(training_args, KTConfig(threads=args.threads))
+    model = load_kt_model(args.model, kt, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
 
     # 2. Plain PEFT: LoRA on attention (GPU) and on the routed experts (run by the CPU kernels).
@@ -56,33 +75,23 @@ def main() -> None:
     formatter = Formatter(tokenizer)
     train_set = tokenize_records(read_jsonl(args.data), formatter, args.max_seq_len)
 
-    # 4. A stock Trainer; the callback adds the CPU-experts / GPU time split to the logs.
+    # 4. The Trainer; the callback adds the CPU-experts / GPU time split to the logs.
     timing = KTTimeSplitCallback()
-    trainer = Trainer(
+    trainer = KTTrainer(
         model=model,
-        args=TrainingArguments(
-            output_dir=args.output,
-            max_steps=args.max_steps,
-            per_device_train_batch_size=args.batch_size,
-            learning_rate=args.lr,
-            lr_scheduler_type="constant",
-            logging_steps=max(1, args.max_steps // 10),
-            save_strategy="no",
-            report_to=[],
-            bf16=on_gpu,
-            use_cpu=not on_gpu,
-            dataloader_pin_memory=on_gpu,
-        ),
+        args=training_args,
         train_dataset=train_set,
         data_collator=lambda batch: collate(batch, formatter.pad_token_id),
         callbacks=[timing],
     )
     trainer.train()
 
-    # 5. A standard PEFT adapter: PeftModel.from_pretrained(plain_hf_model, path) loads it.
+    # 5. ONE standard PEFT adapter (from the expert owner): PeftModel.from_pretrained(plain_hf_model, path).
     adapter = Path(args.output) / "adapter"
-    model.save_pretrained(adapter)
-    print(f"adapter saved to {adapter}; mean step split: {timing.summary()}")
+    trainer.save_model(str(adapter))
+    if trainer.is_world_process_zero():
+        print(f"losses: {[h['loss'] for h in trainer.state.log_history if 'loss' in h]}")
+        print(f"adapter saved to {adapter}; mean step split: {timing.summary()}")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
     python examples/train_with_trl.py                          # the embedded default job's model and data
     python examples/train_with_trl.py --model DIR --data FILE.jsonl --max-steps 100
+    torchrun --nproc-per-node 2 examples/train_with_trl.py         # 2 processes, one expert owner
 
 TRL does the tokenization (prompt/completion records: loss on the completion; `messages` records: the
 chat template) and wraps the model with PEFT itself from `peft_config`. kt-sft only loads the model
-(`load_kt_model`) and builds the LoraConfig with expert LoRA (`kt_lora_config`).
+(`load_kt_model`) and builds the LoraConfig with expert LoRA (`kt_lora_config`); `HostOwnerTrainerMixin`
+adds what several processes need with one expert owner per host (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -18,10 +20,14 @@ import torch
 from datasets import Dataset
 from kt_sft_train import KTConfig, kt_lora_config
 from kt_sft_train.app.options import default_job_dir
-from kt_sft_train.integrations import KTTimeSplitCallback
+from kt_sft_train.integrations import HostOwnerTrainerMixin, KTTimeSplitCallback, host_owner_config
 from kt_sft_train.model import load_kt_model
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, set_seed
 from trl import SFTConfig, SFTTrainer
+
+
+class KTSFTTrainer(HostOwnerTrainerMixin, SFTTrainer):
+    """TRL's SFTTrainer, also on several processes with host-owner experts."""
 
 
 def read_records(path: str, conversational: bool) -> Dataset:
@@ -64,27 +70,30 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     on_gpu = torch.cuda.is_available()
 
+    config = SFTConfig(
+        output_dir=args.output,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        max_length=args.max_seq_len,
+        logging_steps=max(1, args.max_steps // 10),
+        save_strategy="no",
+        report_to=[],
+        bf16=on_gpu,
+        use_cpu=not on_gpu,
+        dataloader_pin_memory=on_gpu,
+    )
+    set_seed(config.seed)  # the LoRA init draws from the global RNG: the same on every rank and run
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    model = load_kt_model(args.model, KTConfig(threads=args.threads), dtype=dtype)
+    kt = host_owner_config(config, KTConfig(threads=args.threads))  # several processes: one expert owner
+    model = load_kt_model(args.model, kt, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
 
     timing = KTTimeSplitCallback()
-    trainer = SFTTrainer(
+    trainer = KTSFTTrainer(
         model=model,
-        args=SFTConfig(
-            output_dir=args.output,
-            max_steps=args.max_steps,
-            per_device_train_batch_size=args.batch_size,
-            learning_rate=args.lr,
-            lr_scheduler_type="constant",
-            max_length=args.max_seq_len,
-            logging_steps=max(1, args.max_steps // 10),
-            save_strategy="no",
-            report_to=[],
-            bf16=on_gpu,
-            use_cpu=not on_gpu,
-            dataloader_pin_memory=on_gpu,
-        ),
+        args=config,
         train_dataset=read_records(args.data, conversational=bool(tokenizer.chat_template)),
         processing_class=tokenizer,
         peft_config=kt_lora_config(model, r=8, target_modules="attention"),
@@ -94,7 +103,9 @@ def main() -> None:
 
     adapter = Path(args.output) / "adapter"
     trainer.save_model(str(adapter))
-    print(f"adapter saved to {adapter}; mean step split: {timing.summary()}")
+    if trainer.is_world_process_zero():
+        print(f"losses: {[h['loss'] for h in trainer.state.log_history if 'loss' in h]}")
+        print(f"adapter saved to {adapter}; mean step split: {timing.summary()}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
-"""A transformers TrainerCallback that logs the CPU-experts / transfers / dense time split of each step.
+"""transformers.Trainer (and TRL's trainers) with kt-sft: the time-split callback and multi-process runs.
 
-Works with `transformers.Trainer` and every trainer built on it (TRL's SFTTrainer, ...):
+`KTTimeSplitCallback` logs the CPU-experts / transfers / dense time split of each step. `KTTrainer` (or
+`HostOwnerTrainerMixin` in front of any Trainer subclass, e.g. TRL's SFTTrainer) runs under torchrun /
+`accelerate launch` with host-owner experts (docs/distributed.md); `host_owner_config` switches the
+experts to host-owner mode when the TrainingArguments name several processes.
+
+The callback works with `transformers.Trainer` and every trainer built on it (TRL's SFTTrainer, ...):
 
     trainer = Trainer(model=peft_model, ..., callbacks=[KTTimeSplitCallback()])
 
@@ -12,10 +17,15 @@ throughput; leave the callback out for production runs that do not need the spli
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from transformers import TrainerCallback
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
 
+from .. import distributed as kt_distributed
+from ..config import KTConfig
 from ..timing import StepSplit, StepTimer
 
 _ZERO = StepSplit(0.0, 0.0, 0.0)
@@ -82,3 +92,86 @@ def split_record(split: StepSplit, steps: int) -> dict[str, float]:
         "kt_dense_s": split.dense_s / steps,
         "kt_experts_share": split.shares()["experts_cpu"],
     }
+
+
+# -- several processes: host-owner experts under the Trainer -------------------------------------------------
+
+
+def host_owner_config(args: Any, kt: KTConfig | None = None) -> KTConfig:
+    """`kt` (default KTConfig()) with distributed="host_owner" when `args` (TrainingArguments) runs on
+    several processes. Reading `args.world_size` makes transformers initialize the process group (through
+    accelerate), which the host-owner experts need before the model is loaded."""
+    kt = kt or KTConfig()
+    if args.world_size > 1 and kt.distributed == "none":
+        return kt.replace(distributed="host_owner")
+    return kt
+
+
+class HostOwnerTrainerMixin:
+    """Put in front of a transformers Trainer class (Trainer, TRL's SFTTrainer, ...) for host-owner experts.
+
+        class KTSFTTrainer(HostOwnerTrainerMixin, SFTTrainer): ...
+
+    With host-owner experts (several processes) it readies the model before DDP wraps it (non-owners drop
+    their expert-LoRA copies, DDP ignores the expert LoRA), makes each optimizer step sum the owners'
+    expert grads across hosts first, clips over the whole gradient (dense + the owners' expert LoRA; a
+    per-rank clip would clip the ranks differently) and saves ONE adapter from the first host's owner.
+    The Trainer's loss scaling already gives the global batch's token mean (average_tokens_across_devices).
+    With one process it changes nothing.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    args: Any
+    processing_class: Any
+
+    def _kt_host_owner(self) -> bool:
+        return any(kt_distributed.is_host_owner_experts(m) for m in self.model.modules())
+
+    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if self._kt_host_owner():
+            if resume_from_checkpoint:
+                raise NotImplementedError(
+                    "resuming a Trainer run with host-owner experts is not implemented yet (the ranks' "
+                    "optimizer states differ); `kt-sft train --resume` supports it"
+                )
+            kt_distributed.prepare_model(self.model, self.optimizer)
+            if self.optimizer is not None:
+                self._kt_install_step_sync(self.optimizer)
+        return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+
+    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)  # type: ignore[misc]
+        if self._kt_host_owner():
+            self._kt_install_step_sync(optimizer)
+        return optimizer
+
+    def _kt_install_step_sync(self, optimizer: torch.optim.Optimizer) -> None:
+        if getattr(optimizer, "_kt_step_sync", None) is None:
+            optimizer._kt_step_sync = kt_distributed.install_step_sync(self.model, optimizer)  # type: ignore[attr-defined]
+
+    # transformers' clipping calls (Trainer._clip_grad_norm / _get_grad_norm in 5.x).
+    def _clip_grad_norm(self, model: nn.Module) -> Any:
+        if not self._kt_host_owner():
+            return super()._clip_grad_norm(model)  # type: ignore[misc]
+        return kt_distributed.clip_grad_norm_(self.model, self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        if grad_norm is None and self._kt_host_owner():
+            grad_norm = kt_distributed.clip_grad_norm_(self.model, float("inf"))
+        return super()._get_grad_norm(model, grad_norm=grad_norm)  # type: ignore[misc]
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self._kt_host_owner():
+            return super().save_model(output_dir, _internal_call)  # type: ignore[misc]
+        output_dir = output_dir or self.args.output_dir
+        kt_distributed.save_adapter(self.model, output_dir)  # the first host's owner writes; all wait
+        if self.args.should_save:
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        return None
+
+
+class KTTrainer(HostOwnerTrainerMixin, Trainer):
+    """transformers.Trainer that also runs with host-owner experts on several processes."""
