@@ -21,6 +21,7 @@ GROUP_SIZES = (32, 64, 128)  # int4 groups along the reduction dimension (the ke
 ACTIVATION_POLICIES = ("retain", "recompute")
 ISA_TIERS = ("portable", "avx2", "avx512", "avx512_bf16", "amx")
 DISTRIBUTED_MODES = ("none", "host_owner")
+EXCHANGE_TRANSPORTS = ("shm", "gloo")
 ENV_PREFIX = "KT_SFT_"
 # One variable per fact (docs/environment.md lists them all). A KTConfig field is KT_SFT_<FIELD>, except
 # the thread count: KT_SFT_NUM_THREADS, which the kernel wheel also reads for its default pool.
@@ -63,6 +64,8 @@ class KTConfig:
     hosts: with host_owner, the global ranks of each host, e.g. ((0, 1), (2, 3)); None = from torchrun's
         GROUP_RANK (or the host name). Explicit hosts let tests simulate several hosts on one machine.
     distributed_timeout_s: with host_owner, the longest any rank waits for another in an exchange.
+    exchange_transport: with host_owner, how the payloads move inside a host: "shm" (shared-memory
+        mailboxes in /dev/shm, gloo for the small headers; measured faster, ADR 0801) or "gloo".
     pin_memory: stage GPU<->CPU copies through pinned host buffers (only used with CUDA tensors).
     """
 
@@ -77,6 +80,7 @@ class KTConfig:
     owner_local_rank: int = 0
     hosts: tuple[tuple[int, ...], ...] | None = None
     distributed_timeout_s: float = 600.0
+    exchange_transport: str = "shm"
     pin_memory: bool = True
 
     def __post_init__(self) -> None:
@@ -94,6 +98,7 @@ class KTConfig:
         if self.max_isa is not None:
             _check_choice("max_isa", self.max_isa, ISA_TIERS)
         _check_choice("distributed", self.distributed, DISTRIBUTED_MODES)
+        _check_choice("exchange_transport", self.exchange_transport, EXCHANGE_TRANSPORTS)
         _check_distributed(self)
         if not isinstance(self.pin_memory, bool):
             raise KTConfigError(f"KTConfig.pin_memory must be a bool, got {self.pin_memory!r}")

@@ -3,7 +3,8 @@
 With `KTConfig(distributed="host_owner")` and an initialized default process group, one process per host
 (local rank `owner_local_rank`, 0 by default) owns the CPU experts: its KTExperts hold the kernel (or
 reference) layers and the expert LoRA. The other ranks of the host hold thin proxies without weights.
-Each experts call is an exchange inside the host, on a per-host gloo group:
+Each experts call is an exchange inside the host: headers on a per-host gloo group, payloads through
+shared-memory mailboxes (shm_transport.py; KTConfig.exchange_transport="gloo" sends them over gloo too):
 
     forward : every non-owner sends (status, sizes) and one payload (x, routing ids, routing weights)
               to the owner; the owner runs ONE layer call on the concatenation of all local tokens
@@ -39,6 +40,7 @@ import atexit
 import contextlib
 import math
 import os
+import secrets
 import socket
 import sys
 import threading
@@ -55,6 +57,7 @@ from torch import nn
 
 from .config import KTConfig
 from .reference import ExpertGrads, ExpertLoRA
+from .shm_transport import ShmMailboxes
 
 ERROR_KEY = "kt_sft/error"
 SEEN_KEY = "kt_sft/error_seen"
@@ -171,7 +174,9 @@ def discover_layout(kt: KTConfig, control_group: Any = None) -> HostLayout:
 class HostOwnerRuntime:
     """Process groups and failure handling of one process in a host-owner run (one per process)."""
 
-    def __init__(self, layout: HostLayout, timeout_s: float, control_group: Any) -> None:
+    def __init__(
+        self, layout: HostLayout, timeout_s: float, control_group: Any, transport: str = "shm"
+    ) -> None:
         self.layout = layout
         self.timeout_s = timeout_s
         self.control_group = control_group  # gloo over all ranks (control_group_for)
@@ -184,7 +189,11 @@ class HostOwnerRuntime:
                 self.host_group = group
         owners_group = dist.new_group(list(layout.owners), backend="gloo", timeout=timeout)
         self.owners_group: Any = owners_group if layout.is_owner else None
-        self.board = _open_board(timeout, control_group)
+        self.board, run_id = _open_board(timeout, control_group)
+        # Payloads inside the host: shared-memory mailboxes (gloo carries the headers) or gloo.
+        self.mailboxes = ShmMailboxes(run_id, layout.rank) if transport == "shm" else None
+        if self.mailboxes is not None:
+            atexit.register(self.mailboxes.close)
         self.expert_grads_pending = False
         self._failed = False
         self._acknowledged = False
@@ -286,6 +295,32 @@ class HostOwnerRuntime:
             )
         return self.host_group
 
+    def send_message(
+        self, fields: Sequence[int], parts: Sequence[torch.Tensor], dst: int
+    ) -> tuple[list[Any], list[torch.Tensor]]:
+        """Send a header (`fields` + the payload's byte count) and the payload made of `parts` to `dst`.
+
+        Returns the works to wait for and the tensors they read (keep them until then)."""
+        if self.mailboxes is not None:
+            nbytes = self.mailboxes.write(dst, parts)  # before the header, which tells dst it is there
+            payload = None
+        else:
+            payload = _pack(parts)
+            nbytes = payload.numel()
+        header = torch.tensor([*fields, nbytes], dtype=torch.int64)
+        works = [self.isend(header, dst)]
+        if payload is not None and nbytes:
+            works.append(self.isend(payload, dst))
+        return works, [header] if payload is None else [header, payload]
+
+    def receive_payload(self, src: int, nbytes: int) -> tuple[torch.Tensor, list[Any]]:
+        """The payload announced by a header from `src` and the works to wait for before reading it (a
+        mailbox payload is a view, valid until `src`'s next message)."""
+        if self.mailboxes is not None:
+            return self.mailboxes.read(src, nbytes), []
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        return buffer, [self.irecv(buffer, src)] if nbytes else []
+
     def isend(self, tensor: torch.Tensor, dst: int) -> Any:
         return dist.isend(tensor, dst=dst, group=self.group_for(tensor))
 
@@ -293,18 +328,21 @@ class HostOwnerRuntime:
         return dist.irecv(tensor, src=src, group=self.group_for(tensor))
 
 
-def _open_board(timeout: timedelta, control_group: Any) -> Any:
-    """A TCPStore for failure messages: rank 0 serves it on a free port, the others connect."""
+def _open_board(timeout: timedelta, control_group: Any) -> tuple[Any, str]:
+    """A TCPStore for failure messages (rank 0 serves it on a free port, the others connect) and a run id
+    that every rank shares (it names the run's shared-memory mailboxes)."""
     host = os.environ.get("MASTER_ADDR", "127.0.0.1")
     if dist.get_rank() == 0:
         store = dist.TCPStore(host, 0, dist.get_world_size(), True, timeout=timeout, wait_for_workers=False)
-        address = [host, store.port]
+        address = [host, store.port, secrets.token_hex(6)]
     else:
-        address = [None, None]
+        address = [None, None, None]
     dist.broadcast_object_list(address, src=0, group=control_group)
+    run_id = str(address[2])
     if dist.get_rank() == 0:
-        return store
-    return dist.TCPStore(str(address[0]), int(address[1]), dist.get_world_size(), False, timeout=timeout)
+        return store, run_id
+    store = dist.TCPStore(str(address[0]), int(address[1]), dist.get_world_size(), False, timeout=timeout)
+    return store, run_id
 
 
 _runtime: HostOwnerRuntime | None = None
@@ -325,18 +363,23 @@ def runtime_for(kt: KTConfig, default_backend: str | None = None) -> HostOwnerRu
         )
     with _runtime_lock:
         if _runtime is not None:
-            wanted = (kt.owner_local_rank, kt.hosts, kt.distributed_timeout_s)
-            have = (_runtime.layout.owner_local_rank, _runtime.config_hosts, _runtime.timeout_s)
+            wanted = (kt.owner_local_rank, kt.hosts, kt.distributed_timeout_s, kt.exchange_transport)
+            have = (
+                _runtime.layout.owner_local_rank,
+                _runtime.config_hosts,
+                _runtime.timeout_s,
+                "gloo" if _runtime.mailboxes is None else "shm",
+            )
             if wanted != have:
                 raise ValueError(
                     "this process already runs host-owner experts with another owner_local_rank/hosts/"
-                    f"timeout {have}; one host layout per process"
+                    f"timeout/exchange_transport {have}; one host layout per process"
                 )
             return _runtime
         backend = dist.get_backend() if default_backend is None else default_backend
         control_group = control_group_for(str(backend))
         layout = discover_layout(kt, control_group)
-        runtime = HostOwnerRuntime(layout, kt.distributed_timeout_s, control_group)
+        runtime = HostOwnerRuntime(layout, kt.distributed_timeout_s, control_group, kt.exchange_transport)
         runtime.config_hosts = kt.hosts  # type: ignore[attr-defined]
         _install_excepthook(runtime)
         _runtime = runtime
@@ -351,6 +394,8 @@ def shutdown() -> None:
     """Forget the runtime (before destroy_process_group; a new run builds a new one)."""
     global _runtime
     with _runtime_lock:
+        if _runtime is not None and _runtime.mailboxes is not None:
+            _runtime.mailboxes.close()
         _runtime = None
 
 
@@ -466,8 +511,7 @@ class OwnerLayer:
             if status != OK:
                 runtime.raise_failure(what, f"rank {r} sent a failure status")
             peers.append(_PeerCall(r, tokens, _DTYPES[xd], _DTYPES[idd], _DTYPES[wd], bool(peer_save)))
-        payloads = {p.rank: torch.empty(int(headers[p.rank][6]), dtype=torch.uint8) for p in peers}
-        runtime.wait([runtime.irecv(payloads[p.rank], p.rank) for p in peers if p.tokens], what)
+        payloads = self._receive_payloads(peers, headers, what)
         try:
             if any(p.save != save for p in peers):
                 raise RuntimeError(
@@ -521,8 +565,7 @@ class OwnerLayer:
                 )
                 self._fail(error, what)
                 raise error
-        payloads = {p.rank: torch.empty(int(headers[p.rank][6]), dtype=torch.uint8) for p in peers}
-        runtime.wait([runtime.irecv(payloads[p.rank], p.rank) for p in peers if p.tokens], what)
+        payloads = self._receive_payloads(peers, headers, what)
         try:
             grads_out = [grad_out]
             for p in peers:
@@ -544,18 +587,25 @@ class OwnerLayer:
             runtime.expert_grads_pending = True
         return ExpertGrads(grad_x=gx[0].clone(), grad_weights=gw[0].clone(), lora=lora)
 
+    def _receive_payloads(
+        self, peers: Sequence[_PeerCall], headers: dict[int, torch.Tensor], what: str
+    ) -> dict[int, torch.Tensor]:
+        payloads, works = {}, []
+        for p in peers:
+            payloads[p.rank], receiving = self.runtime.receive_payload(p.rank, int(headers[p.rank][6]))
+            works += receiving
+        self.runtime.wait(works, what)
+        return payloads
+
     def _reply(
         self, peers: Sequence[_PeerCall], tensors: Sequence[Sequence[torch.Tensor]], what: str
     ) -> None:
         runtime = self.runtime
         works, keep = [], []
         for p, parts in zip(peers, tensors, strict=True):
-            payload = _pack(parts)
-            header = torch.tensor([OK, p.tokens, 0, 0, 0, 0, payload.numel()], dtype=torch.int64)
-            keep += [header, payload]
-            works.append(runtime.isend(header, p.rank))
-            if payload.numel():
-                works.append(runtime.isend(payload, p.rank))
+            sending, tensors_sent = runtime.send_message([OK, p.tokens, 0, 0, 0, 0], parts, p.rank)
+            works += sending
+            keep += tensors_sent
         runtime.wait(works, what)
 
     def _fail(self, error: BaseException, what: str) -> None:
@@ -598,20 +648,8 @@ class RemoteLayer:
         runtime = self.runtime
         owner = runtime.layout.owner
         what = f"{self.label} forward on rank {runtime.layout.rank} (owner rank {owner})"
-        payload = _pack([x, ids, weights])
-        header = torch.tensor(
-            [
-                OK,
-                x.shape[0],
-                _code(x.dtype),
-                _code(ids.dtype),
-                _code(weights.dtype),
-                int(save),
-                payload.numel(),
-            ],
-            dtype=torch.int64,
-        )
-        (out,) = self._exchange(header, payload, [((x.shape[0], x.shape[1]), x.dtype)], what)
+        fields = [OK, x.shape[0], _code(x.dtype), _code(ids.dtype), _code(weights.dtype), int(save)]
+        (out,) = self._exchange(fields, [x, ids, weights], [((x.shape[0], x.shape[1]), x.dtype)], what)
         return out, (RemoteHandle(x.shape[0], x.dtype, weights.dtype) if save else None)
 
     def backward(self, handle: RemoteHandle, grad_out: torch.Tensor) -> ExpertGrads:
@@ -620,14 +658,11 @@ class RemoteLayer:
         handle.consumed = True
         runtime = self.runtime
         what = f"{self.label} backward on rank {runtime.layout.rank} (owner rank {runtime.layout.owner})"
-        payload = _pack([grad_out])
-        header = torch.tensor(
-            [OK, handle.tokens, _code(grad_out.dtype), 0, 0, 1, payload.numel()], dtype=torch.int64
-        )
+        fields = [OK, handle.tokens, _code(grad_out.dtype), 0, 0, 1]
         tokens, hidden = grad_out.shape
         gx, gw = self._exchange(
-            header,
-            payload,
+            fields,
+            [grad_out],
             [((tokens, hidden), handle.x_dtype), ((tokens, self.top_k), handle.weights_dtype)],
             what,
         )
@@ -635,23 +670,21 @@ class RemoteLayer:
 
     def _exchange(
         self,
-        header: torch.Tensor,
-        payload: torch.Tensor,
+        fields: Sequence[int],
+        parts: Sequence[torch.Tensor],
         reply_specs: Sequence[tuple[tuple[int, ...], torch.dtype]],
         what: str,
     ) -> list[torch.Tensor]:
         runtime = self.runtime
         owner = runtime.layout.owner
-        sends = [runtime.isend(header, owner)]
-        if payload.numel():
-            sends.append(runtime.isend(payload, owner))
+        sends, keep = runtime.send_message(fields, parts, owner)
         reply = torch.empty(HEADER_LEN, dtype=torch.int64)
         runtime.wait([*sends, runtime.irecv(reply, owner)], what)
+        del keep
         if int(reply[0]) != OK:
             runtime.raise_failure(what, f"the owner (rank {owner}) failed")
-        data = torch.empty(int(reply[6]), dtype=torch.uint8)
-        if data.numel():
-            runtime.wait([runtime.irecv(data, owner)], what)
+        data, receiving = runtime.receive_payload(owner, int(reply[6]))
+        runtime.wait(receiving, what)
         return [t.clone() for t in _unpack(data, reply_specs)]
 
 

@@ -51,6 +51,8 @@ def main() -> None:
     runtime = current_runtime()
     if runtime is not None:  # os._exit skips atexit: rank 0 serves the error board until all read it
         runtime.linger_after_failure()
+        if runtime.mailboxes is not None:  # what atexit does on a normal exit
+            runtime.mailboxes.close()
     # Pending gloo work of the failed exchange would block a clean teardown: leave at once.
     sys.stdout.flush()
     os._exit(0)
@@ -66,6 +68,7 @@ def host_owner_config(spec: dict[str, Any]) -> Any:
         owner_local_rank=spec.get("owner_local_rank", 0),
         distributed_timeout_s=spec["timeout_s"],
         activation_policy=spec.get("policy", "retain"),
+        exchange_transport=spec.get("transport", "shm"),
     )
 
 
@@ -119,7 +122,18 @@ def train(spec: dict[str, Any], rank: int) -> dict[str, Any]:
         "empty_experts": empty_experts.total,
         "layer_check": layer_check,
         "control_group": control_group_kind(),
+        "shm_files": shm_files(),
     }
+
+
+def shm_files() -> str | None:
+    """The glob of this run's shared-memory mailbox files (None with the gloo transport)."""
+    from kt_sft_train.distributed import current_runtime
+
+    runtime = current_runtime()
+    assert runtime is not None
+    boxes = runtime.mailboxes
+    return None if boxes is None else str(Path(boxes.directory, f"kt-sft-{boxes.run_id}-*"))
 
 
 def control_group_kind() -> str:

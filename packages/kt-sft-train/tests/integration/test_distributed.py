@@ -6,6 +6,7 @@ distributed_worker.py) and compares what they wrote with a single-process run co
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import socket
@@ -143,6 +144,10 @@ def check_train(tmp_path: Path, spec: dict[str, Any], loss_tol: float, tol: floa
         assert result["placeholders_ok"] == (not is_owner)
         if expected["norm"] is not None:
             assert abs(result["norm"] - expected["norm"]) <= tol * expected["norm"], (rank, result["norm"])
+        if "shm_files" in result:  # every mailbox file unlinked once the run ended
+            assert (result["shm_files"] is None) == (spec.get("transport", "shm") == "gloo"), rank
+            if result["shm_files"] is not None:
+                assert not glob.glob(result["shm_files"]), (rank, glob.glob(result["shm_files"]))
         if "control_group" in result:  # host tensors on gloo: the default group unless it is e.g. NCCL
             wanted = "world" if spec.get("default_backend", "gloo") == "gloo" else "own gloo group"
             assert result["control_group"] == wanted, (rank, result["control_group"])
@@ -204,6 +209,7 @@ def test_three_ranks_one_host_with_checkpointing_match_one_process(tmp_path: Pat
         pieces=[[1, 6], [2, 3], [1, 9]],
         checkpointing=True,
         owner_local_rank=1,
+        transport="gloo",  # the payloads over gloo too (shared memory is the default)
     )
     check_train(tmp_path, spec, 1e-9, F64_TOL)
 

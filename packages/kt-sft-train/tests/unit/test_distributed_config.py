@@ -9,7 +9,11 @@ from kt_sft_train.distributed import HostLayout, gloo_serves_cpu
 
 def test_host_owner_fields_from_kwargs_mapping_and_env() -> None:
     config = KTConfig(
-        distributed="host_owner", owner_local_rank=1, hosts=[[1, 0], [3, 2]], distributed_timeout_s=30
+        distributed="host_owner",
+        owner_local_rank=1,
+        hosts=[[1, 0], [3, 2]],
+        distributed_timeout_s=30,
+        exchange_transport="gloo",
     )
     assert config.hosts == ((0, 1), (2, 3)) and config.owner_local_rank == 1
     assert KTConfig.from_mapping(config.to_dict()) == config
@@ -18,6 +22,7 @@ def test_host_owner_fields_from_kwargs_mapping_and_env() -> None:
         "KT_SFT_OWNER_LOCAL_RANK": "1",
         "KT_SFT_HOSTS": "0,1;2,3",
         "KT_SFT_DISTRIBUTED_TIMEOUT_S": "30",
+        "KT_SFT_EXCHANGE_TRANSPORT": "gloo",
     }
     assert KTConfig.from_env(env) == config
 
@@ -32,6 +37,7 @@ def test_host_owner_fields_from_kwargs_mapping_and_env() -> None:
         ({"distributed": "host_owner", "owner_local_rank": -1}, "owner_local_rank"),
         ({"distributed": "host_owner", "distributed_timeout_s": 0}, "distributed_timeout_s"),
         ({"hosts": [[0, 1]]}, "only apply with distributed='host_owner'"),
+        ({"distributed": "host_owner", "exchange_transport": "nccl"}, "exchange_transport='nccl' is not"),
         ({"owner_local_rank": 1}, "only apply with distributed='host_owner'"),
     ],
 )
