@@ -782,7 +782,8 @@ def ignored_modules(model: nn.Module, ignored: Sequence[str]) -> list[nn.Module]
     modules = {name.rpartition(".")[0] for name in ignored}
     found = [model.get_submodule(name) for name in sorted(modules)]
     held = {id(p) for m in found for p in m.parameters()}
-    wanted = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name in set(ignored)}
+    names = set(ignored)
+    wanted = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name in names}
     if held != wanted:  # a module with other parameters would take them out of FSDP too
         raise RuntimeError(
             "the expert LoRA and experts placeholders do not sit in modules of their own; cannot exclude "

@@ -41,7 +41,17 @@ class _Segment:
         fd = os.open(path, flags, 0o600)
         try:
             if create:
-                os.ftruncate(fd, capacity)
+                # Reserve the pages now: a full tmpfs (Docker's default /dev/shm is 64 MiB) then fails
+                # here with a message instead of killing the process with SIGBUS at the first write.
+                try:
+                    os.posix_fallocate(fd, 0, capacity)
+                except OSError as error:
+                    path.unlink()
+                    raise RuntimeError(
+                        f"host-owner exchange: cannot reserve {capacity >> 20} MiB in {path.parent} for a "
+                        f"shared-memory mailbox ({error.strerror}); enlarge it (docker --shm-size) or use "
+                        "KTConfig(exchange_transport='gloo')"
+                    ) from None
             self.map = mmap.mmap(fd, capacity)
         finally:
             os.close(fd)
@@ -62,6 +72,11 @@ class ShmMailboxes:
         self.run_id = run_id
         self.rank = rank
         self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise RuntimeError(
+                f"host-owner exchange: no {self.directory} for shared-memory mailboxes on this machine; use "
+                "KTConfig(exchange_transport='gloo')"
+            )
         self._outboxes: dict[int, _Segment] = {}
         self._inboxes: dict[int, _Segment] = {}
         self._unclaimed: set[Path] = set()

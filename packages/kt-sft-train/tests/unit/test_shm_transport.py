@@ -51,3 +51,26 @@ def test_close_unlinks_a_segment_no_reader_claimed(tmp_path: Path) -> None:
 def test_reading_a_message_that_was_never_written_raises(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         ShmMailboxes("t", 0, tmp_path).read(1, 16)
+
+
+def test_a_missing_directory_names_the_gloo_transport(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="exchange_transport='gloo'"):
+        ShmMailboxes("t", 0, tmp_path / "absent")
+
+
+def test_a_full_tmpfs_fails_with_a_message_instead_of_sigbus() -> None:
+    """A payload larger than /dev/shm (a tmpfs rejects such a reservation up front, without filling
+    anything): a clear error at reservation instead of SIGBUS at the first write, and no file left."""
+    import os
+    import uuid
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm here")
+    stats = os.statvfs(shm)
+    run = uuid.uuid4().hex
+    writer = ShmMailboxes(run, 1, shm)
+    too_big = torch.zeros(1, dtype=torch.uint8).expand(2 * stats.f_blocks * stats.f_frsize)
+    with pytest.raises(RuntimeError, match=r"cannot reserve .* MiB.*exchange_transport='gloo'"):
+        writer.write(0, [too_big])
+    assert not list(shm.glob(f"kt-sft-{run}-*"))
