@@ -99,12 +99,13 @@ MOVES = [
 ]
 
 
+@pytest.mark.parametrize("numa_shards", [1, 2])  # 2: the shards' own caches follow the move too
 @pytest.mark.parametrize(("when", "name"), MOVES)
-def test_moved_storage_is_followed(when: str, name: str) -> None:
+def test_moved_storage_is_followed(when: str, name: str, numa_shards: int) -> None:
     results = []
     for move in (False, True):
         case = fresh_case()
-        layer = build_layer(case)
+        layer = build_layer(case, numa_shards=numa_shards)
         array = case.x if name == "x" else lora_array(case, name)
         replacement = new_values(array, seed=11)
 

@@ -15,7 +15,7 @@ void MoELayer::backward(const ForwardCache& cache, const View& grad_out, const V
 }
 
 void MoELayer::backward_validated(const ForwardCache& cache, const View& grad_out, const View& grad_x,
-                                  const View& grad_weights, const LoRAGradViews& lg) {
+                                  const View& grad_weights, const LoRAGradViews& lg, PairRows* rows) {
   Impl& L = *impl_;
   const MoEConfig& c = L.config;
   const int E = c.num_experts, H = c.hidden, I = c.intermediate, K = c.top_k;
@@ -27,7 +27,7 @@ void MoELayer::backward_validated(const ForwardCache& cache, const View& grad_ou
 
   std::lock_guard<std::mutex> lock(L.mutex);
   const prof::Scope whole(Stage::backward, prof::Kind::wall);
-  if (L.sharded) return L.sharded->backward(*cache.shards, grad_out, grad_x, grad_weights, lg);
+  if (L.sharded) return L.sharded->backward(*cache.shards, cache.x, cache.lora, grad_out, grad_x, grad_weights, lg);
   const KernelTable& kt = L.kernels();
   runtime::ThreadPool& pool = *L.pool;
   const std::lock_guard<std::mutex> ws_lock(L.shared->mutex);
@@ -87,7 +87,7 @@ void MoELayer::backward_validated(const ForwardCache& cache, const View& grad_ou
       const int h0 = static_cast<int>(t2 % db_d_blocks) * kBlock, h1 = std::min(H, h0 + kBlock);
       const std::int64_t b = r.offsets[e];
       kt.lora_grad_b(static_cast<int>(r.rows_of(e)), g_rows + b, wt + b, ad + b * rd, rd, h0, h1, lora.scale_d,
-                     expert_slice_mut(lg.db_d, e), lora_dtype, tscratch);
+                     expert_slice_mut(lg.db_d, e), lg.db_d.dtype, tscratch);
       return;
     }
     const int e = r.active[task / i_blocks];
@@ -113,13 +113,13 @@ void MoELayer::backward_validated(const ForwardCache& cache, const View& grad_ou
     const int m = static_cast<int>(r.rows_of(e));
     if (rg && lg.db_gu) {
       void* db = expert_slice_mut(lg.db_gu, e);
-      kt.lora_grad_b(m, dgu_rows + b, nullptr, ax + b * rg, rg, i0, i1, lora.scale_gu, db, lora_dtype, tscratch);
-      kt.lora_grad_b(m, dgu_rows + b, nullptr, ax + b * rg, rg, I + i0, I + i1, lora.scale_gu, db, lora_dtype,
+      kt.lora_grad_b(m, dgu_rows + b, nullptr, ax + b * rg, rg, i0, i1, lora.scale_gu, db, lg.db_gu.dtype, tscratch);
+      kt.lora_grad_b(m, dgu_rows + b, nullptr, ax + b * rg, rg, I + i0, I + i1, lora.scale_gu, db, lg.db_gu.dtype,
                      tscratch);
     }
     if (rd && lg.da_d)
       kt.lora_grad_a(m, bg + b * rd, wt + b, h_rows + b, rd, I, i0, i1, lora.scale_d, expert_slice_mut(lg.da_d, e),
-                     lora_dtype, tscratch);
+                     lg.da_d.dtype, tscratch);
   });
 
   // B3: B_gu^T dgu per pair; grad_w = sum of the <h, v> partials in block order.
@@ -156,12 +156,14 @@ void MoELayer::backward_validated(const ForwardCache& cache, const View& grad_ou
         const auto timed = part(Stage::bwd_da_gu);
         const std::int64_t b = r.offsets[e];
         kt.lora_grad_a(static_cast<int>(r.rows_of(e)), bgu + b * rg, nullptr, x_rows + b, rg, H, h0, h1,
-                       lora.scale_gu, expert_slice_mut(lg.da_gu, e), lora_dtype, scratch + thread * scratch_per_thread);
+                       lora.scale_gu, expert_slice_mut(lg.da_gu, e), lg.da_gu.dtype, scratch + thread * scratch_per_thread);
       }
     });
 
-  // B5: dx[t] = sum_j dx rows in j order, rounded once (R6); grad_w written for every slot.
-  run_tasks(pool, Stage::bwd_combine, (T + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
+  // B5: dx[t] = sum_j dx rows in j order, rounded once (R6); grad_w written for every slot. A NUMA
+  // shard leaves that to the wrapper, which sums every shard's rows (sharded_layer.cpp).
+  if (rows) *rows = PairRows{dx_rows, gw, r.row_of_slot.data(), r.weight.data()};
+  if (!rows) run_tasks(pool, Stage::bwd_combine, (T + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
     float acc[kCombineWidth];
     for (std::int64_t t = task * kTokenChunk; t < std::min(T, (task + 1) * kTokenChunk); ++t) {
       if (grad_weights)

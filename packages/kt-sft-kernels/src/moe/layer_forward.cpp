@@ -13,7 +13,7 @@ ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& we
 }
 
 ForwardCachePtr MoELayer::forward_validated(const View& x, const View& ids, const View& weights, const View& out,
-                                            const LoRAViews& lora, bool save) {
+                                            const LoRAViews& lora, bool save, PairRows* rows) {
   Impl& L = *impl_;
   const MoEConfig& c = L.config;
   const int E = c.num_experts, H = c.hidden, I = c.intermediate, K = c.top_k;
@@ -138,6 +138,10 @@ ForwardCachePtr MoELayer::forward_validated(const View& x, const View& ids, cons
     });
   });
 
+  if (rows) {  // a NUMA shard: the wrapper sums every shard's y rows into out (sharded_layer.cpp)
+    *rows = PairRows{y, nullptr, r.row_of_slot.data(), r.weight.data()};
+    return cache;
+  }
   // F5: out[t] = sum_j w[t, j] y[t, j] in j order (fp32), rounded once (R3).
   run_tasks(pool, Stage::combine, (T + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
     float acc[kCombineWidth];

@@ -25,21 +25,23 @@
 #include <unistd.h>
 
 #include "buffer.hpp"
+#include "forward_cache.hpp"
 #include "kt/core/bf16.hpp"
+#include "kt/moe/validate.hpp"
 #include "kt/runtime/numa_memory.hpp"
+#include "kt/runtime/profiler.hpp"
 #include "kt/runtime/serial_executor.hpp"
 #include "kt/runtime/thread_pool.hpp"
 #include "kt/runtime/topology.hpp"
 
 namespace kt::moe {
 
+namespace prof = runtime::profiler;
+
 namespace {
 
-constexpr std::int64_t kTokenChunk = 16;  // tokens per reduction task
-
-inline float load_value(const void* base, DType dtype, std::int64_t i) {
-  return dtype == DType::bf16 ? bf16_to_f32(static_cast<const bf16*>(base)[i]) : static_cast<const float*>(base)[i];
-}
+constexpr std::int64_t kTokenChunk = 16;  // tokens per combine task
+constexpr int kCombineWidth = 512;         // columns summed per pass (as the layer's combine)
 
 inline void store_value(void* base, DType dtype, std::int64_t i, float value) {
   if (dtype == DType::bf16) static_cast<bf16*>(base)[i] = f32_to_bf16(value);
@@ -59,20 +61,32 @@ View f32_view(float* data, std::int64_t d0, std::int64_t d1, std::int64_t d2 = -
 
 // b.ensure(n), and when that allocated fresh memory, a preference for `node` (raw mbind): the
 // shard's pinned threads touch it first anyway; this keeps it local where pinning was refused.
-float* node_local(Buffer<float>& b, std::int64_t n, int node) {
+template <class T>
+T* node_local(Buffer<T>& b, std::int64_t n, int node) {
   const std::size_t count = static_cast<std::size_t>(std::max<std::int64_t>(n, 1));
   const bool grows = count > b.capacity();
-  float* data = b.ensure(count);
-  if (grows) runtime::prefer_node(data, count * sizeof(float), node);
+  T* data = b.ensure(count);
+  if (grows) runtime::prefer_node(data, count * sizeof(T), node);
   return data;
 }
 
-// The fp32 LoRA a shard runs with: its slices of B_gu (rows) and A_d (columns), and A_gu / B_d
-// themselves (the caller's arrays when fp32, exact fp32 copies when bf16).
+View like(const View& of, void* data, std::int64_t d0, std::int64_t d1, std::int64_t d2) {
+  View v = of;
+  v.data = data;
+  v.shape[0] = d0;
+  v.shape[1] = d1;
+  v.shape[2] = d2;
+  return v;
+}
+
+// The LoRA a shard runs with, in the caller's dtype: copies of its slices of B_gu (rows) and A_d
+// (columns); A_gu and B_d are the caller's arrays (every shard reads all of them). The shards'
+// LoRA gradients are fp32 partials whatever the LoRA dtype (the layer writes each gradient in its
+// own array's dtype), so a bf16 LoRA needs no fp32 copies.
 struct LoRASlice {
-  Buffer<float> a_gu, b_gu, a_d, b_d;
+  Buffer<std::byte> b_gu, a_d;
   LoRAViews views;
-  std::size_t bytes() const { return (a_gu.capacity() + b_gu.capacity() + a_d.capacity() + b_d.capacity()) * 4; }
+  std::size_t bytes() const { return b_gu.capacity() + a_d.capacity(); }
 };
 
 // Spare LoRA slices of one shard: a finished call gives its slices back, so the next call reuses
@@ -118,13 +132,12 @@ struct ShardedCache {
 // of workspace per layer and shard.
 struct ShardRuntime {
   std::unique_ptr<runtime::ThreadPool> pool;
-  Buffer<float> out, gx, gw, da_gu, db_gu, da_d, db_d;  // fp32 partials of the call in progress
+  Buffer<float> da_gu, db_gu, da_d, db_d;  // fp32 LoRA gradient partials of the call in progress
   std::shared_ptr<SlicePool> slices = std::make_shared<SlicePool>();
   runtime::SerialExecutor driver;  // declared last: drained and joined before the pool goes
 
   std::size_t buffer_bytes() const {
-    return (out.capacity() + gx.capacity() + gw.capacity() + da_gu.capacity() + db_gu.capacity() + da_d.capacity() +
-            db_d.capacity()) * sizeof(float);
+    return (da_gu.capacity() + db_gu.capacity() + da_d.capacity() + db_d.capacity()) * sizeof(float);
   }
 };
 
@@ -192,13 +205,18 @@ struct ShardedLayer::Impl {
         jobs.push_back(shard->rt->driver.submit([&, s = shard.get()] {
           std::exception_ptr mine;
           try {
+            const prof::Scope timed(prof::Stage::shard_round1, prof::Kind::wall);
             first(*s);
           } catch (...) {
             mine = std::current_exception();
             failed.store(true);
           }
           if (then) {
-            meet.arrive_and_wait();
+            {
+              const prof::Scope timed(prof::Stage::shard_barrier, prof::Kind::wall);
+              meet.arrive_and_wait();
+            }
+            const prof::Scope timed(prof::Stage::shard_round2, prof::Kind::wall);
             if (!mine && !failed.load()) then(*s);
           }
           if (mine) std::rethrow_exception(mine);
@@ -260,48 +278,74 @@ void ShardedLayer::load_weights(const View* gate_up, const View* gate, const Vie
 }
 
 std::unique_ptr<LoRASlice> ShardedLayer::Impl::slice_lora(const ShardState& s, const LoRAViews& lora) const {
+  const prof::Scope timed(prof::Stage::shard_lora_slice, prof::Kind::wall);
   std::unique_ptr<LoRASlice> out = s.rt->slices->take();
   LoRAViews& v = out->views;
-  v = LoRAViews{};
-  v.scale_gu = lora.scale_gu;
-  v.scale_d = lora.scale_d;
-  v.version = lora.version;
-  const std::int64_t E = config.num_experts, H = config.hidden, I = config.intermediate, w = s.width();
-  const auto rank = [](const View& a) { return a ? a.shape[1] : std::int64_t{0}; };
-  const std::int64_t rg = rank(lora.a_gu), rd = rank(lora.a_d);
-  const bool convert = (rg ? lora.a_gu.dtype : lora.a_d.dtype) == DType::bf16;
-  const int node = s.node();
-  float* a_gu = nullptr;
-  float* b_d = nullptr;
-  float* b_gu = rg ? node_local(out->b_gu, E * 2 * w * rg, node) : nullptr;
-  float* a_d = rd ? node_local(out->a_d, E * rd * w, node) : nullptr;
-  if (rg) v.a_gu = convert ? f32_view(a_gu = node_local(out->a_gu, E * rg * H, node), E, rg, H) : lora.a_gu;
-  if (rg) v.b_gu = f32_view(b_gu, E, 2 * w, rg);
-  if (rd) v.a_d = f32_view(a_d, E, rd, w);
-  if (rd) v.b_d = convert ? f32_view(b_d = node_local(out->b_d, E * H * rd, node), E, H, rd) : lora.b_d;
-  // Per expert, on the shard's own threads (first touch puts the slices on its node).
+  v = lora;  // scales, version, A_gu and B_d as given
+  const std::int64_t E = config.num_experts, I = config.intermediate, w = s.width();
+  const std::int64_t rg = lora.a_gu ? lora.a_gu.shape[1] : 0, rd = lora.a_d ? lora.a_d.shape[1] : 0;
+  const std::size_t size = dtype_bytes(rg ? lora.a_gu.dtype : lora.a_d.dtype);
+  std::byte* b_gu = rg ? node_local(out->b_gu, E * 2 * w * rg * size, s.node()) : nullptr;
+  std::byte* a_d = rd ? node_local(out->a_d, E * rd * w * size, s.node()) : nullptr;
+  if (rg) v.b_gu = like(lora.b_gu, b_gu, E, 2 * w, rg);
+  if (rd) v.a_d = like(lora.a_d, a_d, E, rd, w);
+  // Per expert, on the shard's own threads (first touch puts the slices on its node). Gate rows
+  // S_s then up rows I + S_s of B_gu (contiguous runs of w * rg), columns S_s of A_d.
+  const auto* src_b_gu = static_cast<const std::byte*>(lora.b_gu.data);
+  const auto* src_a_d = static_cast<const std::byte*>(lora.a_d.data);
   s.pool().parallel_for(E, [&](std::int64_t e, int) {
-    if (rg) {
-      const DType dt = lora.b_gu.dtype;
-      for (std::int64_t i = 0; i < 2 * w; ++i) {
-        const std::int64_t row = i < w ? s.i0 + i : I + s.i0 + (i - w);
-        for (std::int64_t q = 0; q < rg; ++q)
-          b_gu[(e * 2 * w + i) * rg + q] = load_value(lora.b_gu.data, dt, (e * 2 * I + row) * rg + q);
-      }
-      if (a_gu)
-        for (std::int64_t i = 0; i < rg * H; ++i) a_gu[e * rg * H + i] = load_value(lora.a_gu.data, dt, e * rg * H + i);
-    }
-    if (rd) {
-      const DType dt = lora.a_d.dtype;
+    if (rg)
+      for (const std::int64_t first : {std::int64_t{s.i0}, I + s.i0})
+        std::memcpy(b_gu + ((e * 2 * w) + (first == s.i0 ? 0 : w)) * rg * size,
+                    src_b_gu + (e * 2 * I + first) * rg * size, static_cast<std::size_t>(w * rg) * size);
+    if (rd)
       for (std::int64_t q = 0; q < rd; ++q)
-        for (std::int64_t j = 0; j < w; ++j)
-          a_d[(e * rd + q) * w + j] = load_value(lora.a_d.data, dt, (e * rd + q) * I + s.i0 + j);
-      if (b_d)
-        for (std::int64_t i = 0; i < H * rd; ++i) b_d[e * H * rd + i] = load_value(lora.b_d.data, dt, e * H * rd + i);
-    }
+        std::memcpy(a_d + (e * rd + q) * w * size, src_a_d + ((e * rd + q) * I + s.i0) * size,
+                    static_cast<std::size_t>(w) * size);
   });
   return out;
 }
+
+namespace {
+
+// Sums the shards' fp32 rows of one pair into `sum` (width floats from column c0), in shard order.
+inline void sum_shards(const std::vector<PairRows>& rows, std::int64_t row, std::int64_t H, int c0, int width,
+                       float* sum) {
+  const float* first = rows[0].rows + row * H + c0;
+  std::copy(first, first + width, sum);
+  for (std::size_t s = 1; s < rows.size(); ++s) {
+    const float* more = rows[s].rows + row * H + c0;
+    for (int i = 0; i < width; ++i) sum[i] += more[i];
+  }
+}
+
+// The combine phase of all shards at once, for tokens [t0, t1): dst[t] = Σ_j w_j Σ_s rows_s[pair of
+// (t, j)] (w_j = 1 when !weighted) in fp32, j then shard order, rounded once. Every shard routed the
+// same ids, so shard 0's routing names the pair of every slot.
+void combine_shards(const std::vector<PairRows>& rows, bool weighted, std::int64_t t0, std::int64_t t1,
+                    std::int64_t H, int K, const View& dst, runtime::ThreadPool& pool, prof::Stage stage) {
+  const prof::Scope wall(stage, prof::Kind::wall);
+  pool.parallel_for((t1 - t0 + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
+    const prof::Scope busy(stage, prof::Kind::busy);
+    float acc[kCombineWidth], sum[kCombineWidth];
+    const PairRows& r = rows[0];
+    for (std::int64_t t = t0 + task * kTokenChunk; t < std::min(t1, t0 + (task + 1) * kTokenChunk); ++t)
+      for (int c0 = 0; c0 < H; c0 += kCombineWidth) {
+        const int width = static_cast<int>(std::min<std::int64_t>(kCombineWidth, H - c0));
+        std::fill(acc, acc + width, 0.f);
+        for (int j = 0; j < K; ++j) {
+          const std::int64_t row = r.row_of_slot[t * K + j];
+          if (row < 0) continue;
+          sum_shards(rows, row, H, c0, width, sum);
+          const float wj = weighted ? r.weight[row] : 1.f;
+          for (int i = 0; i < width; ++i) acc[i] += wj * sum[i];
+        }
+        for (int i = 0; i < width; ++i) store_value(dst.data, dst.dtype, t * H + c0 + i, acc[i]);
+      }
+  });
+}
+
+}  // namespace
 
 std::shared_ptr<ShardedCache> ShardedLayer::forward(const View& x, const View& ids, const View& weights,
                                                     const View& out, const LoRAViews& lora, bool save) {
@@ -313,59 +357,69 @@ std::shared_ptr<ShardedCache> ShardedLayer::forward(const View& x, const View& i
   cache->lora.resize(static_cast<std::size_t>(n));
   for (const auto& shard : L.shards) cache->slice_pools.push_back(shard->rt->slices);
   const bool has_lora = lora.has_gate_up() || lora.has_down();
+  std::vector<PairRows> rows(static_cast<std::size_t>(n));
 
-  // Round 1: each shard's slice, into its fp32 partial output.
+  // Round 1: each shard's slice up to its per-pair y rows (its pool's workspace).
   L.on_shards([&](ShardState& s) {
     const auto k = static_cast<std::size_t>(s.index);
     if (has_lora) cache->lora[k] = L.slice_lora(s, lora);
     const LoRAViews inner_lora = has_lora ? cache->lora[k]->views : LoRAViews{};
-    float* partial = node_local(s.rt->out, T * H, s.node());
-    cache->caches[k] = s.layer->forward(x, ids, weights, f32_view(partial, T, H), inner_lora, save);
+    cache->caches[k] = s.layer->forward_validated(x, ids, weights, out, inner_lora, save, &rows[k]);
   },
-  // Round 2: out[t] = Σ_s partial_s[t], shard s reducing its share of the tokens.
+  // Round 2: the combine of all shards, shard s doing its share of the tokens.
   [&](ShardState& s) {
-    const std::int64_t t0 = T * s.index / n, t1 = T * (s.index + 1) / n;
-    s.pool().parallel_for((t1 - t0 + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
-      const std::int64_t a = (t0 + task * kTokenChunk) * H, b = std::min(t1, t0 + (task + 1) * kTokenChunk) * H;
-      for (std::int64_t i = a; i < b; ++i) {
-        float sum = 0.f;
-        for (const auto& other : L.shards) sum += other->rt->out.data()[i];
-        store_value(out.data, out.dtype, i, sum);
-      }
-    });
+    combine_shards(rows, true, T * s.index / n, T * (s.index + 1) / n, H, L.config.top_k, out, s.pool(),
+                   prof::Stage::combine);
   });
   if (!save) return nullptr;
   return cache;
 }
 
-void ShardedLayer::backward(const ShardedCache& cache, const View& grad_out, const View& grad_x,
-                            const View& grad_weights, const LoRAGradViews& lg) {
+void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRAViews& lora, const View& grad_out,
+                            const View& grad_x, const View& grad_weights, const LoRAGradViews& lg) {
   Impl& L = *impl_;
   const MoEConfig& c = L.config;
-  const std::int64_t T = grad_out.shape[0], H = c.hidden, K = c.top_k, E = c.num_experts, I = c.intermediate;
+  const std::int64_t T = grad_out.shape[0], H = c.hidden, E = c.num_experts, I = c.intermediate;
+  const int K = c.top_k;
   const auto n = static_cast<int>(L.shards.size());
   const std::int64_t rg = lg.da_gu ? lg.da_gu.shape[1] : lg.db_gu ? lg.db_gu.shape[2] : 0;
   const std::int64_t rd = lg.da_d ? lg.da_d.shape[1] : lg.db_d ? lg.db_d.shape[2] : 0;
+  std::vector<PairRows> rows(static_cast<std::size_t>(n));
 
-  // Round 1: each shard's backward into fp32 partials (its slice's LoRA gradients included).
+  // Round 1: each shard's backward up to its per-pair dx rows and <h, v> sums (its pool's
+  // workspace), its LoRA gradients into fp32 partials.
   L.on_shards([&](ShardState& s) {
     const std::int64_t w = s.width();
-    View gx, gw;
-    if (grad_x) gx = f32_view(node_local(s.rt->gx, T * H, s.node()), T, H);
-    if (grad_weights) gw = f32_view(node_local(s.rt->gw, T * K, s.node()), T, K);
+    ForwardCache& inner_cache = *cache.caches[static_cast<std::size_t>(s.index)];
+    // Where x and A_gu / B_d live now (the caller may have moved them since the forward: the outer
+    // cache was re-pointed, these are the same arrays).
+    inner_cache.x = x;
+    inner_cache.lora.a_gu = lora.a_gu;
+    inner_cache.lora.b_d = lora.b_d;
     LoRAGradViews inner;
     if (lg.da_gu) inner.da_gu = f32_view(node_local(s.rt->da_gu, E * rg * H, s.node()), E, rg, H);
     if (lg.db_gu) inner.db_gu = f32_view(node_local(s.rt->db_gu, E * 2 * w * rg, s.node()), E, 2 * w, rg);
     if (lg.da_d) inner.da_d = f32_view(node_local(s.rt->da_d, E * rd * w, s.node()), E, rd, w);
     if (lg.db_d) inner.db_d = f32_view(node_local(s.rt->db_d, E * H * rd, s.node()), E, H, rd);
-    s.layer->backward(*cache.caches[static_cast<std::size_t>(s.index)], grad_out, gx, gw, inner);
+    s.layer->backward_validated(inner_cache, grad_out, grad_x, grad_weights, inner, &rows[static_cast<std::size_t>(s.index)]);
   },
-  // Round 2: sums over shards (tokens and experts split between the shards), and each shard's own
-  // dB_gu rows / dA_d columns. Tasks: token chunks, then this shard's experts, then all experts.
+  // Round 2: dx and grad_w of shard s's share of the tokens (the combine of all shards); then the
+  // LoRA sums over shards (experts split between the shards) and each shard's own dB_gu rows /
+  // dA_d columns. Tasks: this shard's experts, then all experts.
   [&](ShardState& s) {
     const std::int64_t t0 = T * s.index / n, t1 = T * (s.index + 1) / n;
+    if (grad_x) combine_shards(rows, false, t0, t1, H, K, grad_x, s.pool(), prof::Stage::bwd_combine);
+    if (grad_weights)
+      for (std::int64_t t = t0; t < t1; ++t)
+        for (int j = 0; j < K; ++j) {
+          const std::int64_t row = rows[0].row_of_slot[t * K + j];
+          float sum = 0.f;
+          if (row >= 0)
+            for (const PairRows& part : rows) sum += part.grad_w[row];
+          store_value(grad_weights.data, grad_weights.dtype, t * K + j, sum);
+        }
     const std::int64_t e0 = E * s.index / n, e1 = E * (s.index + 1) / n;
-    const std::int64_t token_tasks = (t1 - t0 + kTokenChunk - 1) / kTokenChunk, sum_tasks = e1 - e0;
+    const std::int64_t sum_tasks = e1 - e0;
     const std::int64_t w = s.width();
     const auto sum_into = [&](const View& dst, Buffer<float> ShardRuntime::*part, std::int64_t a, std::int64_t b) {
       for (std::int64_t i = a; i < b; ++i) {
@@ -374,20 +428,15 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& grad_out, con
         store_value(dst.data, dst.dtype, i, sum);
       }
     };
-    s.pool().parallel_for(token_tasks + sum_tasks + E, [&](std::int64_t task, int) {
-      if (task < token_tasks) {
-        const std::int64_t a = t0 + task * kTokenChunk, b = std::min(t1, a + kTokenChunk);
-        if (grad_x) sum_into(grad_x, &ShardRuntime::gx, a * H, b * H);
-        if (grad_weights) sum_into(grad_weights, &ShardRuntime::gw, a * K, b * K);
-        return;
-      }
-      if (task < token_tasks + sum_tasks) {
-        const std::int64_t e = e0 + task - token_tasks;
+    if (!(lg.da_gu || lg.db_gu || lg.da_d || lg.db_d)) return;
+    s.pool().parallel_for(sum_tasks + E, [&](std::int64_t task, int) {
+      if (task < sum_tasks) {
+        const std::int64_t e = e0 + task;
         if (lg.da_gu) sum_into(lg.da_gu, &ShardRuntime::da_gu, e * rg * H, (e + 1) * rg * H);
         if (lg.db_d) sum_into(lg.db_d, &ShardRuntime::db_d, e * H * rd, (e + 1) * H * rd);
         return;
       }
-      const std::int64_t e = task - token_tasks - sum_tasks;
+      const std::int64_t e = task - sum_tasks;
       if (lg.db_gu) {
         const float* src = s.rt->db_gu.data();
         for (std::int64_t i = 0; i < 2 * w; ++i) {
@@ -405,6 +454,7 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& grad_out, con
     });
   });
 }
+
 
 std::vector<MemoryReport> ShardedLayer::memory_reports() {
   std::vector<MemoryReport> out;

@@ -33,8 +33,9 @@ class ShardedLayer {
   // Returns the shards' caches when save is true, nullptr otherwise.
   std::shared_ptr<ShardedCache> forward(const View& x, const View& ids, const View& weights, const View& out,
                                         const LoRAViews& lora, bool save);
-  void backward(const ShardedCache& cache, const View& grad_out, const View& grad_x, const View& grad_weights,
-                const LoRAGradViews& lora_grads);
+  // x and lora: where the forward's x and LoRA arrays are now (the outer cache's views).
+  void backward(const ShardedCache& cache, const View& x, const LoRAViews& lora, const View& grad_out,
+                const View& grad_x, const View& grad_weights, const LoRAGradViews& lora_grads);
   std::vector<ShardInfo> report() const;
   std::vector<MemoryReport> memory_reports();  // each shard's MoELayer::memory_report()
   // Activation-cache bytes a forward(save=true) left in its shards (LoRA slices included).

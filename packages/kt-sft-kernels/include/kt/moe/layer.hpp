@@ -68,6 +68,16 @@ LayerSizes layer_sizes(const MoEConfig& config);
 // Activation-cache bytes a forward(save=true) keeps per routed pair (gu bf16, A_gu x and A_d h fp32).
 std::size_t cache_bytes_per_pair(const MoEConfig& config, int rank_gu, int rank_d);
 
+// For the NUMA shard wrapper (src/moe/sharded_layer.cpp): what a forward / backward leaves when it
+// stops before its combine phase, so the shards' rows are summed in one pass straight into the
+// caller's arrays. The rows live in the pool's workspace and stay valid until its next call.
+struct PairRows {
+  const float* rows = nullptr;                // [P, H] fp32: y (forward) or dx rows (backward)
+  const float* grad_w = nullptr;              // [P] <h, v> per pair (backward)
+  const std::int64_t* row_of_slot = nullptr;  // [T * k]: the pair of slot t*k + j, or -1
+  const float* weight = nullptr;              // [P] routing weight of each pair
+};
+
 class MoELayer {
  public:
   MoELayer(const MoEConfig& config, runtime::ThreadPool& pool);
@@ -110,10 +120,12 @@ class MoELayer {
 
   // forward()/backward() without the argument checks, for callers that ran validate_forward /
   // validate_backward themselves (calls.cpp: checks in the submitting thread, work on the executor).
+  // rows != null (the shard wrapper): stop before the combine phase and say where the rows are;
+  // out / grad_x / grad_weights are then not written.
   ForwardCachePtr forward_validated(const View& x, const View& ids, const View& weights, const View& out,
-                                    const LoRAViews& lora, bool save);
+                                    const LoRAViews& lora, bool save, PairRows* rows = nullptr);
   void backward_validated(const ForwardCache& cache, const View& grad_out, const View& grad_x,
-                          const View& grad_weights, const LoRAGradViews& lora_grads);
+                          const View& grad_weights, const LoRAGradViews& lora_grads, PairRows* rows = nullptr);
 
  private:
   struct Impl;

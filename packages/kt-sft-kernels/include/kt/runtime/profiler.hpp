@@ -16,7 +16,9 @@ namespace kt::runtime::profiler {
 // calling thread (wall time) and per task on the thread that runs it (busy time), under one name.
 // Some stages only time a part of another phase's tasks (busy time, nested): lora_b and act inside
 // gate_up, lora_b inside down, bwd_act, bwd_db_d and bwd_lora_grads_gu_d inside bwd_down, bwd_da_gu
-// inside bwd_gate_up. forward and backward are whole calls.
+// inside bwd_gate_up. shard_*: a NUMA shard's driver (numa_shards > 1, wall time per shard and call):
+// its LoRA slicing, its round 1 (the shard's layer call), the wait for the other shards, round 2
+// (the cross-shard reduction). forward and backward are whole calls.
 #define KT_SFT_PROFILE_STAGES(X) \
   X(route)                       \
   X(convert)                     \
@@ -37,6 +39,10 @@ namespace kt::runtime::profiler {
   X(bwd_gate_up)                 \
   X(bwd_da_gu)                   \
   X(bwd_combine)                 \
+  X(shard_lora_slice)            \
+  X(shard_round1)                \
+  X(shard_barrier)               \
+  X(shard_round2)                \
   X(forward)                     \
   X(backward)
 
