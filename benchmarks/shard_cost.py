@@ -1,6 +1,8 @@
 """The cost of NUMA shards on one node (issue 13, ADR 0701 "One-node cost"), in one process.
 
-Variants of one random problem, timed interleaved round-robin (medians of fwd and fwd+bwd):
+Variants of one random problem, timed interleaved round-robin (medians of the wall time of fwd and
+fwd+bwd, and of the process's CPU time for fwd+bwd: the work done, which on a shared box is steadier
+than wall time; it includes the pool's brief spin-waits):
   1 shard x all threads   (the plain layer on ThreadPool(threads))
   N shards                (numa_shards=N on this machine's shard layout: threads split between shards)
   1 shard x 1 thread and one shard's slice alone on 1 thread (--alone: what each shard's layer costs)
@@ -77,15 +79,18 @@ class Variant:
         self.grads = kk.LoRAGrads(arrays["a_gu"], arrays["b_gu"], arrays["a_d"], arrays["b_d"])
         self.fwd: list[float] = []
         self.step: list[float] = []
+        self.cpu: list[float] = []
 
-    def run(self) -> tuple[float, float]:
+    def run(self) -> tuple[float, float, float]:
+        """Wall ms of the forward and of forward + backward, and the process's CPU ms for both."""
         c = self.case
+        cpu0 = time.process_time()
         t0 = time.perf_counter()
         handle = self.layer.forward(c.x, c.ids, c.weights, self.out, lora=self.lora, save=True)
         t1 = time.perf_counter()
         self.layer.backward(handle, c.grad_out, self.grad_x, self.grad_w, lora_grads=self.grads)
         t2 = time.perf_counter()
-        return 1e3 * (t1 - t0), 1e3 * (t2 - t0)
+        return 1e3 * (t1 - t0), 1e3 * (t2 - t0), 1e3 * (time.process_time() - cpu0)
 
 
 def profile(v: Variant) -> dict[str, Any]:
@@ -140,17 +145,21 @@ def main() -> None:
             v.run()  # warm-up: workspaces, caches, spare LoRA slices
         for _ in range(args.repeats):
             for v in variants:
-                f, s = v.run()
+                f, s, cpu = v.run()
                 v.fwd.append(f)
                 v.step.append(s)
+                v.cpu.append(cpu)
         base = variants[0]
         print(
             f"T={tokens} E={args.experts} H={args.hidden} I={args.intermediate} k={args.top_k} r={args.rank}"
         )
         for v in variants:
-            f, s = statistics.median(v.fwd), statistics.median(v.step)
-            bf, bs = statistics.median(base.fwd), statistics.median(base.step)
-            print(f"  {v.name:<24} fwd {f:8.2f} ms ({f / bf:5.3f})   fwd+bwd {s:8.2f} ms ({s / bs:5.3f})")
+            f, s, cpu = (statistics.median(a) for a in (v.fwd, v.step, v.cpu))
+            bf, bs, bcpu = (statistics.median(a) for a in (base.fwd, base.step, base.cpu))
+            print(
+                f"  {v.name:<24} fwd {f:8.2f} ms ({f / bf:5.3f})   fwd+bwd {s:8.2f} ms ({s / bs:5.3f})"
+                f"   cpu {cpu:8.1f} ms ({cpu / bcpu:5.3f})"
+            )
         if args.no_profile:
             continue
         print_profile(variants, args.repeats)

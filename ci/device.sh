@@ -12,6 +12,8 @@
 #   layer       one Qwen3-30B-A3B MoE layer fwd+bwd at avx512_bf16 and amx (ci/device/layer_timing.py)
 #   microbench  benchmarks/cpp/gemm_microbench (per-call GEMM rates, avx512 tier)
 #   bench       benchmarks/bench_moe.py: our tiers vs PyTorch vs kt-kernel 0.7.2, Qwen3-30B-A3B T=512,4096
+#   numa-cost   issue 13: 2 vs 1 NUMA shards on this one node, Qwen3-30B-A3B T=512,4096 amx: bench_moe.py
+#               --numa-shards 1,2, then benchmarks/shard_cost.py (one process, interleaved, + stage profile)
 #   bench-quant       bench_moe.py, quantized bases (issue 11): ours amx bf16/int8/int4 vs kt-kernel bf16/int8/int4,
 #               Qwen3-30B-A3B T=512,4096
 #   bench-quant-dsv3  the same at DeepSeek-V3 T=4096
@@ -213,6 +215,13 @@ while [ $# -gt 0 ]; do
     bench) ensure_built && step bench 300 "$PYTHON" benchmarks/bench_moe.py --shape qwen3-30b --tokens 512,4096 \
         --repeats 3 --max-seconds 20 --out "$work/bench"
       cat "$work/bench/results.md" >>"$summary" 2>/dev/null ;;
+    numa-cost) ensure_built && step numa-bench 300 "$PYTHON" benchmarks/bench_moe.py --shape qwen3-30b \
+        --tokens 512,4096 --backends ours --tiers amx --numa-shards 1,2 --repeats 3 --max-seconds 12 \
+        --out "$work/numa-bench"
+      cat "$work/numa-bench/results.md" >>"$summary" 2>/dev/null
+      KT_SFT_MAX_ISA=amx step numa-cost 400 "$PYTHON" benchmarks/shard_cost.py --experts 128 --tokens 512,4096 \
+        --repeats 7
+      grep -E "T=|shard" "$work/numa-cost.log" >>"$summary" ;;
     bench-quant) ensure_built && step bench-quant 560 "$PYTHON" benchmarks/bench_moe.py --shape qwen3-30b \
         --tokens 512,4096 --backends ours,kt,kt-int8,kt-int4 --tiers amx --weight-dtype bf16,int8,int4 \
         --group-size 128 --kt-threads 15 --repeats 3 --max-seconds 15 --out "$work/bench-quant"

@@ -162,7 +162,7 @@ void MoELayer::backward_validated(const ForwardCache& cache, const View& grad_ou
 
   // B5: dx[t] = sum_j dx rows in j order, rounded once (R6); grad_w written for every slot. A NUMA
   // shard leaves that to the wrapper, which sums every shard's rows (sharded_layer.cpp).
-  if (rows) *rows = PairRows{dx_rows, gw, r.row_of_slot.data(), r.weight.data()};
+  if (rows) *rows = PairRows{dx_rows, gw, r.row_of_slot.data(), r.weight.data(), bgu};
   if (!rows) run_tasks(pool, Stage::bwd_combine, (T + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
     float acc[kCombineWidth];
     for (std::int64_t t = task * kTokenChunk; t < std::min(T, (task + 1) * kTokenChunk); ++t) {

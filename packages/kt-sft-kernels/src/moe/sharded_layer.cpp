@@ -132,12 +132,13 @@ struct ShardedCache {
 // of workspace per layer and shard.
 struct ShardRuntime {
   std::unique_ptr<runtime::ThreadPool> pool;
-  Buffer<float> da_gu, db_gu, da_d, db_d;  // fp32 LoRA gradient partials of the call in progress
+  Buffer<float> db_gu, da_d;  // fp32 dB_gu rows / dA_d columns of the shard's slice (call in progress)
+  Buffer<float> ad, bgu;      // A_d h and B_gu^T dgu summed over shards, for this shard's experts' pairs
   std::shared_ptr<SlicePool> slices = std::make_shared<SlicePool>();
   runtime::SerialExecutor driver;  // declared last: drained and joined before the pool goes
 
   std::size_t buffer_bytes() const {
-    return (da_gu.capacity() + db_gu.capacity() + da_d.capacity() + db_d.capacity()) * sizeof(float);
+    return (db_gu.capacity() + da_d.capacity() + ad.capacity() + bgu.capacity()) * sizeof(float);
   }
 };
 
@@ -386,8 +387,9 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
   const std::int64_t rd = lg.da_d ? lg.da_d.shape[1] : lg.db_d ? lg.db_d.shape[2] : 0;
   std::vector<PairRows> rows(static_cast<std::size_t>(n));
 
-  // Round 1: each shard's backward up to its per-pair dx rows and <h, v> sums (its pool's
-  // workspace), its LoRA gradients into fp32 partials.
+  // Round 1: each shard's backward up to its per-pair dx rows, <h, v> sums and B_gu^T dgu (its
+  // pool's workspace), and its slice's dB_gu rows / dA_d columns (fp32). dA_gu and dB_d wait for
+  // the sums over shards (round 2).
   L.on_shards([&](ShardState& s) {
     const std::int64_t w = s.width();
     ForwardCache& inner_cache = *cache.caches[static_cast<std::size_t>(s.index)];
@@ -397,15 +399,13 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
     inner_cache.lora.a_gu = lora.a_gu;
     inner_cache.lora.b_d = lora.b_d;
     LoRAGradViews inner;
-    if (lg.da_gu) inner.da_gu = f32_view(node_local(s.rt->da_gu, E * rg * H, s.node()), E, rg, H);
     if (lg.db_gu) inner.db_gu = f32_view(node_local(s.rt->db_gu, E * 2 * w * rg, s.node()), E, 2 * w, rg);
     if (lg.da_d) inner.da_d = f32_view(node_local(s.rt->da_d, E * rd * w, s.node()), E, rd, w);
-    if (lg.db_d) inner.db_d = f32_view(node_local(s.rt->db_d, E * H * rd, s.node()), E, H, rd);
     s.layer->backward_validated(inner_cache, grad_out, grad_x, grad_weights, inner, &rows[static_cast<std::size_t>(s.index)]);
   },
-  // Round 2: dx and grad_w of shard s's share of the tokens (the combine of all shards); then the
-  // LoRA sums over shards (experts split between the shards) and each shard's own dB_gu rows /
-  // dA_d columns. Tasks: this shard's experts, then all experts.
+  // Round 2: dx and grad_w of shard s's share of the tokens (the combine of all shards); dA_gu and
+  // dB_d of its share of the experts from A_d h and B_gu^T dgu summed over shards; its own dB_gu
+  // rows / dA_d columns.
   [&](ShardState& s) {
     const std::int64_t t0 = T * s.index / n, t1 = T * (s.index + 1) / n;
     if (grad_x) combine_shards(rows, false, t0, t1, H, K, grad_x, s.pool(), prof::Stage::bwd_combine);
@@ -418,25 +418,32 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
             for (const PairRows& part : rows) sum += part.grad_w[row];
           store_value(grad_weights.data, grad_weights.dtype, t * K + j, sum);
         }
-    const std::int64_t e0 = E * s.index / n, e1 = E * (s.index + 1) / n;
-    const std::int64_t sum_tasks = e1 - e0;
+    const int e0 = static_cast<int>(E * s.index / n), e1 = static_cast<int>(E * (s.index + 1) / n);
     const std::int64_t w = s.width();
-    const auto sum_into = [&](const View& dst, Buffer<float> ShardRuntime::*part, std::int64_t a, std::int64_t b) {
-      for (std::int64_t i = a; i < b; ++i) {
+    if (lg.da_gu || lg.db_d) {
+      // Pair sums in shard order for the pairs of experts [e0, e1) (contiguous sorted rows).
+      const std::vector<std::int64_t>& offsets = cache.caches[0]->routing.offsets;
+      const std::int64_t p0 = offsets[static_cast<std::size_t>(e0)], p1 = offsets[static_cast<std::size_t>(e1)];
+      const std::int64_t P = offsets.back();
+      float* ad = lg.db_d ? node_local(s.rt->ad, P * rd, s.node()) : nullptr;
+      float* bgu = lg.da_gu ? node_local(s.rt->bgu, P * rg, s.node()) : nullptr;
+      for (std::int64_t i = p0 * rd; ad && i < p1 * rd; ++i) {
         float sum = 0.f;
-        for (const auto& other : L.shards) sum += ((*other->rt).*part).data()[i];
-        store_value(dst.data, dst.dtype, i, sum);
+        for (const ForwardCachePtr& part : cache.caches) sum += part->ad.data()[i];
+        ad[i] = sum;
       }
-    };
-    if (!(lg.da_gu || lg.db_gu || lg.da_d || lg.db_d)) return;
-    s.pool().parallel_for(sum_tasks + E, [&](std::int64_t task, int) {
-      if (task < sum_tasks) {
-        const std::int64_t e = e0 + task;
-        if (lg.da_gu) sum_into(lg.da_gu, &ShardRuntime::da_gu, e * rg * H, (e + 1) * rg * H);
-        if (lg.db_d) sum_into(lg.db_d, &ShardRuntime::db_d, e * H * rd, (e + 1) * H * rd);
-        return;
+      for (std::int64_t i = p0 * rg; bgu && i < p1 * rg; ++i) {
+        float sum = 0.f;
+        for (const PairRows& part : rows) sum += part.bgu[i];
+        bgu[i] = sum;
       }
-      const std::int64_t e = task - sum_tasks;
+      LoRAGradViews once;
+      once.da_gu = lg.da_gu;
+      once.db_d = lg.db_d;
+      s.layer->shard_lora_grads(*cache.caches[static_cast<std::size_t>(s.index)], ad, bgu, e0, e1, once);
+    }
+    if (!(lg.db_gu || lg.da_d)) return;
+    s.pool().parallel_for(E, [&](std::int64_t e, int) {
       if (lg.db_gu) {
         const float* src = s.rt->db_gu.data();
         for (std::int64_t i = 0; i < 2 * w; ++i) {

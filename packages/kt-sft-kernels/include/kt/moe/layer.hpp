@@ -76,6 +76,7 @@ struct PairRows {
   const float* grad_w = nullptr;              // [P] <h, v> per pair (backward)
   const std::int64_t* row_of_slot = nullptr;  // [T * k]: the pair of slot t*k + j, or -1
   const float* weight = nullptr;              // [P] routing weight of each pair
+  const float* bgu = nullptr;                 // [P, r_gu] B_gu^T dgu of the layer's slice (backward)
 };
 
 class MoELayer {
@@ -126,6 +127,12 @@ class MoELayer {
                                     const LoRAViews& lora, bool save, PairRows* rows = nullptr);
   void backward_validated(const ForwardCache& cache, const View& grad_out, const View& grad_x,
                           const View& grad_weights, const LoRAGradViews& lora_grads, PairRows* rows = nullptr);
+  // For the NUMA shard wrapper, right after backward_validated(cache, ..., rows) on this layer (its
+  // pool's workspace still holds that call's bf16 rows of x and grad_out): dB_d and dA_gu of experts
+  // [e0, e1) from the pair sums over all shards of A_d h (ad, [P, r_d]) and B_gu^T dgu (bgu,
+  // [P, r_gu]), written straight into lora_grads.db_d / da_gu (experts without pairs: zeros).
+  void shard_lora_grads(const ForwardCache& cache, const float* ad, const float* bgu, int e0, int e1,
+                        const LoRAGradViews& lora_grads);
 
  private:
   struct Impl;
