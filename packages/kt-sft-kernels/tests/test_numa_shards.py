@@ -84,9 +84,13 @@ def assert_matches_reference(got: kt.KernelResult, ref: kt.ReferenceResult, labe
         assert err <= bounds.get(name, 2e-2), f"{label} {name}: {err:.3g} from the float64 reference"
 
 
+@pytest.mark.parametrize("shared_down", ["1", "0"])  # 0: the multi-node form (each shard its own rows)
 @pytest.mark.parametrize("kind", list(LORA_KINDS))
 @pytest.mark.parametrize("isa", TIERS)
-def test_shards_equal_one_shard(isa: str, kind: str) -> None:
+def test_shards_equal_one_shard(
+    isa: str, kind: str, shared_down: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KT_SFT_NUMA_SHARED_DOWN", shared_down)  # read when a sharded layer is built
     case = make(kind)
     ref = kt.moe_reference(case)
     with tier(isa):
@@ -141,9 +145,11 @@ def test_uneven_split_report_and_bytes() -> None:
 
 
 @pytest.mark.skipif(len(kk.affinity_cpus()) < 2, reason="needs two CPUs")
+@pytest.mark.parametrize("shared_down", ["1", "0"])
 @pytest.mark.parametrize("isa", [TIERS[0], TIERS[-1]])
-def test_same_bits_for_any_thread_count(isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_same_bits_for_any_thread_count(isa: str, shared_down: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """At a given N the bits do not depend on how many threads each shard has."""
+    monkeypatch.setenv("KT_SFT_NUMA_SHARED_DOWN", shared_down)
     case = make("bf16", seed=6, tokens=70)
     cpus = kk.affinity_cpus()
     first, second = cpus[0], cpus[-1]

@@ -138,10 +138,13 @@ void MoELayer::backward_validated(const ForwardCache& cache, const View& grad_ou
   });
 
   // B4: per (expert, H block): dx rows = W_gu^T dgu + s_gu A_gu^T (B_gu^T dgu); the block's columns of dA_gu.
-  float* dx_rows = ws.rows.ensure(P * H);
+  // NUMA shards on one node (rows->split_down): MoELayer::shard_dx runs B4 for all shards (the dgu
+  // rows and their packing stay in this pool's workspace).
+  const bool split = rows && rows->split_down;
+  float* dx_rows = split ? nullptr : ws.rows.ensure(P * H);
   const bool want_da_gu = rg && lg.da_gu;
   const PackedRows* dp = grad_x && ws.packed.build(kt, true, r, dgu_rows, 2 * I, pool, {L.gate_up.data(), L.gate_up_stride, H}) ? &ws.packed : nullptr;
-  if (grad_x || want_da_gu)
+  if ((grad_x || want_da_gu) && !split)
     run_tasks(pool, Stage::bwd_gate_up, n_active * h_blocks, [&](std::int64_t task, int thread) {
       const int e = r.active[task / h_blocks];
       const int h0 = static_cast<int>(task % h_blocks) * kWideBlock, h1 = std::min(H, h0 + kWideBlock);
@@ -162,7 +165,14 @@ void MoELayer::backward_validated(const ForwardCache& cache, const View& grad_ou
 
   // B5: dx[t] = sum_j dx rows in j order, rounded once (R6); grad_w written for every slot. A NUMA
   // shard leaves that to the wrapper, which sums every shard's rows (sharded_layer.cpp).
-  if (rows) *rows = PairRows{dx_rows, gw, r.row_of_slot.data(), r.weight.data(), bgu};
+  if (rows) {
+    rows->routing = &r;
+    rows->rows = dx_rows;
+    rows->grad_w = gw;
+    rows->row_of_slot = r.row_of_slot.data();
+    rows->weight = r.weight.data();
+    rows->bgu = bgu;
+  }
   if (!rows) run_tasks(pool, Stage::bwd_combine, (T + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
     float acc[kCombineWidth];
     for (std::int64_t t = task * kTokenChunk; t < std::min(T, (task + 1) * kTokenChunk); ++t) {

@@ -125,6 +125,11 @@ ForwardCachePtr MoELayer::forward_validated(const View& x, const View& ids, cons
   float* y = ws.rows.ensure(P * H);
   const int h_blocks = blocks_of(H, kDownBlock);
   const PackedRows* hp = ws.packed.build(kt, false, r, h_rows, I, pool) ? &ws.packed : nullptr;
+  if (rows && rows->split_down) {  // NUMA shards on one node: MoELayer::shard_down runs F4 for all
+    rows->routing = &r;            // (h rows and their packing stay in this pool's workspace)
+    rows->ad = ad;
+    return cache;
+  }
   run_tasks(pool, Stage::down, n_active * h_blocks, [&](std::int64_t task, int) {
     const int e = r.active[task / h_blocks];
     const int h0 = static_cast<int>(task % h_blocks) * kDownBlock, h1 = std::min(H, h0 + kDownBlock);
@@ -139,7 +144,10 @@ ForwardCachePtr MoELayer::forward_validated(const View& x, const View& ids, cons
   });
 
   if (rows) {  // a NUMA shard: the wrapper sums every shard's y rows into out (sharded_layer.cpp)
-    *rows = PairRows{y, nullptr, r.row_of_slot.data(), r.weight.data()};
+    rows->routing = &r;
+    rows->rows = y;
+    rows->row_of_slot = r.row_of_slot.data();
+    rows->weight = r.weight.data();
     return cache;
   }
   // F5: out[t] = sum_j w[t, j] y[t, j] in j order (fp32), rounded once (R3).

@@ -140,7 +140,7 @@ class PackedRows {
   // weights they multiply (`w`).
   bool build(const KernelTable& kt, bool nn, const Routing& r, const bf16* const* rows, int k,
              runtime::ThreadPool& pool, const ExpertMatrices& w = {}) {
-    if (kt.pack_a_nt == nullptr || (kt.pack_a_nn == nullptr && kt.pack_a_nn_w == nullptr)) return false;
+    if (!used_by(kt)) return false;
     offsets_.clear();
     first_.assign(r.offsets.size(), 0);
     std::size_t bytes = 0;
@@ -163,6 +163,10 @@ class PackedRows {
       else kt.pack_a_nn_w(m, rows + ch.begin, w.of(ch.expert), k, w.cols, dst + offsets_[c]);
     });
     return true;
+  }
+  // Whether the tier's GEMMs read packed rows (else build() packs nothing and returns false).
+  static bool used_by(const KernelTable& kt) {
+    return kt.pack_a_nt != nullptr && (kt.pack_a_nn != nullptr || kt.pack_a_nn_w != nullptr);
   }
   std::size_t bytes() const { return storage_.capacity(); }
   // The packing of the chunk of expert e that starts at sorted row b.
@@ -196,6 +200,7 @@ struct Workspace {
   Routing routing;  // forward(save=false) keeps its routing here
   Buffer<bf16> xb, gb, gu, hb, dgu;
   Buffer<float> ax, ad, bg, bgu, rows, gw_part, gw, scratch;
+  Buffer<float> shard_sums;  // NUMA shards: r floats a pair summed over shards (layer_shard.cpp)
   Buffer<float> tiles;  // per thread: one GEMM call's fp32 result block (kTileFloats)
   Buffer<const bf16*> x_rows, g_rows, h_rows, dgu_rows;
   std::vector<PairChunk> chunks;
@@ -204,7 +209,7 @@ struct Workspace {
   std::size_t bytes() const {
     std::size_t n = packed.bytes();
     for (const Buffer<bf16>* b : {&xb, &gb, &gu, &hb, &dgu}) n += b->capacity() * sizeof(bf16);
-    for (const Buffer<float>* b : {&ax, &ad, &bg, &bgu, &rows, &gw_part, &gw, &scratch, &tiles})
+    for (const Buffer<float>* b : {&ax, &ad, &bg, &bgu, &rows, &gw_part, &gw, &scratch, &tiles, &shard_sums})
       n += b->capacity() * sizeof(float);
     for (const Buffer<const bf16*>* b : {&x_rows, &g_rows, &h_rows, &dgu_rows}) n += b->capacity() * sizeof(bf16*);
     return n;

@@ -55,3 +55,151 @@ void MoELayer::shard_lora_grads(const ForwardCache& cache, const float* ad, cons
 }
 
 }  // namespace kt::moe
+
+namespace kt::moe {
+
+std::pair<int, int> MoELayer::shard_down(const std::vector<const MoELayer*>& shards,
+                                         const std::vector<PairRows>& parts, const LoRAViews& lora, int index,
+                                         int count, float* y) {
+  Impl& L = *impl_;
+  const int H = L.config.hidden;
+  const Routing& r = *parts[0].routing;
+  const int rd = lora.a_d ? static_cast<int>(lora.a_d.shape[1]) : 0;
+  const KernelTable& kt = L.kernels();
+  const bool packed = PackedRows::used_by(kt);
+  runtime::ThreadPool& pool = *L.pool;
+  const int blocks = blocks_of(H, kDownBlock);
+  const int block0 = blocks * index / count, block1 = blocks * (index + 1) / count;
+  const std::pair<int, int> columns{block0 * kDownBlock, std::min(H, block1 * kDownBlock)};
+  const std::lock_guard<std::mutex> ws_lock(L.shared->mutex);
+  Workspace& ws = L.shared->ws;
+  float* tiles = ws.tiles.ensure(static_cast<std::size_t>(pool.size()) * kTileFloats);
+  const std::size_t ad_per_thread = static_cast<std::size_t>(kMaxChunkRows) * std::max(rd, 1);
+  float* ad_sums = ws.scratch.ensure(static_cast<std::size_t>(pool.size()) * ad_per_thread);
+  const auto n_active = static_cast<std::int64_t>(r.active.size());
+  const int my_blocks = block1 - block0;
+  run_tasks(pool, Stage::down, n_active * my_blocks, [&](std::int64_t task, int thread) {
+    const int e = r.active[task / my_blocks];
+    const int h0 = (block0 + static_cast<int>(task % my_blocks)) * kDownBlock, h1 = std::min(H, h0 + kDownBlock);
+    const int width = h1 - h0;
+    float* other = tiles + thread * kTileFloats;
+    for_each_call(r, e, [&](std::int64_t b, int m) {
+      // Shard order: shard 0 writes y, the others add their slice's product (fp32).
+      for (std::size_t s = 0; s < shards.size(); ++s) {
+        const Impl& S = *shards[s]->impl_;
+        const Workspace& sw = S.shared->ws;
+        float* dst = s == 0 ? y + b * H + h0 : other;
+        const std::int64_t ld = s == 0 ? H : width;
+        chunk_nt(kt, packed ? &sw.packed : nullptr, r, e, b, m, sw.h_rows.data(), S.down_of(e), H,
+                 S.config.intermediate, h0, h1, dst, ld);
+        if (s > 0)
+          for (int i = 0; i < m; ++i) {
+            float* out = y + (b + i) * H + h0;
+            const float* add = other + i * width;
+            for (int c = 0; c < width; ++c) out[c] += add[c];
+          }
+      }
+      if (rd) {  // s_d B_d (Σ_s A_d[:, S_s] h_s): the r floats a pair summed in shard order, one B_d pass
+        const auto timed = part(Stage::lora_b);
+        float* ad = ad_sums + thread * ad_per_thread;
+        for (std::int64_t i = 0; i < m * rd; ++i) {
+          float sum = 0.f;
+          for (const PairRows& p : parts) sum += p.ad[b * rd + i];
+          ad[i] = sum;
+        }
+        kt.lora_b_add(m, ad, expert_slice(lora.b_d, e), lora.b_d.dtype, rd, h0, h1, lora.scale_d, y + b * H + h0, H);
+      }
+    });
+  });
+  return columns;
+}
+
+}  // namespace kt::moe
+
+namespace kt::moe {
+
+std::pair<int, int> MoELayer::shard_dx(const ForwardCache& cache, const std::vector<const MoELayer*>& shards,
+                                       const std::vector<PairRows>& parts, const LoRAGradViews& lg, int index,
+                                       int count, float* dx_rows) {
+  Impl& L = *impl_;
+  const int H = L.config.hidden;
+  const Routing& r = cache.routing;
+  const LoRAViews& lora = cache.lora;  // A_gu is the caller's (sharded_layer.cpp re-points it)
+  const int rg = cache.rank_gu;
+  const KernelTable& kt = L.kernels();
+  const bool packed = PackedRows::used_by(kt);
+  runtime::ThreadPool& pool = *L.pool;
+  const int blocks = blocks_of(H, kWideBlock);
+  const int block0 = blocks * index / count, block1 = blocks * (index + 1) / count;
+  const std::pair<int, int> columns{block0 * kWideBlock, std::min(H, block1 * kWideBlock)};
+  const std::lock_guard<std::mutex> ws_lock(L.shared->mutex);
+  Workspace& ws = L.shared->ws;  // this shard's rows of x from the backward that just ran
+  const std::int64_t P = r.pairs();
+  float* tiles = ws.tiles.ensure(static_cast<std::size_t>(pool.size()) * kTileFloats);
+  const std::size_t scratch_per_thread = static_cast<std::size_t>(kWideBlock) * std::max(rg, 1);
+  float* scratch = ws.scratch.ensure(static_cast<std::size_t>(pool.size()) * scratch_per_thread);
+  const bool want_da_gu = rg && lg.da_gu;
+  // b = Σ_s B_gu[S_s]^T dgu_s per pair, in shard order (every shard needs all pairs: its columns span
+  // every expert; r floats a pair).
+  float* b_sum = rg ? ws.shard_sums.ensure(static_cast<std::size_t>(std::max<std::int64_t>(P * rg, 1))) : nullptr;
+  if (rg)
+    pool.parallel_for((P + kPairChunk - 1) / kPairChunk, [&](std::int64_t task, int) {
+      const std::int64_t end = std::min(P, (task + 1) * kPairChunk) * rg;
+      for (std::int64_t i = task * kPairChunk * rg; i < end; ++i) {
+        float sum = 0.f;
+        for (const PairRows& p : parts) sum += p.bgu[i];
+        b_sum[i] = sum;
+      }
+    });
+  const auto n_active = static_cast<std::int64_t>(r.active.size());
+  const int my_blocks = block1 - block0;
+  if (dx_rows || want_da_gu)
+    run_tasks(pool, Stage::bwd_gate_up, n_active * my_blocks, [&](std::int64_t task, int thread) {
+      const int e = r.active[task / my_blocks];
+      const int h0 = (block0 + static_cast<int>(task % my_blocks)) * kWideBlock, h1 = std::min(H, h0 + kWideBlock);
+      const int width = h1 - h0;
+      float* other = tiles + thread * kTileFloats;
+      if (dx_rows)
+        for_each_call(r, e, [&](std::int64_t b, int m) {
+          // Shard order: shard 0 writes the rows, the others add their slice's product (fp32).
+          for (std::size_t s = 0; s < shards.size(); ++s) {
+            const Impl& S = *shards[s]->impl_;
+            const Workspace& sw = S.shared->ws;
+            float* dst = s == 0 ? dx_rows + b * H + h0 : other;
+            const std::int64_t ld = s == 0 ? H : width;
+            chunk_nn(kt, packed ? &sw.packed : nullptr, r, e, b, m, sw.dgu_rows.data(), S.gate_up_of(e),
+                     2 * S.config.intermediate, H, h0, h1, dst, ld);
+            if (s > 0)
+              for (int i = 0; i < m; ++i) {
+                float* out = dx_rows + (b + i) * H + h0;
+                const float* add = other + i * width;
+                for (int c = 0; c < width; ++c) out[c] += add[c];
+              }
+          }
+          if (rg)
+            kt.lora_at_add(m, b_sum + b * rg, expert_slice(lora.a_gu, e), lora.a_gu.dtype, rg, H, h0, h1,
+                           lora.scale_gu, dx_rows + b * H + h0, H);
+        });
+      if (want_da_gu) {
+        const auto timed = part(Stage::bwd_da_gu);
+        const std::int64_t b = r.offsets[e];
+        kt.lora_grad_a(static_cast<int>(r.rows_of(e)), b_sum + b * rg, nullptr, ws.x_rows.data() + b, rg, H, h0, h1,
+                       lora.scale_gu, expert_slice_mut(lg.da_gu, e), lg.da_gu.dtype,
+                       scratch + thread * scratch_per_thread);
+      }
+    });
+  // Experts that received no pair: their dA_gu columns are exactly zero.
+  if (want_da_gu && columns.first < columns.second) {
+    std::vector<char> has_rows(static_cast<std::size_t>(L.config.num_experts), 0);
+    for (int e : r.active) has_rows[static_cast<std::size_t>(e)] = 1;
+    const std::size_t size = dtype_size(lg.da_gu.dtype);
+    for (int e = 0; e < L.config.num_experts; ++e)
+      if (!has_rows[static_cast<std::size_t>(e)])
+        for (int q = 0; q < rg; ++q)
+          std::memset(expert_slice_mut(lg.da_gu, e) + (static_cast<std::size_t>(q) * H + columns.first) * size, 0,
+                      static_cast<std::size_t>(columns.second - columns.first) * size);
+  }
+  return columns;
+}
+
+}  // namespace kt::moe

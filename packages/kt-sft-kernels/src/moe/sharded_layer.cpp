@@ -13,6 +13,7 @@
 #include <atomic>
 #include <barrier>
 #include <cstddef>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <functional>
@@ -26,6 +27,7 @@
 
 #include "buffer.hpp"
 #include "forward_cache.hpp"
+#include "routing.hpp"
 #include "kt/core/bf16.hpp"
 #include "kt/moe/validate.hpp"
 #include "kt/runtime/numa_memory.hpp"
@@ -134,11 +136,12 @@ struct ShardRuntime {
   std::unique_ptr<runtime::ThreadPool> pool;
   Buffer<float> db_gu, da_d;  // fp32 dB_gu rows / dA_d columns of the shard's slice (call in progress)
   Buffer<float> ad, bgu;      // A_d h and B_gu^T dgu summed over shards, for this shard's experts' pairs
+  Buffer<float> y;            // shard 0, shards on one node: the [P, H] rows of all shards' down phase
   std::shared_ptr<SlicePool> slices = std::make_shared<SlicePool>();
   runtime::SerialExecutor driver;  // declared last: drained and joined before the pool goes
 
   std::size_t buffer_bytes() const {
-    return (db_gu.capacity() + da_d.capacity() + ad.capacity() + bgu.capacity()) * sizeof(float);
+    return (db_gu.capacity() + da_d.capacity() + ad.capacity() + bgu.capacity() + y.capacity()) * sizeof(float);
   }
 };
 
@@ -189,6 +192,11 @@ struct ShardState {
 struct ShardedLayer::Impl {
   MoEConfig config;
   std::vector<std::unique_ptr<ShardState>> shards;
+  // All shards on one node (and KT_SFT_NUMA_SHARED_DOWN not 0): the down phase runs across the
+  // shards, each shard reading every shard's h and W_d slice for its share of the output columns,
+  // so the [P, H] rows are written once (not once per shard). Across nodes that would stream
+  // other nodes' weights over the link, so there each shard keeps to its own slice.
+  bool shared_down = false;
 
   // Runs first(shard) on every shard's driver thread at once, then, once every shard has finished
   // it and none failed, then(shard) (one hand-off per call: the rounds meet at a barrier inside the
@@ -269,6 +277,10 @@ ShardedLayer::ShardedLayer(const MoEConfig& config) : impl_(std::make_unique<Imp
     shard->layer = std::make_unique<MoELayer>(inner, shard->pool());
     impl_->shards.push_back(std::move(shard));
   }
+  const char* env = std::getenv("KT_SFT_NUMA_SHARED_DOWN");
+  impl_->shared_down = !(env && std::string(env) == "0");
+  for (const auto& shard : impl_->shards)
+    if (shard->node() != impl_->shards.front()->node()) impl_->shared_down = false;
 }
 
 ShardedLayer::~ShardedLayer() = default;
@@ -346,6 +358,31 @@ void combine_shards(const std::vector<PairRows>& rows, bool weighted, std::int64
   });
 }
 
+// out[t, c0:c1) = Σ_j w_j y[pair of (t, j), c0:c1) in j order (w_j = 1 when !weighted), fp32,
+// rounded once: the layer's own combine, for one shard's share of the columns.
+void combine_columns(const Routing& r, const float* y, bool weighted, int c0, int c1, std::int64_t H, int K,
+                     const View& out, runtime::ThreadPool& pool, prof::Stage stage) {
+  const prof::Scope wall(stage, prof::Kind::wall);
+  const std::int64_t T = r.tokens;
+  pool.parallel_for((T + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
+    const prof::Scope busy(stage, prof::Kind::busy);
+    float acc[kCombineWidth];
+    for (std::int64_t t = task * kTokenChunk; t < std::min(T, (task + 1) * kTokenChunk); ++t)
+      for (int a = c0; a < c1; a += kCombineWidth) {
+        const int width = std::min(kCombineWidth, c1 - a);
+        std::fill(acc, acc + width, 0.f);
+        for (int j = 0; j < K; ++j) {
+          const std::int64_t row = r.row_of_slot[t * K + j];
+          if (row < 0) continue;
+          const float wj = weighted ? r.weight[row] : 1.f;
+          const float* yr = y + row * H + a;
+          for (int i = 0; i < width; ++i) acc[i] += wj * yr[i];
+        }
+        for (int i = 0; i < width; ++i) store_value(out.data, out.dtype, t * H + a + i, acc[i]);
+      }
+  });
+}
+
 }  // namespace
 
 std::shared_ptr<ShardedCache> ShardedLayer::forward(const View& x, const View& ids, const View& weights,
@@ -359,18 +396,28 @@ std::shared_ptr<ShardedCache> ShardedLayer::forward(const View& x, const View& i
   for (const auto& shard : L.shards) cache->slice_pools.push_back(shard->rt->slices);
   const bool has_lora = lora.has_gate_up() || lora.has_down();
   std::vector<PairRows> rows(static_cast<std::size_t>(n));
+  for (PairRows& part : rows) part.split_down = L.shared_down;
+  std::vector<const MoELayer*> layers;
+  for (const auto& shard : L.shards) layers.push_back(shard->layer.get());
+  float* y = nullptr;
 
-  // Round 1: each shard's slice up to its per-pair y rows (its pool's workspace).
+  // Round 1: each shard's slice up to its per-pair y rows, or (shared_down) up to its h rows (its
+  // pool's workspace).
   L.on_shards([&](ShardState& s) {
     const auto k = static_cast<std::size_t>(s.index);
     if (has_lora) cache->lora[k] = L.slice_lora(s, lora);
     const LoRAViews inner_lora = has_lora ? cache->lora[k]->views : LoRAViews{};
     cache->caches[k] = s.layer->forward_validated(x, ids, weights, out, inner_lora, save, &rows[k]);
+    if (L.shared_down && s.index == 0) y = node_local(s.rt->y, rows[0].routing->pairs() * H, s.node());
   },
-  // Round 2: the combine of all shards, shard s doing its share of the tokens.
+  // Round 2: shared_down: the down phase and the combine of shard s's share of the columns;
+  // otherwise the combine of all shards' rows for shard s's share of the tokens.
   [&](ShardState& s) {
-    combine_shards(rows, true, T * s.index / n, T * (s.index + 1) / n, H, L.config.top_k, out, s.pool(),
-                   prof::Stage::combine);
+    if (!L.shared_down)
+      return combine_shards(rows, true, T * s.index / n, T * (s.index + 1) / n, H, L.config.top_k, out, s.pool(),
+                            prof::Stage::combine);
+    const auto [c0, c1] = s.layer->shard_down(layers, rows, lora, s.index, n, y);
+    if (c0 < c1) combine_columns(*rows[0].routing, y, true, c0, c1, H, L.config.top_k, out, s.pool(), prof::Stage::combine);
   });
   if (!save) return nullptr;
   return cache;
@@ -386,6 +433,10 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
   const std::int64_t rg = lg.da_gu ? lg.da_gu.shape[1] : lg.db_gu ? lg.db_gu.shape[2] : 0;
   const std::int64_t rd = lg.da_d ? lg.da_d.shape[1] : lg.db_d ? lg.db_d.shape[2] : 0;
   std::vector<PairRows> rows(static_cast<std::size_t>(n));
+  for (PairRows& part : rows) part.split_down = L.shared_down;
+  std::vector<const MoELayer*> layers;
+  for (const auto& shard : L.shards) layers.push_back(shard->layer.get());
+  float* dx_rows = nullptr;
 
   // Round 1: each shard's backward up to its per-pair dx rows, <h, v> sums and B_gu^T dgu (its
   // pool's workspace), and its slice's dB_gu rows / dA_d columns (fp32). dA_gu and dB_d wait for
@@ -402,13 +453,22 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
     if (lg.db_gu) inner.db_gu = f32_view(node_local(s.rt->db_gu, E * 2 * w * rg, s.node()), E, 2 * w, rg);
     if (lg.da_d) inner.da_d = f32_view(node_local(s.rt->da_d, E * rd * w, s.node()), E, rd, w);
     s.layer->backward_validated(inner_cache, grad_out, grad_x, grad_weights, inner, &rows[static_cast<std::size_t>(s.index)]);
+    if (L.shared_down && grad_x && s.index == 0)
+      dx_rows = node_local(s.rt->y, inner_cache.routing.pairs() * H, s.node());
   },
   // Round 2: dx and grad_w of shard s's share of the tokens (the combine of all shards); dA_gu and
   // dB_d of its share of the experts from A_d h and B_gu^T dgu summed over shards; its own dB_gu
   // rows / dA_d columns.
   [&](ShardState& s) {
     const std::int64_t t0 = T * s.index / n, t1 = T * (s.index + 1) / n;
-    if (grad_x) combine_shards(rows, false, t0, t1, H, K, grad_x, s.pool(), prof::Stage::bwd_combine);
+    ForwardCache& own_cache = *cache.caches[static_cast<std::size_t>(s.index)];
+    if (L.shared_down && (grad_x || lg.da_gu)) {  // dx rows and dA_gu of shard s's share of the columns
+      const auto [c0, c1] = s.layer->shard_dx(own_cache, layers, rows, lg, s.index, n, dx_rows);
+      if (grad_x && c0 < c1)
+        combine_columns(own_cache.routing, dx_rows, false, c0, c1, H, K, grad_x, s.pool(), prof::Stage::bwd_combine);
+    } else if (grad_x) {
+      combine_shards(rows, false, t0, t1, H, K, grad_x, s.pool(), prof::Stage::bwd_combine);
+    }
     if (grad_weights)
       for (std::int64_t t = t0; t < t1; ++t)
         for (int j = 0; j < K; ++j) {
@@ -420,13 +480,14 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
         }
     const int e0 = static_cast<int>(E * s.index / n), e1 = static_cast<int>(E * (s.index + 1) / n);
     const std::int64_t w = s.width();
-    if (lg.da_gu || lg.db_d) {
+    const bool da_gu_here = lg.da_gu && !L.shared_down;  // else shard_dx computed it
+    if (da_gu_here || lg.db_d) {
       // Pair sums in shard order for the pairs of experts [e0, e1) (contiguous sorted rows).
       const std::vector<std::int64_t>& offsets = cache.caches[0]->routing.offsets;
       const std::int64_t p0 = offsets[static_cast<std::size_t>(e0)], p1 = offsets[static_cast<std::size_t>(e1)];
       const std::int64_t P = offsets.back();
       float* ad = lg.db_d ? node_local(s.rt->ad, P * rd, s.node()) : nullptr;
-      float* bgu = lg.da_gu ? node_local(s.rt->bgu, P * rg, s.node()) : nullptr;
+      float* bgu = da_gu_here ? node_local(s.rt->bgu, P * rg, s.node()) : nullptr;
       for (std::int64_t i = p0 * rd; ad && i < p1 * rd; ++i) {
         float sum = 0.f;
         for (const ForwardCachePtr& part : cache.caches) sum += part->ad.data()[i];
@@ -438,9 +499,9 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
         bgu[i] = sum;
       }
       LoRAGradViews once;
-      once.da_gu = lg.da_gu;
+      if (da_gu_here) once.da_gu = lg.da_gu;
       once.db_d = lg.db_d;
-      s.layer->shard_lora_grads(*cache.caches[static_cast<std::size_t>(s.index)], ad, bgu, e0, e1, once);
+      s.layer->shard_lora_grads(own_cache, ad, bgu, e0, e1, once);
     }
     if (!(lg.db_gu || lg.da_d)) return;
     s.pool().parallel_for(E, [&](std::int64_t e, int) {

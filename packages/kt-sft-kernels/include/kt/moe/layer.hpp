@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "kt/core/tensor.hpp"
@@ -71,12 +72,18 @@ std::size_t cache_bytes_per_pair(const MoEConfig& config, int rank_gu, int rank_
 // For the NUMA shard wrapper (src/moe/sharded_layer.cpp): what a forward / backward leaves when it
 // stops before its combine phase, so the shards' rows are summed in one pass straight into the
 // caller's arrays. The rows live in the pool's workspace and stay valid until its next call.
+struct Routing;  // src/moe/routing.hpp
+
 struct PairRows {
+  bool split_down = false;  // in (forward): stop before the down phase too; the wrapper runs it across
+                            // the shards with shard_down (shards on one node read each other's h)
+  const Routing* routing = nullptr;           // the call's routing (same in every shard)
   const float* rows = nullptr;                // [P, H] fp32: y (forward) or dx rows (backward)
   const float* grad_w = nullptr;              // [P] <h, v> per pair (backward)
   const std::int64_t* row_of_slot = nullptr;  // [T * k]: the pair of slot t*k + j, or -1
   const float* weight = nullptr;              // [P] routing weight of each pair
   const float* bgu = nullptr;                 // [P, r_gu] B_gu^T dgu of the layer's slice (backward)
+  const float* ad = nullptr;                  // [P, r_d] A_d h of the layer's slice (forward)
 };
 
 class MoELayer {
@@ -133,6 +140,20 @@ class MoELayer {
   // [P, r_gu]), written straight into lora_grads.db_d / da_gu (experts without pairs: zeros).
   void shard_lora_grads(const ForwardCache& cache, const float* ad, const float* bgu, int e0, int e1,
                         const LoRAGradViews& lora_grads);
+  // For the NUMA shard wrapper, shards on one node, after every shard's forward stopped before its
+  // down phase (PairRows::split_down): the down phase of all shards for this shard's share of the
+  // output columns (`index` of `count`; whole column blocks), y[:, c0:c1) = Σ_s W_d[:, S_s] h_s +
+  // s_d B_d Σ_s A_d[:, S_s] h_s, read from every shard's workspace, on this layer's pool. Returns
+  // [c0, c1). `lora`: the caller's LoRA (B_d, scale_d); y: [P, H] fp32.
+  std::pair<int, int> shard_down(const std::vector<const MoELayer*>& shards, const std::vector<PairRows>& parts,
+                                 const LoRAViews& lora, int index, int count, float* y);
+  // The backward's counterpart, after every shard's backward stopped before its dx phase
+  // (split_down): dx rows [:, c0:c1) = Σ_s W_gu[S_s]^T dgu_s + s_gu A_gu^T b, and columns c0:c1 of
+  // dA_gu = s_gu Σ b ⊗ x (b = Σ_s B_gu[S_s]^T dgu_s, r floats a pair, summed once), for this shard's
+  // share of the columns. dx_rows null: dA_gu only. lora_grads: the caller's (da_gu; others ignored).
+  std::pair<int, int> shard_dx(const ForwardCache& cache, const std::vector<const MoELayer*>& shards,
+                               const std::vector<PairRows>& parts, const LoRAGradViews& lora_grads, int index,
+                               int count, float* dx_rows);
 
  private:
   struct Impl;
