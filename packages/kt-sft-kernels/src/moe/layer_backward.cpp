@@ -163,17 +163,16 @@ void MoELayer::backward_validated(const ForwardCache& cache, const View& grad_ou
       }
     });
 
-  // B5: dx[t] = sum_j dx rows in j order, rounded once (R6); grad_w written for every slot. A NUMA
-  // shard leaves that to the wrapper, which sums every shard's rows (sharded_layer.cpp).
+  // B5: dx[t] = sum_j dx rows in j order, rounded once (R6); grad_w written for every slot. With
+  // split_down the wrapper does it for all shards (sharded_layer.cpp).
   if (rows) {
     rows->routing = &r;
-    rows->rows = dx_rows;
     rows->grad_w = gw;
     rows->row_of_slot = r.row_of_slot.data();
     rows->weight = r.weight.data();
     rows->bgu = bgu;
   }
-  if (!rows) run_tasks(pool, Stage::bwd_combine, (T + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
+  if (!split) run_tasks(pool, Stage::bwd_combine, (T + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
     float acc[kCombineWidth];
     for (std::int64_t t = task * kTokenChunk; t < std::min(T, (task + 1) * kTokenChunk); ++t) {
       if (grad_weights)

@@ -143,13 +143,6 @@ ForwardCachePtr MoELayer::forward_validated(const View& x, const View& ids, cons
     });
   });
 
-  if (rows) {  // a NUMA shard: the wrapper sums every shard's y rows into out (sharded_layer.cpp)
-    rows->routing = &r;
-    rows->rows = y;
-    rows->row_of_slot = r.row_of_slot.data();
-    rows->weight = r.weight.data();
-    return cache;
-  }
   // F5: out[t] = sum_j w[t, j] y[t, j] in j order (fp32), rounded once (R3).
   run_tasks(pool, Stage::combine, (T + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
     float acc[kCombineWidth];

@@ -21,6 +21,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <utility>
 
 #include <unistd.h>
@@ -134,6 +135,7 @@ struct ShardedCache {
 // of workspace per layer and shard.
 struct ShardRuntime {
   std::unique_ptr<runtime::ThreadPool> pool;
+  Buffer<float> out, gx, gw;  // across nodes: the shard's fp32 partial out / dx / grad_w
   Buffer<float> db_gu, da_d;  // fp32 dB_gu rows / dA_d columns of the shard's slice (call in progress)
   Buffer<float> ad, bgu;      // A_d h and B_gu^T dgu summed over shards, for this shard's experts' pairs
   Buffer<float> y;            // shard 0, shards on one node: the [P, H] rows of all shards' down phase
@@ -141,7 +143,8 @@ struct ShardRuntime {
   runtime::SerialExecutor driver;  // declared last: drained and joined before the pool goes
 
   std::size_t buffer_bytes() const {
-    return (db_gu.capacity() + da_d.capacity() + ad.capacity() + bgu.capacity() + y.capacity()) * sizeof(float);
+    return (out.capacity() + gx.capacity() + gw.capacity() + db_gu.capacity() + da_d.capacity() + ad.capacity() +
+            bgu.capacity() + y.capacity()) * sizeof(float);
   }
 };
 
@@ -321,40 +324,26 @@ std::unique_ptr<LoRASlice> ShardedLayer::Impl::slice_lora(const ShardState& s, c
 
 namespace {
 
-// Sums the shards' fp32 rows of one pair into `sum` (width floats from column c0), in shard order.
-inline void sum_shards(const std::vector<PairRows>& rows, std::int64_t row, std::int64_t H, int c0, int width,
-                       float* sum) {
-  const float* first = rows[0].rows + row * H + c0;
-  std::copy(first, first + width, sum);
-  for (std::size_t s = 1; s < rows.size(); ++s) {
-    const float* more = rows[s].rows + row * H + c0;
-    for (int i = 0; i < width; ++i) sum[i] += more[i];
+// dst[a:b) = Σ_s (shard s's fp32 partial)[a:b) in shard order, rounded once (the form across nodes:
+// each shard combined its own rows into a [T, H] partial, so only T·H floats a shard cross the link,
+// not the k·T·H of its per-pair rows).
+void sum_partials(const std::vector<std::unique_ptr<ShardState>>& shards, Buffer<float> ShardRuntime::*part,
+                  const View& dst, std::int64_t a, std::int64_t b) {
+  for (std::int64_t i = a; i < b; ++i) {
+    float sum = 0.f;
+    for (const auto& other : shards) sum += ((*other->rt).*part).data()[i];
+    store_value(dst.data, dst.dtype, i, sum);
   }
 }
 
-// The combine phase of all shards at once, for tokens [t0, t1): dst[t] = Σ_j w_j Σ_s rows_s[pair of
-// (t, j)] (w_j = 1 when !weighted) in fp32, j then shard order, rounded once. Every shard routed the
-// same ids, so shard 0's routing names the pair of every slot.
-void combine_shards(const std::vector<PairRows>& rows, bool weighted, std::int64_t t0, std::int64_t t1,
-                    std::int64_t H, int K, const View& dst, runtime::ThreadPool& pool, prof::Stage stage) {
-  const prof::Scope wall(stage, prof::Kind::wall);
+// The token-split reduction of round 2 (across nodes): tokens [t0, t1) of every partial in `parts`.
+void reduce_tokens(const std::vector<std::unique_ptr<ShardState>>& shards, runtime::ThreadPool& pool,
+                   std::int64_t t0, std::int64_t t1,
+                   const std::vector<std::tuple<Buffer<float> ShardRuntime::*, const View*, std::int64_t>>& parts) {
   pool.parallel_for((t1 - t0 + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
-    const prof::Scope busy(stage, prof::Kind::busy);
-    float acc[kCombineWidth], sum[kCombineWidth];
-    const PairRows& r = rows[0];
-    for (std::int64_t t = t0 + task * kTokenChunk; t < std::min(t1, t0 + (task + 1) * kTokenChunk); ++t)
-      for (int c0 = 0; c0 < H; c0 += kCombineWidth) {
-        const int width = static_cast<int>(std::min<std::int64_t>(kCombineWidth, H - c0));
-        std::fill(acc, acc + width, 0.f);
-        for (int j = 0; j < K; ++j) {
-          const std::int64_t row = r.row_of_slot[t * K + j];
-          if (row < 0) continue;
-          sum_shards(rows, row, H, c0, width, sum);
-          const float wj = weighted ? r.weight[row] : 1.f;
-          for (int i = 0; i < width; ++i) acc[i] += wj * sum[i];
-        }
-        for (int i = 0; i < width; ++i) store_value(dst.data, dst.dtype, t * H + c0 + i, acc[i]);
-      }
+    const std::int64_t a = t0 + task * kTokenChunk, b = std::min(t1, a + kTokenChunk);
+    for (const auto& [part, dst, width] : parts)
+      if (*dst) sum_partials(shards, part, *dst, a * width, b * width);
   });
 }
 
@@ -407,15 +396,20 @@ std::shared_ptr<ShardedCache> ShardedLayer::forward(const View& x, const View& i
     const auto k = static_cast<std::size_t>(s.index);
     if (has_lora) cache->lora[k] = L.slice_lora(s, lora);
     const LoRAViews inner_lora = has_lora ? cache->lora[k]->views : LoRAViews{};
+    if (!L.shared_down) {  // the shard's own combine, into its fp32 partial
+      const View partial = f32_view(node_local(s.rt->out, T * H, s.node()), T, H);
+      cache->caches[k] = s.layer->forward_validated(x, ids, weights, partial, inner_lora, save);
+      return;
+    }
     cache->caches[k] = s.layer->forward_validated(x, ids, weights, out, inner_lora, save, &rows[k]);
-    if (L.shared_down && s.index == 0) y = node_local(s.rt->y, rows[0].routing->pairs() * H, s.node());
+    if (s.index == 0) y = node_local(s.rt->y, rows[0].routing->pairs() * H, s.node());
   },
   // Round 2: shared_down: the down phase and the combine of shard s's share of the columns;
-  // otherwise the combine of all shards' rows for shard s's share of the tokens.
+  // otherwise out = Σ_s partial_s for shard s's share of the tokens.
   [&](ShardState& s) {
     if (!L.shared_down)
-      return combine_shards(rows, true, T * s.index / n, T * (s.index + 1) / n, H, L.config.top_k, out, s.pool(),
-                            prof::Stage::combine);
+      return reduce_tokens(L.shards, s.pool(), T * s.index / n, T * (s.index + 1) / n,
+                           {{&ShardRuntime::out, &out, H}});
     const auto [c0, c1] = s.layer->shard_down(layers, rows, lora, s.index, n, y);
     if (c0 < c1) combine_columns(*rows[0].routing, y, true, c0, c1, H, L.config.top_k, out, s.pool(), prof::Stage::combine);
   });
@@ -449,10 +443,15 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
     inner_cache.x = x;
     inner_cache.lora.a_gu = lora.a_gu;
     inner_cache.lora.b_d = lora.b_d;
+    View gx, gw;  // across nodes: the shard's own combine, into fp32 partials
+    if (grad_x && !L.shared_down) gx = f32_view(node_local(s.rt->gx, T * H, s.node()), T, H);
+    if (grad_weights && !L.shared_down) gw = f32_view(node_local(s.rt->gw, T * K, s.node()), T, K);
     LoRAGradViews inner;
     if (lg.db_gu) inner.db_gu = f32_view(node_local(s.rt->db_gu, E * 2 * w * rg, s.node()), E, 2 * w, rg);
     if (lg.da_d) inner.da_d = f32_view(node_local(s.rt->da_d, E * rd * w, s.node()), E, rd, w);
-    s.layer->backward_validated(inner_cache, grad_out, grad_x, grad_weights, inner, &rows[static_cast<std::size_t>(s.index)]);
+    const View& inner_gx = L.shared_down ? grad_x : gx;  // shared_down: only says whether dx is wanted
+    const View& inner_gw = L.shared_down ? grad_weights : gw;
+    s.layer->backward_validated(inner_cache, grad_out, inner_gx, inner_gw, inner, &rows[static_cast<std::size_t>(s.index)]);
     if (L.shared_down && grad_x && s.index == 0)
       dx_rows = node_local(s.rt->y, inner_cache.routing.pairs() * H, s.node());
   },
@@ -466,10 +465,10 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
       const auto [c0, c1] = s.layer->shard_dx(own_cache, layers, rows, lg, s.index, n, dx_rows);
       if (grad_x && c0 < c1)
         combine_columns(own_cache.routing, dx_rows, false, c0, c1, H, K, grad_x, s.pool(), prof::Stage::bwd_combine);
-    } else if (grad_x) {
-      combine_shards(rows, false, t0, t1, H, K, grad_x, s.pool(), prof::Stage::bwd_combine);
+    } else {
+      reduce_tokens(L.shards, s.pool(), t0, t1, {{&ShardRuntime::gx, &grad_x, H}, {&ShardRuntime::gw, &grad_weights, K}});
     }
-    if (grad_weights)
+    if (grad_weights && L.shared_down)
       for (std::int64_t t = t0; t < t1; ++t)
         for (int j = 0; j < K; ++j) {
           const std::int64_t row = rows[0].row_of_slot[t * K + j];

@@ -69,17 +69,16 @@ LayerSizes layer_sizes(const MoEConfig& config);
 // Activation-cache bytes a forward(save=true) keeps per routed pair (gu bf16, A_gu x and A_d h fp32).
 std::size_t cache_bytes_per_pair(const MoEConfig& config, int rank_gu, int rank_d);
 
-// For the NUMA shard wrapper (src/moe/sharded_layer.cpp): what a forward / backward leaves when it
-// stops before its combine phase, so the shards' rows are summed in one pass straight into the
-// caller's arrays. The rows live in the pool's workspace and stay valid until its next call.
 struct Routing;  // src/moe/routing.hpp
 
+// For the NUMA shard wrapper (src/moe/sharded_layer.cpp): where a shard's forward / backward left
+// what the wrapper's second round reads (the pool's workspace; valid until the pool's next call).
 struct PairRows {
-  bool split_down = false;  // in (forward): stop before the down phase too; the wrapper runs it across
-                            // the shards with shard_down (shards on one node read each other's h)
+  bool split_down = false;  // in: stop before the down (forward) / dx (backward) phase and skip the
+                            // combine; the wrapper runs them across the shards (shard_down /
+                            // shard_dx: shards on one node read each other's h / dgu)
   const Routing* routing = nullptr;           // the call's routing (same in every shard)
-  const float* rows = nullptr;                // [P, H] fp32: y (forward) or dx rows (backward)
-  const float* grad_w = nullptr;              // [P] <h, v> per pair (backward)
+  const float* grad_w = nullptr;              // [P] <h, v> of the layer's slice per pair (backward)
   const std::int64_t* row_of_slot = nullptr;  // [T * k]: the pair of slot t*k + j, or -1
   const float* weight = nullptr;              // [P] routing weight of each pair
   const float* bgu = nullptr;                 // [P, r_gu] B_gu^T dgu of the layer's slice (backward)
@@ -128,8 +127,8 @@ class MoELayer {
 
   // forward()/backward() without the argument checks, for callers that ran validate_forward /
   // validate_backward themselves (calls.cpp: checks in the submitting thread, work on the executor).
-  // rows != null (the shard wrapper): stop before the combine phase and say where the rows are;
-  // out / grad_x / grad_weights are then not written.
+  // rows != null (the shard wrapper): say where the call's intermediates are; with
+  // rows->split_down, stop early (see PairRows): out / grad_x / grad_weights are then not written.
   ForwardCachePtr forward_validated(const View& x, const View& ids, const View& weights, const View& out,
                                     const LoRAViews& lora, bool save, PairRows* rows = nullptr);
   void backward_validated(const ForwardCache& cache, const View& grad_out, const View& grad_x,
