@@ -465,7 +465,7 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
       const auto [c0, c1] = s.layer->shard_dx(own_cache, layers, rows, lg, s.index, n, dx_rows);
       if (grad_x && c0 < c1)
         combine_columns(own_cache.routing, dx_rows, false, c0, c1, H, K, grad_x, s.pool(), prof::Stage::bwd_combine);
-    } else {
+    } else if (!L.shared_down) {
       reduce_tokens(L.shards, s.pool(), t0, t1, {{&ShardRuntime::gx, &grad_x, H}, {&ShardRuntime::gw, &grad_weights, K}});
     }
     if (grad_weights && L.shared_down)
