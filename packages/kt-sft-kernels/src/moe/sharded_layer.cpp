@@ -2,11 +2,16 @@
 //
 // Each call runs in two rounds on every shard at once, each shard on its own driver thread (a
 // SerialExecutor pinned to the shard's first CPU, which is also thread 0 of the shard's pool):
-//   round 1: the shard's MoELayer call on its slice, into fp32 partials the shard owns;
-//   round 2: the cross-shard reduction, split between the shards (tokens for out / dx / grad_w,
-//            experts for dA_gu / dB_d, and each shard writes its own dB_gu rows and dA_d columns).
-// Every reduced element is summed in shard order 0..N-1 in fp32 and rounded once: the bits do not
-// depend on thread counts (only on N, whose slices change the fp32 summation inside each product).
+//   round 1: the shard's MoELayer call on its slice: up to h / dgu when all shards share a node
+//            (shared_down), else through its own combine into fp32 partials the shard owns;
+//   round 2, split between the shards: shared_down: the down / dx products of all shards for this
+//            shard's output columns and their combine (MoELayer::shard_down / shard_dx); else the
+//            sum of the partials for this shard's tokens. Then dB_d (and across nodes dA_gu) for
+//            its experts from the pair sums of A_d h / B_gu^T dgu, its own dB_gu rows / dA_d columns.
+// Round 2 reads what round 1 left in every shard's pool workspace (PairRows): nothing else runs on
+// the shard pools in between (one sharded call at a time). Every sum over shards is in shard order
+// 0..N-1 in fp32, rounded once: the bits do not depend on thread counts (only on N and the form).
+
 #include "sharded_layer.hpp"
 
 #include <algorithm>

@@ -1,12 +1,11 @@
 // The NUMA tensor-parallel wrapper (DESIGN.md §3.4, ADR 0701): a layer with numa_shards = N > 1 is
 // N ordinary MoELayers, shard s owning the intermediate slice [i0_s, i1_s) (multiples of 32): gate/up
 // rows and down columns of that slice, packed by the shard's own pinned sub-pool (node-local by first
-// touch). Every shard runs the full per-expert math on its slice; the results are linear in the
-// slices, so
-//   out, dx, grad_w, dA_gu, dB_d = Σ_s (shard s's fp32 result), summed in shard order, rounded once;
-//   dB_gu rows / dA_d columns of slice s = shard s's result, written into the caller's arrays.
-// LoRA B_d (A_d h) is applied per shard (B_d (A_d[:,s] h_s)) and reduced with the output; A_gu x is
-// computed by each shard (r·H per pair, cheap next to the slice's base GEMMs).
+// touch). The layer's results are sums over the slices (out, dx, grad_w; dA_gu and dB_d through the
+// r floats a pair of B_gu^T dgu and A_d h, summed over shards once) or slices themselves (dB_gu rows,
+// dA_d columns). Shards on one node run the down / dx products across the shards by output columns
+// (one [P, H] buffer); shards on different nodes each combine their own rows into an fp32 partial
+// that round 2 sums by tokens (ADR 0701 "One-node cost").
 // Reached only through MoELayer (layer.cpp), which validates every argument first.
 #pragma once
 #include <cstdint>
