@@ -60,7 +60,7 @@ def summary(events: list[dict[str, Any]]) -> str:
     covered = min((e["ts"] for e in stages), default=float("inf"))
     calls: dict[str, list[float]] = {"fwd": [], "bwd": []}
     for e in complete:
-        if e["pid"] == THREADS_PID and e["ts"] >= covered - 1e3:  # "experts fwd N"; 1 ms slack
+        if e["pid"] == THREADS_PID and e["ts"] + e["dur"] > covered:  # "experts fwd N" ending in the covered part
             calls[e["name"].split()[1]].append(e["dur"] / 1e3)
     phases: dict[str, float] = {}
     for e in stages:

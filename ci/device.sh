@@ -22,6 +22,8 @@
 #   e2e-overlap issue 17, 48-layer Qwen3-30B-A3B, batch 2 x seq 2048, variants from $KT_E2E_VARIANTS (default
 #               kt_sft; one variant per device command: kt_sft, kt_sft_no_overlap, kt_kernel), one traced step;
 #               $KT_E2E_WEIGHT_DTYPE (bf16, int8, int4) is the kt-sft variants' expert base
+#   e2e-dtypes  issues 11/17: 48-layer Qwen3-30B-A3B, batch 2 x 2048, no overlap, one run per expert base in
+#               $KT_E2E_WEIGHT_DTYPES (default "bf16 int8 int4"), the first traced (plot_trace --summary)
 #   e2e-dsv3    DeepSeek-V3 MoE widths (E256 H7168 I2048), $KT_E2E_LAYERS (default 3) layers, batch 2 x 2048,
 #               --grad-ckpt, kt_sft then kt_sft_no_overlap
 #   e2e-long    seq 8192 x batch 2, $KT_E2E_LAYERS (default 8) Qwen3-30B-A3B layers, --grad-ckpt, kt_sft
@@ -151,6 +153,24 @@ perf_tree() {  # perf_tree PKG_DIR SITE OUT_DIR: build PKG_DIR into SITE, amx te
   return $rc
 }
 
+# Issue 11/17: the whole 48-layer Qwen3-30B-A3B at batch 2 x 2048, kt-sft without overlap, one process per
+# expert base in $KT_E2E_WEIGHT_DTYPES (default "bf16 int8 int4"); the first one traced and summarised.
+e2e_dtypes() {
+  local dtype first=1 rc=0
+  for dtype in ${KT_E2E_WEIGHT_DTYPES:-bf16 int8 int4}; do
+    local trace=""
+    [ $first = 1 ] && trace="$work/e2e-dtypes/step_$dtype.json" && first=0
+    "$PYTHON" benchmarks/e2e_train.py --variants kt_sft_no_overlap --layers "${KT_E2E_LAYERS:-48}" --batch 2 \
+      --seq-len 2048 --steps 2 --warmup 1 --split-steps 1 --weight-dtype "$dtype" ${trace:+--trace "$trace"} \
+      --out "$work/e2e-dtypes/$dtype" || rc=1
+    cat "$work/e2e-dtypes/$dtype/results.md" >>"$summary" 2>/dev/null
+  done
+  for f in "$work"/e2e-dtypes/step_*.json; do
+    [ -f "$f" ] && "$PYTHON" benchmarks/plot_trace.py "$f" --summary >>"$summary" 2>&1 && gzip -f "$f"
+  done
+  return $rc
+}
+
 # A perf-ab tree: a directory, or a commit whose packages/kt-sft-kernels is exported to _out/ab/COMMIT
 # (by git here, or beforehand by ci/ab_tree.sh where the device copy has no .git).
 ab_tree() {
@@ -242,6 +262,7 @@ while [ $# -gt 0 ]; do
       cat "$work/e2e-overlap/results.md" >>"$summary" 2>/dev/null
       "$PYTHON" benchmarks/plot_trace.py "$work"/e2e-overlap/step*.json --summary >>"$summary" 2>&1
       gzip -f "$work"/e2e-overlap/step*.json ;;
+    e2e-dtypes) ensure_built && step e2e-dtypes 590 e2e_dtypes ;;
     e2e-dsv3) ensure_built && step e2e-dsv3 580 "$PYTHON" benchmarks/e2e_train.py --shape dsv3-width \
         --variants kt_sft,kt_sft_no_overlap --layers "${KT_E2E_LAYERS:-3}" --batch 2 --seq-len 2048 --grad-ckpt \
         --steps 2 --warmup 1 --split-steps 1 --trace "$work/e2e-dsv3/step.json" --out "$work/e2e-dsv3"
