@@ -60,7 +60,8 @@ def summary(events: list[dict[str, Any]]) -> str:
     covered = min((e["ts"] for e in stages), default=float("inf"))
     calls: dict[str, list[float]] = {"fwd": [], "bwd": []}
     for e in complete:
-        if e["pid"] == THREADS_PID and e["ts"] + e["dur"] > covered:  # "experts fwd N" ending in the covered part
+        # "experts fwd N" calls that end in the covered part
+        if e["pid"] == THREADS_PID and e["ts"] + e["dur"] > covered:
             calls[e["name"].split()[1]].append(e["dur"] / 1e3)
     phases: dict[str, float] = {}
     for e in stages:
