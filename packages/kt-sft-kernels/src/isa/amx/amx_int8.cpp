@@ -31,7 +31,7 @@
 // Tiles 0..3 accumulate (2 output tiles) x (hi, lo); 4..7 are the operands. NT: a pair of W tile rows
 // (32 outputs) against one m-tile's (hi, lo); with more than 2 m-tiles the reduction runs in chunks
 // (kNtChunk) so the W chunk stays in L1 for every m-tile. NN: one m-tile's (hi, lo) against two
-// 16-column B tiles. Each output element is one chain of TDPBSSD in reduction order
+// 16-column B tiles, chunked the same way. Each output element is one chain of TDPBSSD in reduction order
 // (exact integers), so results depend neither on the column range of a call nor on threads.
 #include "amx_internal.hpp"
 
@@ -149,7 +149,7 @@ inline __m512 combine_digits(const std::int32_t* hi, const std::int32_t* lo) {
 
 // ---- NT: C = A W^T ---------------------------------------------------------------------------------
 
-// Reduction steps per chunk when the call has several m-tiles: a chunk of a W tile-row pair
+// Reduction steps per chunk when the call has more than 2 m-tiles (NT and NN): a chunk of a W tile-row pair
 // (32 rows x kNtChunk x 64 bytes = 16 KB) stays in L1 while every m-tile runs over it; the
 // accumulators wait in a per-thread spill buffer between chunks (exact int32: the chunking cannot
 // change a result).
@@ -298,39 +298,62 @@ void nn_int8(int m, const std::uint8_t* act, const void* wq, int k, int cols, in
   const std::uint8_t* tiles = act + scale_bytes(m);
   const int steps = steps_of(k), m_tiles = (m + 15) / 16;
   const std::size_t tile_stride = static_cast<std::size_t>(steps) * kTileBytes;  // one 16-column B tile row
+  // As in nt_int8: with more than 2 m-tiles the reduction runs in chunks, the chunk's B tiles (16 KB)
+  // staying in L1 for every m-tile, the accumulators spilled between chunks (exact int32).
+  const int chunk = m_tiles > 2 ? kNtChunk : steps;
+  auto* spill = static_cast<std::uint8_t*>(
+      chunk < steps ? nt_spill.ensure(static_cast<std::size_t>(m_tiles) * 4 * kTileBytes) : nullptr);
   alignas(64) std::int32_t acc[4][256];
   for (int j = j0; j < j1; j += 32) {
     const std::uint8_t* b0 = strip + static_cast<std::size_t>((j - j0) / 16) * tile_stride;
     const std::uint8_t* b1 = b0 + tile_stride;
-    for (int mt = 0; mt < m_tiles; ++mt) {
-      const std::uint8_t* a = tiles + static_cast<std::size_t>(mt) * m_tile_bytes(k);
-      tile_zero<0>();
-      tile_zero<1>();
-      tile_zero<2>();
-      tile_zero<3>();
-      for (int ks = 0; ks < steps; ++ks) {
-        const std::uint8_t* ak = a + static_cast<std::size_t>(ks) * 2 * kTileBytes;
-        const std::size_t off = static_cast<std::size_t>(ks) * kTileBytes;
-        tile_load<4>(ak, 64);
-        tile_load<6>(b0 + off, 64);
-        tile_dpbssd<0, 4, 6>();
-        tile_load<5>(ak + kTileBytes, 64);
-        tile_dpbssd<1, 5, 6>();
-        tile_load<7>(b1 + off, 64);
-        tile_dpbssd<2, 4, 7>();
-        tile_dpbssd<3, 5, 7>();
-      }
-      tile_store<0>(acc[0], 64);
-      tile_store<1>(acc[1], 64);
-      tile_store<2>(acc[2], 64);
-      tile_store<3>(acc[3], 64);
-      const int valid = std::min(16, m - 16 * mt);
-      for (int t = 0; t < valid; ++t) {
-        const int row = 16 * mt + t;
-        const __m512 s = _mm512_set1_ps(act_scale[row]);
-        for (int half = 0; half < 2; ++half)
-          _mm512_storeu_ps(c + row * ldc + (j - j0) + 16 * half,
-                           _mm512_mul_ps(combine_digits(acc[2 * half] + 16 * t, acc[2 * half + 1] + 16 * t), s));
+    for (int k0 = 0; k0 < steps; k0 += chunk) {
+      const int k1 = std::min(steps, k0 + chunk);
+      for (int mt = 0; mt < m_tiles; ++mt) {
+        const std::uint8_t* a = tiles + static_cast<std::size_t>(mt) * m_tile_bytes(k);
+        std::uint8_t* sp = spill ? spill + static_cast<std::size_t>(mt) * 4 * kTileBytes : nullptr;
+        if (k0 == 0) {
+          tile_zero<0>();
+          tile_zero<1>();
+          tile_zero<2>();
+          tile_zero<3>();
+        } else {
+          tile_load<0>(sp, 64);
+          tile_load<1>(sp + kTileBytes, 64);
+          tile_load<2>(sp + 2 * kTileBytes, 64);
+          tile_load<3>(sp + 3 * kTileBytes, 64);
+        }
+        for (int ks = k0; ks < k1; ++ks) {
+          const std::uint8_t* ak = a + static_cast<std::size_t>(ks) * 2 * kTileBytes;
+          const std::size_t off = static_cast<std::size_t>(ks) * kTileBytes;
+          tile_load<4>(ak, 64);
+          tile_load<6>(b0 + off, 64);
+          tile_dpbssd<0, 4, 6>();
+          tile_load<5>(ak + kTileBytes, 64);
+          tile_dpbssd<1, 5, 6>();
+          tile_load<7>(b1 + off, 64);
+          tile_dpbssd<2, 4, 7>();
+          tile_dpbssd<3, 5, 7>();
+        }
+        if (k1 < steps) {
+          tile_store<0>(sp, 64);
+          tile_store<1>(sp + kTileBytes, 64);
+          tile_store<2>(sp + 2 * kTileBytes, 64);
+          tile_store<3>(sp + 3 * kTileBytes, 64);
+          continue;
+        }
+        tile_store<0>(acc[0], 64);
+        tile_store<1>(acc[1], 64);
+        tile_store<2>(acc[2], 64);
+        tile_store<3>(acc[3], 64);
+        const int valid = std::min(16, m - 16 * mt);
+        for (int t = 0; t < valid; ++t) {
+          const int row = 16 * mt + t;
+          const __m512 s = _mm512_set1_ps(act_scale[row]);
+          for (int half = 0; half < 2; ++half)
+            _mm512_storeu_ps(c + row * ldc + (j - j0) + 16 * half,
+                             _mm512_mul_ps(combine_digits(acc[2 * half] + 16 * t, acc[2 * half + 1] + 16 * t), s));
+        }
       }
     }
   }
