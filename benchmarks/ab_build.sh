@@ -19,6 +19,8 @@ fi
 sed -i "s/nanobind_add_module(_core NB_STATIC/nanobind_add_module(_core NB_STATIC NB_DOMAIN kt_ab_$label/" "$src/CMakeLists.txt"
 grep -q "NB_DOMAIN kt_ab_$label" "$src/CMakeLists.txt" || { echo "ab_build: could not set NB_DOMAIN" >&2; exit 1; }
 out=$root/_out/ab-build/$label
-cmake -S "$src" -B "$out" -G Ninja -DPython_EXECUTABLE="${PYTHON:-python3}" -DSKBUILD_PROJECT_VERSION=0.1.0 >/dev/null
-ninja -C "$out" _core >/dev/null
+generator=()
+if command -v ninja >/dev/null; then generator=(-G Ninja); fi
+cmake -S "$src" -B "$out" "${generator[@]}" -DPython_EXECUTABLE="${PYTHON:-python3}" -DSKBUILD_PROJECT_VERSION=0.1.0 >/dev/null
+cmake --build "$out" --target _core --parallel "$(nproc)" >/dev/null
 ls "$out"/_core*.so
