@@ -247,8 +247,8 @@ void bind_runtime(nb::module_& m) {
   testing.def("pool_run_raising", &run_raising, nb::arg("pool"), nb::arg("num_tasks"), nb::arg("failing_task"),
               nb::arg("kind") = "runtime", "Runs tasks; task failing_task throws (RuntimeError or ValueError).");
   testing.def("available_memory", [] {
-    const runtime::AvailableMemory m = runtime::available_memory();
-    return std::make_pair(m.bytes, m.source);
+    const runtime::AvailableMemory available = runtime::available_memory();
+    return std::make_pair(available.bytes, available.source);
   }, "(bytes, source): what the layer's up-front size check compares against (KT_SFT_TEST_MEM_LIMIT overrides).");
   testing.def("pool_run_nested", &run_nested, nb::arg("pool"), "Calls parallel_for from inside a task.");
 }
