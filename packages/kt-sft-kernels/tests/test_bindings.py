@@ -640,6 +640,27 @@ def test_async_calls_run_in_order_and_dropping_waits(problem: Problem) -> None:
         assert out.tobytes() == expected.tobytes()
 
 
+def test_sync_call_waits_for_queued_async_calls(problem: Problem) -> None:
+    # A sync call on an idle pool runs on the caller's thread; with calls queued it must run after them.
+    x2 = problem.x[::-1].copy()
+    expected = run_all(problem, x=x2)[0]
+    out = problem.out()
+    pendings = [
+        problem.layer.forward_async(problem.x, problem.ids, problem.weights, out, lora=problem.lora)
+        for _ in range(6)
+    ]
+    problem.layer.forward(x2, problem.ids, problem.weights, out, lora=problem.lora)
+    assert all(p.done() for p in pendings)
+    assert out.tobytes() == expected.tobytes()
+
+
+def test_sync_calls_on_a_pool_pinned_to_cpus_match_an_unpinned_pool() -> None:
+    # Pools from a CPU list run every call on their pinned executor thread, never the caller's.
+    cpus = kk.affinity_cpus()[:2]
+    expected = run_all(make_problem(pool=kk.ThreadPool(len(cpus))))
+    assert_bitwise_equal(expected, run_all(make_problem(pool=kk.ThreadPool(cpus=cpus))))
+
+
 def test_async_keeps_its_arrays_alive(problem: Problem) -> None:
     expected = run_all(problem)[0]
     out = problem.out()

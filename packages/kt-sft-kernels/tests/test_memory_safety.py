@@ -16,6 +16,7 @@ import kt_sft_kernels as kk
 import numpy as np
 import pytest
 from kt_sft_kernels.testing import (
+    BF16,
     KernelResult,
     MoECase,
     build_layer,
@@ -267,6 +268,36 @@ def test_forward_larger_than_memory_raises_memory_error(monkeypatch: pytest.Monk
     result = KernelResult(out=out)
     with pytest.raises(MemoryError, match=r"^backward: 512 tokens with top_k=2 need about"):
         run_backward(layer, handle, case, result)
+
+
+def test_a_recent_reading_never_approves_a_call_larger_than_memory() -> None:
+    # The check reuses a reading for 100 ms (less what it approved since); a call that does not fit
+    # that budget must still be refused on a fresh reading of the real limits (no test override).
+    available, _ = kk._core._testing.available_memory()
+    if available > 64 << 30:
+        pytest.skip(
+            "needs a machine with at most 64 GiB available (the refused call's weights scale with it)"
+        )
+    rng = np.random.default_rng(7)
+    tokens, hidden = 4096, 64
+    # forward(save=True) needs about 8 * I bytes per routed pair (cache, h, packing): twice what is available.
+    inter = (2 * available // (8 * tokens) + 31) // 32 * 32
+    layer = kk.MoELayer(
+        kk.MoEConfig(num_experts=1, top_k=1, hidden=hidden, intermediate=inter), pool=kk.ThreadPool(1)
+    )
+    layer.load_weights(
+        gate_up=rng.standard_normal((1, 2 * inter, hidden), dtype=np.float32).astype(BF16),
+        down=rng.standard_normal((1, hidden, inter), dtype=np.float32).astype(BF16),
+    )
+    ids, weights = np.zeros((tokens, 1), np.int32), np.ones((tokens, 1), np.float32)
+    x = rng.standard_normal((tokens, hidden), dtype=np.float32).astype(BF16)
+    out = nan_array((tokens, hidden), BF16)
+    layer.forward(x[:1], ids[:1], weights[:1], out[:1], save=True)  # a reading, and a budget from it
+    with pytest.raises(
+        MemoryError, match=r"^forward: 4096 tokens with top_k=1 need about .* are available \((?!KT_SFT)"
+    ):
+        layer.forward(x, ids, weights, out, save=True)
+    assert np.isnan(out[1:].astype(np.float32)).all()  # nothing ran
 
 
 def test_calls_within_reserved_workspace_need_no_new_memory(monkeypatch: pytest.MonkeyPatch) -> None:

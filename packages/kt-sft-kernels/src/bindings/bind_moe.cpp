@@ -269,8 +269,9 @@ PyMoELayer make_layer(const moe::MoEConfig& config, nb::handle pool) {
   return l;
 }
 
-PyPending start_forward(PyMoELayer& self, nb::handle x, nb::handle ids, nb::handle weights, nb::handle out,
-                        nb::handle lora, bool save) {
+// where = RunOn::caller_if_idle (sync calls): the work may run right here, with the GIL released.
+PyPending start_forward_on(moe::RunOn where, PyMoELayer& self, nb::handle x, nb::handle ids, nb::handle weights,
+                           nb::handle out, nb::handle lora, bool save) {
   if (!self.weights_loaded) throw std::runtime_error("MoELayer: call load_weights() before forward()");
   PyPending p;
   p.what = "forward";
@@ -284,7 +285,12 @@ PyPending start_forward(PyMoELayer& self, nb::handle x, nb::handle ids, nb::hand
     raise_type("lora: expected a kt_sft_kernels.LoRA or None, got " + object_type_name(lora));
   const View xv = p.arrays[0].view, idv = p.arrays[1].view, wv = p.arrays[2].view, ov = p.arrays[3].view;
   const moe::LoRAViews lv = l ? l->current(p.arrays) : moe::LoRAViews{};
-  p.call = moe::submit_forward(*self.context, *self.layer, xv, idv, wv, ov, lv, save);
+  if (where == moe::RunOn::caller_if_idle) {
+    nb::gil_scoped_release release;
+    p.call = moe::submit_forward(*self.context, *self.layer, xv, idv, wv, ov, lv, save, where);
+  } else {
+    p.call = moe::submit_forward(*self.context, *self.layer, xv, idv, wv, ov, lv, save, where);
+  }
   p.layer_object = nb::find(&self);
   p.objects.push_back(nb::borrow(lora));
   p.objects.push_back(p.layer_object);
@@ -298,8 +304,8 @@ PyPending start_forward(PyMoELayer& self, nb::handle x, nb::handle ids, nb::hand
   return p;
 }
 
-PyPending start_backward(PyMoELayer& self, nb::handle saved, nb::handle grad_out, nb::handle grad_x,
-                         nb::handle grad_weights, nb::handle lora_grads) {
+PyPending start_backward_on(moe::RunOn where, PyMoELayer& self, nb::handle saved, nb::handle grad_out,
+                            nb::handle grad_x, nb::handle grad_weights, nb::handle lora_grads) {
   PyForwardHandle* h = nullptr;
   if (!nb::try_cast(saved, h) || h == nullptr)
     raise_type("saved: expected the ForwardHandle returned by forward(..., save=True), got " + object_type_name(saved));
@@ -332,7 +338,12 @@ PyPending start_backward(PyMoELayer& self, nb::handle saved, nb::handle grad_out
   moe::rebind_cache_inputs(*h->cache, xv, lv);
 
   const View gov = p.arrays[0].view, gxv = p.arrays[1].view, gwv = p.arrays[2].view;
-  p.call = moe::submit_backward(*self.context, *self.layer, h->cache, gov, gxv, gwv, gv);
+  if (where == moe::RunOn::caller_if_idle) {
+    nb::gil_scoped_release release;
+    p.call = moe::submit_backward(*self.context, *self.layer, h->cache, gov, gxv, gwv, gv, where);
+  } else {
+    p.call = moe::submit_backward(*self.context, *self.layer, h->cache, gov, gxv, gwv, gv, where);
+  }
   h->cache.reset();
   h->consumed = true;
   p.objects.push_back(nb::borrow(saved));
@@ -340,6 +351,16 @@ PyPending start_backward(PyMoELayer& self, nb::handle saved, nb::handle grad_out
   p.objects.push_back(nb::borrow(lora_grads));
   p.objects.push_back(nb::find(&self));
   return p;
+}
+
+PyPending start_forward(PyMoELayer& self, nb::handle x, nb::handle ids, nb::handle weights, nb::handle out,
+                        nb::handle lora, bool save) {
+  return start_forward_on(moe::RunOn::executor, self, x, ids, weights, out, lora, save);
+}
+
+PyPending start_backward(PyMoELayer& self, nb::handle saved, nb::handle grad_out, nb::handle grad_x,
+                         nb::handle grad_weights, nb::handle lora_grads) {
+  return start_backward_on(moe::RunOn::executor, self, saved, grad_out, grad_x, grad_weights, lora_grads);
 }
 
 // Test hook: a Pending whose job throws, to check that wait() re-raises and that dropping it warns.
@@ -461,7 +482,9 @@ void bind_moe(nb::module_& m) {
            "shards lists each shard's own.")
       .def("forward",
            [](PyMoELayer& self, nb::handle x, nb::handle ids, nb::handle weights, nb::handle out, nb::handle lora,
-              bool save) { return start_forward(self, x, ids, weights, out, lora, save).wait(); },
+              bool save) {
+             return start_forward_on(moe::RunOn::caller_if_idle, self, x, ids, weights, out, lora, save).wait();
+           },
            nb::arg("x").none(), nb::arg("ids").none(), nb::arg("weights").none(), nb::arg("out").none(),
            nb::arg("lora").none() = nb::none(), nb::arg("save") = false,
            "out[T,H] = sum_j weights[t,j] * expert_{ids[t,j]}(x[t]). Returns a ForwardHandle if save, else None.")
@@ -471,7 +494,8 @@ void bind_moe(nb::module_& m) {
       .def("backward",
            [](PyMoELayer& self, nb::handle saved, nb::handle grad_out, nb::handle grad_x, nb::handle grad_weights,
               nb::handle lora_grads) {
-             start_backward(self, saved, grad_out, grad_x, grad_weights, lora_grads).wait();
+             start_backward_on(moe::RunOn::caller_if_idle, self, saved, grad_out, grad_x, grad_weights, lora_grads)
+                 .wait();
            },
            nb::arg("saved").none(), nb::arg("grad_out").none(), nb::arg("grad_x").none(),
            nb::arg("grad_weights").none(), nb::arg("lora_grads").none() = nb::none(),

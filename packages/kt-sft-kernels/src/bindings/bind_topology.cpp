@@ -81,6 +81,7 @@ PyThreadPool make_pinned_pool(const std::vector<int>& cpus) {
   context->pool = context->owned.get();
   // Thread 0 of the pool is whoever calls parallel_for: for Python pools, the executor thread.
   const int first = cpus.front();
+  context->caller_pinned = true;
   wait_and_rethrow(*context->submit([first] { runtime::pin_current_thread(first); }));
   return PyThreadPool{std::move(context)};
 }

@@ -1,11 +1,19 @@
 #include "kt/moe/calls.hpp"
 
+#include <functional>
 #include <stdexcept>
 #include <utility>
 
 #include "kt/moe/validate.hpp"
 
 namespace kt::moe {
+namespace {
+
+std::shared_ptr<runtime::Job> start(runtime::PoolContext& pool, RunOn where, std::function<void()> work) {
+  return where == RunOn::caller_if_idle ? pool.run_here_if_idle(std::move(work)) : pool.submit(std::move(work));
+}
+
+}  // namespace
 
 void PendingCall::wait() const {
   if (job_) job_->wait();
@@ -22,12 +30,12 @@ std::shared_ptr<ForwardCache> PendingCall::take_cache() {
 }
 
 PendingCall submit_forward(runtime::PoolContext& pool, MoELayer& layer, const View& x, const View& ids,
-                           const View& weights, const View& out, const LoRAViews& lora, bool save) {
+                           const View& weights, const View& out, const LoRAViews& lora, bool save, RunOn where) {
   validate_forward(layer.config(), x, ids, weights, out, lora);
   PendingCall call;
   if (save) call.slot_ = std::make_shared<PendingCall::CacheSlot>();
   MoELayer* target = &layer;
-  call.job_ = pool.submit([target, x, ids, weights, out, lora, save, slot = call.slot_] {
+  call.job_ = start(pool, where, [target, x, ids, weights, out, lora, save, slot = call.slot_] {
     ForwardCachePtr cache = target->forward_validated(x, ids, weights, out, lora, save);
     if (!save) return;
     if (!cache) throw std::logic_error("internal error: MoELayer::forward(save=true) returned no cache");
@@ -38,14 +46,14 @@ PendingCall submit_forward(runtime::PoolContext& pool, MoELayer& layer, const Vi
 
 PendingCall submit_backward(runtime::PoolContext& pool, MoELayer& layer, std::shared_ptr<ForwardCache> cache,
                             const View& grad_out, const View& grad_x, const View& grad_weights,
-                            const LoRAGradViews& grads) {
+                            const LoRAGradViews& grads, RunOn where) {
   if (!cache) throw std::invalid_argument("saved: this forward's activation cache is gone");
   if (cache_layer(*cache) != &layer) throw std::invalid_argument("backward: the saved forward belongs to another layer");
   validate_backward(layer.config(), cache_tokens(*cache), cache_x(*cache), cache_lora(*cache), grad_out, grad_x,
                     grad_weights, grads, /*all_lora_grads=*/true);
   PendingCall call;
   MoELayer* target = &layer;
-  call.job_ = pool.submit([target, cache = std::move(cache), grad_out, grad_x, grad_weights, grads] {
+  call.job_ = start(pool, where, [target, cache = std::move(cache), grad_out, grad_x, grad_weights, grads] {
     target->backward_validated(*cache, grad_out, grad_x, grad_weights, grads);
   });
   return call;

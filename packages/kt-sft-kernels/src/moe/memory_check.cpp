@@ -1,7 +1,10 @@
 // The up-front size check of forward/backward (issue 16 item 8b): estimate what a call will allocate
 // (its share of the grow-only workspace plus, for forward(save=True), the new activation cache) and
 // compare it with the memory this process may still take, before allocating anything.
+#include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <mutex>
 
 #include "kt/runtime/memory.hpp"
 #include "layer_internal.hpp"
@@ -13,6 +16,43 @@ std::string gib(double bytes) {
   char text[32];
   std::snprintf(text, sizeof text, "%.1f GiB", bytes / (1024.0 * 1024.0 * 1024.0));
   return text;
+}
+
+// The last reading of the available memory, less what calls were allowed to take since. A call that
+// fits in a reading younger than kMaxAge is allowed without reading again: /proc/meminfo and the
+// cgroup files cost tens of microseconds a call, which a tiny layer's call (~0.1-0.5 ms) feels. A
+// fresh reading decides every refusal, so the budget can only delay a MemoryError by kMaxAge of
+// other processes' growth, never raise a false one.
+struct Budget {
+  static constexpr std::chrono::milliseconds kMaxAge{100};
+  std::mutex mutex;
+  std::chrono::steady_clock::time_point read_at;
+  std::uint64_t left = 0;
+  bool valid = false;
+
+  // True when `bytes` fits in a fresh enough reading (and then takes it off the budget).
+  bool take(std::size_t bytes) {
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (!valid || std::chrono::steady_clock::now() - read_at > kMaxAge || bytes > left) return false;
+    left -= bytes;
+    return true;
+  }
+  void reset(std::uint64_t available, std::size_t taken) {
+    const std::lock_guard<std::mutex> lock(mutex);
+    read_at = std::chrono::steady_clock::now();
+    left = available > taken ? available - taken : 0;
+    valid = true;
+  }
+};
+
+Budget& budget() {
+  static Budget b;
+  return b;
+}
+
+bool test_limit_set() {
+  const char* limit = std::getenv("KT_SFT_TEST_MEM_LIMIT");
+  return limit != nullptr && *limit != '\0';
 }
 
 }  // namespace
@@ -51,6 +91,11 @@ void check_call_memory(const char* what, const MoEConfig& c, std::int64_t T, con
   const std::size_t growth = need.workspace > reserved ? need.workspace - reserved : 0;
   const std::size_t total = growth + need.cache;
   if (total == 0) return;
+  const bool testing = test_limit_set();  // tests change the limit between calls: always read it
+  if (!testing && budget().take(total)) {
+    reserved = std::max(reserved, need.workspace);
+    return;
+  }
   const runtime::AvailableMemory available = runtime::available_memory();
   if (total > available.bytes)
     throw MemoryError(std::string(what) + ": " + std::to_string(T) + " tokens with top_k=" + std::to_string(c.top_k) +
@@ -59,6 +104,7 @@ void check_call_memory(const char* what, const MoEConfig& c, std::int64_t T, con
                       gib(static_cast<double>(available.bytes)) + " (" + std::to_string(available.bytes) +
                       " bytes) are available (" + available.source +
                       "); pass fewer tokens per call (a smaller micro-batch size or sequence length)");
+  if (!testing) budget().reset(available.bytes, total);
   reserved = std::max(reserved, need.workspace);
 }
 

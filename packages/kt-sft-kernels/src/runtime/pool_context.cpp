@@ -13,6 +13,12 @@ std::shared_ptr<Job> PoolContext::submit(std::function<void()> work) {
   return executor.submit(std::move(work));
 }
 
+std::shared_ptr<Job> PoolContext::run_here_if_idle(std::function<void()> work) {
+  if (caller_pinned) return submit(std::move(work));
+  if (executor.on_executor_thread()) throw std::logic_error("a pool call was made from the pool's own executor thread");
+  return executor.run_here_if_idle(std::move(work));
+}
+
 std::shared_ptr<PoolContext> make_pool_context(int threads, bool pin) {
   auto context = std::make_shared<PoolContext>();
   context->owned = std::make_unique<ThreadPool>(threads, pin);

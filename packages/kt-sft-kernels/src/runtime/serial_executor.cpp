@@ -69,6 +69,34 @@ std::shared_ptr<Job> SerialExecutor::submit(std::function<void()> work) {
   return job;
 }
 
+std::shared_ptr<Job> SerialExecutor::run_here_if_idle(std::function<void()> work) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (thread_.joinable() && getpid() != owner_pid_)
+      throw std::runtime_error("this thread pool was created before fork(); create a new one in the child process");
+    const bool idle = !busy_ && queue_.empty();
+    if (idle) busy_ = true;
+    if (!idle) {
+      auto job = std::make_shared<Job>(std::move(work));
+      if (!thread_.joinable()) {  // busy with another caller's inline job: the thread runs this one after it
+        owner_pid_ = static_cast<int>(getpid());
+        thread_ = std::thread([this] { thread_main(); });
+      }
+      queue_.push_back(job);
+      wake_.notify_one();
+      return job;
+    }
+  }
+  auto job = std::make_shared<Job>(std::move(work));
+  job->run();
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    busy_ = false;
+  }
+  wake_.notify_one();  // jobs submitted while this one ran
+  return job;
+}
+
 bool SerialExecutor::on_executor_thread() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return std::this_thread::get_id() == thread_.get_id();
@@ -79,12 +107,15 @@ void SerialExecutor::thread_main() {
     std::shared_ptr<Job> job;
     {
       std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+      wake_.wait(lock, [this] { return (stopping_ || !queue_.empty()) && !busy_; });
       if (queue_.empty()) return;  // stopping, and nothing left to run
       job = std::move(queue_.front());
       queue_.pop_front();
+      busy_ = true;
     }
     job->run();
+    std::lock_guard<std::mutex> lock(mutex_);
+    busy_ = false;
   }
 }
 

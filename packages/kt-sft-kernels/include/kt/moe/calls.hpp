@@ -14,6 +14,11 @@
 
 namespace kt::moe {
 
+// Where a call's work runs: queued on the pool's executor (async calls), or on the calling thread
+// when the executor is idle (sync calls: PoolContext::run_here_if_idle; the caller must not hold
+// anything the work waits for, e.g. Python's GIL).
+enum class RunOn { executor, caller_if_idle };
+
 class PendingCall {
  public:
   PendingCall() = default;
@@ -36,9 +41,9 @@ class PendingCall {
 
  private:
   friend PendingCall submit_forward(runtime::PoolContext&, MoELayer&, const View&, const View&, const View&,
-                                    const View&, const LoRAViews&, bool);
+                                    const View&, const LoRAViews&, bool, RunOn);
   friend PendingCall submit_backward(runtime::PoolContext&, MoELayer&, std::shared_ptr<ForwardCache>, const View&,
-                                     const View&, const View&, const LoRAGradViews&);
+                                     const View&, const View&, const LoRAGradViews&, RunOn);
   friend PendingCall testing_failing_call(runtime::PoolContext&, const std::string&);
   struct CacheSlot {
     std::shared_ptr<ForwardCache> cache;
@@ -49,12 +54,13 @@ class PendingCall {
 
 // Validates (validate_forward) and queues layer.forward.
 PendingCall submit_forward(runtime::PoolContext& pool, MoELayer& layer, const View& x, const View& ids,
-                           const View& weights, const View& out, const LoRAViews& lora, bool save);
+                           const View& weights, const View& out, const LoRAViews& lora, bool save,
+                           RunOn where = RunOn::executor);
 // Validates (validate_backward: every LoRA gradient of the forward's LoRA required) and queues
 // layer.backward; the cache stays alive until the work ran.
 PendingCall submit_backward(runtime::PoolContext& pool, MoELayer& layer, std::shared_ptr<ForwardCache> cache,
                             const View& grad_out, const View& grad_x, const View& grad_weights,
-                            const LoRAGradViews& grads);
+                            const LoRAGradViews& grads, RunOn where = RunOn::executor);
 
 // Test hook: a call whose work throws std::invalid_argument(message).
 PendingCall testing_failing_call(runtime::PoolContext& pool, const std::string& message);

@@ -15,7 +15,8 @@ struct AvailableMemory {
 // min(MemAvailable of /proc/meminfo, cgroup limit - usage (v2 memory.max - memory.current, or v1
 // memory.limit_in_bytes - memory.usage_in_bytes)). The environment variable KT_SFT_TEST_MEM_LIMIT
 // (bytes), when set, replaces the reading: tests use it to check the MemoryError without really
-// allocating tens of GB. Read at every call (a few small file reads).
+// allocating tens of GB. Read at every call (a few small file reads; the layer's size check reuses a
+// reading for up to 100 ms, src/moe/memory_check.cpp).
 AvailableMemory available_memory();
 
 }  // namespace kt::runtime

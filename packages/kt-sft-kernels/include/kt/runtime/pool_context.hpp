@@ -13,10 +13,16 @@ namespace kt::runtime {
 struct PoolContext {
   std::unique_ptr<ThreadPool> owned;  // null for the process default pool
   ThreadPool* pool = nullptr;
+  // True when the executor thread was pinned as the pool's thread 0 (pinned pools from a CPU list):
+  // then every call runs there, never on the caller's thread.
+  bool caller_pinned = false;
   SerialExecutor executor;  // declared last: destroyed (drained, joined) before the pool
 
   // Queues work on the executor. Throws if called from the executor's own thread (it would wait for itself).
   std::shared_ptr<Job> submit(std::function<void()> work);
+  // A sync call: runs work on the calling thread when the executor is idle and not pinned
+  // (SerialExecutor::run_here_if_idle), else queues it like submit().
+  std::shared_ptr<Job> run_here_if_idle(std::function<void()> work);
 };
 
 // A context owning a new pool of `threads` threads (0: the physical cores this process may use).

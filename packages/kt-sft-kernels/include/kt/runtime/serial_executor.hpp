@@ -40,6 +40,10 @@ class SerialExecutor {
   // Queues work; the thread starts on the first submit. Throws std::runtime_error in a child
   // process when the executor was created before fork().
   std::shared_ptr<Job> submit(std::function<void()> work);
+  // Runs work on the calling thread when nothing is queued or running (the job it returns is then
+  // done), else submits it. Jobs submitted meanwhile wait for it, so the order of calls still holds.
+  // Saves a sync call the two thread hand-offs of submit + wait (tens of microseconds a call).
+  std::shared_ptr<Job> run_here_if_idle(std::function<void()> work);
   // True on the executor's own thread (a job submitting to its own executor would deadlock waiting).
   bool on_executor_thread() const;
 
@@ -49,6 +53,7 @@ class SerialExecutor {
   std::condition_variable wake_;
   std::deque<std::shared_ptr<Job>> queue_;
   bool stopping_ = false;
+  bool busy_ = false;  // a job is running, on the executor thread or (run_here_if_idle) on a caller's
   std::thread thread_;
   int owner_pid_ = 0;
 };

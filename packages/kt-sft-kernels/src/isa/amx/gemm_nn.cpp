@@ -19,9 +19,11 @@ inline void build_nn_tiles(const std::uint8_t* w, int tile_cols, int qs, int ct,
 }
 
 // One row pair over `steps` reduction steps of the B tiles in bbuf; loads interleaved as in nt_steps.
-template <int MT>
+// between_steps(s) runs after step s's products are issued: the first row pair of an item builds
+// the next item's B tiles there, so the vector unpacking overlaps the tile products in flight.
+template <int MT, class Between>
 inline void nn_steps(const std::uint8_t* bbuf, const std::uint8_t* a0, const std::uint8_t* a1, int steps,
-                     const Prefetch* pf) {
+                     const Prefetch* pf, Between&& between_steps) {
   const TileStream act{a0, MT == 2 ? a1 : nullptr};
   for (int s = 0; s < steps; ++s) {
     const std::uint8_t* b = bbuf + static_cast<std::size_t>(s) * 2 * kTileBytes;
@@ -37,6 +39,7 @@ inline void nn_steps(const std::uint8_t* bbuf, const std::uint8_t* a0, const std
       tile_dpbf16ps<2, 7, 4>();
       tile_dpbf16ps<3, 7, 5>();
     }
+    between_steps(s);
   }
 }
 
@@ -92,6 +95,10 @@ inline void nn_output(float* c, std::int64_t ldc, int rows0, int rows1) {
   }
 }
 
+// Items are (chunk, column tile), chunk outermost; an item's B tiles (built from the packed weights)
+// serve every row pair of the m-block. They are built one item ahead, double-buffered, during the
+// first row pair's products of the item before (software pipelining: with few rows per expert the
+// building costs about as much as the products, and done up front it was not overlapped with them).
 void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int cols, int j0, int j1, float* c,
             std::int64_t ldc) {
   const TileSession session;
@@ -100,7 +107,7 @@ void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int co
   const int ahead = prefetch ? std::max(0, tuning().act_prefetch_steps) : 0;
   const int w_ahead = std::max(1, tuning().weight_prefetch_items);
   const bool w_to_l2 = tuning().weight_prefetch_l2;
-  alignas(64) std::uint8_t bbuf[kMaxKcSteps * 2 * kTileBytes];
+  alignas(64) std::uint8_t bbufs[2][kMaxKcSteps * 2 * kTileBytes];
   const std::size_t panel = static_cast<std::size_t>(q_steps) * kTileBytes;  // one m-tile of activations
   for (int mb = 0; mb < m_tiles; mb += kMBlockTiles) {
     const int mb_end = std::min(m_tiles, mb + kMBlockTiles);
@@ -110,23 +117,30 @@ void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int co
     auto* spill = static_cast<std::uint8_t*>(
         kc < q_steps ? spill_store.ensure(static_cast<std::size_t>(col_tiles * row_pairs) * 4 * kTileBytes) : nullptr);
     const int items = (q_steps + kc - 1) / kc * col_tiles;  // (chunk, column tile), chunk outermost
-    for (int i = 0; i < items; ++i) {
-      const int ci = i % col_tiles, qs0 = i / col_tiles * kc, qs1 = std::min(q_steps, qs0 + kc);
-      const bool first = qs0 == 0, last = qs1 == q_steps;
-      const int j = j0 + 32 * ci, ct = j / 32;
-      // The weights of a later item (weight_prefetch_items on): step qs of this chunk prefetches
-      // step qs - qs0 of that one.
-      const int target = i + w_ahead;
-      const int target_q0 = target / col_tiles * kc, target_ct = j0 / 32 + target % col_tiles;
-      for (int qs = qs0; qs < qs1; ++qs) {
-        std::uint8_t* b = bbuf + static_cast<std::size_t>(qs - qs0) * 2 * kTileBytes;
-        build_nn_tiles(w, tile_cols, qs, ct, b, b + kTileBytes);
-        const int next = target_q0 + (qs - qs0);
-        if (prefetch && target < items && next < q_steps) {
-          prefetch_tile(w + tile_offset(2 * next, target_ct, tile_cols), w_to_l2);
-          prefetch_tile(w + tile_offset(2 * next + 1, target_ct, tile_cols), w_to_l2);
-        }
+    const auto first_step = [&](int it) { return it / col_tiles * kc; };
+    const auto steps_of = [&](int it) { return std::min(q_steps, first_step(it) + kc) - first_step(it); };
+    // Step s of item `it` into its buffer; the weights of item it + w_ahead step s are prefetched.
+    const auto build_step = [&](int it, int s) {
+      std::uint8_t* b = bbufs[it & 1] + static_cast<std::size_t>(s) * 2 * kTileBytes;
+      build_nn_tiles(w, tile_cols, first_step(it) + s, j0 / 32 + it % col_tiles, b, b + kTileBytes);
+      const int target = it + w_ahead, next = first_step(target) + s;
+      if (prefetch && target < items && next < q_steps) {
+        const int target_ct = j0 / 32 + target % col_tiles;
+        prefetch_tile(w + tile_offset(2 * next, target_ct, tile_cols), w_to_l2);
+        prefetch_tile(w + tile_offset(2 * next + 1, target_ct, tile_cols), w_to_l2);
       }
+    };
+    for (int s = 0; s < steps_of(0); ++s) build_step(0, s);
+    for (int i = 0; i < items; ++i) {
+      const int ci = i % col_tiles, qs0 = first_step(i), qs1 = qs0 + steps_of(i);
+      const bool first = qs0 == 0, last = qs1 == q_steps;
+      const int j = j0 + 32 * ci;
+      const std::uint8_t* bbuf = bbufs[i & 1];
+      const int next_steps = i + 1 < items ? steps_of(i + 1) : 0;
+      const auto build_next = [&](int s) {
+        if (s < next_steps) build_step(i + 1, s);
+      };
+      const auto nothing = [](int) {};
       for (int rp = 0; rp < row_pairs; ++rp) {
         const int mt = mb + 2 * rp;
         Prefetch pf;  // weights were prefetched while the B tiles were built
@@ -140,18 +154,22 @@ void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int co
         const std::uint8_t* a0 = act + static_cast<std::size_t>(mt) * panel + static_cast<std::size_t>(qs0) * kTileBytes;
         float* out = c + static_cast<std::int64_t>(16 * mt) * ldc + (j - j0);
         const int rows0 = std::min(16, m - 16 * mt), rows1 = std::min(16, m - 16 * mt - 16);
+        const Prefetch* p = pf.ahead ? &pf : nullptr;
         if (mt + 1 < mb_end) {
           nn_load_accumulators<2>(sp, first);
-          nn_steps<2>(bbuf, a0, a0 + panel, qs1 - qs0, pf.ahead ? &pf : nullptr);
+          if (rp == 0) nn_steps<2>(bbuf, a0, a0 + panel, qs1 - qs0, p, build_next);
+          else nn_steps<2>(bbuf, a0, a0 + panel, qs1 - qs0, p, nothing);
           if (last) nn_output<2>(out, ldc, rows0, rows1);
           else nn_spill_accumulators<2>(sp);
         } else {
           nn_load_accumulators<1>(sp, first);
-          nn_steps<1>(bbuf, a0, nullptr, qs1 - qs0, pf.ahead ? &pf : nullptr);
+          if (rp == 0) nn_steps<1>(bbuf, a0, nullptr, qs1 - qs0, p, build_next);
+          else nn_steps<1>(bbuf, a0, nullptr, qs1 - qs0, p, nothing);
           if (last) nn_output<1>(out, ldc, rows0, 0);
           else nn_spill_accumulators<1>(sp);
         }
       }
+      for (int s = qs1 - qs0; s < next_steps; ++s) build_step(i + 1, s);  // a next item with more steps
     }
   }
 }
