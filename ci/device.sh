@@ -23,7 +23,8 @@
 #               kt_sft; one variant per device command: kt_sft, kt_sft_no_overlap, kt_kernel), one traced step;
 #               $KT_E2E_WEIGHT_DTYPE (bf16, int8, int4) is the kt-sft variants' expert base
 #   e2e-dtypes  issues 11/17: 48-layer Qwen3-30B-A3B, batch 2 x 2048, no overlap, one run per expert base in
-#               $KT_E2E_WEIGHT_DTYPES (default "bf16 int8 int4"), the first traced (plot_trace --summary)
+#               $KT_E2E_WEIGHT_DTYPES (default "bf16 int8 int4"), the first traced (plot_trace --summary);
+#               $KT_E2E_STEPS timed steps (default 2)
 #   e2e-dsv3    DeepSeek-V3 MoE widths (E256 H7168 I2048), $KT_E2E_LAYERS (default 3) layers, batch 2 x 2048,
 #               --grad-ckpt, kt_sft then kt_sft_no_overlap
 #   e2e-long    seq 8192 x batch 2, $KT_E2E_LAYERS (default 8) Qwen3-30B-A3B layers, --grad-ckpt, kt_sft
@@ -161,7 +162,7 @@ e2e_dtypes() {
     local trace=""
     [ $first = 1 ] && trace="$work/e2e-dtypes/step_$dtype.json" && first=0
     "$PYTHON" benchmarks/e2e_train.py --variants kt_sft_no_overlap --layers "${KT_E2E_LAYERS:-48}" --batch 2 \
-      --seq-len 2048 --steps 2 --warmup 1 --split-steps 1 --weight-dtype "$dtype" ${trace:+--trace "$trace"} \
+      --seq-len 2048 --steps "${KT_E2E_STEPS:-2}" --warmup 1 --split-steps 1 --weight-dtype "$dtype" ${trace:+--trace "$trace"} \
       --out "$work/e2e-dtypes/$dtype" || rc=1
     cat "$work/e2e-dtypes/$dtype/results.md" >>"$summary" 2>/dev/null
   done
