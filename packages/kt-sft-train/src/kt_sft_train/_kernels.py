@@ -188,7 +188,8 @@ class KernelLayer:
         )
 
     def dequantized_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up, down) as the kernels compute with them: bf16(fp32(q * scale)) of the packed base."""
+        """(gate_up, down) as the kernels compute with them (RQ): int8 fp32(q * scale) as float32,
+        int4 bf16(fp32(q * scale)) as bfloat16."""
         if self.weight_dtype == "bf16":
             raise ValueError("dequantized_weights needs an int8/int4 layer; a bf16 base is its checkpoint")
         E, H, inter = self.num_experts, self.hidden, self.intermediate

@@ -60,8 +60,10 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def kernel_weights(q: torch.Tensor, scale: torch.Tensor, weight_dtype: str) -> torch.Tensor:
-    """The weights the kernels compute with: bf16(fp32(q * scale)) (rounding point RQ)."""
-    return dequantize(q, scale, weight_dtype).to(torch.bfloat16)
+    """The weights the kernels compute with (rounding point RQ, ADR 0603): int8 fp32(q * scale)
+    unrounded (float32), int4 bf16(fp32(q * scale)) (bfloat16)."""
+    weights = dequantize(q, scale, weight_dtype)
+    return weights if weight_dtype == "int8" else weights.to(torch.bfloat16)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, weight_dtype: str) -> torch.Tensor:

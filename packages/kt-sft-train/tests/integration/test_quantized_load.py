@@ -40,13 +40,13 @@ def _kernels() -> None:
 
 def _numpy_quantized(weight: torch.Tensor, weight_dtype: str, group_size: int) -> torch.Tensor:
     """The kernels' documented quantization rule and rounding point RQ, by the independent NumPy
-    quantizer (bf16 result)."""
+    quantizer (int8 fp32, int4 bf16: the dtype of the kernels' weights)."""
     from kt_sft_kernels import testing
 
     w = weight.float().numpy()
     q, scale = testing.quantize(w, weight_dtype, group_size)
     dequantized = np.asarray(testing.dequantize(q, scale, weight_dtype, group_size)).astype(np.float32)
-    return torch.from_numpy(dequantized).bfloat16()
+    return torch.from_numpy(dequantized).to(torch.float32 if weight_dtype == "int8" else torch.bfloat16)
 
 
 def _kt_experts(model: torch.nn.Module) -> list[KTExperts]:
@@ -54,7 +54,8 @@ def _kt_experts(model: torch.nn.Module) -> list[KTExperts]:
 
 
 def _hf_with_experts(path: Path, experts: list[KTExperts], **kwargs) -> torch.nn.Module:  # type: ignore[no-untyped-def]
-    """Plain HF (fp32) with every routed expert replaced by the kernels' dequantized weights (bf16 values)."""
+    """Plain HF (fp32) with every routed expert replaced by the kernels' dequantized weights (fp32 holds
+    them exactly)."""
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
     arch = get_moe_arch_config(hf)
     with torch.no_grad():
@@ -264,7 +265,7 @@ def test_reference_backend_refuses_quantized_bases() -> None:
 def test_numpy_rule_is_not_trivial() -> None:
     # Guards the bit-exact checks above: quantization changes the weights (no self-comparison).
     w = torch.randn(4, 8, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
-    assert not torch.equal(_numpy_quantized(w, "int8", 128), w)
+    assert not torch.equal(_numpy_quantized(w, "int8", 128), w.float())
 
 
 def test_merged_export_of_an_int4_base_is_its_dequantized_weights_plus_lora(tmp_path: Path) -> None:

@@ -40,9 +40,49 @@ pytestmark = pytest.mark.usefixtures("_kernels")
 LAYER_BOUNDS = {"int8": (2e-2, 3e-2), "int4": (3e-2, 4e-2)}
 
 
+# The dtype of the weights the kernels compute with (rounding point RQ, ADR 0603): int8 fp32(q * scale),
+# int4 bf16(fp32(q * scale)).
+KERNEL_WEIGHT_DTYPES = {"int8": torch.float32, "int4": torch.bfloat16}
+
+
 @pytest.fixture
 def _kernels() -> None:
     kernels_or_skip()
+
+
+def _with_kernel_weights(
+    hf_base: torch.nn.Module, wrapped: list[KTExperts], weight_dtype: str
+) -> torch.nn.Module:
+    """The plain HF model with its routed experts holding exactly the kernels' weights. int8's are fp32:
+    those expert modules become fp32 and compute on their (bf16) inputs in fp32, returning bf16 as the
+    kernels do; the rest of the model stays bf16 (the bf16 whole-model comparison's rounding points)."""
+    weight_dtype_torch = KERNEL_WEIGHT_DTYPES[weight_dtype]
+    with torch.no_grad():
+        for layer, experts in zip(get_moe_arch_config(hf_base).layers, wrapped, strict=True):
+            module = hf_base.get_submodule(layer.experts_path)
+            gate_up, down = experts.layer.dequantized_weights()
+            assert gate_up.dtype == weight_dtype_torch
+            if weight_dtype_torch != module.gate_up_proj.dtype:
+                module.to(weight_dtype_torch)
+                module.register_forward_pre_hook(_inputs_to(weight_dtype_torch))
+                module.register_forward_hook(_output_to(hf_base.dtype))
+            module.gate_up_proj.copy_(gate_up)
+            module.down_proj.copy_(down)
+    return hf_base
+
+
+def _inputs_to(dtype: torch.dtype):  # type: ignore[no-untyped-def]
+    def hook(_module, args):  # type: ignore[no-untyped-def]
+        return (args[0].to(dtype), *args[1:])
+
+    return hook
+
+
+def _output_to(dtype: torch.dtype):  # type: ignore[no-untyped-def]
+    def hook(_module, _args, output):  # type: ignore[no-untyped-def]
+        return output.to(dtype)
+
+    return hook
 
 
 def _captured(model: torch.nn.Module) -> list[tuple[torch.nn.Module, tuple[torch.Tensor, ...]]]:
@@ -80,7 +120,8 @@ def test_quantized_layer_matches_reference_on_dequantized_weights(family: str, w
         gate_up, down = hf_experts.gate_up_proj.detach(), hf_experts.down_proj.detach()
         kernel = KTExperts.from_weights(hf_experts, gate_up, down, KTConfig(weight_dtype=weight_dtype))
         dq_gate_up, dq_down = kernel.layer.dequantized_weights()
-        assert dq_gate_up.dtype == gate_up.dtype and not torch.equal(dq_gate_up, gate_up), "not quantized"
+        assert dq_gate_up.dtype == KERNEL_WEIGHT_DTYPES[weight_dtype]
+        assert not torch.equal(dq_gate_up, gate_up.to(dq_gate_up.dtype)), "not quantized"
         reference = KTExperts.from_weights(
             hf_experts, dq_gate_up.double(), dq_down.double(), KTConfig(backend="reference")
         )
@@ -113,12 +154,7 @@ def test_whole_model_quantized_vs_hf_peft_on_dequantized_weights(family: str, we
     arch = get_moe_arch_config(base)
     hf_base = deep_copy(base)
     wrapped = wrap_moe_layers_with_kt_wrapper(base, KTConfig(weight_dtype=weight_dtype))
-    with torch.no_grad():
-        for layer, experts in zip(arch.layers, wrapped, strict=True):
-            gate_up, down = experts.layer.dequantized_weights()
-            # bf16 values (the kernels' rounding point RQ): HF holds exactly the weights the kernels use.
-            hf_base.get_submodule(layer.experts_path).gate_up_proj.copy_(gate_up)
-            hf_base.get_submodule(layer.experts_path).down_proj.copy_(down)
+    hf_base = _with_kernel_weights(hf_base, wrapped, weight_dtype)
     hf = get_peft_model(hf_base, kt_lora_config(arch, r=4))
     randomize_lora(hf)
     kt = get_peft_model(base, kt_lora_config(arch, r=4))
@@ -133,8 +169,8 @@ def test_whole_model_quantized_vs_hf_peft_on_dequantized_weights(family: str, we
         loss.backward()
         losses.append(loss.item())
     # Whole-model bounds: the bf16 ones of DESIGN.md §7 (loss 1e-2, gradients 5e-2). Against HF on the
-    # dequantized (bf16) weights the quantization error cancels and the comparison is the bf16 test's:
-    # same weights, only the kernels' documented activation rounding points differ.
+    # dequantized weights (int8: fp32 HF experts) the quantization error cancels and the comparison is the
+    # bf16 test's: same weights, only the kernels' documented activation rounding points differ.
     assert abs(losses[1] - losses[0]) <= 1e-2 * abs(losses[0])
     hf_grads, kt_grads = trainable_grads(hf), trainable_grads(kt)
     assert hf_grads.keys() == kt_grads.keys()
@@ -151,15 +187,10 @@ def test_frozen_experts_run_without_lora_buffers(weight_dtype: str) -> None:
     import kt_sft_kernels as kk
 
     base = tiny_model("qwen3_moe", torch.bfloat16)
-    arch = get_moe_arch_config(base)
     hf_base = deep_copy(base)
     wrapped = wrap_moe_layers_with_kt_wrapper(base, KTConfig(weight_dtype=weight_dtype))
     if weight_dtype != "bf16":
-        with torch.no_grad():
-            for layer, experts in zip(arch.layers, wrapped, strict=True):
-                gate_up, down = experts.layer.dequantized_weights()
-                hf_base.get_submodule(layer.experts_path).gate_up_proj.copy_(gate_up)
-                hf_base.get_submodule(layer.experts_path).down_proj.copy_(down)
+        hf_base = _with_kernel_weights(hf_base, wrapped, weight_dtype)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     hf = get_peft_model(hf_base, config)
     randomize_lora(hf)
