@@ -8,7 +8,8 @@
 Every `--core` is one build of the `_core` extension, loaded under its own module name; all builds
 but one must come from their own nanobind domains (benchmarks/ab_build.sh does that), so their
 types do not clash. Each (threads, T) cell builds one Qwen3-30B-A3B layer per build on the same bf16
-weights and inputs, then times fwd+bwd steps build after build, `--rounds` times, after one warm-up
+weights (quantized by each build for --weight-dtype int8/int4) and inputs, then times fwd+bwd steps
+build after build, `--rounds` times, after one warm-up
 each; reports the median and best ms per build and the median of the per-round ratios to the first
 build, in wall time and in process CPU time (robust to other jobs on the machine at 1 thread; at
 more threads it includes the workers' spinning). A tiny layer (E8 H256 I128 k2, T=64) shows the
@@ -67,13 +68,13 @@ def make_inputs(shape: str, t: int, r: int, rng: np.random.Generator) -> dict:
 class Runner:
     """One build's layer on one input set; step() returns fwd+bwd wall seconds."""
 
-    def __init__(self, core: ModuleType, tier: str, threads: int, d: dict) -> None:
+    def __init__(self, core: ModuleType, tier: str, threads: int, d: dict, weight_dtype: str) -> None:
         core.set_max_isa(tier)
         e, h, i, k = d["dims"]
         t = d["x"].shape[0]
         self.core, self.tier, self.d = core, tier, d
         self.layer = core.MoELayer(
-            core.MoEConfig(num_experts=e, top_k=k, hidden=h, intermediate=i),
+            core.MoEConfig(num_experts=e, top_k=k, hidden=h, intermediate=i, weight_dtype=weight_dtype),
             pool=core.ThreadPool(threads=threads),
         )
         self.layer.load_weights(gate_up=d["gate_up"], down=d["down"])
@@ -101,6 +102,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--core", action="append", required=True, help="LABEL=PATH of a _core extension build")
     ap.add_argument("--tier", default="amx")
+    ap.add_argument("--weight-dtype", default="bf16", help="expert base of every build: bf16, int8, int4")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b")
     ap.add_argument("--tokens", default="128,512,4096")
     ap.add_argument("--threads", default="2,1")
@@ -120,7 +122,8 @@ def main() -> None:
     for threads in (int(s) for s in args.threads.split(",")):
         for t in (int(s) for s in args.tokens.split(",")):
             d = make_inputs(args.shape, t, 16, rng)
-            runners = [(label, Runner(core, args.tier, threads, d)) for label, core in builds]
+            wd = args.weight_dtype
+            runners = [(label, Runner(core, args.tier, threads, d, wd)) for label, core in builds]
             for _, run in runners:
                 run.step()  # warm-up: workspaces, page faults
             ref = [a.copy() for a in runners[0][1].results()]
@@ -148,7 +151,7 @@ def tiny_overhead(builds: list, args: argparse.Namespace, rng: np.random.Generat
     """Per-call cost: a tiny layer's fwd+bwd, calls interleaved in blocks of 10."""
     d = make_inputs("tiny", 64, 4, rng)
     for threads in (int(s) for s in args.threads.split(",")):
-        runners = [(label, Runner(core, args.tier, threads, d)) for label, core in builds]
+        runners = [(label, Runner(core, args.tier, threads, d, args.weight_dtype)) for label, core in builds]
         times: dict[str, list[float]] = {label: [] for label, _ in runners}
         for _, run in runners:
             for _ in range(20):
