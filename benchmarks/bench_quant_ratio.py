@@ -1,10 +1,12 @@
 """Speed of quantized bases relative to bf16, ours only, in ONE process (issue 11 perf follow-up).
 
-    python benchmarks/bench_quant_ratio.py --tokens 512 --repeats 5 --weight-dtype bf16,int8,int4
+    python benchmarks/bench_quant_ratio.py --tokens 512 --repeats 5 --weight-dtype bf16,int8,int4 [--profile]
 
 One layer per weight dtype on the same inputs, timed round-robin (step i of every layer before step
 i + 1 of any), median per layer. On a shared or small host only the ratios mean anything: the layers
-see the same machine load. For absolute times and every backend use bench_moe.py.
+see the same machine load. --profile adds each layer's per-stage medians (kk.profiler, wall ms of
+every stage of the step, profiled in the same rounds). For absolute times and every backend use
+bench_moe.py.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def main() -> None:
     parser.add_argument("--weight-dtype", default="bf16,int8", help="comma list; the first is the baseline")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--profile", action="store_true", help="per-stage medians of every layer")
     args = parser.parse_args()
 
     import kt_sft_kernels as kk
@@ -40,17 +43,27 @@ def main() -> None:
     lora = kt.kernel_lora(case)
     fwd: dict[str, list[float]] = {d: [] for d in dtypes}
     step: dict[str, list[float]] = {d: [] for d in dtypes}
+    stages: dict[str, dict[str, list[float]]] = {d: {} for d in dtypes}
     for rep in range(args.repeats + 1):  # the first round warms up
         for d, layer in layers.items():
             out = np.empty(case.x.shape, case.x.dtype)
+            if args.profile:
+                kk.profiler.reset()
+                kk.profiler.enable()
             t0 = time.perf_counter()
             handle = layer.forward(case.x, case.ids, case.weights, out, lora=lora, save=True)
             t1 = time.perf_counter()
             kt.run_backward(layer, handle, case, kt.KernelResult(out=out))
             t2 = time.perf_counter()
+            if args.profile:
+                kk.profiler.disable()
             if rep:
                 fwd[d].append(t1 - t0)
                 step[d].append(t2 - t0)
+                if args.profile:
+                    for stage, s in kk.profiler.stats().items():
+                        if s["calls"]:
+                            stages[d].setdefault(stage, []).append(s["total_s"])
     base = dtypes[0]
     isa = kk.active_isa()
     print(f"shape {args.shape} T={args.tokens} threads={args.threads} repeats={args.repeats} ({isa})")
@@ -60,6 +73,15 @@ def main() -> None:
         f, s = float(np.median(fwd[d])), float(np.median(step[d]))
         rf, rs = np.median(fwd[base]) / f, np.median(step[base]) / s
         print(f"| {d} | {f * 1e3:.1f} | {s * 1e3:.1f} | {rf:.2f} | {rs:.2f} |")
+    if args.profile:
+        names = list(dict.fromkeys(stage for d in dtypes for stage in stages[d]))
+        print("\n| stage (wall ms, median) | " + " | ".join(dtypes) + " |")
+        print("|---|" + "---|" * len(dtypes))
+        for stage in names:
+            cells = [
+                f"{1e3 * np.median(stages[d][stage]):.1f}" if stage in stages[d] else "-" for d in dtypes
+            ]
+            print(f"| {stage} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
