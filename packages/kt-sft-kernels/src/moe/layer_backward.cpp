@@ -1,6 +1,7 @@
 // MoELayer::backward: from the forward's cache, grad_x, grad_weights and the LoRA gradients
 // (docs/kernels.md lists the phases and rounding points).
 #include "layer_internal.hpp"
+#include "round_zero.hpp"
 
 namespace kt::moe {
 
@@ -60,15 +61,20 @@ void MoELayer::backward_validated(const ForwardCache& cache, const View& grad_ou
   const std::size_t scratch_per_thread = static_cast<std::size_t>(kWideBlock) * std::max({rg, rd, 1});
   float* scratch = ws.scratch.ensure(static_cast<std::size_t>(pool.size()) * scratch_per_thread);
 
-  // B1: B_d^T G per pair (unweighted). A_gu x comes from the forward's cache.
-  float* bg = rd ? ws.bg.ensure(P * rd) : nullptr;
+  // B1: B_d^T G per pair (unweighted). A_gu x comes from the forward's cache. NUMA shards on one
+  // node: round 0 computed B_d^T G (and packed grad_out) once for all shards.
+  const RoundZero* z = rows ? rows->shared : nullptr;
+  const float* bg = rd && z && z->lora ? z->lora_rows.data() : nullptr;
   const float* ax = cache.ax.data();
-  if (rd)
+  if (rd && !bg) {
+    float* own = ws.bg.ensure(P * rd);
     run_tasks(pool, Stage::bwd_lora_bt, n_chunks, [&](std::int64_t task, int) {
       const PairChunk& ch = ws.chunks[task];
       kt.lora_bt(static_cast<int>(ch.end - ch.begin), g_rows + ch.begin, expert_slice(lora.b_d, ch.expert), lora_dtype,
-                 rd, H, bg + ch.begin * rd);
+                 rd, H, own + ch.begin * rd);
     });
+    bg = own;
+  }
 
   // B2: per (expert, I block): v = W_d^T G + s_d A_d^T (B_d^T G); h (recomputed), <h, v> partials,
   // dg/du rounded to bf16 (R5); then the block's rows of dB_gu and columns of dA_d. Extra tasks
@@ -76,7 +82,9 @@ void MoELayer::backward_validated(const ForwardCache& cache, const View& grad_ou
   float* gw_part = ws.gw_part.ensure(P * i_blocks);
   const bool want_db_d = rd && lg.db_d;
   const std::int64_t main_tasks = n_active * i_blocks;
-  const PackedRows* gp = ws.packed.build(kt, true, r, g_rows, H, pool, {L.down.data(), L.down_stride, I}) ? &ws.packed : nullptr;
+  const PackedRows* gp = z && z->packs ? &z->packed
+                         : ws.packed.build(kt, true, r, g_rows, H, pool, {L.down.data(), L.down_stride, I}) ? &ws.packed
+                                                                                                           : nullptr;
   float* tiles = ws.tiles.ensure(static_cast<std::size_t>(pool.size()) * kTileFloats);
   run_tasks(pool, Stage::bwd_down, main_tasks + (want_db_d ? n_active * db_d_blocks : 0), [&](std::int64_t task, int thread) {
     float* tscratch = scratch + thread * scratch_per_thread;

@@ -1,6 +1,7 @@
 // MoELayer::forward: routing, the gate/up GEMMs with LoRA, SwiGLU, down, the weighted combine
 // (docs/kernels.md lists the phases and rounding points).
 #include "layer_internal.hpp"
+#include "round_zero.hpp"
 
 namespace kt::moe {
 
@@ -55,9 +56,11 @@ ForwardCachePtr MoELayer::forward_validated(const View& x, const View& ids, cons
     cache->rank_d = rd;
   }
   Routing& r = save ? cache->routing : ws.routing;
+  const RoundZero* z = rows ? rows->shared : nullptr;  // NUMA shards on one node: round 0's results
   {
     const prof::Scope timed(Stage::route, prof::Kind::wall);
-    build_routing(ids, weights, E, r);
+    if (z) r = *z->route;
+    else build_routing(ids, weights, E, r);
   }
   const std::int64_t P = r.pairs();
   const auto n_active = static_cast<std::int64_t>(r.active.size());
@@ -77,7 +80,9 @@ ForwardCachePtr MoELayer::forward_validated(const View& x, const View& ids, cons
 
   // F1: A_gu x per pair (fp32, kept unrounded).
   float* ax = rg ? (save ? cache->ax.ensure(P * rg) : ws.ax.ensure(P * rg)) : nullptr;
-  if (rg)
+  if (rg && z && z->lora)
+    std::memcpy(ax, z->lora_rows.data(), static_cast<std::size_t>(P * rg) * sizeof(float));
+  else if (rg)
     run_tasks(pool, Stage::lora_a_gu, n_chunks, [&](std::int64_t task, int) {
       const PairChunk& ch = ws.chunks[task];
       kt.lora_a(static_cast<int>(ch.end - ch.begin), x_rows + ch.begin, expert_slice(lora.a_gu, ch.expert),
@@ -86,7 +91,9 @@ ForwardCachePtr MoELayer::forward_validated(const View& x, const View& ids, cons
 
   // F2: gate and up rows of one column block, + LoRA, rounded to bf16 (R1); h = silu(g) u (R2).
   const int i_blocks = blocks_of(I, kGateUpBlock);
-  const PackedRows* xp = ws.packed.build(kt, false, r, x_rows, H, pool) ? &ws.packed : nullptr;
+  const PackedRows* xp = z && z->packs                                 ? &z->packed
+                         : ws.packed.build(kt, false, r, x_rows, H, pool) ? &ws.packed
+                                                                          : nullptr;
   float* tiles = ws.tiles.ensure(static_cast<std::size_t>(pool.size()) * kTileFloats);
   run_tasks(pool, Stage::gate_up, n_active * i_blocks, [&](std::int64_t task, int thread) {
     const int e = r.active[task / i_blocks];

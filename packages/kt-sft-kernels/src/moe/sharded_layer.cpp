@@ -33,6 +33,7 @@
 
 #include "buffer.hpp"
 #include "forward_cache.hpp"
+#include "round_zero.hpp"
 #include "routing.hpp"
 #include "kt/core/bf16.hpp"
 #include "kt/moe/validate.hpp"
@@ -44,17 +45,7 @@
 
 namespace kt::moe {
 
-namespace prof = runtime::profiler;
-
 namespace {
-
-constexpr std::int64_t kTokenChunk = 16;  // tokens per combine task
-constexpr int kCombineWidth = 512;         // columns summed per pass (as the layer's combine)
-
-inline void store_value(void* base, DType dtype, std::int64_t i, float value) {
-  if (dtype == DType::bf16) static_cast<bf16*>(base)[i] = f32_to_bf16(value);
-  else static_cast<float*>(base)[i] = value;
-}
 
 View f32_view(float* data, std::int64_t d0, std::int64_t d1, std::int64_t d2 = -1) {
   View v;
@@ -144,12 +135,13 @@ struct ShardRuntime {
   Buffer<float> db_gu, da_d;  // fp32 dB_gu rows / dA_d columns of the shard's slice (call in progress)
   Buffer<float> ad, bgu;      // A_d h and B_gu^T dgu summed over shards, for this shard's experts' pairs
   Buffer<float> y;            // shard 0, shards on one node: the [P, H] rows of all shards' down phase
+  RoundZero round0;           // shard 0, shards on one node: round 0's shared packing and LoRA rows
   std::shared_ptr<SlicePool> slices = std::make_shared<SlicePool>();
   runtime::SerialExecutor driver;  // declared last: drained and joined before the pool goes
 
   std::size_t buffer_bytes() const {
     return (out.capacity() + gx.capacity() + gw.capacity() + db_gu.capacity() + da_d.capacity() + ad.capacity() +
-            bgu.capacity() + y.capacity()) * sizeof(float);
+            bgu.capacity() + y.capacity()) * sizeof(float) + round0.bytes();
   }
 };
 
@@ -206,42 +198,49 @@ struct ShardedLayer::Impl {
   // other nodes' weights over the link, so there each shard keeps to its own slice.
   bool shared_down = false;
 
-  // Runs first(shard) on every shard's driver thread at once, then, once every shard has finished
-  // it and none failed, then(shard) (one hand-off per call: the rounds meet at a barrier inside the
-  // jobs). Rethrows the first failure in shard order after all have finished.
-  void on_shards(const std::function<void(ShardState&)>& first,
-                 const std::function<void(ShardState&)>& then = nullptr) {
+  using Round = std::function<void(ShardState&)>;
+  // Runs rounds[0](shard) on every shard's driver thread at once, then, once every shard has finished
+  // it and none failed, rounds[1](shard), and so on (one hand-off per call: the rounds meet at
+  // barriers inside the jobs). Every shard arrives at every barrier, failed or not, so a failure in
+  // any round of one shard never leaves the others waiting; after it no shard starts another round.
+  // Rethrows the first failure in shard order after all have finished. The caller holds
+  // sharded_call_mutex() (the rounds use the shards' shared runtimes).
+  void on_shards(const std::vector<Round>& rounds) {
+    static const prof::Stage kStages[] = {prof::Stage::shard_round0, prof::Stage::shard_round1,
+                                          prof::Stage::shard_round2};
     const auto n = static_cast<std::ptrdiff_t>(shards.size());
-    const std::lock_guard<std::mutex> one_call(sharded_call_mutex());
     std::barrier<> meet(n);
     std::atomic<bool> failed{false};
     std::vector<std::shared_ptr<runtime::Job>> jobs;
     std::exception_ptr failure;
+    const std::size_t first_stage = 3 - std::min<std::size_t>(rounds.size(), 3);  // the last is shard_round2
     for (auto& shard : shards) {
       try {
         jobs.push_back(shard->rt->driver.submit([&, s = shard.get()] {
           std::exception_ptr mine;
-          try {
-            const prof::Scope timed(prof::Stage::shard_round1, prof::Kind::wall);
-            first(*s);
-          } catch (...) {
-            mine = std::current_exception();
-            failed.store(true);
-          }
-          if (then) {
-            {
+          for (std::size_t k = 0; k < rounds.size(); ++k) {
+            if (k > 0) {
               const prof::Scope timed(prof::Stage::shard_barrier, prof::Kind::wall);
               meet.arrive_and_wait();
             }
-            const prof::Scope timed(prof::Stage::shard_round2, prof::Kind::wall);
-            if (!mine && !failed.load()) then(*s);
+            // A failure of an earlier round is seen by every shard here; one in this round may or may
+            // not stop the others' share of it (harmless: a round reads only what earlier ones wrote).
+            if (failed.load()) continue;
+            try {
+              const prof::Scope timed(kStages[std::min<std::size_t>(first_stage + k, 2)], prof::Kind::wall);
+              rounds[k](*s);
+            } catch (...) {
+              mine = std::current_exception();
+              failed.store(true);
+            }
           }
           if (mine) std::rethrow_exception(mine);
         }));
-      } catch (...) {  // a job that never started would leave the others at the barrier
+      } catch (...) {  // a job that never started would leave the others at the barriers
         failure = std::current_exception();
         failed.store(true);
-        for (std::size_t missing = jobs.size(); then && missing < shards.size(); ++missing) meet.arrive_and_drop();
+        for (std::size_t missing = jobs.size(); rounds.size() > 1 && missing < shards.size(); ++missing)
+          meet.arrive_and_drop();
         break;
       }
     }
@@ -295,7 +294,8 @@ ShardedLayer::~ShardedLayer() = default;
 
 void ShardedLayer::load_weights(const View* gate_up, const View* gate, const View* up, const View& down) {
   const int I = impl_->config.intermediate;
-  impl_->on_shards([&](ShardState& s) { s.layer->load_weight_slice(gate_up, gate, up, down, I, s.i0); });
+  const std::lock_guard<std::mutex> one_call(sharded_call_mutex());
+  impl_->on_shards({[&](ShardState& s) { s.layer->load_weight_slice(gate_up, gate, up, down, I, s.i0); }});
 }
 
 std::unique_ptr<LoRASlice> ShardedLayer::Impl::slice_lora(const ShardState& s, const LoRAViews& lora) const {
@@ -394,10 +394,22 @@ std::shared_ptr<ShardedCache> ShardedLayer::forward(const View& x, const View& i
   std::vector<const MoELayer*> layers;
   for (const auto& shard : L.shards) layers.push_back(shard->layer.get());
   float* y = nullptr;
+  const std::lock_guard<std::mutex> one_call(sharded_call_mutex());
+  std::vector<Impl::Round> rounds;
+  if (L.shared_down) {  // round 0: routing once, then x packed and A_gu x, split between the shards
+    RoundZero& z = L.shards.front()->rt->round0;
+    {
+      const prof::Scope timed(prof::Stage::route, prof::Kind::wall);
+      build_routing(ids, weights, L.config.num_experts, z.routing);
+    }
+    L.shards.front()->layer->shard_round0_plan(z, nullptr, lora.a_gu ? static_cast<int>(lora.a_gu.shape[1]) : 0);
+    for (PairRows& part : rows) part.shared = &z;
+    rounds.emplace_back([&](ShardState& s) { s.layer->shard_round0_forward(x, lora, z, s.index, n); });
+  }
 
   // Round 1: each shard's slice up to its per-pair y rows, or (shared_down) up to its h rows (its
   // pool's workspace).
-  L.on_shards([&](ShardState& s) {
+  rounds.emplace_back([&](ShardState& s) {
     const auto k = static_cast<std::size_t>(s.index);
     if (has_lora) cache->lora[k] = L.slice_lora(s, lora);
     const LoRAViews inner_lora = has_lora ? cache->lora[k]->views : LoRAViews{};
@@ -408,16 +420,17 @@ std::shared_ptr<ShardedCache> ShardedLayer::forward(const View& x, const View& i
     }
     cache->caches[k] = s.layer->forward_validated(x, ids, weights, out, inner_lora, save, &rows[k]);
     if (s.index == 0) y = node_local(s.rt->y, rows[0].routing->pairs() * H, s.node());
-  },
+  });
   // Round 2: shared_down: the down phase and the combine of shard s's share of the columns;
   // otherwise out = Σ_s partial_s for shard s's share of the tokens.
-  [&](ShardState& s) {
+  rounds.emplace_back([&](ShardState& s) {
     if (!L.shared_down)
       return reduce_tokens(L.shards, s.pool(), T * s.index / n, T * (s.index + 1) / n,
                            {{&ShardRuntime::out, &out, H}});
     const auto [c0, c1] = s.layer->shard_down(layers, rows, lora, s.index, n, y);
     if (c0 < c1) combine_columns(*rows[0].routing, y, true, c0, c1, H, L.config.top_k, out, s.pool(), prof::Stage::combine);
   });
+  L.on_shards(rounds);
   if (!save) return nullptr;
   return cache;
 }
@@ -436,18 +449,30 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
   std::vector<const MoELayer*> layers;
   for (const auto& shard : L.shards) layers.push_back(shard->layer.get());
   float* dx_rows = nullptr;
+  // Where x and A_gu / B_d live now (the caller may have moved them since the forward: the outer
+  // cache was re-pointed, these are the same arrays).
+  for (const ForwardCachePtr& inner_cache : cache.caches) {
+    inner_cache->x = x;
+    inner_cache->lora.a_gu = lora.a_gu;
+    inner_cache->lora.b_d = lora.b_d;
+  }
+  const std::lock_guard<std::mutex> one_call(sharded_call_mutex());
+  std::vector<Impl::Round> rounds;
+  if (L.shared_down) {  // round 0: grad_out packed and B_d^T G, split between the shards
+    RoundZero& z = L.shards.front()->rt->round0;
+    L.shards.front()->layer->shard_round0_plan(z, cache.caches.front().get(), static_cast<int>(rd));
+    for (PairRows& part : rows) part.shared = &z;
+    rounds.emplace_back([&](ShardState& s) {
+      s.layer->shard_round0_backward(*cache.caches[static_cast<std::size_t>(s.index)], grad_out, z, s.index, n);
+    });
+  }
 
   // Round 1: each shard's backward up to its per-pair dx rows, <h, v> sums and B_gu^T dgu (its
   // pool's workspace), and its slice's dB_gu rows / dA_d columns (fp32). dA_gu and dB_d wait for
   // the sums over shards (round 2).
-  L.on_shards([&](ShardState& s) {
+  rounds.emplace_back([&](ShardState& s) {
     const std::int64_t w = s.width();
     ForwardCache& inner_cache = *cache.caches[static_cast<std::size_t>(s.index)];
-    // Where x and A_gu / B_d live now (the caller may have moved them since the forward: the outer
-    // cache was re-pointed, these are the same arrays).
-    inner_cache.x = x;
-    inner_cache.lora.a_gu = lora.a_gu;
-    inner_cache.lora.b_d = lora.b_d;
     View gx, gw;  // across nodes: the shard's own combine, into fp32 partials
     if (grad_x && !L.shared_down) gx = f32_view(node_local(s.rt->gx, T * H, s.node()), T, H);
     if (grad_weights && !L.shared_down) gw = f32_view(node_local(s.rt->gw, T * K, s.node()), T, K);
@@ -459,11 +484,11 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
     s.layer->backward_validated(inner_cache, grad_out, inner_gx, inner_gw, inner, &rows[static_cast<std::size_t>(s.index)]);
     if (L.shared_down && grad_x && s.index == 0)
       dx_rows = node_local(s.rt->y, inner_cache.routing.pairs() * H, s.node());
-  },
+  });
   // Round 2: dx and grad_w of shard s's share of the tokens (the combine of all shards); dA_gu and
   // dB_d of its share of the experts from A_d h and B_gu^T dgu summed over shards; its own dB_gu
   // rows / dA_d columns.
-  [&](ShardState& s) {
+  rounds.emplace_back([&](ShardState& s) {
     const std::int64_t t0 = T * s.index / n, t1 = T * (s.index + 1) / n;
     ForwardCache& own_cache = *cache.caches[static_cast<std::size_t>(s.index)];
     if (L.shared_down && (grad_x || lg.da_gu)) {  // dx rows and dA_gu of shard s's share of the columns
@@ -525,8 +550,8 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
       }
     });
   });
+  L.on_shards(rounds);
 }
-
 
 std::vector<MemoryReport> ShardedLayer::memory_reports() {
   std::vector<MemoryReport> out;

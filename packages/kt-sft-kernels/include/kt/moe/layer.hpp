@@ -69,7 +69,8 @@ LayerSizes layer_sizes(const MoEConfig& config);
 // Activation-cache bytes a forward(save=true) keeps per routed pair (gu bf16, A_gu x and A_d h fp32).
 std::size_t cache_bytes_per_pair(const MoEConfig& config, int rank_gu, int rank_d);
 
-struct Routing;  // src/moe/routing.hpp
+struct Routing;    // src/moe/routing.hpp
+struct RoundZero;  // src/moe/round_zero.hpp
 
 // For the NUMA shard wrapper (src/moe/sharded_layer.cpp): where a shard's forward / backward left
 // what the wrapper's second round reads (the pool's workspace; valid until the pool's next call).
@@ -83,6 +84,8 @@ struct PairRows {
   const float* weight = nullptr;              // [P] routing weight of each pair
   const float* bgu = nullptr;                 // [P, r_gu] B_gu^T dgu of the layer's slice (backward)
   const float* ad = nullptr;                  // [P, r_d] A_d h of the layer's slice (forward)
+  const RoundZero* shared = nullptr;          // in: round 0's routing / packed rows / LoRA rows, used
+                                              // instead of the layer's own (shards on one node)
 };
 
 class MoELayer {
@@ -139,6 +142,13 @@ class MoELayer {
   // [P, r_gu]), written straight into lora_grads.db_d / da_gu (experts without pairs: zeros).
   void shard_lora_grads(const ForwardCache& cache, const float* ad, const float* bgu, int e0, int e1,
                         const LoRAGradViews& lora_grads);
+  // For the NUMA shard wrapper, shards on one node: round 0 (src/moe/round_zero.hpp). plan lays out
+  // z for a forward (routing in z.routing) / backward (the cache's routing) on the calling thread;
+  // then every shard fills its share (`index` of `count`) on its own pool, from the caller's x /
+  // grad_out and LoRA (A_gu / B_d).
+  void shard_round0_plan(RoundZero& z, const ForwardCache* backward_of, int rank);
+  void shard_round0_forward(const View& x, const LoRAViews& lora, RoundZero& z, int index, int count);
+  void shard_round0_backward(const ForwardCache& cache, const View& grad_out, RoundZero& z, int index, int count);
   // For the NUMA shard wrapper, shards on one node, after every shard's forward stopped before its
   // down phase (PairRows::split_down): the down phase of all shards for this shard's share of the
   // output columns (`index` of `count`; whole column blocks), y[:, c0:c1) = Σ_s W_d[:, S_s] h_s +
