@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import kt_sft_kernels as kk
@@ -170,6 +171,41 @@ def test_same_bits_for_any_thread_count(isa: str, shared_down: str, monkeypatch:
             again = {k: v.tobytes() for k, v in outputs(kt.run_kernels(layer, case)).items()}
             assert again == results[-1], f"{layout}: second run differs"
     assert results[0] == results[1] == results[2]
+
+
+@pytest.mark.parametrize("shared_down", ["1", "0"])
+def test_a_failing_shard_round_raises_and_the_layer_keeps_working(
+    shared_down: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception in any round of one shard (round 0 exists on one node only; forward and
+    backward) reaches the caller instead of leaving the other shards at a barrier, and the next call
+    gives the usual bits."""
+    monkeypatch.setenv("KT_SFT_NUMA_SHARED_DOWN", shared_down)
+    case = make("bf16", seed=9)
+    layer = kt.build_layer(case, numa_shards=2)
+    want = {k: v.tobytes() for k, v in outputs(kt.run_kernels(layer, case)).items()}
+
+    def call(which: str, fault: str) -> None:
+        out = kt.nan_array(case.x.shape, case.x.dtype)
+        lora = kt.kernel_lora(case)
+        if which == "forward":
+            monkeypatch.setenv("KT_SFT_NUMA_FAULT", fault)
+            layer.forward(case.x, case.ids, case.weights, out, lora=lora, save=True)
+            return
+        handle = layer.forward(case.x, case.ids, case.weights, out, lora=lora, save=True)
+        monkeypatch.setenv("KT_SFT_NUMA_FAULT", fault)
+        kt.run_backward(layer, handle, case, kt.KernelResult(out=out))
+
+    rounds = [0, 1, 2] if shared_down == "1" else [1, 2]
+    with ThreadPoolExecutor(1) as waiter:  # a hang fails by timeout instead of stopping the run
+        for which in ("forward", "backward"):
+            for r, s in ((r, s) for r in rounds for s in (0, 1)):
+                fault = f"{r},{s}"
+                with pytest.raises(RuntimeError, match=f"injected failure in round {r} of shard {s}"):
+                    waiter.submit(call, which, fault).result(timeout=60)
+                monkeypatch.delenv("KT_SFT_NUMA_FAULT")
+                again = {k: v.tobytes() for k, v in outputs(kt.run_kernels(layer, case)).items()}
+                assert again == want, f"{which} after a failure in round,shard {fault}"
 
 
 def test_empty_batch_and_all_ids_skipped() -> None:

@@ -18,6 +18,7 @@
 #include <atomic>
 #include <barrier>
 #include <cstddef>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -110,6 +111,15 @@ class SlicePool {
   std::mutex mutex_;
   std::vector<std::unique_ptr<LoRASlice>> spare_;
 };
+
+// KT_SFT_NUMA_FAULT="<round>,<shard>" (for tests, docs/environment.md): that round of that shard
+// throws, so a test can check that a failing shard never leaves the others waiting at a barrier.
+std::pair<int, int> injected_fault() {
+  const char* value = std::getenv("KT_SFT_NUMA_FAULT");
+  int round = -1, shard = -1;
+  if (value == nullptr || std::sscanf(value, "%d,%d", &round, &shard) != 2) return {-1, -1};
+  return {round, shard};
+}
 
 }  // namespace
 
@@ -208,12 +218,13 @@ struct ShardedLayer::Impl {
   void on_shards(const std::vector<Round>& rounds) {
     static const prof::Stage kStages[] = {prof::Stage::shard_round0, prof::Stage::shard_round1,
                                           prof::Stage::shard_round2};
+    const int first_round = rounds.size() == 3 ? 0 : 1;  // round 0 only where there is one
+    const auto fault = injected_fault();
     const auto n = static_cast<std::ptrdiff_t>(shards.size());
     std::barrier<> meet(n);
     std::atomic<bool> failed{false};
     std::vector<std::shared_ptr<runtime::Job>> jobs;
     std::exception_ptr failure;
-    const std::size_t first_stage = 3 - std::min<std::size_t>(rounds.size(), 3);  // the last is shard_round2
     for (auto& shard : shards) {
       try {
         jobs.push_back(shard->rt->driver.submit([&, s = shard.get()] {
@@ -227,7 +238,11 @@ struct ShardedLayer::Impl {
             // not stop the others' share of it (harmless: a round reads only what earlier ones wrote).
             if (failed.load()) continue;
             try {
-              const prof::Scope timed(kStages[std::min<std::size_t>(first_stage + k, 2)], prof::Kind::wall);
+              const int round = first_round + static_cast<int>(k);
+              const prof::Scope timed(kStages[round], prof::Kind::wall);
+              if (fault == std::pair<int, int>{round, s->index})
+                throw std::runtime_error("KT_SFT_NUMA_FAULT: injected failure in round " + std::to_string(round) +
+                                         " of shard " + std::to_string(s->index));
               rounds[k](*s);
             } catch (...) {
               mine = std::current_exception();
