@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import kt_sft_kernels as kk
@@ -196,16 +196,32 @@ def test_a_failing_shard_round_raises_and_the_layer_keeps_working(
         monkeypatch.setenv("KT_SFT_NUMA_FAULT", fault)
         kt.run_backward(layer, handle, case, kt.KernelResult(out=out))
 
+    def call_in_thread(which: str, fault: str) -> BaseException | None:
+        """call() on a daemon thread: a shard left waiting at a barrier fails the test, not the run."""
+        raised: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                call(which, fault)
+            except BaseException as exc:  # handed to the test thread
+                raised.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(timeout=60)
+        assert not thread.is_alive(), f"{which} with KT_SFT_NUMA_FAULT={fault} hangs"
+        return raised[0] if raised else None
+
     rounds = [0, 1, 2] if shared_down == "1" else [1, 2]
-    with ThreadPoolExecutor(1) as waiter:  # a hang fails by timeout instead of stopping the run
-        for which in ("forward", "backward"):
-            for r, s in ((r, s) for r in rounds for s in (0, 1)):
-                fault = f"{r},{s}"
-                with pytest.raises(RuntimeError, match=f"injected failure in round {r} of shard {s}"):
-                    waiter.submit(call, which, fault).result(timeout=60)
-                monkeypatch.delenv("KT_SFT_NUMA_FAULT")
-                again = {k: v.tobytes() for k, v in outputs(kt.run_kernels(layer, case)).items()}
-                assert again == want, f"{which} after a failure in round,shard {fault}"
+    for which in ("forward", "backward"):
+        for r, s in ((r, s) for r in rounds for s in (0, 1)):
+            fault = f"{r},{s}"
+            exc = call_in_thread(which, fault)
+            assert isinstance(exc, RuntimeError), f"{which} {fault}: {exc!r}"
+            assert f"injected failure in round {r} of shard {s}" in str(exc)
+            monkeypatch.delenv("KT_SFT_NUMA_FAULT")
+            again = {k: v.tobytes() for k, v in outputs(kt.run_kernels(layer, case)).items()}
+            assert again == want, f"{which} after a failure in round,shard {fault}"
 
 
 def test_empty_batch_and_all_ids_skipped() -> None:
