@@ -521,6 +521,9 @@ void bind_moe(nb::module_& m) {
   nb::module_ testing = nb::borrow<nb::module_>(m.attr("_testing"));
   testing.def("failing_pending", &failing_pending, nb::arg("pool"), nb::arg("message"),
               "A Pending whose job raises ValueError(message).");
+  testing.def("set_row_budget", &moe::set_row_budget_for_testing, nb::arg("nbytes"),
+              "Lowers the byte budget of a call's per-pair fp32 rows (ADR 0405) so small shapes run in several "
+              "token chunks; 0 restores the default. Returns the budget in force before.");
 }
 
 }  // namespace kt::bindings

@@ -128,44 +128,49 @@ ForwardCachePtr MoELayer::forward_validated(const View& x, const View& ids, cons
                 lora_dtype, rd, I, ad + ch.begin * rd);
     });
 
-  // F4: y = W_d h + s_d B_d (A_d h) per pair, fp32 rows.
-  float* y = ws.rows.ensure(P * H);
+  // F4: y = W_d h + s_d B_d (A_d h) per pair, fp32 rows; F5: out[t] = sum_j w[t, j] y[t, j] in j order
+  // (fp32), rounded once (R3). Both per token chunk when the [P, H] rows exceed the row budget
+  // (token_chunks.hpp): then W_d is read once per chunk.
   const int h_blocks = blocks_of(H, kDownBlock);
-  const PackedRows* hp = ws.packed.build(kt, false, r, h_rows, I, pool) ? &ws.packed : nullptr;
   if (rows && rows->split_down) {  // NUMA shards on one node: MoELayer::shard_down runs F4 for all
-    rows->routing = &r;            // (h rows and their packing stay in this pool's workspace)
+    ws.packed.build(kt, false, r, h_rows, I, pool);  // (h rows and their packing stay in this
+    rows->routing = &r;                              // pool's workspace)
     rows->ad = ad;
     return cache;
   }
-  run_tasks(pool, Stage::down, n_active * h_blocks, [&](std::int64_t task, int) {
-    const int e = r.active[task / h_blocks];
-    const int h0 = static_cast<int>(task % h_blocks) * kDownBlock, h1 = std::min(H, h0 + kDownBlock);
-    for_each_call(r, e, [&](std::int64_t b, int m) {
-      chunk_nt(kt, hp, r, e, b, m, h_rows, L.down_of(e), H, I, h0, h1, y + b * H + h0, H);
-      if (rd) {
-        const auto timed = part(Stage::lora_b);
-        kt.lora_b_add(m, ad + b * rd, expert_slice(lora.b_d, e), lora_dtype, rd, h0, h1, lora.scale_d,
-                      y + b * H + h0, H);
-      }
-    });
-  });
-
-  // F5: out[t] = sum_j w[t, j] y[t, j] in j order (fp32), rounded once (R3).
-  run_tasks(pool, Stage::combine, (T + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
-    float acc[kCombineWidth];
-    for (std::int64_t t = task * kTokenChunk; t < std::min(T, (task + 1) * kTokenChunk); ++t)
-      for (int c0 = 0; c0 < H; c0 += kCombineWidth) {
-        const int width = std::min(kCombineWidth, H - c0);
-        std::fill(acc, acc + width, 0.f);
-        for (int j = 0; j < K; ++j) {
-          const std::int64_t row = r.row_of_slot[t * K + j];
-          if (row < 0) continue;
-          const float wj = r.weight[row];
-          const float* yr = y + row * H + c0;
-          for (int i = 0; i < width; ++i) acc[i] += wj * yr[i];
+  ws.token_chunk.for_each(r, H, [&](const TokenChunk& tc) {
+    const Routing& sr = *tc.rows;
+    const bf16* const* ch_rows = rows_of_chunk(tc, h_rows, ws.token_chunk_rows);
+    float* y = ws.rows.ensure(static_cast<std::size_t>(std::max<std::int64_t>(sr.pairs(), 1)) * H);
+    const PackedRows* hp = ws.packed.build(kt, false, sr, ch_rows, I, pool) ? &ws.packed : nullptr;
+    run_tasks(pool, Stage::down, static_cast<std::int64_t>(sr.active.size()) * h_blocks, [&](std::int64_t task, int) {
+      const int e = sr.active[task / h_blocks];
+      const int h0 = static_cast<int>(task % h_blocks) * kDownBlock, h1 = std::min(H, h0 + kDownBlock);
+      for_each_call(sr, e, [&](std::int64_t b, int m) {
+        chunk_nt(kt, hp, sr, e, b, m, ch_rows, L.down_of(e), H, I, h0, h1, y + b * H + h0, H);
+        if (rd) {
+          const auto timed = part(Stage::lora_b);
+          kt.lora_b_add(m, ad + tc.call_row(e, b) * rd, expert_slice(lora.b_d, e), lora_dtype, rd, h0, h1,
+                        lora.scale_d, y + b * H + h0, H);
         }
-        for (int i = 0; i < width; ++i) store_value(out.data, out.dtype, t * H + c0 + i, acc[i]);
-      }
+      });
+    });
+    run_tasks(pool, Stage::combine, (tc.t1 - tc.t0 + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
+      float acc[kCombineWidth];
+      for (std::int64_t t = tc.t0 + task * kTokenChunk; t < std::min(tc.t1, tc.t0 + (task + 1) * kTokenChunk); ++t)
+        for (int c0 = 0; c0 < H; c0 += kCombineWidth) {
+          const int width = std::min(kCombineWidth, H - c0);
+          std::fill(acc, acc + width, 0.f);
+          for (int j = 0; j < K; ++j) {
+            const std::int64_t row = r.row_of_slot[t * K + j];
+            if (row < 0) continue;
+            const float wj = r.weight[row];
+            const float* yr = y + tc.chunk_row(row) * H + c0;
+            for (int i = 0; i < width; ++i) acc[i] += wj * yr[i];
+          }
+          for (int i = 0; i < width; ++i) store_value(out.data, out.dtype, t * H + c0 + i, acc[i]);
+        }
+    });
   });
   return cache;
 }

@@ -22,6 +22,7 @@
 #include "kt/runtime/profiler.hpp"
 #include "forward_cache.hpp"
 #include "routing.hpp"
+#include "token_chunks.hpp"
 
 namespace kt::moe {
 
@@ -209,6 +210,16 @@ inline void chunk_nn(const KernelTable& kt, const PackedRows* packed, const Rout
   else kt.gemm_nn(m, rows + b, w, k, cols, j0, j1, c, ldc);
 }
 
+// The rows of `all` (indexed by call row) that token chunk `c` covers, indexed by chunk row.
+inline const bf16* const* rows_of_chunk(const TokenChunk& c, const bf16* const* all, Buffer<const bf16*>& storage) {
+  if (c.whole) return all;
+  const Routing& sr = *c.rows;
+  const bf16** dst = storage.ensure(static_cast<std::size_t>(std::max<std::int64_t>(sr.pairs(), 1)));
+  for (int e : sr.active)
+    for (std::int64_t b = sr.offsets[e]; b < sr.offsets[e + 1]; ++b) dst[b] = all[c.call_row(e, b)];
+  return dst;
+}
+
 // Per-call scratch, reused across calls (grow-only).
 struct Workspace {
   Routing routing;  // forward(save=false) keeps its routing here
@@ -217,15 +228,17 @@ struct Workspace {
   Buffer<float> shard_sums;  // NUMA shards: r floats a pair summed over shards (layer_shard.cpp)
   Buffer<float> tiles;  // per thread: one GEMM call's fp32 result block (kTileFloats)
   Buffer<const bf16*> x_rows, g_rows, h_rows, dgu_rows;
+  Buffer<const bf16*> token_chunk_rows;  // a token chunk's rows of the phase input (token_chunks.hpp)
+  TokenChunk token_chunk;
   std::vector<PairChunk> chunks;
   PackedRows packed;  // activation packing of the current phase (amx-style tiers only)
 
   std::size_t bytes() const {
-    std::size_t n = packed.bytes();
+    std::size_t n = packed.bytes() + token_chunk.bytes();
     for (const Buffer<bf16>* b : {&xb, &gb, &gu, &hb, &dgu}) n += b->capacity() * sizeof(bf16);
     for (const Buffer<float>* b : {&ax, &ad, &bg, &bgu, &rows, &gw_part, &gw, &scratch, &tiles, &shard_sums})
       n += b->capacity() * sizeof(float);
-    for (const Buffer<const bf16*>* b : {&x_rows, &g_rows, &h_rows, &dgu_rows}) n += b->capacity() * sizeof(bf16*);
+    for (const Buffer<const bf16*>* b : {&x_rows, &g_rows, &h_rows, &dgu_rows, &token_chunk_rows}) n += b->capacity() * sizeof(bf16*);
     return n;
   }
 };

@@ -57,6 +57,15 @@ bool test_limit_set() {
 
 }  // namespace
 
+// The fp32 per-pair rows of one token chunk (token_chunks.hpp: at most the row budget, unless one
+// token's k rows exceed it), their chunk-row pointers and the call-row -> chunk-row map.
+static std::size_t chunk_rows_bytes(const MoEConfig& c, std::int64_t T) {
+  const auto rows = static_cast<std::size_t>(chunk_row_bound(T, c.top_k, c.hidden));
+  const bool chunked = rows < static_cast<std::size_t>(T) * static_cast<std::size_t>(c.top_k);
+  return rows * (4 * static_cast<std::size_t>(c.hidden) + (chunked ? 8 : 0)) +
+         (chunked ? static_cast<std::size_t>(T) * static_cast<std::size_t>(c.top_k) * 4 : 0);
+}
+
 // Upper bounds (P <= T*k routed pairs), in bytes, following the ensure() calls of layer_forward.cpp /
 // layer_backward.cpp; the routing and the activation packing of the amx-style tiers (<= one bf16 copy
 // of the widest phase input) included.
@@ -66,8 +75,9 @@ CallBytes forward_bytes(const MoEConfig& c, std::int64_t T, int rg, int rd, bool
   const std::size_t routing = P * 24 + static_cast<std::size_t>(c.num_experts + 1) * 8;
   const std::size_t cached_per_pair = cache_bytes_per_pair(c, rg, rd);
   CallBytes b;
-  b.workspace = static_cast<std::size_t>(T) * H * 2 /*xb*/ + P * (16 /*row pointers*/ + 2 * I /*hb*/ + 4 * H /*rows*/ +
+  b.workspace = static_cast<std::size_t>(T) * H * 2 /*xb*/ + P * (16 /*row pointers*/ + 2 * I /*hb*/ +
                                                                   2 * std::max(H, I) /*packing*/) +
+                chunk_rows_bytes(c, T) +
                 static_cast<std::size_t>(threads) * kTileFloats * 4 + (save ? 0 : P * cached_per_pair + routing);
   b.cache = save ? P * cached_per_pair + routing : 0;
   return b;
@@ -80,7 +90,8 @@ CallBytes backward_bytes(const MoEConfig& c, std::int64_t T, int rg, int rd, int
   CallBytes b;
   b.workspace = static_cast<std::size_t>(T) * H * 2 * 2 /*xb, gb*/ +
                 P * (32 /*row pointers*/ + 2 * I /*hb*/ + 2 * 2 * I /*dgu*/ + 4 * static_cast<std::size_t>(rg + rd) +
-                     4 * i_blocks + 4 /*gw*/ + 4 * H /*rows*/ + 2 * std::max(H, 2 * I) /*packing*/) +
+                     4 * i_blocks + 4 /*gw*/ + 2 * std::max(H, 2 * I) /*packing*/) +
+                chunk_rows_bytes(c, T) +
                 static_cast<std::size_t>(threads) * (kTileFloats + kWideBlock * 64) * 4;
   return b;
 }

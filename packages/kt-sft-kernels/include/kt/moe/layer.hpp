@@ -68,6 +68,9 @@ struct LayerSizes {
 LayerSizes layer_sizes(const MoEConfig& config);
 // Activation-cache bytes a forward(save=true) keeps per routed pair (gu bf16, A_gu x and A_d h fp32).
 std::size_t cache_bytes_per_pair(const MoEConfig& config, int rank_gu, int rank_d);
+// Tests only: lowers the byte budget of a call's per-pair fp32 rows (ADR 0405) so that small shapes
+// run in several token chunks; 0 restores the default. Returns the budget in force before.
+std::size_t set_row_budget_for_testing(std::size_t bytes);
 
 struct Routing;    // src/moe/routing.hpp
 struct RoundZero;  // src/moe/round_zero.hpp
