@@ -167,3 +167,41 @@ def test_workspace_rows_stay_within_the_budget_as_tokens_grow() -> None:
             whole,
             chunked,
         )
+
+
+def estimated_forward_workspace(case: kt.MoECase, monkeypatch: pytest.MonkeyPatch) -> int:
+    """The bytes the up-front memory check says forward(save=False) needs, from its MemoryError."""
+    layer = kt.build_layer(case, kk.ThreadPool(threads=1))  # a fresh (empty) workspace
+    monkeypatch.setenv("KT_SFT_TEST_MEM_LIMIT", "1")
+    out = kt.nan_array(case.x.shape, case.x.dtype)
+    with pytest.raises(MemoryError) as raised:
+        layer.forward(case.x, case.ids, case.weights, out, save=False)
+    monkeypatch.delenv("KT_SFT_TEST_MEM_LIMIT")
+    return int(str(raised.value).split(" bytes) more")[0].rsplit("(", 1)[1])
+
+
+def test_memory_estimate_counts_one_chunk_of_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    hidden, top_k, tokens = 512, 2, 512
+    case = kt.make_case(
+        tokens=tokens,
+        num_experts=4,
+        top_k=top_k,
+        hidden=hidden,
+        intermediate=64,
+        rank_gu=0,
+        rank_d=0,
+        seed=17,
+    )
+    budget = 32 * hidden * 4 * top_k  # chunks of 32 tokens
+    whole = estimated_forward_workspace(case, monkeypatch)
+    with row_budget(budget):
+        chunked = estimated_forward_workspace(case, monkeypatch)
+        layer = kt.build_layer(case, kk.ThreadPool(threads=1))
+        layer.forward(case.x, case.ids, case.weights, kt.nan_array(case.x.shape, case.x.dtype), save=False)
+        used = int(layer.memory_report()["workspace_shared"])
+    pairs = tokens * top_k
+    assert whole - chunked >= pairs * hidden * 4 - budget - pairs * 4 - budget // (hidden * 4) * 8, (
+        whole,
+        chunked,
+    )
+    assert chunked >= used, f"the estimate ({chunked}) is below what the chunked call allocated ({used})"
