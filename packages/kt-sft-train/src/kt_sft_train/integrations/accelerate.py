@@ -61,6 +61,13 @@ def prepare(
             f"{kind} with host-owner CPU experts is not implemented yet; use DDP (the default of "
             "`accelerate launch --multi_gpu` / MULTI_CPU) or FSDP2 (fsdp_version: 2)"
         )
+    if fsdp and accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:
+        raise NotImplementedError(
+            "FSDP2's cpu_ram_efficient_loading with host-owner CPU experts is not implemented yet (it moves "
+            "the model to the meta device and copies rank 0's weights into the others, which the owner-held "
+            "experts cannot take); set it off: `accelerate launch --fsdp_cpu_ram_efficient_loading false` "
+            "or FullyShardedDataParallelPlugin(cpu_ram_efficient_loading=False)"
+        )
     ignored = kt_distributed.prepare_model(model, optimizer)
     kt_distributed.install_step_sync(model, optimizer)
     if fsdp:
@@ -75,6 +82,28 @@ def prepare(
         if monitor_dense:
             kt_distributed.monitor_ddp(wrapped)
     return tuple(prepared)
+
+
+def accelerator_for_launch(**kwargs: Any) -> Any:
+    """`Accelerator(**kwargs)` as `accelerate launch` configured it, FSDP included on CPU runs.
+
+    `accelerate launch --use_fsdp --fsdp_version 2` exports ACCELERATE_USE_FSDP, FSDP_VERSION and the
+    other FSDP_* settings; accelerate 1.15 turns them into its FSDP state only for GPU-like devices (a
+    CPU run stays MULTI_CPU, i.e. DDP, without a word). Its FSDP2 code path is device-agnostic (gloo on
+    CPU works), so on CPU this applies accelerate's own plugin, read from the same environment, to the
+    state as accelerate does on GPUs. FSDP1 then reaches `prepare`'s "not implemented yet".
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
+
+    accelerator = Accelerator(**kwargs)
+    if (
+        parse_flag_from_env("ACCELERATE_USE_FSDP")
+        and accelerator.distributed_type == DistributedType.MULTI_CPU
+    ):
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    return accelerator
 
 
 def _exclude_from_fsdp2(plugin: Any, model: nn.Module, ignored: list[str]) -> None:
