@@ -40,6 +40,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the experts and torch")
+    parser.add_argument(
+        "--save-steps", type=int, default=0, help="write a checkpoint every N steps (0: none)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in --output"
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -52,7 +58,8 @@ def main() -> None:
         learning_rate=args.lr,
         lr_scheduler_type="constant",
         logging_steps=max(1, args.max_steps // 10),
-        save_strategy="no",
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
         report_to=[],
         bf16=on_gpu,
         use_cpu=not on_gpu,
@@ -84,7 +91,7 @@ def main() -> None:
         data_collator=lambda batch: collate(batch, formatter.pad_token_id),
         callbacks=[timing],
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=args.resume or None)  # also with several processes
 
     # 5. ONE standard PEFT adapter (from the expert owner): PeftModel.from_pretrained(plain_hf_model, path).
     adapter = Path(args.output) / "adapter"

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from .. import distributed as kt_distributed
+from .. import owner_checkpoint
 from ..config import KTConfig
 from ..timing import StepSplit, StepTimer
 
@@ -130,11 +131,6 @@ class HostOwnerTrainerMixin:
 
     def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
         if self._kt_host_owner():
-            if resume_from_checkpoint:
-                raise NotImplementedError(
-                    "resuming a Trainer run with host-owner experts is not implemented yet (the ranks' "
-                    "optimizer states differ); `kt-sft train --resume` supports it"
-                )
             kt_distributed.prepare_model(self.model, self.optimizer)
             if self.optimizer is not None:
                 self._kt_install_step_sync(self.optimizer)
@@ -149,6 +145,34 @@ class HostOwnerTrainerMixin:
     def _kt_install_step_sync(self, optimizer: torch.optim.Optimizer) -> None:
         if getattr(optimizer, "_kt_step_sync", None) is None:
             optimizer._kt_step_sync = kt_distributed.install_step_sync(self.model, optimizer)  # type: ignore[attr-defined]
+
+    # Checkpoints: the Trainer's own hooks, the owner's adapter and optimizer state (owner_checkpoint.py).
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if not self._kt_host_owner():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
+        from safetensors.torch import load_file
+
+        path = os.path.join(resume_from_checkpoint, "adapter_model.safetensors")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"resume_from_checkpoint: {path} is missing (no adapter saved there)")
+        owner_checkpoint.load_owner_adapter(self.model, load_file(path))
+        return None
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
+        if self._kt_host_owner() and self.optimizer is not None:
+            owner_checkpoint.save_owner_optimizer(self.model, self.optimizer, output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self._kt_host_owner() or self.optimizer is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+        from transformers.trainer import SCHEDULER_NAME
+
+        state = owner_checkpoint.owner_optimizer_state(self.model, self.optimizer, checkpoint)
+        self.optimizer.load_state_dict(state)
+        scheduler = torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True)
+        self.lr_scheduler.load_state_dict(scheduler)  # type: ignore[attr-defined]
+        return None
 
     # transformers' clipping calls (Trainer._clip_grad_norm / _get_grad_norm in 5.x).
     def _clip_grad_norm(self, model: nn.Module) -> Any:
