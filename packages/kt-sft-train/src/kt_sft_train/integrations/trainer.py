@@ -131,10 +131,24 @@ class HostOwnerTrainerMixin:
 
     def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
         if self._kt_host_owner():
+            self._kt_refuse_fsdp()
             kt_distributed.prepare_model(self.model, self.optimizer)
             if self.optimizer is not None:
                 self._kt_install_step_sync(self.optimizer)
         return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+
+    def _kt_refuse_fsdp(self) -> None:
+        """FSDP under the Trainer is not wired to host-owner experts (the Trainer shards and checkpoints
+        through its own FSDP code, which knows nothing of owner-held parameters); on CPU accelerate 1.15
+        would even drop the FSDP plugin and run DDP without a word."""
+        from accelerate.utils import parse_flag_from_env
+
+        asked = bool(getattr(self.args, "fsdp", None)) or parse_flag_from_env("ACCELERATE_USE_FSDP")
+        if asked or getattr(self, "is_fsdp_enabled", False):
+            raise NotImplementedError(
+                "FSDP under the Trainer with host-owner experts is not implemented yet; train with DDP "
+                "(no fsdp arguments), or use kt-sft train / the accelerate helper for FSDP2"
+            )
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)  # type: ignore[misc]
