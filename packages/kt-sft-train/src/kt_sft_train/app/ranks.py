@@ -122,6 +122,10 @@ class RankContext:
                 f"accelerate launch --mixed_precision {accelerator.mixed_precision}: kt-sft train sets the "
                 "dense dtype with --dtype; launch with --mixed_precision no"
             )
+        if accelerator.distributed_type.name not in ("FSDP", "DEEPSPEED"):  # DeepSpeed asked, on CPU
+            raise NotImplementedError(
+                "DeepSpeed with host-owner CPU experts is not implemented yet; launch with DDP or FSDP2"
+            )
         prepared = kt_accelerate.prepare(accelerator, model, optimizer)[0]
         self.dense_parallel = "fsdp2"  # prepare raised for any other sharding
         return prepared
