@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in --output"
     )
+    parser.add_argument("--fsdp2", action="store_true", help="several processes: dense part under FSDP2")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -64,6 +65,9 @@ def main() -> None:
         bf16=on_gpu,
         use_cpu=not on_gpu,
         dataloader_pin_memory=on_gpu,
+        # FSDP2 with host-owner experts: no checkpoints yet (keep --save-steps 0), no
+        # cpu_ram_efficient_loading, and on CPU the unfused AdamW (docs/distributed.md).
+        **(fsdp2_arguments(on_gpu) if args.fsdp2 else {}),
     )
 
     # 1. The model: routed experts in kt-sft's CPU kernels, the rest on the GPU (or CPU). Under torchrun
@@ -97,8 +101,14 @@ def main() -> None:
     adapter = Path(args.output) / "adapter"
     trainer.save_model(str(adapter))
     if trainer.is_world_process_zero():
+        print(f"dense part: {type(trainer.model_wrapped).__name__}")
         print(f"losses: {[h['loss'] for h in trainer.state.log_history if 'loss' in h]}")
         print(f"adapter saved to {adapter}; mean step split: {timing.summary()}")
+
+
+def fsdp2_arguments(on_gpu: bool) -> dict:
+    fsdp_config = {"fsdp_version": 2, "cpu_ram_efficient_loading": False}
+    return {"fsdp": "full_shard", "fsdp_config": fsdp_config, **({} if on_gpu else {"optim": "adamw_torch"})}
 
 
 if __name__ == "__main__":

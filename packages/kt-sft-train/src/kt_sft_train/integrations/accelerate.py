@@ -71,7 +71,7 @@ def prepare(
     ignored = kt_distributed.prepare_model(model, optimizer)
     kt_distributed.install_step_sync(model, optimizer)
     if fsdp:
-        _exclude_from_fsdp2(accelerator.state.fsdp_plugin, model, ignored)
+        exclude_from_fsdp2(accelerator.state.fsdp_plugin, model, ignored)
     prepared = accelerator.prepare(model, optimizer, *others)
     wrapped = prepared[0]
     if isinstance(wrapped, nn.parallel.DistributedDataParallel):
@@ -94,19 +94,27 @@ def accelerator_for_launch(**kwargs: Any) -> Any:
     state as accelerate does on GPUs. FSDP1 then reaches `prepare`'s "not implemented yet".
     """
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
+    from accelerate.utils import FullyShardedDataParallelPlugin, parse_flag_from_env
 
     accelerator = Accelerator(**kwargs)
-    if (
-        parse_flag_from_env("ACCELERATE_USE_FSDP")
-        and accelerator.distributed_type == DistributedType.MULTI_CPU
-    ):
-        accelerator.state.distributed_type = DistributedType.FSDP
-        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        select_fsdp_on_cpu(accelerator, FullyShardedDataParallelPlugin())
     return accelerator
 
 
-def _exclude_from_fsdp2(plugin: Any, model: nn.Module, ignored: list[str]) -> None:
+def select_fsdp_on_cpu(accelerator: Any, plugin: Any) -> bool:
+    """Give a multi-process CPU accelerator the FSDP `plugin` it was asked for (accelerate 1.15 keeps a CPU
+    run MULTI_CPU, dropping the plugin); what accelerate's state does on GPUs. True when it did."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    return True
+
+
+def exclude_from_fsdp2(plugin: Any, model: nn.Module, ignored: list[str]) -> None:
     """Keep the expert LoRA (owner-held) and the experts' placeholders out of FSDP2's sharding.
 
     accelerate passes the parameters of `plugin.ignored_modules` to every `fully_shard` call as

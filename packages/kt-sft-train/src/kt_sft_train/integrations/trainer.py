@@ -28,6 +28,7 @@ from .. import distributed as kt_distributed
 from .. import owner_checkpoint
 from ..config import KTConfig
 from ..timing import StepSplit, StepTimer
+from . import accelerate as kt_accelerate
 
 _ZERO = StepSplit(0.0, 0.0, 0.0)
 
@@ -131,24 +132,52 @@ class HostOwnerTrainerMixin:
 
     def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
         if self._kt_host_owner():
-            self._kt_refuse_fsdp()
-            kt_distributed.prepare_model(self.model, self.optimizer)
+            fsdp2 = self._kt_check_fsdp(resume_from_checkpoint)
+            ignored = kt_distributed.prepare_model(self.model, self.optimizer)
+            if fsdp2:
+                kt_accelerate.exclude_from_fsdp2(self.accelerator.state.fsdp_plugin, self.model, ignored)
             if self.optimizer is not None:
                 self._kt_install_step_sync(self.optimizer)
         return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
 
-    def _kt_refuse_fsdp(self) -> None:
-        """FSDP under the Trainer is not wired to host-owner experts (the Trainer shards and checkpoints
-        through its own FSDP code, which knows nothing of owner-held parameters); on CPU accelerate 1.15
-        would even drop the FSDP plugin and run DDP without a word."""
-        from accelerate.utils import parse_flag_from_env
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator; on a multi-process CPU run with FSDP arguments, FSDP as asked
+        (accelerate 1.15 would drop the plugin there and run DDP without a word)."""
+        super().create_accelerator_and_postprocess()  # type: ignore[misc]
+        plugin_args = getattr(self.args, "fsdp_plugin_args", None)
+        if plugin_args is not None:
+            from accelerate.utils import FullyShardedDataParallelPlugin
 
-        asked = bool(getattr(self.args, "fsdp", None)) or parse_flag_from_env("ACCELERATE_USE_FSDP")
-        if asked or getattr(self, "is_fsdp_enabled", False):
+            plugin = FullyShardedDataParallelPlugin(**plugin_args)
+            if kt_accelerate.select_fsdp_on_cpu(self.accelerator, plugin):
+                self.is_fsdp_enabled = True
+
+    def _kt_check_fsdp(self, resume_from_checkpoint: Any) -> bool:
+        """True under FSDP2. Not implemented with host-owner experts: FSDP1, checkpoints under FSDP2."""
+        if not getattr(self, "is_fsdp_enabled", False):
+            return False
+        plugin = self.accelerator.state.fsdp_plugin
+        if plugin.fsdp_version != 2:
             raise NotImplementedError(
-                "FSDP under the Trainer with host-owner experts is not implemented yet; train with DDP "
-                "(no fsdp arguments), or use kt-sft train / the accelerate helper for FSDP2"
+                "FSDP1 under the Trainer with host-owner experts is not implemented yet; use fsdp_version 2"
             )
+        if resume_from_checkpoint or self.args.save_strategy != "no":
+            raise NotImplementedError(
+                "checkpoints of a Trainer run under FSDP2 with host-owner experts are not implemented yet "
+                "(save_strategy must be 'no'); DDP runs and kt-sft train under FSDP2 checkpoint and resume"
+            )
+        if plugin.cpu_ram_efficient_loading:
+            raise NotImplementedError(
+                "FSDP2's cpu_ram_efficient_loading with host-owner experts is not implemented yet; set "
+                "fsdp_config={'cpu_ram_efficient_loading': False}"
+            )
+        on_cpu = self.model.get_input_embeddings().weight.device.type == "cpu"
+        if on_cpu and "fused" in str(self.args.optim):
+            raise ValueError(
+                f"TrainingArguments(optim={str(self.args.optim)!r}) under FSDP2 on CPU: the fused kernel "
+                "cannot mix the sharded dense parameters and the owner's expert LoRA: optim='adamw_torch'"
+            )
+        return True
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)  # type: ignore[misc]
