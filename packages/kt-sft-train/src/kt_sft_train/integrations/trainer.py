@@ -119,6 +119,8 @@ class HostOwnerTrainerMixin:
     expert grads across hosts first, clips over the whole gradient (dense + the owners' expert LoRA; a
     per-rank clip would clip the ranks differently) and saves ONE adapter from the first host's owner.
     The Trainer's loss scaling already gives the global batch's token mean (average_tokens_across_devices).
+    Checkpoints and resume go through the Trainer's hooks (the owner's adapter and its optimizer state by
+    parameter name); FSDP2 (fsdp_version 2) keeps the experts out of the sharding, also on CPU.
     With one process it changes nothing.
     """
 
