@@ -40,6 +40,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the experts and torch")
+    parser.add_argument(
+        "--save-steps", type=int, default=0, help="write a checkpoint every N steps (0: none)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in --output"
+    )
+    parser.add_argument("--fsdp2", action="store_true", help="several processes: dense part under FSDP2")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -52,11 +59,15 @@ def main() -> None:
         learning_rate=args.lr,
         lr_scheduler_type="constant",
         logging_steps=max(1, args.max_steps // 10),
-        save_strategy="no",
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
         report_to=[],
         bf16=on_gpu,
         use_cpu=not on_gpu,
         dataloader_pin_memory=on_gpu,
+        # FSDP2 with host-owner experts: no checkpoints yet (keep --save-steps 0), no
+        # cpu_ram_efficient_loading, and on CPU the unfused AdamW (docs/distributed.md).
+        **(fsdp2_arguments(on_gpu) if args.fsdp2 else {}),
     )
 
     # 1. The model: routed experts in kt-sft's CPU kernels, the rest on the GPU (or CPU). Under torchrun
@@ -84,14 +95,20 @@ def main() -> None:
         data_collator=lambda batch: collate(batch, formatter.pad_token_id),
         callbacks=[timing],
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=args.resume or None)  # also with several processes
 
     # 5. ONE standard PEFT adapter (from the expert owner): PeftModel.from_pretrained(plain_hf_model, path).
     adapter = Path(args.output) / "adapter"
     trainer.save_model(str(adapter))
     if trainer.is_world_process_zero():
+        print(f"dense part: {type(trainer.model_wrapped).__name__}")
         print(f"losses: {[h['loss'] for h in trainer.state.log_history if 'loss' in h]}")
         print(f"adapter saved to {adapter}; mean step split: {timing.summary()}")
+
+
+def fsdp2_arguments(on_gpu: bool) -> dict:
+    fsdp_config = {"fsdp_version": 2, "cpu_ram_efficient_loading": False}
+    return {"fsdp": "full_shard", "fsdp_config": fsdp_config, **({} if on_gpu else {"optim": "adamw_torch"})}
 
 
 if __name__ == "__main__":

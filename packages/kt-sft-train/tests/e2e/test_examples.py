@@ -24,13 +24,15 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_job(tmp_path_factory.mktemp("examples_job"), seed=9)
 
 
-def run_example(name: str, job: Path, output: Path, processes: int = 1) -> str:
-    """The example for 3 steps of a global batch of 4 sequences, on 1 process or under torchrun."""
+def run_example(
+    name: str, job: Path, output: Path, processes: int = 1, steps: int = 3, extra: tuple[str, ...] = ()
+) -> str:
+    """The example for `steps` steps of a global batch of 4 sequences, on 1 process or under torchrun."""
     script = EXAMPLES / name
     if not script.is_file():
         pytest.skip(f"{script} is not here (tests run outside a source checkout)")
     argv = ["--model", str(job / "model"), "--data", str(job / "train.jsonl"), "--output", str(output)]
-    argv += ["--max-steps", "3", "--batch-size", str(4 // processes), "--threads", "1"]
+    argv += ["--max-steps", str(steps), "--batch-size", str(4 // processes), "--threads", "1", *extra]
     launcher = [sys.executable]
     if processes > 1:  # --standalone: a free rendezvous port on this machine
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
@@ -59,14 +61,17 @@ def losses(stdout: str) -> list[float]:
     return ast.literal_eval(line.removeprefix("losses:").strip())
 
 
-def check_two_processes(name: str, job: Path, tmp_path: Path, one_process: str) -> None:
+def check_two_processes(
+    name: str, job: Path, tmp_path: Path, one_process: str, two: str | None = None
+) -> None:
     """torchrun with 2 processes (gloo, CPU; one expert owner) follows 1 process on the same global batch
     and writes ONE adapter, the owner's, that vanilla PEFT loads with the 1-process run's values."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    two = run_example(name, job, tmp_path / "two", processes=2)
-    check_run(two, tmp_path / "two")
+    if two is None:
+        two = run_example(name, job, tmp_path / "two", processes=2)
+        check_run(two, tmp_path / "two")
     # Same samples per step (each rank takes half), same LoRA init (seeded); the experts see the same
     # rows, in another order on the owner. Tighter than DESIGN.md §7's whole-model bf16 bound (1e-2).
     single, double = losses(one_process), losses(two)
@@ -90,6 +95,43 @@ def test_trainer_example(job: Path, tmp_path: Path) -> None:
     stdout = run_example("train_with_trainer.py", job, tmp_path / "one")
     check_run(stdout, tmp_path / "one")
     check_two_processes("train_with_trainer.py", job, tmp_path, stdout)
+
+
+def test_trainer_example_under_fsdp2_follows_one_process(job: Path, tmp_path: Path) -> None:
+    """The Trainer's own accelerate path with FSDP2 (fsdp_version 2) on 2 CPU processes: the mixin gives
+    accelerate the FSDP state it drops on CPU and keeps the experts out of the sharding."""
+    stdout = run_example("train_with_trainer.py", job, tmp_path / "one")
+    two = run_example("train_with_trainer.py", job, tmp_path / "two", processes=2, extra=("--fsdp2",))
+    assert "dense part: FSDP" in two, two[-2000:]  # fully_shard's class swap, not DistributedDataParallel
+    check_run(two, tmp_path / "two")
+    check_two_processes("train_with_trainer.py", job, tmp_path, stdout, two)
+
+
+def test_trainer_example_two_processes_resume_like_an_uninterrupted_run(job: Path, tmp_path: Path) -> None:
+    """2 processes, one expert owner: 4 steps straight vs 2 steps, resume, 2 steps (the Trainer's own
+    checkpoint hooks; the owner's expert-LoRA optimizer state reaches the resumed owner)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    saving = ("--save-steps", "2")
+    first = run_example("train_with_trainer.py", job, straight, processes=2, steps=4, extra=saving)
+    assert sorted(p.name for p in straight.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")  # as if stopped after step 2
+    second = run_example(
+        "train_with_trainer.py", job, resumed, processes=2, steps=4, extra=(*saving, "--resume")
+    )
+    want, got = losses(first), losses(second)
+    assert len(want) == len(got) == 4, (want, got)
+    for a, b in zip(want, got, strict=True):  # steps 3 and 4 computed after the resume
+        assert abs(a - b) <= 1e-6 * abs(a), (want, got)
+    expected = load_file(straight / "adapter" / "adapter_model.safetensors")
+    actual = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert expected.keys() == actual.keys() and any(".mlp.experts." in key for key in expected)
+    for key, value in expected.items():  # float32 on CPU, the same operations in the same order
+        assert float((actual[key] - value).norm()) <= 1e-6 * float(value.norm()), key
 
 
 def test_trl_sft_example(job: Path, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,19 +102,49 @@ def check_checkpoint_base(checkpoint: Path, model: nn.Module) -> None:
         raise OptionsError(f"--resume: {checkpoint} was trained on another base model ({shown})")
 
 
+@dataclass
+class FullState:
+    """The adapter's and the optimizer's tensors gathered from FSDP2's shards (every rank gathers)."""
+
+    adapter: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+
+
+def full_adapter_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """Under FSDP2, the adapter's tensors gathered (a collective: call it on every rank); None when
+    nothing is sharded (save_pretrained then reads the model directly)."""
+    from ..distributed import full_state_dict
+    from ..sharded_state import is_sharded
+
+    return full_state_dict(model, lambda name: "lora_" in name) if is_sharded(model) else None
+
+
+def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> FullState | None:
+    """Under FSDP2, the full state that save_checkpoint writes (a collective: call it on every rank)."""
+    from ..sharded_state import full_optimizer_state
+
+    adapter = full_adapter_state(model)
+    return None if adapter is None else FullState(adapter, full_optimizer_state(optimizer))
+
+
 def save_checkpoint(
     output: Path,
     step: int,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     keep: int,
+    full: FullState | None = None,
 ) -> Path:
     from ..adapters import atomic_directory
 
     target = output / CHECKPOINTS / f"{CHECKPOINT_PREFIX}{step:06d}"
     with atomic_directory(target) as staging:
-        model.save_pretrained(staging / "adapter")
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        if full is None:
+            model.save_pretrained(staging / "adapter")
+            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        else:
+            model.save_pretrained(staging / "adapter", state_dict=full.adapter)
+            torch.save(full.optimizer, staging / "optimizer.pt")
         torch.save(_rng_state(), staging / "rng.pt")
         state = {
             "step": step,
@@ -136,6 +167,7 @@ def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.O
     from safetensors.torch import load_file
 
     from ..adapters import ADAPTER_WEIGHTS, validate_adapter
+    from ..sharded_state import is_sharded, shard_like, shard_optimizer_state
 
     state = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
     names = [name for name, _ in trainable_parameters(model)]
@@ -147,6 +179,10 @@ def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.O
     weights = load_file(checkpoint / "adapter" / ADAPTER_WEIGHTS)
     if saved != names:
         weights = {k: v for k, v in weights.items() if not _is_expert_lora_key(model, k)}
+    sharded = is_sharded(model)
+    if sharded:  # FSDP2: each rank keeps its shard of the full tensors
+        by_key = {name.replace(".default.", "."): p for name, p in model.named_parameters()}
+        weights = {k: shard_like(v, by_key[k]) if k in by_key else v for k, v in weights.items()}
     result = set_peft_model_state_dict(model, weights)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
@@ -154,6 +190,8 @@ def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.O
     optimizer_state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     if saved != names:
         optimizer_state = _optimizer_state_subset(optimizer_state, saved, names)
+    if sharded:
+        optimizer_state = shard_optimizer_state(optimizer_state, optimizer)
     optimizer.load_state_dict(optimizer_state)
     _set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=False))
     return int(state["step"])

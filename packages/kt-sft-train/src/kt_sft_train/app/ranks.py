@@ -10,6 +10,8 @@ over the global batch's label tokens, clipping sees the whole gradient, and only
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -26,6 +28,7 @@ IGNORE_INDEX = -100
 class RankContext:
     rank: int = 0
     world_size: int = 1
+    dense_parallel: str = "none"  # how `prepare` wrapped the dense part: "none", "ddp" or "fsdp2"
 
     @property
     def distributed(self) -> bool:
@@ -91,12 +94,55 @@ class RankContext:
             return model
         from .. import distributed
 
+        if launched_with_sharding():
+            return self._prepare_with_accelerate(model, optimizer)
         distributed.prepare_model(model, optimizer)
         distributed.install_step_sync(model, optimizer)
+        self.dense_parallel = "ddp"
         ddp = nn.parallel.DistributedDataParallel(model)
         if model.get_input_embeddings().weight.device.type == "cpu":
             distributed.monitor_ddp(ddp)
         return ddp
+
+    def _prepare_with_accelerate(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
+        """FSDP2 (or a sharding kt-sft cannot run yet) as `accelerate launch` configured it, through the
+        accelerate helper. The optimizer object stays the one the loop drives (accelerate switches its
+        parameters to the shards in place)."""
+        from ..integrations import accelerate as kt_accelerate
+
+        on_cpu = model.get_input_embeddings().weight.device.type == "cpu"
+        accelerator = kt_accelerate.accelerator_for_launch(cpu=on_cpu)
+        if accelerator.num_processes != self.world_size:  # accelerate saw no multi-process run
+            raise RuntimeError(
+                f"accelerate sees {accelerator.num_processes} process(es) ({accelerator.distributed_type}), "
+                f"the launcher started {self.world_size}"
+            )
+        if accelerator.mixed_precision != "no":
+            raise OptionsError(
+                f"accelerate launch --mixed_precision {accelerator.mixed_precision}: kt-sft train sets the "
+                "dense dtype with --dtype; launch with --mixed_precision no"
+            )
+        if accelerator.distributed_type.name not in ("FSDP", "DEEPSPEED"):  # DeepSpeed asked, on CPU
+            raise NotImplementedError(
+                "DeepSpeed with host-owner CPU experts is not implemented yet; launch with DDP or FSDP2"
+            )
+        prepared = kt_accelerate.prepare(accelerator, model, optimizer)[0]
+        self.dense_parallel = "fsdp2"  # prepare raised for any other sharding
+        return prepared
+
+    @contextmanager
+    def whole_model(self, forward_model: nn.Module) -> Iterator[None]:
+        """Calls that bypass the root module's forward (generation) see FSDP2's root parameters whole."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if not isinstance(forward_model, FSDPModule):
+            yield
+            return
+        forward_model.unshard()
+        try:
+            yield
+        finally:
+            forward_model.reshard()
 
     # -- each step --------------------------------------------------------------------------------------
 
@@ -185,6 +231,14 @@ class RankContext:
         self.barrier()
         distributed.shutdown()
         dist.destroy_process_group()
+
+
+def launched_with_sharding() -> bool:
+    """`accelerate launch` asked for FSDP or DeepSpeed (its ACCELERATE_USE_* variables, read with its own
+    parser); otherwise several ranks run DDP."""
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_FSDP") or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
 
 
 def _control_group() -> object:

@@ -42,6 +42,8 @@ from .checkpoints import (
     CHECKPOINTS,
     check_checkpoint_base,
     check_resume_compatible,
+    full_adapter_state,
+    gather_full_state,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -76,7 +78,7 @@ from .model_setup import (
 from .nonfinite import NonFiniteError, first_nonfinite_gradient, first_nonfinite_output, nonfinite_message
 from .options import OptionsError, TrainOptions
 from .outputs import check_writable, create_run_directory, new_run_directory, remove_if_empty
-from .ranks import RankContext
+from .ranks import RankContext, launched_with_sharding
 from .reporting import Reporters, check_available
 
 logger = logging.getLogger(__name__)
@@ -284,7 +286,10 @@ def _run(
     parameters = [p for _, p in trainable_parameters(peft_model)]
     # fused: one pass per tensor; torch's default for CPU parameters (the experts' LoRA, billions of values
     # for the largest models) is a loop of whole-tensor ops, 5-7x slower there. Same results.
-    optimizer = torch.optim.AdamW(parameters, lr=options.lr, weight_decay=options.weight_decay, fused=True)
+    # Under FSDP2 the dense parameters become DTensors while the owner's expert LoRA stays plain: the fused
+    # and foreach kernels take one kind per call, so AdamW runs its per-parameter loop there.
+    fused = {"foreach": False} if ranks.distributed and launched_with_sharding() else {"fused": True}
+    optimizer = torch.optim.AdamW(parameters, lr=options.lr, weight_decay=options.weight_decay, **fused)
     forward_model = ranks.prepare(peft_model, optimizer)
     start_step = 0
     if checkpoint is not None:
@@ -295,7 +300,7 @@ def _run(
             f"--resume: the checkpoint is at step {start_step}, the run has {total_steps} steps"
         )
 
-    _write_run_file(files, options, kt, device, dtype)
+    _write_run_file(files, options, kt, device, dtype, ranks)
     reporters = Reporters(options.report_to, files, options.to_dict())
     metrics = MetricsLog(
         files / METRICS, keep_steps_upto=start_step if checkpoint else None, reporters=reporters
@@ -318,10 +323,12 @@ def _run(
     )
 
     adapter = output / "adapter"
+    gathered = full_adapter_state(peft_model)  # FSDP2: the dense LoRA gathered on every rank
     if ranks.writes_files:
-        save_adapter(peft_model, adapter)
+        save_adapter(peft_model, adapter, **({} if gathered is None else {"state_dict": gathered}))
     ranks.barrier()
-    after = evaluate(peft_model, "after", echo)
+    with ranks.whole_model(forward_model):
+        after = evaluate(peft_model, "after", echo)
     if after is not None:
         metrics.write({"event": "eval", "phase": "after", **after.as_dict()})
     history = metrics.step_losses()
@@ -522,9 +529,11 @@ def _forward_backward(
 def _save_checkpoint(
     ranks: RankContext, output: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, keep: int
 ) -> None:
-    # Rank 0 owns the experts of its host: its adapter and optimizer state are the whole run's.
+    # Rank 0 owns the experts of its host: its adapter and optimizer state are the whole run's (with
+    # FSDP2's dense shards gathered first, on every rank).
+    full = gather_full_state(model, optimizer)
     if ranks.writes_files:
-        save_checkpoint(output, step, model, optimizer, keep)
+        save_checkpoint(output, step, model, optimizer, keep, full)
     ranks.barrier()
 
 
@@ -567,7 +576,12 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _write_run_file(
-    output: Path, options: TrainOptions, kt: KTConfig, device: torch.device, dtype: torch.dtype
+    output: Path,
+    options: TrainOptions,
+    kt: KTConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    ranks: RankContext,
 ) -> None:
     _write_json(
         output / "run.json",
@@ -577,6 +591,7 @@ def _write_run_file(
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
             "experts": kernel_tier(kt),
+            "ranks": {"world_size": ranks.world_size, "dense_parallel": ranks.dense_parallel},
             "versions": library_versions(),
         },
     )

@@ -61,10 +61,17 @@ def prepare(
             f"{kind} with host-owner CPU experts is not implemented yet; use DDP (the default of "
             "`accelerate launch --multi_gpu` / MULTI_CPU) or FSDP2 (fsdp_version: 2)"
         )
+    if fsdp and accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:
+        raise NotImplementedError(
+            "FSDP2's cpu_ram_efficient_loading with host-owner CPU experts is not implemented yet (it moves "
+            "the model to the meta device and copies rank 0's weights into the others, which the owner-held "
+            "experts cannot take); set it off: `accelerate launch --fsdp_cpu_ram_efficient_loading false` "
+            "or FullyShardedDataParallelPlugin(cpu_ram_efficient_loading=False)"
+        )
     ignored = kt_distributed.prepare_model(model, optimizer)
     kt_distributed.install_step_sync(model, optimizer)
     if fsdp:
-        _exclude_from_fsdp2(accelerator.state.fsdp_plugin, model, ignored)
+        exclude_from_fsdp2(accelerator.state.fsdp_plugin, model, ignored)
     prepared = accelerator.prepare(model, optimizer, *others)
     wrapped = prepared[0]
     if isinstance(wrapped, nn.parallel.DistributedDataParallel):
@@ -77,7 +84,37 @@ def prepare(
     return tuple(prepared)
 
 
-def _exclude_from_fsdp2(plugin: Any, model: nn.Module, ignored: list[str]) -> None:
+def accelerator_for_launch(**kwargs: Any) -> Any:
+    """`Accelerator(**kwargs)` as `accelerate launch` configured it, FSDP included on CPU runs.
+
+    `accelerate launch --use_fsdp --fsdp_version 2` exports ACCELERATE_USE_FSDP, FSDP_VERSION and the
+    other FSDP_* settings; accelerate 1.15 turns them into its FSDP state only for GPU-like devices (a
+    CPU run stays MULTI_CPU, i.e. DDP, without a word). Its FSDP2 code path is device-agnostic (gloo on
+    CPU works), so on CPU this applies accelerate's own plugin, read from the same environment, to the
+    state as accelerate does on GPUs. FSDP1 then reaches `prepare`'s "not implemented yet".
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin, parse_flag_from_env
+
+    accelerator = Accelerator(**kwargs)
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        select_fsdp_on_cpu(accelerator, FullyShardedDataParallelPlugin())
+    return accelerator
+
+
+def select_fsdp_on_cpu(accelerator: Any, plugin: Any) -> bool:
+    """Give a multi-process CPU accelerator the FSDP `plugin` it was asked for (accelerate 1.15 keeps a CPU
+    run MULTI_CPU, dropping the plugin); what accelerate's state does on GPUs. True when it did."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    return True
+
+
+def exclude_from_fsdp2(plugin: Any, model: nn.Module, ignored: list[str]) -> None:
     """Keep the expert LoRA (owner-held) and the experts' placeholders out of FSDP2's sharding.
 
     accelerate passes the parameters of `plugin.ignored_modules` to every `fully_shard` call as

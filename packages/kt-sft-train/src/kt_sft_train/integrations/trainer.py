@@ -25,8 +25,10 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from .. import distributed as kt_distributed
+from .. import owner_checkpoint
 from ..config import KTConfig
 from ..timing import StepSplit, StepTimer
+from . import accelerate as kt_accelerate
 
 _ZERO = StepSplit(0.0, 0.0, 0.0)
 
@@ -117,6 +119,8 @@ class HostOwnerTrainerMixin:
     expert grads across hosts first, clips over the whole gradient (dense + the owners' expert LoRA; a
     per-rank clip would clip the ranks differently) and saves ONE adapter from the first host's owner.
     The Trainer's loss scaling already gives the global batch's token mean (average_tokens_across_devices).
+    Checkpoints and resume go through the Trainer's hooks (the owner's adapter and its optimizer state by
+    parameter name); FSDP2 (fsdp_version 2) keeps the experts out of the sharding, also on CPU.
     With one process it changes nothing.
     """
 
@@ -130,15 +134,52 @@ class HostOwnerTrainerMixin:
 
     def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
         if self._kt_host_owner():
-            if resume_from_checkpoint:
-                raise NotImplementedError(
-                    "resuming a Trainer run with host-owner experts is not implemented yet (the ranks' "
-                    "optimizer states differ); `kt-sft train --resume` supports it"
-                )
-            kt_distributed.prepare_model(self.model, self.optimizer)
+            fsdp2 = self._kt_check_fsdp(resume_from_checkpoint)
+            ignored = kt_distributed.prepare_model(self.model, self.optimizer)
+            if fsdp2:
+                kt_accelerate.exclude_from_fsdp2(self.accelerator.state.fsdp_plugin, self.model, ignored)
             if self.optimizer is not None:
                 self._kt_install_step_sync(self.optimizer)
         return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator; on a multi-process CPU run with FSDP arguments, FSDP as asked
+        (accelerate 1.15 would drop the plugin there and run DDP without a word)."""
+        super().create_accelerator_and_postprocess()  # type: ignore[misc]
+        plugin_args = getattr(self.args, "fsdp_plugin_args", None)
+        if plugin_args is not None:
+            from accelerate.utils import FullyShardedDataParallelPlugin
+
+            plugin = FullyShardedDataParallelPlugin(**plugin_args)
+            if kt_accelerate.select_fsdp_on_cpu(self.accelerator, plugin):
+                self.is_fsdp_enabled = True
+
+    def _kt_check_fsdp(self, resume_from_checkpoint: Any) -> bool:
+        """True under FSDP2. Not implemented with host-owner experts: FSDP1, checkpoints under FSDP2."""
+        if not getattr(self, "is_fsdp_enabled", False):
+            return False
+        plugin = self.accelerator.state.fsdp_plugin
+        if plugin.fsdp_version != 2:
+            raise NotImplementedError(
+                "FSDP1 under the Trainer with host-owner experts is not implemented yet; use fsdp_version 2"
+            )
+        if resume_from_checkpoint or self.args.save_strategy != "no":
+            raise NotImplementedError(
+                "checkpoints of a Trainer run under FSDP2 with host-owner experts are not implemented yet "
+                "(save_strategy must be 'no'); DDP runs and kt-sft train under FSDP2 checkpoint and resume"
+            )
+        if plugin.cpu_ram_efficient_loading:
+            raise NotImplementedError(
+                "FSDP2's cpu_ram_efficient_loading with host-owner experts is not implemented yet; set "
+                "fsdp_config={'cpu_ram_efficient_loading': False}"
+            )
+        on_cpu = self.model.get_input_embeddings().weight.device.type == "cpu"
+        if on_cpu and "fused" in str(self.args.optim):
+            raise ValueError(
+                f"TrainingArguments(optim={str(self.args.optim)!r}) under FSDP2 on CPU: the fused kernel "
+                "cannot mix the sharded dense parameters and the owner's expert LoRA: optim='adamw_torch'"
+            )
+        return True
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)  # type: ignore[misc]
@@ -149,6 +190,34 @@ class HostOwnerTrainerMixin:
     def _kt_install_step_sync(self, optimizer: torch.optim.Optimizer) -> None:
         if getattr(optimizer, "_kt_step_sync", None) is None:
             optimizer._kt_step_sync = kt_distributed.install_step_sync(self.model, optimizer)  # type: ignore[attr-defined]
+
+    # Checkpoints: the Trainer's own hooks, the owner's adapter and optimizer state (owner_checkpoint.py).
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if not self._kt_host_owner():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
+        from safetensors.torch import load_file
+
+        path = os.path.join(resume_from_checkpoint, "adapter_model.safetensors")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"resume_from_checkpoint: {path} is missing (no adapter saved there)")
+        owner_checkpoint.load_owner_adapter(self.model, load_file(path))
+        return None
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
+        if self._kt_host_owner() and self.optimizer is not None:
+            owner_checkpoint.save_owner_optimizer(self.model, self.optimizer, output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self._kt_host_owner() or self.optimizer is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+        from transformers.trainer import SCHEDULER_NAME
+
+        state = owner_checkpoint.owner_optimizer_state(self.model, self.optimizer, checkpoint)
+        self.optimizer.load_state_dict(state)
+        scheduler = torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True)
+        self.lr_scheduler.load_state_dict(scheduler)  # type: ignore[attr-defined]
+        return None
 
     # transformers' clipping calls (Trainer._clip_grad_norm / _get_grad_norm in 5.x).
     def _clip_grad_norm(self, model: nn.Module) -> Any:
