@@ -170,8 +170,8 @@ void MoELayer::backward_validated(const ForwardCache& cache, const View& grad_ou
   if (split) {
     if (grad_x) ws.packed.build(kt, true, r, dgu_rows, 2 * I, pool, {L.gate_up.data(), L.gate_up_stride, H});
   } else if (grad_x) {
-    const bool whole = tokens_per_chunk(T, K, P, H) >= T;
-    if (want_da_gu && !whole)
+    const bool one_chunk = tokens_per_chunk(T, K, P, H) >= T;
+    if (want_da_gu && !one_chunk)
       run_tasks(pool, Stage::bwd_da_gu, n_active * h_blocks, [&](std::int64_t task, int thread) {
         const int h0 = static_cast<int>(task % h_blocks) * kWideBlock;
         da_gu_of(r.active[task / h_blocks], h0, std::min(H, h0 + kWideBlock), thread);
@@ -195,21 +195,7 @@ void MoELayer::backward_validated(const ForwardCache& cache, const View& grad_ou
         });
         if (want_da_gu && tc.whole) da_gu_of(e, h0, h1, thread);  // one pass: fused with the dx product
       });
-      run_tasks(pool, Stage::bwd_combine, (tc.t1 - tc.t0 + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
-        float acc[kCombineWidth];
-        for (std::int64_t t = tc.t0 + task * kTokenChunk; t < std::min(tc.t1, tc.t0 + (task + 1) * kTokenChunk); ++t)
-          for (int c0 = 0; c0 < H; c0 += kCombineWidth) {
-            const int width = std::min(kCombineWidth, H - c0);
-            std::fill(acc, acc + width, 0.f);
-            for (int j = 0; j < K; ++j) {
-              const std::int64_t row = r.row_of_slot[t * K + j];
-              if (row < 0) continue;
-              const float* dr = dx_rows + tc.chunk_row(row) * H + c0;
-              for (int i = 0; i < width; ++i) acc[i] += dr[i];
-            }
-            for (int i = 0; i < width; ++i) store_value(grad_x.data, grad_x.dtype, t * H + c0 + i, acc[i]);
-          }
-      });
+      combine_token_rows(pool, Stage::bwd_combine, r, tc, K, H, dx_rows, grad_x, [](std::int64_t) { return 1.f; });
     });
   } else if (want_da_gu) {
     run_tasks(pool, Stage::bwd_gate_up, n_active * h_blocks, [&](std::int64_t task, int thread) {

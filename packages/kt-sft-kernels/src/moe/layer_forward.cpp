@@ -182,22 +182,7 @@ ForwardCachePtr MoELayer::forward_validated(const View& x, const View& ids, cons
         }
       });
     });
-    run_tasks(pool, Stage::combine, (tc.t1 - tc.t0 + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
-      float acc[kCombineWidth];
-      for (std::int64_t t = tc.t0 + task * kTokenChunk; t < std::min(tc.t1, tc.t0 + (task + 1) * kTokenChunk); ++t)
-        for (int c0 = 0; c0 < H; c0 += kCombineWidth) {
-          const int width = std::min(kCombineWidth, H - c0);
-          std::fill(acc, acc + width, 0.f);
-          for (int j = 0; j < K; ++j) {
-            const std::int64_t row = r.row_of_slot[t * K + j];
-            if (row < 0) continue;
-            const float wj = r.weight[row];
-            const float* yr = y + tc.chunk_row(row) * H + c0;
-            for (int i = 0; i < width; ++i) acc[i] += wj * yr[i];
-          }
-          for (int i = 0; i < width; ++i) store_value(out.data, out.dtype, t * H + c0 + i, acc[i]);
-        }
-    });
+    combine_token_rows(pool, Stage::combine, r, tc, K, H, y, out, [&](std::int64_t row) { return r.weight[row]; });
   });
   return cache;
 }

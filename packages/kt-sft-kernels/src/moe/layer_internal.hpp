@@ -115,6 +115,29 @@ inline const bf16* as_bf16_rows(const View& v, Buffer<bf16>& storage, runtime::T
   return dst;
 }
 
+// dst[t] = sum_j weight(row) * rows[row] over the slots of the chunk's tokens, in j order, in fp32,
+// rounded once (R3 forward with the routing weight; the backward's dx sum with weight 1).
+template <class Weight>
+void combine_token_rows(runtime::ThreadPool& pool, Stage stage, const Routing& r, const TokenChunk& tc, int K,
+                        int H, const float* rows, const View& dst, Weight weight) {
+  run_tasks(pool, stage, (tc.t1 - tc.t0 + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
+    float acc[kCombineWidth];
+    for (std::int64_t t = tc.t0 + task * kTokenChunk; t < std::min(tc.t1, tc.t0 + (task + 1) * kTokenChunk); ++t)
+      for (int c0 = 0; c0 < H; c0 += kCombineWidth) {
+        const int width = std::min(kCombineWidth, H - c0);
+        std::fill(acc, acc + width, 0.f);
+        for (int j = 0; j < K; ++j) {
+          const std::int64_t row = r.row_of_slot[t * K + j];
+          if (row < 0) continue;
+          const float wj = weight(row);
+          const float* src = rows + tc.chunk_row(row) * H + c0;
+          for (int i = 0; i < width; ++i) acc[i] += wj * src[i];
+        }
+        for (int i = 0; i < width; ++i) store_value(dst.data, dst.dtype, t * H + c0 + i, acc[i]);
+      }
+  });
+}
+
 inline void build_chunks(const Routing& r, std::vector<PairChunk>& chunks) {
   chunks.clear();
   for (int e : r.active)

@@ -178,6 +178,22 @@ inline void nt_store_output(std::int32_t (*acc)[256], const float* wscale, const
   }
 }
 
+// Accumulator tiles 0-3 at the start of a reduction chunk: zero for the first chunk, else the int32
+// sums the previous chunk spilled (exact, so the chunking never changes a result).
+inline void start_accumulators(const std::uint8_t* spilled) {
+  if (!spilled) {
+    tile_zero<0>();
+    tile_zero<1>();
+    tile_zero<2>();
+    tile_zero<3>();
+    return;
+  }
+  tile_load<0>(spilled, 64);
+  tile_load<1>(spilled + kTileBytes, 64);
+  tile_load<2>(spilled + 2 * kTileBytes, 64);
+  tile_load<3>(spilled + 3 * kTileBytes, 64);
+}
+
 void nt_int8(int m, const std::uint8_t* act, const void* wq, int rows, int k, int n0, int n1, float* c,
              std::int64_t ldc) {
   const TileSession session;
@@ -202,17 +218,7 @@ void nt_int8(int m, const std::uint8_t* act, const void* wq, int rows, int k, in
       for (int mt = 0; mt < m_tiles; ++mt) {
         const std::uint8_t* b = tiles + static_cast<std::size_t>(mt) * m_tile_bytes(k);
         std::uint8_t* sp = spill ? spill + static_cast<std::size_t>(mt) * 4 * kTileBytes : nullptr;
-        if (k0 == 0) {
-          tile_zero<0>();
-          tile_zero<1>();
-          tile_zero<2>();
-          tile_zero<3>();
-        } else {
-          tile_load<0>(sp, 64);
-          tile_load<1>(sp + kTileBytes, 64);
-          tile_load<2>(sp + 2 * kTileBytes, 64);
-          tile_load<3>(sp + 3 * kTileBytes, 64);
-        }
+        start_accumulators(k0 == 0 ? nullptr : sp);
         for (int ks = k0; ks < k1; ++ks) {
           const std::size_t off = static_cast<std::size_t>(ks) * kStep;
           const std::uint8_t* bk = b + static_cast<std::size_t>(ks) * 2 * kTileBytes;
@@ -312,17 +318,7 @@ void nn_int8(int m, const std::uint8_t* act, const void* wq, int k, int cols, in
       for (int mt = 0; mt < m_tiles; ++mt) {
         const std::uint8_t* a = tiles + static_cast<std::size_t>(mt) * m_tile_bytes(k);
         std::uint8_t* sp = spill ? spill + static_cast<std::size_t>(mt) * 4 * kTileBytes : nullptr;
-        if (k0 == 0) {
-          tile_zero<0>();
-          tile_zero<1>();
-          tile_zero<2>();
-          tile_zero<3>();
-        } else {
-          tile_load<0>(sp, 64);
-          tile_load<1>(sp + kTileBytes, 64);
-          tile_load<2>(sp + 2 * kTileBytes, 64);
-          tile_load<3>(sp + 3 * kTileBytes, 64);
-        }
+        start_accumulators(k0 == 0 ? nullptr : sp);
         for (int ks = k0; ks < k1; ++ks) {
           const std::uint8_t* ak = a + static_cast<std::size_t>(ks) * 2 * kTileBytes;
           const std::size_t off = static_cast<std::size_t>(ks) * kTileBytes;
