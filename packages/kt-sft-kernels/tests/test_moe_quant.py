@@ -9,8 +9,6 @@ per expert slice at the bf16 tests' ratios (x3 for the output, x1.5 for gradient
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +16,7 @@ import kt_sft_kernels as kk
 import numpy as np
 import pytest
 from kt_sft_kernels import testing as kt
+from kt_sft_kernels.testing import tier
 
 TIERS = [t for t in ("portable", "avx2", "avx512", "avx512_bf16", "amx") if kk.isa_supported(t)]
 SIMD_TIERS = [t for t in TIERS if t != "portable"]
@@ -27,16 +26,6 @@ POOL = kk.ThreadPool(threads=2)
 
 # weight dtype -> (forward bound, gradient bound)
 BOUNDS = {"int8": (2e-2, 3e-2), "int4": (3e-2, 4e-2)}
-
-
-@contextmanager
-def tier(name: str) -> Iterator[None]:
-    kk.set_max_isa(name)
-    try:
-        assert kk.active_isa() == name
-        yield
-    finally:
-        kk.set_max_isa(None)
 
 
 @dataclass(frozen=True)

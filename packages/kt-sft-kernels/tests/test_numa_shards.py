@@ -12,28 +12,17 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import kt_sft_kernels as kk
 import numpy as np
 import pytest
 from kt_sft_kernels import testing as kt
+from kt_sft_kernels.testing import tier
 
 TIERS = [t for t in ("portable", "avx2", "avx512", "avx512_bf16", "amx") if kk.isa_supported(t)]
 BF16 = kt.BF16
 F32 = np.dtype(np.float32)
 SAME_ROUNDING = 2e-3  # DESIGN.md §7: results with the same rounding points
-
-
-@contextmanager
-def tier(name: str) -> Iterator[None]:
-    kk.set_max_isa(name)
-    try:
-        assert kk.active_isa() == name
-        yield
-    finally:
-        kk.set_max_isa(None)
 
 
 LORA_KINDS = {

@@ -7,26 +7,15 @@ from __future__ import annotations
 import gc
 import os
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import kt_sft_kernels as kk
 import numpy as np
 import pytest
 from kt_sft_kernels import testing as kt
+from kt_sft_kernels.testing import tier
 
 TIERS = [t for t in ("portable", "avx2", "avx512", "avx512_bf16", "amx") if kk.isa_supported(t)]
 POOL = kk.ThreadPool(threads=2)
-
-
-@contextmanager
-def tier(name: str) -> Iterator[None]:
-    kk.set_max_isa(name)
-    try:
-        assert kk.active_isa() == name
-        yield
-    finally:
-        kk.set_max_isa(None)
 
 
 def small_case(seed: int = 0, tokens: int = 33, **kwargs: object) -> kt.MoECase:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from kt_sft_kernels import testing as kt
 from kt_sft_kernels._core import _testing
+from kt_sft_kernels.testing import tier
 
 TIERS = [t for t in ("portable", "avx2", "avx512", "avx512_bf16", "amx") if kk.isa_supported(t)]
 F32 = np.dtype(np.float32)
@@ -38,16 +39,6 @@ def row_budget(nbytes: int) -> Iterator[None]:
     finally:
         _testing.set_row_budget(0)
         assert before == _testing.set_row_budget(0)
-
-
-@contextmanager
-def tier(name: str) -> Iterator[None]:
-    kk.set_max_isa(name)
-    try:
-        assert kk.active_isa() == name
-        yield
-    finally:
-        kk.set_max_isa(None)
 
 
 def make(kind: str, tokens: int = 37, seed: int = 11) -> kt.MoECase:

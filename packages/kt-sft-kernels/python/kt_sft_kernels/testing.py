@@ -18,6 +18,8 @@ Needs NumPy and ml_dtypes (the test extra); importing kt_sft_kernels itself need
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -447,3 +449,17 @@ def max_rel_rows(got: np.ndarray, ref: np.ndarray, axis_items: int = 0) -> float
     for n in range(got.shape[axis_items]):
         worst = max(worst, rel_fro(got[n], ref[n]))
     return worst
+
+
+@contextmanager
+def tier(name: str) -> Iterator[None]:
+    """Runs the block with the kernels capped at ISA tier `name` (which must be the active one), then
+    lifts the cap again."""
+    from . import active_isa, set_max_isa
+
+    set_max_isa(name)
+    try:
+        assert active_isa() == name
+        yield
+    finally:
+        set_max_isa(None)
