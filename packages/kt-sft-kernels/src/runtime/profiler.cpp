@@ -56,11 +56,6 @@ struct Registry {
   std::unique_ptr<Slot> slots[kMaxThreads];
   std::atomic<int> used{0};
   double hz = 0;
-  // One (ticks, steady_clock seconds) pair taken at calibration: the trace states its origin on
-  // steady_clock (CLOCK_MONOTONIC, Python's perf_counter on Linux), so it can be merged with other
-  // timelines even after the ring has overwritten the oldest events.
-  std::uint64_t ref_ticks = 0;
-  double ref_steady_s = 0;
 };
 
 Registry& registry() {
@@ -99,8 +94,6 @@ double calibrate_locked(Registry& r) {
 #else
   r.hz = 1e9;  // now_ticks() counts steady_clock nanoseconds
 #endif
-  r.ref_ticks = now_ticks();
-  r.ref_steady_s = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
   return r.hz;
 }
 
@@ -218,9 +211,14 @@ std::size_t dump_chrome_trace(const std::string& path) {
   }
   std::FILE* f = std::fopen(path.c_str(), "w");
   if (!f) throw std::runtime_error("profiler: cannot open '" + path + "' for writing");
+  // The origin on steady_clock (CLOCK_MONOTONIC, Python's perf_counter on Linux), so the trace can be
+  // merged with other timelines even after the ring dropped the oldest events. Anchored on a (ticks,
+  // steady) pair taken now: the 20 ms calibration's rate error then spans only the trace itself, not
+  // the minutes since calibration (which drifted by milliseconds in a long test session).
+  const double now_s = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  const std::uint64_t now = now_ticks();
   const double origin_steady_s =
-      origin == UINT64_MAX ? 0.0
-                           : r.ref_steady_s + (static_cast<double>(origin) - static_cast<double>(r.ref_ticks)) / hz;
+      origin == UINT64_MAX ? 0.0 : now_s - (static_cast<double>(now) - static_cast<double>(origin)) / hz;
   std::fprintf(f,
                "{\"displayTimeUnit\":\"ms\",\"otherData\":{\"tsc_hz\":%.1f,\"ring_events_per_thread\":%zu,"
                "\"origin_steady_s\":%.6f},",

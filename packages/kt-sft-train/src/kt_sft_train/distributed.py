@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -226,7 +226,7 @@ class HostOwnerRuntime:
             return None
         return None
 
-    def raise_failure(self, what: str, fallback: str, grace_s: float = 1.0) -> None:
+    def raise_failure(self, what: str, fallback: str, grace_s: float = 1.0) -> NoReturn:
         """Raise HostOwnerError with the posted message (waiting `grace_s` for it), else `fallback`."""
         deadline = time.monotonic() + grace_s
         posted = self.posted_failure()
@@ -235,7 +235,7 @@ class HostOwnerRuntime:
             posted = self.posted_failure()
         self._raise(f"{what}: {posted or fallback}")
 
-    def _raise(self, message: str) -> None:
+    def _raise(self, message: str) -> NoReturn:
         self._failed = True
         if not self._acknowledged:  # tells rank 0 (the board's server) this rank is done with it
             self._acknowledged = True
@@ -251,6 +251,16 @@ class HostOwnerRuntime:
         with contextlib.suppress(Exception):
             while self.board.add(SEEN_KEY, 0) < self.world_size - 1 and time.monotonic() < deadline:
                 time.sleep(_POLL_BOARD_S)
+
+    def post(self, what: str, operation: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Starts an async gloo operation. gloo refuses at once to post to a peer whose connection has
+        already closed (it died): that is raised as the failure a wait would have seen."""
+        try:
+            return operation(*args, **kwargs)
+        except NotImplementedError:
+            raise
+        except RuntimeError as error:
+            self.raise_failure(what, f"{type(error).__name__}: {error}")
 
     def wait(self, works: Sequence[Any], what: str) -> None:
         """Wait for async `works`, raising HostOwnerError on a posted failure or after the timeout.
@@ -322,10 +332,12 @@ class HostOwnerRuntime:
         return buffer, [self.irecv(buffer, src)] if nbytes else []
 
     def isend(self, tensor: torch.Tensor, dst: int) -> Any:
-        return dist.isend(tensor, dst=dst, group=self.group_for(tensor))
+        group = self.group_for(tensor)
+        return self.post(f"sending to rank {dst}", dist.isend, tensor, dst=dst, group=group)
 
     def irecv(self, tensor: torch.Tensor, src: int) -> Any:
-        return dist.irecv(tensor, src=src, group=self.group_for(tensor))
+        group = self.group_for(tensor)
+        return self.post(f"receiving from rank {src}", dist.irecv, tensor, src=src, group=group)
 
 
 def _open_board(timeout: timedelta, control_group: Any) -> tuple[Any, str]:
@@ -824,8 +836,9 @@ def sync_expert_grads(model: nn.Module) -> None:
     for dtype in sorted(by_dtype, key=str):
         group = by_dtype[dtype]
         flat = torch.cat([p.grad.reshape(-1) for p in group])  # type: ignore[union-attr]
-        work = dist.all_reduce(flat, group=runtime.owners_group, async_op=True)
-        runtime.wait([work], "expert-LoRA gradient all-reduce over the hosts' owners")
+        what = "expert-LoRA gradient all-reduce over the hosts' owners"
+        work = runtime.post(what, dist.all_reduce, flat, group=runtime.owners_group, async_op=True)
+        runtime.wait([work], what)
         offset = 0
         for p in group:
             n = p.grad.numel()  # type: ignore[union-attr]
@@ -851,8 +864,10 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     )  # type: ignore[union-attr]
     expert_sq = expert_sq.reshape(1).clone()
     if len(runtime.layout.members) > 1:
-        work = dist.broadcast(expert_sq, src=runtime.layout.owner, group=runtime.host_group, async_op=True)
-        runtime.wait([work], "expert-LoRA gradient norm from the owner")
+        what = "expert-LoRA gradient norm from the owner"
+        owner, host = runtime.layout.owner, runtime.host_group
+        work = runtime.post(what, dist.broadcast, expert_sq, src=owner, group=host, async_op=True)
+        runtime.wait([work], what)
     total = (dense_sq.cpu() + expert_sq[0]).sqrt()
     coefficient = min(1.0, float(max_norm) / (float(total) + 1e-6))
     if coefficient < 1.0:
@@ -876,8 +891,9 @@ def _dense_squared_norm(runtime: HostOwnerRuntime, grads: Sequence[torch.Tensor]
         else:
             replicated += grad.detach().double().pow(2).sum().cpu()
     if any_sharded:
-        work = dist.all_reduce(sharded, group=runtime.control_group, async_op=True)
-        runtime.wait([work], "dense gradient norm of the FSDP2 shards")
+        what = "dense gradient norm of the FSDP2 shards"
+        work = runtime.post(what, dist.all_reduce, sharded, group=runtime.control_group, async_op=True)
+        runtime.wait([work], what)
     return replicated + sharded[0]
 
 
@@ -932,7 +948,8 @@ def monitor_ddp(ddp_model: nn.parallel.DistributedDataParallel) -> None:
     # DDP inspects the hook's annotations: `bucket` must be unannotated or dist.GradBucket at run time.
     def hook(state, bucket):  # type: ignore[no-untyped-def]
         tensor = bucket.buffer()
-        runtime.wait([dist.all_reduce(tensor, async_op=True)], "the dense gradient all-reduce (DDP)")
+        what = "the dense gradient all-reduce (DDP)"
+        runtime.wait([runtime.post(what, dist.all_reduce, tensor, async_op=True)], what)
         tensor.div_(world)
         future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
         future.set_result(tensor)
