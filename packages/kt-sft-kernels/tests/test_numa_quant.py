@@ -104,7 +104,8 @@ def test_misaligned_int4_groups_are_a_clear_error(intermediate: int, group_size:
         group_size=group_size,
         numa_shards=shards,
     )
-    whole = "whole groups" if group_size > 32 else "multiple of 32"
+    whole = f"at most intermediate / group_size = {intermediate // group_size}"
+    whole = whole if group_size > 32 else f"at most intermediate / 32 = {intermediate // 32}"
     with pytest.raises(ValueError, match=rf"numa_shards={shards} does not fit intermediate={intermediate}") as err:
         kk.MoELayer(cfg)
     assert whole in str(err.value)

@@ -39,7 +39,6 @@ void store_q(std::uint8_t* values, WeightDType dtype, std::size_t i, int q) {
   byte = (i & 1) ? static_cast<std::uint8_t>((byte & 0x0F) | (nibble << 4)) : static_cast<std::uint8_t>((byte & 0xF0) | nibble);
 }
 
-
 // Where a window's groups sit in the full rows: the first full-row group of the slice and the
 // number of groups in a full row. int8 has one group a row (the full row's), so the slice's only
 // scale is the full row's.

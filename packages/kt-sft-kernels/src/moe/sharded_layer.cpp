@@ -275,11 +275,12 @@ std::vector<std::pair<int, int>> shard_slices(int intermediate, int shards, int 
   if (blocks < shards)
     throw std::invalid_argument(
         "numa_shards=" + std::to_string(shards) + " does not fit intermediate=" + std::to_string(intermediate) +
-        (block == 32 ? std::string(": every shard needs a multiple of 32 rows")
+        (block == 32 ? std::string(": every shard needs a multiple of 32 rows, so numa_shards can be at most "
+                                   "intermediate / 32 = ")
                      : ": an int4 base with group_size=" + std::to_string(block) +
-                           " needs every shard to hold whole groups (a multiple of " + std::to_string(block) +
-                           " rows)") +
-        ", so numa_shards can be at most " + std::to_string(blocks));
+                           " needs every shard to hold whole groups, so numa_shards can be at most "
+                           "intermediate / group_size = ") +
+        std::to_string(blocks));
   std::vector<std::pair<int, int>> slices;
   for (int s = 0; s < shards; ++s)
     slices.emplace_back(block * (s * blocks / shards), block * ((s + 1) * blocks / shards));
