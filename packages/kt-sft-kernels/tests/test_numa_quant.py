@@ -106,7 +106,9 @@ def test_misaligned_int4_groups_are_a_clear_error(intermediate: int, group_size:
     )
     whole = f"at most intermediate / group_size = {intermediate // group_size}"
     whole = whole if group_size > 32 else f"at most intermediate / 32 = {intermediate // 32}"
-    with pytest.raises(ValueError, match=rf"numa_shards={shards} does not fit intermediate={intermediate}") as err:
+    with pytest.raises(
+        ValueError, match=rf"numa_shards={shards} does not fit intermediate={intermediate}"
+    ) as err:
         kk.MoELayer(cfg)
     assert whole in str(err.value)
     if group_size > 32:
@@ -125,7 +127,10 @@ def test_sharded_quantization_is_the_whole_matrices_quantization(
     quantizer on the full gate_up / down; int8: down's scales over the full rows), read back whole;
     loading those values with load_quantized gives the same bits."""
     case = make(intermediate, "f32", seed=5)
-    want = (*kt.quantize(case.gate_up, weight_dtype, group_size), *kt.quantize(case.down, weight_dtype, group_size))
+    want = (
+        *kt.quantize(case.gate_up, weight_dtype, group_size),
+        *kt.quantize(case.down, weight_dtype, group_size),
+    )
     for n in (2, 3):
         layer = kt.build_layer(case, weight_dtype=weight_dtype, group_size=group_size, numa_shards=n)
         for got, exp, name in zip(
@@ -167,7 +172,9 @@ def test_load_quantized_round_trip_with_shards(
     with exactly those dequantized values (the float64 reference at the int8 / int4 bounds, N = 1
     at the same-rounding bound)."""
     case = make(intermediate, "f32", seed=9)
-    arrays = random_quantized(weight_dtype, group_size, case.num_experts, case.hidden, intermediate, scale_dtype)
+    arrays = random_quantized(
+        weight_dtype, group_size, case.num_experts, case.hidden, intermediate, scale_dtype
+    )
     deq = (
         kt.dequantize(arrays[0], arrays[1], weight_dtype, group_size),
         kt.dequantize(arrays[2], arrays[3], weight_dtype, group_size),
@@ -202,7 +209,9 @@ def test_load_quantized_round_trip_with_shards(
 
 
 @pytest.mark.parametrize(("weight_dtype", "group_size", "intermediate"), QUANT, ids=str)
-def test_memory_report_of_sharded_quantized_layers(weight_dtype: str, group_size: int, intermediate: int) -> None:
+def test_memory_report_of_sharded_quantized_layers(
+    weight_dtype: str, group_size: int, intermediate: int
+) -> None:
     """Each shard reports its slice's values and scales; together the unsharded layer's, except that
     int8 keeps down's full-row scales in every shard (H floats a shard and expert, counted by
     estimate_layer_bytes too)."""

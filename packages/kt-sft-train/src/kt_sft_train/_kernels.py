@@ -85,7 +85,8 @@ def thread_pool(threads: int | None) -> Any:
 def kernel_config(kt: KTConfig, num_experts: int, top_k: int, hidden: int, intermediate: int) -> Any:
     """The kernels' MoEConfig of one layer (int4: KTConfig.group_size, or the largest that divides)."""
     kk = load_kernels()
-    group = effective_group_size(kt.group_size, hidden, intermediate) if kt.weight_dtype == "int4" else 128
+    int4 = kt.weight_dtype == "int4"
+    group = effective_group_size(kt.group_size, hidden, intermediate) if int4 else 128
     return kk.MoEConfig(
         num_experts=num_experts,
         top_k=top_k,
@@ -93,7 +94,7 @@ def kernel_config(kt: KTConfig, num_experts: int, top_k: int, hidden: int, inter
         intermediate=intermediate,
         weight_dtype=kt.weight_dtype,
         group_size=group,
-        numa_shards=numa_shard_count(kk, kt.numa_shards, intermediate, group if kt.weight_dtype == "int4" else 32),
+        numa_shards=numa_shard_count(kk, kt.numa_shards, intermediate, group if int4 else 32),
     )
 
 
