@@ -119,24 +119,27 @@ def test_misaligned_int4_groups_are_a_clear_error(intermediate: int, group_size:
 QUANT = [("int8", 128, 160), ("int4", 32, 160), ("int4", 64, 192)]
 
 
+@pytest.mark.parametrize("kind", ["f32", "bf16"])  # fp32 / bf16 source weights
 @pytest.mark.parametrize(("weight_dtype", "group_size", "intermediate"), QUANT, ids=str)
 def test_sharded_quantization_is_the_whole_matrices_quantization(
-    weight_dtype: str, group_size: int, intermediate: int
+    weight_dtype: str, group_size: int, intermediate: int, kind: str
 ) -> None:
-    """load_weights on a sharded layer holds exactly the whole matrices' quantization (the NumPy
-    quantizer on the full gate_up / down; int8: down's scales over the full rows), read back whole;
-    loading those values with load_quantized gives the same bits."""
-    case = make(intermediate, "f32", seed=5)
+    """load_weights (gate_up, or gate and up) on a sharded layer holds exactly the whole matrices'
+    quantization (the NumPy quantizer on the full gate_up / down; int8: down's scales over the full
+    rows), read back whole; loading those values with load_quantized gives the same bits."""
+    case = make(intermediate, kind, seed=5)
     want = (
         *kt.quantize(case.gate_up, weight_dtype, group_size),
         *kt.quantize(case.down, weight_dtype, group_size),
     )
-    for n in (2, 3):
-        layer = kt.build_layer(case, weight_dtype=weight_dtype, group_size=group_size, numa_shards=n)
+    for n, separate in ((2, False), (3, False), (3, True)):
+        layer = kt.build_layer(
+            case, weight_dtype=weight_dtype, group_size=group_size, numa_shards=n, separate_gate_up=separate
+        )
         for got, exp, name in zip(
             read_back(layer), want, ("gate_up_q", "gate_up_scale", "down_q", "down_scale"), strict=True
         ):
-            np.testing.assert_array_equal(got, exp, err_msg=f"numa_shards={n} {name}")
+            np.testing.assert_array_equal(got, exp, err_msg=f"numa_shards={n} separate={separate} {name}")
         loaded = kk.MoELayer(layer.config)
         loaded.load_quantized(*want)
         a, b = kt.run_kernels(layer, case), kt.run_kernels(loaded, case)
