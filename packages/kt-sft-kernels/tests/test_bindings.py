@@ -124,12 +124,6 @@ def test_config_rejects_non_positive_fields(field: str) -> None:
         kk.MoEConfig(**args)
 
 
-def test_sharded_quantized_layer_not_built_yet() -> None:
-    cfg = kk.MoEConfig(num_experts=8, top_k=2, hidden=64, intermediate=96, weight_dtype="int8", numa_shards=2)
-    with pytest.raises(NotImplementedError, match=r"numa_shards > 1 with int8/int4 .*not implemented yet"):
-        kk.MoELayer(cfg)
-
-
 def test_config_unknown_weight_dtype() -> None:
     with pytest.raises(ValueError, match=r"weight_dtype must be one of 'bf16', 'int8', 'int4', got 'fp8'"):
         kk.MoEConfig(num_experts=8, top_k=2, hidden=64, intermediate=96, weight_dtype="fp8")

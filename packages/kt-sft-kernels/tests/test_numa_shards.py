@@ -135,10 +135,13 @@ def test_uneven_split_report_and_bytes() -> None:
 
 
 @pytest.mark.skipif(len(kk.affinity_cpus()) < 2, reason="needs two CPUs")
+@pytest.mark.parametrize("base", [("bf16", 128), ("int8", 128), ("int4", 32)], ids=str)
 @pytest.mark.parametrize("shared_down", ["1", "0"])
 @pytest.mark.parametrize("isa", [TIERS[0], TIERS[-1]])
-def test_same_bits_for_any_thread_count(isa: str, shared_down: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """At a given N the bits do not depend on how many threads each shard has."""
+def test_same_bits_for_any_thread_count(
+    isa: str, shared_down: str, base: tuple[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At a given N the bits do not depend on how many threads each shard has (any base)."""
     monkeypatch.setenv("KT_SFT_NUMA_SHARED_DOWN", shared_down)
     case = make("bf16", seed=6, tokens=70)
     cpus = kk.affinity_cpus()
@@ -152,7 +155,7 @@ def test_same_bits_for_any_thread_count(isa: str, shared_down: str, monkeypatch:
     with tier(isa):
         for layout in layouts:
             monkeypatch.setenv("KT_SFT_NUMA", layout)
-            layer = kt.build_layer(case, numa_shards=2)
+            layer = kt.build_layer(case, numa_shards=2, weight_dtype=base[0], group_size=base[1])
             assert [len(s["cpus"]) for s in layer.shard_report()] == [
                 len(p.split(",")) for p in layout.split(";")
             ]

@@ -341,7 +341,8 @@ class MoELayer:
         next forward), total (= the three: the layer's own), workspace_shared (the thread pool's per-call
         scratch, shared by workspace_layers layers: count it once per pool, not per layer). numa_shards > 1:
         these are the shards' sums, and shards lists each shard's own (weights, scales, cache_spare,
-        total, workspace_shared).
+        total, workspace_shared; an int8 base: each shard keeps the full-row scales of its down columns,
+        H floats a shard and expert, counted by estimate_layer_bytes too).
         """
 
     def forward(

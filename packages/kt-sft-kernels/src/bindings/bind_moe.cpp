@@ -479,7 +479,7 @@ void bind_moe(nb::module_& m) {
       .def("memory_report", &memory_report,
            "Host bytes: weights, scales, cache_spare, total (the layer's own), workspace_shared (the pool's, shared by "
            "workspace_layers layers: count it once per pool); numa_shards > 1: these are the shards' sums and "
-           "shards lists each shard's own.")
+           "shards lists each shard's own (int8: each shard keeps down's full-row scales).")
       .def("forward",
            [](PyMoELayer& self, nb::handle x, nb::handle ids, nb::handle weights, nb::handle out, nb::handle lora,
               bool save) {

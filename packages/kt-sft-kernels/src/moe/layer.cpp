@@ -39,8 +39,6 @@ MoELayer::MoELayer(const MoEConfig& config, runtime::ThreadPool& pool) : impl_(s
     bad_argument("intermediate must be a positive multiple of 32, got " + std::to_string(config.intermediate));
   check_group_size(config, "MoELayer: ");
   if (config.numa_shards < 1) bad_argument("numa_shards must be >= 1, got " + std::to_string(config.numa_shards));
-  if (config.numa_shards > 1 && config.weight_dtype != WeightDType::bf16)
-    throw NotImplementedError("MoELayer: numa_shards > 1 with int8/int4 base weights is not implemented yet");
   impl_->config = config;
   impl_->pool = &pool;
   if (config.numa_shards > 1) {  // `pool` then only orders the calls; each shard has its own sub-pool
@@ -132,7 +130,8 @@ void MoELayer::load_weights(const View& gate, const View& up, const View& down) 
 void MoELayer::load_weight_slice(const View* gate_up, const View* gate, const View* up, const View& down,
                                  int source_intermediate, int i0) {
   std::lock_guard<std::mutex> lock(impl_->mutex);
-  impl_->pack_all(gate_up, gate, up, down, source_intermediate, i0);
+  if (impl_->quantized()) impl_->quantize_all(gate_up, gate, up, down, source_intermediate, i0);
+  else impl_->pack_all(gate_up, gate, up, down, source_intermediate, i0);
 }
 
 std::size_t MoELayer::packed_weight_bytes() const {

@@ -320,7 +320,11 @@ struct MoELayer::Impl {
 
   void pack_all(const View* gate_up_w, const View* gate, const View* up, const View& down_w, int source_I = 0,
                 int i0 = 0);
-  void quantize_all(const View* gate_up_w, const View* gate, const View* up, const View& down_w);  // layer_quant.cpp
+  // layer_quant.cpp; source_I / i0 as pack_all.
+  void quantize_all(const View* gate_up_w, const View* gate, const View* up, const View& down_w, int source_I = 0,
+                    int i0 = 0);
+  void copy_quantized_all(const QuantViews& q, int source_I, int i0);
+  void read_quantized_all(const QuantViews& q, int source_I, int i0) const;
 
   void repack(const KernelTable& to) {
     const int E = config.num_experts, H = config.hidden, I = config.intermediate;

@@ -7,12 +7,27 @@
 
 namespace kt::moe {
 
+namespace {
+
+// Row `row` of expert e of a [E, N] or [E, N, K] array.
+const std::byte* row_of(const View& v, int e, std::int64_t row) {
+  const std::int64_t row_elements = v.ndim == 3 ? v.shape[2] : 1;
+  return expert_slice(v, e) + static_cast<std::size_t>(row * row_elements) * dtype_size(v.dtype);
+}
+
+}  // namespace
+
 // The quantized form of pack_all: each expert's rows are quantized straight from the caller's
-// bf16/fp32 arrays into the packing (quantize.hpp), never through a bf16 copy.
-void MoELayer::Impl::quantize_all(const View* gate_up_w, const View* gate, const View* up, const View& down_w) {
+// bf16/fp32 arrays into the packing (quantize.hpp), never through a bf16 copy. source_I > 0: the
+// arrays are source_I wide and this layer takes the slice [i0, i0 + I) (a NUMA shard): gate rows i0..,
+// up rows source_I + i0.., down columns i0.. with the full rows' scales (ColumnWindow), so the shard
+// holds exactly its slice of the whole layer's quantized weights.
+void MoELayer::Impl::quantize_all(const View* gate_up_w, const View* gate, const View* up, const View& down_w,
+                                  int source_I, int i0) {
   Impl& L = *this;
   const MoEConfig& c = L.config;
   const int E = c.num_experts, H = c.hidden, I = c.intermediate, gs = c.group_size;
+  const int SI = source_I > 0 ? source_I : I;
   const WeightDType dt = c.weight_dtype;
   L.gate_up_stride = quant_matrix_bytes(dt, gs, 2 * I, H);
   L.down_stride = quant_matrix_bytes(dt, gs, H, I);
@@ -21,17 +36,59 @@ void MoELayer::Impl::quantize_all(const View* gate_up_w, const View* gate, const
   L.pool->parallel_for(E, [&](std::int64_t e64, int) {
     const int e = static_cast<int>(e64);
     std::byte* gu_dst = L.gate_up.data() + e * L.gate_up_stride;
-    if (gate_up_w) {
-      quantize_rows(expert_slice(*gate_up_w, e), gate_up_w->dtype, 2 * I, H, dt, gs, gu_dst, 2 * I, 0, "gate_up", e);
-    } else {
-      quantize_rows(expert_slice(*gate, e), gate->dtype, I, H, dt, gs, gu_dst, 2 * I, 0, "gate", e);
-      quantize_rows(expert_slice(*up, e), up->dtype, I, H, dt, gs, gu_dst, 2 * I, I, "up", e);
-    }
+    // Quantization is per row along H, so gate and up quantized apart equal [gate; up] quantized whole.
+    const View& g = gate_up_w ? *gate_up_w : *gate;
+    const View& u = gate_up_w ? *gate_up_w : *up;
+    const int up_row = gate_up_w ? SI + i0 : i0;
+    quantize_rows(row_of(g, e, i0), g.dtype, I, H, dt, gs, gu_dst, 2 * I, 0, gate_up_w ? "gate_up" : "gate", e);
+    quantize_rows(row_of(u, e, up_row), u.dtype, I, H, dt, gs, gu_dst, 2 * I, I, gate_up_w ? "gate_up" : "up", e);
     quantize_rows(expert_slice(down_w, e), down_w.dtype, H, I, dt, gs, L.down.data() + e * L.down_stride, H, 0, "down",
-                  e);
+                  e, ColumnWindow{SI, i0});
   });
   L.packed_by = nullptr;
   L.loaded = true;
+}
+
+// load_quantized's copy into the packing; source_I / i0 as quantize_all.
+void MoELayer::Impl::copy_quantized_all(const QuantViews& q, int source_I, int i0) {
+  Impl& L = *this;
+  const MoEConfig& c = L.config;
+  const int E = c.num_experts, H = c.hidden, I = c.intermediate, gs = c.group_size;
+  const int SI = source_I > 0 ? source_I : I;
+  const WeightDType dt = c.weight_dtype;
+  L.loaded = false;
+  L.gate_up_stride = quant_matrix_bytes(dt, gs, 2 * I, H);
+  L.down_stride = quant_matrix_bytes(dt, gs, H, I);
+  L.gate_up.ensure(L.gate_up_stride * E);
+  L.down.ensure(L.down_stride * E);
+  L.pool->parallel_for(E, [&](std::int64_t e64, int) {
+    const int e = static_cast<int>(e64);
+    std::byte* gu_dst = L.gate_up.data() + e * L.gate_up_stride;
+    for (const auto& [from, to] : {std::pair{i0, 0}, std::pair{SI + i0, I}})  // gate rows, then up rows
+      copy_quantized_rows(row_of(q.gate_up_q, e, from), row_of(q.gate_up_scale, e, from), q.gate_up_scale.dtype, I, H,
+                          dt, gs, gu_dst, 2 * I, to);
+    copy_quantized_rows(expert_slice(q.down_q, e), expert_slice(q.down_scale, e), q.down_scale.dtype, H, I, dt, gs,
+                        L.down.data() + e * L.down_stride, H, 0, ColumnWindow{SI, i0});
+  });
+  L.packed_by = nullptr;
+  L.loaded = true;
+}
+
+// read_quantized's copy out of the packing; source_I / i0 as quantize_all (int8: every shard writes
+// the same full-row down scales).
+void MoELayer::Impl::read_quantized_all(const QuantViews& q, int source_I, int i0) const {
+  const MoEConfig& c = config;
+  const int E = c.num_experts, H = c.hidden, I = c.intermediate, gs = c.group_size;
+  const int SI = source_I > 0 ? source_I : I;
+  const WeightDType dt = c.weight_dtype;
+  for (int e = 0; e < E; ++e) {
+    for (const auto& [to, from] : {std::pair{i0, 0}, std::pair{SI + i0, I}})
+      read_quantized_rows(gate_up_of(e), I, H, dt, gs, const_cast<std::byte*>(row_of(q.gate_up_q, e, to)),
+                          reinterpret_cast<float*>(const_cast<std::byte*>(row_of(q.gate_up_scale, e, to))), 2 * I,
+                          from);
+    read_quantized_rows(down_of(e), H, I, dt, gs, expert_slice_mut(q.down_q, e),
+                        reinterpret_cast<float*>(expert_slice_mut(q.down_scale, e)), H, 0, ColumnWindow{SI, i0});
+  }
 }
 
 void MoELayer::load_quantized(const View& gate_up_q, const View& gate_up_scale, const View& down_q,
@@ -41,24 +98,16 @@ void MoELayer::load_quantized(const View& gate_up_q, const View& gate_up_scale, 
   if (!L.quantized())
     bad_argument(std::string("load_quantized: this layer's weight_dtype is '") + weight_dtype_name(c.weight_dtype) +
                  "'; use load_weights(), or MoEConfig(weight_dtype='int8' or 'int4')");
-  const int E = c.num_experts, H = c.hidden, I = c.intermediate, gs = c.group_size;
-  const WeightDType dt = c.weight_dtype;
   validate_quantized(c, gate_up_q, gate_up_scale, down_q, down_scale);
+  const QuantViews q{gate_up_q, gate_up_scale, down_q, down_scale};
   std::lock_guard<std::mutex> lock(L.mutex);
   L.loaded = false;
-  L.gate_up_stride = quant_matrix_bytes(dt, gs, 2 * I, H);
-  L.down_stride = quant_matrix_bytes(dt, gs, H, I);
-  L.gate_up.ensure(L.gate_up_stride * E);
-  L.down.ensure(L.down_stride * E);
-  L.pool->parallel_for(E, [&](std::int64_t e64, int) {
-    const int e = static_cast<int>(e64);
-    copy_quantized_rows(expert_slice(gate_up_q, e), expert_slice(gate_up_scale, e), gate_up_scale.dtype, 2 * I, H, dt,
-                        gs, L.gate_up.data() + e * L.gate_up_stride, 2 * I, 0);
-    copy_quantized_rows(expert_slice(down_q, e), expert_slice(down_scale, e), down_scale.dtype, H, I, dt, gs,
-                        L.down.data() + e * L.down_stride, H, 0);
-  });
-  L.packed_by = nullptr;
-  L.loaded = true;
+  if (L.sharded) {
+    L.sharded->load_quantized(q);
+    L.loaded = true;
+    return;
+  }
+  L.copy_quantized_all(q, 0, 0);
 }
 
 void MoELayer::read_quantized(const View& gate_up_q, const View& gate_up_scale, const View& down_q,
@@ -69,17 +118,23 @@ void MoELayer::read_quantized(const View& gate_up_q, const View& gate_up_scale, 
     bad_argument(std::string("read_quantized: this layer's weight_dtype is '") + weight_dtype_name(c.weight_dtype) +
                  "', not int8/int4");
   if (!L.loaded) throw std::logic_error("MoELayer.read_quantized: call load_weights() or load_quantized() first");
-  const int E = c.num_experts, H = c.hidden, I = c.intermediate, gs = c.group_size;
   validate_quantized(c, gate_up_q, gate_up_scale, down_q, down_scale);
   if (gate_up_scale.dtype != DType::f32 || down_scale.dtype != DType::f32)
     throw TypeError("read_quantized: the scale outputs must be float32");
+  const QuantViews q{gate_up_q, gate_up_scale, down_q, down_scale};
   std::lock_guard<std::mutex> lock(L.mutex);
-  for (int e = 0; e < E; ++e) {
-    read_quantized_rows(L.gate_up_of(e), 2 * I, H, c.weight_dtype, gs, expert_slice_mut(gate_up_q, e),
-                        reinterpret_cast<float*>(expert_slice_mut(gate_up_scale, e)));
-    read_quantized_rows(L.down_of(e), H, I, c.weight_dtype, gs, expert_slice_mut(down_q, e),
-                        reinterpret_cast<float*>(expert_slice_mut(down_scale, e)));
-  }
+  if (L.sharded) return L.sharded->read_quantized(q);
+  L.read_quantized_all(q, 0, 0);
+}
+
+void MoELayer::load_quantized_slice(const QuantViews& q, int source_intermediate, int i0) {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  impl_->copy_quantized_all(q, source_intermediate, i0);
+}
+
+void MoELayer::read_quantized_slice(const QuantViews& q, int source_intermediate, int i0) {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  impl_->read_quantized_all(q, source_intermediate, i0);
 }
 
 MemoryReport MoELayer::memory_report() {
@@ -128,9 +183,12 @@ LayerSizes layer_sizes(const MoEConfig& c) {
     s.weights = E * 3 * static_cast<std::size_t>(I) * H * sizeof(bf16);
   } else {
     s.weights = E * (quant_value_bytes(c.weight_dtype, 2 * I, H) + quant_value_bytes(c.weight_dtype, H, I));
+    // numa_shards > 1: every shard keeps the full-row scales of its down columns (int8: H a shard and
+    // expert; int4's groups are split, not copied).
+    const std::size_t down_copies = c.weight_dtype == WeightDType::int8 ? static_cast<std::size_t>(c.numa_shards) : 1;
     s.scales = E * 4 *
                (quant_scale_count(c.weight_dtype, c.group_size, 2 * I, H) +
-                quant_scale_count(c.weight_dtype, c.group_size, H, I));
+                down_copies * quant_scale_count(c.weight_dtype, c.group_size, H, I));
   }
   return s;
 }

@@ -39,11 +39,30 @@ void store_q(std::uint8_t* values, WeightDType dtype, std::size_t i, int q) {
   byte = (i & 1) ? static_cast<std::uint8_t>((byte & 0x0F) | (nibble << 4)) : static_cast<std::uint8_t>((byte & 0xF0) | nibble);
 }
 
+// Where a window's groups sit in the full rows: the first full-row group of the slice and the
+// number of groups in a full row. int8 has one group a row (the full row's), so the slice's only
+// scale is the full row's.
+struct WindowGroups {
+  int first, full;
+};
+
+WindowGroups window_groups(WeightDType dtype, int group_size, int cols, ColumnWindow window) {
+  const int full_cols = window.width(cols);
+  if (dtype == WeightDType::int8) return {0, 1};
+  if (window.c0 % group_size || cols % group_size)
+    throw std::logic_error("quantized column window not on group boundaries");  // shard_slices prevents it
+  return {window.c0 / group_size, full_cols / group_size};
+}
+
 }  // namespace
 
 void quantize_rows(const void* src, DType src_dtype, int rows, int cols, WeightDType dtype, int group_size,
-                   void* dst, int total_rows, int row0, const char* name, int expert) {
+                   void* dst, int total_rows, int row0, const char* name, int expert, ColumnWindow window) {
+  const int full_cols = window.width(cols);
+  // Source columns a scale is taken over (int8: the full source row), and packed columns per scale.
+  const int scale_group = dtype == WeightDType::int8 ? full_cols : group_size;
   const int group = quant_group(dtype, group_size, cols);
+  const WindowGroups wg = window_groups(dtype, group_size, cols, window);
   // int8: [-127, 127] with scale max/127. int4: scale max/8 over the full [-8, 7] (a group's largest
   // positive value clips to 7 * scale); measured on Gaussian groups of 64 this gives 0.099 relative
   // error against 0.108 for max/7 over [-7, 7] (ADR 0601).
@@ -53,38 +72,59 @@ void quantize_rows(const void* src, DType src_dtype, int rows, int cols, WeightD
   const int groups = cols / group;
   for (int r = 0; r < rows; ++r)
     for (int g = 0; g < groups; ++g) {
-      const std::size_t first = static_cast<std::size_t>(r) * cols + static_cast<std::size_t>(g) * group;
+      const std::size_t row_start = static_cast<std::size_t>(r) * full_cols;
+      const std::size_t scale_first = row_start + static_cast<std::size_t>(wg.first + g) * scale_group;  // int8: 0
+      const std::size_t first = row_start + static_cast<std::size_t>(window.c0) + static_cast<std::size_t>(g) * group;
       float max_abs = 0.f;
-      for (int c = 0; c < group; ++c) max_abs = std::max(max_abs, std::fabs(load(src, src_dtype, first + c)));
+      for (int c = 0; c < scale_group; ++c)
+        max_abs = std::max(max_abs, std::fabs(load(src, src_dtype, scale_first + c)));
       if (!std::isfinite(max_abs))
         throw std::invalid_argument(std::string(name) + ": non-finite weight in expert " + std::to_string(expert) +
                                     ", row " + std::to_string(row0 + r));
       const float scale = max_abs / static_cast<float>(divisor);
       p.scales[static_cast<std::size_t>(r) * groups + g] = scale;
+      const std::size_t out_first = static_cast<std::size_t>(r) * cols + static_cast<std::size_t>(g) * group;
       for (int c = 0; c < group; ++c) {
         int q = 0;
         if (scale > 0.f) {
           const float ratio = load(src, src_dtype, first + c) / scale;
           q = std::clamp(static_cast<int>(std::nearbyint(ratio)), qmin, qmax);  // ties to even (default mode)
         }
-        store_q(p.values, dtype, first + c, q);
+        store_q(p.values, dtype, out_first + c, q);
       }
     }
 }
 
 void copy_quantized_rows(const void* q, const void* scales, DType scale_dtype, int rows, int cols, WeightDType dtype,
-                         int group_size, void* dst, int total_rows, int row0) {
+                         int group_size, void* dst, int total_rows, int row0, ColumnWindow window) {
   const Packed p = packed_rows(dst, total_rows, row0, cols, dtype, group_size);
-  std::memcpy(p.values, q, quant_value_bytes(dtype, rows, cols));
-  const std::size_t n = quant_scale_count(dtype, group_size, rows, cols);
-  for (std::size_t i = 0; i < n; ++i) p.scales[i] = load(scales, scale_dtype, i);
+  const WindowGroups wg = window_groups(dtype, group_size, cols, window);
+  const std::size_t row_bytes = quant_value_bytes(dtype, 1, cols);
+  const std::size_t full_row_bytes = quant_value_bytes(dtype, 1, window.width(cols));
+  const std::size_t offset = quant_value_bytes(dtype, 1, window.c0);  // c0 is even (a multiple of 32)
+  const std::size_t groups = quant_scale_count(dtype, group_size, 1, cols);
+  for (std::size_t r = 0; r < static_cast<std::size_t>(rows); ++r) {
+    std::memcpy(p.values + r * row_bytes, static_cast<const std::uint8_t*>(q) + r * full_row_bytes + offset, row_bytes);
+    for (std::size_t g = 0; g < groups; ++g)
+      p.scales[r * groups + g] =
+          load(scales, scale_dtype, r * static_cast<std::size_t>(wg.full) + static_cast<std::size_t>(wg.first) + g);
+  }
 }
 
 void read_quantized_rows(const void* packed, int rows, int cols, WeightDType dtype, int group_size, void* q,
-                         float* scales) {
-  std::memcpy(q, packed, quant_value_bytes(dtype, rows, cols));
-  std::memcpy(scales, quant_scales(packed, dtype, rows, cols),
-              4 * quant_scale_count(dtype, group_size, rows, cols));
+                         float* scales, int total_rows, int row0, ColumnWindow window) {
+  const auto* values = static_cast<const std::uint8_t*>(packed) + quant_value_bytes(dtype, row0, cols);
+  const std::size_t groups = quant_scale_count(dtype, group_size, 1, cols);
+  const float* own_scales = quant_scales(packed, dtype, total_rows, cols) + static_cast<std::size_t>(row0) * groups;
+  const WindowGroups wg = window_groups(dtype, group_size, cols, window);
+  const std::size_t row_bytes = quant_value_bytes(dtype, 1, cols);
+  const std::size_t full_row_bytes = quant_value_bytes(dtype, 1, window.width(cols));
+  const std::size_t offset = quant_value_bytes(dtype, 1, window.c0);
+  for (std::size_t r = 0; r < static_cast<std::size_t>(rows); ++r) {
+    std::memcpy(static_cast<std::uint8_t*>(q) + r * full_row_bytes + offset, values + r * row_bytes, row_bytes);
+    std::memcpy(scales + r * static_cast<std::size_t>(wg.full) + wg.first, own_scales + r * groups,
+                groups * sizeof(float));
+  }
 }
 
 }  // namespace kt::moe

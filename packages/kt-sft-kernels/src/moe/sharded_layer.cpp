@@ -269,22 +269,30 @@ struct ShardedLayer::Impl {
   std::unique_ptr<LoRASlice> slice_lora(const ShardState& s, const LoRAViews& lora) const;
 };
 
-std::vector<std::pair<int, int>> shard_slices(int intermediate, int shards) {
-  const int blocks = intermediate / 32;
+std::vector<std::pair<int, int>> shard_slices(int intermediate, int shards, int block) {
+  const int blocks = intermediate / block;
   if (shards < 1) throw std::invalid_argument("numa_shards must be >= 1, got " + std::to_string(shards));
   if (blocks < shards)
-    throw std::invalid_argument("numa_shards=" + std::to_string(shards) + " does not fit intermediate=" +
-                                std::to_string(intermediate) + ": every shard needs a multiple of 32 rows, so "
-                                "numa_shards can be at most intermediate / 32 = " + std::to_string(blocks));
+    throw std::invalid_argument(
+        "numa_shards=" + std::to_string(shards) + " does not fit intermediate=" + std::to_string(intermediate) +
+        (block == 32 ? std::string(": every shard needs a multiple of 32 rows, so numa_shards can be at most "
+                                   "intermediate / 32 = ")
+                     : ": an int4 base with group_size=" + std::to_string(block) +
+                           " needs every shard to hold whole groups, so numa_shards can be at most "
+                           "intermediate / group_size = ") +
+        std::to_string(blocks));
   std::vector<std::pair<int, int>> slices;
-  for (int s = 0; s < shards; ++s) slices.emplace_back(32 * (s * blocks / shards), 32 * ((s + 1) * blocks / shards));
+  for (int s = 0; s < shards; ++s)
+    slices.emplace_back(block * (s * blocks / shards), block * ((s + 1) * blocks / shards));
   return slices;
 }
 
 ShardedLayer::ShardedLayer(const MoEConfig& config) : impl_(std::make_unique<Impl>()) {
   impl_->config = config;
   const int n = config.numa_shards;
-  const auto slices = shard_slices(config.intermediate, n);
+  // int4's groups run along I in down: a slice boundary inside a group would split one scale.
+  const int block = config.weight_dtype == WeightDType::int4 ? std::max(32, config.group_size) : 32;
+  const auto slices = shard_slices(config.intermediate, n, block);
   const auto places = runtime::plan_shards(runtime::system_topology(), n, runtime::numa_setting_from_env());
   for (int s = 0; s < n; ++s) {
     auto shard = std::make_unique<ShardState>();
@@ -311,6 +319,19 @@ void ShardedLayer::load_weights(const View* gate_up, const View* gate, const Vie
   const int I = impl_->config.intermediate;
   const std::lock_guard<std::mutex> one_call(sharded_call_mutex());
   impl_->on_shards({[&](ShardState& s) { s.layer->load_weight_slice(gate_up, gate, up, down, I, s.i0); }});
+}
+
+void ShardedLayer::load_quantized(const QuantViews& q) {
+  const int I = impl_->config.intermediate;
+  const std::lock_guard<std::mutex> one_call(sharded_call_mutex());
+  impl_->on_shards({[&](ShardState& s) { s.layer->load_quantized_slice(q, I, s.i0); }});
+}
+
+void ShardedLayer::read_quantized(const QuantViews& q) {
+  // On the calling thread, shard after shard: int8 shards all write the same full-row down scales.
+  const int I = impl_->config.intermediate;
+  const std::lock_guard<std::mutex> one_call(sharded_call_mutex());
+  for (const auto& s : impl_->shards) s->layer->read_quantized_slice(q, I, s->i0);
 }
 
 std::unique_ptr<LoRASlice> ShardedLayer::Impl::slice_lora(const ShardState& s, const LoRAViews& lora) const {

@@ -29,6 +29,10 @@ class ShardedLayer {
   ~ShardedLayer();
 
   void load_weights(const View* gate_up, const View* gate, const View* up, const View& down);
+  // Quantized bases: each shard takes its slice of the whole layer's quantized arrays; read_quantized
+  // gathers the slices back into whole arrays (bit-exact round trip).
+  void load_quantized(const QuantViews& q);
+  void read_quantized(const QuantViews& q);
   // Returns the shards' caches when save is true, nullptr otherwise.
   std::shared_ptr<ShardedCache> forward(const View& x, const View& ids, const View& weights, const View& out,
                                         const LoRAViews& lora, bool save);
@@ -45,8 +49,9 @@ class ShardedLayer {
   std::unique_ptr<Impl> impl_;
 };
 
-// The slices numa_shards=N gives intermediate I: N near-equal runs of 32-row blocks. Throws
-// std::invalid_argument naming numa_shards and intermediate when I / 32 < N.
-std::vector<std::pair<int, int>> shard_slices(int intermediate, int shards);
+// The slices numa_shards=N gives intermediate I: N near-equal runs of `block`-row blocks (32; an int4
+// base: its group_size, so down's groups along I never straddle two shards). Throws
+// std::invalid_argument naming numa_shards and intermediate (and group_size) when I / block < N.
+std::vector<std::pair<int, int>> shard_slices(int intermediate, int shards, int block = 32);
 
 }  // namespace kt::moe

@@ -85,7 +85,8 @@ def thread_pool(threads: int | None) -> Any:
 def kernel_config(kt: KTConfig, num_experts: int, top_k: int, hidden: int, intermediate: int) -> Any:
     """The kernels' MoEConfig of one layer (int4: KTConfig.group_size, or the largest that divides)."""
     kk = load_kernels()
-    group = effective_group_size(kt.group_size, hidden, intermediate) if kt.weight_dtype == "int4" else 128
+    int4 = kt.weight_dtype == "int4"
+    group = effective_group_size(kt.group_size, hidden, intermediate) if int4 else 128
     return kk.MoEConfig(
         num_experts=num_experts,
         top_k=top_k,
@@ -93,7 +94,7 @@ def kernel_config(kt: KTConfig, num_experts: int, top_k: int, hidden: int, inter
         intermediate=intermediate,
         weight_dtype=kt.weight_dtype,
         group_size=group,
-        numa_shards=numa_shard_count(kk, kt.numa_shards, intermediate),
+        numa_shards=numa_shard_count(kk, kt.numa_shards, intermediate, group if int4 else 32),
     )
 
 
@@ -103,11 +104,12 @@ def estimate_layer_bytes(kt: KTConfig, num_experts: int, top_k: int, hidden: int
     return int(load_kernels().estimate_layer_bytes(config)["total"])
 
 
-def numa_shard_count(kk: ModuleType, numa_shards: int | str, intermediate: int) -> int:
+def numa_shard_count(kk: ModuleType, numa_shards: int | str, intermediate: int, block: int = 32) -> int:
     """KTConfig.numa_shards as a count: "auto" = the kernel's shard layout (one shard per NUMA node,
-    KT_SFT_NUMA overrides), at most what I allows (each shard takes a multiple of 32 rows)."""
+    KT_SFT_NUMA overrides), at most what I allows (each shard takes a multiple of `block` rows: 32,
+    or an int4 base's group size, ADR 0701 "Quantized bases")."""
     if numa_shards == "auto":
-        return max(1, min(len(kk.shard_layout()), intermediate // 32))
+        return max(1, min(len(kk.shard_layout()), intermediate // max(block, 32)))
     return int(numa_shards)
 
 

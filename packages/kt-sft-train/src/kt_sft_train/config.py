@@ -50,7 +50,8 @@ class KTConfig:
     threads: kernel worker threads; None = the kernel default (physical cores of the affinity mask).
     numa_shards: tensor-parallel shards of each experts layer over NUMA nodes (ADR 0701): a count, or
         "auto" = one per NUMA node with usable cores (kt_sft_kernels.shard_layout(); KT_SFT_NUMA
-        overrides the layout). Quantized bases are not sharded yet.
+        overrides the layout). int8 / int4 bases are sharded too (int4: every shard holds whole groups,
+        so numa_shards can be at most intermediate / group_size).
     weight_dtype: frozen base expert weights in the kernels: "bf16", "int8" (per output channel) or
         "int4" (group-wise); quantized while loading, or taken as shipped from an int4 checkpoint.
     group_size: int4 group size (32, 64 or 128); None = the checkpoint's own groups for an int4

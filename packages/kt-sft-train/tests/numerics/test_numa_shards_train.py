@@ -40,11 +40,12 @@ def _step(experts: KTExperts) -> list[torch.Tensor]:
     return [out.detach(), x.grad, weights.grad, *(t.grad for t in lora.tensors())]
 
 
+@pytest.mark.parametrize("weight_dtype", ["bf16", "int8", "int4"])  # int4: group 32 (H = 64)
 @pytest.mark.parametrize("shards", [2, 3, "auto"])
-def test_sharded_training_layer_equals_one_shard(shards: int | str) -> None:
+def test_sharded_training_layer_equals_one_shard(shards: int | str, weight_dtype: str) -> None:
     kernels_or_skip()
-    single = _step(_experts(KTConfig(threads=2)))
-    sharded = _step(_experts(KTConfig(numa_shards=shards)))
+    single = _step(_experts(KTConfig(threads=2, weight_dtype=weight_dtype)))
+    sharded = _step(_experts(KTConfig(numa_shards=shards, weight_dtype=weight_dtype)))
     for name, got, want in zip(
         ["out", "dx", "dw", "da_gu", "db_gu", "da_d", "db_d"], sharded, single, strict=True
     ):
@@ -62,3 +63,4 @@ def test_auto_follows_the_kernel_layout_and_fits_intermediate(monkeypatch: pytes
     assert _kernels.numa_shard_count(kk, "auto", 4096) == 3
     assert _kernels.numa_shard_count(kk, "auto", 64) == 2  # at most intermediate / 32 shards
     assert _kernels.numa_shard_count(kk, 5, 4096) == 5
+    assert _kernels.numa_shard_count(kk, "auto", 256, 128) == 2  # int4 group 128: whole groups a shard

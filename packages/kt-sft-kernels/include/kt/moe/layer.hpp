@@ -52,6 +52,11 @@ using ForwardCachePtr = std::unique_ptr<ForwardCache, ForwardCacheDeleter>;
 
 // Host bytes of one layer (MoELayer::memory_report). weights + scales + cache_spare are the layer's
 // own; the workspace is the thread pool's, shared by `workspace_layers` layers (count it once per pool).
+// load_quantized / read_quantized's four arrays (shapes: kt/moe/validate.hpp).
+struct QuantViews {
+  View gate_up_q, gate_up_scale, down_q, down_scale;
+};
+
 struct MemoryReport {
   std::size_t weights = 0;           // packed base weights (bf16 tiles, or int8 / int4 values)
   std::size_t scales = 0;            // fp32 scales of a quantized base
@@ -117,6 +122,10 @@ class MoELayer {
   // H]; down [E, H, source_intermediate]), checked by the caller. Exactly one of gate_up / (gate, up).
   void load_weight_slice(const View* gate_up, const View* gate, const View* up, const View& down,
                          int source_intermediate, int i0);
+  // The same for a quantized base: the slice of load_quantized's full arrays (checked by the caller),
+  // and read_quantized's inverse into the slice of full arrays (ADR 0701, "Quantized bases").
+  void load_quantized_slice(const QuantViews& q, int source_intermediate, int i0);
+  void read_quantized_slice(const QuantViews& q, int source_intermediate, int i0);
   // Bytes of packed base weights this layer owns (all shards together when numa_shards > 1), and the
   // first of them (null before load_weights).
   std::size_t packed_weight_bytes() const;
