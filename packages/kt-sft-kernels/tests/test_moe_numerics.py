@@ -200,18 +200,7 @@ def test_tier_matches_portable(isa: str) -> None:
     for name in ("portable", isa):
         with tier(name):
             results[name] = kt.run_kernels(kt.build_layer(case, POOL), case)
-    base, got = results["portable"], results[isa]
-    for name in ("out", "grad_x", "grad_weights"):
-        err = kt.rel_fro(getattr(got, name), getattr(base, name))
-        assert err <= 2e-3, f"{name}: {isa} vs portable relative error {err:.3g} > 2e-3"
-    for name in base.lora_grads:
-        err = kt.rel_fro(got.lora_grads[name], base.lora_grads[name])
-        assert err <= 2e-3, f"{name}: {isa} vs portable relative error {err:.3g} > 2e-3"
-
-
-def _raw(res: kt.KernelResult) -> list[bytes]:
-    arrays = [res.out, res.grad_x, res.grad_weights, *(res.lora_grads[n] for n in sorted(res.lora_grads))]
-    return [np.ascontiguousarray(a).tobytes() for a in arrays]
+    kt.assert_results_close(results[isa], results["portable"], 2e-3, f"{isa} vs portable")
 
 
 @pytest.mark.parametrize("isa", TIERS)
@@ -228,7 +217,10 @@ def test_layers_sharing_a_pool_interleave_like_separate_layers(isa: str) -> None
         for i, (t, shape) in enumerate(zip((50, 17, 33), shapes, strict=True))
     ]
     with tier(isa):
-        alone = [_raw(kt.run_kernels(kt.build_layer(c, pool=kk.ThreadPool(threads=2)), c)) for c in cases]
+        alone = [
+            kt.result_bytes(kt.run_kernels(kt.build_layer(c, pool=kk.ThreadPool(threads=2)), c))
+            for c in cases
+        ]
         pool = kk.ThreadPool(threads=2)
         layers = [kt.build_layer(c, pool=pool) for c in cases]
         outs, handles = [], []
@@ -239,7 +231,7 @@ def test_layers_sharing_a_pool_interleave_like_separate_layers(isa: str) -> None
         for i in reversed(range(len(cases))):
             res = kt.KernelResult(out=outs[i])
             kt.run_backward(layers[i], handles[i], cases[i], res)
-            assert _raw(res) == alone[i], f"layer {i}: differs from the same layer on its own pool"
+            assert kt.result_bytes(res) == alone[i], f"layer {i}: differs from the same layer on its own pool"
 
 
 @pytest.mark.parametrize("isa", TIERS)
@@ -273,9 +265,9 @@ def test_bitwise_deterministic_across_threads_and_runs(isa: str) -> None:
         first = None
         for threads in (1, 2, 3, 2):
             layer = kt.build_layer(case, pool=kk.ThreadPool(threads=threads))
-            raw = _raw(kt.run_kernels(layer, case))
+            raw = kt.result_bytes(kt.run_kernels(layer, case))
             kt.run_kernels(layer, small)  # a different size in between reuses the workspace
-            again = _raw(kt.run_kernels(layer, case))
+            again = kt.result_bytes(kt.run_kernels(layer, case))
             assert raw == again, f"threads={threads}: second run differs from the first"
             if first is None:
                 first = raw
@@ -286,8 +278,8 @@ def test_bitwise_deterministic_across_threads_and_runs(isa: str) -> None:
 def test_separate_gate_up_weights_load_like_fused(isa: str) -> None:
     case = kt.make_case(tokens=20, num_experts=4, top_k=2, rank_gu=4, rank_d=4, seed=8)
     with tier(isa):
-        fused = _raw(kt.run_kernels(kt.build_layer(case, POOL), case))
-        separate = _raw(kt.run_kernels(kt.build_layer(case, POOL, separate_gate_up=True), case))
+        fused = kt.result_bytes(kt.run_kernels(kt.build_layer(case, POOL), case))
+        separate = kt.result_bytes(kt.run_kernels(kt.build_layer(case, POOL, separate_gate_up=True), case))
     assert fused == separate
 
 

@@ -142,18 +142,7 @@ def test_quantized_tier_matches_portable(isa: str, weight_dtype: str, group_size
         with tier(name):
             layer = kt.build_layer(case, POOL, weight_dtype=weight_dtype, group_size=group_size)
             results[name] = kt.run_kernels(layer, case)
-    base, got = results["portable"], results[isa]
-    for name in ("out", "grad_x", "grad_weights"):
-        err = kt.rel_fro(getattr(got, name), getattr(base, name))
-        assert err <= 2e-3, f"{name}: {isa} vs portable relative error {err:.3g} > 2e-3"
-    for name in base.lora_grads:
-        err = kt.rel_fro(got.lora_grads[name], base.lora_grads[name])
-        assert err <= 2e-3, f"{name}: {isa} vs portable relative error {err:.3g} > 2e-3"
-
-
-def _raw(res: kt.KernelResult) -> list[bytes]:
-    arrays = [res.out, res.grad_x, res.grad_weights, *(res.lora_grads[n] for n in sorted(res.lora_grads))]
-    return [np.ascontiguousarray(a).tobytes() for a in arrays]
+    kt.assert_results_close(results[isa], results["portable"], 2e-3, f"{isa} vs portable")
 
 
 @pytest.mark.parametrize(("weight_dtype", "group_size"), [("int8", 128), ("int4", 64)])
@@ -172,7 +161,7 @@ def test_quantized_bitwise_deterministic_across_threads(isa: str, weight_dtype: 
     )
     with tier(isa):
         runs = [
-            _raw(
+            kt.result_bytes(
                 kt.run_kernels(
                     kt.build_layer(
                         case, kk.ThreadPool(threads=n), weight_dtype=weight_dtype, group_size=group_size
@@ -318,7 +307,7 @@ def test_load_weights_equals_load_quantized_of_the_same_values() -> None:
             *kt.quantize(case.gate_up, weight_dtype, group_size),
             *kt.quantize(case.down, weight_dtype, group_size),
         )
-        assert _raw(kt.run_kernels(a, case)) == _raw(kt.run_kernels(b, case))
+        assert kt.result_bytes(kt.run_kernels(a, case)) == kt.result_bytes(kt.run_kernels(b, case))
 
 
 # ---- memory ---------------------------------------------------------------------------------------

@@ -451,6 +451,23 @@ def max_rel_rows(got: np.ndarray, ref: np.ndarray, axis_items: int = 0) -> float
     return worst
 
 
+def assert_results_close(got: KernelResult, base: KernelResult, bound: float, label: str) -> None:
+    """Every array of `got` (output, grad_x, grad_weights, each LoRA grad) within `bound` relative
+    Frobenius error of `base`; the message names the array and `label` (e.g. "amx vs portable")."""
+    for name in ("out", "grad_x", "grad_weights"):
+        err = rel_fro(getattr(got, name), getattr(base, name))
+        assert err <= bound, f"{name}: {label} relative error {err:.3g} > {bound:g}"
+    for name in base.lora_grads:
+        err = rel_fro(got.lora_grads[name], base.lora_grads[name])
+        assert err <= bound, f"{name}: {label} relative error {err:.3g} > {bound:g}"
+
+
+def result_bytes(res: KernelResult) -> list[bytes]:
+    """The raw bytes of every array of a result, for bitwise comparisons."""
+    arrays = [res.out, res.grad_x, res.grad_weights, *(res.lora_grads[n] for n in sorted(res.lora_grads))]
+    return [np.ascontiguousarray(a).tobytes() for a in arrays]
+
+
 @contextmanager
 def tier(name: str) -> Iterator[None]:
     """Runs the block with the kernels capped at ISA tier `name` (which must be the active one), then
