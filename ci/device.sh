@@ -27,8 +27,8 @@
 #               $KT_E2E_STEPS timed steps (default 2)
 #   e2e-dsv3    DeepSeek-V3 MoE widths (E256 H7168 I2048), $KT_E2E_LAYERS (default 3) layers, batch 2 x 2048,
 #               --grad-ckpt, kt_sft then kt_sft_no_overlap
-#   e2e-long    seq 8192 x batch 2, $KT_E2E_LAYERS (default 8) Qwen3-30B-A3B layers, --grad-ckpt, kt_sft
-#               then kt_sft_no_overlap
+#   e2e-long    seq $KT_E2E_SEQ (default 8192) x batch 2, $KT_E2E_LAYERS (default 8) Qwen3-30B-A3B layers,
+#               --grad-ckpt, $KT_E2E_VARIANTS (default kt_sft,kt_sft_no_overlap)
 #   perf        amx numerics/profiler/C++ tests + ci/device/perf_layer.py on this tree (KT_PERF_* env knobs)
 #   perf-ab LABEL=DIR|COMMIT...  perf of several kernel package trees on this one machine, each in its own
 #               site, at every tier of KT_PERF_AB_TIERS (default "amx avx512_bf16"); a COMMIT (e.g. base=HEAD~1)
@@ -269,7 +269,8 @@ while [ $# -gt 0 ]; do
         --steps 2 --warmup 1 --split-steps 1 --trace "$work/e2e-dsv3/step.json" --out "$work/e2e-dsv3"
       cat "$work/e2e-dsv3/results.md" >>"$summary" 2>/dev/null ;;
     e2e-long) ensure_built && step e2e-long 580 "$PYTHON" benchmarks/e2e_train.py \
-        --variants kt_sft,kt_sft_no_overlap --layers "${KT_E2E_LAYERS:-8}" --batch 2 --seq-len 8192 --grad-ckpt \
+        --variants "${KT_E2E_VARIANTS:-kt_sft,kt_sft_no_overlap}" --layers "${KT_E2E_LAYERS:-8}" --batch 2 \
+        --seq-len "${KT_E2E_SEQ:-8192}" --grad-ckpt \
         --steps 2 --warmup 1 --split-steps 1 --trace "$work/e2e-long/step.json" --out "$work/e2e-long"
       cat "$work/e2e-long/results.md" >>"$summary" 2>/dev/null ;;
     perf) step perf 900 perf_tree "${KT_PERF_PKG:-$kernels_pkg}" "${KT_PERF_SITE:-/tmp/kt-perf-site}" "$work/perf"
