@@ -898,6 +898,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="kt-sft variants' frozen expert base (int4: group 128); the other variants stay bf16",
     )
     parser.add_argument("--tiny", action="store_true", help="a tiny Qwen3-MoE (runs on a CPU in seconds)")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="RESULTS_JSON",
+        help="only write one results.json/.md/.png into --out from the rows of earlier runs' results.json "
+        "(runs of one model and sequence length, e.g. one device call's separate variants)",
+    )
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--worker-layers", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -911,9 +918,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def merge_main(paths: list[str], out: Path) -> int:
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    keys = {(r["model"], r["seq_len"], r["batch"]) for r in reports}
+    if len(keys) != 1:
+        raise SystemExit(f"--merge: the runs differ in model / seq_len / batch: {sorted(keys)}")
+    report = dict(reports[0], results=[row for r in reports for row in r["results"]])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(report))
+    plot(report, out / "results.png")
+    print(markdown(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.merge:
+        return merge_main(args.merge, Path(args.out))
     if args.worker is not None:
         return worker_main(args)
     return parent_main(args)
