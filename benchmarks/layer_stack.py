@@ -22,9 +22,11 @@ from pathlib import Path
 import kt_sft_kernels as kk
 import ml_dtypes
 import numpy as np
+from ab_inprocess import SHAPES, make_inputs
 
 BF16 = ml_dtypes.bfloat16
-E, H, FF, K, R = 128, 2048, 768, 8, 16  # Qwen3-30B-A3B; FF = the experts' intermediate I
+E, H, FF, K = SHAPES["qwen3-30b"]  # FF = the experts' intermediate size I
+R = 16
 
 
 def huge_pages_gib() -> tuple[float, float]:
@@ -88,28 +90,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="stack passes (and single-layer repeats per layer)")
     ap.add_argument("--profile", action="store_true", help="stage profile of one pass of each kind")
     args = ap.parse_args()
-    rng = np.random.default_rng(0)
     t = args.tokens
-    distinct = np.arange(E) % 4
-    gate_up = (rng.standard_normal((4, 2 * FF, H), dtype=np.float32) * H**-0.5).astype(BF16)[distinct]
-    down = (rng.standard_normal((4, H, FF), dtype=np.float32) * FF**-0.5).astype(BF16)[distinct]
-    lora = [
-        rng.standard_normal(s, dtype=np.float32) * f
-        for s, f in (
-            ((E, R, H), H**-0.5),
-            ((E, 2 * FF, R), R**-0.5),
-            ((E, R, FF), FF**-0.5),
-            ((E, H, R), R**-0.5),
-        )
-    ]
-    x = rng.standard_normal((t, H), dtype=np.float32).astype(BF16)
-    g = rng.standard_normal((t, H), dtype=np.float32).astype(BF16)
-    ids = np.argsort(-rng.standard_normal((t, E)), axis=1)[:, :K].astype(np.int32)
-    w = rng.uniform(0.1, 1, (t, K)).astype(np.float32)
+    d = make_inputs("qwen3-30b", t, R, np.random.default_rng(0))
+    x, g, ids, w = d["x"], d["g"], d["ids"], d["w"]
     pool = kk.ThreadPool(threads=args.threads) if args.threads else kk.default_pool()
     a = time.perf_counter()
-    layers = [Layer(gate_up, down, lora, t, args.weight_dtype, pool) for _ in range(args.layers)]
-    del gate_up, down
+    layers = [
+        Layer(d["gate_up"], d["down"], d["lora"], t, args.weight_dtype, pool) for _ in range(args.layers)
+    ]
+    del d
     print(
         f"{args.layers} layers of E{E} H{H} I{FF} k{K} ({args.weight_dtype}), T={t}, "
         f"tier {kk.active_isa()}, pool {pool}; built in {time.perf_counter() - a:.1f} s"
