@@ -224,12 +224,14 @@ void nt_int8(int m, const std::uint8_t* act, const void* wq, int rows, int k, in
     for (int ks = 0; ks < steps; ++ks) prefetch_pair_step(pair, ks);
   };
   if (knobs.prefetch && knobs.weight_prefetch_first)  // the pairs no earlier pair prefetches
-    for (int n = n0; n < std::min(n1, n0 + 32 * std::max(1, ahead)); n += 32) prefetch_pair(w + static_cast<std::size_t>(n) * k);
+    for (int n = n0; n < std::min(n1, n0 + 32 * std::max(1, ahead)); n += 32)
+      prefetch_pair(w + static_cast<std::size_t>(n) * k);
   alignas(64) std::int32_t acc[4][256];
   for (int n = n0; n < n1; n += 32) {
     const std::uint8_t* w0 = w + static_cast<std::size_t>(n) * k;
     const std::uint8_t* w1 = w0 + static_cast<std::size_t>(16) * k;
-    const std::uint8_t* next = ahead > 0 && n + 32 * ahead < n1 ? w0 + static_cast<std::size_t>(32 * ahead) * k : nullptr;
+    const std::uint8_t* next =
+        ahead > 0 && n + 32 * ahead < n1 ? w0 + static_cast<std::size_t>(32 * ahead) * k : nullptr;
     if (next && knobs.int8_nt_prefetch_burst) {
       prefetch_pair(next);
       next = nullptr;
