@@ -68,14 +68,17 @@ def make_inputs(shape: str, t: int, r: int, rng: np.random.Generator) -> dict:
 class Runner:
     """One build's layer on one input set; step() returns fwd+bwd wall seconds."""
 
-    def __init__(self, core: ModuleType, tier: str, threads: int, d: dict, weight_dtype: str) -> None:
+    def __init__(
+        self, core: ModuleType, tier: str, threads: int, d: dict, weight_dtype: str, pool: object = None
+    ) -> None:
+        """pool: the layer's thread pool (None: a new one of `threads` threads)."""
         core.set_max_isa(tier)
         e, h, i, k = d["dims"]
         t = d["x"].shape[0]
         self.core, self.tier, self.d = core, tier, d
         self.layer = core.MoELayer(
             core.MoEConfig(num_experts=e, top_k=k, hidden=h, intermediate=i, weight_dtype=weight_dtype),
-            pool=core.ThreadPool(threads=threads),
+            pool=pool if pool is not None else core.ThreadPool(threads=threads),
         )
         self.layer.load_weights(gate_up=d["gate_up"], down=d["down"])
         self.lora = core.LoRA(*d["lora"], 2.0, 2.0)

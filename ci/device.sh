@@ -17,6 +17,8 @@
 #   bench-quant       bench_moe.py, quantized bases (issue 11): ours amx bf16/int8/int4 vs kt-kernel bf16/int8/int4,
 #               Qwen3-30B-A3B T=512,4096
 #   bench-quant-dsv3  the same at DeepSeek-V3 T=4096
+#   tune        benchmarks/tune_sweep.py: the amx tier's prefetch knobs, Qwen3-30B-A3B T=512,4096 bf16 and int8,
+#               one process, $KT_TUNE_ROUNDS rounds (default 5); its tables go to the summary
 #   train-gpu   the training suites, GPU for the non-expert parts, the best tier for the experts
 #   e2e         benchmarks/e2e_train.py (full-width Qwen3-30B-A3B layers, GPU + AMX; kt-kernel's wrapper too)
 #   e2e-overlap issue 17, 48-layer Qwen3-30B-A3B, batch 2 x seq 2048, variants from $KT_E2E_VARIANTS (default
@@ -251,6 +253,8 @@ while [ $# -gt 0 ]; do
         --shape deepseek-v3 --tokens 4096 --backends ours,kt-int8,kt-int4 --tiers amx --weight-dtype bf16,int8,int4 \
         --group-size 128 --kt-threads 15 --repeats 2 --max-seconds 15 --out "$work/bench-quant-dsv3"
       cat "$work/bench-quant-dsv3/results.md" >>"$summary" 2>/dev/null ;;
+    tune) ensure_built && step tune 300 "$PYTHON" benchmarks/tune_sweep.py --rounds "${KT_TUNE_ROUNDS:-5}"
+      sed -n '/^T=/,$p' "$work/tune.log" >>"$summary" ;;
     train-gpu) ensure_built && step train 400 "$PYTHON" -m pytest -q -rs -p no:cacheprovider packages/kt-sft-train/tests
       tail -n 15 "$work/train.log" >>"$summary" ;;
     e2e) ensure_built && step e2e 560 "$PYTHON" benchmarks/e2e_train.py \

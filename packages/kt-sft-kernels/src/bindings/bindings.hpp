@@ -31,5 +31,6 @@ void bind_runtime(nb::module_& m);
 void bind_moe(nb::module_& m);
 void bind_profiler(nb::module_& m);
 void bind_topology(nb::module_& m);
+void bind_amx_tuning(nb::module_& m);  // after bind_runtime (its _testing submodule)
 
 }  // namespace kt::bindings

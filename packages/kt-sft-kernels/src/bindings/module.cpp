@@ -23,4 +23,5 @@ NB_MODULE(_core, m) {
   kt::bindings::bind_moe(m);
   kt::bindings::bind_profiler(m);
   kt::bindings::bind_topology(m);
+  kt::bindings::bind_amx_tuning(m);
 }

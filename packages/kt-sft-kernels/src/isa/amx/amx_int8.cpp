@@ -206,13 +206,36 @@ void nt_int8(int m, const std::uint8_t* act, const void* wq, int rows, int k, in
   auto* spill = static_cast<std::uint8_t*>(
       chunk < steps ? nt_spill.ensure(static_cast<std::size_t>(m_tiles) * 4 * kTileBytes) : nullptr);
   const std::int64_t stride = k;
+  // A later pair of W tile rows streams in from memory during this pair's first m-tile: step ks
+  // prefetches its line ks of each of the 32 rows (by default into L2, one pair ahead: 32 rows x k
+  // bytes do not fit L1), or its ks-th run of 32 lines in address order (Tuning has the knobs).
+  const Tuning& knobs = tuning();
+  const int ahead = knobs.prefetch ? std::max(0, knobs.int8_nt_prefetch_pairs) : 0;
+  const bool to_l2 = knobs.int8_nt_prefetch_l2, in_order = knobs.int8_nt_prefetch_in_address_order;
+  const std::size_t pair_bytes = static_cast<std::size_t>(32) * k;
+  const auto prefetch_pair_step = [&](const std::uint8_t* pair, int ks) {
+    for (int r = 0; r < 32; ++r) {
+      const std::size_t at = in_order ? (static_cast<std::size_t>(ks) * 32 + r) * 64
+                                      : static_cast<std::size_t>(r) * k + static_cast<std::size_t>(ks) * kStep;
+      if (at < pair_bytes) to_l2 ? prefetch_l2(pair + at) : prefetch_l1(pair + at);
+    }
+  };
+  const auto prefetch_pair = [&](const std::uint8_t* pair) {
+    for (int ks = 0; ks < steps; ++ks) prefetch_pair_step(pair, ks);
+  };
+  if (knobs.prefetch && knobs.weight_prefetch_first)  // the pairs no earlier pair prefetches
+    for (int n = n0; n < std::min(n1, n0 + 32 * std::max(1, ahead)); n += 32)
+      prefetch_pair(w + static_cast<std::size_t>(n) * k);
   alignas(64) std::int32_t acc[4][256];
   for (int n = n0; n < n1; n += 32) {
     const std::uint8_t* w0 = w + static_cast<std::size_t>(n) * k;
     const std::uint8_t* w1 = w0 + static_cast<std::size_t>(16) * k;
-    // The next pair of W tile rows streams in from memory during this pair's first m-tile: step ks
-    // prefetches its line ks of each of the 32 rows (into L2; 32 rows x k bytes do not fit L1).
-    const std::uint8_t* next = n + 32 < n1 ? w1 + static_cast<std::size_t>(16) * k : nullptr;
+    const std::uint8_t* next =
+        ahead > 0 && n + 32 * ahead < n1 ? w0 + static_cast<std::size_t>(32 * ahead) * k : nullptr;
+    if (next && knobs.int8_nt_prefetch_burst) {
+      prefetch_pair(next);
+      next = nullptr;
+    }
     for (int k0 = 0; k0 < steps; k0 += chunk) {
       const int k1 = std::min(steps, k0 + chunk);
       for (int mt = 0; mt < m_tiles; ++mt) {
@@ -222,8 +245,7 @@ void nt_int8(int m, const std::uint8_t* act, const void* wq, int rows, int k, in
         for (int ks = k0; ks < k1; ++ks) {
           const std::size_t off = static_cast<std::size_t>(ks) * kStep;
           const std::uint8_t* bk = b + static_cast<std::size_t>(ks) * 2 * kTileBytes;
-          if (next && mt == 0)
-            for (int r = 0; r < 32; ++r) prefetch_l2(next + static_cast<std::size_t>(r) * k + off);
+          if (next && mt == 0) prefetch_pair_step(next, ks);
           tile_load<4>(w0 + off, stride);
           tile_load<6>(bk, 64);
           tile_dpbssd<0, 4, 6>();
@@ -270,7 +292,21 @@ const std::uint8_t* build_vnni_strip(const std::uint8_t* w, int k, int cols, int
       for (int j = 0; j < 4; ++j) bytes[16 * L + 4 * j + i] = static_cast<std::uint8_t>(4 * i + j);
     }
   const __m512i idx0 = _mm512_load_si512(first), idx1 = _mm512_load_si512(second), within = _mm512_load_si512(bytes);
-  constexpr int kAhead = 4;  // row groups prefetched ahead
+  // Row group g's lines of the strip (4 rows x the strip's width), prefetched by default 4 groups
+  // ahead into L1 (Tuning: distance, level, an extra L2 prefetch further ahead, the first groups).
+  const Tuning& knobs = tuning();
+  const int near = knobs.prefetch ? std::max(0, knobs.int8_strip_prefetch_groups) : 0;
+  const int far = knobs.prefetch ? std::max(0, knobs.int8_strip_far_groups) : 0;
+  const auto prefetch_group = [&](int g, bool to_l2) {
+    if (4 * g >= k) return;
+    for (int i = 0; i < 4; ++i)
+      for (int b = 0; b < j1 - j0; b += 64) {
+        const std::uint8_t* line = w + static_cast<std::size_t>(4 * g + i) * cols + j0 + b;
+        to_l2 ? prefetch_l2(line) : prefetch_l1(line);
+      }
+  };
+  if (knobs.prefetch && knobs.weight_prefetch_first)
+    for (int g = 0; g < near; ++g) prefetch_group(g, knobs.int8_strip_prefetch_l2);
   for (int g = 0; g < steps * 16; ++g) {
     const int ks = g / 16, p = g % 16;
     std::uint8_t* dst = strip + static_cast<std::size_t>(ks) * kTileBytes + 64 * p;
@@ -279,9 +315,8 @@ const std::uint8_t* build_vnni_strip(const std::uint8_t* w, int k, int cols, int
       continue;
     }
     const std::uint8_t* r0 = w + static_cast<std::size_t>(4 * g) * cols + j0;
-    if (4 * (g + kAhead) < k)
-      for (int i = 0; i < 4; ++i)
-        for (int b = 0; b < j1 - j0; b += 64) prefetch_l1(r0 + static_cast<std::size_t>(4 * kAhead + i) * cols + b);
+    if (near) prefetch_group(g + near, knobs.int8_strip_prefetch_l2);
+    if (far) prefetch_group(g + far, true);
     for (int jt = 0; jt < col_tiles; jt += 2) {
       const std::uint8_t* src = r0 + 16 * jt;
       const auto row = [&](int i) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * cols)); };

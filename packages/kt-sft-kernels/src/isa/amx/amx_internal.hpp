@@ -80,7 +80,6 @@ using moe::PackFormat;
 
 constexpr int kTileBytes = 1024;
 constexpr int kMBlockTiles = 16;  // 256 rows per m-block (layer.cpp calls with at most that)
-constexpr int kMaxKcSteps = 32;  // bounds the stack buffers below
 constexpr int kPerm[8] = {0, 4, 1, 5, 2, 6, 3, 7};
 
 // VNNI row p of an NT activation tile holds the pair at stored positions 2p, 2p+1, i.e. the

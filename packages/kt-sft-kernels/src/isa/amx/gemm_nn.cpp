@@ -106,7 +106,7 @@ void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int co
   const bool prefetch = tuning().prefetch;
   const int ahead = prefetch ? std::max(0, tuning().act_prefetch_steps) : 0;
   const int w_ahead = std::max(1, tuning().weight_prefetch_items);
-  const bool w_to_l2 = tuning().weight_prefetch_l2;
+  const bool w_to_l2 = tuning().weight_prefetch_l2, w_burst = tuning().weight_prefetch_burst;
   alignas(64) std::uint8_t bbufs[2][kMaxKcSteps * 2 * kTileBytes];
   const std::size_t panel = static_cast<std::size_t>(q_steps) * kTileBytes;  // one m-tile of activations
   for (int mb = 0; mb < m_tiles; mb += kMBlockTiles) {
@@ -119,16 +119,24 @@ void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int co
     const int items = (q_steps + kc - 1) / kc * col_tiles;  // (chunk, column tile), chunk outermost
     const auto first_step = [&](int it) { return it / col_tiles * kc; };
     const auto steps_of = [&](int it) { return std::min(q_steps, first_step(it) + kc) - first_step(it); };
-    // Step s of item `it` into its buffer; the weights of item it + w_ahead step s are prefetched.
+    const auto prefetch_item_step = [&](int it, int s, bool to_l2) {  // item it's weights of its step s
+      const int q = first_step(it) + s, ct = j0 / 32 + it % col_tiles;
+      prefetch_tile(w + tile_offset(2 * q, ct, tile_cols), to_l2);
+      prefetch_tile(w + tile_offset(2 * q + 1, ct, tile_cols), to_l2);
+    };
+    if (prefetch && tuning().weight_prefetch_first && mb == 0)  // the items no earlier item prefetches
+      for (int it = 0; it < std::min(w_ahead, items); ++it)
+        for (int s = 0; s < steps_of(it); ++s) prefetch_item_step(it, s, w_to_l2);
+    // Step s of item `it` into its buffer; the weights of item it + w_ahead step s are prefetched
+    // (or, with weight_prefetch_burst, all of them at step 0).
     const auto build_step = [&](int it, int s) {
       std::uint8_t* b = bbufs[it & 1] + static_cast<std::size_t>(s) * 2 * kTileBytes;
       build_nn_tiles(w, tile_cols, first_step(it) + s, j0 / 32 + it % col_tiles, b, b + kTileBytes);
-      const int target = it + w_ahead, next = first_step(target) + s;
-      if (prefetch && target < items && next < q_steps) {
-        const int target_ct = j0 / 32 + target % col_tiles;
-        prefetch_tile(w + tile_offset(2 * next, target_ct, tile_cols), w_to_l2);
-        prefetch_tile(w + tile_offset(2 * next + 1, target_ct, tile_cols), w_to_l2);
-      }
+      const int target = it + w_ahead;
+      if (!prefetch || target >= items) return;
+      if (!w_burst && s < steps_of(target)) prefetch_item_step(target, s, w_to_l2);
+      if (w_burst && s == 0)
+        for (int t = 0; t < steps_of(target); ++t) prefetch_item_step(target, t, w_to_l2);
     };
     for (int s = 0; s < steps_of(0); ++s) build_step(0, s);
     for (int i = 0; i < items; ++i) {

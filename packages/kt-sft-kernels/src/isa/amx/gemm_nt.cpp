@@ -89,7 +89,7 @@ void nt_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int n0
   const bool prefetch = tuning().prefetch;
   const int ahead = prefetch ? std::max(0, tuning().act_prefetch_steps) : 0;
   const int w_ahead = std::max(1, tuning().weight_prefetch_items);
-  const bool w_to_l2 = tuning().weight_prefetch_l2;
+  const bool w_to_l2 = tuning().weight_prefetch_l2, w_burst = tuning().weight_prefetch_burst;
   const std::size_t panel = static_cast<std::size_t>(k_steps) * kTileBytes;  // one 16-row tile row
   for (int mb = 0; mb < m_tiles; mb += kMBlockTiles) {
     const int mb_end = std::min(m_tiles, mb + kMBlockTiles);
@@ -108,6 +108,17 @@ void nt_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int n0
     const auto item = [&](int i) {  // i-th (column pair, chunk) in execution order
       return chunk_outer ? Item{i % col_pairs, i / col_pairs} : Item{i / chunks, i % chunks};
     };
+    const auto item_weights = [&](int i) {  // item i's two W tile rows from its first step
+      const Item it = item(i);
+      const std::uint8_t* row0 =
+          w + static_cast<std::size_t>((n0 + 32 * it.cp) / 16) * panel + it.chunk * kc * std::size_t{kTileBytes};
+      return TileStream{row0, row0 + panel, w_to_l2};
+    };
+    if (prefetch && tuning().weight_prefetch_first && mb == 0)  // the items no earlier item prefetches
+      for (int i = 0; i < std::min(w_ahead, col_pairs * chunks); ++i) {
+        const int s0 = item(i).chunk * kc, steps = std::min(k_steps, s0 + kc) - s0;
+        for (int s = 0; s < steps; ++s) item_weights(i).prefetch(s);
+      }
     for (int i = 0; i < col_pairs * chunks; ++i) {
       const auto [cp, chunk] = item(i);
       const int kb0 = chunk * kc, kb1 = std::min(k_steps, kb0 + kc);
@@ -127,10 +138,11 @@ void nt_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int n0
         if (rp + 1 < row_pairs) pf.act_next = act_pair(act, panel, mt + 2, mb_end, kb0);
         else if (more) pf.act_next = act_pair(act, panel, mb, mb_end, next_chunk * kc);
         if (prefetch && rp == 0 && i + w_ahead < col_pairs * chunks) {  // a later item's weights, step by step
-          const Item target = item(i + w_ahead);
-          const std::uint8_t* next_w =
-              w + static_cast<std::size_t>((n0 + 32 * target.cp) / 16) * panel + target.chunk * kc * std::size_t{kTileBytes};
-          pf.w_next = {next_w, next_w + panel, w_to_l2};
+          pf.w_next = item_weights(i + w_ahead);
+          if (w_burst) {  // or all at once
+            for (int s = kb0; s < kb1; ++s) pf.w_next.prefetch(s - kb0);
+            pf.w_next = {};
+          }
         }
         std::uint8_t* sp = spill ? spill + static_cast<std::size_t>(cp * row_pairs + rp) * 4 * kTileBytes : nullptr;
         const std::uint8_t* a0 = act + static_cast<std::size_t>(mt) * panel;
