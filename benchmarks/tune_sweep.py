@@ -39,6 +39,7 @@ SETTINGS: dict[str, dict[str, object]] = {
     # int8 NN: the per-call VNNI strip build (prefetch distance in 4-row groups, L1 or L2; extra far L2)
     "strip8": {"int8_strip_prefetch_groups": 8},
     "strip16": {"int8_strip_prefetch_groups": 16},
+    "strip4_l1": {"int8_strip_prefetch_l2": False},  # the default before session 6's device sweep
     "strip4_l2": {"int8_strip_prefetch_l2": True},
     "strip8_l2": {"int8_strip_prefetch_groups": 8, "int8_strip_prefetch_l2": True},
     "strip16_l2": {"int8_strip_prefetch_groups": 16, "int8_strip_prefetch_l2": True},
@@ -50,6 +51,7 @@ SETTINGS: dict[str, dict[str, object]] = {
     "nt_addr": {"int8_nt_prefetch_in_address_order": True},
     "nt_burst": {"int8_nt_prefetch_burst": True},
     "nt_l1": {"int8_nt_prefetch_l2": False},
+    "far64_nt_l1": {"int8_strip_far_groups": 64, "int8_nt_prefetch_l2": False},
     # both dtypes: the call's first weights at entry (nothing prefetches them otherwise)
     "first": {"weight_prefetch_first": True},
     # bf16 NT/NN: weight items ahead, L2, all at once

@@ -35,7 +35,7 @@ KNOB_VALUES: dict[str, list[object]] = {
     "weight_prefetch_burst": [True],
     "weight_prefetch_first": [True],
     "int8_strip_prefetch_groups": [0, 1, 16],
-    "int8_strip_prefetch_l2": [True],
+    "int8_strip_prefetch_l2": [False],
     "int8_strip_far_groups": [1, 32, 64],
     "int8_nt_prefetch_pairs": [0, 2, 5],
     "int8_nt_prefetch_l2": [False],
