@@ -534,15 +534,17 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
     } else if (!L.shared_down) {
       reduce_tokens(L.shards, s.pool(), t0, t1, {{&ShardRuntime::gx, &grad_x, H}, {&ShardRuntime::gw, &grad_weights, K}});
     }
-    if (grad_weights && L.shared_down)
-      for (std::int64_t t = t0; t < t1; ++t)
-        for (int j = 0; j < K; ++j) {
-          const std::int64_t row = rows[0].row_of_slot[t * K + j];
-          float sum = 0.f;
-          if (row >= 0)
-            for (const PairRows& part : rows) sum += part.grad_w[row];
-          store_value(grad_weights.data, grad_weights.dtype, t * K + j, sum);
-        }
+    if (grad_weights && L.shared_down)  // on the shard's pool: serial, its other threads would sleep
+      s.pool().parallel_for((t1 - t0 + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
+        for (std::int64_t t = t0 + task * kTokenChunk; t < std::min(t1, t0 + (task + 1) * kTokenChunk); ++t)
+          for (int j = 0; j < K; ++j) {
+            const std::int64_t row = rows[0].row_of_slot[t * K + j];
+            float sum = 0.f;
+            if (row >= 0)
+              for (const PairRows& part : rows) sum += part.grad_w[row];
+            store_value(grad_weights.data, grad_weights.dtype, t * K + j, sum);
+          }
+      });
     const int e0 = static_cast<int>(E * s.index / n), e1 = static_cast<int>(E * (s.index + 1) / n);
     const std::int64_t w = s.width();
     const bool da_gu_here = lg.da_gu && !L.shared_down;  // else shard_dx computed it
@@ -553,16 +555,19 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
       const std::int64_t P = offsets.back();
       float* ad = lg.db_d ? node_local(s.rt->ad, P * rd, s.node()) : nullptr;
       float* bgu = da_gu_here ? node_local(s.rt->bgu, P * rg, s.node()) : nullptr;
-      for (std::int64_t i = p0 * rd; ad && i < p1 * rd; ++i) {
-        float sum = 0.f;
-        for (const ForwardCachePtr& part : cache.caches) sum += part->ad.data()[i];
-        ad[i] = sum;
-      }
-      for (std::int64_t i = p0 * rg; bgu && i < p1 * rg; ++i) {
-        float sum = 0.f;
-        for (const PairRows& part : rows) sum += part.bgu[i];
-        bgu[i] = sum;
-      }
+      s.pool().parallel_for((p1 - p0 + kPairChunk - 1) / kPairChunk, [&](std::int64_t task, int) {
+        const std::int64_t q0 = p0 + task * kPairChunk, q1 = std::min(p1, q0 + kPairChunk);
+        for (std::int64_t i = q0 * rd; ad && i < q1 * rd; ++i) {
+          float sum = 0.f;
+          for (const ForwardCachePtr& part : cache.caches) sum += part->ad.data()[i];
+          ad[i] = sum;
+        }
+        for (std::int64_t i = q0 * rg; bgu && i < q1 * rg; ++i) {
+          float sum = 0.f;
+          for (const PairRows& part : rows) sum += part.bgu[i];
+          bgu[i] = sum;
+        }
+      });
       LoRAGradViews once;
       if (da_gu_here) once.da_gu = lg.da_gu;
       once.db_d = lg.db_d;
