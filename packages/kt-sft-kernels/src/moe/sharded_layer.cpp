@@ -224,6 +224,7 @@ struct ShardedLayer::Impl {
     std::barrier<> meet(n);
     std::atomic<bool> failed{false};
     std::vector<std::shared_ptr<runtime::Job>> jobs;
+    std::vector<std::uint64_t> finished(shards.size(), 0);  // profiler ticks at each driver's end
     std::exception_ptr failure;
     for (auto& shard : shards) {
       try {
@@ -249,6 +250,7 @@ struct ShardedLayer::Impl {
               failed.store(true);
             }
           }
+          if (prof::enabled()) finished[static_cast<std::size_t>(s->index)] = prof::now_ticks();
           if (mine) std::rethrow_exception(mine);
         }));
       } catch (...) {  // a job that never started would leave the others at the barriers
@@ -263,6 +265,11 @@ struct ShardedLayer::Impl {
       job->wait();
       if (!failure && job->error()) failure = job->error();
     }
+    // The call ends with its slowest shard: the others' wait for it is a barrier wait too (recorded here,
+    // on the calling thread, so shard_barrier counts every wait of the shards for each other).
+    const std::uint64_t last = *std::max_element(finished.begin(), finished.end());
+    for (const std::uint64_t end : finished)
+      if (end && last > end) prof::record(prof::Stage::shard_barrier, prof::Kind::wall, end, last);
     if (failure) std::rethrow_exception(failure);
   }
 
@@ -375,6 +382,17 @@ void sum_partials(const std::vector<std::unique_ptr<ShardState>>& shards, Buffer
     for (const auto& other : shards) sum += ((*other->rt).*part).data()[i];
     store_value(dst.data, dst.dtype, i, sum);
   }
+}
+
+// dst's elements [at, at + n) = src[0, n), rounded to dst's dtype (a tight loop per run, not a dtype
+// test per element).
+void store_run(const View& dst, std::int64_t at, const float* src, std::int64_t n) {
+  if (dst.dtype == DType::f32) {
+    std::memcpy(static_cast<float*>(dst.data) + at, src, static_cast<std::size_t>(n) * sizeof(float));
+    return;
+  }
+  bf16* out = static_cast<bf16*>(dst.data) + at;
+  for (std::int64_t i = 0; i < n; ++i) out[i] = f32_to_bf16(src[i]);
 }
 
 // The token-split reduction of round 2 (across nodes): tokens [t0, t1) of every partial in `parts`.
@@ -574,21 +592,17 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
       s.layer->shard_lora_grads(own_cache, ad, bgu, e0, e1, once);
     }
     if (!(lg.db_gu || lg.da_d)) return;
+    // Contiguous runs: per expert the gate rows and the up rows of dB_gu (w * rg each), per (expert, q)
+    // the w columns of dA_d.
     s.pool().parallel_for(E, [&](std::int64_t e, int) {
       if (lg.db_gu) {
-        const float* src = s.rt->db_gu.data();
-        for (std::int64_t i = 0; i < 2 * w; ++i) {
-          const std::int64_t row = i < w ? s.i0 + i : I + s.i0 + (i - w);
-          for (std::int64_t q = 0; q < rg; ++q)
-            store_value(lg.db_gu.data, lg.db_gu.dtype, (e * 2 * I + row) * rg + q, src[(e * 2 * w + i) * rg + q]);
-        }
+        const float* src = s.rt->db_gu.data() + e * 2 * w * rg;
+        store_run(lg.db_gu, (e * 2 * I + s.i0) * rg, src, w * rg);
+        store_run(lg.db_gu, (e * 2 * I + I + s.i0) * rg, src + w * rg, w * rg);
       }
-      if (lg.da_d) {
-        const float* src = s.rt->da_d.data();
+      if (lg.da_d)
         for (std::int64_t q = 0; q < rd; ++q)
-          for (std::int64_t j = 0; j < w; ++j)
-            store_value(lg.da_d.data, lg.da_d.dtype, (e * rd + q) * I + s.i0 + j, src[(e * rd + q) * w + j]);
-      }
+          store_run(lg.da_d, (e * rd + q) * I + s.i0, s.rt->da_d.data() + (e * rd + q) * w, w);
     });
   });
   L.on_shards(rounds);
