@@ -151,6 +151,7 @@ std::pair<int, int> MoELayer::shard_dx(const ForwardCache& cache, const std::vec
   float* b_sum = rg ? ws.shard_sums.ensure(static_cast<std::size_t>(std::max<std::int64_t>(P * rg, 1))) : nullptr;
   if (rg)
     pool.parallel_for((P + kPairChunk - 1) / kPairChunk, [&](std::int64_t task, int) {
+      const auto timed = part(Stage::bwd_lora_bt_gu);
       const std::int64_t end = std::min(P, (task + 1) * kPairChunk) * rg;
       for (std::int64_t i = task * kPairChunk * rg; i < end; ++i) {
         float sum = 0.f;

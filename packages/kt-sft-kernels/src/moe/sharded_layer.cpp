@@ -358,6 +358,7 @@ std::unique_ptr<LoRASlice> ShardedLayer::Impl::slice_lora(const ShardState& s, c
   const auto* src_b_gu = static_cast<const std::byte*>(lora.b_gu.data);
   const auto* src_a_d = static_cast<const std::byte*>(lora.a_d.data);
   s.pool().parallel_for(E, [&](std::int64_t e, int) {
+    const prof::Scope busy(prof::Stage::shard_lora_slice, prof::Kind::busy);
     if (rg)
       for (const std::int64_t first : {std::int64_t{s.i0}, I + s.i0})
         std::memcpy(b_gu + ((e * 2 * w) + (first == s.i0 ? 0 : w)) * rg * size,
@@ -554,6 +555,7 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
     }
     if (grad_weights && L.shared_down)  // on the shard's pool: serial, its other threads would sleep
       s.pool().parallel_for((t1 - t0 + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
+        const prof::Scope busy(prof::Stage::bwd_combine, prof::Kind::busy);
         for (std::int64_t t = t0 + task * kTokenChunk; t < std::min(t1, t0 + (task + 1) * kTokenChunk); ++t)
           for (int j = 0; j < K; ++j) {
             const std::int64_t row = rows[0].row_of_slot[t * K + j];
@@ -574,6 +576,7 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
       float* ad = lg.db_d ? node_local(s.rt->ad, P * rd, s.node()) : nullptr;
       float* bgu = da_gu_here ? node_local(s.rt->bgu, P * rg, s.node()) : nullptr;
       s.pool().parallel_for((p1 - p0 + kPairChunk - 1) / kPairChunk, [&](std::int64_t task, int) {
+        const prof::Scope busy(prof::Stage::bwd_db_d, prof::Kind::busy);
         const std::int64_t q0 = p0 + task * kPairChunk, q1 = std::min(p1, q0 + kPairChunk);
         for (std::int64_t i = q0 * rd; ad && i < q1 * rd; ++i) {
           float sum = 0.f;
@@ -595,6 +598,7 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
     // Contiguous runs: per expert the gate rows and the up rows of dB_gu (w * rg each), per (expert, q)
     // the w columns of dA_d.
     s.pool().parallel_for(E, [&](std::int64_t e, int) {
+      const prof::Scope busy(prof::Stage::bwd_lora_grads_gu_d, prof::Kind::busy);
       if (lg.db_gu) {
         const float* src = s.rt->db_gu.data() + e * 2 * w * rg;
         store_run(lg.db_gu, (e * 2 * I + s.i0) * rg, src, w * rg);
