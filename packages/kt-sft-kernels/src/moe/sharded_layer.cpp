@@ -142,7 +142,8 @@ struct ShardedCache {
 struct ShardRuntime {
   std::unique_ptr<runtime::ThreadPool> pool;
   Buffer<float> out, gx, gw;  // across nodes: the shard's fp32 partial out / dx / grad_w
-  Buffer<float> db_gu, da_d;  // fp32 dB_gu rows / dA_d columns of the shard's slice (call in progress)
+  Buffer<float> db_gu, da_d;  // dB_gu rows / dA_d columns of the shard's slice in the caller's dtype (as
+                              // floats: room for either; call in progress)
   Buffer<float> ad, bgu;      // A_d h and B_gu^T dgu summed over shards, for this shard's experts' pairs
   Buffer<float> y;            // shard 0, shards on one node: the [P, H] rows of all shards' down phase
   RoundZero round0;           // shard 0, shards on one node: round 0's shared packing and LoRA rows
@@ -385,15 +386,12 @@ void sum_partials(const std::vector<std::unique_ptr<ShardState>>& shards, Buffer
   }
 }
 
-// dst's elements [at, at + n) = src[0, n), rounded to dst's dtype (a tight loop per run, not a dtype
-// test per element).
-void store_run(const View& dst, std::int64_t at, const float* src, std::int64_t n) {
-  if (dst.dtype == DType::f32) {
-    std::memcpy(static_cast<float*>(dst.data) + at, src, static_cast<std::size_t>(n) * sizeof(float));
-    return;
-  }
-  bf16* out = static_cast<bf16*>(dst.data) + at;
-  for (std::int64_t i = 0; i < n; ++i) out[i] = f32_to_bf16(src[i]);
+// dst's elements [at, at + n) = elements [from, from + n) of src, an array of dst's dtype.
+void copy_run(const View& dst, std::int64_t at, const void* src, std::int64_t from, std::int64_t n) {
+  const std::size_t size = dtype_bytes(dst.dtype);
+  std::memcpy(static_cast<std::byte*>(dst.data) + static_cast<std::size_t>(at) * size,
+              static_cast<const std::byte*>(src) + static_cast<std::size_t>(from) * size,
+              static_cast<std::size_t>(n) * size);
 }
 
 // The token-split reduction of round 2 (across nodes): tokens [t0, t1) of every partial in `parts`.
@@ -532,8 +530,10 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
     if (grad_x && !L.shared_down) gx = f32_view(node_local(s.rt->gx, T * H, s.node()), T, H);
     if (grad_weights && !L.shared_down) gw = f32_view(node_local(s.rt->gw, T * K, s.node()), T, K);
     LoRAGradViews inner;
-    if (lg.db_gu) inner.db_gu = f32_view(node_local(s.rt->db_gu, E * 2 * w * rg, s.node()), E, 2 * w, rg);
-    if (lg.da_d) inner.da_d = f32_view(node_local(s.rt->da_d, E * rd * w, s.node()), E, rd, w);
+    // The slice's own gradients in the caller's dtype (the layer rounds each once, as N = 1 does), so
+    // round 2 only copies them into place.
+    if (lg.db_gu) inner.db_gu = like(lg.db_gu, node_local(s.rt->db_gu, E * 2 * w * rg, s.node()), E, 2 * w, rg);
+    if (lg.da_d) inner.da_d = like(lg.da_d, node_local(s.rt->da_d, E * rd * w, s.node()), E, rd, w);
     const View& inner_gx = L.shared_down ? grad_x : gx;  // shared_down: only says whether dx is wanted
     const View& inner_gw = L.shared_down ? grad_weights : gw;
     s.layer->backward_validated(inner_cache, grad_out, inner_gx, inner_gw, inner, &rows[static_cast<std::size_t>(s.index)]);
@@ -600,13 +600,13 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
     s.pool().parallel_for(E, [&](std::int64_t e, int) {
       const prof::Scope busy(prof::Stage::bwd_lora_grads_gu_d, prof::Kind::busy);
       if (lg.db_gu) {
-        const float* src = s.rt->db_gu.data() + e * 2 * w * rg;
-        store_run(lg.db_gu, (e * 2 * I + s.i0) * rg, src, w * rg);
-        store_run(lg.db_gu, (e * 2 * I + I + s.i0) * rg, src + w * rg, w * rg);
+        const std::int64_t from = e * 2 * w * rg;
+        copy_run(lg.db_gu, (e * 2 * I + s.i0) * rg, s.rt->db_gu.data(), from, w * rg);
+        copy_run(lg.db_gu, (e * 2 * I + I + s.i0) * rg, s.rt->db_gu.data(), from + w * rg, w * rg);
       }
       if (lg.da_d)
         for (std::int64_t q = 0; q < rd; ++q)
-          store_run(lg.da_d, (e * rd + q) * I + s.i0, s.rt->da_d.data() + (e * rd + q) * w, w);
+          copy_run(lg.da_d, (e * rd + q) * I + s.i0, s.rt->da_d.data(), (e * rd + q) * w, w);
     });
   });
   L.on_shards(rounds);
