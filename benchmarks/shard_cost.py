@@ -6,7 +6,10 @@ than wall time; it includes the pool's brief spin-waits):
   1 shard x all threads   (the plain layer on ThreadPool(threads))
   N shards                (numa_shards=N on this machine's shard layout: threads split between shards)
   1 shard x 1 thread and one shard's slice alone on 1 thread (--alone: what each shard's layer costs)
-then one profiled forward+backward per variant (kk.profiler stage totals, shard_* stages included).
+then `--repeats` profiled forward+backward runs per variant: the threads' busy and idle time from the
+profiler's Chrome trace (idle = threads x wall - busy: serial sections, pool threads waiting for a
+phase, shards waiting for each other; shard_barrier: the drivers' waits for each other) and the
+kk.profiler stage totals (shard_* stages included), medians.
 
     python benchmarks/shard_cost.py --experts 32 --tokens 128,1024 --repeats 5
 
@@ -17,7 +20,10 @@ expert, same H and I, every per-pair and per-expert cost / 4. Run with the machi
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import tempfile
 import time
 from typing import Any
 
@@ -94,11 +100,47 @@ class Variant:
 
 
 def profile(v: Variant) -> dict[str, Any]:
+    """Stage stats of one profiled fwd+bwd, plus "_lanes": what its Chrome trace says about the threads."""
     kk.profiler.reset()
     kk.profiler.enable()
     v.run()
     kk.profiler.disable()
-    return kk.profiler.stats()
+    stats = kk.profiler.stats()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        kk.profiler.dump_chrome_trace(path)
+        with open(path) as f:
+            events = [e for e in json.load(f)["traceEvents"] if e["ph"] == "X"]
+    stats["_lanes"] = lanes(events)
+    return stats
+
+
+def lanes(events: list[dict[str, Any]]) -> dict[str, float]:
+    """Threads' time in one fwd+bwd (ms): the call's wall time (first forward to last backward event),
+    busy (per thread, the union of its task events: nested stages counted once), idle = threads x wall
+    - busy (serial sections of the calling / driver threads, pool threads waiting for a phase, shards
+    waiting for each other), and the shards' barrier waits (shard_barrier, every driver)."""
+    calls = [e for e in events if e["name"] in ("forward", "backward")]
+    t0 = min(e["ts"] for e in calls)
+    t1 = max(e["ts"] + e["dur"] for e in calls)
+    busy = 0.0
+    threads = sorted({e["tid"] for e in events if e["cat"] == "task"})
+    for tid in threads:
+        mine = [e for e in events if e["tid"] == tid and e["cat"] == "task"]
+        spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in mine)
+        end = float("-inf")
+        for a, b in spans:
+            busy += max(0.0, b - max(a, end))
+            end = max(end, b)
+    wall = t1 - t0
+    barrier = sum(e["dur"] for e in events if e["name"] == "shard_barrier")
+    return {
+        "threads": len(threads),
+        "wall": wall / 1e3,
+        "busy": busy / 1e3,
+        "idle": (len(threads) * wall - busy) / 1e3,
+        "barrier": barrier / 1e3,
+    }
 
 
 def main() -> None:
@@ -171,9 +213,15 @@ def print_profile(variants: list[Variant], repeats: int) -> None:
     for _ in range(repeats):
         for v in variants:
             runs[v.name].append(profile(v))
+    print(f"  {'threads: median ms':<22}" + "".join(f"{v.name:>26}" for v in variants))
+    for key in ("wall", "busy", "idle", "barrier"):
+        cells = [f"{statistics.median(r['_lanes'][key] for r in runs[v.name]):26.2f}" for v in variants]
+        print(f"  {key:<22}" + "".join(cells))
+    counts = "".join(f"{runs[v.name][0]['_lanes']['threads']:26d}" for v in variants)
+    print(f"  {'(threads with tasks)':<22}" + counts)
     stages: list[str] = []
     for v in variants:
-        stages += [n for n in runs[v.name][0] if n not in stages]
+        stages += [n for n in runs[v.name][0] if n not in stages and not n.startswith("_")]
     print(f"  {'stage: busy / wall ms':<22}" + "".join(f"{v.name:>26}" for v in variants))
     for stage in stages:
         cells = []

@@ -67,6 +67,7 @@ std::pair<int, int> MoELayer::shard_down(const std::vector<const MoELayer*>& sha
   const int rd = lora.a_d ? static_cast<int>(lora.a_d.shape[1]) : 0;
   const KernelTable& kt = L.kernels();
   const bool packed = PackedRows::used_by(kt);
+  const bool adds = packed && kt.gemm_nt_packed_add != nullptr;
   runtime::ThreadPool& pool = *L.pool;
   const int blocks = blocks_of(H, kDownBlock);
   const int block0 = blocks * index / count, block1 = blocks * (index + 1) / count;
@@ -88,6 +89,11 @@ std::pair<int, int> MoELayer::shard_down(const std::vector<const MoELayer*>& sha
       for (std::size_t s = 0; s < shards.size(); ++s) {
         const Impl& S = *shards[s]->impl_;
         const Workspace& sw = S.shared->ws;
+        if (s > 0 && adds) {  // the tier adds its product to the rows in place (same bits as the tile add)
+          kt.gemm_nt_packed_add(m, sw.packed.at(r, e, b), S.down_of(e), H, S.config.intermediate, h0, h1,
+                                y + b * H + h0, H);
+          continue;
+        }
         float* dst = s == 0 ? y + b * H + h0 : other;
         const std::int64_t ld = s == 0 ? H : width;
         chunk_nt(kt, packed ? &sw.packed : nullptr, r, e, b, m, sw.h_rows.data(), S.down_of(e), H,
@@ -128,6 +134,7 @@ std::pair<int, int> MoELayer::shard_dx(const ForwardCache& cache, const std::vec
   const int rg = cache.rank_gu;
   const KernelTable& kt = L.kernels();
   const bool packed = PackedRows::used_by(kt);
+  const bool adds = packed && kt.gemm_nn_packed_add != nullptr;
   runtime::ThreadPool& pool = *L.pool;
   const int blocks = blocks_of(H, kWideBlock);
   const int block0 = blocks * index / count, block1 = blocks * (index + 1) / count;
@@ -144,6 +151,7 @@ std::pair<int, int> MoELayer::shard_dx(const ForwardCache& cache, const std::vec
   float* b_sum = rg ? ws.shard_sums.ensure(static_cast<std::size_t>(std::max<std::int64_t>(P * rg, 1))) : nullptr;
   if (rg)
     pool.parallel_for((P + kPairChunk - 1) / kPairChunk, [&](std::int64_t task, int) {
+      const auto timed = part(Stage::bwd_lora_bt_gu);
       const std::int64_t end = std::min(P, (task + 1) * kPairChunk) * rg;
       for (std::int64_t i = task * kPairChunk * rg; i < end; ++i) {
         float sum = 0.f;
@@ -165,6 +173,11 @@ std::pair<int, int> MoELayer::shard_dx(const ForwardCache& cache, const std::vec
           for (std::size_t s = 0; s < shards.size(); ++s) {
             const Impl& S = *shards[s]->impl_;
             const Workspace& sw = S.shared->ws;
+            if (s > 0 && adds) {  // added in place by the tier (same bits as the tile add)
+              kt.gemm_nn_packed_add(m, sw.packed.at(r, e, b), S.gate_up_of(e), 2 * S.config.intermediate, H, h0, h1,
+                                    dx_rows + b * H + h0, H);
+              continue;
+            }
             float* dst = s == 0 ? dx_rows + b * H + h0 : other;
             const std::int64_t ld = s == 0 ? H : width;
             chunk_nn(kt, packed ? &sw.packed : nullptr, r, e, b, m, sw.dgu_rows.data(), S.gate_up_of(e),

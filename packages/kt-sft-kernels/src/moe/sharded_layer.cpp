@@ -142,7 +142,8 @@ struct ShardedCache {
 struct ShardRuntime {
   std::unique_ptr<runtime::ThreadPool> pool;
   Buffer<float> out, gx, gw;  // across nodes: the shard's fp32 partial out / dx / grad_w
-  Buffer<float> db_gu, da_d;  // fp32 dB_gu rows / dA_d columns of the shard's slice (call in progress)
+  Buffer<float> db_gu, da_d;  // dB_gu rows / dA_d columns of the shard's slice in the caller's dtype (as
+                              // floats: room for either; call in progress)
   Buffer<float> ad, bgu;      // A_d h and B_gu^T dgu summed over shards, for this shard's experts' pairs
   Buffer<float> y;            // shard 0, shards on one node: the [P, H] rows of all shards' down phase
   RoundZero round0;           // shard 0, shards on one node: round 0's shared packing and LoRA rows
@@ -224,6 +225,7 @@ struct ShardedLayer::Impl {
     std::barrier<> meet(n);
     std::atomic<bool> failed{false};
     std::vector<std::shared_ptr<runtime::Job>> jobs;
+    std::vector<std::uint64_t> finished(shards.size(), 0);  // profiler ticks at each driver's end
     std::exception_ptr failure;
     for (auto& shard : shards) {
       try {
@@ -249,6 +251,7 @@ struct ShardedLayer::Impl {
               failed.store(true);
             }
           }
+          if (prof::enabled()) finished[static_cast<std::size_t>(s->index)] = prof::now_ticks();
           if (mine) std::rethrow_exception(mine);
         }));
       } catch (...) {  // a job that never started would leave the others at the barriers
@@ -263,6 +266,11 @@ struct ShardedLayer::Impl {
       job->wait();
       if (!failure && job->error()) failure = job->error();
     }
+    // The call ends with its slowest shard: the others' wait for it is a barrier wait too (recorded here,
+    // on the calling thread, so shard_barrier counts every wait of the shards for each other).
+    const std::uint64_t last = *std::max_element(finished.begin(), finished.end());
+    for (const std::uint64_t end : finished)
+      if (end && last > end) prof::record(prof::Stage::shard_barrier, prof::Kind::wall, end, last);
     if (failure) std::rethrow_exception(failure);
   }
 
@@ -351,6 +359,7 @@ std::unique_ptr<LoRASlice> ShardedLayer::Impl::slice_lora(const ShardState& s, c
   const auto* src_b_gu = static_cast<const std::byte*>(lora.b_gu.data);
   const auto* src_a_d = static_cast<const std::byte*>(lora.a_d.data);
   s.pool().parallel_for(E, [&](std::int64_t e, int) {
+    const prof::Scope busy(prof::Stage::shard_lora_slice, prof::Kind::busy);
     if (rg)
       for (const std::int64_t first : {std::int64_t{s.i0}, I + s.i0})
         std::memcpy(b_gu + ((e * 2 * w) + (first == s.i0 ? 0 : w)) * rg * size,
@@ -375,6 +384,14 @@ void sum_partials(const std::vector<std::unique_ptr<ShardState>>& shards, Buffer
     for (const auto& other : shards) sum += ((*other->rt).*part).data()[i];
     store_value(dst.data, dst.dtype, i, sum);
   }
+}
+
+// dst's elements [at, at + n) = elements [from, from + n) of src, an array of dst's dtype.
+void copy_run(const View& dst, std::int64_t at, const void* src, std::int64_t from, std::int64_t n) {
+  const std::size_t size = dtype_bytes(dst.dtype);
+  std::memcpy(static_cast<std::byte*>(dst.data) + static_cast<std::size_t>(at) * size,
+              static_cast<const std::byte*>(src) + static_cast<std::size_t>(from) * size,
+              static_cast<std::size_t>(n) * size);
 }
 
 // The token-split reduction of round 2 (across nodes): tokens [t0, t1) of every partial in `parts`.
@@ -513,8 +530,10 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
     if (grad_x && !L.shared_down) gx = f32_view(node_local(s.rt->gx, T * H, s.node()), T, H);
     if (grad_weights && !L.shared_down) gw = f32_view(node_local(s.rt->gw, T * K, s.node()), T, K);
     LoRAGradViews inner;
-    if (lg.db_gu) inner.db_gu = f32_view(node_local(s.rt->db_gu, E * 2 * w * rg, s.node()), E, 2 * w, rg);
-    if (lg.da_d) inner.da_d = f32_view(node_local(s.rt->da_d, E * rd * w, s.node()), E, rd, w);
+    // The slice's own gradients in the caller's dtype (the layer rounds each once, as N = 1 does), so
+    // round 2 only copies them into place.
+    if (lg.db_gu) inner.db_gu = like(lg.db_gu, node_local(s.rt->db_gu, E * 2 * w * rg, s.node()), E, 2 * w, rg);
+    if (lg.da_d) inner.da_d = like(lg.da_d, node_local(s.rt->da_d, E * rd * w, s.node()), E, rd, w);
     const View& inner_gx = L.shared_down ? grad_x : gx;  // shared_down: only says whether dx is wanted
     const View& inner_gw = L.shared_down ? grad_weights : gw;
     s.layer->backward_validated(inner_cache, grad_out, inner_gx, inner_gw, inner, &rows[static_cast<std::size_t>(s.index)]);
@@ -534,15 +553,18 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
     } else if (!L.shared_down) {
       reduce_tokens(L.shards, s.pool(), t0, t1, {{&ShardRuntime::gx, &grad_x, H}, {&ShardRuntime::gw, &grad_weights, K}});
     }
-    if (grad_weights && L.shared_down)
-      for (std::int64_t t = t0; t < t1; ++t)
-        for (int j = 0; j < K; ++j) {
-          const std::int64_t row = rows[0].row_of_slot[t * K + j];
-          float sum = 0.f;
-          if (row >= 0)
-            for (const PairRows& part : rows) sum += part.grad_w[row];
-          store_value(grad_weights.data, grad_weights.dtype, t * K + j, sum);
-        }
+    if (grad_weights && L.shared_down)  // on the shard's pool: serial, its other threads would sleep
+      s.pool().parallel_for((t1 - t0 + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
+        const prof::Scope busy(prof::Stage::bwd_combine, prof::Kind::busy);
+        for (std::int64_t t = t0 + task * kTokenChunk; t < std::min(t1, t0 + (task + 1) * kTokenChunk); ++t)
+          for (int j = 0; j < K; ++j) {
+            const std::int64_t row = rows[0].row_of_slot[t * K + j];
+            float sum = 0.f;
+            if (row >= 0)
+              for (const PairRows& part : rows) sum += part.grad_w[row];
+            store_value(grad_weights.data, grad_weights.dtype, t * K + j, sum);
+          }
+      });
     const int e0 = static_cast<int>(E * s.index / n), e1 = static_cast<int>(E * (s.index + 1) / n);
     const std::int64_t w = s.width();
     const bool da_gu_here = lg.da_gu && !L.shared_down;  // else shard_dx computed it
@@ -553,37 +575,38 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
       const std::int64_t P = offsets.back();
       float* ad = lg.db_d ? node_local(s.rt->ad, P * rd, s.node()) : nullptr;
       float* bgu = da_gu_here ? node_local(s.rt->bgu, P * rg, s.node()) : nullptr;
-      for (std::int64_t i = p0 * rd; ad && i < p1 * rd; ++i) {
-        float sum = 0.f;
-        for (const ForwardCachePtr& part : cache.caches) sum += part->ad.data()[i];
-        ad[i] = sum;
-      }
-      for (std::int64_t i = p0 * rg; bgu && i < p1 * rg; ++i) {
-        float sum = 0.f;
-        for (const PairRows& part : rows) sum += part.bgu[i];
-        bgu[i] = sum;
-      }
+      s.pool().parallel_for((p1 - p0 + kPairChunk - 1) / kPairChunk, [&](std::int64_t task, int) {
+        const prof::Scope busy(prof::Stage::bwd_db_d, prof::Kind::busy);
+        const std::int64_t q0 = p0 + task * kPairChunk, q1 = std::min(p1, q0 + kPairChunk);
+        for (std::int64_t i = q0 * rd; ad && i < q1 * rd; ++i) {
+          float sum = 0.f;
+          for (const ForwardCachePtr& part : cache.caches) sum += part->ad.data()[i];
+          ad[i] = sum;
+        }
+        for (std::int64_t i = q0 * rg; bgu && i < q1 * rg; ++i) {
+          float sum = 0.f;
+          for (const PairRows& part : rows) sum += part.bgu[i];
+          bgu[i] = sum;
+        }
+      });
       LoRAGradViews once;
       if (da_gu_here) once.da_gu = lg.da_gu;
       once.db_d = lg.db_d;
       s.layer->shard_lora_grads(own_cache, ad, bgu, e0, e1, once);
     }
     if (!(lg.db_gu || lg.da_d)) return;
+    // Contiguous runs: per expert the gate rows and the up rows of dB_gu (w * rg each), per (expert, q)
+    // the w columns of dA_d.
     s.pool().parallel_for(E, [&](std::int64_t e, int) {
+      const prof::Scope busy(prof::Stage::bwd_lora_grads_gu_d, prof::Kind::busy);
       if (lg.db_gu) {
-        const float* src = s.rt->db_gu.data();
-        for (std::int64_t i = 0; i < 2 * w; ++i) {
-          const std::int64_t row = i < w ? s.i0 + i : I + s.i0 + (i - w);
-          for (std::int64_t q = 0; q < rg; ++q)
-            store_value(lg.db_gu.data, lg.db_gu.dtype, (e * 2 * I + row) * rg + q, src[(e * 2 * w + i) * rg + q]);
-        }
+        const std::int64_t from = e * 2 * w * rg;
+        copy_run(lg.db_gu, (e * 2 * I + s.i0) * rg, s.rt->db_gu.data(), from, w * rg);
+        copy_run(lg.db_gu, (e * 2 * I + I + s.i0) * rg, s.rt->db_gu.data(), from + w * rg, w * rg);
       }
-      if (lg.da_d) {
-        const float* src = s.rt->da_d.data();
+      if (lg.da_d)
         for (std::int64_t q = 0; q < rd; ++q)
-          for (std::int64_t j = 0; j < w; ++j)
-            store_value(lg.da_d.data, lg.da_d.dtype, (e * rd + q) * I + s.i0 + j, src[(e * rd + q) * w + j]);
-      }
+          copy_run(lg.da_d, (e * rd + q) * I + s.i0, s.rt->da_d.data(), (e * rd + q) * w, w);
     });
   });
   L.on_shards(rounds);

@@ -177,6 +177,51 @@ void test_products(std::mt19937& rng, const std::vector<int>& ms) {
   }
 }
 
+// The adding entries (gemm_*_packed_add): c += the product, bitwise c + what gemm_*_packed writes, for
+// tile tails in m, column sub-ranges, a strided c, several reduction chunks; the margins untouched.
+void test_adding_entries(std::mt19937& rng) {
+  const kt::moe::KernelTable& t = table();
+  EXPECT(t.gemm_nt_packed_add != nullptr && t.gemm_nn_packed_add != nullptr, "amx has no adding entries");
+  if (!t.gemm_nt_packed_add || !t.gemm_nn_packed_add) return;
+  Weights w(160, 288, rng);
+  std::uniform_real_distribution<float> value(-4.f, 4.f);
+  const kt::isa_amx::Tuning saved = kt::isa_amx::tuning();
+  for (Kind kind : {Kind::nt, Kind::nn})
+    for (int kc : {1, 32})
+      for (int m : {1, 3, 16, 37, 150, 290}) {
+        kt::isa_amx::tuning().kc_steps = kc;
+        const int k = kind == Kind::nt ? w.cols : w.rows, outputs = kind == Kind::nt ? w.rows : w.cols;
+        Rows a(m, k, rng);
+        for (auto [o0, o1] : {std::pair{0, outputs}, {32, outputs - 32}}) {
+          const int width = o1 - o0;
+          const std::int64_t ldc = width + 8;
+          const std::vector<float> product = run(kind, Entry::packed, m, a, w, o0, o1);
+          std::vector<float> c(static_cast<std::size_t>(m + 1) * ldc);
+          for (float& v : c) v = value(rng);
+          const std::vector<float> before = c;
+          Aligned packed(t.packed_a_bytes(m, k));
+          if (kind == Kind::nt) {
+            t.pack_a_nt(m, a.ptr.data(), k, packed.p);
+            t.gemm_nt_packed_add(m, packed.p, w.packed.p, w.rows, k, o0, o1, c.data(), ldc);
+          } else {
+            t.pack_a_nn(m, a.ptr.data(), k, packed.p);
+            t.gemm_nn_packed_add(m, packed.p, w.packed.p, k, w.cols, o0, o1, c.data(), ldc);
+          }
+          int wrong = 0, margin = 0;
+          for (int i = 0; i <= m; ++i)
+            for (int j = 0; j < ldc; ++j) {
+              const std::size_t at = static_cast<std::size_t>(i) * ldc + j;
+              const float want = i < m && j < width ? before[at] + product[static_cast<std::size_t>(i) * width + j]
+                                                    : before[at];
+              if (std::memcmp(&want, &c[at], sizeof(float)) != 0) ++(i < m && j < width ? wrong : margin);
+            }
+          EXPECT(wrong == 0 && margin == 0, "%s add m=%d kc=%d [%d,%d): %d sums differ from c + product, %d margin "
+                 "elements changed", kind == Kind::nt ? "nt" : "nn", m, kc, o0, o1, wrong, margin);
+        }
+      }
+  kt::isa_amx::tuning() = saved;
+}
+
 // Column splits, chunk sizes and repeats never change a bit.
 void test_determinism(std::mt19937& rng) {
   Weights w(160, 288, rng);
@@ -384,6 +429,7 @@ int main() {
   for (int small : {1, 4, 17}) {  // AMX for every m, dot products up to m = 3, dot products up to m = 16
     kt::isa_amx::tuning().small_m = small;
     test_products(rng, ms);
+    test_adding_entries(rng);
   }
   kt::isa_amx::tuning().small_m = 4;  // both paths in the determinism checks
   test_determinism(rng);

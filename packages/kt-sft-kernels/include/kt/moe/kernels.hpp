@@ -88,6 +88,14 @@ struct KernelTable {
   // Set instead of pack_a_nn where the NN packing needs the weight matrix W (packed [k, cols]) the
   // product will use (QuantGemms::pack_a_nn_w); the caller packs per expert then.
   void (*pack_a_nn_w)(int m, const bf16* const* a, const void* w, int k, int cols, void* dst) = nullptr;
+  // Optional (null where the tier has none): gemm_*_packed that ADD the product to c instead of writing
+  // it, c[i*ldc + ...] += (what gemm_*_packed writes) in one fp32 add each, so bitwise equal to the
+  // product into a scratch tile added afterwards. NUMA shards on one node sum the shards' half-length
+  // down / dx products with it, without a second pass over the rows (ADR 0701 "One-node cost").
+  void (*gemm_nt_packed_add)(int m, const void* a, const void* w, int rows, int k, int n0, int n1, float* c,
+                             std::int64_t ldc) = nullptr;
+  void (*gemm_nn_packed_add)(int m, const void* a, const void* w, int k, int cols, int j0, int j1, float* c,
+                             std::int64_t ldc) = nullptr;
 
   // SwiGLU forward: g = bf16(g32), u = bf16(u32) (the cached pre-activations), then
   // h[i] = bf16(silu(g[i]) * u[i]) from the rounded g, u. n is a multiple of 32.

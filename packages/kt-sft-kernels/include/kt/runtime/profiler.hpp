@@ -17,8 +17,9 @@ namespace kt::runtime::profiler {
 // Some stages only time a part of another phase's tasks (busy time, nested): lora_b and act inside
 // gate_up, lora_b inside down, bwd_act, bwd_db_d and bwd_lora_grads_gu_d inside bwd_down, bwd_da_gu
 // inside bwd_gate_up. shard_*: a NUMA shard's driver (numa_shards > 1, wall time per shard and call):
-// its LoRA slicing, its round 1 (the shard's layer call), the wait for the other shards, round 2
-// (the cross-shard reduction). forward and backward are whole calls.
+// its LoRA slicing, its rounds 0-2, its waits for the other shards (at each barrier, and for the
+// slowest shard at the end of the call: recorded on the calling thread). forward and backward are
+// whole calls.
 #define KT_SFT_PROFILE_STAGES(X) \
   X(route)                       \
   X(convert)                     \

@@ -251,14 +251,16 @@ void pack_a_nt(int m, const bf16* const* a, int k, void* dst);
 void pack_a_nn(int m, const bf16* const* a, int k, void* dst);
 // Below small_m() rows the activation "packing" is the row pointers themselves.
 inline const bf16* const* row_pointers(const void* packed) { return static_cast<const bf16* const*>(packed); }
+// add: c += the product (one fp32 add per element after the product is complete, so the result is
+// bitwise c + what add = false writes) instead of c = the product.
 void nt_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int n0, int n1, float* c,
-            std::int64_t ldc);                                                   // gemm_nt.cpp
+            std::int64_t ldc, bool add = false);                                 // gemm_nt.cpp
 void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int cols, int j0, int j1, float* c,
-            std::int64_t ldc);                                                   // gemm_nn.cpp
+            std::int64_t ldc, bool add = false);                                 // gemm_nn.cpp
 void install_amx_int8(KernelTable& t);                                          // amx_int8.cpp (real AMX only)
 void nt_small(int m, const bf16* const* a, const std::uint8_t* w, int k, int n0, int n1, float* c,
-              std::int64_t ldc);                                                 // small_m.cpp
+              std::int64_t ldc, bool add = false);                               // small_m.cpp
 void nn_small(int m, const bf16* const* a, const std::uint8_t* w, int k, int cols, int j0, int j1, float* c,
-              std::int64_t ldc);
+              std::int64_t ldc, bool add = false);
 
 }  // namespace kt::isa_amx

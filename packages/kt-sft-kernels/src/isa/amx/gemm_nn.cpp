@@ -43,16 +43,19 @@ inline void nn_steps(const std::uint8_t* bbuf, const std::uint8_t* a0, const std
   }
 }
 
-// C tile (16 rows x 16 columns, natural layout) -> c.
+// C tile (16 rows x 16 columns, natural layout) -> c (add: added to it).
 template <int T>
-inline void store_nn_tile(float* c, std::int64_t ldc, int rows) {
-  if (rows == 16) {
+inline void store_nn_tile(float* c, std::int64_t ldc, int rows, bool add) {
+  if (rows == 16 && !add) {
     tile_store<T>(c, ldc * static_cast<std::int64_t>(sizeof(float)));
     return;
   }
   alignas(64) float buf[256];
   tile_store<T>(buf, 64);
-  for (int i = 0; i < rows; ++i) std::memcpy(c + i * ldc, buf + 16 * i, 64);
+  if (add)
+    for (int i = 0; i < rows; ++i) v_store(c + i * ldc, v_add_f32(v_load(c + i * ldc), v_load(buf + 16 * i)));
+  else
+    for (int i = 0; i < rows; ++i) std::memcpy(c + i * ldc, buf + 16 * i, 64);
 }
 
 // NN accumulators: tile 0 = (m0, lo), 1 = (m0, hi), 2 = (m1, lo), 3 = (m1, hi).
@@ -86,12 +89,12 @@ inline void nn_spill_accumulators(std::uint8_t* spill) {
 }
 
 template <int MT>
-inline void nn_output(float* c, std::int64_t ldc, int rows0, int rows1) {
-  store_nn_tile<0>(c, ldc, rows0);
-  store_nn_tile<1>(c + 16, ldc, rows0);
+inline void nn_output(float* c, std::int64_t ldc, int rows0, int rows1, bool add) {
+  store_nn_tile<0>(c, ldc, rows0, add);
+  store_nn_tile<1>(c + 16, ldc, rows0, add);
   if constexpr (MT == 2) {
-    store_nn_tile<2>(c + 16 * ldc, ldc, rows1);
-    store_nn_tile<3>(c + 16 * ldc + 16, ldc, rows1);
+    store_nn_tile<2>(c + 16 * ldc, ldc, rows1, add);
+    store_nn_tile<3>(c + 16 * ldc + 16, ldc, rows1, add);
   }
 }
 
@@ -100,7 +103,7 @@ inline void nn_output(float* c, std::int64_t ldc, int rows0, int rows1) {
 // first row pair's products of the item before (software pipelining: with few rows per expert the
 // building costs about as much as the products, and done up front it was not overlapped with them).
 void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int cols, int j0, int j1, float* c,
-            std::int64_t ldc) {
+            std::int64_t ldc, bool add) {
   const TileSession session;
   const int q_steps = k / 32, tile_cols = cols / 32, m_tiles = (m + 15) / 16, col_tiles = (j1 - j0) / 32;
   const bool prefetch = tuning().prefetch;
@@ -167,13 +170,13 @@ void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int co
           nn_load_accumulators<2>(sp, first);
           if (rp == 0) nn_steps<2>(bbuf, a0, a0 + panel, qs1 - qs0, p, build_next);
           else nn_steps<2>(bbuf, a0, a0 + panel, qs1 - qs0, p, nothing);
-          if (last) nn_output<2>(out, ldc, rows0, rows1);
+          if (last) nn_output<2>(out, ldc, rows0, rows1, add);
           else nn_spill_accumulators<2>(sp);
         } else {
           nn_load_accumulators<1>(sp, first);
           if (rp == 0) nn_steps<1>(bbuf, a0, nullptr, qs1 - qs0, p, build_next);
           else nn_steps<1>(bbuf, a0, nullptr, qs1 - qs0, p, nothing);
-          if (last) nn_output<1>(out, ldc, rows0, 0);
+          if (last) nn_output<1>(out, ldc, rows0, 0, add);
           else nn_spill_accumulators<1>(sp);
         }
       }

@@ -35,12 +35,15 @@ inline void spill_accumulators(std::uint8_t* spill) {
   }
 }
 
-// C^T tile (16 columns n x 16 tokens, as stored by TILESTORED) -> rows of c.
-inline void transpose_to_rows(const float* tile, float* c, std::int64_t ldc, int rows) {
+// C^T tile (16 columns n x 16 tokens, as stored by TILESTORED) -> rows of c (add: added to them).
+inline void transpose_to_rows(const float* tile, float* c, std::int64_t ldc, int rows, bool add) {
   V r[16];
   for (int i = 0; i < 16; ++i) r[i] = v_load(tile + 16 * i);
   transpose16(r);
-  for (int i = 0; i < rows; ++i) v_store(c + i * ldc, r[i]);
+  if (add)
+    for (int i = 0; i < rows; ++i) v_store(c + i * ldc, v_add_f32(v_load(c + i * ldc), r[i]));
+  else
+    for (int i = 0; i < rows; ++i) v_store(c + i * ldc, r[i]);
 }
 
 // One row pair (MT = 1 or 2 m-tiles) x one column pair over reduction steps [kb0, kb1). Loads are
@@ -69,21 +72,22 @@ inline void nt_steps(const std::uint8_t* w0, const std::uint8_t* w1, const std::
 // All accumulators are stored before the first transpose reads them back: vector loads cannot take
 // their data from tile stores still in flight, so the wait is paid once, not per tile.
 template <int MT>
-inline void nt_output(float* c, std::int64_t ldc, int rows0, int rows1) {
+inline void nt_output(float* c, std::int64_t ldc, int rows0, int rows1, bool add) {
   alignas(64) float buf[4][256];
   spill_accumulators<MT>(reinterpret_cast<std::uint8_t*>(buf));
-  transpose_to_rows(buf[0], c, ldc, rows0);
-  transpose_to_rows(buf[2], c + 16, ldc, rows0);
+  transpose_to_rows(buf[0], c, ldc, rows0, add);
+  transpose_to_rows(buf[2], c + 16, ldc, rows0, add);
   if constexpr (MT == 2) {
-    transpose_to_rows(buf[1], c + 16 * ldc, ldc, rows1);
-    transpose_to_rows(buf[3], c + 16 * ldc + 16, ldc, rows1);
+    transpose_to_rows(buf[1], c + 16 * ldc, ldc, rows1, add);
+    transpose_to_rows(buf[3], c + 16 * ldc + 16, ldc, rows1, add);
   }
 }
 
 // The loop order (file header, "Blocking"): with the column pair outermost instead, every column
 // pair re-streamed the whole activation panel, which for long reductions (DeepSeek-V3: 128 rows x
 // 7168 = 1.8 MB) no longer fits L2. A block of one row pair has nothing to share: one chunk.
-void nt_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int n0, int n1, float* c, std::int64_t ldc) {
+void nt_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int n0, int n1, float* c, std::int64_t ldc,
+            bool add) {
   const TileSession session;
   const int k_steps = k / 32, m_tiles = (m + 15) / 16, col_pairs = (n1 - n0) / 32;
   const bool prefetch = tuning().prefetch;
@@ -152,12 +156,12 @@ void nt_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int n0
         if (mt + 1 < mb_end) {
           load_accumulators<2>(sp, first);
           nt_steps<2>(w0, w1, a0, a0 + panel, kb0, kb1, p);
-          if (last) nt_output<2>(out, ldc, rows0, rows1);
+          if (last) nt_output<2>(out, ldc, rows0, rows1, add);
           else spill_accumulators<2>(sp);
         } else {
           load_accumulators<1>(sp, first);
           nt_steps<1>(w0, w1, a0, nullptr, kb0, kb1, p);
-          if (last) nt_output<1>(out, ldc, rows0, 0);
+          if (last) nt_output<1>(out, ldc, rows0, 0, add);
           else spill_accumulators<1>(sp);
         }
       }

@@ -10,7 +10,8 @@ constexpr int kDotPrefetchSteps = 8;  // weight tiles prefetched this many tiles
 // NT: MR rows x 8 weight rows per block; each (row, n) accumulator runs over the reduction in order,
 // then sum_lanes16 reduces it by a fixed tree.
 template <int MR>
-void nt_small_rows(const bf16* const* a, const std::uint8_t* w, int k, int n0, int n1, float* c, std::int64_t ldc) {
+void nt_small_rows(const bf16* const* a, const std::uint8_t* w, int k, int n0, int n1, float* c, std::int64_t ldc,
+                   bool add) {
   const int k_steps = k / 32;
   const std::size_t panel = static_cast<std::size_t>(k_steps) * kTileBytes;
   const V order = weight_qword_order();
@@ -34,23 +35,27 @@ void nt_small_rows(const bf16* const* a, const std::uint8_t* w, int k, int n0, i
     for (int g = 0; g < kGroups; ++g) {
       alignas(64) float sums[16];
       v_store(sums, sum_lanes16(acc + 16 * g));
-      for (int x = 16 * g; x < std::min(kAcc, 16 * g + 16); ++x) c[(x / 8) * ldc + (n - n0) + x % 8] = sums[x - 16 * g];
+      for (int x = 16 * g; x < std::min(kAcc, 16 * g + 16); ++x) {
+        float& out = c[(x / 8) * ldc + (n - n0) + x % 8];
+        out = add ? out + sums[x - 16 * g] : sums[x - 16 * g];
+      }
     }
   }
 }
 
-void nt_small(int m, const bf16* const* a, const std::uint8_t* w, int k, int n0, int n1, float* c, std::int64_t ldc) {
+void nt_small(int m, const bf16* const* a, const std::uint8_t* w, int k, int n0, int n1, float* c, std::int64_t ldc,
+              bool add) {
   int i = 0;
-  for (; i + 3 <= m; i += 3) nt_small_rows<3>(a + i, w, k, n0, n1, c + i * ldc, ldc);
-  if (m - i == 2) nt_small_rows<2>(a + i, w, k, n0, n1, c + i * ldc, ldc);
-  if (m - i == 1) nt_small_rows<1>(a + i, w, k, n0, n1, c + i * ldc, ldc);
+  for (; i + 3 <= m; i += 3) nt_small_rows<3>(a + i, w, k, n0, n1, c + i * ldc, ldc, add);
+  if (m - i == 2) nt_small_rows<2>(a + i, w, k, n0, n1, c + i * ldc, ldc, add);
+  if (m - i == 1) nt_small_rows<1>(a + i, w, k, n0, n1, c + i * ldc, ldc, add);
 }
 
 // NN: MR rows x 32 columns; rows q, q+1 of W interleaved as in build_nn_tiles, the activation pair
 // (a[q], a[q+1]) broadcast; each output column sums its reduction in order.
 template <int MR>
 void nn_small_rows(const bf16* const* a, const std::uint8_t* w, int k, int cols, int j0, int j1, float* c,
-                   std::int64_t ldc) {
+                   std::int64_t ldc, bool add) {
   const int tile_cols = cols / 32;
   const bool prefetch = tuning().prefetch;
   for (int j = j0; j < j1; j += 32) {
@@ -72,18 +77,19 @@ void nn_small_rows(const bf16* const* a, const std::uint8_t* w, int k, int cols,
       }
     }
     for (int i = 0; i < MR; ++i) {
-      v_store(c + i * ldc + (j - j0), lo[i]);
-      v_store(c + i * ldc + (j - j0) + 16, hi[i]);
+      float* out = c + i * ldc + (j - j0);
+      v_store(out, add ? v_add_f32(v_load(out), lo[i]) : lo[i]);
+      v_store(out + 16, add ? v_add_f32(v_load(out + 16), hi[i]) : hi[i]);
     }
   }
 }
 
 void nn_small(int m, const bf16* const* a, const std::uint8_t* w, int k, int cols, int j0, int j1, float* c,
-              std::int64_t ldc) {
+              std::int64_t ldc, bool add) {
   int i = 0;
-  for (; i + 3 <= m; i += 3) nn_small_rows<3>(a + i, w, k, cols, j0, j1, c + i * ldc, ldc);
-  if (m - i == 2) nn_small_rows<2>(a + i, w, k, cols, j0, j1, c + i * ldc, ldc);
-  if (m - i == 1) nn_small_rows<1>(a + i, w, k, cols, j0, j1, c + i * ldc, ldc);
+  for (; i + 3 <= m; i += 3) nn_small_rows<3>(a + i, w, k, cols, j0, j1, c + i * ldc, ldc, add);
+  if (m - i == 2) nn_small_rows<2>(a + i, w, k, cols, j0, j1, c + i * ldc, ldc, add);
+  if (m - i == 1) nn_small_rows<1>(a + i, w, k, cols, j0, j1, c + i * ldc, ldc, add);
 }
 
 }  // namespace kt::isa_amx
