@@ -8,13 +8,16 @@
 
 namespace kt::runtime {
 
-void Job::run() {
+void Job::execute() {
   try {
     work_();
   } catch (...) {
     error_ = std::current_exception();
   }
   work_ = nullptr;  // free what the work captured before anyone is told it finished
+}
+
+void Job::finish() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     done_ = true;
@@ -88,11 +91,12 @@ std::shared_ptr<Job> SerialExecutor::run_here_if_idle(std::function<void()> work
     }
   }
   auto job = std::make_shared<Job>(std::move(work));
-  job->run();
+  job->execute();
   {
     std::lock_guard<std::mutex> lock(mutex_);
     busy_ = false;
   }
+  job->finish();
   wake_.notify_one();  // jobs submitted while this one ran
   return job;
 }
@@ -113,9 +117,12 @@ void SerialExecutor::thread_main() {
       queue_.pop_front();
       busy_ = true;
     }
-    job->run();
-    std::lock_guard<std::mutex> lock(mutex_);
-    busy_ = false;
+    job->execute();
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      busy_ = false;
+    }
+    job->finish();
   }
 }
 

@@ -22,7 +22,10 @@ class Job {
 
  private:
   friend class SerialExecutor;
-  void run();
+  // The executor runs a job in two steps so that it is idle again before anyone learns the job
+  // finished: a caller's next sync call then always finds it idle and runs on the caller's thread.
+  void execute();  // the work; what it throws is kept for error()
+  void finish();   // done: wakes wait()
   std::function<void()> work_;  // released (destroyed) on the executor thread right after running
   std::exception_ptr error_;
   mutable std::mutex mutex_;
