@@ -88,6 +88,21 @@ bool same_bits(const std::vector<float>& x, const std::vector<float>& y) {
 enum class Kind { nt, nn };
 enum class Entry { rows, packed };
 
+// Packs a for `kind`, then the packed product into c (add: the entries that add into c).
+void packed_product(Kind kind, bool add, int m, const Rows& a, const Weights& w, int o0, int o1, float* c,
+                    std::int64_t ldc) {
+  const kt::moe::KernelTable& t = table();
+  const int k = kind == Kind::nt ? w.cols : w.rows;
+  Aligned packed(t.packed_a_bytes(m, k));
+  if (kind == Kind::nt) {
+    t.pack_a_nt(m, a.ptr.data(), k, packed.p);
+    (add ? t.gemm_nt_packed_add : t.gemm_nt_packed)(m, packed.p, w.packed.p, w.rows, k, o0, o1, c, ldc);
+  } else {
+    t.pack_a_nn(m, a.ptr.data(), k, packed.p);
+    (add ? t.gemm_nn_packed_add : t.gemm_nn_packed)(m, packed.p, w.packed.p, k, w.cols, o0, o1, c, ldc);
+  }
+}
+
 std::vector<float> run(Kind kind, Entry entry, int m, const Rows& a, const Weights& w, int o0, int o1) {
   const int k = kind == Kind::nt ? w.cols : w.rows;
   const int width = o1 - o0;
@@ -98,14 +113,7 @@ std::vector<float> run(Kind kind, Entry entry, int m, const Rows& a, const Weigh
     if (kind == Kind::nt) t.gemm_nt(m, a.ptr.data(), w.packed.p, w.rows, k, o0, o1, c.data(), ldc);
     else t.gemm_nn(m, a.ptr.data(), w.packed.p, k, w.cols, o0, o1, c.data(), ldc);
   } else {
-    Aligned packed(t.packed_a_bytes(m, k));
-    if (kind == Kind::nt) {
-      t.pack_a_nt(m, a.ptr.data(), k, packed.p);
-      t.gemm_nt_packed(m, packed.p, w.packed.p, w.rows, k, o0, o1, c.data(), ldc);
-    } else {
-      t.pack_a_nn(m, a.ptr.data(), k, packed.p);
-      t.gemm_nn_packed(m, packed.p, w.packed.p, k, w.cols, o0, o1, c.data(), ldc);
-    }
+    packed_product(kind, false, m, a, w, o0, o1, c.data(), ldc);
   }
   std::vector<float> out(static_cast<std::size_t>(m) * width);
   int margin_written = 0;
@@ -199,14 +207,7 @@ void test_adding_entries(std::mt19937& rng) {
           std::vector<float> c(static_cast<std::size_t>(m + 1) * ldc);
           for (float& v : c) v = value(rng);
           const std::vector<float> before = c;
-          Aligned packed(t.packed_a_bytes(m, k));
-          if (kind == Kind::nt) {
-            t.pack_a_nt(m, a.ptr.data(), k, packed.p);
-            t.gemm_nt_packed_add(m, packed.p, w.packed.p, w.rows, k, o0, o1, c.data(), ldc);
-          } else {
-            t.pack_a_nn(m, a.ptr.data(), k, packed.p);
-            t.gemm_nn_packed_add(m, packed.p, w.packed.p, k, w.cols, o0, o1, c.data(), ldc);
-          }
+          packed_product(kind, true, m, a, w, o0, o1, c.data(), ldc);
           int wrong = 0, margin = 0;
           for (int i = 0; i <= m; ++i)
             for (int j = 0; j < ldc; ++j) {
