@@ -72,7 +72,7 @@ void record(Stage stage, Kind kind, std::uint64_t begin, std::uint64_t end);
 
 // Events kept per thread (the ring's size); more threads than kMaxThreads share the last slot's
 // counters and do not trace.
-constexpr std::size_t kRingEvents = std::size_t{1} << 15;
+constexpr std::size_t kRingEvents = std::size_t{1} << 17;  // 3 MB a profiled thread (ADR 0402)
 constexpr int kMaxThreads = 256;
 
 struct StageStats {
