@@ -430,8 +430,17 @@ def test_quantized_api_misuse() -> None:
     q = kk.MoELayer(make_cfg("int8"), pool=POOL)
     with pytest.raises(RuntimeError, match=r"load_weights\(\) or load_quantized\(\) first"):
         q.read_quantized(*quant_outputs(q.config))
-    bad = np.zeros((E, 2 * inter, H), np.float32)
-    bad[1, 2, 3] = np.inf
-    with pytest.raises(ValueError, match=r"gate_up: non-finite weight in expert 1, row 2"):
-        q.load_weights(gate_up=bad, down=np.zeros((E, H, inter), np.float32))
-    assert not q.loaded
+    rng = np.random.default_rng(5)
+    for value in (np.inf, -np.inf, np.nan):  # a NaN must not slip past the row's max (std::max skips it)
+        for weight_dtype, dtype in (("int8", np.float32), ("int4", BF16)):
+            layer = kk.MoELayer(make_cfg(weight_dtype), pool=POOL)
+            gate_up = rng.standard_normal((E, 2 * inter, H)).astype(dtype)
+            down = rng.standard_normal((E, H, inter)).astype(dtype)
+            gate_up[1, 2, 3] = value
+            with pytest.raises(ValueError, match=r"gate_up: non-finite weight in expert 1, row 2"):
+                layer.load_weights(gate_up=gate_up, down=down)
+            gate_up[1, 2, 3] = 0
+            down[2, 5, 0] = value
+            with pytest.raises(ValueError, match=r"down: non-finite weight in expert 2, row 5"):
+                layer.load_weights(gate_up=gate_up, down=down)
+            assert not layer.loaded

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstring>
 #include <stdexcept>
+#include <vector>
 
 #include "kt/core/bf16.hpp"
 #include "kt/moe/quant.hpp"
@@ -29,14 +30,33 @@ float load(const void* src, DType dtype, std::size_t i) {
   return dtype == DType::bf16 ? bf16_to_f32(static_cast<const bf16*>(src)[i]) : static_cast<const float*>(src)[i];
 }
 
-void store_q(std::uint8_t* values, WeightDType dtype, std::size_t i, int q) {
+// n source values from element `first` as fp32 (one loop per source dtype, so the loops over them
+// vectorize).
+void load_f32(const void* src, DType dtype, std::size_t first, int n, float* out) {
+  if (dtype == DType::bf16) {
+    const bf16* s = static_cast<const bf16*>(src) + first;
+    for (int i = 0; i < n; ++i) out[i] = bf16_to_f32(s[i]);
+  } else {
+    std::memcpy(out, static_cast<const float*>(src) + first, static_cast<std::size_t>(n) * sizeof(float));
+  }
+}
+
+// Round to nearest, ties to even, for |x| < 2^22 in the default rounding mode: std::nearbyint's
+// result as a plain add and subtract, which the compiler vectorizes (nearbyint is a library call).
+inline float round_even(float x) {
+  constexpr float kShift = 0x1.8p23f;  // 1.5 * 2^23: x + kShift lands where the float spacing is 1
+  return (x + kShift) - kShift;
+}
+
+// n quantized values from element `first` (even for int4: groups and windows are multiples of 32).
+void store_q_run(std::uint8_t* values, WeightDType dtype, std::size_t first, int n, const int* q) {
   if (dtype == WeightDType::int8) {
-    values[i] = static_cast<std::uint8_t>(static_cast<std::int8_t>(q));
+    for (int i = 0; i < n; ++i) values[first + i] = static_cast<std::uint8_t>(static_cast<std::int8_t>(q[i]));
     return;
   }
-  const auto nibble = static_cast<std::uint8_t>(q & 0xF);
-  std::uint8_t& byte = values[i / 2];
-  byte = (i & 1) ? static_cast<std::uint8_t>((byte & 0x0F) | (nibble << 4)) : static_cast<std::uint8_t>((byte & 0xF0) | nibble);
+  std::uint8_t* bytes = values + first / 2;  // low nibble = the even element (kt/moe/quant.hpp)
+  for (int i = 0; i < n / 2; ++i)
+    bytes[i] = static_cast<std::uint8_t>((q[2 * i] & 0xF) | ((q[2 * i + 1] & 0xF) << 4));
 }
 
 // Where a window's groups sit in the full rows: the first full-row group of the slice and the
@@ -70,28 +90,31 @@ void quantize_rows(const void* src, DType src_dtype, int rows, int cols, WeightD
   const int qmin = dtype == WeightDType::int8 ? -127 : -8, qmax = dtype == WeightDType::int8 ? 127 : 7;
   const Packed p = packed_rows(dst, total_rows, row0, cols, dtype, group_size);
   const int groups = cols / group;
+  std::vector<float> values(static_cast<std::size_t>(scale_group));  // one scale group's source values
+  std::vector<int> q(static_cast<std::size_t>(group));
   for (int r = 0; r < rows; ++r)
     for (int g = 0; g < groups; ++g) {
       const std::size_t row_start = static_cast<std::size_t>(r) * full_cols;
       const std::size_t scale_first = row_start + static_cast<std::size_t>(wg.first + g) * scale_group;  // int8: 0
-      const std::size_t first = row_start + static_cast<std::size_t>(window.c0) + static_cast<std::size_t>(g) * group;
+      // The quantized columns within the scale group (int8: the window of the full row; int4: all).
+      const int offset = dtype == WeightDType::int8 ? window.c0 : 0;
+      load_f32(src, src_dtype, scale_first, scale_group, values.data());
       float max_abs = 0.f;
-      for (int c = 0; c < scale_group; ++c)
-        max_abs = std::max(max_abs, std::fabs(load(src, src_dtype, scale_first + c)));
-      if (!std::isfinite(max_abs))
+      bool nan = false;
+      for (int c = 0; c < scale_group; ++c) {
+        max_abs = std::max(max_abs, std::fabs(values[c]));
+        nan |= std::isnan(values[c]);  // std::max would skip a NaN
+      }
+      if (nan || !std::isfinite(max_abs))
         throw std::invalid_argument(std::string(name) + ": non-finite weight in expert " + std::to_string(expert) +
                                     ", row " + std::to_string(row0 + r));
       const float scale = max_abs / static_cast<float>(divisor);
       p.scales[static_cast<std::size_t>(r) * groups + g] = scale;
       const std::size_t out_first = static_cast<std::size_t>(r) * cols + static_cast<std::size_t>(g) * group;
-      for (int c = 0; c < group; ++c) {
-        int q = 0;
-        if (scale > 0.f) {
-          const float ratio = load(src, src_dtype, first + c) / scale;
-          q = std::clamp(static_cast<int>(std::nearbyint(ratio)), qmin, qmax);  // ties to even (default mode)
-        }
-        store_q(p.values, dtype, out_first + c, q);
-      }
+      // |value / scale| <= divisor (+ rounding; a subnormal scale: a few times more), far below 2^22.
+      for (int c = 0; c < group; ++c)
+        q[c] = scale > 0.f ? std::clamp(static_cast<int>(round_even(values[offset + c] / scale)), qmin, qmax) : 0;
+      store_q_run(p.values, dtype, out_first, group, q.data());
     }
 }
 
