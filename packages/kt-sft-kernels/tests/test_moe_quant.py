@@ -413,6 +413,17 @@ def test_load_quantized_rejects_bad_arrays() -> None:
         (l4, (*good4[:3], good4[3].astype(np.float64)), TypeError, "down_scale"),
         (l8, (*good8[:1], good8[1][..., None].copy(), *good8[2:]), ValueError, "gate_up_scale"),
     ]
+    # Scales must be finite (a NaN or infinite scale would make its whole row NaN); dtypes f32 and bf16.
+    for layer, good in ((l8, good8), (l4, good4)):
+        for scale_dtype in (np.float32, BF16):
+            q_gu, s_gu, q_d, s_d = (a.copy() for a in good)
+            s_gu, s_d = np.full(s_gu.shape, 0.01, scale_dtype), np.full(s_d.shape, 0.01, scale_dtype)
+            for value in (np.nan, np.inf):
+                bad_d, bad_gu = s_d.copy(), s_gu.copy()
+                bad_d[2, 5], bad_gu[1, 7] = value, -value
+                down_bad, gu_bad = (q_gu, s_gu, q_d, bad_d), (q_gu, bad_gu, q_d, s_d)
+                bad.append((layer, down_bad, ValueError, "down_scale: non-finite scale in expert 2, row 5"))
+                bad.append((layer, gu_bad, ValueError, "gate_up_scale: non-finite scale in expert 1, row 7"))
     for layer, args, exc, text in bad:
         with pytest.raises(exc, match=text) as info:
             layer.load_quantized(*args)

@@ -99,6 +99,7 @@ void MoELayer::load_quantized(const View& gate_up_q, const View& gate_up_scale, 
     bad_argument(std::string("load_quantized: this layer's weight_dtype is '") + weight_dtype_name(c.weight_dtype) +
                  "'; use load_weights(), or MoEConfig(weight_dtype='int8' or 'int4')");
   validate_quantized(c, gate_up_q, gate_up_scale, down_q, down_scale);
+  validate_quantized_scales(gate_up_scale, down_scale);
   const QuantViews q{gate_up_q, gate_up_scale, down_q, down_scale};
   std::lock_guard<std::mutex> lock(L.mutex);
   L.loaded = false;

@@ -2,8 +2,11 @@
 // messages are the ones users see from Python: they name the argument and say what was expected.
 #include "kt/moe/validate.hpp"
 
+#include <cmath>
 #include <stdexcept>
+#include <utility>
 
+#include "kt/core/bf16.hpp"
 #include "kt/core/errors.hpp"
 
 namespace kt::moe {
@@ -171,6 +174,18 @@ void validate_quantized(const MoEConfig& c, const View& gate_up_q, const View& g
   };
   check(gate_up_q, gate_up_scale, "gate_up_q", "gate_up_scale", 2 * std::int64_t{c.intermediate}, c.hidden);
   check(down_q, down_scale, "down_q", "down_scale", c.hidden, c.intermediate);
+}
+
+void validate_quantized_scales(const View& gate_up_scale, const View& down_scale) {
+  for (const auto& [scale, name] : {std::pair{&gate_up_scale, "gate_up_scale"}, std::pair{&down_scale, "down_scale"}}) {
+    const std::int64_t n = scale->numel(), per_expert = n / scale->shape[0], per_row = per_expert / scale->shape[1];
+    for (std::int64_t i = 0; i < n; ++i) {
+      const float v = scale->dtype == DType::bf16 ? bf16_to_f32(scale->as<const bf16>()[i]) : scale->as<const float>()[i];
+      if (!std::isfinite(v))
+        raise_value(std::string(name) + ": non-finite scale in expert " + std::to_string(i / per_expert) + ", row " +
+                    std::to_string(i % per_expert / per_row));
+    }
+  }
 }
 
 void validate_lora(const LoRAViews& lora) {

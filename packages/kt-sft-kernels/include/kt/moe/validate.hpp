@@ -39,6 +39,8 @@ void validate_weights(const MoEConfig& config, const View& gate_up, const View& 
 // (int8) or [E, N, K/group] (int4), f32 or bf16; gate_up N = 2I, K = H; down N = H, K = I.
 void validate_quantized(const MoEConfig& config, const View& gate_up_q, const View& gate_up_scale,
                         const View& down_q, const View& down_scale);
+// load_quantized: every scale finite (a NaN or infinite scale would turn its whole row into NaN).
+void validate_quantized_scales(const View& gate_up_scale, const View& down_scale);
 
 // kk.LoRA(...): both arrays of a projection or neither, at least one projection, one dtype, rank >= 1,
 // each B matching its A.
