@@ -5,6 +5,7 @@ fwd+bwd, and of the process's CPU time for fwd+bwd: the work done, which on a sh
 than wall time; it includes the pool's brief spin-waits):
   1 shard x all threads   (the plain layer on ThreadPool(threads))
   N shards                (numa_shards=N on this machine's shard layout: threads split between shards)
+  1 shard x all, pinned   (ThreadPool(threads, pin=True): shard sub-pools are pinned, the plain pool is not)
   1 shard x 1 thread and one shard's slice alone on 1 thread (--alone: what each shard's layer costs)
 then `--repeats` profiled forward+backward runs per variant: the threads' busy and idle time from the
 profiler's Chrome trace (idle = threads x wall - busy: serial sections, pool threads waiting for a
@@ -37,7 +38,14 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 
 class Variant:
     def __init__(
-        self, name: str, case: testing.MoECase, *, shards: int, threads: int | None, inter: int
+        self,
+        name: str,
+        case: testing.MoECase,
+        *,
+        shards: int,
+        threads: int | None,
+        inter: int,
+        pin: bool = False,
     ) -> None:
         self.name = name
         sliced = case
@@ -72,7 +80,7 @@ class Variant:
                 lora,
             )
         self.case = sliced
-        self.pool = kk.ThreadPool(threads=threads) if threads else None
+        self.pool = kk.ThreadPool(threads=threads, pin=pin) if threads else None
         self.layer = testing.build_layer(sliced, self.pool, numa_shards=shards)
         self.lora = testing.kernel_lora(sliced)
         lo = sliced.lora
@@ -177,6 +185,16 @@ def main() -> None:
         variants = [
             Variant(f"1 shard x {threads} thr", case, shards=1, threads=threads, inter=args.intermediate),
             Variant(f"{args.shards} shards", case, shards=args.shards, threads=None, inter=args.intermediate),
+            # The shards' sub-pools are pinned, the plain pool is not: this row separates the cost of
+            # pinning (a pinned thread cannot leave a vCPU the hypervisor or another process holds).
+            Variant(
+                f"1 shard x {threads} pinned",
+                case,
+                shards=1,
+                threads=threads,
+                inter=args.intermediate,
+                pin=True,
+            ),
         ]
         if args.alone:
             variants.append(Variant("1 shard x 1 thr", case, shards=1, threads=1, inter=args.intermediate))
