@@ -90,14 +90,14 @@ void quantize_rows(const void* src, DType src_dtype, int rows, int cols, WeightD
   const int qmin = dtype == WeightDType::int8 ? -127 : -8, qmax = dtype == WeightDType::int8 ? 127 : 7;
   const Packed p = packed_rows(dst, total_rows, row0, cols, dtype, group_size);
   const int groups = cols / group;
+  // The quantized columns within a scale group start here (int8: the window of the full row; int4: 0).
+  const int offset = dtype == WeightDType::int8 ? window.c0 : 0;
   std::vector<float> values(static_cast<std::size_t>(scale_group));  // one scale group's source values
   std::vector<int> q(static_cast<std::size_t>(group));
   for (int r = 0; r < rows; ++r)
     for (int g = 0; g < groups; ++g) {
       const std::size_t row_start = static_cast<std::size_t>(r) * full_cols;
       const std::size_t scale_first = row_start + static_cast<std::size_t>(wg.first + g) * scale_group;  // int8: 0
-      // The quantized columns within the scale group (int8: the window of the full row; int4: all).
-      const int offset = dtype == WeightDType::int8 ? window.c0 : 0;
       load_f32(src, src_dtype, scale_first, scale_group, values.data());
       float max_abs = 0.f;
       bool nan = false;

@@ -556,7 +556,8 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
     if (grad_weights && L.shared_down)  // on the shard's pool: serial, its other threads would sleep
       s.pool().parallel_for((t1 - t0 + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
         const prof::Scope busy(prof::Stage::bwd_combine, prof::Kind::busy);
-        for (std::int64_t t = t0 + task * kTokenChunk; t < std::min(t1, t0 + (task + 1) * kTokenChunk); ++t)
+        const std::int64_t first = t0 + task * kTokenChunk, end = std::min(t1, first + kTokenChunk);
+        for (std::int64_t t = first; t < end; ++t)
           for (int j = 0; j < K; ++j) {
             const std::int64_t row = rows[0].row_of_slot[t * K + j];
             float sum = 0.f;

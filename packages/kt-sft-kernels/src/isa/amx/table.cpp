@@ -22,37 +22,23 @@ namespace {
 
 // ---- table entries -----------------------------------------------------------------------------------------
 
+// Add: the products added to c (KernelTable::gemm_*_packed_add) instead of written.
+template <bool Add>
 void gemm_nt_packed(int m, const void* a, const void* w, int /*rows*/, int k, int n0, int n1, float* c,
                     std::int64_t ldc) {
   if (m <= 0 || n1 <= n0) return;
   const auto* wb = static_cast<const std::uint8_t*>(w);
-  if (m < small_m()) return nt_small(m, row_pointers(a), wb, k, n0, n1, c, ldc);
-  nt_amx(m, static_cast<const std::uint8_t*>(a), wb, k, n0, n1, c, ldc);
+  if (m < small_m()) return nt_small(m, row_pointers(a), wb, k, n0, n1, c, ldc, Add);
+  nt_amx(m, static_cast<const std::uint8_t*>(a), wb, k, n0, n1, c, ldc, Add);
 }
 
+template <bool Add>
 void gemm_nn_packed(int m, const void* a, const void* w, int k, int cols, int j0, int j1, float* c,
                     std::int64_t ldc) {
   if (m <= 0 || j1 <= j0) return;
   const auto* wb = static_cast<const std::uint8_t*>(w);
-  if (m < small_m()) return nn_small(m, row_pointers(a), wb, k, cols, j0, j1, c, ldc);
-  nn_amx(m, static_cast<const std::uint8_t*>(a), wb, k, cols, j0, j1, c, ldc);
-}
-
-// The same products added to c (KernelTable::gemm_*_packed_add).
-void gemm_nt_packed_add(int m, const void* a, const void* w, int /*rows*/, int k, int n0, int n1, float* c,
-                        std::int64_t ldc) {
-  if (m <= 0 || n1 <= n0) return;
-  const auto* wb = static_cast<const std::uint8_t*>(w);
-  if (m < small_m()) return nt_small(m, row_pointers(a), wb, k, n0, n1, c, ldc, true);
-  nt_amx(m, static_cast<const std::uint8_t*>(a), wb, k, n0, n1, c, ldc, true);
-}
-
-void gemm_nn_packed_add(int m, const void* a, const void* w, int k, int cols, int j0, int j1, float* c,
-                        std::int64_t ldc) {
-  if (m <= 0 || j1 <= j0) return;
-  const auto* wb = static_cast<const std::uint8_t*>(w);
-  if (m < small_m()) return nn_small(m, row_pointers(a), wb, k, cols, j0, j1, c, ldc, true);
-  nn_amx(m, static_cast<const std::uint8_t*>(a), wb, k, cols, j0, j1, c, ldc, true);
+  if (m < small_m()) return nn_small(m, row_pointers(a), wb, k, cols, j0, j1, c, ldc, Add);
+  nn_amx(m, static_cast<const std::uint8_t*>(a), wb, k, cols, j0, j1, c, ldc, Add);
 }
 
 thread_local ThreadScratch row_packing;
@@ -63,7 +49,7 @@ void gemm_nt_rows(int m, const bf16* const* a, const void* w, int rows, int k, i
   if (m < small_m()) return nt_small(m, a, static_cast<const std::uint8_t*>(w), k, n0, n1, c, ldc);
   void* packed = row_packing.ensure(packed_a_bytes(m, k));
   pack_a_nt(m, a, k, packed);
-  gemm_nt_packed(m, packed, w, rows, k, n0, n1, c, ldc);
+  gemm_nt_packed<false>(m, packed, w, rows, k, n0, n1, c, ldc);
 }
 
 void gemm_nn_rows(int m, const bf16* const* a, const void* w, int k, int cols, int j0, int j1, float* c,
@@ -72,7 +58,7 @@ void gemm_nn_rows(int m, const bf16* const* a, const void* w, int k, int cols, i
   if (m < small_m()) return nn_small(m, a, static_cast<const std::uint8_t*>(w), k, cols, j0, j1, c, ldc);
   void* packed = row_packing.ensure(packed_a_bytes(m, k));
   pack_a_nn(m, a, k, packed);
-  gemm_nn_packed(m, packed, w, k, cols, j0, j1, c, ldc);
+  gemm_nn_packed<false>(m, packed, w, k, cols, j0, j1, c, ldc);
 }
 
 #include "amx_quant.inl"
@@ -91,10 +77,10 @@ const KernelTable& kernel_table() {
     t.packed_a_bytes = packed_a_bytes;
     t.pack_a_nt = pack_a_nt;
     t.pack_a_nn = pack_a_nn;
-    t.gemm_nt_packed = gemm_nt_packed;
-    t.gemm_nn_packed = gemm_nn_packed;
-    t.gemm_nt_packed_add = gemm_nt_packed_add;
-    t.gemm_nn_packed_add = gemm_nn_packed_add;
+    t.gemm_nt_packed = gemm_nt_packed<false>;
+    t.gemm_nn_packed = gemm_nn_packed<false>;
+    t.gemm_nt_packed_add = gemm_nt_packed<true>;
+    t.gemm_nn_packed_add = gemm_nn_packed<true>;
     install_amx_quant(t);  // quantized bases: dequantized strips on the same tiles (amx_quant.inl)
 #ifndef KT_AMX_EMULATE
     install_amx_int8(t);  // int8 bases: TDPBSSD on the int8 weights as stored (amx_int8.cpp)
