@@ -189,15 +189,14 @@ class KernelLayer:
             *(t.detach().to("cpu").contiguous() for t in (gate_up_q, gate_up_scale, down_q, down_scale))
         )
 
-    def dequantized_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up, down) as the kernels compute with them (RQ): int8 fp32(q * scale) as float32,
-        int4 bf16(fp32(q * scale)) as bfloat16."""
+    def quantized_storage(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate_up_q, gate_up_scale, down_q, down_scale): a copy of the int8/int4 base in the storage
+        load_quantized takes (kt_sft_train.quantization), so the two round-trip bit-exactly."""
         if self.weight_dtype == "bf16":
-            raise ValueError("dequantized_weights needs an int8/int4 layer; a bf16 base is its checkpoint")
+            raise ValueError("quantized_storage needs an int8/int4 layer; a bf16 base is its checkpoint")
         E, H, inter = self.num_experts, self.hidden, self.intermediate
-        shapes = {"gate_up": (2 * inter, H), "down": (H, inter)}
         arrays = []
-        for rows, cols in shapes.values():
+        for rows, cols in ((2 * inter, H), (H, inter)):
             if self.weight_dtype == "int8":
                 arrays += [
                     torch.empty((E, rows, cols), dtype=torch.int8),
@@ -210,9 +209,17 @@ class KernelLayer:
                     torch.empty((E, rows, cols // group), dtype=torch.float32),
                 ]
         self._layer.read_quantized(*arrays)
+        return arrays[0], arrays[1], arrays[2], arrays[3]
+
+    def dequantized_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up, down) as the kernels compute with them (RQ): int8 fp32(q * scale) as float32,
+        int4 bf16(fp32(q * scale)) as bfloat16."""
+        if self.weight_dtype == "bf16":
+            raise ValueError("dequantized_weights needs an int8/int4 layer; a bf16 base is its checkpoint")
+        gate_up_q, gate_up_scale, down_q, down_scale = self.quantized_storage()
         return (
-            kernel_weights(arrays[0], arrays[1], self.weight_dtype),
-            kernel_weights(arrays[2], arrays[3], self.weight_dtype),
+            kernel_weights(gate_up_q, gate_up_scale, self.weight_dtype),
+            kernel_weights(down_q, down_scale, self.weight_dtype),
         )
 
     def memory_report(self) -> dict[str, int]:

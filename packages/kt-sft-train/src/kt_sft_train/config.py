@@ -56,6 +56,10 @@ class KTConfig:
         "int4" (group-wise); quantized while loading, or taken as shipped from an int4 checkpoint.
     group_size: int4 group size (32, 64 or 128); None = the checkpoint's own groups for an int4
         checkpoint, else the largest of 128/64/32 that divides hidden and intermediate.
+    quantized_cache: a directory for int8 / int4 expert bases quantized from a bf16 / fp8 checkpoint:
+        the first load writes each layer's quantized weights there, later loads of the same checkpoint
+        read them back bit-exactly instead of quantizing again (ADR 0604). None = no cache; unused for
+        bf16 bases and for checkpoints that ship int4.
     activation_policy: under gradient checkpointing, "retain" keeps the CPU activation caches of the
         first forward for the backward; "recompute" re-runs the CPU forward during the backward.
     max_isa: cap on the kernel ISA tier (None = best the CPU supports).
@@ -75,6 +79,7 @@ class KTConfig:
     numa_shards: int | str = 1
     weight_dtype: str = "bf16"
     group_size: int | None = None
+    quantized_cache: str | None = None
     activation_policy: str = "retain"
     max_isa: str | None = None
     distributed: str = "none"
@@ -95,6 +100,13 @@ class KTConfig:
             isinstance(self.group_size, bool) or self.group_size not in GROUP_SIZES
         ):
             raise KTConfigError(f"KTConfig.group_size={self.group_size!r} is not one of {list(GROUP_SIZES)}")
+        if isinstance(self.quantized_cache, os.PathLike):
+            object.__setattr__(self, "quantized_cache", os.fspath(self.quantized_cache))
+        cache = self.quantized_cache
+        if cache is not None and (not isinstance(cache, str) or not cache):
+            raise KTConfigError(
+                f"KTConfig.quantized_cache must be a directory path or None, got {self.quantized_cache!r}"
+            )
         _check_choice("activation_policy", self.activation_policy, ACTIVATION_POLICIES)
         if self.max_isa is not None:
             _check_choice("max_isa", self.max_isa, ISA_TIERS)
@@ -359,6 +371,8 @@ def _canonical_kwargs(mapping: Mapping[str, Any]) -> dict[str, Any]:
 def _parse_env_value(var: str, name: str, raw: str) -> Any:
     text = raw.strip()
     if name == "group_size" and text.lower() in ("", "none", "auto"):
+        return None
+    if name == "quantized_cache" and not text:
         return None
     if name == "hosts":
         # KT_SFT_HOSTS="0,1;2,3": hosts separated by ';', ranks by ','.

@@ -510,6 +510,9 @@ class OwnerLayer:
     def load_quantized(self, *tensors: torch.Tensor) -> None:
         self.inner.load_quantized(*tensors)
 
+    def quantized_storage(self) -> tuple[torch.Tensor, ...]:
+        return self.inner.quantized_storage()
+
     def forward(
         self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, lora: ExpertLoRA | None, save: bool
     ) -> tuple[torch.Tensor, OwnerHandle | None]:

@@ -32,6 +32,7 @@ from .arch import get_moe_arch_config
 from .config import KTConfig
 from .experts import KTExperts, attach_kt, replace_module, wrap_moe_layers_with_kt_wrapper
 from .quantization import PackQuantizedScheme, pack_quantized_scheme
+from .quantized_cache import QUANTIZED_CACHE_ATTR, QuantizedExpertCache
 from .weights import (
     CheckpointError,
     ExpertLayerPlan,
@@ -241,6 +242,10 @@ def load_kt_model(
         # Every packed tensor is an expert kt-sft streams itself: transformers loads the rest as plain
         # weights (it would otherwise need the compressed-tensors package and decompress the experts).
         del config.quantization_config
+    # Only what kt-sft quantizes itself is cached: an int4 checkpoint's experts are taken as shipped.
+    cache = None
+    if kt.quantized_cache is not None and kt.weight_dtype != "bf16" and int4_scheme is None:
+        cache = QuantizedExpertCache(kt.quantized_cache, directory, kt, fp8_block_size(config))
     experts_classes = tuple({type(module) for _, module in experts})
     del skeleton, experts
 
@@ -260,7 +265,7 @@ def load_kt_model(
         ):
             model = concrete_class.from_pretrained(directory, **hf_kwargs)
 
-    _stream_experts_into_kernels(model, plans, kt, fp8_block_size(config))
+    _stream_experts_into_kernels(model, plans, kt, fp8_block_size(config), cache)
     return model
 
 
@@ -312,7 +317,11 @@ def _resolve_model_class(model_class: Any, config: Any) -> type:
 
 
 def _stream_experts_into_kernels(
-    model: nn.Module, plans: Sequence[ExpertLayerPlan], kt: KTConfig, fp8_block: tuple[int, int]
+    model: nn.Module,
+    plans: Sequence[ExpertLayerPlan],
+    kt: KTConfig,
+    fp8_block: tuple[int, int],
+    cache: QuantizedExpertCache | None,
 ) -> None:
     placeholders = {
         name: module for name, module in model.named_modules() if isinstance(module, _ExpertsPlaceholder)
@@ -330,18 +339,33 @@ def _stream_experts_into_kernels(
             loaded.append(experts)
             replace_module(model, plan.module_name, experts)
             continue
-        weights = read_expert_layer(
-            plan, fp8_block=fp8_block, quantized_base=kt.weight_dtype != "bf16", int4_group_size=kt.group_size
-        )
-        if weights.int4 is not None:
-            experts.load_quantized_weights(*weights.int4)
+        if cache is not None and (cached := cache.read(plan)) is not None:
+            experts.load_quantized_weights(*cached)
+            del cached
         else:
-            assert weights.gate_up is not None and weights.down is not None
-            experts.load_expert_weights(weights.gate_up, weights.down)
-        del weights  # the experts layer holds its own copy (reference) or packed copy (kernels)
-        # A layer's source tensors caught in a reference cycle would otherwise live until the garbage
-        # collector happens to run, i.e. sometimes beside the next layer (peak + 1 layer, seen in CI).
-        gc.collect()
+            _load_from_checkpoint(experts, plan, kt, fp8_block)
+            # A layer's source tensors caught in a reference cycle would otherwise live until the garbage
+            # collector happens to run, i.e. sometimes beside the next layer (peak + 1 layer, seen in CI).
+            gc.collect()
+            if cache is not None:  # read back from the kernels: one quantized layer beside them
+                cache.write(plan, experts.layer.quantized_storage())
         replace_module(model, plan.module_name, experts)
         loaded.append(experts)
     attach_kt(model, loaded)
+    if cache is not None:
+        model.__dict__[QUANTIZED_CACHE_ATTR] = cache.report
+
+
+def _load_from_checkpoint(
+    experts: KTExperts, plan: ExpertLayerPlan, kt: KTConfig, fp8_block: tuple[int, int]
+) -> None:
+    weights = read_expert_layer(
+        plan, fp8_block=fp8_block, quantized_base=kt.weight_dtype != "bf16", int4_group_size=kt.group_size
+    )
+    if weights.int4 is not None:
+        experts.load_quantized_weights(*weights.int4)
+    else:
+        assert weights.gate_up is not None and weights.down is not None
+        experts.load_expert_weights(weights.gate_up, weights.down)
+    # Returning drops the staging tensors: the experts layer holds its own copy (reference) or packed
+    # copy (kernels).

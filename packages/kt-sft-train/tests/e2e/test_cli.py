@@ -243,6 +243,24 @@ def test_model_and_data_train_a_tiny_checkpoint(
     )
 
 
+def test_quantized_cache_flag_writes_then_reads(
+    stand_in: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--quantized-cache DIR`: the first run quantizes and writes, the next reads back (ADR 0604)."""
+    cache = tmp_path / "cache"
+    lines = []
+    for run in ("first", "second"):
+        args = train_args(stand_in, tmp_path / run, "--steps", "1", "--weight-dtype", "int8")
+        assert main([*args, "--eval-limit", "1", "--quantized-cache", str(cache)]) == 0
+        lines += [line for line in capsys.readouterr().out.splitlines() if line.startswith("cache ")]
+        recorded = json.loads((tmp_path / run / "run.json").read_text())["kt_config"]
+        assert recorded["quantized_cache"] == str(cache)
+    assert [line.split(": ", 1)[1].split(" (")[0] for line in lines] == [
+        "0 layer(s) read back, 2 quantized and written",
+        "2 layer(s) read back, 0 quantized and written",
+    ]
+
+
 def test_messages_data_with_chat_template_and_yaml_config(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -196,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=(32, 64, 128),
         help="int4 group size (default: the checkpoint's, else the largest of 128/64/32 that fits)",
     )
+    _add(
+        system,
+        "--quantized-cache",
+        metavar="DIR",
+        help="keep the int8/int4 experts quantized from a bf16/fp8 checkpoint in DIR; later runs read them "
+        "back instead of quantizing again (ADR 0604)",
+    )
     _add(system, "--device", choices=("auto", "cpu", "cuda"), help="where the dense part runs (default auto)")
     _add(
         system,

@@ -231,6 +231,7 @@ def _run(
 
     from ..adapters import save_adapter
     from ..model import load_kt_model
+    from ..quantized_cache import quantized_cache_report
 
     # Files of this rank: the output for rank 0, a scratch directory for the others (nothing shared).
     files = output if ranks.writes_files else Path(tempfile.mkdtemp(prefix=f"kt-sft-rank{ranks.rank}-"))
@@ -266,6 +267,9 @@ def _run(
     memory_line = experts_memory_line(model, options.model, kt)
     if memory_line:
         echo(memory_line)
+    cache_report = quantized_cache_report(model)
+    if cache_report is not None:
+        echo(f"cache     quantized experts: {cache_report.summary()}")
     echo(
         f"data      {len(examples)} examples ({formatter.mode}), {total_steps} steps x batch "
         f"{options.batch_size} x accumulation {options.grad_accum}"
