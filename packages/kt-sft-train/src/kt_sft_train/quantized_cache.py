@@ -144,7 +144,6 @@ class QuantizedExpertCache:
             save_file(tensors, temporary, metadata={_METADATA_KEY: self.key(plan)})
             os.replace(temporary, path)
         except (OSError, SafetensorError) as error:
-            temporary.unlink(missing_ok=True)
             self.report.not_written.append(path.name)
             logger.warning(
                 "quantized cache: cannot write %s (%s); training goes on, the next load quantizes "
@@ -153,6 +152,8 @@ class QuantizedExpertCache:
                 getattr(error, "strerror", None) or error,
             )
             return
+        finally:  # a failed or interrupted write leaves nothing behind
+            temporary.unlink(missing_ok=True)
         self.report.written += 1
 
 
