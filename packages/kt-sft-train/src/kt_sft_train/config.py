@@ -328,6 +328,8 @@ _RETIRED = {
     "kt_skip_expert_loading": "load_kt_model always streams experts into the kernels",
     "kt_model_max_length": "activation buffers are sized per call",
     "kt_chunked_prefill_size": "activation buffers are sized per call",
+    "kt_weight_path": "kt-sft quantizes the model's own bf16 / fp8 checkpoint while loading (no offline "
+    "conversion; int4 checkpoints are read as shipped), and quantized_cache keeps the result for later runs",
 }
 
 

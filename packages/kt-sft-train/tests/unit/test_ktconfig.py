@@ -79,6 +79,8 @@ def test_upstream_aliases() -> None:
         ({"max_isa": "avx9000"}, r"max_isa='avx9000'"),
         ({"kt_max_cache_depth": 2}, r"kt_max_cache_depth.*not used by kt-sft"),
         ({"kt_lora_rank": 8}, r"peft.LoraConfig"),
+        ({"kt_weight_path": "/converted"}, r"kt_weight_path.*not used by kt-sft.*quantized_cache"),
+        ({"quantized_cache": ""}, r"quantized_cache must be a directory path or None"),
         ({"threads": 2, "kt_num_threads": 3}, r"given twice"),
     ],
 )
