@@ -4,7 +4,8 @@ Variants of one random problem, timed interleaved round-robin (medians of the wa
 fwd+bwd, and of the process's CPU time for fwd+bwd: the work done, which on a shared box is steadier
 than wall time; it includes the pool's brief spin-waits):
   1 shard x all threads   (the plain layer on ThreadPool(threads))
-  N shards                (numa_shards=N on this machine's shard layout: threads split between shards)
+  N shards                (numa_shards=N on this machine's shard layout; on one node the shards run
+                           one after another, each on all the threads: ADR 0701 "Execution")
   1 shard x all, pinned   (ThreadPool(threads, pin=True): shard sub-pools are pinned, the plain pool is not)
   1 shard x 1 thread and one shard's slice alone on 1 thread (--alone: what each shard's layer costs)
 then `--repeats` profiled forward+backward runs per variant: the threads' busy and idle time from the

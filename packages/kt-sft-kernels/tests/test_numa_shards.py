@@ -141,12 +141,15 @@ def test_uneven_split_report_and_bytes() -> None:
 def test_same_bits_for_any_thread_count(
     isa: str, shared_down: str, base: tuple[str, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """At a given N the bits do not depend on how many threads each shard has (any base)."""
+    """At a given N the bits do not depend on how many threads each shard has (any base). The shards
+    of one node run one after another, each on all of the layout's CPUs (shared_down); the per-shard
+    form runs each on its own list."""
     monkeypatch.setenv("KT_SFT_NUMA_SHARED_DOWN", shared_down)
     case = make("bf16", seed=6, tokens=70)
     cpus = kk.affinity_cpus()
     first, second = cpus[0], cpus[-1]
     layouts = [
+        f"{first};{first}",
         f"{first};{second}",
         f"{first},{second};{first},{second}",
         f"{first},{second};{second}",
@@ -156,13 +159,18 @@ def test_same_bits_for_any_thread_count(
         for layout in layouts:
             monkeypatch.setenv("KT_SFT_NUMA", layout)
             layer = kt.build_layer(case, numa_shards=2, weight_dtype=base[0], group_size=base[1])
-            assert [len(s["cpus"]) for s in layer.shard_report()] == [
-                len(p.split(",")) for p in layout.split(";")
-            ]
+            lists = [sorted({int(c) for c in part.split(",")}) for part in layout.split(";")]
+            union = sorted({c for cpus_of in lists for c in cpus_of})
+            expected = (
+                [union] * 2
+                if shared_down == "1"
+                else [[int(c) for c in p.split(",")] for p in layout.split(";")]
+            )
+            assert [s["cpus"] for s in layer.shard_report()] == expected
             results.append({k: v.tobytes() for k, v in outputs(kt.run_kernels(layer, case)).items()})
             again = {k: v.tobytes() for k, v in outputs(kt.run_kernels(layer, case)).items()}
             assert again == results[-1], f"{layout}: second run differs"
-    assert results[0] == results[1] == results[2]
+    assert results[0] == results[1] == results[2] == results[3]
 
 
 @pytest.mark.parametrize("shared_down", ["1", "0"])

@@ -1,7 +1,9 @@
 // NUMA shards of one MoE layer (sharded_layer.hpp, ADR 0701).
 //
-// Each call runs in two rounds on every shard at once, each shard on its own driver thread (a
-// SerialExecutor pinned to the shard's first CPU, which is also thread 0 of the shard's pool):
+// Each call runs in rounds. Shards on different nodes run each round at once, each shard on its own
+// driver thread (a SerialExecutor pinned to the shard's first CPU, which is also thread 0 of the
+// shard's pool), and meet at a barrier between rounds; shards on one node (shared_down) run one after
+// another, each on all of the layout's cores (no shard waits for another):
 //   round 1: the shard's MoELayer call on its slice: up to h / dgu when all shards share a node
 //            (shared_down), else through its own combine into fp32 partials the shard owns;
 //   round 2, split between the shards: shared_down: the down / dx products of all shards for this
@@ -210,15 +212,17 @@ struct ShardedLayer::Impl {
   bool shared_down = false;
 
   using Round = std::function<void(ShardState&)>;
-  // Runs rounds[0](shard) on every shard's driver thread at once, then, once every shard has finished
-  // it and none failed, rounds[1](shard), and so on (one hand-off per call: the rounds meet at
-  // barriers inside the jobs). Every shard arrives at every barrier, failed or not, so a failure in
+  // Shards on different nodes: runs rounds[0](shard) on every shard's driver thread at once, then,
+  // once every shard has finished it and none failed, rounds[1](shard), and so on (one hand-off per
+  // call: the rounds meet at barriers inside the jobs). Every shard arrives at every barrier, failed or not, so a failure in
   // any round of one shard never leaves the others waiting; after it no shard starts another round.
   // Rethrows the first failure in shard order after all have finished. The caller holds
   // sharded_call_mutex() (the rounds use the shards' shared runtimes).
   void on_shards(const std::vector<Round>& rounds) {
-    static const prof::Stage kStages[] = {prof::Stage::shard_round0, prof::Stage::shard_round1,
-                                          prof::Stage::shard_round2};
+    if (shared_down) {
+      one_after_another(rounds);
+      return;
+    }
     const int first_round = rounds.size() == 3 ? 0 : 1;  // round 0 only where there is one
     const auto fault = injected_fault();
     const auto n = static_cast<std::ptrdiff_t>(shards.size());
@@ -240,12 +244,7 @@ struct ShardedLayer::Impl {
             // not stop the others' share of it (harmless: a round reads only what earlier ones wrote).
             if (failed.load()) continue;
             try {
-              const int round = first_round + static_cast<int>(k);
-              const prof::Scope timed(kStages[round], prof::Kind::wall);
-              if (fault == std::pair<int, int>{round, s->index})
-                throw std::runtime_error("KT_SFT_NUMA_FAULT: injected failure in round " + std::to_string(round) +
-                                         " of shard " + std::to_string(s->index));
-              rounds[k](*s);
+              run_round(rounds[k], first_round + static_cast<int>(k), *s, fault);
             } catch (...) {
               mine = std::current_exception();
               failed.store(true);
@@ -272,6 +271,31 @@ struct ShardedLayer::Impl {
     for (const std::uint64_t end : finished)
       if (end && last > end) prof::record(prof::Stage::shard_barrier, prof::Kind::wall, end, last);
     if (failure) std::rethrow_exception(failure);
+  }
+
+  // Shards on one node: round after round, shard after shard, all on shard 0's driver; every shard's
+  // pool spans all the layout's cores (the constructor), so each phase keeps every core busy and no
+  // shard waits for another. Memory placement does not matter on one node. Same tasks and sums as
+  // at once (on_shards), hence the same bits. The first failure ends the call.
+  void one_after_another(const std::vector<Round>& rounds) {
+    const int first_round = rounds.size() == 3 ? 0 : 1;
+    const auto fault = injected_fault();
+    const auto job = shards.front()->rt->driver.submit([&] {
+      for (std::size_t k = 0; k < rounds.size(); ++k)
+        for (auto& shard : shards) run_round(rounds[k], first_round + static_cast<int>(k), *shard, fault);
+    });
+    job->wait();
+    if (job->error()) std::rethrow_exception(job->error());
+  }
+
+  static void run_round(const Round& round_of, int round, ShardState& s, std::pair<int, int> fault) {
+    static const prof::Stage kStages[] = {prof::Stage::shard_round0, prof::Stage::shard_round1,
+                                          prof::Stage::shard_round2};
+    const prof::Scope timed(kStages[round], prof::Kind::wall);
+    if (fault == std::pair<int, int>{round, s.index})
+      throw std::runtime_error("KT_SFT_NUMA_FAULT: injected failure in round " + std::to_string(round) +
+                               " of shard " + std::to_string(s.index));
+    round_of(s);
   }
 
   std::unique_ptr<LoRASlice> slice_lora(const ShardState& s, const LoRAViews& lora) const;
@@ -301,7 +325,18 @@ ShardedLayer::ShardedLayer(const MoEConfig& config) : impl_(std::make_unique<Imp
   // int4's groups run along I in down: a slice boundary inside a group would split one scale.
   const int block = config.weight_dtype == WeightDType::int4 ? std::max(32, config.group_size) : 32;
   const auto slices = shard_slices(config.intermediate, n, block);
-  const auto places = runtime::plan_shards(runtime::system_topology(), n, runtime::numa_setting_from_env());
+  auto places = runtime::plan_shards(runtime::system_topology(), n, runtime::numa_setting_from_env());
+  const char* env = std::getenv("KT_SFT_NUMA_SHARED_DOWN");
+  impl_->shared_down = !(env && std::string(env) == "0");
+  for (const runtime::Shard& place : places)
+    if (place.nodes != places.front().nodes) impl_->shared_down = false;
+  if (impl_->shared_down) {  // one node: the shards run one after another, each on all of its cores
+    std::vector<int> all;
+    for (const runtime::Shard& place : places) all.insert(all.end(), place.cpus.begin(), place.cpus.end());
+    std::sort(all.begin(), all.end());
+    all.erase(std::unique(all.begin(), all.end()), all.end());
+    for (runtime::Shard& place : places) place.cpus = all;
+  }
   for (int s = 0; s < n; ++s) {
     auto shard = std::make_unique<ShardState>();
     shard->index = s;
@@ -315,10 +350,6 @@ ShardedLayer::ShardedLayer(const MoEConfig& config) : impl_(std::make_unique<Imp
     shard->layer = std::make_unique<MoELayer>(inner, shard->pool());
     impl_->shards.push_back(std::move(shard));
   }
-  const char* env = std::getenv("KT_SFT_NUMA_SHARED_DOWN");
-  impl_->shared_down = !(env && std::string(env) == "0");
-  for (const auto& shard : impl_->shards)
-    if (shard->node() != impl_->shards.front()->node()) impl_->shared_down = false;
 }
 
 ShardedLayer::~ShardedLayer() = default;

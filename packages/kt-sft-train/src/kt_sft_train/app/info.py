@@ -238,6 +238,10 @@ def _render_numa(kernels: dict[str, Any]) -> list[str]:
         on = ",".join(str(n) for n in shard["nodes"])
         cpus = _cpu_list(shard["cpus"])
         lines.append(f"               shard {i}: node {on}, {len(shard['cpus'])} threads on cpus {cpus}")
+    if len(shards) > 1 and all(shard["nodes"] == shards[0]["nodes"] for shard in shards):
+        lines.append(
+            "               one node: a layer's shards run one after another, each on all these cpus"
+        )
     return lines
 
 
