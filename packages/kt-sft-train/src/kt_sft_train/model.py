@@ -37,6 +37,7 @@ from .weights import (
     CheckpointError,
     ExpertLayerPlan,
     SafetensorsCheckpoint,
+    StagingBuffers,
     fp8_block_size,
     is_packed_int4,
     plan_expert_layers,
@@ -332,6 +333,7 @@ def _stream_experts_into_kernels(
             f"the loaded experts {sorted(placeholders)} differ from the planned ones {sorted(expected)}"
         )
     loaded: list[KTExperts] = []
+    staging = StagingBuffers()
     for plan in plans:
         placeholder = placeholders[plan.module_name]
         experts = KTExperts.like(placeholder.hf_experts, kt, name=plan.module_name)
@@ -343,7 +345,7 @@ def _stream_experts_into_kernels(
             experts.load_quantized_weights(*cached)
             del cached
         else:
-            _load_from_checkpoint(experts, plan, kt, fp8_block)
+            _load_from_checkpoint(experts, plan, kt, fp8_block, staging)
             # A layer's source tensors caught in a reference cycle would otherwise live until the garbage
             # collector happens to run, i.e. sometimes beside the next layer (peak + 1 layer, seen in CI).
             gc.collect()
@@ -357,15 +359,23 @@ def _stream_experts_into_kernels(
 
 
 def _load_from_checkpoint(
-    experts: KTExperts, plan: ExpertLayerPlan, kt: KTConfig, fp8_block: tuple[int, int]
+    experts: KTExperts,
+    plan: ExpertLayerPlan,
+    kt: KTConfig,
+    fp8_block: tuple[int, int],
+    staging: StagingBuffers,
 ) -> None:
     weights = read_expert_layer(
-        plan, fp8_block=fp8_block, quantized_base=kt.weight_dtype != "bf16", int4_group_size=kt.group_size
+        plan,
+        fp8_block=fp8_block,
+        quantized_base=kt.weight_dtype != "bf16",
+        int4_group_size=kt.group_size,
+        staging=staging,
     )
     if weights.int4 is not None:
         experts.load_quantized_weights(*weights.int4)
     else:
         assert weights.gate_up is not None and weights.down is not None
         experts.load_expert_weights(weights.gate_up, weights.down)
-    # Returning drops the staging tensors: the experts layer holds its own copy (reference) or packed
-    # copy (kernels).
+    # The experts layer holds its own copy (reference) or packed copy (kernels): the staging buffers are
+    # free for the next layer.

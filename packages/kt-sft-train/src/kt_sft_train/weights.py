@@ -542,11 +542,35 @@ def _staging_dtype(plan: ExpertParamPlan, quantized_base: bool) -> torch.dtype:
     return torch.bfloat16
 
 
+class StagingBuffers:
+    """The staging tensors of one parameter role ("gate_up", "down"), reused from layer to layer.
+
+    A fresh tensor per layer costs a page fault per 4 KiB on first write, which took 6x the copy itself
+    on the dev box; every layer of a model has the same shapes, so one buffer per role serves all.
+    Holding one layer's staging at a time keeps the load peak at final + one layer. The consumers
+    (the kernels' packing, the reference layer) copy what they keep.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, role: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        buffer = self._buffers.get(role)
+        if buffer is None or tuple(buffer.shape) != tuple(shape) or buffer.dtype != dtype:
+            self._buffers.pop(role, None)  # drop the old one before the new one exists
+            buffer = self._buffers[role] = torch.empty(shape, dtype=dtype)
+        return buffer
+
+
 def _fill_param(
-    plan: ExpertParamPlan, shards: OpenShards, block: tuple[int, int], quantized_base: bool
+    plan: ExpertParamPlan,
+    shards: OpenShards,
+    block: tuple[int, int],
+    quantized_base: bool,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     dtype = _staging_dtype(plan, quantized_base)
-    out = torch.empty(plan.shape, dtype=dtype)
+    out = torch.empty(plan.shape, dtype=dtype) if out is None else out
     if plan.fused is not None:
         for expert in range(plan.shape[0]):
             out[expert].copy_(read_matrix(shards, plan.fused, plan.fused_scale, block, expert, dtype))
@@ -595,8 +619,12 @@ def read_expert_layer(
     fp8_block: tuple[int, int] = DEFAULT_FP8_BLOCK,
     quantized_base: bool = False,
     int4_group_size: int | None = None,
+    staging: StagingBuffers | None = None,
 ) -> ExpertLayerWeights:
     """Read and assemble one experts module. Peak extra host memory: this layer plus one expert slice.
+
+    ``staging``: buffers kept from the previous layer to assemble this one in (the returned tensors are
+    then those buffers: the caller copies what it keeps before the next layer is read).
 
     ``quantized_base``: the kernels will quantize these weights (int8/int4), so non-bf16 checkpoint
     values are staged in fp32. A packed int4 checkpoint layer comes back in ``int4`` (needs its group size).
@@ -613,8 +641,12 @@ def read_expert_layer(
             return ExpertLayerWeights(
                 plan.module_name, None, None, (gate_up_q, gate_up_scale, down_q, down_scale)
             )
-        gate_up = _fill_param(plan.gate_up, shards, fp8_block, quantized_base)
-        down = _fill_param(plan.down, shards, fp8_block, quantized_base)
+        buffers = {}
+        if staging is not None:
+            for role, param in (("gate_up", plan.gate_up), ("down", plan.down)):
+                buffers[role] = staging.take(role, param.shape, _staging_dtype(param, quantized_base))
+        gate_up = _fill_param(plan.gate_up, shards, fp8_block, quantized_base, buffers.get("gate_up"))
+        down = _fill_param(plan.down, shards, fp8_block, quantized_base, buffers.get("down"))
     finally:
         shards.close()
     return ExpertLayerWeights(plan.module_name, gate_up, down)
