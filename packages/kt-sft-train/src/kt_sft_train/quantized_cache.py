@@ -128,12 +128,35 @@ class QuantizedExpertCache:
                     logger.info("quantized cache: %s is stale (the checkpoint or the settings changed)", path)
                     return None
                 tensors = tuple(handle.get_tensor(name) for name in _TENSOR_NAMES)
+            problem = self._problem(plan, tensors)
         except Exception as error:  # safetensors raises its own error types for damaged files
+            problem = str(error)
+        if problem:
             self.report.replaced.append(path.name)
-            logger.warning("quantized cache: cannot read %s (%s); quantizing this layer again", path, error)
+            logger.warning("quantized cache: cannot read %s (%s); quantizing this layer again", path, problem)
             return None
         self.report.read += 1
         return tensors
+
+    def _problem(self, plan: ExpertLayerPlan, tensors: tuple[torch.Tensor, ...]) -> str | None:
+        """What is wrong with a file's tensors for `plan` (None: nothing), before the kernels see them."""
+        group = self._group(plan)
+        expected = []
+        for rows_cols in (plan.gate_up.shape, plan.down.shape):
+            experts, rows, cols = rows_cols
+            if group is None:
+                expected += [((experts, rows, cols), torch.int8), ((experts, rows), torch.float32)]
+            else:
+                expected += [
+                    ((experts, rows, cols // 2), torch.uint8),
+                    ((experts, rows, cols // group), torch.float32),
+                ]
+        for name, tensor, (shape, dtype) in zip(_TENSOR_NAMES, tensors, expected, strict=True):
+            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                return f"{name} is {tensor.dtype} {list(tensor.shape)}, expected {dtype} {list(shape)}"
+            if dtype == torch.float32 and not bool(torch.isfinite(tensor).all()):
+                return f"{name} holds a non-finite scale"
+        return None
 
     def write(self, plan: ExpertLayerPlan, storage: tuple[torch.Tensor, ...]) -> None:
         """Write the layer's quantized storage (atomically: a temporary file renamed over the real name)."""

@@ -110,18 +110,33 @@ def test_a_changed_checkpoint_or_setting_is_quantized_again(tmp_path: Path, chec
     assert report is not None and report.read == 2
 
 
+def _truncate(path: Path) -> str:
+    path.write_bytes(path.read_bytes()[:100])  # a truncated copy, say
+    return f"cannot read {path}"
+
+
+def _nan_scale(path: Path) -> str:
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(path)
+    tensors["gate_up_scale"][0, 0] = float("nan")  # the key still matches: only the check can tell
+    save_file(tensors, path, metadata=metadata)
+    return "gate_up_scale holds a non-finite scale"
+
+
+@pytest.mark.parametrize("damage", [_truncate, _nan_scale], ids=["truncated", "nan-scale"])
 def test_a_damaged_file_warns_and_is_replaced(
-    tmp_path: Path, checkpoint: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+    tmp_path: Path, checkpoint: Path, caplog: pytest.LogCaptureFixture, damage
+) -> None:  # type: ignore[no-untyped-def]
     cache = tmp_path / "cache"
     kt = KTConfig(weight_dtype="int4", group_size=32, quantized_cache=str(cache))
     plain = _storage(load_kt_model(checkpoint, kt))
     damaged = _files(cache)[1]
-    damaged.write_bytes(damaged.read_bytes()[:100])  # a truncated copy, say
+    message = damage(damaged)
 
     with caplog.at_level(logging.WARNING, logger="kt_sft_train.quantized_cache"):
         model = load_kt_model(checkpoint, kt)
-    assert f"cannot read {damaged}" in caplog.text
+    assert message in caplog.text
     report = quantized_cache_report(model)
     assert report is not None and (report.read, report.written, report.replaced) == (1, 1, [damaged.name])
     _assert_same_storage(_storage(model), plain)
