@@ -12,8 +12,17 @@
 // The tier also defines kNtRows (rows of a dot-product block), kPanelBlockRows (rows per panel
 // register block) and kPanelBlockCols (columns per panel register block, a multiple of 32).
 
-template <int MR, int NR>
-inline void nt_block(const bf16* const* a, const bf16* w, int k, float* c, std::int64_t ldc) {
+// W's rows as the NT dot products read them: load(n, q) gives kWidth fp32 values of row n from
+// column q, finish(n, sum) row n's output from its reduced dot product. bf16 weights: exact, as is.
+struct Bf16Rows {
+  const bf16* w;
+  int k;
+  typename Vec::reg load(int n, int q) const { return Vec::load_bf16(w + static_cast<std::int64_t>(n) * k + q); }
+  float finish(int, float sum) const { return sum; }
+};
+
+template <int MR, int NR, class Rows>
+inline void nt_block(const bf16* const* a, const Rows& w, int n0, int k, float* c, std::int64_t ldc) {
   typename Vec::reg acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int n = 0; n < NR; ++n) acc[i][n] = Vec::zero();
@@ -21,24 +30,23 @@ inline void nt_block(const bf16* const* a, const bf16* w, int k, float* c, std::
     typename Vec::reg av[MR];
     for (int i = 0; i < MR; ++i) av[i] = Vec::load_bf16(a[i] + q);
     for (int n = 0; n < NR; ++n) {
-      const typename Vec::reg wv = Vec::load_bf16(w + static_cast<std::int64_t>(n) * k + q);
+      const typename Vec::reg wv = w.load(n0 + n, q);
       for (int i = 0; i < MR; ++i) acc[i][n] = Vec::fma(av[i], wv, acc[i][n]);
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int n = 0; n < NR; ++n) c[i * ldc + n] = Vec::reduce(acc[i][n]);
+    for (int n = 0; n < NR; ++n) c[i * ldc + n] = w.finish(n0 + n, Vec::reduce(acc[i][n]));
 }
 
-template <int MR>
-inline void nt_rows(const bf16* const* a, const bf16* w, int k, int n0, int n1, float* c, std::int64_t ldc) {
+template <int MR, class Rows>
+inline void nt_rows(const bf16* const* a, const Rows& w, int k, int n0, int n1, float* c, std::int64_t ldc) {
   constexpr int NR = 4;  // n0, n1 are multiples of 32
-  for (int n = n0; n < n1; n += NR)
-    nt_block<MR, NR>(a, w + static_cast<std::int64_t>(n) * k, k, c + (n - n0), ldc);
+  for (int n = n0; n < n1; n += NR) nt_block<MR, NR>(a, w, n, k, c + (n - n0), ldc);
 }
 
 // Rows left over after the full blocks (fewer than kNtRows) go through one block of exactly that height.
-template <int MR>
-inline void nt_tail(int rows, const bf16* const* a, const bf16* w, int k, int n0, int n1, float* c,
+template <int MR, class Rows>
+inline void nt_tail(int rows, const bf16* const* a, const Rows& w, int k, int n0, int n1, float* c,
                     std::int64_t ldc) {
   if constexpr (MR > 0) {
     if (rows == MR) nt_rows<MR>(a, w, k, n0, n1, c, ldc);
@@ -46,12 +54,16 @@ inline void nt_tail(int rows, const bf16* const* a, const bf16* w, int k, int n0
   }
 }
 
-inline void simd_gemm_nt_dot(int m, const bf16* const* a, const void* w_packed, int /*rows*/, int k, int n0,
-                             int n1, float* c, std::int64_t ldc) {
-  const bf16* w = static_cast<const bf16*>(w_packed);
+template <class Rows>
+inline void nt_dot(int m, const bf16* const* a, const Rows& w, int k, int n0, int n1, float* c, std::int64_t ldc) {
   int i = 0;
   for (; i + kNtRows <= m; i += kNtRows) nt_rows<kNtRows>(a + i, w, k, n0, n1, c + i * ldc, ldc);
   if (i < m) nt_tail<kNtRows - 1>(m - i, a + i, w, k, n0, n1, c + i * ldc, ldc);
+}
+
+inline void simd_gemm_nt_dot(int m, const bf16* const* a, const void* w_packed, int /*rows*/, int k, int n0,
+                             int n1, float* c, std::int64_t ldc) {
+  nt_dot(m, a, Bf16Rows{static_cast<const bf16*>(w_packed), k}, k, n0, n1, c, ldc);
 }
 
 // The panel: rows [qc, qc + kPanelRows) x columns [jb, jb + kPanelCols) of the right-hand operand

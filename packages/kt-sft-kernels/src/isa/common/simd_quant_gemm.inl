@@ -53,6 +53,22 @@ void simd_quant_gemm_nt(int m, const bf16* const* a, const void* w_packed, int r
   });
 }
 
+// int8 rows for the NT dot products (the tiers whose bf16 NT is simd_gemm_nt_dot): the exact int8
+// values, each row's scale applied once to its sum — (sum a q) * scale, as the amx tier does
+// (ADR 0603), instead of a per-element fp32(q * scale): the load costs what a bf16 load does.
+struct Int8Rows {
+  QuantMatrix<8, 0> w;
+  typename Vec::reg load(int n, int q) const {
+    return Vec::load_i8(reinterpret_cast<const std::int8_t*>(w.values) + static_cast<std::int64_t>(n) * w.cols + q);
+  }
+  float finish(int n, float sum) const { return sum * w.scale(n, 0); }
+};
+
+inline void simd_int8_gemm_nt_dot(int m, const bf16* const* a, const void* w_packed, int rows, int k, int n0, int n1,
+                                  float* c, std::int64_t ldc) {
+  nt_dot(m, a, Int8Rows{QuantMatrix<8, 0>(w_packed, rows, k)}, k, n0, n1, c, ldc);
+}
+
 // NN panel: B[q][j] = W[q][j], rows of W dequantized in place.
 template <int Bits, int Group>
 void simd_quant_gemm_nn(int m, const bf16* const* a, const void* w_packed, int k, int cols, int j0, int j1, float* c,
