@@ -31,7 +31,7 @@ const KernelTable& kernel_table() {
     t.gemm_nt = simd_gemm_nt_dot;
     t.gemm_nn = simd_gemm_nn;
     install_simd_quant(t);
-    t.quant[moe::kQuantInt8].gemm_nt = simd_int8_gemm_nt_dot;  // NT by dot products, like bf16 here
+    t.quant[moe::kQuantInt8].gemm_nt = simd_int8_gemm_nt;  // dot products for small calls, like bf16 here
     t.silu_mul = simd_silu_mul;
     t.silu_mul_bwd = simd_silu_mul_bwd;
     return t;
