@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .config import KTConfig
-from .quantization import effective_group_size, kernel_weights
+from .quantization import effective_group_size, kernel_weights, storage_layout
 from .reference import ExpertGrads, ExpertLoRA
 
 KERNELS_MODULE = "kt_sft_kernels"
@@ -194,20 +194,9 @@ class KernelLayer:
         load_quantized takes (kt_sft_train.quantization), so the two round-trip bit-exactly."""
         if self.weight_dtype == "bf16":
             raise ValueError("quantized_storage needs an int8/int4 layer; a bf16 base is its checkpoint")
-        E, H, inter = self.num_experts, self.hidden, self.intermediate
-        arrays = []
-        for rows, cols in ((2 * inter, H), (H, inter)):
-            if self.weight_dtype == "int8":
-                arrays += [
-                    torch.empty((E, rows, cols), dtype=torch.int8),
-                    torch.empty((E, rows), dtype=torch.float32),
-                ]
-            else:
-                group = self.config.group_size
-                arrays += [
-                    torch.empty((E, rows, cols // 2), dtype=torch.uint8),
-                    torch.empty((E, rows, cols // group), dtype=torch.float32),
-                ]
+        group = self.config.group_size if self.weight_dtype == "int4" else None
+        layout = storage_layout(self.weight_dtype, self.num_experts, self.hidden, self.intermediate, group)
+        arrays = [torch.empty(shape, dtype=dtype) for shape, dtype in layout]
         self._layer.read_quantized(*arrays)
         return arrays[0], arrays[1], arrays[2], arrays[3]
 

@@ -51,6 +51,23 @@ def effective_group_size(group_size: int | None, hidden: int, intermediate: int)
     )
 
 
+def storage_layout(
+    weight_dtype: str, experts: int, hidden: int, intermediate: int, group: int | None
+) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of gate_up_q, gate_up_scale, down_q, down_scale in the kernels' int8 / int4 storage."""
+    layout: list[tuple[tuple[int, ...], torch.dtype]] = []
+    for rows, cols in ((2 * intermediate, hidden), (hidden, intermediate)):
+        if weight_dtype == "int8":
+            layout += [((experts, rows, cols), torch.int8), ((experts, rows), torch.float32)]
+        else:
+            assert group is not None
+            layout += [
+                ((experts, rows, cols // 2), torch.uint8),
+                ((experts, rows, cols // group), torch.float32),
+            ]
+    return layout
+
+
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """Our int4 packing uint8 [..., K/2] -> int8 values [..., K] in [-8, 7]."""
     low = (packed & 0xF).to(torch.int8)

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from ._kernels import kernels_version
 from .config import KTConfig, KTConfigError
-from .quantization import effective_group_size
+from .quantization import effective_group_size, storage_layout
 from .weights import ExpertLayerPlan, ExpertParamPlan, TensorInfo
 
 logger = logging.getLogger(__name__)
@@ -140,17 +140,8 @@ class QuantizedExpertCache:
 
     def _problem(self, plan: ExpertLayerPlan, tensors: tuple[torch.Tensor, ...]) -> str | None:
         """What is wrong with a file's tensors for `plan` (None: nothing), before the kernels see them."""
-        group = self._group(plan)
-        expected = []
-        for rows_cols in (plan.gate_up.shape, plan.down.shape):
-            experts, rows, cols = rows_cols
-            if group is None:
-                expected += [((experts, rows, cols), torch.int8), ((experts, rows), torch.float32)]
-            else:
-                expected += [
-                    ((experts, rows, cols // 2), torch.uint8),
-                    ((experts, rows, cols // group), torch.float32),
-                ]
+        experts, two_i, hidden = plan.gate_up.shape
+        expected = storage_layout(self.kt.weight_dtype, experts, hidden, two_i // 2, self._group(plan))
         for name, tensor, (shape, dtype) in zip(_TENSOR_NAMES, tensors, expected, strict=True):
             if tuple(tensor.shape) != shape or tensor.dtype != dtype:
                 return f"{name} is {tensor.dtype} {list(tensor.shape)}, expected {dtype} {list(shape)}"

@@ -567,10 +567,11 @@ def _fill_param(
     shards: OpenShards,
     block: tuple[int, int],
     quantized_base: bool,
-    out: torch.Tensor | None = None,
+    staging: StagingBuffers,
+    role: str,
 ) -> torch.Tensor:
     dtype = _staging_dtype(plan, quantized_base)
-    out = torch.empty(plan.shape, dtype=dtype) if out is None else out
+    out = staging.take(role, plan.shape, dtype)
     if plan.fused is not None:
         for expert in range(plan.shape[0]):
             out[expert].copy_(read_matrix(shards, plan.fused, plan.fused_scale, block, expert, dtype))
@@ -641,12 +642,9 @@ def read_expert_layer(
             return ExpertLayerWeights(
                 plan.module_name, None, None, (gate_up_q, gate_up_scale, down_q, down_scale)
             )
-        buffers = {}
-        if staging is not None:
-            for role, param in (("gate_up", plan.gate_up), ("down", plan.down)):
-                buffers[role] = staging.take(role, param.shape, _staging_dtype(param, quantized_base))
-        gate_up = _fill_param(plan.gate_up, shards, fp8_block, quantized_base, buffers.get("gate_up"))
-        down = _fill_param(plan.down, shards, fp8_block, quantized_base, buffers.get("down"))
+        staging = StagingBuffers() if staging is None else staging
+        gate_up = _fill_param(plan.gate_up, shards, fp8_block, quantized_base, staging, "gate_up")
+        down = _fill_param(plan.down, shards, fp8_block, quantized_base, staging, "down")
     finally:
         shards.close()
     return ExpertLayerWeights(plan.module_name, gate_up, down)
