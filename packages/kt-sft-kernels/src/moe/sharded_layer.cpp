@@ -214,8 +214,9 @@ struct ShardedLayer::Impl {
   using Round = std::function<void(ShardState&)>;
   // Shards on different nodes: runs rounds[0](shard) on every shard's driver thread at once, then,
   // once every shard has finished it and none failed, rounds[1](shard), and so on (one hand-off per
-  // call: the rounds meet at barriers inside the jobs). Every shard arrives at every barrier, failed or not, so a failure in
-  // any round of one shard never leaves the others waiting; after it no shard starts another round.
+  // call: the rounds meet at barriers inside the jobs). Every shard arrives at every barrier, failed or
+  // not, so a failure in any round of one shard never leaves the others waiting; after it no shard
+  // starts another round.
   // Rethrows the first failure in shard order after all have finished. The caller holds
   // sharded_call_mutex() (the rounds use the shards' shared runtimes).
   void on_shards(const std::vector<Round>& rounds) {
