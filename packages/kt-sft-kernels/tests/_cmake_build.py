@@ -14,6 +14,11 @@ def have_cmake() -> bool:
     return shutil.which("cmake") is not None and shutil.which("g++") is not None
 
 
+def have_simde() -> bool:
+    """The SIMDe headers (libsimde-dev) that emulated builds take their AVX-512 intrinsics from."""
+    return Path("/usr/include/simde/x86/avx512.h").exists()
+
+
 def build_cpp_tests(
     build_dir: Path, targets: list[str], *, emulated: bool
 ) -> subprocess.CompletedProcess[str]:

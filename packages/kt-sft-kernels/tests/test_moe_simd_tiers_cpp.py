@@ -13,9 +13,7 @@ from pathlib import Path
 
 import kt_sft_kernels as kk
 import pytest
-from _cmake_build import build_cpp_tests, have_cmake
-
-SIMDE_HEADER = Path("/usr/include/simde/x86/avx512.h")
+from _cmake_build import build_cpp_tests, have_cmake, have_simde
 
 
 def test_simd_tiers_match_portable_in_cpp(tmp_path: Path) -> None:
@@ -23,7 +21,7 @@ def test_simd_tiers_match_portable_in_cpp(tmp_path: Path) -> None:
         pytest.skip("no cmake or g++")
     if kk.isa_supported("avx512_bf16"):
         emulated = False
-    elif SIMDE_HEADER.exists():
+    elif have_simde():
         emulated = True
     else:
         pytest.skip("no AVX-512 BF16 CPU and no SIMDe headers (apt-get install libsimde-dev)")

@@ -26,11 +26,9 @@
 #ifdef KT_AMX_EMULATE
 #include "../../src/isa/amx/amx_ops.hpp"  // the emulator's prefetch log
 constexpr const char* kMode = "EMULATED AMX/AVX-512";
-constexpr bool kRealAmx = false;  // int8 stays on amx_quant.inl's strip path here
 #else
 #include "kt/runtime/cpu_features.hpp"
 constexpr const char* kMode = "real AMX";
-constexpr bool kRealAmx = true;
 #endif
 
 namespace {
@@ -317,7 +315,7 @@ void report_prefetch_coverage(std::mt19937& rng) {
 }
 #endif
 
-// The int8 entries on real AMX (amx_int8.cpp) against float64 with the exact dequantized weight
+// The int8 entries (amx_int8.cpp) against float64 with the exact dequantized weight
 // fp32(q * scale) (RQ for int8): relative error of each output row <= 1e-4, <= 5e-4 for rows with
 // a value 100x the rest (two activation digits: each value within max|row| / 65024), packed and
 // row entries bitwise equal.
@@ -351,9 +349,9 @@ void check_int8(bool nn, int m, const Rows& a, const std::vector<std::uint8_t>& 
                 worst_outlier);
 }
 
-// Quantized bases (amx_quant.inl): every QuantKind's four entries on random int8/int4 values and
-// scales equal, bitwise, the bf16 entries on the packing of the dequantized matrix (bf16(q * scale)),
-// for several m (both paths), column ranges, NT and NN.
+// Quantized bases: every QuantKind's four entries on random int8/int4 values and scales, for several m
+// (both paths), column ranges, NT and NN. int4 (amx_int4.inl) equals, bitwise, the bf16 entries on the
+// packing of the dequantized matrix (bf16(q * scale)); int8 (amx_int8.cpp) is checked by check_int8.
 void test_quantized(std::mt19937& rng) {
   const struct {
     int kind, bits, group;
@@ -404,7 +402,7 @@ void test_quantized(std::mt19937& rng) {
             g.gemm_nt(m, a.ptr.data(), q.data(), rows, k, o0, o1, got_rows.data(), width);
             g.gemm_nt_packed(m, act.p, q.data(), rows, k, o0, o1, got_packed.data(), width);
           }
-          if (kind.bits == 8 && kRealAmx) {  // amx_int8.cpp: TDPBSSD, two activation digits
+          if (kind.bits == 8) {  // amx_int8.cpp: TDPBSSD, two activation digits
             check_int8(nn, m, a, q, scales, rows, cols, o0, o1, got_rows, got_packed);
             continue;
           }

@@ -35,7 +35,6 @@
 // (exact integers), so results depend neither on the column range of a call nor on threads.
 #include "amx_internal.hpp"
 
-#ifndef KT_AMX_EMULATE  // real instructions only: the emulated C++ test build keeps amx_quant.inl's path
 #include <limits>
 
 #include "kt/moe/quant.hpp"
@@ -436,4 +435,3 @@ void install_amx_int8(KernelTable& t) {
 }
 
 }  // namespace kt::isa_amx
-#endif  // KT_AMX_EMULATE

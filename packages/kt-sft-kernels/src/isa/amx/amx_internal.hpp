@@ -257,7 +257,7 @@ void nt_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int n0
             std::int64_t ldc, bool add = false);                                 // gemm_nt.cpp
 void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int cols, int j0, int j1, float* c,
             std::int64_t ldc, bool add = false);                                 // gemm_nn.cpp
-void install_amx_int8(KernelTable& t);                                          // amx_int8.cpp (real AMX only)
+void install_amx_int8(KernelTable& t);                                          // amx_int8.cpp
 void nt_small(int m, const bf16* const* a, const std::uint8_t* w, int k, int n0, int n1, float* c,
               std::int64_t ldc, bool add = false);                               // small_m.cpp
 void nn_small(int m, const bf16* const* a, const std::uint8_t* w, int k, int cols, int j0, int j1, float* c,

@@ -1,8 +1,10 @@
 // The few AMX and AVX-512 operations the amx tier uses, behind thin inline wrappers, so that the
-// tier's logic (layouts, tiling, tails, the transposed product) can also run where those
-// instructions do not exist: built with -DKT_AMX_EMULATE (local test builds only, never the wheel),
-// the same names come from amx_ops_emulated.hpp, written in portable C++ after the instruction
-// definitions of the Intel SDM.
+// tier's logic (layouts, tiling, tails, the transposed product, the int8 digits) can also run where
+// those instructions do not exist: built with -DKT_AMX_EMULATE (local test builds only, never the
+// wheel), the tile operations, VDPBF16PS and the prefetches come from amx_ops_emulated.hpp, written in
+// portable C++ after the instruction definitions of the Intel SDM, and every other AVX-512 intrinsic
+// of the tier (here and in its sources) from SIMDe (-DKT_SFT_EMULATE_X86_WITH_SIMDE, as for the
+// avx512 tiers' C++ tests).
 //
 // Tiles: tile_*<T> take the tile register number T as a template argument (AMX encodes it in the
 // instruction). The wheel's build uses real instructions through inline asm (GCC's own _tile_*
@@ -11,6 +13,8 @@
 // AVX-512 instruction named beside it (per-128-bit-lane unpacks included: the packing relies on them).
 #pragma once
 #include <cstdint>
+
+#include "../common/x86_intrinsics.hpp"
 
 namespace kt::isa_amx {
 
@@ -24,15 +28,15 @@ struct alignas(64) TileConfig {
 };
 static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads exactly 64 bytes");
 
+struct V {
+  __m512i r;
+};
+
 }  // namespace kt::isa_amx
 
 #ifdef KT_AMX_EMULATE
 #include "amx_ops_emulated.hpp"
 #else
-#include <cstring>
-
-#include "../common/x86_intrinsics.hpp"
-
 namespace kt::isa_amx {
 
 inline constexpr bool kEmulated = false;
@@ -64,19 +68,33 @@ inline void tile_dpbf16ps() {
 }
 
 // tmm[C] += tmm[A] . tmm[B]  (TDPBSSD: int8 x int8 in groups of 4 along the reduction, int32 sums;
-// A rows x 4-byte groups, B groups x columns in VNNI form). Real instructions only (amx_int8.cpp).
+// A rows x 4-byte groups, B groups x columns in VNNI form).
 template <int C, int A, int B>
 inline void tile_dpbssd() {
   __asm__ volatile("{tdpbssd %%tmm%c2, %%tmm%c1, %%tmm%c0|tdpbssd tmm%c0, tmm%c1, tmm%c2}" ::"i"(C), "i"(A), "i"(B));
 }
 
-// ---- 512-bit vectors ----------------------------------------------------------------------------
+// fp32 lanes: acc[j] += a.bf16[2j+1] * b.bf16[2j+1] + a.bf16[2j] * b.bf16[2j]  (VDPBF16PS)
+inline V v_dpbf16(V acc, V a, V b) {
+  return {_mm512_castps_si512(_mm512_dpbf16_ps(_mm512_castsi512_ps(acc.r), reinterpret_cast<__m512bh&>(a.r),
+                                               reinterpret_cast<__m512bh&>(b.r)))};
+}
 
-struct V {
-  __m512i r;
-};
+inline void prefetch_l1(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+inline void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
+inline void note_vector_load(const void*) {}
 
-inline V v_load(const void* p) { return {_mm512_loadu_si512(p)}; }
+}  // namespace kt::isa_amx
+#endif
+
+namespace kt::isa_amx {
+
+// ---- 512-bit vectors (the same in both builds) ----------------------------------------------------
+
+inline V v_load(const void* p) {
+  note_vector_load(p);
+  return {_mm512_loadu_si512(p)};
+}
 inline void v_store(void* p, V a) { _mm512_storeu_si512(p, a.r); }
 inline V v_zero() { return {_mm512_setzero_si512()}; }
 inline V v_set1_u32(std::uint32_t x) { return {_mm512_set1_epi32(static_cast<int>(x))}; }
@@ -91,16 +109,8 @@ inline V v_shuffle128(V a, V b) {  // VSHUFI32X4
   return {_mm512_shuffle_i32x4(a.r, b.r, Imm)};
 }
 inline V v_permute64(V a, V idx) { return {_mm512_permutexvar_epi64(idx.r, a.r)}; }  // VPERMQ
-// fp32 lanes: acc[j] += a.bf16[2j+1] * b.bf16[2j+1] + a.bf16[2j] * b.bf16[2j]  (VDPBF16PS)
-inline V v_dpbf16(V acc, V a, V b) {
-  return {_mm512_castps_si512(_mm512_dpbf16_ps(_mm512_castsi512_ps(acc.r), reinterpret_cast<__m512bh&>(a.r),
-                                               reinterpret_cast<__m512bh&>(b.r)))};
-}
 inline V v_add_f32(V a, V b) {  // VADDPS
   return {_mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(a.r), _mm512_castsi512_ps(b.r)))};
 }
-inline void prefetch_l1(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
-inline void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
 
 }  // namespace kt::isa_amx
-#endif

@@ -1,5 +1,5 @@
-// The amx tier's KernelTable: its packing and GEMM entries (bf16, and quantized bases through
-// amx_quant.inl), the SIMD SwiGLU/LoRA entries shared with avx512.
+// The amx tier's KernelTable: its packing and GEMM entries (bf16, int4 bases through amx_int4.inl,
+// int8 bases through amx_int8.cpp), the SIMD SwiGLU/LoRA entries shared with avx512.
 #include <limits>
 
 #include "amx_internal.hpp"
@@ -7,11 +7,9 @@
 namespace kt::isa_amx {
 
 #include "../common/generic_kernels.inl"
-#ifndef KT_AMX_EMULATE  // the emulated test build keeps the generic SwiGLU (it tests the GEMMs)
 #include "../common/vec_avx512.inl"
 #include "../common/simd_act.inl"
 #include "../common/simd_lora_avx512.inl"
-#endif
 
 Tuning& tuning() {
   static Tuning knobs;
@@ -61,7 +59,7 @@ void gemm_nn_rows(int m, const bf16* const* a, const void* w, int k, int cols, i
   gemm_nn_packed<false>(m, packed, w, k, cols, j0, j1, c, ldc);
 }
 
-#include "amx_quant.inl"
+#include "amx_int4.inl"
 
 }  // namespace
 
@@ -81,15 +79,11 @@ const KernelTable& kernel_table() {
     t.gemm_nn_packed = gemm_nn_packed<false>;
     t.gemm_nt_packed_add = gemm_nt_packed<true>;
     t.gemm_nn_packed_add = gemm_nn_packed<true>;
-    install_amx_quant(t);  // quantized bases: dequantized strips on the same tiles (amx_quant.inl)
-#ifndef KT_AMX_EMULATE
+    install_amx_int4(t);  // int4 bases: dequantized strips on the same tiles (amx_int4.inl)
     install_amx_int8(t);  // int8 bases: TDPBSSD on the int8 weights as stored (amx_int8.cpp)
-#endif
-#ifndef KT_AMX_EMULATE
     t.silu_mul = simd_silu_mul;  // the SIMD tiers' one sigmoid, as in avx512_bf16
     t.silu_mul_bwd = simd_silu_mul_bwd;
     install_simd_lora(t);  // LoRA: simd_lora_avx512.inl
-#endif
     return t;
   }();
   return table;

@@ -1,15 +1,12 @@
-// Quantized bases on AMX tiles (weight-only dequantization): int4, and int8 only in the emulated C++
-// test build (real AMX runs int8 on amx_int8.cpp's TDPBSSD path, ADR 0603; here int8 is still rounded
-// to bf16, unlike RQ for int8 elsewhere). Included at the end of table.cpp's
-// anonymous namespace. Per GEMM call, the call's strip of W -- rows [n0, n1) for NT, columns [j0, j1)
-// for NN -- is dequantized (RQ: bf16(fp32(q * scale)), int4's rule on every tier) straight into this
-// tier's tile layout in a per-thread buffer, which the bf16 kernels above then read as if it were a
-// packed matrix of just that strip. The AMX chains do not depend on the column range of a call, so the
-// result equals the bf16 GEMM on the whole dequantized matrix. The buffer holds one strip (block width x
-// reduction length bf16: 0.5-3.5 MB at DeepSeek-V3 width), never an expert, and is reused by every call
-// of its thread.
+// int4 bases on AMX tiles (weight-only dequantization; int8 bases run on amx_int8.cpp's TDPBSSD path,
+// ADR 0603). Included at the end of table.cpp's anonymous namespace. Per GEMM call, the call's strip
+// of W -- rows [n0, n1) for NT, columns [j0, j1) for NN -- is dequantized (RQ: bf16(fp32(q * scale)))
+// straight into this tier's tile layout in a per-thread buffer, which the bf16 kernels above then read
+// as if it were a packed matrix of just that strip. The AMX chains do not depend on the column range
+// of a call, so the result equals the bf16 GEMM on the whole dequantized matrix. The buffer holds one
+// strip (block width x reduction length bf16: 0.5-3.5 MB at DeepSeek-V3 width), never an expert, and
+// is reused by every call of its thread.
 
-#ifndef KT_AMX_EMULATE
 // The hot loop of this file: one tile row (32 values of one W row, one scale) per call, straight
 // into a register in the stored tile order -- no bf16 staging buffer (a 64-byte reload of two 32-byte
 // stores stalls on store forwarding) and no separate permute.
@@ -34,21 +31,16 @@ inline __m512i tile_row_words() {
 }
 
 // W[r][c .. c + 32) dequantized (RQ), as one tile row in the stored order (c a multiple of 32).
-template <int Bits, int Group>
-inline V dequant_tile_row(const QuantMatrix<Bits, Group>& w, int r, int c, __m512i words, __m512i qwords) {
+template <int Group>
+inline V dequant_tile_row(const QuantMatrix<4, Group>& w, int r, int c, __m512i words, __m512i qwords) {
   const __m512 s = _mm512_set1_ps(w.scale(r, c));
   const std::int64_t i = static_cast<std::int64_t>(r) * w.cols + c;
-  __m128i lo, hi;  // int8 values of columns 0-15 and 16-31
-  if constexpr (Bits == 8) {
-    lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.values + i));
-    hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.values + i + 16));
-  } else {  // byte j = columns 2j (low nibble), 2j + 1; two's complement nibbles
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.values + i / 2));
-    const __m128i mask = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
-    const __m128i even = _mm_and_si128(bytes, mask), odd = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-    lo = _mm_sub_epi8(_mm_xor_si128(_mm_unpacklo_epi8(even, odd), eight), eight);
-    hi = _mm_sub_epi8(_mm_xor_si128(_mm_unpackhi_epi8(even, odd), eight), eight);
-  }
+  // byte j = columns 2j (low nibble), 2j + 1; two's complement nibbles
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.values + i / 2));
+  const __m128i mask = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+  const __m128i even = _mm_and_si128(bytes, mask), odd = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+  const __m128i lo = _mm_sub_epi8(_mm_xor_si128(_mm_unpacklo_epi8(even, odd), eight), eight);  // columns 0-15
+  const __m128i hi = _mm_sub_epi8(_mm_xor_si128(_mm_unpackhi_epi8(even, odd), eight), eight);  // columns 16-31
   const __m512 v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), s);
   const __m512 v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), s);
   // A finite scale of 0 or at least FLT_MIN makes every product 0 or normal (|q| >= 1), and then the
@@ -61,111 +53,82 @@ inline V dequant_tile_row(const QuantMatrix<Bits, Group>& w, int r, int c, __m51
   }
   return {_mm512_permutex2var_epi16(bf16_bits_rne(v0), words, bf16_bits_rne(v1))};
 }
-#else
-// The emulated build (no AVX-512 intrinsics): scalar, then the qword permutation.
-template <int Bits, int Group>
-inline void dequant_block32(const QuantMatrix<Bits, Group>& w, int r, int c, bf16* out) {
-  const float s = w.scale(r, c);
-  const std::int64_t i = static_cast<std::int64_t>(r) * w.cols + c;
-  if constexpr (Bits == 8) {
-    const auto* v = reinterpret_cast<const std::int8_t*>(w.values + i);
-    for (int j = 0; j < 32; ++j) out[j] = f32_to_bf16(static_cast<float>(v[j]) * s);
-  } else {
-    const std::uint8_t* b = w.values + i / 2;
-    for (int j = 0; j < 16; ++j) {
-      out[2 * j] = f32_to_bf16(static_cast<float>(((b[j] & 0xF) ^ 8) - 8) * s);
-      out[2 * j + 1] = f32_to_bf16(static_cast<float>(((b[j] >> 4) ^ 8) - 8) * s);
-    }
-  }
-}
-#endif
 
 // W[r0 .. r0 + rows, c0 .. c0 + cols) dequantized into the tile layout of a [rows, cols] matrix.
 // Row by row: each W row is read once, front to back (tile by tile, the reads hop rows `cols` bytes
 // apart and wait on memory), with the rows a few ahead prefetched; the writes land in the strip,
 // which stays in this core's L2.
-template <int Bits, int Group>
-void dequant_tiles(const QuantMatrix<Bits, Group>& w, int r0, int rows, int c0, int cols, std::uint8_t* dst) {
+template <int Group>
+void dequant_tiles(const QuantMatrix<4, Group>& w, int r0, int rows, int c0, int cols, std::uint8_t* dst) {
   const int tile_cols = cols / 32;
   constexpr int kAhead = 4;  // rows prefetched ahead
-  const std::int64_t row_bytes = static_cast<std::int64_t>(w.cols) * Bits / 8;
-#ifndef KT_AMX_EMULATE
+  const std::int64_t row_bytes = w.cols / 2;
   const __m512i words = tile_row_words(), qwords = weight_qword_order().r;
-#else
-  const V order = weight_qword_order();  // stored qword s = columns 4 kPerm[s] .. + 3 (pack_weights)
-  alignas(64) bf16 block[32];
-#endif
-  constexpr int kTilesPerLine = 64 / (32 * Bits / 8);  // tile rows per 64-byte line of W
+  constexpr int kTilesPerLine = 4;  // tile rows (32 values, 16 bytes) per 64-byte line of W
   for (int r = 0; r < rows; ++r) {
     // One line of the row kAhead below per line consumed here, spread over the row's work (a burst
     // of prefetches stalls on the fill buffers).
-    const std::uint8_t* next = r + kAhead < rows ? w.values + (r0 + r + kAhead) * row_bytes + c0 * Bits / 8 : nullptr;
+    const std::uint8_t* next = r + kAhead < rows ? w.values + (r0 + r + kAhead) * row_bytes + c0 / 2 : nullptr;
     std::uint8_t* row = dst + tile_offset(r / 16, 0, tile_cols) + 64 * (r % 16);
     for (int ct = 0; ct < tile_cols; ++ct) {
       if (next && ct % kTilesPerLine == 0) prefetch_l1(next + ct / kTilesPerLine * 64);
-#ifndef KT_AMX_EMULATE
       v_store(row + ct * std::size_t{kTileBytes}, dequant_tile_row(w, r0 + r, c0 + 32 * ct, words, qwords));
-#else
-      dequant_block32(w, r0 + r, c0 + 32 * ct, block);
-      v_store(row + ct * std::size_t{kTileBytes}, v_permute64(v_load(block), order));
-#endif
     }
   }
 }
 
 thread_local ThreadScratch quant_strip;
 
-template <int Bits, int Group>
+template <int Group>
 const std::uint8_t* nt_strip(const void* w, int rows, int k, int n0, int n1) {
   auto* strip = static_cast<std::uint8_t*>(quant_strip.ensure(static_cast<std::size_t>(n1 - n0) * k * sizeof(bf16)));
-  dequant_tiles(QuantMatrix<Bits, Group>(w, rows, k), n0, n1 - n0, 0, k, strip);
+  dequant_tiles(QuantMatrix<4, Group>(w, rows, k), n0, n1 - n0, 0, k, strip);
   return strip;
 }
 
-template <int Bits, int Group>
+template <int Group>
 const std::uint8_t* nn_strip(const void* w, int k, int cols, int j0, int j1) {
   auto* strip = static_cast<std::uint8_t*>(quant_strip.ensure(static_cast<std::size_t>(j1 - j0) * k * sizeof(bf16)));
-  dequant_tiles(QuantMatrix<Bits, Group>(w, k, cols), 0, k, j0, j1 - j0, strip);
+  dequant_tiles(QuantMatrix<4, Group>(w, k, cols), 0, k, j0, j1 - j0, strip);
   return strip;
 }
 
-template <int Bits, int Group>
+template <int Group>
 void quant_gemm_nt_packed(int m, const void* a, const void* w, int rows, int k, int n0, int n1, float* c,
                           std::int64_t ldc) {
   if (m <= 0 || n1 <= n0) return;
-  gemm_nt_packed<false>(m, a, nt_strip<Bits, Group>(w, rows, k, n0, n1), n1 - n0, k, 0, n1 - n0, c, ldc);
+  gemm_nt_packed<false>(m, a, nt_strip<Group>(w, rows, k, n0, n1), n1 - n0, k, 0, n1 - n0, c, ldc);
 }
 
-template <int Bits, int Group>
+template <int Group>
 void quant_gemm_nn_packed(int m, const void* a, const void* w, int k, int cols, int j0, int j1, float* c,
                           std::int64_t ldc) {
   if (m <= 0 || j1 <= j0) return;
-  gemm_nn_packed<false>(m, a, nn_strip<Bits, Group>(w, k, cols, j0, j1), k, j1 - j0, 0, j1 - j0, c, ldc);
+  gemm_nn_packed<false>(m, a, nn_strip<Group>(w, k, cols, j0, j1), k, j1 - j0, 0, j1 - j0, c, ldc);
 }
 
-template <int Bits, int Group>
+template <int Group>
 void quant_gemm_nt_rows(int m, const bf16* const* a, const void* w, int rows, int k, int n0, int n1, float* c,
                         std::int64_t ldc) {
   if (m <= 0 || n1 <= n0) return;
-  gemm_nt_rows(m, a, nt_strip<Bits, Group>(w, rows, k, n0, n1), n1 - n0, k, 0, n1 - n0, c, ldc);
+  gemm_nt_rows(m, a, nt_strip<Group>(w, rows, k, n0, n1), n1 - n0, k, 0, n1 - n0, c, ldc);
 }
 
-template <int Bits, int Group>
+template <int Group>
 void quant_gemm_nn_rows(int m, const bf16* const* a, const void* w, int k, int cols, int j0, int j1, float* c,
                         std::int64_t ldc) {
   if (m <= 0 || j1 <= j0) return;
-  gemm_nn_rows(m, a, nn_strip<Bits, Group>(w, k, cols, j0, j1), k, j1 - j0, 0, j1 - j0, c, ldc);
+  gemm_nn_rows(m, a, nn_strip<Group>(w, k, cols, j0, j1), k, j1 - j0, 0, j1 - j0, c, ldc);
 }
 
-template <int Bits, int Group>
-constexpr moe::QuantGemms amx_quant() {
-  return {quant_gemm_nt_rows<Bits, Group>, quant_gemm_nn_rows<Bits, Group>, quant_gemm_nt_packed<Bits, Group>,
-          quant_gemm_nn_packed<Bits, Group>};
+template <int Group>
+constexpr moe::QuantGemms amx_int4() {
+  return {quant_gemm_nt_rows<Group>, quant_gemm_nn_rows<Group>, quant_gemm_nt_packed<Group>,
+          quant_gemm_nn_packed<Group>};
 }
 
-void install_amx_quant(KernelTable& t) {
-  t.quant[moe::kQuantInt8] = amx_quant<8, 0>();
-  t.quant[moe::kQuantInt4G32] = amx_quant<4, 32>();
-  t.quant[moe::kQuantInt4G64] = amx_quant<4, 64>();
-  t.quant[moe::kQuantInt4G128] = amx_quant<4, 128>();
+void install_amx_int4(KernelTable& t) {
+  t.quant[moe::kQuantInt4G32] = amx_int4<32>();
+  t.quant[moe::kQuantInt4G64] = amx_int4<64>();
+  t.quant[moe::kQuantInt4G128] = amx_int4<128>();
 }
