@@ -13,7 +13,9 @@ build after build, `--rounds` times, after one warm-up
 each; reports the median and best ms per build and the median of the per-round ratios to the first
 build, in wall time and in process CPU time (robust to other jobs on the machine at 1 thread; at
 more threads it includes the workers' spinning). A tiny layer (E8 H256 I128 k2, T=64) shows the
-per-call overhead. --profile prints each build's stage profile of one more step.
+per-call overhead. --profile prints each build's stage profile of one more step. --json PATH writes
+every cell's medians and ratios, --plot PNG draws the ratios (one bar per build and cell); with several
+--weight-dtype values every cell is run once per dtype.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib.machinery
 import importlib.util
+import json
 import statistics
 import time
 from types import ModuleType
@@ -105,13 +108,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--core", action="append", required=True, help="LABEL=PATH of a _core extension build")
     ap.add_argument("--tier", default="amx")
-    ap.add_argument("--weight-dtype", default="bf16", help="expert base of every build: bf16, int8, int4")
+    ap.add_argument(
+        "--weight-dtype", default="bf16", help="expert base of every build: bf16, int8, int4 (comma list)"
+    )
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b")
     ap.add_argument("--tokens", default="128,512,4096")
     ap.add_argument("--threads", default="2,1")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--tiny-calls", type=int, default=300, help="per-call overhead calls per build (0: skip)")
     ap.add_argument("--profile", action="store_true", help="print each build's stage profile of one step")
+    ap.add_argument("--json", help="write every cell's medians and ratios here")
+    ap.add_argument("--plot", help="draw the per-round median ratios to the first build into this PNG")
     args = ap.parse_args()
     builds = []
     for spec in args.core:
@@ -122,32 +129,77 @@ def main() -> None:
     rng = np.random.default_rng(0)
     if args.tiny_calls:
         tiny_overhead(builds, args, rng)
-    for threads in (int(s) for s in args.threads.split(",")):
-        for t in (int(s) for s in args.tokens.split(",")):
-            d = make_inputs(args.shape, t, 16, rng)
-            wd = args.weight_dtype
-            runners = [(label, Runner(core, args.tier, threads, d, wd)) for label, core in builds]
-            for _, run in runners:
-                run.step()  # warm-up: workspaces, page faults
-            ref = [a.copy() for a in runners[0][1].results()]
-            for label, run in runners[1:]:
-                same = all(
-                    np.array_equal(a.view(np.uint8), b.view(np.uint8))
-                    for a, b in zip(ref, run.results(), strict=True)
-                )
-                print(f"  {label} vs {runners[0][0]}: results {'bitwise equal' if same else 'DIFFER'}")
-            times: dict[str, list[float]] = {label: [] for label, _ in runners}
-            for _, run in runners:
-                run.cpu_s.clear()
-            for _ in range(args.rounds):
-                for label, run in runners:
-                    times[label].append(run.step())
-            report(f"{args.shape} {args.tier} threads={threads} T={t}", times)
-            report("  process CPU time", {label: run.cpu_s for label, run in runners})
-            if args.profile:
-                for label, run in runners:
-                    profile(label, run)
-            del runners, d
+    cells: list[dict] = []
+    for wd in args.weight_dtype.split(","):
+        for threads in (int(s) for s in args.threads.split(",")):
+            for t in (int(s) for s in args.tokens.split(",")):
+                cells.append(run_cell(builds, args, wd, threads, t, rng))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"shape": args.shape, "tier": args.tier, "rounds": args.rounds, "cells": cells}, f, indent=1
+            )
+    if args.plot:
+        plot(
+            cells,
+            [label for label, _ in builds],
+            f"{args.shape}, {args.tier}, {args.rounds} rounds",
+            args.plot,
+        )
+
+
+def run_cell(
+    builds: list, args: argparse.Namespace, wd: str, threads: int, t: int, rng: np.random.Generator
+) -> dict:
+    """One (dtype, threads, T) cell: a layer per build, warm-up, bitwise check, interleaved rounds."""
+    d = make_inputs(args.shape, t, 16, rng)
+    runners = [(label, Runner(core, args.tier, threads, d, wd)) for label, core in builds]
+    for _, run in runners:
+        run.step()  # warm-up: workspaces, page faults
+    ref = [a.copy() for a in runners[0][1].results()]
+    same = {}
+    for label, run in runners[1:]:
+        same[label] = all(
+            np.array_equal(a.view(np.uint8), b.view(np.uint8))
+            for a, b in zip(ref, run.results(), strict=True)
+        )
+        print(f"  {label} vs {runners[0][0]}: results {'bitwise equal' if same[label] else 'DIFFER'}")
+    times: dict[str, list[float]] = {label: [] for label, _ in runners}
+    for _, run in runners:
+        run.cpu_s.clear()
+    for _ in range(args.rounds):
+        for label, run in runners:
+            times[label].append(run.step())
+    title = f"{args.shape} {args.tier} {wd} threads={threads} T={t}"
+    cell = {"weight_dtype": wd, "threads": threads, "tokens": t, "bitwise_equal": same}
+    cell["wall"] = report(title, times)
+    cell["cpu"] = report("  process CPU time", {label: run.cpu_s for label, run in runners})
+    if args.profile:
+        for label, run in runners:
+            profile(label, run)
+    return cell
+
+
+def plot(cells: list[dict], labels: list[str], title: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(cells)), 4))
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        ratios = [cell["wall"][label]["ratio"] for cell in cells]
+        xs = [x + (i - (len(labels) - 1) / 2) * width for x in range(len(cells))]
+        ax.bar(xs, ratios, width, label=label)
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_xticks(range(len(cells)))
+    ax.set_xticklabels([f"{c['weight_dtype']}\nT={c['tokens']}, {c['threads']} thr" for c in cells])
+    ax.set_ylabel(f"fwd+bwd time / {labels[0]}'s (per-round median)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def tiny_overhead(builds: list, args: argparse.Namespace, rng: np.random.Generator) -> None:
@@ -167,19 +219,23 @@ def tiny_overhead(builds: list, args: argparse.Namespace, rng: np.random.Generat
         report("  process CPU time", {label: run.cpu_s for label, run in runners}, unit=1e6, name="us")
 
 
-def report(title: str, times: dict[str, list[float]], unit: float = 1e3, name: str = "ms") -> None:
+def report(title: str, times: dict[str, list[float]], unit: float = 1e3, name: str = "ms") -> dict[str, dict]:
+    """Prints one line; returns per build its median, best (in `name`) and per-round median ratio."""
     labels = list(times)
     base = times[labels[0]]
     parts = []
+    summary = {}
     for label in labels:
         ts = times[label]
+        # The per-round ratio pairs each build's call with the first build's call of the same round.
         ratio = statistics.median(b / a for a, b in zip(base, ts, strict=True))
+        summary[label] = {"median": unit * statistics.median(ts), "best": unit * min(ts), "ratio": ratio}
         parts.append(
             f"{label} median {unit * statistics.median(ts):.1f} best {unit * min(ts):.1f} {name}"
             + ("" if label == labels[0] else f" (x{ratio:.3f} per-round median)")
         )
-        # The per-round ratio pairs each build's call with the first build's call of the same round.
     print(f"{title}: " + " | ".join(parts), flush=True)
+    return summary
 
 
 def profile(label: str, run: Runner) -> None:

@@ -13,16 +13,28 @@ struct Vec {
   static reg load_i8(const std::int8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
-  // 8 two's complement nibbles from 4 bytes (low nibble first), exactly.
-  static reg load_i4(const std::uint8_t* p) {
+  // The 16 dequantized values of one int4 group: nibbles 0..7 (q = 0..7) and 8..15 (q = -8..-1), each
+  // bf16(fp32(q * scale)) (RQ), computed by the same operations as any other product here.
+  struct I4Table {
+    reg low, high;
+  };
+  static I4Table i4_table(float scale) {
+    alignas(32) bf16 rounded[kWidth];
+    const reg s = set1(scale);
+    const reg low = store_bf16(rounded, mul(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), s));
+    return {low, store_bf16(rounded, mul(_mm256_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1), s))};
+  }
+  // 8 nibbles from 4 bytes (low nibble first) looked up in `t`: VPERMPS on the low 3 bits of each
+  // nibble, bit 3 (moved to the sign) picks the table half.
+  static reg load_i4(const I4Table& t, const std::uint8_t* p) {
     std::int32_t word;
     std::memcpy(&word, p, sizeof(word));
     const __m128i bytes = _mm_cvtsi32_si128(word);
     const __m128i mask = _mm_set1_epi8(0x0F);
     const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-    const __m256i v = _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
-    const __m256i eight = _mm256_set1_epi32(8);
-    return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_xor_si256(v, eight), eight));
+    const __m256i idx = _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.low, idx), _mm256_permutevar8x32_ps(t.high, idx),
+                            _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
   }
   // Round to nearest even bf16 exactly like kt::f32_to_bf16 (NaN stays a quiet NaN); returns the
   // rounded values as fp32 and stores their bits.

@@ -135,12 +135,21 @@ inline void panel_gemm(int m, const bf16* const* a, int k, int j0, int j1, float
   }
 }
 
+// NN panels read W row by row, a run of `width` values per row: a line or a few, rows a whole W row
+// apart, a stride the hardware prefetchers follow poorly. The run kNnPrefetchRows rows below is
+// requested before each row is read.
+constexpr int kNnPrefetchRows = 8;
+inline void prefetch_run(const void* p, int bytes) {
+  for (int b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b);
+}
+
 inline void simd_gemm_nn(int m, const bf16* const* a, const void* w_packed, int k, int cols, int j0, int j1,
                          float* c, std::int64_t ldc) {
   const bf16* w = static_cast<const bf16*>(w_packed);
   panel_gemm(m, a, k, j0, j1, c, ldc, [&](int qc, int depth, int jb, int width, float* panel) {
     for (int q = 0; q < depth; ++q) {
       const bf16* src = w + static_cast<std::int64_t>(qc + q) * cols + jb;
+      if (qc + q + kNnPrefetchRows < k) prefetch_run(src + static_cast<std::int64_t>(kNnPrefetchRows) * cols, 2 * width);
       for (int j = 0; j < width; j += Vec::kWidth) Vec::store(panel + q * kPanelCols + j, Vec::load_bf16(src + j));
     }
   });

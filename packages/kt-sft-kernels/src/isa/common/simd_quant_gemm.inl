@@ -1,46 +1,62 @@
 // fp32-FMA products over quantized bases (weight-only dequantization), for the tiers that include
 // simd_f32_gemm.inl (after it, and after generic_kernels.inl for QuantMatrix). The per-call fp32
 // panel of panel_gemm is filled straight from the int8 / int4 values: each panel element is
-// fp32(q * scale) for int8, bf16(fp32(q * scale)) for int4 (RQ), exactly the portable tier's dequantized weight, so the quantized products
-// round where the bf16 ones do plus RQ (docs/kernels.md). The whole expert is never dequantized: a panel is
-// kPanelRows x kPanelCols fp32 (32 KB) on the stack, rebuilt per block and reused by every row block.
-// Vec provides load_i8 / load_i4 (kWidth values, exact) on top of simd_f32_gemm.inl's needs.
+// fp32(q * scale) for int8, bf16(fp32(q * scale)) for int4 (RQ), exactly the portable tier's
+// dequantized weight, so the quantized products round where the bf16 ones do plus RQ
+// (docs/kernels.md). The whole expert is never dequantized: a panel is kPanelRows x kPanelCols fp32
+// (32 KB) on the stack, rebuilt per block and reused by every row block. Vec provides load_i8
+// (kWidth values, exact), and i4_table / load_i4 (an int4 group's 16 possible values, then kWidth
+// nibbles looked up in them) on top of simd_f32_gemm.inl's needs.
 
 template <class V>
 constexpr bool vec_has_transpose = requires(typename V::reg* r) { V::transpose(r); };
 
-// kWidth dequantized values W[r][c .. c + kWidth) (c a multiple of kWidth, so one scale covers them).
+// W[r][c0 .. c0 + n) dequantized (RQ) into out (c0 and n multiples of 32). int4: once per group the
+// 16 values its nibbles can stand for, then a table lookup per value (no per-value product or
+// rounding: the avx2 Qwen3-30B-A3B layer's int4 step was 0.70x bf16's with them).
 template <class V, int Bits, int Group>
-inline typename V::reg quant_load(const QuantMatrix<Bits, Group>& w, int r, int c) {
-  const std::int64_t i = static_cast<std::int64_t>(r) * w.cols + c;
-  typename V::reg q;
-  if constexpr (Bits == 8) q = V::load_i8(reinterpret_cast<const std::int8_t*>(w.values + i));
-  else q = V::load_i4(w.values + i / 2);
-  const typename V::reg product = V::mul(q, V::set1(w.scale(r, c)));
-  if constexpr (Bits == 8) return product;  // RQ for int8: the fp32 product itself
-  alignas(64) bf16 rounded[V::kWidth];      // RQ for int4: store_bf16 returns the rounded values
-  return V::store_bf16(rounded, product);
+inline void quant_row(const QuantMatrix<Bits, Group>& w, int r, int c0, int n, float* out) {
+  const std::int64_t row = static_cast<std::int64_t>(r) * w.cols;
+  if constexpr (Bits == 8) {
+    const typename V::reg s = V::set1(w.scale(r, c0));
+    for (int c = 0; c < n; c += V::kWidth)
+      V::store(out + c, V::mul(V::load_i8(reinterpret_cast<const std::int8_t*>(w.values + row + c0 + c)), s));
+  } else {
+    static_assert(Group > 0, "int4 scales are per group");
+    for (int c = c0; c < c0 + n;) {
+      const int group_end = std::min(c0 + n, (c / Group + 1) * Group);
+      const typename V::I4Table table = V::i4_table(w.scale(r, c));
+      for (; c < group_end; c += V::kWidth) V::store(out + (c - c0), V::load_i4(table, w.values + (row + c) / 2));
+    }
+  }
 }
 
-// NT panel: B[q][n] = W[n][q] for q in [qc, qc + depth), n in [jb, jb + width).
+template <int Bits, int Group>
+inline void prefetch_row_run(const QuantMatrix<Bits, Group>& w, int r, int c0, int n) {
+  prefetch_run(w.values + (static_cast<std::int64_t>(r) * w.cols + c0) * Bits / 8, n * Bits / 8);
+}
+
+// NT panel: B[q][n] = W[n][q] for q in [qc, qc + depth), n in [jb, jb + width): each W row's run of
+// the panel dequantized into `rows`, then transposed into the panel.
 template <class V, int Bits, int Group>
 inline void quant_panel_nt(const QuantMatrix<Bits, Group>& w, int qc, int depth, int jb, int width, float* panel) {
   constexpr int kW = V::kWidth;
+  alignas(64) float rows[kW][kPanelRows];
   if constexpr (vec_has_transpose<V>) {
-    for (int j = 0; j < width; j += kW)
+    for (int j = 0; j < width; j += kW) {
+      for (int x = 0; x < kW; ++x) quant_row<V>(w, jb + j + x, qc, depth, rows[x]);
       for (int q = 0; q < depth; q += kW) {
         typename V::reg r[kW];
-        for (int x = 0; x < kW; ++x) r[x] = quant_load<V>(w, jb + j + x, qc + q);
+        for (int x = 0; x < kW; ++x) r[x] = V::load(rows[x] + q);
         V::transpose(r);
         for (int y = 0; y < kW; ++y) V::store(panel + (q + y) * kPanelCols + j, r[y]);
       }
+    }
   } else {
-    alignas(64) float column[kW];
-    for (int n = 0; n < width; ++n)
-      for (int q = 0; q < depth; q += kW) {
-        V::store(column, quant_load<V>(w, jb + n, qc + q));
-        for (int y = 0; y < kW; ++y) panel[(q + y) * kPanelCols + n] = column[y];
-      }
+    for (int n = 0; n < width; ++n) {
+      quant_row<V>(w, jb + n, qc, depth, rows[0]);
+      for (int q = 0; q < depth; ++q) panel[q * kPanelCols + n] = rows[0][q];
+    }
   }
 }
 
@@ -81,9 +97,10 @@ void simd_quant_gemm_nn(int m, const bf16* const* a, const void* w_packed, int k
                         std::int64_t ldc) {
   const QuantMatrix<Bits, Group> w(w_packed, k, cols);
   panel_gemm(m, a, k, j0, j1, c, ldc, [&](int qc, int depth, int jb, int width, float* panel) {
-    for (int q = 0; q < depth; ++q)
-      for (int j = 0; j < width; j += Vec::kWidth)
-        Vec::store(panel + q * kPanelCols + j, quant_load<Vec>(w, qc + q, jb + j));
+    for (int q = 0; q < depth; ++q) {
+      if (qc + q + kNnPrefetchRows < k) prefetch_row_run(w, qc + q + kNnPrefetchRows, jb, width);  // as simd_gemm_nn
+      quant_row<Vec>(w, qc + q, jb, width, panel + q * kPanelCols);
+    }
   });
 }
 

@@ -15,14 +15,22 @@ struct Vec {
   static reg load_i8(const std::int8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
-  // 16 two's complement nibbles from 8 bytes (low nibble first), exactly.
-  static reg load_i4(const std::uint8_t* p) {
+  // The 16 dequantized values of one int4 group, indexed by nibble (0..7: q = 0..7, 8..15: q = -8..-1),
+  // each bf16(fp32(q * scale)) (RQ), computed by the same operations as any other product here.
+  struct I4Table {
+    reg values;
+  };
+  static I4Table i4_table(float scale) {
+    alignas(64) bf16 rounded[kWidth];
+    const reg q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+    return {store_bf16(rounded, mul(q, set1(scale)))};
+  }
+  // 16 nibbles from 8 bytes (low nibble first) looked up in `t` (one VPERMPS).
+  static reg load_i4(const I4Table& t, const std::uint8_t* p) {
     const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
     const __m128i mask = _mm_set1_epi8(0x0F);
     const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-    const __m512i v = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
-    const __m512i eight = _mm512_set1_epi32(8);
-    return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_xor_si512(v, eight), eight));
+    return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), t.values);
   }
   // Round to nearest even bf16 exactly like kt::f32_to_bf16 (NaN stays a quiet NaN); returns the
   // rounded values as fp32 and stores their bits.
