@@ -122,16 +122,24 @@ inline void tile_store(void* base, std::int64_t stride) {
     std::memcpy(static_cast<std::uint8_t*>(base) + r * stride, f.data[T] + 64 * r, f.cfg.colsb[T]);
 }
 
+namespace emu {
+// The tile file after the checks a tile product (C += A . B, 4-byte groups) faults or misbehaves on.
 template <int C, int A, int B>
-inline void tile_dpbf16ps() {
-  static_assert(C != A && C != B && A != B, "TDPBF16PS needs three distinct tiles");
-  emu::check_tile(C);
-  emu::check_tile(A);
-  emu::check_tile(B);
-  emu::TileFile& f = emu::tiles();
+inline TileFile& product_tiles() {
+  static_assert(C != A && C != B && A != B, "a tile product needs three distinct tiles");
+  for (int t : {C, A, B}) check_tile(t);
+  TileFile& f = tiles();
   const TileConfig& g = f.cfg;
   if (g.rows[C] != g.rows[A] || g.colsb[C] != g.colsb[B] || g.colsb[A] != 4 * g.rows[B])
-    emu::fail("TDPBF16PS operand shapes do not match");
+    fail("tile product operand shapes do not match");
+  return f;
+}
+}  // namespace emu
+
+template <int C, int A, int B>
+inline void tile_dpbf16ps() {
+  emu::TileFile& f = emu::product_tiles<C, A, B>();
+  const TileConfig& g = f.cfg;
   for (int m = 0; m < g.rows[C]; ++m) {
     float row[16];
     std::memcpy(row, f.data[C] + 64 * m, 64);
@@ -150,14 +158,8 @@ inline void tile_dpbf16ps() {
 // tmm[C] += tmm[A] . tmm[B] (TDPBSSD): C int32 [rows x colsb/4], A int8 [rows x 4K], B VNNI [K x colsb].
 template <int C, int A, int B>
 inline void tile_dpbssd() {
-  static_assert(C != A && C != B && A != B, "TDPBSSD needs three distinct tiles");
-  emu::check_tile(C);
-  emu::check_tile(A);
-  emu::check_tile(B);
-  emu::TileFile& f = emu::tiles();
+  emu::TileFile& f = emu::product_tiles<C, A, B>();
   const TileConfig& g = f.cfg;
-  if (g.rows[C] != g.rows[A] || g.colsb[C] != g.colsb[B] || g.colsb[A] != 4 * g.rows[B])
-    emu::fail("TDPBSSD operand shapes do not match");
   for (int m = 0; m < g.rows[C]; ++m) {
     std::uint32_t row[16];  // unsigned: the instruction's int32 sums wrap around
     std::memcpy(row, f.data[C] + 64 * m, 64);

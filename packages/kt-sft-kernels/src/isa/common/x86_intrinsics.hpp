@@ -69,17 +69,7 @@ inline float _mm512_reduce_max_ps(simde__m512 a) {
   for (int i = 1; i < 16; ++i) m = in[i] > m ? in[i] : m;
   return m;
 }
-// VCVTPS2DQ under the default rounding (nearest even); NaN and out-of-range lanes give INT32_MIN.
-inline simde__m512i _mm512_cvtps_epi32(simde__m512 a) {
-  float in[16];
-  std::int32_t out[16];
-  simde_mm512_storeu_ps(in, a);
-  for (int i = 0; i < 16; ++i) {
-    const float r = std::nearbyint(in[i]);
-    out[i] = r >= -0x1p31f && r < 0x1p31f ? static_cast<std::int32_t>(r) : INT32_MIN;
-  }
-  return simde_mm512_loadu_si512(out);
-}
+// VCVTPS2DQ with the rounding mode's low two bits; NaN and out-of-range lanes give INT32_MIN.
 inline simde__m512i _mm512_cvt_roundps_epi32(simde__m512 a, int rounding) {
   float in[16];
   std::int32_t out[16];
@@ -92,6 +82,7 @@ inline simde__m512i _mm512_cvt_roundps_epi32(simde__m512 a, int rounding) {
   }
   return simde_mm512_loadu_si512(out);
 }
+inline simde__m512i _mm512_cvtps_epi32(simde__m512 a) { return _mm512_cvt_roundps_epi32(a, 0); }  // nearest even
 // VCVTNE2PS2BF16: b's 16 lanes, then a's, as bf16 rounded to nearest even; denormal inputs and
 // results flushed to signed zero, NaN kept quiet.
 inline simde__m512bh _mm512_cvtne2ps_pbh(simde__m512 a, simde__m512 b) {
