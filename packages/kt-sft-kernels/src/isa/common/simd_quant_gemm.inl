@@ -12,8 +12,8 @@ template <class V>
 constexpr bool vec_has_transpose = requires(typename V::reg* r) { V::transpose(r); };
 
 // W[r][c0 .. c0 + n) dequantized (RQ) into out (c0 and n multiples of 32). int4: once per group the
-// 16 values its nibbles can stand for, then a table lookup per value (no per-value product or
-// rounding: the avx2 Qwen3-30B-A3B layer's int4 step was 0.70x bf16's with them).
+// 16 values its nibbles can stand for, then a table lookup per value instead of a convert, a product
+// and a bf16 rounding per value (the same bits; docs/benchmarks.md, avx2 A/B of session 8).
 template <class V, int Bits, int Group>
 inline void quant_row(const QuantMatrix<Bits, Group>& w, int r, int c0, int n, float* out) {
   const std::int64_t row = static_cast<std::int64_t>(r) * w.cols;
