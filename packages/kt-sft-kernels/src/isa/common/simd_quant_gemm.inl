@@ -8,9 +8,6 @@
 // (kWidth values, exact), and i4_table / load_i4 (an int4 group's 16 possible values, then kWidth
 // nibbles looked up in them) on top of simd_f32_gemm.inl's needs.
 
-template <class V>
-constexpr bool vec_has_transpose = requires(typename V::reg* r) { V::transpose(r); };
-
 // W[r][c0 .. c0 + n) dequantized (RQ) into out (c0 and n multiples of 32). int4: once per group the
 // 16 values its nibbles can stand for, then a table lookup per value instead of a convert, a product
 // and a bf16 rounding per value (the same bits; docs/benchmarks.md, avx2 A/B of session 8).
@@ -42,20 +39,13 @@ template <class V, int Bits, int Group>
 inline void quant_panel_nt(const QuantMatrix<Bits, Group>& w, int qc, int depth, int jb, int width, float* panel) {
   constexpr int kW = V::kWidth;
   alignas(64) float rows[kW][kPanelRows];
-  if constexpr (vec_has_transpose<V>) {
-    for (int j = 0; j < width; j += kW) {
-      for (int x = 0; x < kW; ++x) quant_row<V>(w, jb + j + x, qc, depth, rows[x]);
-      for (int q = 0; q < depth; q += kW) {
-        typename V::reg r[kW];
-        for (int x = 0; x < kW; ++x) r[x] = V::load(rows[x] + q);
-        V::transpose(r);
-        for (int y = 0; y < kW; ++y) V::store(panel + (q + y) * kPanelCols + j, r[y]);
-      }
-    }
-  } else {
-    for (int n = 0; n < width; ++n) {
-      quant_row<V>(w, jb + n, qc, depth, rows[0]);
-      for (int q = 0; q < depth; ++q) panel[q * kPanelCols + n] = rows[0][q];
+  for (int j = 0; j < width; j += kW) {
+    for (int x = 0; x < kW; ++x) quant_row<V>(w, jb + j + x, qc, depth, rows[x]);
+    for (int q = 0; q < depth; q += kW) {
+      typename V::reg r[kW];
+      for (int x = 0; x < kW; ++x) r[x] = V::load(rows[x] + q);
+      V::transpose(r);
+      for (int y = 0; y < kW; ++y) V::store(panel + (q + y) * kPanelCols + j, r[y]);
     }
   }
 }
