@@ -24,17 +24,19 @@ struct Vec {
     const reg low = store_bf16(rounded, mul(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), s));
     return {low, store_bf16(rounded, mul(_mm256_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1), s))};
   }
-  // 8 nibbles from 4 bytes (low nibble first) looked up in `t`: VPERMPS on the low 3 bits of each
-  // nibble, bit 3 (moved to the sign) picks the table half.
-  static reg load_i4(const I4Table& t, const std::uint8_t* p) {
-    std::int32_t word;
-    std::memcpy(&word, p, sizeof(word));
-    const __m128i bytes = _mm_cvtsi32_si128(word);
+  // 32 nibbles from 16 bytes (low nibble first) looked up in `t`, into out[0 .. 32): VPERMPS on the low
+  // 3 bits of each nibble, bit 3 (moved to the sign) picks the table half.
+  static void load_i4x32(const I4Table& t, const std::uint8_t* p, float* out) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     const __m128i mask = _mm_set1_epi8(0x0F);
     const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-    const __m256i idx = _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
-    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.low, idx), _mm256_permutevar8x32_ps(t.high, idx),
-                            _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+    const __m128i nibbles[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)};  // values 0-15, 16-31
+    for (int v = 0; v < 4; ++v) {
+      const __m128i part = v % 2 ? _mm_srli_si128(nibbles[v / 2], 8) : nibbles[v / 2];
+      const __m256i idx = _mm256_cvtepu8_epi32(part);
+      store(out + 8 * v, _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.low, idx), _mm256_permutevar8x32_ps(t.high, idx),
+                                          _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))));
+    }
   }
   // Round to nearest even bf16 exactly like kt::f32_to_bf16 (NaN stays a quiet NaN); returns the
   // rounded values as fp32 and stores their bits.

@@ -5,7 +5,7 @@
 // dequantized weight, so the quantized products round where the bf16 ones do plus RQ
 // (docs/kernels.md). The whole expert is never dequantized: a panel is kPanelRows x kPanelCols fp32
 // (32 KB) on the stack, rebuilt per block and reused by every row block. Vec provides load_i8
-// (kWidth values, exact), and i4_table / load_i4 (an int4 group's 16 possible values, then kWidth
+// (kWidth values, exact), and i4_table / load_i4x32 (an int4 group's 16 possible values, then 32
 // nibbles looked up in them) on top of simd_f32_gemm.inl's needs.
 
 // W[r][c0 .. c0 + n) dequantized (RQ) into out (c0 and n multiples of 32). int4: once per group the
@@ -23,7 +23,7 @@ inline void quant_row(const QuantMatrix<Bits, Group>& w, int r, int c0, int n, f
     for (int c = c0; c < c0 + n;) {
       const int group_end = std::min(c0 + n, (c / Group + 1) * Group);
       const typename V::I4Table table = V::i4_table(w.scale(r, c));
-      for (; c < group_end; c += V::kWidth) V::store(out + (c - c0), V::load_i4(table, w.values + (row + c) / 2));
+      for (; c < group_end; c += 32) V::load_i4x32(table, w.values + (row + c) / 2, out + (c - c0));
     }
   }
 }

@@ -25,12 +25,13 @@ struct Vec {
     const reg q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
     return {store_bf16(rounded, mul(q, set1(scale)))};
   }
-  // 16 nibbles from 8 bytes (low nibble first) looked up in `t` (one VPERMPS).
-  static reg load_i4(const I4Table& t, const std::uint8_t* p) {
-    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  // 32 nibbles from 16 bytes (low nibble first) looked up in `t` (one VPERMPS per 16), into out[0 .. 32).
+  static void load_i4x32(const I4Table& t, const std::uint8_t* p, float* out) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     const __m128i mask = _mm_set1_epi8(0x0F);
     const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-    return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), t.values);
+    store(out, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), t.values));
+    store(out + 16, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)), t.values));
   }
   // Round to nearest even bf16 exactly like kt::f32_to_bf16 (NaN stays a quiet NaN); returns the
   // rounded values as fp32 and stores their bits.
