@@ -45,6 +45,7 @@ from ._core import (
     set_kernel_variant,
     set_max_isa,
     shard_layout,
+    shards_run_in_turn,
     topology,
 )
 from ._lora_layout import separate_gate_up_lora, split_gate_up_lora_grads
@@ -101,6 +102,7 @@ __all__ = [
     "set_kernel_variant",
     "set_max_isa",
     "shard_layout",
+    "shards_run_in_turn",
     "split_gate_up_lora_grads",
     "topology",
 ]

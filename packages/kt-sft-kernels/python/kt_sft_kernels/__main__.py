@@ -75,7 +75,7 @@ def numa_report() -> list[str]:
         nodes = ",".join(str(n) for n in shard["nodes"])
         cpus = kk.format_cpu_list(sorted(shard["cpus"]))
         lines.append(f"  shard {i}: node {nodes}, {len(shard['cpus'])} threads on cpus {cpus}")
-    if len(shards) > 1 and all(shard["nodes"] == shards[0]["nodes"] for shard in shards):
+    if len(shards) > 1 and kk.shards_run_in_turn():
         lines.append("  one node: a layer's shards run one after another, each on all these cpus (ADR 0701)")
     return lines
 

@@ -151,6 +151,17 @@ def shard_layout(
     use instead of the environment's.
     """
 
+def shards_run_in_turn(
+    shards: int | None = None,
+    numa: str | None = None,
+    root: str | None = None,
+    affinity: Sequence[int] | None = None,
+) -> bool:
+    """
+    Whether the shards of that layout run one after another, each on all their CPUs (all on the same
+    nodes, unless KT_SFT_NUMA_SHARED_DOWN=0), rather than at once on pinned sub-pools (ADR 0701).
+    """
+
 def format_cpu_list(cpus: Sequence[int]) -> str:
     """[0, 1, 2, 5] -> '0-2,5'."""
 

@@ -46,14 +46,20 @@ nb::dict topology_dict(const std::optional<std::string>& root, const std::option
   return d;
 }
 
-nb::list shard_layout_list(std::optional<int> shards, const std::optional<std::string>& numa,
-                           const std::optional<std::string>& root, const std::optional<std::vector<int>>& affinity) {
+std::vector<runtime::Shard> planned_shards(std::optional<int> shards, const std::optional<std::string>& numa,
+                                           const std::optional<std::string>& root,
+                                           const std::optional<std::vector<int>>& affinity) {
   const runtime::Topology t = topology_for(root, affinity);
   const runtime::NumaSetting setting = numa ? runtime::parse_numa_setting(*numa) : runtime::numa_setting_from_env();
   const int count = shards.value_or(runtime::auto_shard_count(t, setting));
   if (count < 1) throw std::invalid_argument("shards must be >= 1, got " + std::to_string(count));
+  return runtime::plan_shards(t, count, setting);
+}
+
+nb::list shard_layout_list(std::optional<int> shards, const std::optional<std::string>& numa,
+                           const std::optional<std::string>& root, const std::optional<std::vector<int>>& affinity) {
   nb::list out;
-  for (const runtime::Shard& s : runtime::plan_shards(t, count, setting)) {
+  for (const runtime::Shard& s : planned_shards(shards, numa, root, affinity)) {
     nb::dict shard;
     shard["nodes"] = s.nodes;
     shard["cpus"] = s.cpus;
@@ -116,6 +122,16 @@ void bind_topology(nb::module_& m) {
         "The shards a layer with numa_shards=shards would use: a list of {nodes, cpus} (one thread per CPU). "
         "shards=None: the count KT_SFT_NUMA asks for ('auto' = one per node). numa: a KT_SFT_NUMA value to use "
         "instead of the environment's.");
+  m.def(
+      "shards_run_in_turn",
+      [](std::optional<int> shards, const std::optional<std::string>& numa, const std::optional<std::string>& root,
+         const std::optional<std::vector<int>>& affinity) {
+        return runtime::shards_run_in_turn(planned_shards(shards, numa, root, affinity));
+      },
+      nb::arg("shards").none() = nb::none(), nb::arg("numa").none() = nb::none(), nb::arg("root").none() = nb::none(),
+      nb::arg("affinity").none() = nb::none(),
+      "Whether the shards of that layout run one after another, each on all their CPUs (all on the same nodes, "
+      "unless KT_SFT_NUMA_SHARED_DOWN=0), rather than at once on pinned sub-pools (ADR 0701).");
   m.def("format_cpu_list", &runtime::format_cpu_list, nb::arg("cpus"), "[0, 1, 2, 5] -> '0-2,5'.");
 
 }

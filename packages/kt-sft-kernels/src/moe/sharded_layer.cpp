@@ -220,12 +220,9 @@ struct ShardedLayer::Impl {
   // Rethrows the first failure in shard order after all have finished. The caller holds
   // sharded_call_mutex() (the rounds use the shards' shared runtimes).
   void on_shards(const std::vector<Round>& rounds) {
-    if (shared_down) {
-      one_after_another(rounds);
-      return;
-    }
     const int first_round = rounds.size() == 3 ? 0 : 1;  // round 0 only where there is one
     const auto fault = injected_fault();
+    if (shared_down) return one_after_another(rounds, first_round, fault);
     const auto n = static_cast<std::ptrdiff_t>(shards.size());
     std::barrier<> meet(n);
     std::atomic<bool> failed{false};
@@ -278,9 +275,7 @@ struct ShardedLayer::Impl {
   // pool spans all the layout's cores (the constructor), so each phase keeps every core busy and no
   // shard waits for another. Memory placement does not matter on one node. Same tasks and sums as
   // at once (on_shards), hence the same bits. The first failure ends the call.
-  void one_after_another(const std::vector<Round>& rounds) {
-    const int first_round = rounds.size() == 3 ? 0 : 1;
-    const auto fault = injected_fault();
+  void one_after_another(const std::vector<Round>& rounds, int first_round, std::pair<int, int> fault) {
     const auto job = shards.front()->rt->driver.submit([&] {
       for (std::size_t k = 0; k < rounds.size(); ++k)
         for (auto& shard : shards) run_round(rounds[k], first_round + static_cast<int>(k), *shard, fault);
@@ -327,10 +322,7 @@ ShardedLayer::ShardedLayer(const MoEConfig& config) : impl_(std::make_unique<Imp
   const int block = config.weight_dtype == WeightDType::int4 ? std::max(32, config.group_size) : 32;
   const auto slices = shard_slices(config.intermediate, n, block);
   auto places = runtime::plan_shards(runtime::system_topology(), n, runtime::numa_setting_from_env());
-  const char* env = std::getenv("KT_SFT_NUMA_SHARED_DOWN");
-  impl_->shared_down = !(env && std::string(env) == "0");
-  for (const runtime::Shard& place : places)
-    if (place.nodes != places.front().nodes) impl_->shared_down = false;
+  impl_->shared_down = runtime::shards_run_in_turn(places);
   if (impl_->shared_down) {  // one node: the shards run one after another, each on all of its cores
     std::vector<int> all;
     for (const runtime::Shard& place : places) all.insert(all.end(), place.cpus.begin(), place.cpus.end());

@@ -412,4 +412,12 @@ std::vector<Shard> plan_shards(const Topology& topology, int shards, const NumaS
   return out;
 }
 
+bool shards_run_in_turn(const std::vector<Shard>& shards) {
+  const char* env = std::getenv("KT_SFT_NUMA_SHARED_DOWN");
+  if (env && std::string(env) == "0") return false;
+  for (const Shard& s : shards)
+    if (s.nodes != shards.front().nodes) return false;
+  return true;
+}
+
 }  // namespace kt::runtime

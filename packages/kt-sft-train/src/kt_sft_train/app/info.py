@@ -152,9 +152,15 @@ def numa_layout(kk: Any) -> dict[str, Any]:
     setting = os.environ.get("KT_SFT_NUMA") or "auto"
     try:
         shards: list[dict[str, Any]] | str = kk.shard_layout()
+        in_turn = kk.shards_run_in_turn()
     except ValueError as error:  # a bad KT_SFT_NUMA: shown, not raised
-        shards = str(error)
-    return {"topology": kk.topology(), "numa_setting": setting, "shard_layout": shards}
+        shards, in_turn = str(error), False
+    return {
+        "topology": kk.topology(),
+        "numa_setting": setting,
+        "shard_layout": shards,
+        "shards_run_in_turn": in_turn,
+    }
 
 
 def gather(model: str | None = None) -> dict[str, Any]:
@@ -238,7 +244,7 @@ def _render_numa(kernels: dict[str, Any]) -> list[str]:
         on = ",".join(str(n) for n in shard["nodes"])
         cpus = _cpu_list(shard["cpus"])
         lines.append(f"               shard {i}: node {on}, {len(shard['cpus'])} threads on cpus {cpus}")
-    if len(shards) > 1 and all(shard["nodes"] == shards[0]["nodes"] for shard in shards):
+    if len(shards) > 1 and kernels["shards_run_in_turn"]:
         lines.append(
             "               one node: a layer's shards run one after another, each on all these cpus"
         )
