@@ -7,7 +7,8 @@
 #               run first automatically by every stage that needs it
 #   runtime     runtime/binding probes + suites under three process setups (the device-run-1 segfault hunt)
 #   kernels     the kernel pytest suite, which sweeps every tier this CPU runs
-#   amx-cpp     CMake's C++ tests with the real instructions: amx_kernels_test, then amx_selftest (GEMM rates)
+#   amx-cpp     CMake's C++ tests with the real instructions: amx_kernels_test
+#   amx-rates   amx_selftest (the tier's GEMM rates)
 #   simd-cpp    simd_tiers_test (every SIMD tier's table entry vs portable, real instructions)
 #   layer       one Qwen3-30B-A3B MoE layer fwd+bwd at avx512_bf16 and amx (ci/device/layer_timing.py)
 #   microbench  benchmarks/cpp/gemm_microbench (per-call GEMM rates, avx512 tier)
@@ -71,7 +72,12 @@ step() {  # step NAME LIMIT COMMAND...: COMMAND under a time limit, output in $w
   tail -n 30 "$work/$name.log"
   if [ "$rc" -ne 0 ]; then failed=1; fi
   echo "$name: exit $rc in $((SECONDS - start)) s" | tee -a "$summary"
+  save
   return "$rc"
+}
+
+save() {  # everything so far to $OUT, after every step: a call cut off at its limit still returns it
+  mkdir -p "$OUT" && tar -C "$work" -czf "$OUT/device.tar.gz" . && cp "$summary" "$OUT/summary.txt"
 }
 
 built=0
@@ -226,10 +232,9 @@ while [ $# -gt 0 ]; do
     runtime) ensure_built && step runtime 1500 runtime_probes ;;
     kernels) ensure_built && step kernels 600 "$PYTHON" -m pytest -q -rA -p no:cacheprovider "$kernels_pkg/tests"
       tail -n 3 "$work/kernels.log" >>"$summary" ;;
-    amx-cpp)
-      ensure_cpp_built && step amx_kernels_test 120 "$work/cpp/amx_kernels_test" &&
-        step amx_selftest 240 "$work/cpp/amx_selftest" --out "$work/amx_selftest"
+    amx-cpp) ensure_cpp_built && step amx_kernels_test 120 "$work/cpp/amx_kernels_test"
       grep -h "checks," "$work/amx_kernels_test.log" >>"$summary" 2>/dev/null ;;
+    amx-rates) ensure_cpp_built && step amx_selftest 240 "$work/cpp/amx_selftest" --out "$work/amx_selftest" ;;
     simd-cpp) ensure_cpp_built && step simd_tiers_test 120 "$work/cpp/simd_tiers_test"
       tail -n 1 "$work/simd_tiers_test.log" >>"$summary" ;;
     layer) ensure_built && step layer 240 "$PYTHON" ci/device/layer_timing.py
@@ -285,6 +290,6 @@ while [ $# -gt 0 ]; do
     *) echo "unknown stage $stage (run without arguments for the list)" >&2; exit 2 ;;
   esac
 done
-mkdir -p "$OUT" && tar -C "$work" -czf "$OUT/device.tar.gz" . && cp "$summary" "$OUT/summary.txt"
+save
 echo "===== summary"; cat "$summary"
 exit "$failed"
