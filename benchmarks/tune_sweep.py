@@ -46,11 +46,6 @@ SETTINGS: dict[str, dict[str, object]] = {
     "far16": {"int8_strip_far_groups": 16},
     "far32": {"int8_strip_far_groups": 32},
     "far64": {"int8_strip_far_groups": 64},
-    # int8 NN: the strip rearranged all before the products (0), or chunk by chunk during them
-    "nn_upfront": {"int8_nn_overlap_steps": 0},
-    "nn_ov4": {"int8_nn_overlap_steps": 4},
-    "nn_ov8": {"int8_nn_overlap_steps": 8},
-    "nn_ov16": {"int8_nn_overlap_steps": 16},
     # int8 NT: the next W pair (32 rows), pairs ahead / order / all at once / level
     "nt2": {"int8_nt_prefetch_pairs": 2},
     "nt_addr": {"int8_nt_prefetch_in_address_order": True},

@@ -37,7 +37,6 @@ KNOB_VALUES: dict[str, list[object]] = {
     "int8_strip_prefetch_groups": [0, 1, 16],
     "int8_strip_prefetch_l2": [False],
     "int8_strip_far_groups": [1, 32, 64],
-    "int8_nn_overlap_steps": [0, 1, 3, 64],
     "int8_nt_prefetch_pairs": [0, 2, 5],
     "int8_nt_prefetch_l2": [False],
     "int8_nt_prefetch_in_address_order": [True],

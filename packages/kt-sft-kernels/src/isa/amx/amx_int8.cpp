@@ -25,8 +25,7 @@
 //  * NN: the tile is the A operand: row t holds token t's 64 bytes. The B operand needs 4 rows of W
 //    interleaved byte by byte (VNNI); per call the call's column strip of W is rearranged once into
 //    that form (4 x 32-byte loads per two tile rows, one VPERMT2D and one VPSHUFB per 64-byte tile
-//    row) in a per-thread buffer, by default chunk by chunk while the previous chunk's products run
-//    (nn_int8).
+//    row) in a per-thread buffer.
 //
 // ---- Blocking ---------------------------------------------------------------------------------------
 // Tiles 0..3 accumulate (2 output tiles) x (hi, lo); 4..7 are the operands. NT: a pair of W tile rows
@@ -272,176 +271,121 @@ void nt_int8(int m, const std::uint8_t* act, const void* wq, int rows, int k, in
 
 thread_local ThreadScratch vnni_strip;
 
-// Rearranges W [k, cols], columns [j0, j1), into TDPBSSD B tiles (VNNI), 4 rows (a group) at a time:
-// group g (rows 4g .. 4g + 3) is row g % 16 of step g / 16's tile of each 16-column tile jt, whose
-// bytes 4j .. 4j + 3 are W[4g + i][j0 + 16 jt + j], i = 0..3 (zeros from row k on). Rows are read 32
-// columns (two tiles) per step of the inner loop; each group's lines are prefetched ahead of it.
-class VnniStripBuilder {
- public:
-  VnniStripBuilder(const std::uint8_t* w, int k, int cols, int j0, int j1)
-      : w_(w), k_(k), cols_(cols), j0_(j0), width_(j1 - j0), knobs_(tuning()) {
-    // lo01 = (row 0 | row 1) and lo23 = (row 2 | row 3), 32 columns each half. VPERMT2D gathers, for
-    // each 128-bit lane L of an output tile row, dword L (columns 4L .. 4L + 3) of rows 0..3; VPSHUFB
-    // then turns each lane's 4 x 4 bytes (row-major) into column-major: byte 4j + i = row i, column j.
-    alignas(64) std::int32_t first[16], second[16];
-    alignas(64) std::uint8_t bytes[64];
-    for (int L = 0; L < 4; ++L)
-      for (int i = 0; i < 4; ++i) {
-        const int base = (i >= 2 ? 16 : 0) + (i % 2) * 8;  // row i's 32 columns start at this dword
-        first[4 * L + i] = base + L;                         // columns 0..15
-        second[4 * L + i] = base + 4 + L;                    // columns 16..31
-        for (int j = 0; j < 4; ++j) bytes[16 * L + 4 * j + i] = static_cast<std::uint8_t>(4 * i + j);
-      }
-    idx0_ = _mm512_load_si512(first);
-    idx1_ = _mm512_load_si512(second);
-    within_ = _mm512_load_si512(bytes);
-    // Prefetched by default 4 groups ahead into L2 (Tuning: distance, level, an extra L2 prefetch
-    // further ahead, the first groups at entry).
-    near_ = knobs_.prefetch ? std::max(0, knobs_.int8_strip_prefetch_groups) : 0;
-    far_ = knobs_.prefetch ? std::max(0, knobs_.int8_strip_far_groups) : 0;
-    if (knobs_.prefetch && knobs_.weight_prefetch_first)
-      for (int g = 0; g < near_; ++g) prefetch_group(g, knobs_.int8_strip_prefetch_l2);
-  }
-
-  // Groups [g0, g1) into tiles whose step s starts at dst + (s - first_step) * 1 KB, column tile jt
-  // at + jt * tile_stride.
-  void groups(int g0, int g1, std::uint8_t* dst, int first_step, std::size_t tile_stride) const {
-    for (int g = g0; g < g1; ++g) {
-      std::uint8_t* row = dst + static_cast<std::size_t>(g / 16 - first_step) * kTileBytes + 64 * (g % 16);
-      if (4 * g >= k_) {
-        for (int jt = 0; jt < width_ / 16; ++jt) _mm512_store_si512(row + jt * tile_stride, _mm512_setzero_si512());
-        continue;
-      }
-      if (near_) prefetch_group(g + near_, knobs_.int8_strip_prefetch_l2);
-      if (far_) prefetch_group(g + far_, true);
-      const std::uint8_t* r0 = w_ + static_cast<std::size_t>(4 * g) * cols_ + j0_;
-      for (int jt = 0; jt < width_ / 16; jt += 2) {
-        const std::uint8_t* src = r0 + 16 * jt;
-        const auto load = [&](int i) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * cols_)); };
-        const __m512i r01 = _mm512_inserti64x4(_mm512_castsi256_si512(load(0)), load(1), 1);
-        const __m512i r23 = _mm512_inserti64x4(_mm512_castsi256_si512(load(2)), load(3), 1);
-        _mm512_store_si512(row + jt * tile_stride,
-                           _mm512_shuffle_epi8(_mm512_permutex2var_epi32(r01, idx0_, r23), within_));
-        _mm512_store_si512(row + (jt + 1) * tile_stride,
-                           _mm512_shuffle_epi8(_mm512_permutex2var_epi32(r01, idx1_, r23), within_));
-      }
+// W [k, cols], columns [j0, j1) -> per 16-column tile jt, per step ks, the B tile (VNNI):
+// row p, bytes 4j .. 4j + 3 = W[64 ks + 4p + i][j0 + 16 jt + j], i = 0..3 (zeros from row k on).
+// Rows are read front to back, 4 at a time, 32 columns (two tiles) per step of the inner loop.
+const std::uint8_t* build_vnni_strip(const std::uint8_t* w, int k, int cols, int j0, int j1) {
+  const int steps = steps_of(k), col_tiles = (j1 - j0) / 16;
+  const std::size_t tile_stride = static_cast<std::size_t>(steps) * kTileBytes;  // one column tile's B tiles
+  auto* strip = static_cast<std::uint8_t*>(vnni_strip.ensure(static_cast<std::size_t>(col_tiles) * tile_stride));
+  // lo01 = (row 0 | row 1) and lo23 = (row 2 | row 3), 32 columns each half. VPERMT2D gathers, for
+  // each 128-bit lane L of an output tile row, dword L (columns 4L .. 4L + 3) of rows 0..3; VPSHUFB
+  // then turns each lane's 4 x 4 bytes (row-major) into column-major: byte 4j + i = row i, column j.
+  alignas(64) std::int32_t first[16], second[16];
+  alignas(64) std::uint8_t bytes[64];
+  for (int L = 0; L < 4; ++L)
+    for (int i = 0; i < 4; ++i) {
+      const int base = (i >= 2 ? 16 : 0) + (i % 2) * 8;  // row i's 32 columns start at this dword
+      first[4 * L + i] = base + L;                         // columns 0..15
+      second[4 * L + i] = base + 4 + L;                    // columns 16..31
+      for (int j = 0; j < 4; ++j) bytes[16 * L + 4 * j + i] = static_cast<std::uint8_t>(4 * i + j);
     }
-  }
-
- private:
-  void prefetch_group(int g, bool to_l2) const {
-    if (4 * g >= k_) return;
+  const __m512i idx0 = _mm512_load_si512(first), idx1 = _mm512_load_si512(second), within = _mm512_load_si512(bytes);
+  // Row group g's lines of the strip (4 rows x the strip's width), prefetched by default 4 groups
+  // ahead into L1 (Tuning: distance, level, an extra L2 prefetch further ahead, the first groups).
+  const Tuning& knobs = tuning();
+  const int near = knobs.prefetch ? std::max(0, knobs.int8_strip_prefetch_groups) : 0;
+  const int far = knobs.prefetch ? std::max(0, knobs.int8_strip_far_groups) : 0;
+  const auto prefetch_group = [&](int g, bool to_l2) {
+    if (4 * g >= k) return;
     for (int i = 0; i < 4; ++i)
-      for (int b = 0; b < width_; b += 64) {
-        const std::uint8_t* line = w_ + static_cast<std::size_t>(4 * g + i) * cols_ + j0_ + b;
+      for (int b = 0; b < j1 - j0; b += 64) {
+        const std::uint8_t* line = w + static_cast<std::size_t>(4 * g + i) * cols + j0 + b;
         to_l2 ? prefetch_l2(line) : prefetch_l1(line);
       }
+  };
+  if (knobs.prefetch && knobs.weight_prefetch_first)
+    for (int g = 0; g < near; ++g) prefetch_group(g, knobs.int8_strip_prefetch_l2);
+  for (int g = 0; g < steps * 16; ++g) {
+    const int ks = g / 16, p = g % 16;
+    std::uint8_t* dst = strip + static_cast<std::size_t>(ks) * kTileBytes + 64 * p;
+    if (4 * g >= k) {
+      for (int jt = 0; jt < col_tiles; ++jt) _mm512_store_si512(dst + jt * tile_stride, _mm512_setzero_si512());
+      continue;
+    }
+    const std::uint8_t* r0 = w + static_cast<std::size_t>(4 * g) * cols + j0;
+    if (near) prefetch_group(g + near, knobs.int8_strip_prefetch_l2);
+    if (far) prefetch_group(g + far, true);
+    for (int jt = 0; jt < col_tiles; jt += 2) {
+      const std::uint8_t* src = r0 + 16 * jt;
+      const auto row = [&](int i) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * cols)); };
+      const __m512i r01 = _mm512_inserti64x4(_mm512_castsi256_si512(row(0)), row(1), 1);
+      const __m512i r23 = _mm512_inserti64x4(_mm512_castsi256_si512(row(2)), row(3), 1);
+      _mm512_store_si512(dst + jt * tile_stride,
+                         _mm512_shuffle_epi8(_mm512_permutex2var_epi32(r01, idx0, r23), within));
+      _mm512_store_si512(dst + (jt + 1) * tile_stride,
+                         _mm512_shuffle_epi8(_mm512_permutex2var_epi32(r01, idx1, r23), within));
+    }
   }
-
-  const std::uint8_t* w_;
-  int k_, cols_, j0_, width_;
-  const Tuning& knobs_;
-  int near_ = 0, far_ = 0;
-  __m512i idx0_, idx1_, within_;
-};
-
-// Accumulators of one m-tile and column pair (tiles 0-3) -> c: hi + lo / 256, times the row scales.
-inline void nn_store_output(std::int32_t (*acc)[256], const float* act_scale, int m, int mt, float* c,
-                            std::int64_t ldc) {
-  tile_store<0>(acc[0], 64);
-  tile_store<1>(acc[1], 64);
-  tile_store<2>(acc[2], 64);
-  tile_store<3>(acc[3], 64);
-  const int valid = std::min(16, m - 16 * mt);
-  for (int t = 0; t < valid; ++t) {
-    const int row = 16 * mt + t;
-    const __m512 s = _mm512_set1_ps(act_scale[row]);
-    for (int half = 0; half < 2; ++half)
-      _mm512_storeu_ps(c + row * ldc + 16 * half,
-                       _mm512_mul_ps(combine_digits(acc[2 * half] + 16 * t, acc[2 * half + 1] + 16 * t), s));
-  }
+  return strip;
 }
 
-// The reduction runs in chunks; the accumulators of an (m-tile, column pair) wait in a per-thread
-// spill buffer between its chunks (exact int32: the chunking cannot change a result). Two ways to
-// get the B tiles:
-//  * up front (Tuning::int8_nn_overlap_steps = 0): the call's whole strip is rearranged first, then
-//    per column pair the chunks and m-tiles run; with more than 2 m-tiles in chunks of kNtChunk (the
-//    chunk's B tiles, 16 KB, stay in L1 for every m-tile), else in one chunk.
-//  * overlapped (int8_nn_overlap_steps = chunk > 0): chunks outermost; only chunk 0 is rearranged
-//    first, chunk c + 1 into the other half of a double buffer a few groups after each product step
-//    of chunk c, so the weight stream and the vector work run while the tile products are in flight.
 void nn_int8(int m, const std::uint8_t* act, const void* wq, int k, int cols, int j0, int j1, float* c,
              std::int64_t ldc) {
-  const int steps = steps_of(k), m_tiles = (m + 15) / 16, col_tiles = (j1 - j0) / 16, pairs = col_tiles / 2;
-  const int overlap = std::min(steps, std::max(0, tuning().int8_nn_overlap_steps));
-  const int chunk = overlap ? overlap : m_tiles > 2 ? kNtChunk : steps;
-  const int chunks = (steps + chunk - 1) / chunk;
-  const VnniStripBuilder build(static_cast<const std::uint8_t*>(wq), k, cols, j0, j1);
-  // One column tile's B tiles: every step (up front), or one chunk's steps (each buffer half).
-  const std::size_t tile_stride = static_cast<std::size_t>(overlap ? chunk : steps) * kTileBytes;
-  const std::size_t half_bytes = static_cast<std::size_t>(col_tiles) * tile_stride;
-  auto* strip = static_cast<std::uint8_t*>(vnni_strip.ensure((overlap ? 2 : 1) * half_bytes));
-  build.groups(0, (overlap ? chunk : steps) * 16, strip, 0, tile_stride);
+  const std::uint8_t* strip = build_vnni_strip(static_cast<const std::uint8_t*>(wq), k, cols, j0, j1);
   const TileSession session;
   const auto* act_scale = reinterpret_cast<const float*>(act);
   const std::uint8_t* tiles = act + scale_bytes(m);
-  const int spills = overlap ? pairs * m_tiles : m_tiles;  // accumulators waiting between chunks
+  const int steps = steps_of(k), m_tiles = (m + 15) / 16;
+  const std::size_t tile_stride = static_cast<std::size_t>(steps) * kTileBytes;  // one 16-column B tile row
+  // As in nt_int8: with more than 2 m-tiles the reduction runs in chunks, the chunk's B tiles (16 KB)
+  // staying in L1 for every m-tile, the accumulators spilled between chunks (exact int32).
+  const int chunk = m_tiles > 2 ? kNtChunk : steps;
   auto* spill = static_cast<std::uint8_t*>(
-      chunks > 1 ? nt_spill.ensure(static_cast<std::size_t>(spills) * 4 * kTileBytes) : nullptr);
-  // Overlapped: chunk ch + 1's groups are built in proportion to chunk ch's product steps done.
-  long done = 0, products = 0;
-  int built = 0, next_end = 0;
+      chunk < steps ? nt_spill.ensure(static_cast<std::size_t>(m_tiles) * 4 * kTileBytes) : nullptr);
   alignas(64) std::int32_t acc[4][256];
-  const auto run = [&](int ch, int jp) {  // chunk ch of column pair jp, every m-tile
-    const int k0 = ch * chunk, k1 = std::min(steps, k0 + chunk);
-    const std::uint8_t* b0 = strip + (overlap ? (ch & 1) * half_bytes : 0) + static_cast<std::size_t>(2 * jp) * tile_stride;
+  for (int j = j0; j < j1; j += 32) {
+    const std::uint8_t* b0 = strip + static_cast<std::size_t>((j - j0) / 16) * tile_stride;
     const std::uint8_t* b1 = b0 + tile_stride;
-    const int first_step = overlap ? k0 : 0;  // the step at the start of each column tile's run
-    std::uint8_t* next = overlap && built < next_end ? strip + ((ch + 1) & 1) * half_bytes : nullptr;
-    for (int mt = 0; mt < m_tiles; ++mt) {
-      const std::uint8_t* a = tiles + static_cast<std::size_t>(mt) * m_tile_bytes(k);
-      std::uint8_t* sp =
-          spill ? spill + static_cast<std::size_t>(overlap ? jp * m_tiles + mt : mt) * 4 * kTileBytes : nullptr;
-      start_accumulators(ch == 0 ? nullptr : sp);
-      for (int ks = k0; ks < k1; ++ks) {
-        const std::uint8_t* ak = a + static_cast<std::size_t>(ks) * 2 * kTileBytes;
-        const std::size_t off = static_cast<std::size_t>(ks - first_step) * kTileBytes;
-        tile_load<4>(ak, 64);
-        tile_load<6>(b0 + off, 64);
-        tile_dpbssd<0, 4, 6>();
-        tile_load<5>(ak + kTileBytes, 64);
-        tile_dpbssd<1, 5, 6>();
-        tile_load<7>(b1 + off, 64);
-        tile_dpbssd<2, 4, 7>();
-        tile_dpbssd<3, 5, 7>();
-        if (next) {  // while the products above are in flight
-          const int next_begin = k1 * 16;
-          const int upto = next_begin + static_cast<int>((next_end - next_begin) * ++done / products);
-          build.groups(built, upto, next, k1, tile_stride);
-          built = upto;
+    for (int k0 = 0; k0 < steps; k0 += chunk) {
+      const int k1 = std::min(steps, k0 + chunk);
+      for (int mt = 0; mt < m_tiles; ++mt) {
+        const std::uint8_t* a = tiles + static_cast<std::size_t>(mt) * m_tile_bytes(k);
+        std::uint8_t* sp = spill ? spill + static_cast<std::size_t>(mt) * 4 * kTileBytes : nullptr;
+        start_accumulators(k0 == 0 ? nullptr : sp);
+        for (int ks = k0; ks < k1; ++ks) {
+          const std::uint8_t* ak = a + static_cast<std::size_t>(ks) * 2 * kTileBytes;
+          const std::size_t off = static_cast<std::size_t>(ks) * kTileBytes;
+          tile_load<4>(ak, 64);
+          tile_load<6>(b0 + off, 64);
+          tile_dpbssd<0, 4, 6>();
+          tile_load<5>(ak + kTileBytes, 64);
+          tile_dpbssd<1, 5, 6>();
+          tile_load<7>(b1 + off, 64);
+          tile_dpbssd<2, 4, 7>();
+          tile_dpbssd<3, 5, 7>();
+        }
+        if (k1 < steps) {
+          tile_store<0>(sp, 64);
+          tile_store<1>(sp + kTileBytes, 64);
+          tile_store<2>(sp + 2 * kTileBytes, 64);
+          tile_store<3>(sp + 3 * kTileBytes, 64);
+          continue;
+        }
+        tile_store<0>(acc[0], 64);
+        tile_store<1>(acc[1], 64);
+        tile_store<2>(acc[2], 64);
+        tile_store<3>(acc[3], 64);
+        const int valid = std::min(16, m - 16 * mt);
+        for (int t = 0; t < valid; ++t) {
+          const int row = 16 * mt + t;
+          const __m512 s = _mm512_set1_ps(act_scale[row]);
+          for (int half = 0; half < 2; ++half)
+            _mm512_storeu_ps(c + row * ldc + (j - j0) + 16 * half,
+                             _mm512_mul_ps(combine_digits(acc[2 * half] + 16 * t, acc[2 * half + 1] + 16 * t), s));
         }
       }
-      if (ch + 1 < chunks) {
-        tile_store<0>(sp, 64);
-        tile_store<1>(sp + kTileBytes, 64);
-        tile_store<2>(sp + 2 * kTileBytes, 64);
-        tile_store<3>(sp + 3 * kTileBytes, 64);
-      } else {
-        nn_store_output(acc, act_scale, m, mt, c + 32 * jp, ldc);
-      }
     }
-  };
-  if (!overlap) {
-    for (int jp = 0; jp < pairs; ++jp)
-      for (int ch = 0; ch < chunks; ++ch) run(ch, jp);
-    return;
-  }
-  for (int ch = 0; ch < chunks; ++ch) {
-    const int k1 = std::min(steps, (ch + 1) * chunk);
-    built = k1 * 16, next_end = std::min(steps, k1 + chunk) * 16;
-    done = 0, products = static_cast<long>(pairs) * m_tiles * (k1 - ch * chunk);
-    for (int jp = 0; jp < pairs; ++jp) run(ch, jp);
   }
 }
 

@@ -37,9 +37,6 @@ struct Tuning {
   int int8_strip_prefetch_groups = 4;
   bool int8_strip_prefetch_l2 = true;
   int int8_strip_far_groups = 0;
-  // NN: 0 = the whole strip is rearranged before the products; n > 0 = the reduction runs in chunks of
-  // n steps and chunk c + 1 is rearranged during chunk c's products (amx_int8.cpp, nn_int8).
-  int int8_nn_overlap_steps = 8;
   // NT: the W pair (32 rows) this many pairs ahead streams in during a pair's first m-tile (0: off),
   // into L2 or L1; in address order (a run of 32 lines per step, page-sequential for the hardware
   // streamer) instead of one line of each of the 32 rows per step; or all at once at the pair's start.
