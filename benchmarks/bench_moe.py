@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,7 @@ class Harness:
             "result_path": str(self.work / f"r{self.counter}.json"),
             "arrays_path": str(self.work / f"a{self.counter}.npz"),
         }
+        started = time.monotonic()
         spec_path = self.work / f"s{self.counter}.json"
         spec_path.write_text(json.dumps(spec))
         log_path = self.work / f"log{self.counter}.txt"
@@ -222,6 +224,7 @@ class Harness:
             return {"ok": False, "error": f"process {how}", "crashed": True}
         result = json.loads(result_path.read_text())
         result["arrays_path"] = spec["arrays_path"]
+        print(f"  [{label}] process {time.monotonic() - started:.0f} s", flush=True)
         return result
 
     # ----- what to run -----
@@ -348,13 +351,22 @@ class Harness:
             return f"needs ~{need:.0f} GB, {have:.0f} GB available"
         return None
 
-    def run_case(self, p: Problem, specs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    def run_case(
+        self,
+        p: Problem,
+        specs: list[tuple[dict[str, Any], dict[str, Any]]],
+        cases: list[dict[str, Any]],
+        written: Callable[[], None],
+    ) -> None:
+        """Runs every backend of case p into a new last entry of `cases`, calling `written` after each
+        (the entry fills in place, so whatever `written` saves holds the rows finished so far)."""
         title = (
             f"{p.shape.name} (E{p.shape.num_experts} H{p.shape.hidden} I{p.shape.intermediate} "
             f"k{p.shape.top_k}), T={p.tokens}"
         )
         print(f"\n== {title}", flush=True)
         case: dict[str, Any] = {"title": title, "problem": p.to_dict(), "runs": []}
+        cases.append(case)
         common = {
             "problem": p.to_dict(),
             "check_tokens": self.args.check_tokens,
@@ -364,7 +376,8 @@ class Harness:
         if not reference.get("ok"):
             print(f"  reference failed: {reference.get('error')}", file=sys.stderr)
             case["reference_error"] = reference.get("error")
-            return case
+            written()
+            return
         case["reference"] = {
             k: reference[k]
             for k in ("reference", "seconds", "checked_tokens", "checked_experts", "active_experts")
@@ -402,8 +415,8 @@ class Harness:
                 run.update(self.run_backend(p, spec, record, expected, common, reference["active_experts"]))
             case["runs"].append(run)
             print("  " + one_line(run), flush=True)
-        mark_best(case["runs"])
-        return case
+            mark_best(case["runs"])
+            written()
 
     def run_backend(
         self, p: Problem, spec: dict, record: dict, expected: dict, common: dict, active_experts: int
@@ -486,6 +499,7 @@ def mark_best(runs: list[dict[str, Any]]) -> None:
     """Flag the fastest verified run of the batched PyTorch formulations and of each kt configuration."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
+        run.pop("best", None)  # called again after every new run
         if run["status"] != "ok":
             continue
         if run["label"].split(" ")[0] in BATCHED_TORCH:
@@ -534,20 +548,21 @@ def main(argv: list[str]) -> int:
             "cases": [],
             "scaling": [],
         }
+        bucket = results["scaling" if args.scaling else "cases"]
         for shape in shapes:
             for tokens in token_counts:
                 p = Problem(shape, tokens, args.rank, args.alpha, args.seed)
-                if args.scaling:
-                    results["scaling"].append(h.run_case(p, scaling_specs(h)))
-                else:
-                    results["cases"].append(h.run_case(p, h.backend_specs(wanted)))
+                specs = scaling_specs(h) if args.scaling else h.backend_specs(wanted)
+                # What has run so far is written after every backend: a run cut off at a time limit
+                # (a device call) still leaves its finished rows.
+                h.run_case(p, specs, bucket, lambda: write_outputs(results, args.out, quiet=True))
         results["wall_s"] = time.time() - started
 
     write_outputs(results, args.out)
     return 0
 
 
-def write_outputs(results: dict[str, Any], out: Path) -> None:
+def write_outputs(results: dict[str, Any], out: Path, quiet: bool = False) -> None:
     for case in results["cases"] + results["scaling"]:
         if "floor" not in case and "reference" in case:
             p = Problem.from_dict(case["problem"])
@@ -561,7 +576,8 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
     if results["scaling"]:
         _bench_report.plot_scaling(results, out / "scaling.png")
         written.append("scaling.png")
-    print(f"\nwrote {', '.join(written)} in {out}")
+    if not quiet:
+        print(f"\nwrote {', '.join(written)} in {out}")
 
 
 def scaling_specs(h: Harness) -> list[tuple[dict[str, Any], dict[str, Any]]]:

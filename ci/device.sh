@@ -17,7 +17,10 @@
 #               --numa-shards 1,2, then benchmarks/shard_cost.py (one process, interleaved, + stage profile)
 #   bench-quant       bench_moe.py, quantized bases (issue 11): ours amx bf16/int8/int4 vs kt-kernel bf16/int8/int4,
 #               Qwen3-30B-A3B T=512,4096
-#   bench-quant-dsv3  the same at DeepSeek-V3 T=4096
+#   bench-quant-dsv3  DeepSeek-V3 T=4096: ours amx bf16/int8 vs kt-kernel int8; bench-quant-dsv3-int4: ours int4
+#               vs kt-kernel int4. Each takes most of a device call (22.5 GB of weights made by every process;
+#               the whole set did not finish in 575 s): run them in separate calls. Results go straight to
+#               $OUT/STAGE/ after every backend.
 #   tune        benchmarks/tune_sweep.py: the amx tier's prefetch knobs, Qwen3-30B-A3B T=512,4096 bf16 and int8,
 #               one process, $KT_TUNE_ROUNDS rounds (default 5); its tables go to the summary
 #   train-gpu   the training suites, GPU for the non-expert parts, the best tier for the experts
@@ -63,12 +66,14 @@ step() {  # step NAME LIMIT COMMAND...: COMMAND under a time limit, output in $w
   shift 2
   echo "== $name (limit ${limit}s)"
   local start=$SECONDS rc
+  # The running step's output also goes to $OUT/running.log: what a call cut off mid-step returns.
+  mkdir -p "$OUT"
   if [ "$(type -t "$1")" = function ]; then  # a stage function: its commands carry their own limits
-    ("$@") >"$work/$name.log" 2>&1
+    ("$@") 2>&1 | tee "$OUT/running.log" >"$work/$name.log"
   else
-    timeout --kill-after=10 "$limit" "$@" >"$work/$name.log" 2>&1
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/running.log" >"$work/$name.log"
   fi
-  rc=$?
+  rc=${PIPESTATUS[0]}
   tail -n 30 "$work/$name.log"
   if [ "$rc" -ne 0 ]; then failed=1; fi
   echo "$name: exit $rc in $((SECONDS - start)) s" | tee -a "$summary"
@@ -254,10 +259,13 @@ while [ $# -gt 0 ]; do
         --tokens 512,4096 --backends ours,kt,kt-int8,kt-int4 --tiers amx --weight-dtype bf16,int8,int4 \
         --group-size 128 --kt-threads 15 --repeats 3 --max-seconds 15 --out "$work/bench-quant"
       cat "$work/bench-quant/results.md" >>"$summary" 2>/dev/null ;;
-    bench-quant-dsv3) ensure_built && step bench-quant-dsv3 580 "$PYTHON" benchmarks/bench_moe.py \
-        --shape deepseek-v3 --tokens 4096 --backends ours,kt-int8,kt-int4 --tiers amx --weight-dtype bf16,int8,int4 \
-        --group-size 128 --kt-threads 15 --repeats 2 --max-seconds 15 --out "$work/bench-quant-dsv3"
-      cat "$work/bench-quant-dsv3/results.md" >>"$summary" 2>/dev/null ;;
+    bench-quant-dsv3 | bench-quant-dsv3-int4)  # one device call each; results in $OUT/$stage as each row ends
+      backends=ours,kt-int8 dtypes=bf16,int8
+      [ "$stage" = bench-quant-dsv3-int4 ] && backends=ours,kt-int4 dtypes=int4
+      ensure_built && step "$stage" 580 "$PYTHON" benchmarks/bench_moe.py --shape deepseek-v3 --tokens 4096 \
+        --backends "$backends" --tiers amx --weight-dtype "$dtypes" --group-size 128 --kt-threads 15 --repeats 2 \
+        --max-seconds 15 --out "$OUT/$stage"
+      cat "$OUT/$stage/results.md" >>"$summary" 2>/dev/null ;;
     tune) ensure_built && step tune 300 "$PYTHON" benchmarks/tune_sweep.py --rounds "${KT_TUNE_ROUNDS:-5}"
       sed -n '/^T=/,$p' "$work/tune.log" >>"$summary" ;;
     train-gpu) ensure_built && step train 400 "$PYTHON" -m pytest -q -rs -p no:cacheprovider packages/kt-sft-train/tests
