@@ -14,14 +14,15 @@
 
 namespace kt::moe {
 
-std::shared_ptr<SharedWorkspace> workspace_for(const runtime::ThreadPool* pool) {
+std::shared_ptr<SharedWorkspace> workspace_for(const runtime::ThreadPool* pool, int workspace_slot) {
   static std::mutex registry_mutex;
   // Never destroyed: layers may outlive static destruction at interpreter exit.
-  static auto* registry = new std::map<const runtime::ThreadPool*, std::weak_ptr<SharedWorkspace>>();
+  static auto* registry =
+      new std::map<std::pair<const runtime::ThreadPool*, int>, std::weak_ptr<SharedWorkspace>>();
   const std::lock_guard<std::mutex> lock(registry_mutex);
   for (auto it = registry->begin(); it != registry->end();)  // forget pools whose layers are all gone
     it = it->second.expired() ? registry->erase(it) : std::next(it);
-  std::weak_ptr<SharedWorkspace>& slot = (*registry)[pool];
+  std::weak_ptr<SharedWorkspace>& slot = (*registry)[{pool, workspace_slot}];
   std::shared_ptr<SharedWorkspace> shared = slot.lock();
   if (!shared) {
     shared = std::make_shared<SharedWorkspace>();
@@ -30,7 +31,8 @@ std::shared_ptr<SharedWorkspace> workspace_for(const runtime::ThreadPool* pool) 
   return shared;
 }
 
-MoELayer::MoELayer(const MoEConfig& config, runtime::ThreadPool& pool) : impl_(std::make_unique<Impl>()) {
+MoELayer::MoELayer(const MoEConfig& config, runtime::ThreadPool& pool, int workspace_slot)
+    : impl_(std::make_unique<Impl>()) {
   if (config.num_experts <= 0) bad_argument("num_experts must be positive, got " + std::to_string(config.num_experts));
   if (config.top_k <= 0) bad_argument("top_k must be positive, got " + std::to_string(config.top_k));
   if (config.hidden <= 0 || config.hidden % 32)
@@ -45,7 +47,7 @@ MoELayer::MoELayer(const MoEConfig& config, runtime::ThreadPool& pool) : impl_(s
     impl_->sharded = std::make_unique<ShardedLayer>(config);
     return;
   }
-  impl_->shared = workspace_for(&pool);
+  impl_->shared = workspace_for(&pool, workspace_slot);
 }
 
 MoELayer::~MoELayer() = default;

@@ -288,8 +288,8 @@ CallBytes backward_bytes(const MoEConfig& config, std::int64_t tokens, int rank_
 void check_call_memory(const char* what, const MoEConfig& config, std::int64_t tokens, const CallBytes& need,
                        std::size_t& reserved);
 
-// The grow-only scratch shared by every layer on `pool` (layer.cpp).
-std::shared_ptr<SharedWorkspace> workspace_for(const runtime::ThreadPool* pool);
+// The grow-only scratch shared by every layer on `pool` with this workspace slot (layer.cpp).
+std::shared_ptr<SharedWorkspace> workspace_for(const runtime::ThreadPool* pool, int workspace_slot);
 
 
 struct MoELayer::Impl {

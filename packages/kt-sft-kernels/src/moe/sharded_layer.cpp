@@ -140,9 +140,10 @@ struct ShardedCache {
 // What the shards at one position of one layout share across layers (a model's layers run one at a
 // time): the pinned sub-pool (so also the inner layers' per-pool workspace), the driver thread, the
 // fp32 partials and the spare LoRA slices. Per-layer copies would cost a pool of threads and ~0.3 GB
-// of workspace per layer and shard.
+// of workspace per layer and shard. Shards on one node run one after another on ONE pool (shard 0's;
+// each shard's layer keeps its own workspace slot on it), so no pool hands the cores to the next.
 struct ShardRuntime {
-  std::unique_ptr<runtime::ThreadPool> pool;
+  std::shared_ptr<runtime::ThreadPool> pool;
   Buffer<float> out, gx, gw;  // across nodes: the shard's fp32 partial out / dx / grad_w
   Buffer<float> db_gu, da_d;  // dB_gu rows / dA_d columns of the shard's slice in the caller's dtype (as
                               // floats: room for either; call in progress)
@@ -167,8 +168,9 @@ std::mutex& sharded_call_mutex() {
 // The runtime of shard `index` on `cpus`, shared by every layer with that shard; created (pool
 // pinned, driver pinned to cpus[0]) on first use. The index is part of the key: two shards of one
 // layer that share cores still get two drivers (one driver for both would deadlock at the barrier).
-std::shared_ptr<ShardRuntime> runtime_for(int index, const std::vector<int>& cpus) {
-  using Registry = std::map<std::pair<int, std::vector<int>>, std::weak_ptr<ShardRuntime>>;
+// `first`: shards on one node, index > 0: the runtime of their shard 0, whose pool they run on.
+std::shared_ptr<ShardRuntime> runtime_for(int index, const std::vector<int>& cpus, const ShardRuntime* first) {
+  using Registry = std::map<std::tuple<int, std::vector<int>, bool>, std::weak_ptr<ShardRuntime>>;
   static std::mutex mutex;
   static Registry* registry = nullptr;
   static pid_t registry_pid = 0;
@@ -179,11 +181,12 @@ std::shared_ptr<ShardRuntime> runtime_for(int index, const std::vector<int>& cpu
   }
   for (auto it = registry->begin(); it != registry->end();)
     it = it->second.expired() ? registry->erase(it) : std::next(it);
-  std::weak_ptr<ShardRuntime>& slot = (*registry)[{index, cpus}];
+  std::weak_ptr<ShardRuntime>& slot = (*registry)[{index, cpus, first != nullptr}];
   std::shared_ptr<ShardRuntime> rt = slot.lock();
+  if (rt && first && rt->pool != first->pool) rt = nullptr;  // made with another shard 0: a new one
   if (!rt) {
     rt = std::make_shared<ShardRuntime>();
-    rt->pool = std::make_unique<runtime::ThreadPool>(cpus);
+    rt->pool = first ? first->pool : std::make_shared<runtime::ThreadPool>(cpus);
     // Thread 0 of the pool is the driver: pin it like the workers.
     rt->driver.submit([cpu = cpus.front()] { runtime::pin_current_thread(cpu); })->wait();
     slot = rt;
@@ -271,9 +274,9 @@ struct ShardedLayer::Impl {
     if (failure) std::rethrow_exception(failure);
   }
 
-  // Shards on one node: round after round, shard after shard, all on shard 0's driver; every shard's
-  // pool spans all the layout's cores (the constructor), so each phase keeps every core busy and no
-  // shard waits for another. Memory placement does not matter on one node. Same tasks and sums as
+  // Shards on one node: round after round, shard after shard, all on shard 0's driver and shard 0's
+  // pool, which spans all the layout's cores (the constructor), so each phase keeps every core busy,
+  // no shard waits for another and no pool hands the cores to another. Memory placement does not matter on one node. Same tasks and sums as
   // at once (on_shards), hence the same bits. The first failure ends the call.
   void one_after_another(const std::vector<Round>& rounds, int first_round, std::pair<int, int> fault) {
     const auto job = shards.front()->rt->driver.submit([&] {
@@ -336,11 +339,12 @@ ShardedLayer::ShardedLayer(const MoEConfig& config) : impl_(std::make_unique<Imp
     shard->i0 = slices[static_cast<std::size_t>(s)].first;
     shard->i1 = slices[static_cast<std::size_t>(s)].second;
     shard->place = places[static_cast<std::size_t>(s)];
-    shard->rt = runtime_for(s, shard->place.cpus);
+    const bool on_first_pool = impl_->shared_down && s > 0;
+    shard->rt = runtime_for(s, shard->place.cpus, on_first_pool ? impl_->shards.front()->rt.get() : nullptr);
     MoEConfig inner = config;
     inner.intermediate = shard->width();
     inner.numa_shards = 1;
-    shard->layer = std::make_unique<MoELayer>(inner, shard->pool());
+    shard->layer = std::make_unique<MoELayer>(inner, shard->pool(), on_first_pool ? s : 0);
     impl_->shards.push_back(std::move(shard));
   }
 }

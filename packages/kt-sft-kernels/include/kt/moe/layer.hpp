@@ -98,7 +98,9 @@ struct PairRows {
 
 class MoELayer {
  public:
-  MoELayer(const MoEConfig& config, runtime::ThreadPool& pool);
+  // The layers on one pool share its per-call workspace; workspace_slot gives a layer another one on
+  // the same pool (the NUMA shards of one node run on one pool, each keeping its rows for round 2).
+  MoELayer(const MoEConfig& config, runtime::ThreadPool& pool, int workspace_slot = 0);
   ~MoELayer();
   MoELayer(const MoELayer&) = delete;
   MoELayer& operator=(const MoELayer&) = delete;
