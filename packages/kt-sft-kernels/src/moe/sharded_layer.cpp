@@ -276,8 +276,9 @@ struct ShardedLayer::Impl {
 
   // Shards on one node: round after round, shard after shard, all on shard 0's driver and shard 0's
   // pool, which spans all the layout's cores (the constructor), so each phase keeps every core busy,
-  // no shard waits for another and no pool hands the cores to another. Memory placement does not matter on one node. Same tasks and sums as
-  // at once (on_shards), hence the same bits. The first failure ends the call.
+  // no shard waits for another and no pool hands the cores to another. Memory placement does not
+  // matter on one node. Same tasks and sums as at once (on_shards), hence the same bits. The first
+  // failure ends the call.
   void one_after_another(const std::vector<Round>& rounds, int first_round, std::pair<int, int> fault) {
     const auto job = shards.front()->rt->driver.submit([&] {
       for (std::size_t k = 0; k < rounds.size(); ++k)
