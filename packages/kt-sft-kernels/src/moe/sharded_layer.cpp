@@ -187,8 +187,9 @@ std::shared_ptr<ShardRuntime> runtime_for(int index, const std::vector<int>& cpu
   if (!rt) {
     rt = std::make_shared<ShardRuntime>();
     rt->pool = first ? first->pool : std::make_shared<runtime::ThreadPool>(cpus);
-    // Thread 0 of the pool is the driver: pin it like the workers.
-    rt->driver.submit([cpu = cpus.front()] { runtime::pin_current_thread(cpu); })->wait();
+    // Thread 0 of the pool is the driver: pin it like the workers. On shard 0's pool, shard 0's driver
+    // runs every shard (one_after_another): this one is never started (its thread begins at a submit).
+    if (!first) rt->driver.submit([cpu = cpus.front()] { runtime::pin_current_thread(cpu); })->wait();
     slot = rt;
   }
   return rt;
