@@ -48,7 +48,6 @@ SETTINGS: dict[str, dict[str, object]] = {
     "far64": {"int8_strip_far_groups": 64},
     # int8 NT: the next W pair (32 rows), pairs ahead / order / all at once / level
     "nt2": {"int8_nt_prefetch_pairs": 2},
-    "nt_addr": {"int8_nt_prefetch_in_address_order": True},
     "nt_burst": {"int8_nt_prefetch_burst": True},
     "nt_l1": {"int8_nt_prefetch_l2": False},
     "far64_nt_l1": {"int8_strip_far_groups": 64, "int8_nt_prefetch_l2": False},
@@ -67,7 +66,6 @@ SETTINGS: dict[str, dict[str, object]] = {
         "weight_prefetch_l2": True,
         "int8_strip_prefetch_groups": 8,
         "int8_strip_far_groups": 32,
-        "int8_nt_prefetch_in_address_order": True,
     },
 }
 

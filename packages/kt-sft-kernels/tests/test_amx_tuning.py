@@ -39,7 +39,6 @@ KNOB_VALUES: dict[str, list[object]] = {
     "int8_strip_far_groups": [1, 32, 64],
     "int8_nt_prefetch_pairs": [0, 2, 5],
     "int8_nt_prefetch_l2": [False],
-    "int8_nt_prefetch_in_address_order": [True],
     "int8_nt_prefetch_burst": [True],
 }
 
@@ -54,11 +53,10 @@ COMBINED: list[dict[str, object]] = [
         "int8_strip_prefetch_l2": True,
         "int8_strip_far_groups": 32,
         "int8_nt_prefetch_pairs": 2,
-        "int8_nt_prefetch_in_address_order": True,
         "int8_nt_prefetch_burst": True,
         "kc_steps": 3,
     },
-    {"int8_nt_prefetch_in_address_order": True, "int8_nt_prefetch_l2": False, "weight_prefetch_first": True},
+    {"int8_nt_prefetch_burst": True, "int8_nt_prefetch_l2": False, "weight_prefetch_first": True},
 ]
 
 SETTINGS = [{name: value} for name, values in KNOB_VALUES.items() for value in values] + COMBINED

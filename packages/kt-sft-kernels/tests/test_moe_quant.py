@@ -293,6 +293,28 @@ def test_load_quantized_is_bit_exact(weight_dtype: str, group_size: int, scale_d
     ref_case = kt.MoECase(**{**ref_case.__dict__, "gate_up": deq[0], "down": deq[1]})
     res = kt.run_kernels(layer, case)
     check_quantized(res, kt.moe_reference(ref_case), case, weight_dtype)
+    # After a call the active tier may hold the values in its own order (amx int8: tiles).
+    for got, given in zip(read_back(layer), arrays, strict=True):
+        np.testing.assert_array_equal(got, np.asarray(given).astype(got.dtype))
+
+
+@pytest.mark.parametrize(("weight_dtype", "group_size"), [("int8", 128), ("int4", 32)])
+def test_one_layer_on_every_tier_in_turn(weight_dtype: str, group_size: int) -> None:
+    """A tier that reads the values in its own order (amx int8) re-orders them when it becomes active,
+    and back for the others: one layer run at every tier in turn gives, at each, the bits of a layer
+    loaded at that tier, and reads back what was loaded."""
+    case = kt.make_case(  # 160 and 96 columns: 64-column tiles and a 32-column tail
+        tokens=40, num_experts=4, top_k=2, hidden=160, intermediate=96, rank_gu=8, rank_d=8, seed=21
+    )
+    layer = kt.build_layer(case, POOL, weight_dtype=weight_dtype, group_size=group_size)
+    loaded = read_back(layer)
+    for name in TIERS + TIERS[::-1]:
+        with tier(name):
+            fresh = kt.build_layer(case, POOL, weight_dtype=weight_dtype, group_size=group_size)
+            want = kt.result_bytes(kt.run_kernels(fresh, case))
+            assert kt.result_bytes(kt.run_kernels(layer, case)) == want, f"{name}: differs from a fresh layer"
+    for got, given in zip(read_back(layer), loaded, strict=True):
+        np.testing.assert_array_equal(got, given)
 
 
 def test_load_weights_equals_load_quantized_of_the_same_values() -> None:

@@ -44,7 +44,6 @@ const Knob kKnobs[] = {
     {"int8_strip_far_groups", nullptr, &Tuning::int8_strip_far_groups, 0, 1024},
     {"int8_nt_prefetch_pairs", nullptr, &Tuning::int8_nt_prefetch_pairs, 0, 64},
     {"int8_nt_prefetch_l2", &Tuning::int8_nt_prefetch_l2, nullptr, 0, 0},
-    {"int8_nt_prefetch_in_address_order", &Tuning::int8_nt_prefetch_in_address_order, nullptr, 0, 0},
     {"int8_nt_prefetch_burst", &Tuning::int8_nt_prefetch_burst, nullptr, 0, 0},
 };
 

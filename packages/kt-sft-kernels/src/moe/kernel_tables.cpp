@@ -89,11 +89,13 @@ const KernelTable& kernels_for(Isa isa, WeightDType dtype, int group_size) {
   std::optional<KernelTable>& slot = tables.at(tier)[kind];
   if (!slot) {
     KernelTable t = kernels_for(isa);
-    t.format = PackFormat::quantized;
+    const QuantGemms& q = t.quant[kind];
+    t.format = q.format;
+    t.arrange = q.arrange;
+    t.unarrange = q.unarrange;
     t.packed_bytes = nullptr;
     t.pack = nullptr;
     t.unpack = nullptr;
-    const QuantGemms& q = t.quant[kind];
     t.gemm_nt = q.gemm_nt;
     t.gemm_nn = q.gemm_nn;
     t.gemm_nt_packed = q.gemm_nt_packed;

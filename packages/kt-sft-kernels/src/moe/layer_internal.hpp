@@ -17,6 +17,7 @@
 #include "kt/core/errors.hpp"
 #include "kt/moe/kernels.hpp"
 #include "kt/moe/layer.hpp"
+#include "kt/moe/quant.hpp"
 #include "kt/moe/validate.hpp"
 #include "kt/runtime/cpu_features.hpp"
 #include "kt/runtime/profiler.hpp"
@@ -296,7 +297,9 @@ struct MoELayer::Impl {
   MoEConfig config;
   runtime::ThreadPool* pool = nullptr;
   bool loaded = false;
-  const KernelTable* packed_by = nullptr;  // table whose format the weights are in
+  // The table whose format the weights are in; quantized bases: null while the values are row-major
+  // (kt/moe/quant.hpp, as loading writes them), else the table that arranged them.
+  const KernelTable* packed_by = nullptr;
   Buffer<std::byte> gate_up, down;
   std::size_t gate_up_stride = 0, down_stride = 0;  // packed bytes per expert
   std::mutex mutex;                                 // one call at a time per layer
@@ -309,13 +312,33 @@ struct MoELayer::Impl {
 
   bool quantized() const { return config.weight_dtype != WeightDType::bf16; }
 
-  // The active tier's table; re-packs bf16 weights if that tier wants another layout (quantized
-  // bases have one layout for every tier: kt/moe/quant.hpp).
+  // The active tier's table; re-packs bf16 weights, or re-orders quantized values, if that tier wants
+  // another layout.
   const KernelTable& kernels() {
-    if (quantized()) return kernels_for(runtime::active_isa(), config.weight_dtype, config.group_size);
+    if (quantized()) {
+      const KernelTable& table = kernels_for(runtime::active_isa(), config.weight_dtype, config.group_size);
+      if (table.format != (packed_by ? packed_by->format : PackFormat::quantized)) rearrange(table);
+      return table;
+    }
     const KernelTable& table = kernels_for(runtime::active_isa());
     if (table.format != packed_by->format) repack(table);
     return table;
+  }
+
+  // Expert e's quantized matrix (gate_up: 0, down: 1) as kt/moe/quant.hpp lays it out (row-major
+  // values, then the scales): the packing itself, or (values arranged by a tier) a copy in `scratch`,
+  // which must hold quant_matrix_bytes of it.
+  const std::byte* row_major_quantized(int e, int which, std::byte* scratch) const {
+    const int H = config.hidden, I = config.intermediate;
+    const int rows = which == 0 ? 2 * I : H, cols = which == 0 ? H : I;
+    const std::byte* packed = which == 0 ? gate_up.data() + e * gate_up_stride : down.data() + e * down_stride;
+    if (!packed_by) return packed;
+    const std::size_t values = quant_value_bytes(config.weight_dtype, rows, cols);
+    packed_by->unarrange(reinterpret_cast<const std::uint8_t*>(packed), rows, cols,
+                         reinterpret_cast<std::uint8_t*>(scratch));
+    std::memcpy(scratch + values, packed + values,
+                quant_matrix_bytes(config.weight_dtype, config.group_size, rows, cols) - values);
+    return scratch;
   }
 
   void pack_all(const View* gate_up_w, const View* gate, const View* up, const View& down_w, int source_I = 0,
@@ -325,6 +348,29 @@ struct MoELayer::Impl {
                     int i0 = 0);
   void copy_quantized_all(const QuantViews& q, int source_I, int i0);
   void read_quantized_all(const QuantViews& q, int source_I, int i0) const;
+
+  // Quantized values into `to`'s order (row-major first, when another tier's order holds them), one
+  // expert matrix at a time in place: the load peak grows by one matrix a thread.
+  void rearrange(const KernelTable& to) {
+    const int E = config.num_experts, H = config.hidden, I = config.intermediate;
+    const std::size_t largest = std::max(quant_matrix_bytes(config.weight_dtype, config.group_size, 2 * I, H),
+                                         quant_matrix_bytes(config.weight_dtype, config.group_size, H, I));
+    pool->parallel_for(E, [&](std::int64_t e64, int) {
+      const int e = static_cast<int>(e64);
+      std::vector<std::byte> plain(largest);
+      for (int which = 0; which < 2; ++which) {
+        const int rows = which == 0 ? 2 * I : H, cols = which == 0 ? H : I;
+        auto* values = reinterpret_cast<std::uint8_t*>(which == 0 ? gate_up.data() + e * gate_up_stride
+                                                                  : down.data() + e * down_stride);
+        const std::size_t bytes = quant_value_bytes(config.weight_dtype, rows, cols);
+        const std::byte* row_major = row_major_quantized(e, which, plain.data());
+        if (row_major != plain.data()) std::memcpy(plain.data(), row_major, bytes);
+        if (to.arrange) to.arrange(reinterpret_cast<const std::uint8_t*>(plain.data()), rows, cols, values);
+        else std::memcpy(values, plain.data(), bytes);
+      }
+    });
+    packed_by = to.arrange ? &to : nullptr;
+  }
 
   void repack(const KernelTable& to) {
     const int E = config.num_experts, H = config.hidden, I = config.intermediate;

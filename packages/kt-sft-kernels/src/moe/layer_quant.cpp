@@ -81,12 +81,15 @@ void MoELayer::Impl::read_quantized_all(const QuantViews& q, int source_I, int i
   const int E = c.num_experts, H = c.hidden, I = c.intermediate, gs = c.group_size;
   const int SI = source_I > 0 ? source_I : I;
   const WeightDType dt = c.weight_dtype;
+  // Values a tier arranged (packed_by) come back row-major through this copy, one matrix at a time.
+  std::vector<std::byte> scratch(packed_by ? std::max(gate_up_stride, down_stride) : 0);
   for (int e = 0; e < E; ++e) {
+    const std::byte* gu = row_major_quantized(e, 0, scratch.data());
     for (const auto& [to, from] : {std::pair{i0, 0}, std::pair{SI + i0, I}})
-      read_quantized_rows(gate_up_of(e), I, H, dt, gs, const_cast<std::byte*>(row_of(q.gate_up_q, e, to)),
+      read_quantized_rows(gu, I, H, dt, gs, const_cast<std::byte*>(row_of(q.gate_up_q, e, to)),
                           reinterpret_cast<float*>(const_cast<std::byte*>(row_of(q.gate_up_scale, e, to))), 2 * I,
                           from);
-    read_quantized_rows(down_of(e), H, I, dt, gs, expert_slice_mut(q.down_q, e),
+    read_quantized_rows(row_major_quantized(e, 1, scratch.data()), H, I, dt, gs, expert_slice_mut(q.down_q, e),
                         reinterpret_cast<float*>(expert_slice_mut(q.down_scale, e)), H, 0, ColumnWindow{SI, i0});
   }
 }

@@ -380,6 +380,15 @@ void test_quantized(std::mt19937& rng) {
     Aligned packed(t.packed_bytes(rows, cols));
     t.pack(plain.data(), rows, cols, packed.p);
     const kt::moe::QuantGemms& g = t.quant[kind.kind];
+    // The products read the values in the tier's order (amx int8: 16 x 64 tiles), the scales after them.
+    std::vector<std::uint8_t> w = q;
+    if (g.arrange) {
+      g.arrange(q.data(), rows, cols, w.data());
+      std::vector<std::uint8_t> back = w;
+      g.unarrange(w.data(), rows, cols, back.data());
+      EXPECT(back == q, "quant[%d] %dx%d: unarrange(arrange(q)) differs from q", kind.kind, rows, cols);
+      EXPECT(w != q, "quant[%d] %dx%d: arrange left the values in row-major order", kind.kind, rows, cols);
+    }
     for (int m : {1, 5, 17, 64, 150})
       for (const bool nn : {false, true}) {
         const int k = nn ? rows : cols, outs = nn ? cols : rows;
@@ -387,7 +396,7 @@ void test_quantized(std::mt19937& rng) {
         if (kind.bits == 8)  // outlier rows: one value 100x the rest (row 0, and the middle row)
           for (int i : {0, m / 2}) const_cast<bf16*>(a.ptr[i])[(7 * i + 3) % k] = kt::f32_to_bf16(100.f);
         Aligned act(g.packed_a_bytes ? g.packed_a_bytes(m, k) : t.packed_a_bytes(m, k));
-        if (g.packed_a_bytes && nn) g.pack_a_nn_w(m, a.ptr.data(), q.data(), k, cols, act.p);
+        if (g.packed_a_bytes && nn) g.pack_a_nn_w(m, a.ptr.data(), w.data(), k, cols, act.p);
         else if (g.packed_a_bytes) g.pack_a_nt(m, a.ptr.data(), k, act.p);
         else (nn ? t.pack_a_nn : t.pack_a_nt)(m, a.ptr.data(), k, act.p);
         for (auto [o0, o1] : {std::pair{0, outs}, std::pair{32, 96}}) {
@@ -395,12 +404,12 @@ void test_quantized(std::mt19937& rng) {
           std::vector<float> want(static_cast<std::size_t>(m) * width), got_rows(want.size()), got_packed(want.size());
           if (nn) {
             t.gemm_nn(m, a.ptr.data(), packed.p, k, cols, o0, o1, want.data(), width);
-            g.gemm_nn(m, a.ptr.data(), q.data(), k, cols, o0, o1, got_rows.data(), width);
-            g.gemm_nn_packed(m, act.p, q.data(), k, cols, o0, o1, got_packed.data(), width);
+            g.gemm_nn(m, a.ptr.data(), w.data(), k, cols, o0, o1, got_rows.data(), width);
+            g.gemm_nn_packed(m, act.p, w.data(), k, cols, o0, o1, got_packed.data(), width);
           } else {
             t.gemm_nt(m, a.ptr.data(), packed.p, rows, k, o0, o1, want.data(), width);
-            g.gemm_nt(m, a.ptr.data(), q.data(), rows, k, o0, o1, got_rows.data(), width);
-            g.gemm_nt_packed(m, act.p, q.data(), rows, k, o0, o1, got_packed.data(), width);
+            g.gemm_nt(m, a.ptr.data(), w.data(), rows, k, o0, o1, got_rows.data(), width);
+            g.gemm_nt_packed(m, act.p, w.data(), rows, k, o0, o1, got_packed.data(), width);
           }
           if (kind.bits == 8) {  // amx_int8.cpp: TDPBSSD, two activation digits
             check_int8(nn, m, a, q, scales, rows, cols, o0, o1, got_rows, got_packed);

@@ -23,8 +23,10 @@ namespace kt::moe {
 // How a tier lays out packed base weights. Tiers sharing a format can use each other's packing;
 // a layer re-packs when the active tier needs another format.
 // amx_bf16_tiles: 16x32 row-major tiles, qword-permuted rows (src/isa/amx/amx_internal.hpp explains).
-// quantized: int8/int4 values + fp32 scales (include/kt/moe/quant.hpp), one layout for every tier.
-enum class PackFormat : int { row_major_bf16 = 0, amx_bf16_tiles = 1, quantized = 2 };
+// quantized: int8/int4 values + fp32 scales (include/kt/moe/quant.hpp), row-major values; every tier
+// reads it but amx over int8, which reads the same bytes in 16x64 tiles (amx_int8_tiles,
+// src/isa/amx/amx_int8.cpp).
+enum class PackFormat : int { row_major_bf16 = 0, amx_bf16_tiles = 1, quantized = 2, amx_int8_tiles = 3 };
 
 using GemmNtFn = void (*)(int m, const bf16* const* a, const void* w, int rows, int k, int n0, int n1, float* c,
                           std::int64_t ldc);
@@ -51,6 +53,12 @@ struct QuantGemms {
   std::size_t (*packed_a_bytes)(int m, int k) = nullptr;
   void (*pack_a_nt)(int m, const bf16* const* a, int k, void* dst) = nullptr;
   void (*pack_a_nn_w)(int m, const bf16* const* a, const void* w, int k, int cols, void* dst) = nullptr;
+  // The order these products read a matrix's values in: kt/moe/quant.hpp's row-major (quantized), or
+  // the tier's own (amx int8: amx_int8_tiles), converted from / back to row-major by arrange /
+  // unarrange (same bytes; the scales after the values stay).
+  PackFormat format = PackFormat::quantized;
+  void (*arrange)(const std::uint8_t* row_major, int rows, int cols, std::uint8_t* dst) = nullptr;
+  void (*unarrange)(const std::uint8_t* arranged, int rows, int cols, std::uint8_t* dst) = nullptr;
 };
 enum QuantKind : int { kQuantInt8 = 0, kQuantInt4G32 = 1, kQuantInt4G64 = 2, kQuantInt4G128 = 3, kQuantKinds = 4 };
 
@@ -72,6 +80,10 @@ struct KernelTable {
                   std::int64_t ldc);
   // The same products over quantized bases, indexed by QuantKind.
   QuantGemms quant[kQuantKinds];
+  // A quantized table's (kernels_for(isa, dtype, group)) QuantGemms::arrange / unarrange: its
+  // products' order of a matrix's values when `format` is not PackFormat::quantized.
+  void (*arrange)(const std::uint8_t* row_major, int rows, int cols, std::uint8_t* dst) = nullptr;
+  void (*unarrange)(const std::uint8_t* arranged, int rows, int cols, std::uint8_t* dst) = nullptr;
 
   // Optional activation packing (null in tiers whose GEMMs read the row pointers directly). A tier
   // whose GEMMs want rows in a tile layout lets the caller pack each chunk of rows ONCE per phase and
@@ -131,9 +143,9 @@ struct KernelTable {
 const KernelTable& kernels_for(Isa isa);
 
 // The tier's table for a quantized base (weight_dtype int8/int4): the GEMM entries are the tier's
-// quant[kind] products (the activation packing stays where the tier has packed forms), format is
-// PackFormat::quantized, and the bf16 weight-packing entries are null (quantized packing is
-// tier-independent: src/moe/quantize.cpp). bf16 -> kernels_for(isa).
+// quant[kind] products (the activation packing stays where the tier has packed forms), format and
+// arrange / unarrange are theirs, and the bf16 weight-packing entries are null (quantization is
+// tier-independent: src/moe/quantize.cpp writes row-major values). bf16 -> kernels_for(isa).
 const KernelTable& kernels_for(Isa isa, WeightDType dtype, int group_size);
 
 }  // namespace kt::moe

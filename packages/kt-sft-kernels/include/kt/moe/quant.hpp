@@ -9,8 +9,10 @@
 // and the dequantized weight (rounding point RQ of docs/kernels.md, on every tier and in the reference)
 // is W[r][c] = fp32(q[r][c] * scale[r]) for int8 (not rounded further: the amx tier multiplies the int8
 // values themselves, ADR 0603) and bf16(fp32(q[r][c] * scale[r][c / G])) for int4 (the amx tier feeds
-// it to bf16 tiles; the other tiers use fp32 panels). Every tier uses this one
-// layout, so switching tiers never re-packs; the NN (backward) products read the same bytes transposed.
+// it to bf16 tiles; the other tiers use fp32 panels). Loading writes this layout and every tier reads
+// it, except that the amx tier reads int8 values in its own tile order (the same bytes re-ordered in
+// place when it becomes the active tier, and back: src/isa/amx/amx_int8.cpp); the NN (backward)
+// products read the same bytes transposed.
 #pragma once
 #include <cstddef>
 #include <cstdint>

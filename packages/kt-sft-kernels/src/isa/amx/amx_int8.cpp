@@ -1,6 +1,15 @@
 // The amx tier's products over int8 bases on AMX-INT8 tiles (TDPBSSD), docs/design/0603: the int8
-// weights are consumed as stored (kt/moe/quant.hpp, row-major [rows, cols] + one fp32 scale per row),
-// never converted; the activations are quantized per row into two int8 digits.
+// weights are consumed as stored, never converted; the activations are quantized per row into two
+// int8 digits.
+//
+// ---- The weights' order (this tier's, PackFormat::amx_int8_tiles) --------------------------------
+// kt/moe/quant.hpp's matrix W [R, C] (int8 values, then R fp32 scales) with its values in tile order:
+// per block of 16 rows (R is a multiple of 32), the 16 x 64 tiles of consecutive 64 columns, each 1 KB
+// row-major (row i's 64 bytes at 64 i), then, when C % 64 == 32, a 16 x 32 tail (512 B, row stride
+// 32). The NT product loads its weight tiles from there contiguously (row-major W read as 16 rows of
+// a 64-byte tile each C bytes apart streamed worse: ADR 0603, session 9) and the NN rearrangement
+// reads 4 KB runs. The scales stay after the values; arrange / unarrange convert a matrix from / to
+// row-major (the layer does it when the tier changes, like a bf16 re-pack).
 //
 // ---- Two int8 digits per activation -------------------------------------------------------------
 // Row t (a token's x or grad_out row, a pair's h or dgu row; for NN products first multiplied by W's
@@ -19,8 +28,8 @@
 // per reduction step ks (64 values; k is rounded up to 64 with zeros), the hi tile then the lo tile
 // (1 KB each) at byte scale_bytes + ((mt * steps + ks) * 2 + digit) * 1024.
 //  * NT: the tile is TDPBSSD's B operand (VNNI): row p holds, for token t, the 4 bytes at
-//    k = 64 ks + 4p .. 4p + 3 (bytes 4t .. 4t + 3). The weights are the A operand straight from W:
-//    16 rows of 64 bytes, stride = the row length. C is then W x^T (16 n x 16 tokens), transposed
+//    k = 64 ks + 4p .. 4p + 3 (bytes 4t .. 4t + 3). The weights are the A operand straight from W's
+//    tile order (one tile, stride 64; 32 in the tail). C is then W x^T (16 n x 16 tokens), transposed
 //    on the way out.
 //  * NN: the tile is the A operand: row t holds token t's 64 bytes. The B operand needs 4 rows of W
 //    interleaved byte by byte (VNNI); per call the call's column strip of W is rearranged once into
@@ -48,6 +57,33 @@ constexpr int kStep = 64;  // reduction values per TDPBSSD
 inline int steps_of(int k) { return (k + kStep - 1) / kStep; }
 inline std::size_t scale_bytes(int m) { return ((m + 15) / 16 * 16 * sizeof(float) + 63) / 64 * 64; }
 inline std::size_t m_tile_bytes(int k) { return static_cast<std::size_t>(steps_of(k)) * 2 * kTileBytes; }
+
+// W's tile order (file header) for a matrix of `cols` columns: the offset of row r, columns [c, c + 32)
+// (c a multiple of 32; contiguous), and the row stride of c's block.
+struct TileOrder {
+  int cols;
+  std::size_t block(int r) const { return static_cast<std::size_t>(r / 16) * 16 * static_cast<std::size_t>(cols); }
+  int stride(int c) const { return c / kStep == cols / kStep ? 32 : kStep; }  // the tail block: 32
+  std::size_t at(int r, int c) const {
+    return block(r) + static_cast<std::size_t>(c / kStep) * kTileBytes + static_cast<std::size_t>(r % 16) * stride(c) +
+           c % kStep;
+  }
+};
+
+// One matrix's values, row-major <-> tile order (same bytes; the scales after them are not touched).
+void int8_arrange(const std::uint8_t* row_major, int rows, int cols, std::uint8_t* dst) {
+  const TileOrder order{cols};
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; c += 32)
+      std::memcpy(dst + order.at(r, c), row_major + static_cast<std::size_t>(r) * cols + c, 32);
+}
+
+void int8_unarrange(const std::uint8_t* arranged, int rows, int cols, std::uint8_t* dst) {
+  const TileOrder order{cols};
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; c += 32)
+      std::memcpy(dst + static_cast<std::size_t>(r) * cols + c, arranged + order.at(r, c), 32);
+}
 
 // 16 fp32 values of bf16 row a from column c.
 inline __m512 load_bf16x16(const bf16* a, int c) {
@@ -204,19 +240,20 @@ void nt_int8(int m, const std::uint8_t* act, const void* wq, int rows, int k, in
   const int chunk = m_tiles > 2 ? kNtChunk : steps;  // up to 2 m-tiles: measured neutral either way
   auto* spill = static_cast<std::uint8_t*>(
       chunk < steps ? nt_spill.ensure(static_cast<std::size_t>(m_tiles) * 4 * kTileBytes) : nullptr);
-  const std::int64_t stride = k;
-  // A later pair of W tile rows streams in from memory during this pair's first m-tile: step ks
-  // prefetches its line ks of each of the 32 rows (by default into L2, one pair ahead: 32 rows x k
-  // bytes do not fit L1), or its ks-th run of 32 lines in address order (Tuning has the knobs).
+  const TileOrder order{k};
+  // A later pair of W tile rows (two 16-row blocks, contiguous) streams in from memory during this
+  // pair's first m-tile: step ks prefetches step ks's tile of both blocks (by default into L2, one
+  // pair ahead: 32 rows x k bytes do not fit L1; Tuning has the knobs).
   const Tuning& knobs = tuning();
   const int ahead = knobs.prefetch ? std::max(0, knobs.int8_nt_prefetch_pairs) : 0;
-  const bool to_l2 = knobs.int8_nt_prefetch_l2, in_order = knobs.int8_nt_prefetch_in_address_order;
-  const std::size_t pair_bytes = static_cast<std::size_t>(32) * k;
+  const bool to_l2 = knobs.int8_nt_prefetch_l2;
+  const std::size_t block_bytes = static_cast<std::size_t>(16) * k;
   const auto prefetch_pair_step = [&](const std::uint8_t* pair, int ks) {
-    for (int r = 0; r < 32; ++r) {
-      const std::size_t at = in_order ? (static_cast<std::size_t>(ks) * 32 + r) * 64
-                                      : static_cast<std::size_t>(r) * k + static_cast<std::size_t>(ks) * kStep;
-      if (at < pair_bytes) to_l2 ? prefetch_l2(pair + at) : prefetch_l1(pair + at);
+    for (std::size_t line = 0; line < kTileBytes; line += 64) {
+      const std::size_t at = static_cast<std::size_t>(ks) * kTileBytes + line;
+      if (at >= block_bytes) break;
+      for (const std::uint8_t* block : {pair, pair + block_bytes})
+        to_l2 ? prefetch_l2(block + at) : prefetch_l1(block + at);
     }
   };
   const auto prefetch_pair = [&](const std::uint8_t* pair) {
@@ -224,13 +261,12 @@ void nt_int8(int m, const std::uint8_t* act, const void* wq, int rows, int k, in
   };
   if (knobs.prefetch && knobs.weight_prefetch_first)  // the pairs no earlier pair prefetches
     for (int n = n0; n < std::min(n1, n0 + 32 * std::max(1, ahead)); n += 32)
-      prefetch_pair(w + static_cast<std::size_t>(n) * k);
+      prefetch_pair(w + order.block(n));
   alignas(64) std::int32_t acc[4][256];
   for (int n = n0; n < n1; n += 32) {
-    const std::uint8_t* w0 = w + static_cast<std::size_t>(n) * k;
-    const std::uint8_t* w1 = w0 + static_cast<std::size_t>(16) * k;
-    const std::uint8_t* next =
-        ahead > 0 && n + 32 * ahead < n1 ? w0 + static_cast<std::size_t>(32 * ahead) * k : nullptr;
+    const std::uint8_t* w0 = w + order.block(n);  // rows n .. n + 15, then n + 16 .. n + 31
+    const std::uint8_t* w1 = w0 + block_bytes;
+    const std::uint8_t* next = ahead > 0 && n + 32 * ahead < n1 ? w + order.block(n + 32 * ahead) : nullptr;
     if (next && knobs.int8_nt_prefetch_burst) {
       prefetch_pair(next);
       next = nullptr;
@@ -242,7 +278,8 @@ void nt_int8(int m, const std::uint8_t* act, const void* wq, int rows, int k, in
         std::uint8_t* sp = spill ? spill + static_cast<std::size_t>(mt) * 4 * kTileBytes : nullptr;
         start_accumulators(k0 == 0 ? nullptr : sp);
         for (int ks = k0; ks < k1; ++ks) {
-          const std::size_t off = static_cast<std::size_t>(ks) * kStep;
+          const std::size_t off = static_cast<std::size_t>(ks) * kTileBytes;
+          const int stride = order.stride(kStep * ks);
           const std::uint8_t* bk = b + static_cast<std::size_t>(ks) * 2 * kTileBytes;
           if (next && mt == 0) prefetch_pair_step(next, ks);
           tile_load<4>(w0 + off, stride);
@@ -271,9 +308,10 @@ void nt_int8(int m, const std::uint8_t* act, const void* wq, int rows, int k, in
 
 thread_local ThreadScratch vnni_strip;
 
-// W [k, cols], columns [j0, j1) -> per 16-column tile jt, per step ks, the B tile (VNNI):
+// W [k, cols] (tile order), columns [j0, j1) -> per 16-column tile jt, per step ks, the B tile (VNNI):
 // row p, bytes 4j .. 4j + 3 = W[64 ks + 4p + i][j0 + 16 jt + j], i = 0..3 (zeros from row k on).
-// Rows are read front to back, 4 at a time, 32 columns (two tiles) per step of the inner loop.
+// Rows are read front to back, 4 at a time (one 16-row block's tiles, in order), 32 columns (two
+// tiles) per step of the inner loop.
 const std::uint8_t* build_vnni_strip(const std::uint8_t* w, int k, int cols, int j0, int j1) {
   const int steps = steps_of(k), col_tiles = (j1 - j0) / 16;
   const std::size_t tile_stride = static_cast<std::size_t>(steps) * kTileBytes;  // one column tile's B tiles
@@ -291,18 +329,19 @@ const std::uint8_t* build_vnni_strip(const std::uint8_t* w, int k, int cols, int
       for (int j = 0; j < 4; ++j) bytes[16 * L + 4 * j + i] = static_cast<std::uint8_t>(4 * i + j);
     }
   const __m512i idx0 = _mm512_load_si512(first), idx1 = _mm512_load_si512(second), within = _mm512_load_si512(bytes);
-  // Row group g's lines of the strip (4 rows x the strip's width), prefetched by default 4 groups
-  // ahead into L1 (Tuning: distance, level, an extra L2 prefetch further ahead, the first groups).
+  // Row group g's lines of the strip (4 rows of each of the strip's column blocks: 256 contiguous
+  // bytes a block), prefetched by default 4 groups ahead into L2 (Tuning: distance, level, an extra
+  // L2 prefetch further ahead, the first groups).
+  const TileOrder order{cols};
   const Tuning& knobs = tuning();
   const int near = knobs.prefetch ? std::max(0, knobs.int8_strip_prefetch_groups) : 0;
   const int far = knobs.prefetch ? std::max(0, knobs.int8_strip_far_groups) : 0;
   const auto prefetch_group = [&](int g, bool to_l2) {
     if (4 * g >= k) return;
-    for (int i = 0; i < 4; ++i)
-      for (int b = 0; b < j1 - j0; b += 64) {
-        const std::uint8_t* line = w + static_cast<std::size_t>(4 * g + i) * cols + j0 + b;
-        to_l2 ? prefetch_l2(line) : prefetch_l1(line);
-      }
+    for (int c = j0 / kStep * kStep; c < j1; c += kStep) {
+      const std::uint8_t* start = w + order.at(4 * g, c);
+      for (int line = 0; line < 4 * order.stride(c); line += 64) to_l2 ? prefetch_l2(start + line) : prefetch_l1(start + line);
+    }
   };
   if (knobs.prefetch && knobs.weight_prefetch_first)
     for (int g = 0; g < near; ++g) prefetch_group(g, knobs.int8_strip_prefetch_l2);
@@ -313,12 +352,12 @@ const std::uint8_t* build_vnni_strip(const std::uint8_t* w, int k, int cols, int
       for (int jt = 0; jt < col_tiles; ++jt) _mm512_store_si512(dst + jt * tile_stride, _mm512_setzero_si512());
       continue;
     }
-    const std::uint8_t* r0 = w + static_cast<std::size_t>(4 * g) * cols + j0;
     if (near) prefetch_group(g + near, knobs.int8_strip_prefetch_l2);
     if (far) prefetch_group(g + far, true);
     for (int jt = 0; jt < col_tiles; jt += 2) {
-      const std::uint8_t* src = r0 + 16 * jt;
-      const auto row = [&](int i) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * cols)); };
+      const int c = j0 + 16 * jt, stride = order.stride(c);
+      const std::uint8_t* src = w + order.at(4 * g, c);
+      const auto row = [&](int i) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * stride)); };
       const __m512i r01 = _mm512_inserti64x4(_mm512_castsi256_si512(row(0)), row(1), 1);
       const __m512i r23 = _mm512_inserti64x4(_mm512_castsi256_si512(row(2)), row(3), 1);
       _mm512_store_si512(dst + jt * tile_stride,
@@ -432,6 +471,9 @@ void install_amx_int8(KernelTable& t) {
   q.packed_a_bytes = int8_packed_a_bytes;
   q.pack_a_nt = int8_pack_a_nt;
   q.pack_a_nn_w = int8_pack_a_nn_w;
+  q.format = moe::PackFormat::amx_int8_tiles;
+  q.arrange = int8_arrange;
+  q.unarrange = int8_unarrange;
 }
 
 }  // namespace kt::isa_amx

@@ -37,12 +37,11 @@ struct Tuning {
   int int8_strip_prefetch_groups = 4;
   bool int8_strip_prefetch_l2 = true;
   int int8_strip_far_groups = 0;
-  // NT: the W pair (32 rows) this many pairs ahead streams in during a pair's first m-tile (0: off),
-  // into L2 or L1; in address order (a run of 32 lines per step, page-sequential for the hardware
-  // streamer) instead of one line of each of the 32 rows per step; or all at once at the pair's start.
+  // NT: the W pair (32 rows: two 16-row blocks of tiles) this many pairs ahead streams in during a
+  // pair's first m-tile (0: off), into L2 or L1, a tile of each block per step; or all at once at the
+  // pair's start.
   int int8_nt_prefetch_pairs = 1;
   bool int8_nt_prefetch_l2 = true;
-  bool int8_nt_prefetch_in_address_order = false;
   bool int8_nt_prefetch_burst = false;
 };
 // Process-wide; change it only while no kernel runs and before packing activations (small_m
