@@ -100,8 +100,8 @@ const KernelTable& kernels_for(Isa isa, WeightDType dtype, int group_size) {
     t.gemm_nn = q.gemm_nn;
     t.gemm_nt_packed = q.gemm_nt_packed;
     t.gemm_nn_packed = q.gemm_nn_packed;
-    t.gemm_nt_packed_add = nullptr;  // the bf16 products' adding forms do not read quantized weights
-    t.gemm_nn_packed_add = nullptr;
+    t.gemm_nt_packed_segments = nullptr;  // the bf16 products' summed forms do not read quantized weights
+    t.gemm_nn_packed_segments = nullptr;
     if (q.packed_a_bytes) {  // the products' own activation packing (amx int8)
       t.packed_a_bytes = q.packed_a_bytes;
       t.pack_a_nt = q.pack_a_nt;

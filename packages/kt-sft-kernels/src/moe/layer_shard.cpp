@@ -67,7 +67,7 @@ std::pair<int, int> MoELayer::shard_down(const std::vector<const MoELayer*>& sha
   const int rd = lora.a_d ? static_cast<int>(lora.a_d.shape[1]) : 0;
   const KernelTable& kt = L.kernels();
   const bool packed = PackedRows::used_by(kt);
-  const bool adds = packed && kt.gemm_nt_packed_add != nullptr;
+  const bool summed = packed && kt.gemm_nt_packed_segments != nullptr;
   runtime::ThreadPool& pool = *L.pool;
   const int blocks = blocks_of(H, kDownBlock);
   const int block0 = blocks * index / count, block1 = blocks * (index + 1) / count;
@@ -84,26 +84,30 @@ std::pair<int, int> MoELayer::shard_down(const std::vector<const MoELayer*>& sha
     const int h0 = (block0 + static_cast<int>(task % my_blocks)) * kDownBlock, h1 = std::min(H, h0 + kDownBlock);
     const int width = h1 - h0;
     float* other = tiles + thread * kTileFloats;
+    std::vector<PackedSegment> segs(summed ? shards.size() : 0);
     for_each_call(r, e, [&](std::int64_t b, int m) {
-      // Shard order: shard 0 writes y, the others add their slice's product (fp32).
-      for (std::size_t s = 0; s < shards.size(); ++s) {
-        const Impl& S = *shards[s]->impl_;
-        const Workspace& sw = S.shared->ws;
-        if (s > 0 && adds) {  // the tier adds its product to the rows in place (same bits as the tile add)
-          kt.gemm_nt_packed_add(m, sw.packed.at(r, e, b), S.down_of(e), H, S.config.intermediate, h0, h1,
-                                y + b * H + h0, H);
-          continue;
+      if (summed) {  // one product over the shards' slices in shard order, written once
+        for (std::size_t s = 0; s < shards.size(); ++s) {
+          const Impl& S = *shards[s]->impl_;
+          segs[s] = {S.shared->ws.packed.at(r, e, b), S.down_of(e), S.config.intermediate};
         }
-        float* dst = s == 0 ? y + b * H + h0 : other;
-        const std::int64_t ld = s == 0 ? H : width;
-        chunk_nt(kt, packed ? &sw.packed : nullptr, r, e, b, m, sw.h_rows.data(), S.down_of(e), H,
-                 S.config.intermediate, h0, h1, dst, ld);
-        if (s > 0)
-          for (int i = 0; i < m; ++i) {
-            float* out = y + (b + i) * H + h0;
-            const float* add = other + i * width;
-            for (int c = 0; c < width; ++c) out[c] += add[c];
-          }
+        kt.gemm_nt_packed_segments(m, segs.data(), static_cast<int>(segs.size()), H, h0, h1, y + b * H + h0, H);
+      } else {
+        // Shard order: shard 0 writes y, the others add their slice's product (fp32).
+        for (std::size_t s = 0; s < shards.size(); ++s) {
+          const Impl& S = *shards[s]->impl_;
+          const Workspace& sw = S.shared->ws;
+          float* dst = s == 0 ? y + b * H + h0 : other;
+          const std::int64_t ld = s == 0 ? H : width;
+          chunk_nt(kt, packed ? &sw.packed : nullptr, r, e, b, m, sw.h_rows.data(), S.down_of(e), H,
+                   S.config.intermediate, h0, h1, dst, ld);
+          if (s > 0)
+            for (int i = 0; i < m; ++i) {
+              float* out = y + (b + i) * H + h0;
+              const float* add = other + i * width;
+              for (int c = 0; c < width; ++c) out[c] += add[c];
+            }
+        }
       }
       if (rd) {  // s_d B_d (Σ_s A_d[:, S_s] h_s): the r floats a pair summed in shard order, one B_d pass
         const auto timed = part(Stage::lora_b);
@@ -134,7 +138,7 @@ std::pair<int, int> MoELayer::shard_dx(const ForwardCache& cache, const std::vec
   const int rg = cache.rank_gu;
   const KernelTable& kt = L.kernels();
   const bool packed = PackedRows::used_by(kt);
-  const bool adds = packed && kt.gemm_nn_packed_add != nullptr;
+  const bool summed = packed && kt.gemm_nn_packed_segments != nullptr;
   runtime::ThreadPool& pool = *L.pool;
   const int blocks = blocks_of(H, kWideBlock);
   const int block0 = blocks * index / count, block1 = blocks * (index + 1) / count;
@@ -167,27 +171,32 @@ std::pair<int, int> MoELayer::shard_dx(const ForwardCache& cache, const std::vec
       const int h0 = (block0 + static_cast<int>(task % my_blocks)) * kWideBlock, h1 = std::min(H, h0 + kWideBlock);
       const int width = h1 - h0;
       float* other = tiles + thread * kTileFloats;
+      std::vector<PackedSegment> segs(summed ? shards.size() : 0);
       if (dx_rows)
         for_each_call(r, e, [&](std::int64_t b, int m) {
-          // Shard order: shard 0 writes the rows, the others add their slice's product (fp32).
-          for (std::size_t s = 0; s < shards.size(); ++s) {
-            const Impl& S = *shards[s]->impl_;
-            const Workspace& sw = S.shared->ws;
-            if (s > 0 && adds) {  // added in place by the tier (same bits as the tile add)
-              kt.gemm_nn_packed_add(m, sw.packed.at(r, e, b), S.gate_up_of(e), 2 * S.config.intermediate, H, h0, h1,
-                                    dx_rows + b * H + h0, H);
-              continue;
+          if (summed) {  // one product over the shards' slices in shard order, written once
+            for (std::size_t s = 0; s < shards.size(); ++s) {
+              const Impl& S = *shards[s]->impl_;
+              segs[s] = {S.shared->ws.packed.at(r, e, b), S.gate_up_of(e), 2 * S.config.intermediate};
             }
-            float* dst = s == 0 ? dx_rows + b * H + h0 : other;
-            const std::int64_t ld = s == 0 ? H : width;
-            chunk_nn(kt, packed ? &sw.packed : nullptr, r, e, b, m, sw.dgu_rows.data(), S.gate_up_of(e),
-                     2 * S.config.intermediate, H, h0, h1, dst, ld);
-            if (s > 0)
-              for (int i = 0; i < m; ++i) {
-                float* out = dx_rows + (b + i) * H + h0;
-                const float* add = other + i * width;
-                for (int c = 0; c < width; ++c) out[c] += add[c];
-              }
+            kt.gemm_nn_packed_segments(m, segs.data(), static_cast<int>(segs.size()), H, h0, h1, dx_rows + b * H + h0,
+                                       H);
+          } else {
+            // Shard order: shard 0 writes the rows, the others add their slice's product (fp32).
+            for (std::size_t s = 0; s < shards.size(); ++s) {
+              const Impl& S = *shards[s]->impl_;
+              const Workspace& sw = S.shared->ws;
+              float* dst = s == 0 ? dx_rows + b * H + h0 : other;
+              const std::int64_t ld = s == 0 ? H : width;
+              chunk_nn(kt, packed ? &sw.packed : nullptr, r, e, b, m, sw.dgu_rows.data(), S.gate_up_of(e),
+                       2 * S.config.intermediate, H, h0, h1, dst, ld);
+              if (s > 0)
+                for (int i = 0; i < m; ++i) {
+                  float* out = dx_rows + (b + i) * H + h0;
+                  const float* add = other + i * width;
+                  for (int c = 0; c < width; ++c) out[c] += add[c];
+                }
+            }
           }
           if (rg)
             kt.lora_at_add(m, b_sum + b * rg, expert_slice(lora.a_gu, e), lora.a_gu.dtype, rg, H, h0, h1,

@@ -9,6 +9,7 @@
 //    src/isa/amx/amx_ops_emulated.hpp): CMake -DKT_SFT_BUILD_CPP_TESTS=ON -DKT_SFT_ISA_EMULATION=ON
 //  * real, on an AMX machine (`ci/device.sh amx-cpp` builds and runs it).
 #include <algorithm>
+#include <deque>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -86,18 +87,18 @@ bool same_bits(const std::vector<float>& x, const std::vector<float>& y) {
 enum class Kind { nt, nn };
 enum class Entry { rows, packed };
 
-// Packs a for `kind`, then the packed product into c (add: the entries that add into c).
-void packed_product(Kind kind, bool add, int m, const Rows& a, const Weights& w, int o0, int o1, float* c,
+// Packs a for `kind`, then the packed product into c.
+void packed_product(Kind kind, int m, const Rows& a, const Weights& w, int o0, int o1, float* c,
                     std::int64_t ldc) {
   const kt::moe::KernelTable& t = table();
   const int k = kind == Kind::nt ? w.cols : w.rows;
   Aligned packed(t.packed_a_bytes(m, k));
   if (kind == Kind::nt) {
     t.pack_a_nt(m, a.ptr.data(), k, packed.p);
-    (add ? t.gemm_nt_packed_add : t.gemm_nt_packed)(m, packed.p, w.packed.p, w.rows, k, o0, o1, c, ldc);
+    t.gemm_nt_packed(m, packed.p, w.packed.p, w.rows, k, o0, o1, c, ldc);
   } else {
     t.pack_a_nn(m, a.ptr.data(), k, packed.p);
-    (add ? t.gemm_nn_packed_add : t.gemm_nn_packed)(m, packed.p, w.packed.p, k, w.cols, o0, o1, c, ldc);
+    t.gemm_nn_packed(m, packed.p, w.packed.p, k, w.cols, o0, o1, c, ldc);
   }
 }
 
@@ -111,7 +112,7 @@ std::vector<float> run(Kind kind, Entry entry, int m, const Rows& a, const Weigh
     if (kind == Kind::nt) t.gemm_nt(m, a.ptr.data(), w.packed.p, w.rows, k, o0, o1, c.data(), ldc);
     else t.gemm_nn(m, a.ptr.data(), w.packed.p, k, w.cols, o0, o1, c.data(), ldc);
   } else {
-    packed_product(kind, false, m, a, w, o0, o1, c.data(), ldc);
+    packed_product(kind, m, a, w, o0, o1, c.data(), ldc);
   }
   std::vector<float> out(static_cast<std::size_t>(m) * width);
   int margin_written = 0;
@@ -183,41 +184,83 @@ void test_products(std::mt19937& rng, const std::vector<int>& ms) {
   }
 }
 
-// The adding entries (gemm_*_packed_add): c += the product, bitwise c + what gemm_*_packed writes, for
-// tile tails in m, column sub-ranges, a strided c, several reduction chunks; the margins untouched.
-void test_adding_entries(std::mt19937& rng) {
+// The summed entries (gemm_*_packed_segments, NUMA shards on one node): the reduction cut into 2 or 3
+// segments at multiples of 32, each packed apart (rows and weights), gives bitwise the product of the
+// whole reduction on tiles (below small_m, the dot-product path: the segments' products added in
+// order), for tile tails in m, column sub-ranges, a strided c, several reduction chunks.
+void test_segment_entries(std::mt19937& rng) {
   const kt::moe::KernelTable& t = table();
-  EXPECT(t.gemm_nt_packed_add != nullptr && t.gemm_nn_packed_add != nullptr, "amx has no adding entries");
-  if (!t.gemm_nt_packed_add || !t.gemm_nn_packed_add) return;
+  EXPECT(t.gemm_nt_packed_segments != nullptr && t.gemm_nn_packed_segments != nullptr, "amx has no summed entries");
+  if (!t.gemm_nt_packed_segments || !t.gemm_nn_packed_segments) return;
   Weights w(160, 288, rng);
-  std::uniform_real_distribution<float> value(-4.f, 4.f);
   const kt::isa_amx::Tuning saved = kt::isa_amx::tuning();
-  for (Kind kind : {Kind::nt, Kind::nn})
-    for (int kc : {1, 32})
-      for (int m : {1, 3, 16, 37, 150, 290}) {
-        kt::isa_amx::tuning().kc_steps = kc;
-        const int k = kind == Kind::nt ? w.cols : w.rows, outputs = kind == Kind::nt ? w.rows : w.cols;
-        Rows a(m, k, rng);
-        for (auto [o0, o1] : {std::pair{0, outputs}, {32, outputs - 32}}) {
-          const int width = o1 - o0;
-          const std::int64_t ldc = width + 8;
-          const std::vector<float> product = run(kind, Entry::packed, m, a, w, o0, o1);
-          std::vector<float> c(static_cast<std::size_t>(m + 1) * ldc);
-          for (float& v : c) v = value(rng);
-          const std::vector<float> before = c;
-          packed_product(kind, true, m, a, w, o0, o1, c.data(), ldc);
-          int wrong = 0, margin = 0;
-          for (int i = 0; i <= m; ++i)
-            for (int j = 0; j < ldc; ++j) {
-              const std::size_t at = static_cast<std::size_t>(i) * ldc + j;
-              const float want = i < m && j < width ? before[at] + product[static_cast<std::size_t>(i) * width + j]
-                                                    : before[at];
-              if (std::memcmp(&want, &c[at], sizeof(float)) != 0) ++(i < m && j < width ? wrong : margin);
-            }
-          EXPECT(wrong == 0 && margin == 0, "%s add m=%d kc=%d [%d,%d): %d sums differ from c + product, %d margin "
-                 "elements changed", kind == Kind::nt ? "nt" : "nn", m, kc, o0, o1, wrong, margin);
-        }
+  for (Kind kind : {Kind::nt, Kind::nn}) {
+    const int k = kind == Kind::nt ? w.cols : w.rows, outputs = kind == Kind::nt ? w.rows : w.cols;
+    const std::vector<std::vector<int>> cuts =
+        kind == Kind::nt ? std::vector<std::vector<int>>{{0, 96, 288}, {0, 32, 160, 288}}
+                         : std::vector<std::vector<int>>{{0, 64, 160}, {0, 32, 96, 160}};
+    for (const std::vector<int>& cut : cuts) {
+      // Each segment's weights: NT the columns [k0, k1) of W, NN its rows [k0, k1); packed apart.
+      std::deque<Weights> parts;  // (not movable: their packing is an Aligned buffer)
+      for (std::size_t s = 0; s + 1 < cut.size(); ++s) {
+        const int k0 = cut[s], k1 = cut[s + 1];
+        Weights& part = parts.emplace_back(kind == Kind::nt ? w.rows : k1 - k0, kind == Kind::nt ? k1 - k0 : w.cols, rng);
+        for (int r = 0; r < part.rows; ++r)
+          for (int c = 0; c < part.cols; ++c)
+            part.plain[static_cast<std::size_t>(r) * part.cols + c] =
+                kind == Kind::nt ? w.plain[static_cast<std::size_t>(r) * w.cols + k0 + c]
+                                 : w.plain[static_cast<std::size_t>(k0 + r) * w.cols + c];
+        t.pack(part.plain.data(), part.rows, part.cols, part.packed.p);
       }
+      for (int kc : {1, 32})
+        for (int m : {1, 3, 16, 37, 150, 290}) {
+          kt::isa_amx::tuning().kc_steps = kc;
+          Rows a(m, k, rng);
+          std::deque<Aligned> packed;
+          std::vector<kt::moe::PackedSegment> segs;
+          for (std::size_t s = 0; s + 1 < cut.size(); ++s) {
+            const int k0 = cut[s], ks = cut[s + 1] - k0;
+            std::vector<const bf16*> rows(a.ptr.size());
+            for (std::size_t i = 0; i < rows.size(); ++i) rows[i] = a.ptr[i] + k0;
+            packed.emplace_back(t.packed_a_bytes(m, ks));
+            (kind == Kind::nt ? t.pack_a_nt : t.pack_a_nn)(m, rows.data(), ks, packed.back().p);
+            segs.push_back({packed.back().p, parts[s].packed.p, ks});
+          }
+          for (auto [o0, o1] : {std::pair{0, outputs}, {32, outputs - 32}}) {
+            const int width = o1 - o0;
+            const std::int64_t ldc = width + 8;
+            std::vector<float> whole = run(kind, Entry::packed, m, a, w, o0, o1);
+            if (m < kt::isa_amx::tuning().small_m) {  // the segments' products, added in order
+              std::fill(whole.begin(), whole.end(), 0.f);
+              for (const kt::moe::PackedSegment& seg : segs) {
+                std::vector<float> part(whole.size());
+                if (kind == Kind::nt) t.gemm_nt_packed(m, seg.a, seg.w, w.rows, seg.k, o0, o1, part.data(), width);
+                else t.gemm_nn_packed(m, seg.a, seg.w, seg.k, w.cols, o0, o1, part.data(), width);
+                for (std::size_t e = 0; e < whole.size(); ++e) whole[e] = &seg == segs.data() ? part[e] : whole[e] + part[e];
+              }
+            }
+            std::vector<float> c(static_cast<std::size_t>(m + 1) * ldc, std::numeric_limits<float>::quiet_NaN());
+            const int n = static_cast<int>(segs.size());
+            if (kind == Kind::nt) t.gemm_nt_packed_segments(m, segs.data(), n, w.rows, o0, o1, c.data(), ldc);
+            else t.gemm_nn_packed_segments(m, segs.data(), n, w.cols, o0, o1, c.data(), ldc);
+            int wrong = 0, margin = 0;
+            for (int i = 0; i <= m; ++i)
+              for (int j = 0; j < ldc; ++j) {
+                const float got = c[static_cast<std::size_t>(i) * ldc + j];
+                if (i < m && j < width) {
+                  const float want = whole[static_cast<std::size_t>(i) * width + j];
+                  wrong += std::memcmp(&want, &got, sizeof(float)) != 0;
+                } else {
+                  margin += !std::isnan(got);
+                }
+              }
+            EXPECT(wrong == 0 && margin == 0, "%s %zu segments m=%d kc=%d [%d,%d): %d values differ from the whole "
+                   "product, %d margin elements written", kind == Kind::nt ? "nt" : "nn", segs.size(), m, kc, o0, o1,
+                   wrong, margin);
+          }
+        }
+    }
+  }
   kt::isa_amx::tuning() = saved;
 }
 
@@ -437,7 +480,7 @@ int main() {
   for (int small : {1, 4, 17}) {  // AMX for every m, dot products up to m = 3, dot products up to m = 16
     kt::isa_amx::tuning().small_m = small;
     test_products(rng, ms);
-    test_adding_entries(rng);
+    test_segment_entries(rng);
   }
   kt::isa_amx::tuning().small_m = 4;  // both paths in the determinism checks
   test_determinism(rng);

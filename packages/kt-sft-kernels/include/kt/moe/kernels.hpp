@@ -60,6 +60,14 @@ struct QuantGemms {
   void (*arrange)(const std::uint8_t* row_major, int rows, int cols, std::uint8_t* dst) = nullptr;
   void (*unarrange)(const std::uint8_t* arranged, int rows, int cols, std::uint8_t* dst) = nullptr;
 };
+// One segment of a summed product (KernelTable::gemm_*_packed_segments): rows packed by pack_a_* for
+// reduction length k, and the packed weights of that reduction.
+struct PackedSegment {
+  const void* a;
+  const void* w;
+  int k;
+};
+
 enum QuantKind : int { kQuantInt8 = 0, kQuantInt4G32 = 1, kQuantInt4G64 = 2, kQuantInt4G128 = 3, kQuantKinds = 4 };
 
 struct KernelTable {
@@ -100,14 +108,15 @@ struct KernelTable {
   // Set instead of pack_a_nn where the NN packing needs the weight matrix W (packed [k, cols]) the
   // product will use (QuantGemms::pack_a_nn_w); the caller packs per expert then.
   void (*pack_a_nn_w)(int m, const bf16* const* a, const void* w, int k, int cols, void* dst) = nullptr;
-  // Optional (null where the tier has none): gemm_*_packed that ADD the product to c instead of writing
-  // it, c[i*ldc + ...] += (what gemm_*_packed writes) in one fp32 add each, so bitwise equal to the
-  // product into a scratch tile added afterwards. NUMA shards on one node sum the shards' half-length
-  // down / dx products with it, without a second pass over the rows (ADR 0701 "One-node cost").
-  void (*gemm_nt_packed_add)(int m, const void* a, const void* w, int rows, int k, int n0, int n1, float* c,
-                             std::int64_t ldc) = nullptr;
-  void (*gemm_nn_packed_add)(int m, const void* a, const void* w, int k, int cols, int j0, int j1, float* c,
-                             std::int64_t ldc) = nullptr;
+  // Optional (null where the tier has none): the products of several (packed rows, packed weights)
+  // segments summed over one output range, the segments' reductions one after another in one chain
+  // per output element, written once: bitwise the product of the concatenated reductions (segment
+  // lengths are multiples of 32). NUMA shards on one node sum their slices' down / dx products with it
+  // (ADR 0701 "Session 9"); tiers without it add each shard's product to the rows.
+  void (*gemm_nt_packed_segments)(int m, const PackedSegment* segs, int count, int rows, int n0, int n1, float* c,
+                                  std::int64_t ldc) = nullptr;
+  void (*gemm_nn_packed_segments)(int m, const PackedSegment* segs, int count, int cols, int j0, int j1, float* c,
+                                  std::int64_t ldc) = nullptr;
 
   // SwiGLU forward: g = bf16(g32), u = bf16(u32) (the cached pre-activations), then
   // h[i] = bf16(silu(g[i]) * u[i]) from the rounded g, u. n is a multiple of 32.

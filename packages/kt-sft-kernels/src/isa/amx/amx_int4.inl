@@ -97,14 +97,14 @@ template <int Group>
 void quant_gemm_nt_packed(int m, const void* a, const void* w, int rows, int k, int n0, int n1, float* c,
                           std::int64_t ldc) {
   if (m <= 0 || n1 <= n0) return;
-  gemm_nt_packed<false>(m, a, nt_strip<Group>(w, rows, k, n0, n1), n1 - n0, k, 0, n1 - n0, c, ldc);
+  gemm_nt_packed(m, a, nt_strip<Group>(w, rows, k, n0, n1), n1 - n0, k, 0, n1 - n0, c, ldc);
 }
 
 template <int Group>
 void quant_gemm_nn_packed(int m, const void* a, const void* w, int k, int cols, int j0, int j1, float* c,
                           std::int64_t ldc) {
   if (m <= 0 || j1 <= j0) return;
-  gemm_nn_packed<false>(m, a, nn_strip<Group>(w, k, cols, j0, j1), k, j1 - j0, 0, j1 - j0, c, ldc);
+  gemm_nn_packed(m, a, nn_strip<Group>(w, k, cols, j0, j1), k, j1 - j0, 0, j1 - j0, c, ldc);
 }
 
 template <int Group>

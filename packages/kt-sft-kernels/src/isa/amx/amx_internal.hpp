@@ -251,12 +251,28 @@ void pack_a_nt(int m, const bf16* const* a, int k, void* dst);
 void pack_a_nn(int m, const bf16* const* a, int k, void* dst);
 // Below small_m() rows the activation "packing" is the row pointers themselves.
 inline const bf16* const* row_pointers(const void* packed) { return static_cast<const bf16* const*>(packed); }
+// A reduction of several segments (NUMA shards on one node): packed activations and weights of k each.
+struct Segment {
+  const std::uint8_t* act;
+  const std::uint8_t* w;
+  int k;
+};
 // add: c += the product (one fp32 add per element after the product is complete, so the result is
 // bitwise c + what add = false writes) instead of c = the product.
-void nt_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int n0, int n1, float* c,
-            std::int64_t ldc, bool add = false);                                 // gemm_nt.cpp
-void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int cols, int j0, int j1, float* c,
-            std::int64_t ldc, bool add = false);                                 // gemm_nn.cpp
+void nt_amx(int m, const Segment* segs, int count, int n0, int n1, float* c, std::int64_t ldc,
+            bool add = false);                                                   // gemm_nt.cpp
+inline void nt_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int n0, int n1, float* c,
+                   std::int64_t ldc, bool add = false) {
+  const Segment one{act, w, k};
+  nt_amx(m, &one, 1, n0, n1, c, ldc, add);
+}
+void nn_amx(int m, const Segment* segs, int count, int cols, int j0, int j1, float* c, std::int64_t ldc,
+            bool add = false);                                                   // gemm_nn.cpp
+inline void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int cols, int j0, int j1, float* c,
+                   std::int64_t ldc, bool add = false) {
+  const Segment one{act, w, k};
+  nn_amx(m, &one, 1, cols, j0, j1, c, ldc, add);
+}
 void install_amx_int8(KernelTable& t);                                          // amx_int8.cpp
 void nt_small(int m, const bf16* const* a, const std::uint8_t* w, int k, int n0, int n1, float* c,
               std::int64_t ldc, bool add = false);                               // small_m.cpp

@@ -1,6 +1,8 @@
 // The amx tier's NN product on tiles: C = A W (backward) from the same packed weights.
 #include "amx_internal.hpp"
 
+#include <vector>
+
 namespace kt::isa_amx {
 
 // ---- AMX path: NN ------------------------------------------------------------------------------------
@@ -102,30 +104,40 @@ inline void nn_output(float* c, std::int64_t ldc, int rows0, int rows1, bool add
 // serve every row pair of the m-block. They are built one item ahead, double-buffered, during the
 // first row pair's products of the item before (software pipelining: with few rows per expert the
 // building costs about as much as the products, and done up front it was not overlapped with them).
-void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int cols, int j0, int j1, float* c,
-            std::int64_t ldc, bool add) {
+// Segments as in nt_amx: a chunk lies in one segment, the accumulators carry over between segments.
+void nn_amx(int m, const Segment* segs, int count, int cols, int j0, int j1, float* c, std::int64_t ldc, bool add) {
   const TileSession session;
-  const int q_steps = k / 32, tile_cols = cols / 32, m_tiles = (m + 15) / 16, col_tiles = (j1 - j0) / 32;
+  const int tile_cols = cols / 32, m_tiles = (m + 15) / 16, col_tiles = (j1 - j0) / 32;
   const bool prefetch = tuning().prefetch;
   const int ahead = prefetch ? std::max(0, tuning().act_prefetch_steps) : 0;
   const int w_ahead = std::max(1, tuning().weight_prefetch_items);
   const bool w_to_l2 = tuning().weight_prefetch_l2, w_burst = tuning().weight_prefetch_burst;
   alignas(64) std::uint8_t bbufs[2][kMaxKcSteps * 2 * kTileBytes];
-  const std::size_t panel = static_cast<std::size_t>(q_steps) * kTileBytes;  // one m-tile of activations
+  // One segment's m-tile of activations: k / 32 steps of 1 KB.
+  const auto panel = [&](int s) { return static_cast<std::size_t>(segs[s].k / 32) * kTileBytes; };
+  struct Chunk {
+    int seg, q0, q1;  // steps [q0, q1) of segs[seg]
+  };
+  thread_local std::vector<Chunk> chunk_list;  // per m-block; grows once per thread
   for (int mb = 0; mb < m_tiles; mb += kMBlockTiles) {
     const int mb_end = std::min(m_tiles, mb + kMBlockTiles);
     const int row_pairs = (mb_end - mb + 1) / 2;
     // One row pair: a larger chunk (fewer accumulator spills), at most what the B-tile buffer holds.
     const int kc = row_pairs > 1 ? kc_steps() : std::clamp(tuning().nn_single_pair_kc_steps, 1, kMaxKcSteps);
+    chunk_list.clear();
+    for (int s = 0; s < count; ++s)
+      for (int q = 0; q < segs[s].k / 32; q += kc) chunk_list.push_back({s, q, std::min(segs[s].k / 32, q + kc)});
+    const int chunks = static_cast<int>(chunk_list.size());
     auto* spill = static_cast<std::uint8_t*>(
-        kc < q_steps ? spill_store.ensure(static_cast<std::size_t>(col_tiles * row_pairs) * 4 * kTileBytes) : nullptr);
-    const int items = (q_steps + kc - 1) / kc * col_tiles;  // (chunk, column tile), chunk outermost
-    const auto first_step = [&](int it) { return it / col_tiles * kc; };
-    const auto steps_of = [&](int it) { return std::min(q_steps, first_step(it) + kc) - first_step(it); };
+        chunks > 1 ? spill_store.ensure(static_cast<std::size_t>(col_tiles * row_pairs) * 4 * kTileBytes) : nullptr);
+    const int items = chunks * col_tiles;  // (chunk, column tile), chunk outermost
+    const auto chunk_of = [&](int it) -> const Chunk& { return chunk_list[static_cast<std::size_t>(it / col_tiles)]; };
+    const auto steps_of = [&](int it) { return chunk_of(it).q1 - chunk_of(it).q0; };
     const auto prefetch_item_step = [&](int it, int s, bool to_l2) {  // item it's weights of its step s
-      const int q = first_step(it) + s, ct = j0 / 32 + it % col_tiles;
-      prefetch_tile(w + tile_offset(2 * q, ct, tile_cols), to_l2);
-      prefetch_tile(w + tile_offset(2 * q + 1, ct, tile_cols), to_l2);
+      const Chunk& ch = chunk_of(it);
+      const int q = ch.q0 + s, ct = j0 / 32 + it % col_tiles;
+      prefetch_tile(segs[ch.seg].w + tile_offset(2 * q, ct, tile_cols), to_l2);
+      prefetch_tile(segs[ch.seg].w + tile_offset(2 * q + 1, ct, tile_cols), to_l2);
     };
     if (prefetch && tuning().weight_prefetch_first && mb == 0)  // the items no earlier item prefetches
       for (int it = 0; it < std::min(w_ahead, items); ++it)
@@ -134,7 +146,8 @@ void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int co
     // (or, with weight_prefetch_burst, all of them at step 0).
     const auto build_step = [&](int it, int s) {
       std::uint8_t* b = bbufs[it & 1] + static_cast<std::size_t>(s) * 2 * kTileBytes;
-      build_nn_tiles(w, tile_cols, first_step(it) + s, j0 / 32 + it % col_tiles, b, b + kTileBytes);
+      const Chunk& ch = chunk_of(it);
+      build_nn_tiles(segs[ch.seg].w, tile_cols, ch.q0 + s, j0 / 32 + it % col_tiles, b, b + kTileBytes);
       const int target = it + w_ahead;
       if (!prefetch || target >= items) return;
       if (!w_burst && s < steps_of(target)) prefetch_item_step(target, s, w_to_l2);
@@ -143,8 +156,11 @@ void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int co
     };
     for (int s = 0; s < steps_of(0); ++s) build_step(0, s);
     for (int i = 0; i < items; ++i) {
-      const int ci = i % col_tiles, qs0 = first_step(i), qs1 = qs0 + steps_of(i);
-      const bool first = qs0 == 0, last = qs1 == q_steps;
+      const int ci = i % col_tiles, chunk = i / col_tiles;
+      const Chunk& ch = chunk_of(i);
+      const Segment& seg = segs[ch.seg];
+      const std::size_t seg_panel = panel(ch.seg);
+      const bool first = chunk == 0, last = chunk + 1 == chunks;
       const int j = j0 + 32 * ci;
       const std::uint8_t* bbuf = bbufs[i & 1];
       const int next_steps = i + 1 < items ? steps_of(i + 1) : 0;
@@ -159,28 +175,32 @@ void nn_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int co
         // row pair of the chunk starts on the next chunk's.
         const bool chunk_end = ci + 1 == col_tiles && rp + 1 == row_pairs && !last;
         if (ci == 0 || chunk_end) pf.ahead = ahead;
-        if (ci == 0 && rp + 1 < row_pairs) pf.act_next = act_pair(act, panel, mt + 2, mb_end, qs0);
-        if (chunk_end) pf.act_next = act_pair(act, panel, mb, mb_end, qs1);
+        if (ci == 0 && rp + 1 < row_pairs) pf.act_next = act_pair(seg.act, seg_panel, mt + 2, mb_end, ch.q0);
+        if (chunk_end) {
+          const Chunk& next = chunk_list[static_cast<std::size_t>(chunk + 1)];
+          pf.act_next = act_pair(segs[next.seg].act, panel(next.seg), mb, mb_end, next.q0);
+        }
         std::uint8_t* sp = spill ? spill + static_cast<std::size_t>(ci * row_pairs + rp) * 4 * kTileBytes : nullptr;
-        const std::uint8_t* a0 = act + static_cast<std::size_t>(mt) * panel + static_cast<std::size_t>(qs0) * kTileBytes;
+        const std::uint8_t* a0 =
+            seg.act + static_cast<std::size_t>(mt) * seg_panel + static_cast<std::size_t>(ch.q0) * kTileBytes;
         float* out = c + static_cast<std::int64_t>(16 * mt) * ldc + (j - j0);
         const int rows0 = std::min(16, m - 16 * mt), rows1 = std::min(16, m - 16 * mt - 16);
         const Prefetch* p = pf.ahead ? &pf : nullptr;
         if (mt + 1 < mb_end) {
           nn_load_accumulators<2>(sp, first);
-          if (rp == 0) nn_steps<2>(bbuf, a0, a0 + panel, qs1 - qs0, p, build_next);
-          else nn_steps<2>(bbuf, a0, a0 + panel, qs1 - qs0, p, nothing);
+          if (rp == 0) nn_steps<2>(bbuf, a0, a0 + seg_panel, ch.q1 - ch.q0, p, build_next);
+          else nn_steps<2>(bbuf, a0, a0 + seg_panel, ch.q1 - ch.q0, p, nothing);
           if (last) nn_output<2>(out, ldc, rows0, rows1, add);
           else nn_spill_accumulators<2>(sp);
         } else {
           nn_load_accumulators<1>(sp, first);
-          if (rp == 0) nn_steps<1>(bbuf, a0, nullptr, qs1 - qs0, p, build_next);
-          else nn_steps<1>(bbuf, a0, nullptr, qs1 - qs0, p, nothing);
+          if (rp == 0) nn_steps<1>(bbuf, a0, nullptr, ch.q1 - ch.q0, p, build_next);
+          else nn_steps<1>(bbuf, a0, nullptr, ch.q1 - ch.q0, p, nothing);
           if (last) nn_output<1>(out, ldc, rows0, 0, add);
           else nn_spill_accumulators<1>(sp);
         }
       }
-      for (int s = qs1 - qs0; s < next_steps; ++s) build_step(i + 1, s);  // a next item with more steps
+      for (int s = ch.q1 - ch.q0; s < next_steps; ++s) build_step(i + 1, s);  // a next item with more steps
     }
   }
 }

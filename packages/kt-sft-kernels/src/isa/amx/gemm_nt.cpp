@@ -1,6 +1,8 @@
 // The amx tier's NT product on tiles: C = A W^T (forward), blocked as amx_internal.hpp explains.
 #include "amx_internal.hpp"
 
+#include <vector>
+
 namespace kt::isa_amx {
 
 // ---- AMX path: NT ------------------------------------------------------------------------------------
@@ -83,27 +85,44 @@ inline void nt_output(float* c, std::int64_t ldc, int rows0, int rows1, bool add
   }
 }
 
+// A reduction chunk of one segment: steps [kb0, kb1) of segs[seg].
+struct Chunk {
+  int seg, kb0, kb1;
+};
+
 // The loop order (file header, "Blocking"): with the column pair outermost instead, every column
 // pair re-streamed the whole activation panel, which for long reductions (DeepSeek-V3: 128 rows x
-// 7168 = 1.8 MB) no longer fits L2. A block of one row pair has nothing to share: one chunk.
-void nt_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int n0, int n1, float* c, std::int64_t ldc,
-            bool add) {
+// 7168 = 1.8 MB) no longer fits L2. A block of one row pair has nothing to share: one chunk (a
+// segment).
+// Segments (NUMA shards on one node): the reduction is the segments' reductions one after another,
+// each with its own packed activations and weights; a chunk never spans two, and the accumulators
+// carry over from one segment to the next exactly as from one chunk to the next, so the sum is one
+// chain per output element, written once.
+void nt_amx(int m, const Segment* segs, int count, int n0, int n1, float* c, std::int64_t ldc, bool add) {
   const TileSession session;
-  const int k_steps = k / 32, m_tiles = (m + 15) / 16, col_pairs = (n1 - n0) / 32;
+  const int m_tiles = (m + 15) / 16, col_pairs = (n1 - n0) / 32;
   const bool prefetch = tuning().prefetch;
   const int ahead = prefetch ? std::max(0, tuning().act_prefetch_steps) : 0;
   const int w_ahead = std::max(1, tuning().weight_prefetch_items);
   const bool w_to_l2 = tuning().weight_prefetch_l2, w_burst = tuning().weight_prefetch_burst;
-  const std::size_t panel = static_cast<std::size_t>(k_steps) * kTileBytes;  // one 16-row tile row
+  // One segment's tile rows: k / 32 reduction steps of 1 KB (a 16-row tile row of W or of the activations).
+  const auto panel = [&](int s) { return static_cast<std::size_t>(segs[s].k / 32) * kTileBytes; };
+  std::size_t panels = 0;
+  for (int s = 0; s < count; ++s) panels += panel(s);
+  thread_local std::vector<Chunk> chunk_list;  // per m-block; grows once per thread
   for (int mb = 0; mb < m_tiles; mb += kMBlockTiles) {
     const int mb_end = std::min(m_tiles, mb + kMBlockTiles);
     const int row_pairs = (mb_end - mb + 1) / 2;
-    const int kc = row_pairs > 1 ? kc_steps() : k_steps;
-    const int chunks = (k_steps + kc - 1) / kc;
-    // Column pairs outermost while the block's activation panel stays in L2 (each column pair re-reads
-    // it from there, and a column pair's accumulators stay in L1); chunks outermost beyond that.
+    chunk_list.clear();
+    for (int s = 0; s < count; ++s) {
+      const int k_steps = segs[s].k / 32, kc = row_pairs > 1 ? kc_steps() : k_steps;
+      for (int kb = 0; kb < k_steps; kb += kc) chunk_list.push_back({s, kb, std::min(k_steps, kb + kc)});
+    }
+    const int chunks = static_cast<int>(chunk_list.size());
+    // Column pairs outermost while the block's activation panels stay in L2 (each column pair re-reads
+    // them from there, and a column pair's accumulators stay in L1); chunks outermost beyond that.
     const bool chunk_outer =
-        static_cast<std::size_t>(mb_end - mb) * panel > static_cast<std::size_t>(tuning().nt_panel_in_l2_bytes);
+        static_cast<std::size_t>(mb_end - mb) * panels > static_cast<std::size_t>(tuning().nt_panel_in_l2_bytes);
     auto* spill = static_cast<std::uint8_t*>(
         chunks > 1 ? spill_store.ensure(static_cast<std::size_t>(col_pairs * row_pairs) * 4 * kTileBytes) : nullptr);
     struct Item {
@@ -114,33 +133,38 @@ void nt_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int n0
     };
     const auto item_weights = [&](int i) {  // item i's two W tile rows from its first step
       const Item it = item(i);
-      const std::uint8_t* row0 =
-          w + static_cast<std::size_t>((n0 + 32 * it.cp) / 16) * panel + it.chunk * kc * std::size_t{kTileBytes};
-      return TileStream{row0, row0 + panel, w_to_l2};
+      const Chunk& ch = chunk_list[static_cast<std::size_t>(it.chunk)];
+      const std::uint8_t* row0 = segs[ch.seg].w + static_cast<std::size_t>((n0 + 32 * it.cp) / 16) * panel(ch.seg) +
+                                 ch.kb0 * std::size_t{kTileBytes};
+      return TileStream{row0, row0 + panel(ch.seg), w_to_l2};
     };
     if (prefetch && tuning().weight_prefetch_first && mb == 0)  // the items no earlier item prefetches
       for (int i = 0; i < std::min(w_ahead, col_pairs * chunks); ++i) {
-        const int s0 = item(i).chunk * kc, steps = std::min(k_steps, s0 + kc) - s0;
-        for (int s = 0; s < steps; ++s) item_weights(i).prefetch(s);
+        const Chunk& ch = chunk_list[static_cast<std::size_t>(item(i).chunk)];
+        for (int s = 0; s < ch.kb1 - ch.kb0; ++s) item_weights(i).prefetch(s);
       }
     for (int i = 0; i < col_pairs * chunks; ++i) {
       const auto [cp, chunk] = item(i);
-      const int kb0 = chunk * kc, kb1 = std::min(k_steps, kb0 + kc);
-      const bool first = kb0 == 0, last = kb1 == k_steps;
+      const Chunk& ch = chunk_list[static_cast<std::size_t>(chunk)];
+      const Segment& seg = segs[ch.seg];
+      const std::size_t seg_panel = panel(ch.seg);
+      const int kb0 = ch.kb0, kb1 = ch.kb1;
+      const bool first = chunk == 0, last = chunk + 1 == chunks;
       const int n = n0 + 32 * cp;
       // The two W tile rows of this column pair are contiguous (2 * panel bytes); the next pair follows.
-      const std::uint8_t* w0 = w + static_cast<std::size_t>(n / 16) * panel;
-      const std::uint8_t* w1 = w0 + panel;
+      const std::uint8_t* w0 = seg.w + static_cast<std::size_t>(n / 16) * seg_panel;
+      const std::uint8_t* w1 = w0 + seg_panel;
       const bool more = i + 1 < col_pairs * chunks;
       const auto [next_cp, next_chunk] = item(more ? i + 1 : i);
+      const Chunk& next_ch = chunk_list[static_cast<std::size_t>(next_chunk)];
       for (int rp = 0; rp < row_pairs; ++rp) {
         const int mt = mb + 2 * rp;
         Prefetch pf;
         // Activation tiles come from L3 (packed by other threads) on a column pair's first visit of
         // a chunk: prefetched a few steps ahead then, into the next row pair or the next item's.
         if (cp == 0 || (rp + 1 == row_pairs && more && next_cp == 0)) pf.ahead = ahead;
-        if (rp + 1 < row_pairs) pf.act_next = act_pair(act, panel, mt + 2, mb_end, kb0);
-        else if (more) pf.act_next = act_pair(act, panel, mb, mb_end, next_chunk * kc);
+        if (rp + 1 < row_pairs) pf.act_next = act_pair(seg.act, seg_panel, mt + 2, mb_end, kb0);
+        else if (more) pf.act_next = act_pair(segs[next_ch.seg].act, panel(next_ch.seg), mb, mb_end, next_ch.kb0);
         if (prefetch && rp == 0 && i + w_ahead < col_pairs * chunks) {  // a later item's weights, step by step
           pf.w_next = item_weights(i + w_ahead);
           if (w_burst) {  // or all at once
@@ -149,13 +173,13 @@ void nt_amx(int m, const std::uint8_t* act, const std::uint8_t* w, int k, int n0
           }
         }
         std::uint8_t* sp = spill ? spill + static_cast<std::size_t>(cp * row_pairs + rp) * 4 * kTileBytes : nullptr;
-        const std::uint8_t* a0 = act + static_cast<std::size_t>(mt) * panel;
+        const std::uint8_t* a0 = seg.act + static_cast<std::size_t>(mt) * seg_panel;
         float* out = c + static_cast<std::int64_t>(16 * mt) * ldc + (n - n0);
         const int rows0 = std::min(16, m - 16 * mt), rows1 = std::min(16, m - 16 * mt - 16);
         const Prefetch* p = pf.ahead || pf.w_next.row0 ? &pf : nullptr;
         if (mt + 1 < mb_end) {
           load_accumulators<2>(sp, first);
-          nt_steps<2>(w0, w1, a0, a0 + panel, kb0, kb1, p);
+          nt_steps<2>(w0, w1, a0, a0 + seg_panel, kb0, kb1, p);
           if (last) nt_output<2>(out, ldc, rows0, rows1, add);
           else spill_accumulators<2>(sp);
         } else {
