@@ -165,14 +165,6 @@ class PackedRows {
   // weights they multiply (`w`).
   bool build(const KernelTable& kt, bool nn, const Routing& r, const bf16* const* rows, int k,
              runtime::ThreadPool& pool, const ExpertMatrices& w = {}) {
-    if (!plan(kt, r, k)) return false;
-    pack(kt, nn, rows, k, 0, chunks(), pool, w);
-    return true;
-  }
-  // build() in two steps, for one packing that several pools fill (NUMA shards on one node, round 0
-  // of sharded_layer.cpp): plan() lays out and allocates every chunk (false, nothing planned, when
-  // the tier reads row pointers directly); pack() packs chunks [c0, c1) of that plan.
-  bool plan(const KernelTable& kt, const Routing& r, int k) {
     if (!used_by(kt)) return false;
     offsets_.clear();
     first_.assign(r.offsets.size(), 0);
@@ -187,21 +179,16 @@ class PackedRows {
       });
     }
     storage_.ensure(bytes);
-    return true;
-  }
-  std::int64_t chunks() const { return static_cast<std::int64_t>(chunks_.size()); }
-  void pack(const KernelTable& kt, bool nn, const bf16* const* rows, int k, std::int64_t c0, std::int64_t c1,
-            runtime::ThreadPool& pool, const ExpertMatrices& w = {}) {
     std::byte* dst = storage_.data();
     const auto pack_rows = nn ? kt.pack_a_nn : kt.pack_a_nt;
     if (nn && !pack_rows && !w.base) throw std::logic_error("PackedRows: this tier's NN packing needs the weights");
-    run_tasks(pool, Stage::pack, c1 - c0, [&](std::int64_t task, int) {
-      const std::int64_t c = c0 + task;
+    run_tasks(pool, Stage::pack, static_cast<std::int64_t>(chunks_.size()), [&](std::int64_t c, int) {
       const PairChunk& ch = chunks_[c];
       const int m = static_cast<int>(ch.end - ch.begin);
       if (pack_rows) pack_rows(m, rows + ch.begin, k, dst + offsets_[c]);
       else kt.pack_a_nn_w(m, rows + ch.begin, w.of(ch.expert), k, w.cols, dst + offsets_[c]);
     });
+    return true;
   }
   // Whether the tier's GEMMs read packed rows (else build() packs nothing and returns false).
   static bool used_by(const KernelTable& kt) {

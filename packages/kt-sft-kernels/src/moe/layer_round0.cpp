@@ -1,7 +1,7 @@
 // MoELayer::shard_round0_*: round 0 of a sharded call on one node (round_zero.hpp, ADR 0701 "One-node
 // cost"). The packing of x / grad_out and A_gu x / B_d^T G do not depend on a shard's slice; instead
-// of every shard computing all of them, each computes a disjoint range of the chunks its own call
-// would have computed, with the same kernels, into one shared copy.
+// of every shard computing all of them, they are computed once, on the shards' one pool, with the
+// kernels and chunks each shard's own call would have used, into one shared copy.
 #include "round_zero.hpp"
 
 namespace kt::moe {
@@ -16,26 +16,17 @@ const bf16** pair_rows(const Routing& r, const bf16* rows, std::int64_t H, Buffe
   return out;
 }
 
-// Shard `index` of `count`'s share [n * index / count, n * (index + 1) / count) of n items.
-std::pair<std::int64_t, std::int64_t> share(std::int64_t n, int index, int count) {
-  return {n * index / count, n * (index + 1) / count};
-}
-
 }  // namespace
 
 void MoELayer::shard_round0_plan(RoundZero& z, const ForwardCache* backward_of, int rank) {
-  Impl& L = *impl_;
-  const KernelTable& kt = L.kernels();
   z.route = backward_of ? &backward_of->routing : &z.routing;
   const Routing& r = *z.route;
-  // The backward's NN packing is shared only where it does not read the shard's weights.
-  z.packs = (!backward_of || kt.pack_a_nn != nullptr) && z.packed.plan(kt, r, L.config.hidden);
   z.lora = rank > 0;
   if (z.lora) z.lora_rows.ensure(static_cast<std::size_t>(std::max<std::int64_t>(r.pairs() * rank, 1)));
   build_chunks(r, z.pair_chunks);
 }
 
-void MoELayer::shard_round0_forward(const View& x, const LoRAViews& lora, RoundZero& z, int index, int count) {
+void MoELayer::shard_round0_forward(const View& x, const LoRAViews& lora, RoundZero& z) {
   Impl& L = *impl_;
   const int H = L.config.hidden;
   const Routing& r = *z.route;
@@ -44,23 +35,18 @@ void MoELayer::shard_round0_forward(const View& x, const LoRAViews& lora, RoundZ
   const std::lock_guard<std::mutex> ws_lock(L.shared->mutex);
   Workspace& ws = L.shared->ws;
   const bf16** x_rows = pair_rows(r, as_bf16_rows(x, ws.xb, pool), H, ws.x_rows);
-  if (z.packs) {
-    const auto [c0, c1] = share(z.packed.chunks(), index, count);
-    z.packed.pack(kt, false, x_rows, H, c0, c1, pool);
-  }
+  z.packs = z.packed.build(kt, false, r, x_rows, H, pool);
   if (!z.lora) return;
   const int rg = static_cast<int>(lora.a_gu.shape[1]);
-  const auto [c0, c1] = share(static_cast<std::int64_t>(z.pair_chunks.size()), index, count);
   float* ax = z.lora_rows.data();
-  run_tasks(pool, Stage::lora_a_gu, c1 - c0, [&](std::int64_t task, int) {
-    const PairChunk& ch = z.pair_chunks[static_cast<std::size_t>(c0 + task)];
+  run_tasks(pool, Stage::lora_a_gu, static_cast<std::int64_t>(z.pair_chunks.size()), [&](std::int64_t task, int) {
+    const PairChunk& ch = z.pair_chunks[static_cast<std::size_t>(task)];
     kt.lora_a(static_cast<int>(ch.end - ch.begin), x_rows + ch.begin, expert_slice(lora.a_gu, ch.expert),
               lora.a_gu.dtype, rg, H, ax + ch.begin * rg);
   });
 }
 
-void MoELayer::shard_round0_backward(const ForwardCache& cache, const View& grad_out, RoundZero& z, int index,
-                                     int count) {
+void MoELayer::shard_round0_backward(const ForwardCache& cache, const View& grad_out, RoundZero& z) {
   Impl& L = *impl_;
   const int H = L.config.hidden;
   const Routing& r = *z.route;
@@ -70,17 +56,14 @@ void MoELayer::shard_round0_backward(const ForwardCache& cache, const View& grad
   const std::lock_guard<std::mutex> ws_lock(L.shared->mutex);
   Workspace& ws = L.shared->ws;
   const bf16** g_rows = pair_rows(r, as_bf16_rows(grad_out, ws.gb, pool), H, ws.g_rows);
-  if (z.packs) {
-    const auto [c0, c1] = share(z.packed.chunks(), index, count);
-    z.packed.pack(kt, true, g_rows, H, c0, c1, pool);
-  }
+  // The NN packing is shared only where it does not read the shard's weights.
+  z.packs = kt.pack_a_nn != nullptr && z.packed.build(kt, true, r, g_rows, H, pool);
   if (!z.lora) return;
   const int rd = cache.rank_d;
   const DType lora_dtype = cache.rank_gu ? lora.a_gu.dtype : lora.a_d.dtype;  // as the backward reads it
-  const auto [c0, c1] = share(static_cast<std::int64_t>(z.pair_chunks.size()), index, count);
   float* bg = z.lora_rows.data();
-  run_tasks(pool, Stage::bwd_lora_bt, c1 - c0, [&](std::int64_t task, int) {
-    const PairChunk& ch = z.pair_chunks[static_cast<std::size_t>(c0 + task)];
+  run_tasks(pool, Stage::bwd_lora_bt, static_cast<std::int64_t>(z.pair_chunks.size()), [&](std::int64_t task, int) {
+    const PairChunk& ch = z.pair_chunks[static_cast<std::size_t>(task)];
     kt.lora_bt(static_cast<int>(ch.end - ch.begin), g_rows + ch.begin, expert_slice(lora.b_d, ch.expert),
                lora_dtype, rd, H, bg + ch.begin * rd);
   });

@@ -58,9 +58,8 @@ void MoELayer::shard_lora_grads(const ForwardCache& cache, const float* ad, cons
 
 namespace kt::moe {
 
-std::pair<int, int> MoELayer::shard_down(const std::vector<const MoELayer*>& shards,
-                                         const std::vector<PairRows>& parts, const LoRAViews& lora, int index,
-                                         int count, float* y) {
+void MoELayer::shard_down(const std::vector<const MoELayer*>& shards, const std::vector<PairRows>& parts,
+                          const LoRAViews& lora, float* y) {
   Impl& L = *impl_;
   const int H = L.config.hidden;
   const Routing& r = *parts[0].routing;
@@ -70,18 +69,15 @@ std::pair<int, int> MoELayer::shard_down(const std::vector<const MoELayer*>& sha
   const bool summed = packed && kt.gemm_nt_packed_segments != nullptr;
   runtime::ThreadPool& pool = *L.pool;
   const int blocks = blocks_of(H, kDownBlock);
-  const int block0 = blocks * index / count, block1 = blocks * (index + 1) / count;
-  const std::pair<int, int> columns{block0 * kDownBlock, std::min(H, block1 * kDownBlock)};
   const std::lock_guard<std::mutex> ws_lock(L.shared->mutex);
   Workspace& ws = L.shared->ws;
   float* tiles = ws.tiles.ensure(static_cast<std::size_t>(pool.size()) * kTileFloats);
   const std::size_t ad_per_thread = static_cast<std::size_t>(kMaxChunkRows) * std::max(rd, 1);
   float* ad_sums = ws.scratch.ensure(static_cast<std::size_t>(pool.size()) * ad_per_thread);
   const auto n_active = static_cast<std::int64_t>(r.active.size());
-  const int my_blocks = block1 - block0;
-  run_tasks(pool, Stage::down, n_active * my_blocks, [&](std::int64_t task, int thread) {
-    const int e = r.active[task / my_blocks];
-    const int h0 = (block0 + static_cast<int>(task % my_blocks)) * kDownBlock, h1 = std::min(H, h0 + kDownBlock);
+  run_tasks(pool, Stage::down, n_active * blocks, [&](std::int64_t task, int thread) {
+    const int e = r.active[task / blocks];
+    const int h0 = static_cast<int>(task % blocks) * kDownBlock, h1 = std::min(H, h0 + kDownBlock);
     const int width = h1 - h0;
     float* other = tiles + thread * kTileFloats;
     std::vector<PackedSegment> segs(summed ? shards.size() : 0);
@@ -121,16 +117,14 @@ std::pair<int, int> MoELayer::shard_down(const std::vector<const MoELayer*>& sha
       }
     });
   });
-  return columns;
 }
 
 }  // namespace kt::moe
 
 namespace kt::moe {
 
-std::pair<int, int> MoELayer::shard_dx(const ForwardCache& cache, const std::vector<const MoELayer*>& shards,
-                                       const std::vector<PairRows>& parts, const LoRAGradViews& lg, int index,
-                                       int count, float* dx_rows) {
+void MoELayer::shard_dx(const ForwardCache& cache, const std::vector<const MoELayer*>& shards,
+                        const std::vector<PairRows>& parts, const LoRAGradViews& lg, float* dx_rows) {
   Impl& L = *impl_;
   const int H = L.config.hidden;
   const Routing& r = cache.routing;
@@ -141,8 +135,6 @@ std::pair<int, int> MoELayer::shard_dx(const ForwardCache& cache, const std::vec
   const bool summed = packed && kt.gemm_nn_packed_segments != nullptr;
   runtime::ThreadPool& pool = *L.pool;
   const int blocks = blocks_of(H, kWideBlock);
-  const int block0 = blocks * index / count, block1 = blocks * (index + 1) / count;
-  const std::pair<int, int> columns{block0 * kWideBlock, std::min(H, block1 * kWideBlock)};
   const std::lock_guard<std::mutex> ws_lock(L.shared->mutex);
   Workspace& ws = L.shared->ws;  // this shard's rows of x from the backward that just ran
   const std::int64_t P = r.pairs();
@@ -150,8 +142,7 @@ std::pair<int, int> MoELayer::shard_dx(const ForwardCache& cache, const std::vec
   const std::size_t scratch_per_thread = static_cast<std::size_t>(kWideBlock) * std::max(rg, 1);
   float* scratch = ws.scratch.ensure(static_cast<std::size_t>(pool.size()) * scratch_per_thread);
   const bool want_da_gu = rg && lg.da_gu;
-  // b = Σ_s B_gu[S_s]^T dgu_s per pair, in shard order (every shard needs all pairs: its columns span
-  // every expert; r floats a pair).
+  // b = Σ_s B_gu[S_s]^T dgu_s per pair, in shard order (r floats a pair).
   float* b_sum = rg ? ws.shard_sums.ensure(static_cast<std::size_t>(std::max<std::int64_t>(P * rg, 1))) : nullptr;
   if (rg)
     pool.parallel_for((P + kPairChunk - 1) / kPairChunk, [&](std::int64_t task, int) {
@@ -164,11 +155,10 @@ std::pair<int, int> MoELayer::shard_dx(const ForwardCache& cache, const std::vec
       }
     });
   const auto n_active = static_cast<std::int64_t>(r.active.size());
-  const int my_blocks = block1 - block0;
   if (dx_rows || want_da_gu)
-    run_tasks(pool, Stage::bwd_gate_up, n_active * my_blocks, [&](std::int64_t task, int thread) {
-      const int e = r.active[task / my_blocks];
-      const int h0 = (block0 + static_cast<int>(task % my_blocks)) * kWideBlock, h1 = std::min(H, h0 + kWideBlock);
+    run_tasks(pool, Stage::bwd_gate_up, n_active * blocks, [&](std::int64_t task, int thread) {
+      const int e = r.active[task / blocks];
+      const int h0 = static_cast<int>(task % blocks) * kWideBlock, h1 = std::min(H, h0 + kWideBlock);
       const int width = h1 - h0;
       float* other = tiles + thread * kTileFloats;
       std::vector<PackedSegment> segs(summed ? shards.size() : 0);
@@ -210,18 +200,14 @@ std::pair<int, int> MoELayer::shard_dx(const ForwardCache& cache, const std::vec
                        scratch + thread * scratch_per_thread);
       }
     });
-  // Experts that received no pair: their dA_gu columns are exactly zero.
-  if (want_da_gu && columns.first < columns.second) {
+  // Experts that received no pair: their dA_gu is exactly zero.
+  if (want_da_gu) {
     std::vector<char> has_rows(static_cast<std::size_t>(L.config.num_experts), 0);
     for (int e : r.active) has_rows[static_cast<std::size_t>(e)] = 1;
-    const std::size_t size = dtype_size(lg.da_gu.dtype);
+    const std::size_t bytes = static_cast<std::size_t>(rg) * H * dtype_size(lg.da_gu.dtype);
     for (int e = 0; e < L.config.num_experts; ++e)
-      if (!has_rows[static_cast<std::size_t>(e)])
-        for (int q = 0; q < rg; ++q)
-          std::memset(expert_slice_mut(lg.da_gu, e) + (static_cast<std::size_t>(q) * H + columns.first) * size, 0,
-                      static_cast<std::size_t>(columns.second - columns.first) * size);
+      if (!has_rows[static_cast<std::size_t>(e)]) std::memset(expert_slice_mut(lg.da_gu, e), 0, bytes);
   }
-  return columns;
 }
 
 }  // namespace kt::moe

@@ -6,10 +6,12 @@
 // another, each on all of the layout's cores (no shard waits for another):
 //   round 1: the shard's MoELayer call on its slice: up to h / dgu when all shards share a node
 //            (shared_down), else through its own combine into fp32 partials the shard owns;
-//   round 2, split between the shards: shared_down: the down / dx products of all shards for this
-//            shard's output columns and their combine (MoELayer::shard_down / shard_dx); else the
-//            sum of the partials for this shard's tokens. Then dB_d (and across nodes dA_gu) for
-//            its experts from the pair sums of A_d h / B_gu^T dgu, its own dB_gu rows / dA_d columns.
+//   round 2: shared_down: shard 0, on the shards' one pool, runs the down / dx products of all shards
+//            and their combine (MoELayer::shard_down / shard_dx), dB_d from the pair sums of A_d h,
+//            and puts every shard's dB_gu rows / dA_d columns in place: one task list a phase, as
+//            N = 1 (round 0 likewise); across nodes, split between the shards: the sum of the
+//            partials for shard s's tokens, dB_d and dA_gu for its experts from the pair sums of
+//            A_d h / B_gu^T dgu, its own dB_gu rows / dA_d columns.
 // Round 2 reads what round 1 left in every shard's pool workspace (PairRows): nothing else runs on
 // the shard pools in between (one sharded call at a time). Every sum over shards is in shard order
 // 0..N-1 in fp32, rounded once: the bits do not depend on thread counts (only on N and the form).
@@ -435,18 +437,18 @@ void reduce_tokens(const std::vector<std::unique_ptr<ShardState>>& shards, runti
   });
 }
 
-// out[t, c0:c1) = Σ_j w_j y[pair of (t, j), c0:c1) in j order (w_j = 1 when !weighted), fp32,
-// rounded once: the layer's own combine, for one shard's share of the columns.
-void combine_columns(const Routing& r, const float* y, bool weighted, int c0, int c1, std::int64_t H, int K,
-                     const View& out, runtime::ThreadPool& pool, prof::Stage stage) {
+// out[t] = Σ_j w_j y[pair of (t, j)] in j order (w_j = 1 when !weighted), fp32, rounded once: the
+// layer's own combine.
+void combine_rows(const Routing& r, const float* y, bool weighted, int H, int K, const View& out,
+                  runtime::ThreadPool& pool, prof::Stage stage) {
   const prof::Scope wall(stage, prof::Kind::wall);
   const std::int64_t T = r.tokens;
   pool.parallel_for((T + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
     const prof::Scope busy(stage, prof::Kind::busy);
     float acc[kCombineWidth];
     for (std::int64_t t = task * kTokenChunk; t < std::min(T, (task + 1) * kTokenChunk); ++t)
-      for (int a = c0; a < c1; a += kCombineWidth) {
-        const int width = std::min(kCombineWidth, c1 - a);
+      for (int a = 0; a < H; a += kCombineWidth) {
+        const int width = std::min(kCombineWidth, H - a);
         std::fill(acc, acc + width, 0.f);
         for (int j = 0; j < K; ++j) {
           const std::int64_t row = r.row_of_slot[t * K + j];
@@ -479,7 +481,7 @@ std::shared_ptr<ShardedCache> ShardedLayer::forward(const View& x, const View& i
   float* y = nullptr;
   const std::lock_guard<std::mutex> one_call(sharded_call_mutex());
   std::vector<Impl::Round> rounds;
-  if (L.shared_down) {  // round 0: routing once, then x packed and A_gu x, split between the shards
+  if (L.shared_down) {  // round 0: routing once, then x packed and A_gu x, once for all shards
     RoundZero& z = L.shards.front()->rt->round0;
     {
       const prof::Scope timed(prof::Stage::route, prof::Kind::wall);
@@ -487,7 +489,9 @@ std::shared_ptr<ShardedCache> ShardedLayer::forward(const View& x, const View& i
     }
     L.shards.front()->layer->shard_round0_plan(z, nullptr, lora.a_gu ? static_cast<int>(lora.a_gu.shape[1]) : 0);
     for (PairRows& part : rows) part.shared = &z;
-    rounds.emplace_back([&](ShardState& s) { s.layer->shard_round0_forward(x, lora, z, s.index, n); });
+    rounds.emplace_back([&](ShardState& s) {
+      if (s.index == 0) s.layer->shard_round0_forward(x, lora, z);
+    });
   }
 
   // Round 1: each shard's slice up to its per-pair y rows, or (shared_down) up to its h rows (its
@@ -504,14 +508,15 @@ std::shared_ptr<ShardedCache> ShardedLayer::forward(const View& x, const View& i
     cache->caches[k] = s.layer->forward_validated(x, ids, weights, out, inner_lora, save, &rows[k]);
     if (s.index == 0) y = node_local(s.rt->y, rows[0].routing->pairs() * H, s.node());
   });
-  // Round 2: shared_down: the down phase and the combine of shard s's share of the columns;
-  // otherwise out = Σ_s partial_s for shard s's share of the tokens.
+  // Round 2: shared_down: shard 0 runs the down phase and the combine of all shards on their one pool
+  // (one task list a phase, as N = 1); otherwise out = Σ_s partial_s for shard s's share of the tokens.
   rounds.emplace_back([&](ShardState& s) {
     if (!L.shared_down)
       return reduce_tokens(L.shards, s.pool(), T * s.index / n, T * (s.index + 1) / n,
                            {{&ShardRuntime::out, &out, H}});
-    const auto [c0, c1] = s.layer->shard_down(layers, rows, lora, s.index, n, y);
-    if (c0 < c1) combine_columns(*rows[0].routing, y, true, c0, c1, H, L.config.top_k, out, s.pool(), prof::Stage::combine);
+    if (s.index > 0) return;
+    s.layer->shard_down(layers, rows, lora, y);
+    combine_rows(*rows[0].routing, y, true, static_cast<int>(H), L.config.top_k, out, s.pool(), prof::Stage::combine);
   });
   L.on_shards(rounds);
   if (!save) return nullptr;
@@ -541,12 +546,12 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
   }
   const std::lock_guard<std::mutex> one_call(sharded_call_mutex());
   std::vector<Impl::Round> rounds;
-  if (L.shared_down) {  // round 0: grad_out packed and B_d^T G, split between the shards
+  if (L.shared_down) {  // round 0: grad_out packed and B_d^T G, once for all shards
     RoundZero& z = L.shards.front()->rt->round0;
     L.shards.front()->layer->shard_round0_plan(z, cache.caches.front().get(), static_cast<int>(rd));
     for (PairRows& part : rows) part.shared = &z;
     rounds.emplace_back([&](ShardState& s) {
-      s.layer->shard_round0_backward(*cache.caches[static_cast<std::size_t>(s.index)], grad_out, z, s.index, n);
+      if (s.index == 0) s.layer->shard_round0_backward(*cache.caches.front(), grad_out, z);
     });
   }
 
@@ -570,16 +575,19 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
     if (L.shared_down && grad_x && s.index == 0)
       dx_rows = node_local(s.rt->y, inner_cache.routing.pairs() * H, s.node());
   });
-  // Round 2: dx and grad_w of shard s's share of the tokens (the combine of all shards); dA_gu and
-  // dB_d of its share of the experts from A_d h and B_gu^T dgu summed over shards; its own dB_gu
-  // rows / dA_d columns.
+  // Round 2, across nodes: dx and grad_w of shard s's share of the tokens (the sum of all shards'
+  // partials); dA_gu and dB_d of its share of the experts from A_d h and B_gu^T dgu summed over
+  // shards; its own dB_gu rows / dA_d columns. On one node shard 0 does the whole round for all
+  // shards on their one pool (one task list a phase, as N = 1), dx and dA_gu through shard_dx.
+  const int parts = L.shared_down ? 1 : n;
   rounds.emplace_back([&](ShardState& s) {
-    const std::int64_t t0 = T * s.index / n, t1 = T * (s.index + 1) / n;
+    if (s.index >= parts) return;
+    const std::int64_t t0 = T * s.index / parts, t1 = T * (s.index + 1) / parts;
     ForwardCache& own_cache = *cache.caches[static_cast<std::size_t>(s.index)];
-    if (L.shared_down && (grad_x || lg.da_gu)) {  // dx rows and dA_gu of shard s's share of the columns
-      const auto [c0, c1] = s.layer->shard_dx(own_cache, layers, rows, lg, s.index, n, dx_rows);
-      if (grad_x && c0 < c1)
-        combine_columns(own_cache.routing, dx_rows, false, c0, c1, H, K, grad_x, s.pool(), prof::Stage::bwd_combine);
+    if (L.shared_down && (grad_x || lg.da_gu)) {
+      s.layer->shard_dx(own_cache, layers, rows, lg, dx_rows);
+      if (grad_x) combine_rows(own_cache.routing, dx_rows, false, static_cast<int>(H), K, grad_x, s.pool(),
+                               prof::Stage::bwd_combine);
     } else if (!L.shared_down) {
       reduce_tokens(L.shards, s.pool(), t0, t1, {{&ShardRuntime::gx, &grad_x, H}, {&ShardRuntime::gw, &grad_weights, K}});
     }
@@ -596,8 +604,7 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
             store_value(grad_weights.data, grad_weights.dtype, t * K + j, sum);
           }
       });
-    const int e0 = static_cast<int>(E * s.index / n), e1 = static_cast<int>(E * (s.index + 1) / n);
-    const std::int64_t w = s.width();
+    const int e0 = static_cast<int>(E * s.index / parts), e1 = static_cast<int>(E * (s.index + 1) / parts);
     const bool da_gu_here = lg.da_gu && !L.shared_down;  // else shard_dx computed it
     if (da_gu_here || lg.db_d) {
       // Pair sums in shard order for the pairs of experts [e0, e1) (contiguous sorted rows).
@@ -626,18 +633,25 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
       s.layer->shard_lora_grads(own_cache, ad, bgu, e0, e1, once);
     }
     if (!(lg.db_gu || lg.da_d)) return;
-    // Contiguous runs: per expert the gate rows and the up rows of dB_gu (w * rg each), per (expert, q)
-    // the w columns of dA_d.
+    // The slices' dB_gu rows / dA_d columns into place (this shard's own; on one node every shard's),
+    // in contiguous runs: per expert the gate rows and the up rows of dB_gu (w * rg each), per
+    // (expert, q) the w columns of dA_d.
+    std::vector<const ShardState*> slices{&s};
+    if (L.shared_down)
+      for (std::size_t k = 1; k < L.shards.size(); ++k) slices.push_back(L.shards[k].get());
     s.pool().parallel_for(E, [&](std::int64_t e, int) {
       const prof::Scope busy(prof::Stage::bwd_lora_grads_gu_d, prof::Kind::busy);
-      if (lg.db_gu) {
-        const std::int64_t from = e * 2 * w * rg;
-        copy_run(lg.db_gu, (e * 2 * I + s.i0) * rg, s.rt->db_gu.data(), from, w * rg);
-        copy_run(lg.db_gu, (e * 2 * I + I + s.i0) * rg, s.rt->db_gu.data(), from + w * rg, w * rg);
+      for (const ShardState* o : slices) {
+        const std::int64_t w = o->width();
+        if (lg.db_gu) {
+          const std::int64_t from = e * 2 * w * rg;
+          copy_run(lg.db_gu, (e * 2 * I + o->i0) * rg, o->rt->db_gu.data(), from, w * rg);
+          copy_run(lg.db_gu, (e * 2 * I + I + o->i0) * rg, o->rt->db_gu.data(), from + w * rg, w * rg);
+        }
+        if (lg.da_d)
+          for (std::int64_t q = 0; q < rd; ++q)
+            copy_run(lg.da_d, (e * rd + q) * I + o->i0, o->rt->da_d.data(), (e * rd + q) * w, w);
       }
-      if (lg.da_d)
-        for (std::int64_t q = 0; q < rd; ++q)
-          copy_run(lg.da_d, (e * rd + q) * I + s.i0, s.rt->da_d.data(), (e * rd + q) * w, w);
     });
   });
   L.on_shards(rounds);

@@ -156,27 +156,25 @@ class MoELayer {
   // [P, r_gu]), written straight into lora_grads.db_d / da_gu (experts without pairs: zeros).
   void shard_lora_grads(const ForwardCache& cache, const float* ad, const float* bgu, int e0, int e1,
                         const LoRAGradViews& lora_grads);
-  // For the NUMA shard wrapper, shards on one node: round 0 (src/moe/round_zero.hpp). plan lays out
-  // z for a forward (routing in z.routing) / backward (the cache's routing) on the calling thread;
-  // then every shard fills its share (`index` of `count`) on its own pool, from the caller's x /
-  // grad_out and LoRA (A_gu / B_d).
+  // For the NUMA shard wrapper, shards on one node (one pool): round 0 (src/moe/round_zero.hpp). plan
+  // lays out z for a forward (routing in z.routing) / backward (the cache's routing) on the calling
+  // thread; then forward / backward fill it on this layer's pool, from the caller's x / grad_out and
+  // LoRA (A_gu / B_d).
   void shard_round0_plan(RoundZero& z, const ForwardCache* backward_of, int rank);
-  void shard_round0_forward(const View& x, const LoRAViews& lora, RoundZero& z, int index, int count);
-  void shard_round0_backward(const ForwardCache& cache, const View& grad_out, RoundZero& z, int index, int count);
+  void shard_round0_forward(const View& x, const LoRAViews& lora, RoundZero& z);
+  void shard_round0_backward(const ForwardCache& cache, const View& grad_out, RoundZero& z);
   // For the NUMA shard wrapper, shards on one node, after every shard's forward stopped before its
-  // down phase (PairRows::split_down): the down phase of all shards for this shard's share of the
-  // output columns (`index` of `count`; whole column blocks), y[:, c0:c1) = Σ_s W_d[:, S_s] h_s +
-  // s_d B_d Σ_s A_d[:, S_s] h_s, read from every shard's workspace, on this layer's pool. Returns
-  // [c0, c1). `lora`: the caller's LoRA (B_d, scale_d); y: [P, H] fp32.
-  std::pair<int, int> shard_down(const std::vector<const MoELayer*>& shards, const std::vector<PairRows>& parts,
-                                 const LoRAViews& lora, int index, int count, float* y);
+  // down phase (PairRows::split_down): the down phase of all shards, y = Σ_s W_d[:, S_s] h_s +
+  // s_d B_d Σ_s A_d[:, S_s] h_s, read from every shard's workspace, on this layer's pool (the shards'
+  // one pool). `lora`: the caller's LoRA (B_d, scale_d); y: [P, H] fp32.
+  void shard_down(const std::vector<const MoELayer*>& shards, const std::vector<PairRows>& parts,
+                  const LoRAViews& lora, float* y);
   // The backward's counterpart, after every shard's backward stopped before its dx phase
-  // (split_down): dx rows [:, c0:c1) = Σ_s W_gu[S_s]^T dgu_s + s_gu A_gu^T b, and columns c0:c1 of
-  // dA_gu = s_gu Σ b ⊗ x (b = Σ_s B_gu[S_s]^T dgu_s, r floats a pair, summed once), for this shard's
-  // share of the columns. dx_rows null: dA_gu only. lora_grads: the caller's (da_gu; others ignored).
-  std::pair<int, int> shard_dx(const ForwardCache& cache, const std::vector<const MoELayer*>& shards,
-                               const std::vector<PairRows>& parts, const LoRAGradViews& lora_grads, int index,
-                               int count, float* dx_rows);
+  // (split_down): dx rows = Σ_s W_gu[S_s]^T dgu_s + s_gu A_gu^T b and dA_gu = s_gu Σ b ⊗ x
+  // (b = Σ_s B_gu[S_s]^T dgu_s, r floats a pair, summed once). dx_rows null: dA_gu only.
+  // lora_grads: the caller's (da_gu; others ignored).
+  void shard_dx(const ForwardCache& cache, const std::vector<const MoELayer*>& shards,
+                const std::vector<PairRows>& parts, const LoRAGradViews& lora_grads, float* dx_rows);
 
  private:
   struct Impl;
