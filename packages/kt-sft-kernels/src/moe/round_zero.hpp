@@ -1,9 +1,9 @@
 // Round 0 of a sharded call on one node (sharded_layer.cpp, ADR 0701 "One-node cost"): what every
 // shard's slice would otherwise compute in full for itself, because it does not depend on the slice:
 // the tile packing of x (forward) / grad_out (backward) and the r floats a pair of A_gu x (forward) /
-// B_d^T G (backward). The shards fill one shared copy, each a disjoint range of chunks, on their own
-// pools; after a barrier every shard's call reads it (PairRows::shared). Each chunk is computed by
-// exactly the code that computed it inside the shard before, so the bits are the same.
+// B_d^T G (backward). Shard 0 fills one shared copy on the shards' one pool; then every shard's call
+// reads it (PairRows::shared). Each chunk is computed by exactly the code that computed it inside
+// the shard before, so the bits are the same.
 #pragma once
 #include "layer_internal.hpp"
 
