@@ -1,4 +1,4 @@
-"""The amx tier's C++ correctness test (tests/cpp/amx_kernels_test.cpp) under pytest.
+"""The amx tier's C++ correctness tests (tests/cpp/amx_kernels_test.cpp, amx_layer_test.cpp) under pytest.
 
 Built through CMake (KT_SFT_BUILD_CPP_TESTS). On a CPU whose amx tier runs, it is built with the wheel's
 amx flags and runs the real AMX and AVX-512 instructions; elsewhere the same test is built with
@@ -20,7 +20,14 @@ import pytest
 from _cmake_build import build_cpp_tests, have_cmake, have_simde
 
 
-def test_amx_kernels_against_float64(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One CMake build for both programs (they share the amx tier's objects)."""
+    return tmp_path_factory.mktemp("cpp")
+
+
+def build_and_run(build_dir: Path, program: str) -> tuple[int, int]:
+    """Builds tests/cpp/PROGRAM (emulated without an AMX CPU), runs it; its (checks, failures)."""
     if not have_cmake():
         pytest.skip("no cmake or g++")
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -28,14 +35,25 @@ def test_amx_kernels_against_float64(tmp_path: Path) -> None:
     real = kk.isa_supported("amx")
     if not real and not have_simde():
         pytest.skip("no AMX CPU and no SIMDe headers (apt-get install libsimde-dev)")
-    build = build_cpp_tests(tmp_path, ["amx_kernels_test"], emulated=not real)
+    build = build_cpp_tests(build_dir, [program], emulated=not real)
     assert build.returncode == 0, build.stdout[-8000:]
-    binary = tmp_path / "amx_kernels_test"
-    run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=600, check=False)
+    run = subprocess.run([str(build_dir / program)], capture_output=True, text=True, timeout=600, check=False)
     print(run.stdout[-2000:])
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    summary = re.search(r"amx_kernels_test \((.*)\): (\d+) checks, (\d+) failures", run.stdout)
+    summary = re.search(rf"{program} \((.*)\): (\d+) checks, (\d+) failures", run.stdout)
     assert summary is not None, run.stdout[-2000:]
     assert summary.group(1) == ("real AMX" if real else "EMULATED AMX/AVX-512")
-    assert int(summary.group(2)) > 1000
-    assert int(summary.group(3)) == 0
+    return int(summary.group(2)), int(summary.group(3))
+
+
+def test_amx_kernels_against_float64(build_dir: Path) -> None:
+    checks, failures = build_and_run(build_dir, "amx_kernels_test")
+    assert checks > 1000
+    assert failures == 0
+
+
+def test_amx_layer_against_portable(build_dir: Path) -> None:
+    """The whole layer on amx vs portable, tier changes back and forth, NUMA shards on amx."""
+    checks, failures = build_and_run(build_dir, "amx_layer_test")
+    assert checks > 100
+    assert failures == 0

@@ -144,6 +144,9 @@ CpuFeatures detect() {
 // Can this CPU/OS run code compiled with the tier's flags (cumulative: each tier's flags include
 // the lower tiers' flags).
 bool hardware_runs(Isa isa) {
+#ifdef KT_SFT_EMULATED_TIERS  // the C++ tests' KT_SFT_ISA_EMULATION build: every tier is plain C++ there
+  return true;
+#endif
   const CpuFeatures& f = cpu_features();
   switch (isa) {
     case Isa::portable:
