@@ -7,7 +7,7 @@
 #               run first automatically by every stage that needs it
 #   runtime     runtime/binding probes + suites under three process setups (the device-run-1 segfault hunt)
 #   kernels     the kernel pytest suite, which sweeps every tier this CPU runs
-#   amx-cpp     CMake's C++ tests with the real instructions: amx_kernels_test
+#   amx-cpp     CMake's C++ tests with the real instructions: amx_kernels_test, amx_layer_test
 #   amx-rates   amx_selftest (the tier's GEMM rates)
 #   simd-cpp    simd_tiers_test (every SIMD tier's table entry vs portable, real instructions)
 #   layer       one Qwen3-30B-A3B MoE layer fwd+bwd at avx512_bf16 and amx (ci/device/layer_timing.py)
@@ -238,7 +238,8 @@ while [ $# -gt 0 ]; do
     kernels) ensure_built && step kernels 600 "$PYTHON" -m pytest -q -rA -p no:cacheprovider "$kernels_pkg/tests"
       tail -n 3 "$work/kernels.log" >>"$summary" ;;
     amx-cpp) ensure_cpp_built && step amx_kernels_test 120 "$work/cpp/amx_kernels_test"
-      grep -h "checks," "$work/amx_kernels_test.log" >>"$summary" 2>/dev/null ;;
+      step amx_layer_test 120 "$work/cpp/amx_layer_test"
+      grep -h "checks," "$work/amx_kernels_test.log" "$work/amx_layer_test.log" >>"$summary" 2>/dev/null ;;
     amx-rates) ensure_cpp_built && step amx_selftest 240 "$work/cpp/amx_selftest" --out "$work/amx_selftest" ;;
     simd-cpp) ensure_cpp_built && step simd_tiers_test 120 "$work/cpp/simd_tiers_test"
       tail -n 1 "$work/simd_tiers_test.log" >>"$summary" ;;
