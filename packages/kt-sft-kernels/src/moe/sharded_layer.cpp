@@ -437,31 +437,6 @@ void reduce_tokens(const std::vector<std::unique_ptr<ShardState>>& shards, runti
   });
 }
 
-// out[t] = Σ_j w_j y[pair of (t, j)] in j order (w_j = 1 when !weighted), fp32, rounded once: the
-// layer's own combine.
-void combine_rows(const Routing& r, const float* y, bool weighted, int H, int K, const View& out,
-                  runtime::ThreadPool& pool, prof::Stage stage) {
-  const prof::Scope wall(stage, prof::Kind::wall);
-  const std::int64_t T = r.tokens;
-  pool.parallel_for((T + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
-    const prof::Scope busy(stage, prof::Kind::busy);
-    float acc[kCombineWidth];
-    for (std::int64_t t = task * kTokenChunk; t < std::min(T, (task + 1) * kTokenChunk); ++t)
-      for (int a = 0; a < H; a += kCombineWidth) {
-        const int width = std::min(kCombineWidth, H - a);
-        std::fill(acc, acc + width, 0.f);
-        for (int j = 0; j < K; ++j) {
-          const std::int64_t row = r.row_of_slot[t * K + j];
-          if (row < 0) continue;
-          const float wj = weighted ? r.weight[row] : 1.f;
-          const float* yr = y + row * H + a;
-          for (int i = 0; i < width; ++i) acc[i] += wj * yr[i];
-        }
-        for (int i = 0; i < width; ++i) store_value(out.data, out.dtype, t * H + a + i, acc[i]);
-      }
-  });
-}
-
 }  // namespace
 
 std::shared_ptr<ShardedCache> ShardedLayer::forward(const View& x, const View& ids, const View& weights,
@@ -516,7 +491,11 @@ std::shared_ptr<ShardedCache> ShardedLayer::forward(const View& x, const View& i
                            {{&ShardRuntime::out, &out, H}});
     if (s.index > 0) return;
     s.layer->shard_down(layers, rows, lora, y);
-    combine_rows(*rows[0].routing, y, true, static_cast<int>(H), L.config.top_k, out, s.pool(), prof::Stage::combine);
+    const Routing& r = *rows[0].routing;
+    TokenChunk all;  // one chunk: on one node the shards keep all of a call's [P, H] rows
+    all.t1 = T;
+    combine_token_rows(s.pool(), prof::Stage::combine, r, all, L.config.top_k, static_cast<int>(H), y, out,
+                       [&](std::int64_t row) { return r.weight[row]; });
   });
   L.on_shards(rounds);
   if (!save) return nullptr;
@@ -586,8 +565,11 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
     ForwardCache& own_cache = *cache.caches[static_cast<std::size_t>(s.index)];
     if (L.shared_down && (grad_x || lg.da_gu)) {
       s.layer->shard_dx(own_cache, layers, rows, lg, dx_rows);
-      if (grad_x) combine_rows(own_cache.routing, dx_rows, false, static_cast<int>(H), K, grad_x, s.pool(),
-                               prof::Stage::bwd_combine);
+      TokenChunk all;
+      all.t1 = T;
+      if (grad_x)
+        combine_token_rows(s.pool(), prof::Stage::bwd_combine, own_cache.routing, all, K, static_cast<int>(H),
+                           dx_rows, grad_x, [](std::int64_t) { return 1.f; });
     } else if (!L.shared_down) {
       reduce_tokens(L.shards, s.pool(), t0, t1, {{&ShardRuntime::gx, &grad_x, H}, {&ShardRuntime::gw, &grad_weights, K}});
     }
