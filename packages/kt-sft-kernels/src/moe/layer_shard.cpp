@@ -58,6 +58,22 @@ void MoELayer::shard_lora_grads(const ForwardCache& cache, const float* ad, cons
 
 namespace kt::moe {
 
+namespace {
+
+// out [m rows, width] (row stride H) = Σ_s product(s) in shard order, fp32, for tiers without a summed
+// entry: shard 0's product is written in place, every other one into `tile` ([m, width]) and added.
+template <class Product>
+void sum_in_shard_order(std::size_t shards, int m, int width, int H, float* out, float* tile, Product product) {
+  for (std::size_t s = 0; s < shards; ++s) {
+    product(s, s == 0 ? out : tile, s == 0 ? std::int64_t{H} : std::int64_t{width});
+    if (s > 0)
+      for (int i = 0; i < m; ++i)
+        for (int c = 0; c < width; ++c) out[static_cast<std::int64_t>(i) * H + c] += tile[i * width + c];
+  }
+}
+
+}  // namespace
+
 void MoELayer::shard_down(const std::vector<const MoELayer*>& shards, const std::vector<PairRows>& parts,
                           const LoRAViews& lora, float* y) {
   Impl& L = *impl_;
@@ -89,21 +105,13 @@ void MoELayer::shard_down(const std::vector<const MoELayer*>& shards, const std:
         }
         kt.gemm_nt_packed_segments(m, segs.data(), static_cast<int>(segs.size()), H, h0, h1, y + b * H + h0, H);
       } else {
-        // Shard order: shard 0 writes y, the others add their slice's product (fp32).
-        for (std::size_t s = 0; s < shards.size(); ++s) {
-          const Impl& S = *shards[s]->impl_;
-          const Workspace& sw = S.shared->ws;
-          float* dst = s == 0 ? y + b * H + h0 : other;
-          const std::int64_t ld = s == 0 ? H : width;
-          chunk_nt(kt, packed ? &sw.packed : nullptr, r, e, b, m, sw.h_rows.data(), S.down_of(e), H,
-                   S.config.intermediate, h0, h1, dst, ld);
-          if (s > 0)
-            for (int i = 0; i < m; ++i) {
-              float* out = y + (b + i) * H + h0;
-              const float* add = other + i * width;
-              for (int c = 0; c < width; ++c) out[c] += add[c];
-            }
-        }
+        sum_in_shard_order(shards.size(), m, width, H, y + b * H + h0, other,
+                           [&](std::size_t s, float* dst, std::int64_t ld) {
+                             const Impl& S = *shards[s]->impl_;
+                             chunk_nt(kt, packed ? &S.shared->ws.packed : nullptr, r, e, b, m,
+                                      S.shared->ws.h_rows.data(), S.down_of(e), H, S.config.intermediate, h0, h1, dst,
+                                      ld);
+                           });
       }
       if (rd) {  // s_d B_d (Σ_s A_d[:, S_s] h_s): the r floats a pair summed in shard order, one B_d pass
         const auto timed = part(Stage::lora_b);
@@ -172,21 +180,13 @@ void MoELayer::shard_dx(const ForwardCache& cache, const std::vector<const MoELa
             kt.gemm_nn_packed_segments(m, segs.data(), static_cast<int>(segs.size()), H, h0, h1, dx_rows + b * H + h0,
                                        H);
           } else {
-            // Shard order: shard 0 writes the rows, the others add their slice's product (fp32).
-            for (std::size_t s = 0; s < shards.size(); ++s) {
-              const Impl& S = *shards[s]->impl_;
-              const Workspace& sw = S.shared->ws;
-              float* dst = s == 0 ? dx_rows + b * H + h0 : other;
-              const std::int64_t ld = s == 0 ? H : width;
-              chunk_nn(kt, packed ? &sw.packed : nullptr, r, e, b, m, sw.dgu_rows.data(), S.gate_up_of(e),
-                       2 * S.config.intermediate, H, h0, h1, dst, ld);
-              if (s > 0)
-                for (int i = 0; i < m; ++i) {
-                  float* out = dx_rows + (b + i) * H + h0;
-                  const float* add = other + i * width;
-                  for (int c = 0; c < width; ++c) out[c] += add[c];
-                }
-            }
+            sum_in_shard_order(shards.size(), m, width, H, dx_rows + b * H + h0, other,
+                               [&](std::size_t s, float* dst, std::int64_t ld) {
+                                 const Impl& S = *shards[s]->impl_;
+                                 chunk_nn(kt, packed ? &S.shared->ws.packed : nullptr, r, e, b, m,
+                                          S.shared->ws.dgu_rows.data(), S.gate_up_of(e), 2 * S.config.intermediate, H,
+                                          h0, h1, dst, ld);
+                               });
           }
           if (rg)
             kt.lora_at_add(m, b_sum + b * rg, expert_slice(lora.a_gu, e), lora.a_gu.dtype, rg, H, h0, h1,
