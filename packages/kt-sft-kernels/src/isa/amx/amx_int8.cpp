@@ -229,6 +229,14 @@ inline void start_accumulators(const std::uint8_t* spilled) {
   tile_load<3>(spilled + 3 * kTileBytes, 64);
 }
 
+// The 4 accumulators out to `spill` between reduction chunks (start_accumulators loads them back).
+inline void spill_accumulators(std::uint8_t* spill) {
+  tile_store<0>(spill, 64);
+  tile_store<1>(spill + kTileBytes, 64);
+  tile_store<2>(spill + 2 * kTileBytes, 64);
+  tile_store<3>(spill + 3 * kTileBytes, 64);
+}
+
 void nt_int8(int m, const std::uint8_t* act, const void* wq, int rows, int k, int n0, int n1, float* c,
              std::int64_t ldc) {
   const TileSession session;
@@ -294,10 +302,7 @@ void nt_int8(int m, const std::uint8_t* act, const void* wq, int rows, int k, in
         if (k1 == steps) {
           nt_store_output(acc, wscale, act_scale, m, mt, n, n0, c, ldc);
         } else {
-          tile_store<0>(sp, 64);
-          tile_store<1>(sp + kTileBytes, 64);
-          tile_store<2>(sp + 2 * kTileBytes, 64);
-          tile_store<3>(sp + 3 * kTileBytes, 64);
+          spill_accumulators(sp);
         }
       }
     }
@@ -405,10 +410,7 @@ void nn_int8(int m, const std::uint8_t* act, const void* wq, int k, int cols, in
           tile_dpbssd<3, 5, 7>();
         }
         if (k1 < steps) {
-          tile_store<0>(sp, 64);
-          tile_store<1>(sp + kTileBytes, 64);
-          tile_store<2>(sp + 2 * kTileBytes, 64);
-          tile_store<3>(sp + 3 * kTileBytes, 64);
+          spill_accumulators(sp);
           continue;
         }
         tile_store<0>(acc[0], 64);
