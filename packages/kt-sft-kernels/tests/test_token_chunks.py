@@ -6,6 +6,9 @@ P·H·4 bytes. The testing hook lowers the budget so small shapes run in several
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -196,3 +199,44 @@ def test_memory_estimate_counts_one_chunk_of_rows(monkeypatch: pytest.MonkeyPatc
         chunked,
     )
     assert chunked >= used, f"the estimate ({chunked}) is below what the chunked call allocated ({used})"
+
+
+SHARDED_FOOTPRINT = """
+import sys
+import kt_sft_kernels as kk
+from kt_sft_kernels import testing as kt
+from kt_sft_kernels._core import _testing
+sys.path.insert(0, sys.argv[1])
+from test_token_chunks import make
+budget = int(sys.argv[2])
+case = make("f32", tokens=256, seed=15)
+if budget:
+    _testing.set_row_budget(budget)
+layer = kt.build_layer(case, numa_shards=2)
+kt.run_kernels(layer, case)
+workspaces = sum(s["workspace_shared"] for s in layer.memory_report()["shards"])
+print(workspaces + sum(s["buffer_bytes"] for s in layer.shard_report()))
+"""
+
+
+@pytest.mark.parametrize("isa", [TIERS[0], TIERS[-1]])
+def test_one_node_shards_keep_one_chunk_of_rows(isa: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """numa_shards on one node: the down / dx rows of all shards are one token chunk's, not the whole
+    call's (ADR 0701). Each footprint in a fresh process: the shards' runtimes and workspaces are
+    process-wide and grow-only."""
+    budget = 8 * TOKEN_ROWS
+    case = make("f32", tokens=256, seed=15)
+    pairs = int(((case.ids >= 0) & (case.ids < case.num_experts)).sum())
+    env = os.environ | {"KT_SFT_MAX_ISA": isa, "KT_SFT_NUMA_SHARED_DOWN": "1"}
+
+    def footprint(nbytes: int) -> int:
+        args = [sys.executable, "-c", SHARDED_FOOTPRINT, os.path.dirname(__file__), str(nbytes)]
+        cwd = tmp_path_factory.mktemp("footprint")
+        done = subprocess.run(args, env=env, capture_output=True, text=True, cwd=cwd)
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout.split()[-1])
+
+    whole, chunked = footprint(0), footprint(budget)
+    # As for one layer (above), with one chunk's row pointers per shard.
+    pointers = 2 * (budget // (H * 4) * 8)
+    assert whole - chunked >= pairs * H * 4 - budget - pairs * 4 - pointers, (whole, chunked)

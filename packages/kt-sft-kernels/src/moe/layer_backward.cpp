@@ -57,7 +57,7 @@ void MoELayer::backward_validated(const ForwardCache& cache, const View& grad_ou
   }
   build_chunks(r, ws.chunks);
   const auto n_chunks = static_cast<std::int64_t>(ws.chunks.size());
-  const int i_blocks = blocks_of(I, kWideBlock), h_blocks = blocks_of(H, kWideBlock), db_d_blocks = blocks_of(H);
+  const int i_blocks = blocks_of(I, kWideBlock), db_d_blocks = blocks_of(H);
   const std::size_t scratch_per_thread = static_cast<std::size_t>(kWideBlock) * std::max({rg, rd, 1});
   float* scratch = ws.scratch.ensure(static_cast<std::size_t>(pool.size()) * scratch_per_thread);
 
@@ -146,14 +146,12 @@ void MoELayer::backward_validated(const ForwardCache& cache, const View& grad_ou
   });
 
   // B4: per (expert, H block): dx rows = W_gu^T dgu + s_gu A_gu^T (B_gu^T dgu); the block's columns of dA_gu.
-  // NUMA shards on one node (rows->split_down): MoELayer::shard_dx runs B4 for all shards (the dgu
-  // rows and their packing stay in this pool's workspace).
-  // B5: dx[t] = sum_j dx rows in j order, rounded once (R6); grad_w written for every slot. With
-  // split_down the wrapper does it for all shards (sharded_layer.cpp).
+  // B5: dx[t] = sum_j dx rows in j order, rounded once (R6); grad_w written for every slot.
+  // NUMA shards on one node (rows->split_down): MoELayer::shard_dx runs B4 and B5 for all shards (the
+  // dgu rows stay in this pool's workspace), the wrapper grad_w (sharded_layer.cpp).
   // B4's dx product and B5 run per token chunk when the [P, H] dx rows exceed the row budget
   // (token_chunks.hpp): W_gu is then read once per chunk, and dA_gu (all of an expert's rows) runs apart.
   const bool split = rows && rows->split_down;
-  const bool want_da_gu = rg && lg.da_gu;
   if (rows) {
     rows->routing = &r;
     rows->grad_w = gw;
@@ -161,47 +159,9 @@ void MoELayer::backward_validated(const ForwardCache& cache, const View& grad_ou
     rows->weight = r.weight.data();
     rows->bgu = bgu;
   }
-  const auto da_gu_of = [&](int e, int h0, int h1, int thread) {
-    const auto timed = part(Stage::bwd_da_gu);
-    const std::int64_t b = r.offsets[e];
-    kt.lora_grad_a(static_cast<int>(r.rows_of(e)), bgu + b * rg, nullptr, x_rows + b, rg, H, h0, h1, lora.scale_gu,
-                   expert_slice_mut(lg.da_gu, e), lg.da_gu.dtype, scratch + thread * scratch_per_thread);
-  };
-  if (split) {
-    if (grad_x) ws.packed.build(kt, true, r, dgu_rows, 2 * I, pool, {L.gate_up.data(), L.gate_up_stride, H});
-  } else if (grad_x) {
-    const bool one_chunk = tokens_per_chunk(T, K, P, H) >= T;
-    if (want_da_gu && !one_chunk)
-      run_tasks(pool, Stage::bwd_da_gu, n_active * h_blocks, [&](std::int64_t task, int thread) {
-        const int h0 = static_cast<int>(task % h_blocks) * kWideBlock;
-        da_gu_of(r.active[task / h_blocks], h0, std::min(H, h0 + kWideBlock), thread);
-      });
-    ws.token_chunk.for_each(r, H, [&](const TokenChunk& tc) {
-      const Routing& sr = *tc.rows;
-      const bf16* const* ch_rows = rows_of_chunk(tc, dgu_rows, ws.token_chunk_rows);
-      float* dx_rows = ws.rows.ensure(static_cast<std::size_t>(std::max<std::int64_t>(sr.pairs(), 1)) * H);
-      const PackedRows* dp =
-          ws.packed.build(kt, true, sr, ch_rows, 2 * I, pool, {L.gate_up.data(), L.gate_up_stride, H}) ? &ws.packed
-                                                                                                      : nullptr;
-      run_tasks(pool, Stage::bwd_gate_up, static_cast<std::int64_t>(sr.active.size()) * h_blocks,
-                [&](std::int64_t task, int thread) {
-        const int e = sr.active[task / h_blocks];
-        const int h0 = static_cast<int>(task % h_blocks) * kWideBlock, h1 = std::min(H, h0 + kWideBlock);
-        for_each_call(sr, e, [&](std::int64_t b, int m) {
-          chunk_nn(kt, dp, sr, e, b, m, ch_rows, L.gate_up_of(e), 2 * I, H, h0, h1, dx_rows + b * H + h0, H);
-          if (rg)
-            kt.lora_at_add(m, bgu + tc.call_row(e, b) * rg, expert_slice(lora.a_gu, e), lora_dtype, rg, H, h0, h1,
-                           lora.scale_gu, dx_rows + b * H + h0, H);
-        });
-        if (want_da_gu && tc.whole) da_gu_of(e, h0, h1, thread);  // one pass: fused with the dx product
-      });
-      combine_token_rows(pool, Stage::bwd_combine, r, tc, K, H, dx_rows, grad_x, [](std::int64_t) { return 1.f; });
-    });
-  } else if (want_da_gu) {
-    run_tasks(pool, Stage::bwd_gate_up, n_active * h_blocks, [&](std::int64_t task, int thread) {
-      const int h0 = static_cast<int>(task % h_blocks) * kWideBlock;
-      da_gu_of(r.active[task / h_blocks], h0, std::min(H, h0 + kWideBlock), thread);
-    });
+  if (!split) {
+    std::vector<SliceRows> all_of_i{L.dx_slice(ws)};
+    dx_and_combine(kt, pool, ws, r, all_of_i, bgu, x_rows, lora, rg, lg.da_gu, H, K, grad_x);
   }
   if (grad_weights && !split)
     for (std::int64_t s = 0; s < T * K; ++s) {

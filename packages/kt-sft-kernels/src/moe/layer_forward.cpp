@@ -7,28 +7,6 @@ namespace kt::moe {
 
 // ---- forward -------------------------------------------------------------------------------------------
 
-namespace {
-
-// Tiers switch their NT GEMM form by the rows of a call (avx512, avx512_bf16: a dot-product form below
-// 8 rows, a panel form from 8), and the forms sum in different fp32 orders. A token chunk can cut an
-// expert's call into shorter pieces; running a piece with at least min(call rows, kSameFormRows) rows
-// keeps the call's form, so the chunked bits stay those of one chunk (ADR 0405). Every form switch
-// is below kSameFormRows.
-constexpr int kSameFormRows = 16;
-
-// c[m, h0:h1) (ldc H) = rows W_d^T for m < rows_wanted rows, computed as a call of rows_wanted rows
-// (the last row repeated) into `tile`.
-void down_padded(const KernelTable& kt, const bf16* const* rows, int m, int rows_wanted, const void* w, int H,
-                 int I, int h0, int h1, float* tile, float* c) {
-  const bf16* padded[kSameFormRows];
-  for (int i = 0; i < rows_wanted; ++i) padded[i] = rows[std::min(i, m - 1)];
-  const int width = h1 - h0;
-  kt.gemm_nt(rows_wanted, padded, w, H, I, h0, h1, tile, width);
-  for (int i = 0; i < m; ++i) std::copy(tile + i * width, tile + (i + 1) * width, c + static_cast<std::int64_t>(i) * H);
-}
-
-}  // namespace
-
 ForwardCachePtr MoELayer::forward(const View& x, const View& ids, const View& weights, const View& out,
                                   const LoRAViews& lora, bool save) {
   validate_forward(impl_->config, x, ids, weights, out, lora);
@@ -153,37 +131,13 @@ ForwardCachePtr MoELayer::forward_validated(const View& x, const View& ids, cons
   // F4: y = W_d h + s_d B_d (A_d h) per pair, fp32 rows; F5: out[t] = sum_j w[t, j] y[t, j] in j order
   // (fp32), rounded once (R3). Both per token chunk when the [P, H] rows exceed the row budget
   // (token_chunks.hpp): then W_d is read once per chunk.
-  const int h_blocks = blocks_of(H, kDownBlock);
-  if (rows && rows->split_down) {  // NUMA shards on one node: MoELayer::shard_down runs F4 for all
-    ws.packed.build(kt, false, r, h_rows, I, pool);  // (h rows and their packing stay in this
-    rows->routing = &r;                              // pool's workspace)
+  if (rows && rows->split_down) {  // NUMA shards on one node: MoELayer::shard_down runs F4 and F5 for
+    rows->routing = &r;             // all shards (the h rows stay in this pool's workspace)
     rows->ad = ad;
     return cache;
   }
-  ws.token_chunk.for_each(r, H, [&](const TokenChunk& tc) {
-    const Routing& sr = *tc.rows;
-    const bf16* const* ch_rows = rows_of_chunk(tc, h_rows, ws.token_chunk_rows);
-    float* y = ws.rows.ensure(static_cast<std::size_t>(std::max<std::int64_t>(sr.pairs(), 1)) * H);
-    const PackedRows* hp = ws.packed.build(kt, false, sr, ch_rows, I, pool) ? &ws.packed : nullptr;
-    run_tasks(pool, Stage::down, static_cast<std::int64_t>(sr.active.size()) * h_blocks, [&](std::int64_t task, int thread) {
-      const int e = sr.active[task / h_blocks];
-      const int h0 = static_cast<int>(task % h_blocks) * kDownBlock, h1 = std::min(H, h0 + kDownBlock);
-      for_each_call(sr, e, [&](std::int64_t b, int m) {
-        const int same_form = static_cast<int>(std::min<std::int64_t>(r.rows_of(e), kSameFormRows));
-        if (!hp && m < same_form)  // a short piece of a longer call: run it at the call's GEMM form
-          down_padded(kt, ch_rows + b, m, same_form, L.down_of(e), H, I, h0, h1, tiles + thread * kTileFloats,
-                      y + b * H + h0);
-        else
-          chunk_nt(kt, hp, sr, e, b, m, ch_rows, L.down_of(e), H, I, h0, h1, y + b * H + h0, H);
-        if (rd) {
-          const auto timed = part(Stage::lora_b);
-          kt.lora_b_add(m, ad + tc.call_row(e, b) * rd, expert_slice(lora.b_d, e), lora_dtype, rd, h0, h1,
-                        lora.scale_d, y + b * H + h0, H);
-        }
-      });
-    });
-    combine_token_rows(pool, Stage::combine, r, tc, K, H, y, out, [&](std::int64_t row) { return r.weight[row]; });
-  });
+  std::vector<SliceRows> all_of_i{L.down_slice(ws)};
+  down_and_combine(kt, pool, ws, r, all_of_i, ad, lora, H, K, out);
   return cache;
 }
 

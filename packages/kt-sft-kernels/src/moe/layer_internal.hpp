@@ -146,10 +146,6 @@ inline void build_chunks(const Routing& r, std::vector<PairChunk>& chunks) {
       chunks.push_back({e, b, std::min(r.offsets[e + 1], b + kPairChunk)});
 }
 
-// Tile-packed activation rows for one operand of one phase, for tiers whose GEMMs want them
-// (KernelTable::pack_a_nt/nn non-null: amx). Each chunk_rows() chunk of each expert's rows (the same
-// chunks the GEMM tasks use) is packed once, in parallel, and then shared by every column-block
-// task of that expert.
 // The experts' weight matrices [k, cols] of an NN phase, for tiers whose NN packing reads them
 // (KernelTable::pack_a_nn_w: amx int8 folds W's row scales into the activations).
 struct ExpertMatrices {
@@ -159,34 +155,49 @@ struct ExpertMatrices {
   const void* of(int e) const { return base + static_cast<std::size_t>(e) * stride; }
 };
 
+// Tile-packed activation rows for one operand of one phase, for tiers whose GEMMs want them
+// (KernelTable::pack_a_nt/nn non-null: amx). Each chunk_rows() chunk of each expert's rows (the same
+// chunks the GEMM tasks use) is packed once, in parallel, and then shared by every column-block
+// task of that expert.
 class PackedRows {
  public:
-  // False (and nothing packed) when the tier reads row pointers directly. NN phases pass the
-  // weights they multiply (`w`).
+  // One operand to pack: `rows` (k columns) into `into`; NN phases pass the weights they multiply (`w`).
+  struct Job {
+    PackedRows* into;
+    const bf16* const* rows;
+    int k;
+    ExpertMatrices w;
+  };
+
+  // False (and nothing packed) when the tier reads row pointers directly.
   bool build(const KernelTable& kt, bool nn, const Routing& r, const bf16* const* rows, int k,
              runtime::ThreadPool& pool, const ExpertMatrices& w = {}) {
+    const Job job{this, rows, k, w};
+    return build_each(kt, nn, r, &job, 1, pool);
+  }
+  // Several operands of one routing in one task list (round 2 of the NUMA shards of one node: every
+  // shard's rows at once, not one phase a shard).
+  static bool build_each(const KernelTable& kt, bool nn, const Routing& r, const Job* jobs, std::size_t n,
+                         runtime::ThreadPool& pool) {
     if (!used_by(kt)) return false;
-    offsets_.clear();
-    first_.assign(r.offsets.size(), 0);
-    std::size_t bytes = 0;
-    chunks_.clear();
-    for (int e : r.active) {
-      first_[e] = static_cast<std::int64_t>(offsets_.size());
-      for_each_call(r, e, [&](std::int64_t b, int m) {
-        offsets_.push_back(bytes);
-        chunks_.push_back({e, b, b + m});
-        bytes += kt.packed_a_bytes(m, k);
-      });
-    }
-    storage_.ensure(bytes);
-    std::byte* dst = storage_.data();
     const auto pack_rows = nn ? kt.pack_a_nn : kt.pack_a_nt;
-    if (nn && !pack_rows && !w.base) throw std::logic_error("PackedRows: this tier's NN packing needs the weights");
-    run_tasks(pool, Stage::pack, static_cast<std::int64_t>(chunks_.size()), [&](std::int64_t c, int) {
-      const PairChunk& ch = chunks_[c];
+    std::vector<std::int64_t> first_task{0};  // tasks of job j: [first_task[j], first_task[j + 1])
+    for (std::size_t j = 0; j < n; ++j) {
+      if (nn && !pack_rows && !jobs[j].w.base) throw std::logic_error("PackedRows: this tier's NN packing needs the weights");
+      jobs[j].into->plan(kt, r, jobs[j].k);
+      first_task.push_back(first_task.back() + static_cast<std::int64_t>(jobs[j].into->chunks_.size()));
+    }
+    run_tasks(pool, Stage::pack, first_task.back(), [&](std::int64_t task, int) {
+      const auto j = static_cast<std::size_t>(std::upper_bound(first_task.begin(), first_task.end(), task) -
+                                              first_task.begin() - 1);
+      const Job& job = jobs[j];
+      PackedRows& p = *job.into;
+      const std::int64_t c = task - first_task[j];
+      const PairChunk& ch = p.chunks_[c];
       const int m = static_cast<int>(ch.end - ch.begin);
-      if (pack_rows) pack_rows(m, rows + ch.begin, k, dst + offsets_[c]);
-      else kt.pack_a_nn_w(m, rows + ch.begin, w.of(ch.expert), k, w.cols, dst + offsets_[c]);
+      std::byte* dst = p.storage_.data() + p.offsets_[c];
+      if (pack_rows) pack_rows(m, job.rows + ch.begin, job.k, dst);
+      else kt.pack_a_nn_w(m, job.rows + ch.begin, job.w.of(ch.expert), job.k, job.w.cols, dst);
     });
     return true;
   }
@@ -201,6 +212,23 @@ class PackedRows {
   }
 
  private:
+  // Lays out one packing per GEMM call of r (for_each_call) and makes room for them.
+  void plan(const KernelTable& kt, const Routing& r, int k) {
+    offsets_.clear();
+    first_.assign(r.offsets.size(), 0);
+    std::size_t bytes = 0;
+    chunks_.clear();
+    for (int e : r.active) {
+      first_[e] = static_cast<std::int64_t>(offsets_.size());
+      for_each_call(r, e, [&](std::int64_t b, int m) {
+        offsets_.push_back(bytes);
+        chunks_.push_back({e, b, b + m});
+        bytes += kt.packed_a_bytes(m, k);
+      });
+    }
+    storage_.ensure(bytes);
+  }
+
   Buffer<std::byte> storage_;
   std::vector<std::size_t> offsets_;
   std::vector<std::int64_t> first_;
@@ -219,6 +247,29 @@ inline void chunk_nn(const KernelTable& kt, const PackedRows* packed, const Rout
               std::int64_t ldc) {
   if (packed) kt.gemm_nn_packed(m, packed->at(r, e, b), w, k, cols, j0, j1, c, ldc);
   else kt.gemm_nn(m, rows + b, w, k, cols, j0, j1, c, ldc);
+}
+
+// Tiers switch their NT GEMM form by the rows of a call (avx512, avx512_bf16: a dot-product form below
+// 8 rows, a panel form from 8), and the forms sum in different fp32 orders. A token chunk can cut an
+// expert's call into shorter pieces; running a piece with at least min(call rows, kSameFormRows) rows
+// keeps the call's form, so the chunked bits stay those of one chunk (ADR 0405). Every form switch
+// is below kSameFormRows.
+constexpr int kSameFormRows = 16;
+
+// chunk_nt for a piece of m rows of an expert's call of `call_rows` rows: a piece too short for the
+// call's form runs as a call of that many rows (its last row repeated) into `tile` ([kSameFormRows,
+// n1 - n0]) and is copied out. Tiers with packed rows have one form.
+inline void chunk_nt_in_call_form(const KernelTable& kt, const PackedRows* packed, const Routing& r, int e,
+                                  std::int64_t b, int m, std::int64_t call_rows, const bf16* const* rows,
+                                  const void* w, int n_rows, int k, int n0, int n1, float* tile, float* c,
+                                  std::int64_t ldc) {
+  const int same_form = static_cast<int>(std::min<std::int64_t>(call_rows, kSameFormRows));
+  if (packed || m >= same_form) return chunk_nt(kt, packed, r, e, b, m, rows, w, n_rows, k, n0, n1, c, ldc);
+  const bf16* padded[kSameFormRows];
+  for (int i = 0; i < same_form; ++i) padded[i] = rows[b + std::min(i, m - 1)];
+  const int width = n1 - n0;
+  kt.gemm_nt(same_form, padded, w, n_rows, k, n0, n1, tile, width);
+  for (int i = 0; i < m; ++i) std::copy(tile + i * width, tile + (i + 1) * width, c + i * ldc);
 }
 
 // The rows of `all` (indexed by call row) that token chunk `c` covers, indexed by chunk row.
@@ -253,6 +304,30 @@ struct Workspace {
     return n;
   }
 };
+
+// One slice of the intermediate dimension in the down (forward) / dx (backward) products: the layer's
+// whole I, or one NUMA shard's on one node (layer_shard.cpp). Room for a token chunk's rows and their
+// packing is the slice's own workspace's (token_chunk_rows, packed).
+struct SliceRows {
+  const bf16* const* rows = nullptr;          // the slice's h / dgu row of each call row
+  ExpertMatrices w;                           // its packed W_d / W_gu of each expert (cols: H for W_gu)
+  int k = 0;                                  // the products' reduction length: I_s (down), 2 I_s (dx)
+  Buffer<const bf16*>* chunk_rows = nullptr;  // room for a token chunk's rows
+  PackedRows* packed = nullptr;               // room for their packing
+  const bf16* const* chunk = nullptr;         // the current token chunk's rows (set by the phase)
+};
+
+// F4 + F5 (down_phase.cpp): per token chunk, y = Σ_s W_d[:, S_s] h_s (+ s_d B_d ad, ad: [P, r_d] A_d h
+// summed over the slices, or null) per pair, then out[t] = Σ_j w[t, j] y in j order, rounded once.
+void down_and_combine(const KernelTable& kt, runtime::ThreadPool& pool, Workspace& ws, const Routing& r,
+                      std::vector<SliceRows>& slices, const float* ad, const LoRAViews& lora, int H, int K,
+                      const View& out);
+// B4 + B5 (down_phase.cpp): per token chunk, dx rows = Σ_s W_gu[S_s]^T dgu_s + s_gu A_gu^T bgu (bgu:
+// [P, rg] B_gu^T dgu summed over the slices), then grad_x[t] = Σ_j dx rows, rounded once; and
+// dA_gu = s_gu Σ bgu ⊗ x of the active experts when da_gu is present. grad_x absent: dA_gu only.
+void dx_and_combine(const KernelTable& kt, runtime::ThreadPool& pool, Workspace& ws, const Routing& r,
+                    std::vector<SliceRows>& slices, const float* bgu, const bf16* const* x_rows, const LoRAViews& lora,
+                    int rg, const View& da_gu, int H, int K, const View& grad_x);
 
 // The per-call scratch of every layer that runs on one thread pool. A model's layers run one at a
 // time, so one grow-only workspace serves them all: per-layer workspaces cost ~0.3 GB a layer at
@@ -296,6 +371,15 @@ struct MoELayer::Impl {
 
   const void* gate_up_of(int e) const { return gate_up.data() + e * gate_up_stride; }
   const void* down_of(int e) const { return down.data() + e * down_stride; }
+  // The layer's I as a slice of the down / dx products (down_phase.cpp), its rows in `ws`.
+  SliceRows down_slice(Workspace& ws) const {
+    return {ws.h_rows.data(), {down.data(), down_stride, config.intermediate}, config.intermediate,
+            &ws.token_chunk_rows, &ws.packed};
+  }
+  SliceRows dx_slice(Workspace& ws) const {
+    return {ws.dgu_rows.data(), {gate_up.data(), gate_up_stride, config.hidden}, 2 * config.intermediate,
+            &ws.token_chunk_rows, &ws.packed};
+  }
 
   bool quantized() const { return config.weight_dtype != WeightDType::bf16; }
 

@@ -150,14 +150,13 @@ struct ShardRuntime {
   Buffer<float> db_gu, da_d;  // dB_gu rows / dA_d columns of the shard's slice in the caller's dtype (as
                               // floats: room for either; call in progress)
   Buffer<float> ad, bgu;      // A_d h and B_gu^T dgu summed over shards, for this shard's experts' pairs
-  Buffer<float> y;            // shard 0, shards on one node: the [P, H] rows of all shards' down phase
   RoundZero round0;           // shard 0, shards on one node: round 0's shared packing and LoRA rows
   std::shared_ptr<SlicePool> slices = std::make_shared<SlicePool>();
   runtime::SerialExecutor driver;  // declared last: drained and joined before the pool goes
 
   std::size_t buffer_bytes() const {
     return (out.capacity() + gx.capacity() + gw.capacity() + db_gu.capacity() + da_d.capacity() + ad.capacity() +
-            bgu.capacity() + y.capacity()) * sizeof(float) + round0.bytes();
+            bgu.capacity()) * sizeof(float) + round0.bytes();
   }
 };
 
@@ -453,7 +452,6 @@ std::shared_ptr<ShardedCache> ShardedLayer::forward(const View& x, const View& i
   for (PairRows& part : rows) part.split_down = L.shared_down;
   std::vector<const MoELayer*> layers;
   for (const auto& shard : L.shards) layers.push_back(shard->layer.get());
-  float* y = nullptr;
   const std::lock_guard<std::mutex> one_call(sharded_call_mutex());
   std::vector<Impl::Round> rounds;
   if (L.shared_down) {  // round 0: routing once, then x packed and A_gu x, once for all shards
@@ -481,7 +479,6 @@ std::shared_ptr<ShardedCache> ShardedLayer::forward(const View& x, const View& i
       return;
     }
     cache->caches[k] = s.layer->forward_validated(x, ids, weights, out, inner_lora, save, &rows[k]);
-    if (s.index == 0) y = node_local(s.rt->y, rows[0].routing->pairs() * H, s.node());
   });
   // Round 2: shared_down: shard 0 runs the down phase and the combine of all shards on their one pool
   // (one task list a phase, as N = 1); otherwise out = Σ_s partial_s for shard s's share of the tokens.
@@ -489,13 +486,7 @@ std::shared_ptr<ShardedCache> ShardedLayer::forward(const View& x, const View& i
     if (!L.shared_down)
       return reduce_tokens(L.shards, s.pool(), T * s.index / n, T * (s.index + 1) / n,
                            {{&ShardRuntime::out, &out, H}});
-    if (s.index > 0) return;
-    s.layer->shard_down(layers, rows, lora, y);
-    const Routing& r = *rows[0].routing;
-    TokenChunk all;  // one chunk: on one node the shards keep all of a call's [P, H] rows
-    all.t1 = T;
-    combine_token_rows(s.pool(), prof::Stage::combine, r, all, L.config.top_k, static_cast<int>(H), y, out,
-                       [&](std::int64_t row) { return r.weight[row]; });
+    if (s.index == 0) s.layer->shard_down(layers, rows, lora, out);
   });
   L.on_shards(rounds);
   if (!save) return nullptr;
@@ -515,7 +506,6 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
   for (PairRows& part : rows) part.split_down = L.shared_down;
   std::vector<const MoELayer*> layers;
   for (const auto& shard : L.shards) layers.push_back(shard->layer.get());
-  float* dx_rows = nullptr;
   // Where x and A_gu / B_d live now (the caller may have moved them since the forward: the outer
   // cache was re-pointed, these are the same arrays).
   for (const ForwardCachePtr& inner_cache : cache.caches) {
@@ -551,8 +541,6 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
     const View& inner_gx = L.shared_down ? grad_x : gx;  // shared_down: only says whether dx is wanted
     const View& inner_gw = L.shared_down ? grad_weights : gw;
     s.layer->backward_validated(inner_cache, grad_out, inner_gx, inner_gw, inner, &rows[static_cast<std::size_t>(s.index)]);
-    if (L.shared_down && grad_x && s.index == 0)
-      dx_rows = node_local(s.rt->y, inner_cache.routing.pairs() * H, s.node());
   });
   // Round 2, across nodes: dx and grad_w of shard s's share of the tokens (the sum of all shards'
   // partials); dA_gu and dB_d of its share of the experts from A_d h and B_gu^T dgu summed over
@@ -564,12 +552,7 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
     const std::int64_t t0 = T * s.index / parts, t1 = T * (s.index + 1) / parts;
     ForwardCache& own_cache = *cache.caches[static_cast<std::size_t>(s.index)];
     if (L.shared_down && (grad_x || lg.da_gu)) {
-      s.layer->shard_dx(own_cache, layers, rows, lg, dx_rows);
-      TokenChunk all;
-      all.t1 = T;
-      if (grad_x)
-        combine_token_rows(s.pool(), prof::Stage::bwd_combine, own_cache.routing, all, K, static_cast<int>(H),
-                           dx_rows, grad_x, [](std::int64_t) { return 1.f; });
+      s.layer->shard_dx(own_cache, layers, rows, lg, grad_x);
     } else if (!L.shared_down) {
       reduce_tokens(L.shards, s.pool(), t0, t1, {{&ShardRuntime::gx, &grad_x, H}, {&ShardRuntime::gw, &grad_weights, K}});
     }

@@ -4,7 +4,9 @@
 // rows, the int8 weights' tile order and its re-order when the tier changes, the NUMA shards' summed
 // products over segments. Per base (bf16, int8, int4 g32), on one layer: portable, amx, portable,
 // amx — within 2e-3 of each other (DESIGN.md §7, same rounding points) and each tier's two runs
-// bitwise equal; then numa_shards = 2 and 3 on amx within 2e-3 of one shard.
+// bitwise equal; then numa_shards = 2 and 3 on amx within 2e-3 of one shard. Every amx layer also
+// runs in token chunks (the row budget lowered: ADR 0405; the shards re-pack their rows per chunk),
+// bitwise equal to one chunk.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -163,6 +165,17 @@ void set_tier(kt::Isa isa) {
   }
 }
 
+// The layer's results with the [P, H] rows cut into token chunks of 5 tokens and of 1 token: bitwise
+// those of one chunk.
+void expect_chunks_change_no_bit(MoELayer& layer, Case& c, Result& whole, const std::string& label) {
+  for (int tokens : {5, 1}) {
+    kt::moe::set_row_budget_for_testing(static_cast<std::size_t>(tokens) * K * H * sizeof(float));
+    Result chunked = run(layer, c);
+    kt::moe::set_row_budget_for_testing(0);
+    expect_same_bits(chunked, whole, label + " chunks of " + std::to_string(tokens) + " tokens");
+  }
+}
+
 void test_base(WeightDType dtype, int group_size, const char* name, kt::runtime::ThreadPool& pool) {
   Case c(17);
   MoEConfig config{E, K, H, I, dtype, group_size, 1};
@@ -182,12 +195,14 @@ void test_base(WeightDType dtype, int group_size, const char* name, kt::runtime:
   set_tier(kt::Isa::amx);
   Result amx_again = run(layer, c);
   expect_same_bits(amx_again, amx, std::string(name) + " amx after portable");
+  expect_chunks_change_no_bit(layer, c, amx, std::string(name) + " amx");
   for (int shards : {2, 3}) {
     config.numa_shards = shards;
     MoELayer sharded(config, pool);
     load(sharded);
     Result got = run(sharded, c);
     expect_close(got, amx, std::string(name) + " amx numa_shards=" + std::to_string(shards) + " vs 1");
+    expect_chunks_change_no_bit(sharded, c, got, std::string(name) + " amx numa_shards=" + std::to_string(shards));
   }
 }
 

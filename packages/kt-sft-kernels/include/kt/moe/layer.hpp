@@ -164,17 +164,18 @@ class MoELayer {
   void shard_round0_forward(const View& x, const LoRAViews& lora, RoundZero& z);
   void shard_round0_backward(const ForwardCache& cache, const View& grad_out, RoundZero& z);
   // For the NUMA shard wrapper, shards on one node, after every shard's forward stopped before its
-  // down phase (PairRows::split_down): the down phase of all shards, y = Σ_s W_d[:, S_s] h_s +
-  // s_d B_d Σ_s A_d[:, S_s] h_s, read from every shard's workspace, on this layer's pool (the shards'
-  // one pool). `lora`: the caller's LoRA (B_d, scale_d); y: [P, H] fp32.
+  // down phase (PairRows::split_down): the down phase and the combine of all shards, y = Σ_s W_d[:, S_s]
+  // h_s + s_d B_d Σ_s A_d[:, S_s] h_s and out[t] = Σ_j w y, read from every shard's workspace, on this
+  // layer's pool (the shards' one pool), per token chunk under the row budget. `lora`: the caller's
+  // LoRA (B_d, scale_d).
   void shard_down(const std::vector<const MoELayer*>& shards, const std::vector<PairRows>& parts,
-                  const LoRAViews& lora, float* y);
+                  const LoRAViews& lora, const View& out);
   // The backward's counterpart, after every shard's backward stopped before its dx phase
-  // (split_down): dx rows = Σ_s W_gu[S_s]^T dgu_s + s_gu A_gu^T b and dA_gu = s_gu Σ b ⊗ x
-  // (b = Σ_s B_gu[S_s]^T dgu_s, r floats a pair, summed once). dx_rows null: dA_gu only.
-  // lora_grads: the caller's (da_gu; others ignored).
+  // (split_down): dx rows = Σ_s W_gu[S_s]^T dgu_s + s_gu A_gu^T b, grad_x[t] = Σ_j dx rows, and
+  // dA_gu = s_gu Σ b ⊗ x (b = Σ_s B_gu[S_s]^T dgu_s, r floats a pair, summed once). grad_x absent:
+  // dA_gu only. lora_grads: the caller's (da_gu; others ignored).
   void shard_dx(const ForwardCache& cache, const std::vector<const MoELayer*>& shards,
-                const std::vector<PairRows>& parts, const LoRAGradViews& lora_grads, float* dx_rows);
+                const std::vector<PairRows>& parts, const LoRAGradViews& lora_grads, const View& grad_x);
 
  private:
   struct Impl;
