@@ -256,7 +256,7 @@ def test_info_report_under_taskset() -> None:
     lines = result.stdout.splitlines()
     assert "shards (KT_SFT_NUMA=2): 2" in lines
     assert sum(f"1 threads on cpus {cpu}" in line for line in lines) == 2
-    assert "  one node: a layer's shards run one after another, each on all these cpus (ADR 0701)" in lines
+    assert "  one node: a layer's shards run as one call, on all these cpus (ADR 0701)" in lines
 
 
 def test_info_report_with_a_bad_setting_is_one_line() -> None:

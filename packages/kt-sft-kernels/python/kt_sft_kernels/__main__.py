@@ -76,7 +76,7 @@ def numa_report() -> list[str]:
         cpus = kk.format_cpu_list(sorted(shard["cpus"]))
         lines.append(f"  shard {i}: node {nodes}, {len(shard['cpus'])} threads on cpus {cpus}")
     if len(shards) > 1 and kk.shards_run_in_turn():
-        lines.append("  one node: a layer's shards run one after another, each on all these cpus (ADR 0701)")
+        lines.append("  one node: a layer's shards run as one call, on all these cpus (ADR 0701)")
     return lines
 
 

@@ -158,8 +158,8 @@ def shards_run_in_turn(
     affinity: Sequence[int] | None = None,
 ) -> bool:
     """
-    Whether the shards of that layout run one after another, each on all their CPUs (all on the same
-    nodes, unless KT_SFT_NUMA_SHARED_DOWN=0), rather than at once on pinned sub-pools (ADR 0701).
+    Whether the shards of that layout run as one call on all their CPUs (all on the same nodes, unless
+    KT_SFT_NUMA_SHARED_DOWN=0), rather than at once on pinned sub-pools (ADR 0701).
     """
 
 def format_cpu_list(cpus: Sequence[int]) -> str:

@@ -130,7 +130,7 @@ void bind_topology(nb::module_& m) {
       },
       nb::arg("shards").none() = nb::none(), nb::arg("numa").none() = nb::none(), nb::arg("root").none() = nb::none(),
       nb::arg("affinity").none() = nb::none(),
-      "Whether the shards of that layout run one after another, each on all their CPUs (all on the same nodes, "
+      "Whether the shards of that layout run as one call on all their CPUs (all on the same nodes, "
       "unless KT_SFT_NUMA_SHARED_DOWN=0), rather than at once on pinned sub-pools (ADR 0701).");
   m.def("format_cpu_list", &runtime::format_cpu_list, nb::arg("cpus"), "[0, 1, 2, 5] -> '0-2,5'.");
 

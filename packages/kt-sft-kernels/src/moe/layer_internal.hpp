@@ -146,6 +146,24 @@ inline void build_chunks(const Routing& r, std::vector<PairChunk>& chunks) {
       chunks.push_back({e, b, std::min(r.offsets[e + 1], b + kPairChunk)});
 }
 
+// sums[P, width] = Σ_s part(s)[P, width] in slice order (fp32, from zero): the r floats a pair that each
+// slice of I (NUMA shards of one node) contributes to A_d h / B_gu^T dgu, summed once for the one pass
+// that needs them.
+template <class Part>
+float* sum_pair_rows(runtime::ThreadPool& pool, Stage stage, std::int64_t P, int width, std::size_t slices, Part part,
+                     Buffer<float>& sums) {
+  float* dst = sums.ensure(static_cast<std::size_t>(std::max<std::int64_t>(P * width, 1)));
+  run_tasks(pool, stage, (P + kPairChunk - 1) / kPairChunk, [&](std::int64_t task, int) {
+    const std::int64_t end = std::min(P, (task + 1) * kPairChunk) * width;
+    for (std::int64_t i = task * kPairChunk * width; i < end; ++i) {
+      float sum = 0.f;
+      for (std::size_t s = 0; s < slices; ++s) sum += part(s)[i];
+      dst[i] = sum;
+    }
+  });
+  return dst;
+}
+
 // The experts' weight matrices [k, cols] of an NN phase, for tiers whose NN packing reads them
 // (KernelTable::pack_a_nn_w: amx int8 folds W's row scales into the activations).
 struct ExpertMatrices {
@@ -287,7 +305,7 @@ struct Workspace {
   Routing routing;  // forward(save=false) keeps its routing here
   Buffer<bf16> xb, gb, gu, hb, dgu;
   Buffer<float> ax, ad, bg, bgu, rows, gw_part, gw, scratch;
-  Buffer<float> shard_sums;  // NUMA shards: r floats a pair summed over shards (layer_shard.cpp)
+  Buffer<float> ad_sums, bgu_sums;  // NUMA shards of one node: A_d h / B_gu^T dgu summed over the slices
   Buffer<float> tiles;  // per thread: one GEMM call's fp32 result block (kTileFloats)
   Buffer<const bf16*> x_rows, g_rows, h_rows, dgu_rows;
   Buffer<const bf16*> token_chunk_rows;  // a token chunk's rows of the phase input (token_chunks.hpp)
@@ -298,7 +316,7 @@ struct Workspace {
   std::size_t bytes() const {
     std::size_t n = packed.bytes() + token_chunk.bytes();
     for (const Buffer<bf16>* b : {&xb, &gb, &gu, &hb, &dgu}) n += b->capacity() * sizeof(bf16);
-    for (const Buffer<float>* b : {&ax, &ad, &bg, &bgu, &rows, &gw_part, &gw, &scratch, &tiles, &shard_sums})
+    for (const Buffer<float>* b : {&ax, &ad, &bg, &bgu, &rows, &gw_part, &gw, &scratch, &tiles, &ad_sums, &bgu_sums})
       n += b->capacity() * sizeof(float);
     for (const Buffer<const bf16*>* b : {&x_rows, &g_rows, &h_rows, &dgu_rows, &token_chunk_rows}) n += b->capacity() * sizeof(bf16*);
     return n;

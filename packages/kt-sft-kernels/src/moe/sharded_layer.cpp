@@ -1,20 +1,18 @@
 // NUMA shards of one MoE layer (sharded_layer.hpp, ADR 0701).
 //
-// Each call runs in rounds. Shards on different nodes run each round at once, each shard on its own
-// driver thread (a SerialExecutor pinned to the shard's first CPU, which is also thread 0 of the
-// shard's pool), and meet at a barrier between rounds; shards on one node (shared_down) run one after
-// another, each on all of the layout's cores (no shard waits for another):
-//   round 1: the shard's MoELayer call on its slice: up to h / dgu when all shards share a node
-//            (shared_down), else through its own combine into fp32 partials the shard owns;
-//   round 2: shared_down: shard 0, on the shards' one pool, runs the down / dx products of all shards
-//            and their combine (MoELayer::shard_down / shard_dx), dB_d from the pair sums of A_d h,
-//            and puts every shard's dB_gu rows / dA_d columns in place: one task list a phase, as
-//            N = 1 (round 0 likewise); across nodes, split between the shards: the sum of the
-//            partials for shard s's tokens, dB_d and dA_gu for its experts from the pair sums of
-//            A_d h / B_gu^T dgu, its own dB_gu rows / dA_d columns.
-// Round 2 reads what round 1 left in every shard's pool workspace (PairRows): nothing else runs on
-// the shard pools in between (one sharded call at a time). Every sum over shards is in shard order
-// 0..N-1 in fp32, rounded once: the bits do not depend on thread counts (only on N and the form).
+// Shards on one node (one_node) run each call as ONE call of shard 0's layer over all shards' slices
+// of I, on their one pool (MoELayer::forward_shards / backward_shards): every phase one task list,
+// what does not depend on the slice computed once, the down / dx products one product over the slices.
+// Shards on different nodes run in rounds, each shard on its own driver thread (a SerialExecutor
+// pinned to the shard's first CPU, which is also thread 0 of the shard's pool), meeting at a barrier
+// between rounds:
+//   round 1: the shard's MoELayer call on its slice, through its own combine into fp32 partials the
+//            shard owns;
+//   round 2: split between the shards: the sum of the partials for shard s's tokens, dB_d and dA_gu for
+//            its experts from the pair sums of A_d h / B_gu^T dgu, its own dB_gu rows / dA_d columns.
+// Round 2 reads what round 1 left in every shard's pool workspace (PairRows): nothing else runs on the
+// shard pools in between (one sharded call at a time). Every sum over shards is in shard order 0..N-1
+// in fp32, rounded once: the bits do not depend on thread counts (only on N and the form).
 
 #include "sharded_layer.hpp"
 
@@ -38,7 +36,7 @@
 
 #include "buffer.hpp"
 #include "forward_cache.hpp"
-#include "round_zero.hpp"
+#include "layer_internal.hpp"
 #include "routing.hpp"
 #include "kt/core/bf16.hpp"
 #include "kt/moe/validate.hpp"
@@ -142,21 +140,20 @@ struct ShardedCache {
 // What the shards at one position of one layout share across layers (a model's layers run one at a
 // time): the pinned sub-pool (so also the inner layers' per-pool workspace), the driver thread, the
 // fp32 partials and the spare LoRA slices. Per-layer copies would cost a pool of threads and ~0.3 GB
-// of workspace per layer and shard. Shards on one node run one after another on ONE pool (shard 0's;
-// each shard's layer keeps its own workspace slot on it), so no pool hands the cores to the next.
+// of workspace per layer and shard. Shards on one node run on ONE pool (shard 0's; each shard's layer
+// keeps its own workspace slot on it).
 struct ShardRuntime {
   std::shared_ptr<runtime::ThreadPool> pool;
   Buffer<float> out, gx, gw;  // across nodes: the shard's fp32 partial out / dx / grad_w
   Buffer<float> db_gu, da_d;  // dB_gu rows / dA_d columns of the shard's slice in the caller's dtype (as
                               // floats: room for either; call in progress)
   Buffer<float> ad, bgu;      // A_d h and B_gu^T dgu summed over shards, for this shard's experts' pairs
-  RoundZero round0;           // shard 0, shards on one node: round 0's shared packing and LoRA rows
   std::shared_ptr<SlicePool> slices = std::make_shared<SlicePool>();
   runtime::SerialExecutor driver;  // declared last: drained and joined before the pool goes
 
   std::size_t buffer_bytes() const {
     return (out.capacity() + gx.capacity() + gw.capacity() + db_gu.capacity() + da_d.capacity() + ad.capacity() +
-            bgu.capacity()) * sizeof(float) + round0.bytes();
+            bgu.capacity()) * sizeof(float);
   }
 };
 
@@ -210,11 +207,13 @@ struct ShardState {
 struct ShardedLayer::Impl {
   MoEConfig config;
   std::vector<std::unique_ptr<ShardState>> shards;
-  // All shards on one node (and KT_SFT_NUMA_SHARED_DOWN not 0): the down phase runs across the
-  // shards, each shard reading every shard's h and W_d slice for its share of the output columns,
-  // so the [P, H] rows are written once (not once per shard). Across nodes that would stream
-  // other nodes' weights over the link, so there each shard keeps to its own slice.
-  bool shared_down = false;
+  std::vector<MoELayer*> layers;  // each shard's layer, in shard order
+  // All shards on one node (and KT_SFT_NUMA_SHARED_DOWN not 0): each call is ONE call over all the
+  // shards' slices (MoELayer::forward_shards / backward_shards) on their one pool: every phase one
+  // task list, what does not depend on the slice computed once, the down / dx products summed over
+  // the slices as one product. Across nodes that would stream other nodes' weights over the link, so
+  // there each shard keeps to its own slice, in rounds.
+  bool one_node = false;
 
   using Round = std::function<void(ShardState&)>;
   // Shards on different nodes: runs rounds[0](shard) on every shard's driver thread at once, then,
@@ -225,9 +224,8 @@ struct ShardedLayer::Impl {
   // Rethrows the first failure in shard order after all have finished. The caller holds
   // sharded_call_mutex() (the rounds use the shards' shared runtimes).
   void on_shards(const std::vector<Round>& rounds) {
-    const int first_round = rounds.size() == 3 ? 0 : 1;  // round 0 only where there is one
     const auto fault = injected_fault();
-    if (shared_down) return one_after_another(rounds, first_round, fault);
+    if (one_node) return one_after_another(rounds, fault);
     const auto n = static_cast<std::ptrdiff_t>(shards.size());
     std::barrier<> meet(n);
     std::atomic<bool> failed{false};
@@ -247,7 +245,7 @@ struct ShardedLayer::Impl {
             // not stop the others' share of it (harmless: a round reads only what earlier ones wrote).
             if (failed.load()) continue;
             try {
-              run_round(rounds[k], first_round + static_cast<int>(k), *s, fault);
+              run_round(rounds[k], 1 + static_cast<int>(k), *s, fault);
             } catch (...) {
               mine = std::current_exception();
               failed.store(true);
@@ -276,27 +274,37 @@ struct ShardedLayer::Impl {
     if (failure) std::rethrow_exception(failure);
   }
 
-  // Shards on one node: round after round, shard after shard, all on shard 0's driver and shard 0's
-  // pool, which spans all the layout's cores (the constructor), so each phase keeps every core busy,
-  // no shard waits for another and no pool hands the cores to another. Memory placement does not
-  // matter on one node. Same tasks and sums as at once (on_shards), hence the same bits. The first
-  // failure ends the call.
-  void one_after_another(const std::vector<Round>& rounds, int first_round, std::pair<int, int> fault) {
-    const auto job = shards.front()->rt->driver.submit([&] {
+  // Shards on one node (loading): round after round, shard after shard, all on shard 0's driver and
+  // shard 0's pool, which spans all the layout's cores (the constructor). The first failure ends it.
+  void one_after_another(const std::vector<Round>& rounds, std::pair<int, int> fault) {
+    on_one_node([&] {
       for (std::size_t k = 0; k < rounds.size(); ++k)
-        for (auto& shard : shards) run_round(rounds[k], first_round + static_cast<int>(k), *shard, fault);
+        for (auto& shard : shards) run_round(rounds[k], 1 + static_cast<int>(k), *shard, fault);
+    });
+  }
+
+  // Shards on one node: `call` (one call over all shards) on shard 0's driver, thread 0 of the shards'
+  // one pool. KT_SFT_NUMA_FAULT "1,<s>" fails it as round 1 of shard s (there is one round).
+  void on_one_node(const std::function<void()>& call) {
+    const auto fault = injected_fault();
+    const auto job = shards.front()->rt->driver.submit([&] {
+      const prof::Scope timed(prof::Stage::shard_round1, prof::Kind::wall);
+      if (fault.first == 1 && fault.second >= 0 && fault.second < static_cast<int>(shards.size()))
+        throw_injected(1, fault.second);
+      call();
     });
     job->wait();
     if (job->error()) std::rethrow_exception(job->error());
   }
 
+  [[noreturn]] static void throw_injected(int round, int shard) {
+    throw std::runtime_error("KT_SFT_NUMA_FAULT: injected failure in round " + std::to_string(round) + " of shard " +
+                             std::to_string(shard));
+  }
+
   static void run_round(const Round& round_of, int round, ShardState& s, std::pair<int, int> fault) {
-    static const prof::Stage kStages[] = {prof::Stage::shard_round0, prof::Stage::shard_round1,
-                                          prof::Stage::shard_round2};
-    const prof::Scope timed(kStages[round], prof::Kind::wall);
-    if (fault == std::pair<int, int>{round, s.index})
-      throw std::runtime_error("KT_SFT_NUMA_FAULT: injected failure in round " + std::to_string(round) +
-                               " of shard " + std::to_string(s.index));
+    const prof::Scope timed(round == 1 ? prof::Stage::shard_round1 : prof::Stage::shard_round2, prof::Kind::wall);
+    if (fault == std::pair<int, int>{round, s.index}) throw_injected(round, s.index);
     round_of(s);
   }
 
@@ -328,8 +336,8 @@ ShardedLayer::ShardedLayer(const MoEConfig& config) : impl_(std::make_unique<Imp
   const int block = config.weight_dtype == WeightDType::int4 ? std::max(32, config.group_size) : 32;
   const auto slices = shard_slices(config.intermediate, n, block);
   auto places = runtime::plan_shards(runtime::system_topology(), n, runtime::numa_setting_from_env());
-  impl_->shared_down = runtime::shards_run_in_turn(places);
-  if (impl_->shared_down) {  // one node: the shards run one after another, each on all of its cores
+  impl_->one_node = runtime::shards_run_in_turn(places);
+  if (impl_->one_node) {  // one node: the shards run as one call, on all of the node's cores
     std::vector<int> all;
     for (const runtime::Shard& place : places) all.insert(all.end(), place.cpus.begin(), place.cpus.end());
     std::sort(all.begin(), all.end());
@@ -342,12 +350,13 @@ ShardedLayer::ShardedLayer(const MoEConfig& config) : impl_(std::make_unique<Imp
     shard->i0 = slices[static_cast<std::size_t>(s)].first;
     shard->i1 = slices[static_cast<std::size_t>(s)].second;
     shard->place = places[static_cast<std::size_t>(s)];
-    const bool on_first_pool = impl_->shared_down && s > 0;
+    const bool on_first_pool = impl_->one_node && s > 0;
     shard->rt = runtime_for(s, shard->place.cpus, on_first_pool ? impl_->shards.front()->rt.get() : nullptr);
     MoEConfig inner = config;
     inner.intermediate = shard->width();
     inner.numa_shards = 1;
     shard->layer = std::make_unique<MoELayer>(inner, shard->pool(), on_first_pool ? s : 0);
+    impl_->layers.push_back(shard->layer.get());
     impl_->shards.push_back(std::move(shard));
   }
 }
@@ -448,49 +457,34 @@ std::shared_ptr<ShardedCache> ShardedLayer::forward(const View& x, const View& i
   cache->lora.resize(static_cast<std::size_t>(n));
   for (const auto& shard : L.shards) cache->slice_pools.push_back(shard->rt->slices);
   const bool has_lora = lora.has_gate_up() || lora.has_down();
-  std::vector<PairRows> rows(static_cast<std::size_t>(n));
-  for (PairRows& part : rows) part.split_down = L.shared_down;
-  std::vector<const MoELayer*> layers;
-  for (const auto& shard : L.shards) layers.push_back(shard->layer.get());
-  const std::lock_guard<std::mutex> one_call(sharded_call_mutex());
-  std::vector<Impl::Round> rounds;
-  if (L.shared_down) {  // round 0: routing once, then x packed and A_gu x, once for all shards
-    RoundZero& z = L.shards.front()->rt->round0;
-    {
-      const prof::Scope timed(prof::Stage::route, prof::Kind::wall);
-      build_routing(ids, weights, L.config.num_experts, z.routing);
-    }
-    L.shards.front()->layer->shard_round0_plan(z, nullptr, lora.a_gu ? static_cast<int>(lora.a_gu.shape[1]) : 0);
-    for (PairRows& part : rows) part.shared = &z;
-    rounds.emplace_back([&](ShardState& s) {
-      if (s.index == 0) s.layer->shard_round0_forward(x, lora, z);
-    });
-  }
-
-  // Round 1: each shard's slice up to its per-pair y rows, or (shared_down) up to its h rows (its
-  // pool's workspace).
-  rounds.emplace_back([&](ShardState& s) {
+  const auto slice_lora = [&](ShardState& s) {
     const auto k = static_cast<std::size_t>(s.index);
     if (has_lora) cache->lora[k] = L.slice_lora(s, lora);
-    const LoRAViews inner_lora = has_lora ? cache->lora[k]->views : LoRAViews{};
-    if (!L.shared_down) {  // the shard's own combine, into its fp32 partial
-      const View partial = f32_view(node_local(s.rt->out, T * H, s.node()), T, H);
-      cache->caches[k] = s.layer->forward_validated(x, ids, weights, partial, inner_lora, save);
-      return;
-    }
-    cache->caches[k] = s.layer->forward_validated(x, ids, weights, out, inner_lora, save, &rows[k]);
-  });
-  // Round 2: shared_down: shard 0 runs the down phase and the combine of all shards on their one pool
-  // (one task list a phase, as N = 1); otherwise out = Σ_s partial_s for shard s's share of the tokens.
-  rounds.emplace_back([&](ShardState& s) {
-    if (!L.shared_down)
-      return reduce_tokens(L.shards, s.pool(), T * s.index / n, T * (s.index + 1) / n,
-                           {{&ShardRuntime::out, &out, H}});
-    if (s.index == 0) s.layer->shard_down(layers, rows, lora, out);
-  });
+    return has_lora ? cache->lora[k]->views : LoRAViews{};
+  };
+  const std::lock_guard<std::mutex> one_call(sharded_call_mutex());
+  if (L.one_node) {  // one call over all shards' slices on their one pool
+    L.on_one_node([&] {
+      std::vector<LoRAViews> loras;
+      for (auto& shard : L.shards) loras.push_back(slice_lora(*shard));
+      std::vector<ForwardCachePtr> caches = L.layers.front()->forward_shards(L.layers, loras, x, ids, weights, out, save);
+      if (save) cache->caches = std::move(caches);
+    });
+    return save ? cache : nullptr;
+  }
+  // Round 1: each shard's slice through its own combine, into its fp32 partial; round 2: out = Σ_s
+  // partial_s for shard s's share of the tokens.
+  const std::vector<Impl::Round> rounds{
+      [&](ShardState& s) {
+        const View partial = f32_view(node_local(s.rt->out, T * H, s.node()), T, H);
+        cache->caches[static_cast<std::size_t>(s.index)] =
+            s.layer->forward_validated(x, ids, weights, partial, slice_lora(s), save);
+      },
+      [&](ShardState& s) {
+        reduce_tokens(L.shards, s.pool(), T * s.index / n, T * (s.index + 1) / n, {{&ShardRuntime::out, &out, H}});
+      }};
   L.on_shards(rounds);
-  if (!save) return nullptr;
-  return cache;
+  return save ? cache : nullptr;
 }
 
 void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRAViews& lora, const View& grad_out,
@@ -502,10 +496,6 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
   const auto n = static_cast<int>(L.shards.size());
   const std::int64_t rg = lg.da_gu ? lg.da_gu.shape[1] : lg.db_gu ? lg.db_gu.shape[2] : 0;
   const std::int64_t rd = lg.da_d ? lg.da_d.shape[1] : lg.db_d ? lg.db_d.shape[2] : 0;
-  std::vector<PairRows> rows(static_cast<std::size_t>(n));
-  for (PairRows& part : rows) part.split_down = L.shared_down;
-  std::vector<const MoELayer*> layers;
-  for (const auto& shard : L.shards) layers.push_back(shard->layer.get());
   // Where x and A_gu / B_d live now (the caller may have moved them since the forward: the outer
   // cache was re-pointed, these are the same arrays).
   for (const ForwardCachePtr& inner_cache : cache.caches) {
@@ -513,98 +503,20 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
     inner_cache->lora.a_gu = lora.a_gu;
     inner_cache->lora.b_d = lora.b_d;
   }
-  const std::lock_guard<std::mutex> one_call(sharded_call_mutex());
-  std::vector<Impl::Round> rounds;
-  if (L.shared_down) {  // round 0: grad_out packed and B_d^T G, once for all shards
-    RoundZero& z = L.shards.front()->rt->round0;
-    L.shards.front()->layer->shard_round0_plan(z, cache.caches.front().get(), static_cast<int>(rd));
-    for (PairRows& part : rows) part.shared = &z;
-    rounds.emplace_back([&](ShardState& s) {
-      if (s.index == 0) s.layer->shard_round0_backward(*cache.caches.front(), grad_out, z);
-    });
-  }
-
-  // Round 1: each shard's backward up to its per-pair dx rows, <h, v> sums and B_gu^T dgu (its
-  // pool's workspace), and its slice's dB_gu rows / dA_d columns (fp32). dA_gu and dB_d wait for
-  // the sums over shards (round 2).
-  rounds.emplace_back([&](ShardState& s) {
+  // The slice's own dB_gu rows / dA_d columns, in the caller's dtype (the layer rounds each once, as
+  // N = 1 does), so that they only need copying into place.
+  const auto slice_grads = [&](ShardState& s) {
     const std::int64_t w = s.width();
-    ForwardCache& inner_cache = *cache.caches[static_cast<std::size_t>(s.index)];
-    View gx, gw;  // across nodes: the shard's own combine, into fp32 partials
-    if (grad_x && !L.shared_down) gx = f32_view(node_local(s.rt->gx, T * H, s.node()), T, H);
-    if (grad_weights && !L.shared_down) gw = f32_view(node_local(s.rt->gw, T * K, s.node()), T, K);
     LoRAGradViews inner;
-    // The slice's own gradients in the caller's dtype (the layer rounds each once, as N = 1 does), so
-    // round 2 only copies them into place.
     if (lg.db_gu) inner.db_gu = like(lg.db_gu, node_local(s.rt->db_gu, E * 2 * w * rg, s.node()), E, 2 * w, rg);
     if (lg.da_d) inner.da_d = like(lg.da_d, node_local(s.rt->da_d, E * rd * w, s.node()), E, rd, w);
-    const View& inner_gx = L.shared_down ? grad_x : gx;  // shared_down: only says whether dx is wanted
-    const View& inner_gw = L.shared_down ? grad_weights : gw;
-    s.layer->backward_validated(inner_cache, grad_out, inner_gx, inner_gw, inner, &rows[static_cast<std::size_t>(s.index)]);
-  });
-  // Round 2, across nodes: dx and grad_w of shard s's share of the tokens (the sum of all shards'
-  // partials); dA_gu and dB_d of its share of the experts from A_d h and B_gu^T dgu summed over
-  // shards; its own dB_gu rows / dA_d columns. On one node shard 0 does the whole round for all
-  // shards on their one pool (one task list a phase, as N = 1), dx and dA_gu through shard_dx.
-  const int parts = L.shared_down ? 1 : n;
-  rounds.emplace_back([&](ShardState& s) {
-    if (s.index >= parts) return;
-    const std::int64_t t0 = T * s.index / parts, t1 = T * (s.index + 1) / parts;
-    ForwardCache& own_cache = *cache.caches[static_cast<std::size_t>(s.index)];
-    if (L.shared_down && (grad_x || lg.da_gu)) {
-      s.layer->shard_dx(own_cache, layers, rows, lg, grad_x);
-    } else if (!L.shared_down) {
-      reduce_tokens(L.shards, s.pool(), t0, t1, {{&ShardRuntime::gx, &grad_x, H}, {&ShardRuntime::gw, &grad_weights, K}});
-    }
-    if (grad_weights && L.shared_down)  // on the shard's pool: serial, its other threads would sleep
-      s.pool().parallel_for((t1 - t0 + kTokenChunk - 1) / kTokenChunk, [&](std::int64_t task, int) {
-        const prof::Scope busy(prof::Stage::bwd_combine, prof::Kind::busy);
-        const std::int64_t first = t0 + task * kTokenChunk, end = std::min(t1, first + kTokenChunk);
-        for (std::int64_t t = first; t < end; ++t)
-          for (int j = 0; j < K; ++j) {
-            const std::int64_t row = rows[0].row_of_slot[t * K + j];
-            float sum = 0.f;
-            if (row >= 0)
-              for (const PairRows& part : rows) sum += part.grad_w[row];
-            store_value(grad_weights.data, grad_weights.dtype, t * K + j, sum);
-          }
-      });
-    const int e0 = static_cast<int>(E * s.index / parts), e1 = static_cast<int>(E * (s.index + 1) / parts);
-    const bool da_gu_here = lg.da_gu && !L.shared_down;  // else shard_dx computed it
-    if (da_gu_here || lg.db_d) {
-      // Pair sums in shard order for the pairs of experts [e0, e1) (contiguous sorted rows).
-      const std::vector<std::int64_t>& offsets = cache.caches[0]->routing.offsets;
-      const std::int64_t p0 = offsets[static_cast<std::size_t>(e0)], p1 = offsets[static_cast<std::size_t>(e1)];
-      const std::int64_t P = offsets.back();
-      float* ad = lg.db_d ? node_local(s.rt->ad, P * rd, s.node()) : nullptr;
-      float* bgu = da_gu_here ? node_local(s.rt->bgu, P * rg, s.node()) : nullptr;
-      s.pool().parallel_for((p1 - p0 + kPairChunk - 1) / kPairChunk, [&](std::int64_t task, int) {
-        const prof::Scope busy(prof::Stage::bwd_db_d, prof::Kind::busy);
-        const std::int64_t q0 = p0 + task * kPairChunk, q1 = std::min(p1, q0 + kPairChunk);
-        for (std::int64_t i = q0 * rd; ad && i < q1 * rd; ++i) {
-          float sum = 0.f;
-          for (const ForwardCachePtr& part : cache.caches) sum += part->ad.data()[i];
-          ad[i] = sum;
-        }
-        for (std::int64_t i = q0 * rg; bgu && i < q1 * rg; ++i) {
-          float sum = 0.f;
-          for (const PairRows& part : rows) sum += part.bgu[i];
-          bgu[i] = sum;
-        }
-      });
-      LoRAGradViews once;
-      if (da_gu_here) once.da_gu = lg.da_gu;
-      once.db_d = lg.db_d;
-      s.layer->shard_lora_grads(own_cache, ad, bgu, e0, e1, once);
-    }
+    return inner;
+  };
+  // The slices' dB_gu rows / dA_d columns into place, in contiguous runs: per expert the gate rows and
+  // the up rows of dB_gu (w * rg each), per (expert, q) the w columns of dA_d.
+  const auto place_slices = [&](runtime::ThreadPool& pool, const std::vector<const ShardState*>& slices) {
     if (!(lg.db_gu || lg.da_d)) return;
-    // The slices' dB_gu rows / dA_d columns into place (this shard's own; on one node every shard's),
-    // in contiguous runs: per expert the gate rows and the up rows of dB_gu (w * rg each), per
-    // (expert, q) the w columns of dA_d.
-    std::vector<const ShardState*> slices{&s};
-    if (L.shared_down)
-      for (std::size_t k = 1; k < L.shards.size(); ++k) slices.push_back(L.shards[k].get());
-    s.pool().parallel_for(E, [&](std::int64_t e, int) {
+    pool.parallel_for(E, [&](std::int64_t e, int) {
       const prof::Scope busy(prof::Stage::bwd_lora_grads_gu_d, prof::Kind::busy);
       for (const ShardState* o : slices) {
         const std::int64_t w = o->width();
@@ -618,7 +530,72 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
             copy_run(lg.da_d, (e * rd + q) * I + o->i0, o->rt->da_d.data(), (e * rd + q) * w, w);
       }
     });
-  });
+  };
+  const std::lock_guard<std::mutex> one_call(sharded_call_mutex());
+  if (L.one_node) {  // one call over all shards' slices on their one pool
+    L.on_one_node([&] {
+      std::vector<const ForwardCache*> caches;
+      std::vector<LoRAGradViews> slices;
+      std::vector<const ShardState*> states;
+      for (auto& shard : L.shards) {
+        caches.push_back(cache.caches[static_cast<std::size_t>(shard->index)].get());
+        slices.push_back(slice_grads(*shard));
+        states.push_back(shard.get());
+      }
+      LoRAGradViews whole;  // dA_gu and dB_d: from the pair sums over the slices
+      whole.da_gu = lg.da_gu;
+      whole.db_d = lg.db_d;
+      L.layers.front()->backward_shards(L.layers, caches, grad_out, grad_x, grad_weights, whole, slices);
+      place_slices(L.shards.front()->pool(), states);
+    });
+    return;
+  }
+  // Round 1: each shard's backward through its own combine into fp32 partials of dx and grad_w, its
+  // B_gu^T dgu (its pool's workspace) and its slice's dB_gu rows / dA_d columns. dA_gu and dB_d wait
+  // for the sums over shards. Round 2: dx and grad_w of shard s's share of the tokens (the sum of all
+  // shards' partials); dA_gu and dB_d of its share of the experts from A_d h and B_gu^T dgu summed over
+  // shards; its own dB_gu rows / dA_d columns.
+  std::vector<PairRows> rows(static_cast<std::size_t>(n));
+  const std::vector<Impl::Round> rounds{
+      [&](ShardState& s) {
+        View gx, gw;
+        if (grad_x) gx = f32_view(node_local(s.rt->gx, T * H, s.node()), T, H);
+        if (grad_weights) gw = f32_view(node_local(s.rt->gw, T * K, s.node()), T, K);
+        s.layer->backward_validated(*cache.caches[static_cast<std::size_t>(s.index)], grad_out, gx, gw, slice_grads(s),
+                                    &rows[static_cast<std::size_t>(s.index)]);
+      },
+      [&](ShardState& s) {
+        const std::int64_t t0 = T * s.index / n, t1 = T * (s.index + 1) / n;
+        reduce_tokens(L.shards, s.pool(), t0, t1, {{&ShardRuntime::gx, &grad_x, H}, {&ShardRuntime::gw, &grad_weights, K}});
+        const int e0 = static_cast<int>(E * s.index / n), e1 = static_cast<int>(E * (s.index + 1) / n);
+        if (lg.da_gu || lg.db_d) {
+          // Pair sums in shard order for the pairs of experts [e0, e1) (contiguous sorted rows).
+          const std::vector<std::int64_t>& offsets = cache.caches[0]->routing.offsets;
+          const std::int64_t p0 = offsets[static_cast<std::size_t>(e0)], p1 = offsets[static_cast<std::size_t>(e1)];
+          const std::int64_t P = offsets.back();
+          float* ad = lg.db_d ? node_local(s.rt->ad, P * rd, s.node()) : nullptr;
+          float* bgu = lg.da_gu ? node_local(s.rt->bgu, P * rg, s.node()) : nullptr;
+          s.pool().parallel_for((p1 - p0 + kPairChunk - 1) / kPairChunk, [&](std::int64_t task, int) {
+            const prof::Scope busy(prof::Stage::bwd_db_d, prof::Kind::busy);
+            const std::int64_t q0 = p0 + task * kPairChunk, q1 = std::min(p1, q0 + kPairChunk);
+            for (std::int64_t i = q0 * rd; ad && i < q1 * rd; ++i) {
+              float sum = 0.f;
+              for (const ForwardCachePtr& part : cache.caches) sum += part->ad.data()[i];
+              ad[i] = sum;
+            }
+            for (std::int64_t i = q0 * rg; bgu && i < q1 * rg; ++i) {
+              float sum = 0.f;
+              for (const PairRows& part : rows) sum += part.bgu[i];
+              bgu[i] = sum;
+            }
+          });
+          LoRAGradViews once;
+          once.da_gu = lg.da_gu;
+          once.db_d = lg.db_d;
+          s.layer->shard_lora_grads(*cache.caches[static_cast<std::size_t>(s.index)], ad, bgu, e0, e1, once);
+        }
+        place_slices(s.pool(), {&s});
+      }};
   L.on_shards(rounds);
 }
 

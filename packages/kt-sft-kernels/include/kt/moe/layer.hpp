@@ -77,23 +77,11 @@ std::size_t cache_bytes_per_pair(const MoEConfig& config, int rank_gu, int rank_
 // run in several token chunks; 0 restores the default. Returns the budget in force before.
 std::size_t set_row_budget_for_testing(std::size_t bytes);
 
-struct Routing;    // src/moe/routing.hpp
-struct RoundZero;  // src/moe/round_zero.hpp
-
-// For the NUMA shard wrapper (src/moe/sharded_layer.cpp): where a shard's forward / backward left
-// what the wrapper's second round reads (the pool's workspace; valid until the pool's next call).
+// For the NUMA shard wrapper, shards on different nodes (src/moe/sharded_layer.cpp): where a shard's
+// backward left what the wrapper's second round reads (the pool's workspace; valid until the pool's
+// next call).
 struct PairRows {
-  bool split_down = false;  // in: stop before the down (forward) / dx (backward) phase and skip the
-                            // combine; the wrapper runs them across the shards (shard_down /
-                            // shard_dx: shards on one node read each other's h / dgu)
-  const Routing* routing = nullptr;           // the call's routing (same in every shard)
-  const float* grad_w = nullptr;              // [P] <h, v> of the layer's slice per pair (backward)
-  const std::int64_t* row_of_slot = nullptr;  // [T * k]: the pair of slot t*k + j, or -1
-  const float* weight = nullptr;              // [P] routing weight of each pair
-  const float* bgu = nullptr;                 // [P, r_gu] B_gu^T dgu of the layer's slice (backward)
-  const float* ad = nullptr;                  // [P, r_d] A_d h of the layer's slice (forward)
-  const RoundZero* shared = nullptr;          // in: round 0's routing / packed rows / LoRA rows, used
-                                              // instead of the layer's own (shards on one node)
+  const float* bgu = nullptr;  // [P, r_gu] B_gu^T dgu of the layer's slice
 };
 
 class MoELayer {
@@ -144,42 +132,43 @@ class MoELayer {
 
   // forward()/backward() without the argument checks, for callers that ran validate_forward /
   // validate_backward themselves (calls.cpp: checks in the submitting thread, work on the executor).
-  // rows != null (the shard wrapper): say where the call's intermediates are; with
-  // rows->split_down, stop early (see PairRows): out / grad_x / grad_weights are then not written.
+  // rows != null (the shard wrapper, shards on different nodes): where the call's B_gu^T dgu is.
   ForwardCachePtr forward_validated(const View& x, const View& ids, const View& weights, const View& out,
-                                    const LoRAViews& lora, bool save, PairRows* rows = nullptr);
+                                    const LoRAViews& lora, bool save);
   void backward_validated(const ForwardCache& cache, const View& grad_out, const View& grad_x,
                           const View& grad_weights, const LoRAGradViews& lora_grads, PairRows* rows = nullptr);
-  // For the NUMA shard wrapper, right after backward_validated(cache, ..., rows) on this layer (its
-  // pool's workspace still holds that call's bf16 rows of x and grad_out): dB_d and dA_gu of experts
-  // [e0, e1) from the pair sums over all shards of A_d h (ad, [P, r_d]) and B_gu^T dgu (bgu,
-  // [P, r_gu]), written straight into lora_grads.db_d / da_gu (experts without pairs: zeros).
+  // For the NUMA shard wrapper, shards on different nodes, right after backward_validated(cache, ...,
+  // rows) on this layer (its pool's workspace still holds that call's bf16 rows of x and grad_out):
+  // dB_d and dA_gu of experts [e0, e1) from the pair sums over all shards of A_d h (ad, [P, r_d]) and
+  // B_gu^T dgu (bgu, [P, r_gu]), written straight into lora_grads.db_d / da_gu (experts without pairs:
+  // zeros).
   void shard_lora_grads(const ForwardCache& cache, const float* ad, const float* bgu, int e0, int e1,
                         const LoRAGradViews& lora_grads);
-  // For the NUMA shard wrapper, shards on one node (one pool): round 0 (src/moe/round_zero.hpp). plan
-  // lays out z for a forward (routing in z.routing) / backward (the cache's routing) on the calling
-  // thread; then forward / backward fill it on this layer's pool, from the caller's x / grad_out and
-  // LoRA (A_gu / B_d).
-  void shard_round0_plan(RoundZero& z, const ForwardCache* backward_of, int rank);
-  void shard_round0_forward(const View& x, const LoRAViews& lora, RoundZero& z);
-  void shard_round0_backward(const ForwardCache& cache, const View& grad_out, RoundZero& z);
-  // For the NUMA shard wrapper, shards on one node, after every shard's forward stopped before its
-  // down phase (PairRows::split_down): the down phase and the combine of all shards, y = Σ_s W_d[:, S_s]
-  // h_s + s_d B_d Σ_s A_d[:, S_s] h_s and out[t] = Σ_j w y, read from every shard's workspace, on this
-  // layer's pool (the shards' one pool), per token chunk under the row budget. `lora`: the caller's
-  // LoRA (B_d, scale_d).
-  void shard_down(const std::vector<const MoELayer*>& shards, const std::vector<PairRows>& parts,
-                  const LoRAViews& lora, const View& out);
-  // The backward's counterpart, after every shard's backward stopped before its dx phase
-  // (split_down): dx rows = Σ_s W_gu[S_s]^T dgu_s + s_gu A_gu^T b, grad_x[t] = Σ_j dx rows, and
-  // dA_gu = s_gu Σ b ⊗ x (b = Σ_s B_gu[S_s]^T dgu_s, r floats a pair, summed once). grad_x absent:
-  // dA_gu only. lora_grads: the caller's (da_gu; others ignored).
-  void shard_dx(const ForwardCache& cache, const std::vector<const MoELayer*>& shards,
-                const std::vector<PairRows>& parts, const LoRAGradViews& lora_grads, const View& grad_x);
+  // For the NUMA shard wrapper, shards on one node (one pool; this layer is shards[0]): the forward /
+  // backward of all shards as one call, every phase one task list over the shards' slices of I, what
+  // does not depend on the slice computed once (ADR 0701). loras[s]: shard s's LoRA (its B_gu rows and
+  // A_d columns; A_gu, B_d as the caller's). Returns each shard's cache (save); the first also keeps the
+  // routing and A_gu x, and the backward takes them in the same order. lora_grads: dA_gu and dB_d;
+  // slice_grads[s]: shard s's dB_gu rows and dA_d columns.
+  std::vector<ForwardCachePtr> forward_shards(const std::vector<MoELayer*>& shards, const std::vector<LoRAViews>& loras,
+                                              const View& x, const View& ids, const View& weights, const View& out,
+                                              bool save);
+  void backward_shards(const std::vector<MoELayer*>& shards, const std::vector<const ForwardCache*>& caches,
+                       const View& grad_out, const View& grad_x, const View& grad_weights,
+                       const LoRAGradViews& lora_grads, const std::vector<LoRAGradViews>& slice_grads);
 
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
+
+  // The bodies of forward / backward over the slices of I that `shards` own ({this}: the plain layer),
+  // on this layer's pool, with the layers' locks held.
+  std::vector<ForwardCachePtr> forward_over(const std::vector<MoELayer*>& shards, const std::vector<LoRAViews>& loras,
+                                            const View& x, const View& ids, const View& weights, const View& out,
+                                            bool save);
+  void backward_over(const std::vector<MoELayer*>& shards, const std::vector<const ForwardCache*>& caches,
+                     const View& grad_out, const View& grad_x, const View& grad_weights,
+                     const LoRAGradViews& lora_grads, const std::vector<LoRAGradViews>& slice_grads, PairRows* rows);
 };
 
 // Accessors to validate a backward call against its forward.

@@ -41,7 +41,6 @@ namespace kt::runtime::profiler {
   X(bwd_da_gu)                   \
   X(bwd_combine)                 \
   X(shard_lora_slice)            \
-  X(shard_round0)                \
   X(shard_round1)                \
   X(shard_barrier)               \
   X(shard_round2)                \

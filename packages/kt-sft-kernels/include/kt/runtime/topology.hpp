@@ -71,9 +71,9 @@ int auto_shard_count(const Topology& topology, const NumaSetting& setting);
 //   shards < nodes: shard s gets nodes [s*nodes/shards, (s+1)*nodes/shards), all their cores.
 std::vector<Shard> plan_shards(const Topology& topology, int shards, const NumaSetting& setting);
 
-// Whether a layer's shards at these places run one after another, each on all of their CPUs (ADR 0701,
-// "Execution"): they all cover the same nodes (one shard trivially), unless KT_SFT_NUMA_SHARED_DOWN=0
-// (read on every call) keeps the concurrent form with pinned sub-pools.
+// Whether a layer's shards at these places run in turn on all of their CPUs, each call one call over
+// all the shards (ADR 0701, "Execution"): they all cover the same nodes (one shard trivially), unless
+// KT_SFT_NUMA_SHARED_DOWN=0 (read on every call) keeps the concurrent form with pinned sub-pools.
 bool shards_run_in_turn(const std::vector<Shard>& shards);
 
 }  // namespace kt::runtime

@@ -245,9 +245,7 @@ def _render_numa(kernels: dict[str, Any]) -> list[str]:
         cpus = _cpu_list(shard["cpus"])
         lines.append(f"               shard {i}: node {on}, {len(shard['cpus'])} threads on cpus {cpus}")
     if len(shards) > 1 and kernels["shards_run_in_turn"]:
-        lines.append(
-            "               one node: a layer's shards run one after another, each on all these cpus"
-        )
+        lines.append("               one node: a layer's shards run as one call, on all these cpus")
     return lines
 
 
