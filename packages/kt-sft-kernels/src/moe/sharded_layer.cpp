@@ -277,24 +277,29 @@ struct ShardedLayer::Impl {
   // Shards on one node (loading): round after round, shard after shard, all on shard 0's driver and
   // shard 0's pool, which spans all the layout's cores (the constructor). The first failure ends it.
   void one_after_another(const std::vector<Round>& rounds, std::pair<int, int> fault) {
-    on_one_node([&] {
+    on_first_driver([&] {
       for (std::size_t k = 0; k < rounds.size(); ++k)
         for (auto& shard : shards) run_round(rounds[k], 1 + static_cast<int>(k), *shard, fault);
     });
   }
 
-  // Shards on one node: `call` (one call over all shards) on shard 0's driver, thread 0 of the shards'
-  // one pool. KT_SFT_NUMA_FAULT "1,<s>" fails it as round 1 of shard s (there is one round).
-  void on_one_node(const std::function<void()>& call) {
+  // Shards on one node: a forward / backward is one call over all shards, counted as round 1 of every
+  // shard (KT_SFT_NUMA_FAULT "1,<s>" fails it).
+  void run_as_one_call(const std::function<void()>& call) {
     const auto fault = injected_fault();
-    const auto job = shards.front()->rt->driver.submit([&] {
+    on_first_driver([&] {
       const prof::Scope timed(prof::Stage::shard_round1, prof::Kind::wall);
       if (fault.first == 1 && fault.second >= 0 && fault.second < static_cast<int>(shards.size()))
         throw_injected(1, fault.second);
       call();
     });
-    job->wait();
-    if (job->error()) std::rethrow_exception(job->error());
+  }
+
+  // `job` on shard 0's driver (thread 0 of the shards' one pool when they share a node); rethrows.
+  void on_first_driver(const std::function<void()>& job) {
+    const auto done = shards.front()->rt->driver.submit(job);
+    done->wait();
+    if (done->error()) std::rethrow_exception(done->error());
   }
 
   [[noreturn]] static void throw_injected(int round, int shard) {
@@ -464,7 +469,7 @@ std::shared_ptr<ShardedCache> ShardedLayer::forward(const View& x, const View& i
   };
   const std::lock_guard<std::mutex> one_call(sharded_call_mutex());
   if (L.one_node) {  // one call over all shards' slices on their one pool
-    L.on_one_node([&] {
+    L.run_as_one_call([&] {
       std::vector<LoRAViews> loras;
       for (auto& shard : L.shards) loras.push_back(slice_lora(*shard));
       std::vector<ForwardCachePtr> caches = L.layers.front()->forward_shards(L.layers, loras, x, ids, weights, out, save);
@@ -533,7 +538,7 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
   };
   const std::lock_guard<std::mutex> one_call(sharded_call_mutex());
   if (L.one_node) {  // one call over all shards' slices on their one pool
-    L.on_one_node([&] {
+    L.run_as_one_call([&] {
       std::vector<const ForwardCache*> caches;
       std::vector<LoRAGradViews> slices;
       std::vector<const ShardState*> states;
