@@ -72,15 +72,30 @@ class Runner:
     """One build's layer on one input set; step() returns fwd+bwd wall seconds."""
 
     def __init__(
-        self, core: ModuleType, tier: str, threads: int, d: dict, weight_dtype: str, pool: object = None
+        self,
+        core: ModuleType,
+        tier: str,
+        threads: int,
+        d: dict,
+        weight_dtype: str,
+        pool: object = None,
+        numa_shards: int = 1,
     ) -> None:
-        """pool: the layer's thread pool (None: a new one of `threads` threads)."""
+        """pool: the layer's thread pool (None: a new one of `threads` threads); numa_shards > 1 runs on
+        this machine's shard layout (ADR 0701), whatever `threads`."""
         core.set_max_isa(tier)
         e, h, i, k = d["dims"]
         t = d["x"].shape[0]
         self.core, self.tier, self.d = core, tier, d
         self.layer = core.MoELayer(
-            core.MoEConfig(num_experts=e, top_k=k, hidden=h, intermediate=i, weight_dtype=weight_dtype),
+            core.MoEConfig(
+                num_experts=e,
+                top_k=k,
+                hidden=h,
+                intermediate=i,
+                weight_dtype=weight_dtype,
+                numa_shards=numa_shards,
+            ),
             pool=pool if pool is not None else core.ThreadPool(threads=threads),
         )
         self.layer.load_weights(gate_up=d["gate_up"], down=d["down"])
@@ -114,6 +129,7 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b")
     ap.add_argument("--tokens", default="128,512,4096")
     ap.add_argument("--threads", default="2,1")
+    ap.add_argument("--numa-shards", default="1", help="numa_shards of the layers (comma list: a cell each)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--tiny-calls", type=int, default=300, help="per-call overhead calls per build (0: skip)")
     ap.add_argument("--profile", action="store_true", help="print each build's stage profile of one step")
@@ -131,9 +147,10 @@ def main() -> None:
         tiny_overhead(builds, args, rng)
     cells: list[dict] = []
     for wd in args.weight_dtype.split(","):
-        for threads in (int(s) for s in args.threads.split(",")):
-            for t in (int(s) for s in args.tokens.split(",")):
-                cells.append(run_cell(builds, args, wd, threads, t, rng))
+        for shards in (int(s) for s in args.numa_shards.split(",")):
+            for threads in (int(s) for s in args.threads.split(",")):
+                for t in (int(s) for s in args.tokens.split(",")):
+                    cells.append(run_cell(builds, args, wd, threads, t, rng, shards))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
@@ -149,11 +166,17 @@ def main() -> None:
 
 
 def run_cell(
-    builds: list, args: argparse.Namespace, wd: str, threads: int, t: int, rng: np.random.Generator
+    builds: list,
+    args: argparse.Namespace,
+    wd: str,
+    threads: int,
+    t: int,
+    rng: np.random.Generator,
+    shards: int = 1,
 ) -> dict:
-    """One (dtype, threads, T) cell: a layer per build, warm-up, bitwise check, interleaved rounds."""
+    """One (dtype, shards, threads, T) cell: a layer per build, warm-up, bitwise check, interleaved rounds."""
     d = make_inputs(args.shape, t, 16, rng)
-    runners = [(label, Runner(core, args.tier, threads, d, wd)) for label, core in builds]
+    runners = [(label, Runner(core, args.tier, threads, d, wd, numa_shards=shards)) for label, core in builds]
     for _, run in runners:
         run.step()  # warm-up: workspaces, page faults
     ref = [a.copy() for a in runners[0][1].results()]
@@ -170,8 +193,8 @@ def run_cell(
     for _ in range(args.rounds):
         for label, run in runners:
             times[label].append(run.step())
-    title = f"{args.shape} {args.tier} {wd} threads={threads} T={t}"
-    cell = {"weight_dtype": wd, "threads": threads, "tokens": t, "bitwise_equal": same}
+    title = f"{args.shape} {args.tier} {wd} numa_shards={shards} threads={threads} T={t}"
+    cell = {"weight_dtype": wd, "numa_shards": shards, "threads": threads, "tokens": t, "bitwise_equal": same}
     cell["wall"] = report(title, times)
     cell["cpu"] = report("  process CPU time", {label: run.cpu_s for label, run in runners})
     if args.profile:
@@ -194,7 +217,9 @@ def plot(cells: list[dict], labels: list[str], title: str, path: str) -> None:
         ax.bar(xs, ratios, width, label=label)
     ax.axhline(1.0, color="gray", linewidth=0.8)
     ax.set_xticks(range(len(cells)))
-    ax.set_xticklabels([f"{c['weight_dtype']}\nT={c['tokens']}, {c['threads']} thr" for c in cells])
+    ax.set_xticklabels(
+        [f"{c['weight_dtype']} N={c['numa_shards']}\nT={c['tokens']}, {c['threads']} thr" for c in cells]
+    )
     ax.set_ylabel(f"fwd+bwd time / {labels[0]}'s (per-round median)")
     ax.set_title(title)
     ax.legend()
