@@ -37,7 +37,7 @@
 #               --grad-ckpt, $KT_E2E_VARIANTS (default kt_sft,kt_sft_no_overlap)
 #   ab BASE     this tree against BASE (a commit, exported by git here or by ci/ab_tree.sh and carried, or a
 #               kernel package directory) on the tier $KT_AB_TIER (default amx): benchmarks/ab_inprocess.py
-#               (both builds in one process, interleaved; int8 and bf16 layers, T=512,4096), then
+#               (both builds in one process, interleaved; int8 and bf16 layers, numa_shards 1 and 2, T=512,4096), then
 #               benchmarks/shard_cost.py, one process per tree, alternated twice (2 / 1 NUMA shards on
 #               this node); the A/B's json and plot land in $OUT/ab
 #   perf        amx numerics/profiler/C++ tests + ci/device/perf_layer.py on this tree (KT_PERF_* env knobs)
@@ -215,7 +215,7 @@ ab_against() {  # BASE: the A/Bs of the `ab` stage, this tree ("new", installed 
   mkdir -p "$OUT/ab"
   timeout 300 "$PYTHON" benchmarks/ab_inprocess.py --core "new=$(ls "$root"/_out/ab-build/new/_core*.so)" \
     --core "base=$(ls "$root"/_out/ab-build/base/_core*.so)" --tier "${KT_AB_TIER:-amx}" --threads "$threads" --weight-dtype int8,bf16 \
-    --tokens 512,4096 --rounds 5 --tiny-calls 0 --json "$OUT/ab/ab.json" --plot "$OUT/ab/ab.png" || return 1
+    --numa-shards 1,2 --tokens 512,4096 --rounds 5 --tiny-calls 0 --json "$OUT/ab/ab.json" --plot "$OUT/ab/ab.png" || return 1
   "$PYTHON" -m pip install -q --no-build-isolation --no-deps --upgrade --target /tmp/kt-ab-site-base "$base" || return 1
   local tree site
   for tree in new base new base; do
