@@ -34,6 +34,39 @@ bool chunk_slices(const KernelTable& kt, bool nn, const TokenChunk& tc, std::vec
   return PackedRows::build_each(kt, nn, *tc.rows, jobs.data(), jobs.size(), pool);
 }
 
+// Expert e's GEMM call at sorted row b in every slice: the segments of one reduction, in slice order.
+const PackedSegment* segments_of(const std::vector<SliceRows>& slices, const Routing& sr, int e, std::int64_t b,
+                                 std::vector<PackedSegment>& segs) {
+  segs.clear();
+  for (const SliceRows& s : slices) segs.push_back({s.packed->at(sr, e, b), s.w.of(e), s.k});
+  return segs.data();
+}
+
+// c[m, h0:h1) (row stride H) = expert e's call at sorted row b summed over the slices: rows W_s^T (down,
+// a short piece in its call's form) or rows W_s (dx, nn). One reduction over all slices where the tier
+// has the segment entry (`summed`), else slice by slice. `tile`: a thread's scratch, the other slices'
+// products (kTileFloats, several slices without `summed`) and then a short piece's padded call (down).
+void product_over_slices(const KernelTable& kt, bool nn, bool summed, bool packed, const std::vector<SliceRows>& slices,
+                         const Routing& r, const Routing& sr, int e, std::int64_t b, int m, int H, int h0, int h1,
+                         float* tile, std::vector<PackedSegment>& segs, float* c) {
+  const int n = static_cast<int>(slices.size());
+  if (summed) {
+    const PackedSegment* seg = segments_of(slices, sr, e, b, segs);
+    if (nn) kt.gemm_nn_packed_segments(m, seg, n, H, h0, h1, c, H);
+    else kt.gemm_nt_packed_segments(m, seg, n, H, h0, h1, c, H);
+    return;
+  }
+  float* padded = tile + (n > 1 ? kTileFloats : 0);
+  sum_in_slice_order(slices.size(), m, h1 - h0, H, c, tile, [&](std::size_t s, float* dst, std::int64_t ld) {
+    const SliceRows& sl = slices[s];
+    const PackedRows* rows = packed ? sl.packed : nullptr;
+    if (nn) chunk_nn(kt, rows, sr, e, b, m, sl.chunk, sl.w.of(e), sl.k, H, h0, h1, dst, ld);
+    else
+      chunk_nt_in_call_form(kt, rows, sr, e, b, m, r.rows_of(e), sl.chunk, sl.w.of(e), H, sl.k, h0, h1, padded, dst,
+                            ld);
+  });
+}
+
 // fp32 scratch of `floats` a thread, in the workspace's tiles.
 struct ThreadTiles {
   float* base;
@@ -44,55 +77,59 @@ ThreadTiles thread_tiles(Workspace& ws, runtime::ThreadPool& pool, std::size_t f
   return {ws.tiles.ensure(static_cast<std::size_t>(pool.size()) * std::max<std::size_t>(floats, 1)), floats};
 }
 
+// Per token chunk of r: each slice's rows of the chunk (packed where the tier packs), then the chunk's
+// [P, H] fp32 rows by (expert, `block` columns) tasks — the product over the slices of each GEMM call,
+// then add(tc, e, b, m, h0, h1, c) on its rows, then done(tc, e, h0, h1, thread) per task — then the
+// combine of the rows into dst (weight(row) per pair, in j order, rounded once).
+template <class Add, class Done, class Weight>
+void rows_and_combine(const KernelTable& kt, runtime::ThreadPool& pool, Workspace& ws, const Routing& r,
+                      std::vector<SliceRows>& slices, bool nn, Stage stage, Stage combine, int block, int H, int K,
+                      const View& dst, Add add, Done done, Weight weight) {
+  const bool summed = slices.size() > 1 && PackedRows::used_by(kt) &&
+                      (nn ? kt.gemm_nn_packed_segments != nullptr : kt.gemm_nt_packed_segments != nullptr);
+  const int blocks = blocks_of(H, block);
+  const bool adds = slices.size() > 1 && !summed;  // room for the other slices' products (a call's block)
+  const std::size_t padded = nn ? 0 : static_cast<std::size_t>(kSameFormRows) * block;  // a short piece's call
+  const ThreadTiles tiles = thread_tiles(ws, pool, (adds ? kTileFloats : 0) + padded);
+  ws.token_chunk.for_each(r, H, [&](const TokenChunk& tc) {
+    const Routing& sr = *tc.rows;
+    const bool packed = chunk_slices(kt, nn, tc, slices, pool);
+    float* rows = ws.rows.ensure(static_cast<std::size_t>(std::max<std::int64_t>(sr.pairs(), 1)) * H);
+    run_tasks(pool, stage, static_cast<std::int64_t>(sr.active.size()) * blocks, [&](std::int64_t task, int thread) {
+      const int e = sr.active[task / blocks];
+      const int h0 = static_cast<int>(task % blocks) * block, h1 = std::min(H, h0 + block);
+      std::vector<PackedSegment> segs;
+      for_each_call(sr, e, [&](std::int64_t b, int m) {
+        float* c = rows + b * H + h0;
+        product_over_slices(kt, nn, summed, packed, slices, r, sr, e, b, m, H, h0, h1, tiles.of(thread), segs, c);
+        add(tc, e, b, m, h0, h1, c);
+      });
+      done(tc, e, h0, h1, thread);
+    });
+    combine_token_rows(pool, combine, r, tc, K, H, rows, dst, weight);
+  });
+}
+
 }  // namespace
 
 void down_and_combine(const KernelTable& kt, runtime::ThreadPool& pool, Workspace& ws, const Routing& r,
                       std::vector<SliceRows>& slices, const float* ad, const LoRAViews& lora, int H, int K,
                       const View& out) {
   const int rd = ad ? static_cast<int>(lora.a_d.shape[1]) : 0;
-  const bool summed = slices.size() > 1 && PackedRows::used_by(kt) && kt.gemm_nt_packed_segments != nullptr;
-  const int blocks = blocks_of(H, kDownBlock);
-  constexpr std::size_t kPadded = static_cast<std::size_t>(kSameFormRows) * kDownBlock;  // a short piece's call
-  const bool adds = slices.size() > 1 && !summed;  // room for the other slices' products (a call's block)
-  const ThreadTiles tiles = thread_tiles(ws, pool, kPadded + (adds ? kTileFloats : 0));
-  ws.token_chunk.for_each(r, H, [&](const TokenChunk& tc) {
-    const Routing& sr = *tc.rows;
-    const bool packed = chunk_slices(kt, false, tc, slices, pool);
-    float* y = ws.rows.ensure(static_cast<std::size_t>(std::max<std::int64_t>(sr.pairs(), 1)) * H);
-    run_tasks(pool, Stage::down, static_cast<std::int64_t>(sr.active.size()) * blocks, [&](std::int64_t task, int thread) {
-      const int e = sr.active[task / blocks];
-      const int h0 = static_cast<int>(task % blocks) * kDownBlock, h1 = std::min(H, h0 + kDownBlock);
-      float* tile = tiles.of(thread);
-      std::vector<PackedSegment> segs(summed ? slices.size() : 0);
-      for_each_call(sr, e, [&](std::int64_t b, int m) {
-        float* c = y + b * H + h0;
-        if (summed) {  // one product over the slices in slice order, written once
-          for (std::size_t s = 0; s < slices.size(); ++s)
-            segs[s] = {slices[s].packed->at(sr, e, b), slices[s].w.of(e), slices[s].k};
-          kt.gemm_nt_packed_segments(m, segs.data(), static_cast<int>(segs.size()), H, h0, h1, c, H);
-        } else {
-          sum_in_slice_order(slices.size(), m, h1 - h0, H, c, tile + kPadded,
-                             [&](std::size_t s, float* dst, std::int64_t ld) {
-                               const SliceRows& sl = slices[s];
-                               chunk_nt_in_call_form(kt, packed ? sl.packed : nullptr, sr, e, b, m, r.rows_of(e),
-                                                     sl.chunk, sl.w.of(e), H, sl.k, h0, h1, tile, dst, ld);
-                             });
-        }
-        if (rd) {
-          const auto timed = part(Stage::lora_b);
-          kt.lora_b_add(m, ad + tc.call_row(e, b) * rd, expert_slice(lora.b_d, e), lora.b_d.dtype, rd, h0, h1,
-                        lora.scale_d, c, H);
-        }
-      });
-    });
-    combine_token_rows(pool, Stage::combine, r, tc, K, H, y, out, [&](std::int64_t row) { return r.weight[row]; });
-  });
+  rows_and_combine(
+      kt, pool, ws, r, slices, false, Stage::down, Stage::combine, kDownBlock, H, K, out,
+      [&](const TokenChunk& tc, int e, std::int64_t b, int m, int h0, int h1, float* c) {
+        if (!rd) return;
+        const auto timed = part(Stage::lora_b);
+        kt.lora_b_add(m, ad + tc.call_row(e, b) * rd, expert_slice(lora.b_d, e), lora.b_d.dtype, rd, h0, h1,
+                      lora.scale_d, c, H);
+      },
+      [](const TokenChunk&, int, int, int, int) {}, [&](std::int64_t row) { return r.weight[row]; });
 }
 
 void dx_and_combine(const KernelTable& kt, runtime::ThreadPool& pool, Workspace& ws, const Routing& r,
                     std::vector<SliceRows>& slices, const float* bgu, const bf16* const* x_rows, const LoRAViews& lora,
                     int rg, const View& da_gu, int H, int K, const View& grad_x) {
-  const bool summed = slices.size() > 1 && PackedRows::used_by(kt) && kt.gemm_nn_packed_segments != nullptr;
   const int blocks = blocks_of(H, kWideBlock);
   const auto n_active = static_cast<std::int64_t>(r.active.size());
   const std::size_t scratch_per_thread = static_cast<std::size_t>(kWideBlock) * std::max(rg, 1);
@@ -117,38 +154,17 @@ void dx_and_combine(const KernelTable& kt, runtime::ThreadPool& pool, Workspace&
   // dA_gu reads all of an expert's rows: fused with the dx product when the call is one chunk.
   const bool one_chunk = tokens_per_chunk(r.tokens, K, r.pairs(), H) >= r.tokens;
   if (want_da_gu && !one_chunk) da_gu_alone(Stage::bwd_da_gu);
-  const bool adds = slices.size() > 1 && !summed;  // room for the other slices' products (a call's block)
-  const ThreadTiles tiles = thread_tiles(ws, pool, adds ? kTileFloats : 0);
-  ws.token_chunk.for_each(r, H, [&](const TokenChunk& tc) {
-    const Routing& sr = *tc.rows;
-    const bool packed = chunk_slices(kt, true, tc, slices, pool);
-    float* dx_rows = ws.rows.ensure(static_cast<std::size_t>(std::max<std::int64_t>(sr.pairs(), 1)) * H);
-    run_tasks(pool, Stage::bwd_gate_up, static_cast<std::int64_t>(sr.active.size()) * blocks,
-              [&](std::int64_t task, int thread) {
-      const int e = sr.active[task / blocks];
-      const int h0 = static_cast<int>(task % blocks) * kWideBlock, h1 = std::min(H, h0 + kWideBlock);
-      float* tile = tiles.of(thread);
-      std::vector<PackedSegment> segs(summed ? slices.size() : 0);
-      for_each_call(sr, e, [&](std::int64_t b, int m) {
-        float* c = dx_rows + b * H + h0;
-        if (summed) {  // one product over the slices in slice order, written once
-          for (std::size_t s = 0; s < slices.size(); ++s)
-            segs[s] = {slices[s].packed->at(sr, e, b), slices[s].w.of(e), slices[s].k};
-          kt.gemm_nn_packed_segments(m, segs.data(), static_cast<int>(segs.size()), H, h0, h1, c, H);
-        } else {
-          sum_in_slice_order(slices.size(), m, h1 - h0, H, c, tile, [&](std::size_t s, float* dst, std::int64_t ld) {
-            const SliceRows& sl = slices[s];
-            chunk_nn(kt, packed ? sl.packed : nullptr, sr, e, b, m, sl.chunk, sl.w.of(e), sl.k, H, h0, h1, dst, ld);
-          });
-        }
+  rows_and_combine(
+      kt, pool, ws, r, slices, true, Stage::bwd_gate_up, Stage::bwd_combine, kWideBlock, H, K, grad_x,
+      [&](const TokenChunk& tc, int e, std::int64_t b, int m, int h0, int h1, float* c) {
         if (rg)
           kt.lora_at_add(m, bgu + tc.call_row(e, b) * rg, expert_slice(lora.a_gu, e), lora.a_gu.dtype, rg, H, h0, h1,
                          lora.scale_gu, c, H);
-      });
-      if (want_da_gu && tc.whole) da_gu_of(e, h0, h1, thread);  // one pass: fused with the dx product
-    });
-    combine_token_rows(pool, Stage::bwd_combine, r, tc, K, H, dx_rows, grad_x, [](std::int64_t) { return 1.f; });
-  });
+      },
+      [&](const TokenChunk& tc, int e, int h0, int h1, int thread) {
+        if (want_da_gu && tc.whole) da_gu_of(e, h0, h1, thread);  // one pass: fused with the dx product
+      },
+      [](std::int64_t) { return 1.f; });
 }
 
 }  // namespace kt::moe

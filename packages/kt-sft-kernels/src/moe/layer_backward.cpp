@@ -144,7 +144,8 @@ void MoELayer::backward_over(const std::vector<MoELayer*>& shards, const std::ve
   const int blocks = first_block.back();
   const std::int64_t main_tasks = n_active * blocks;
   float* tiles = ws.tiles.ensure(static_cast<std::size_t>(pool.size()) * kTileFloats);
-  run_tasks(pool, Stage::bwd_down, main_tasks + (want_db_d ? n_active * db_d_blocks : 0), [&](std::int64_t task, int thread) {
+  const std::int64_t tasks = main_tasks + (want_db_d ? n_active * db_d_blocks : 0);
+  run_tasks(pool, Stage::bwd_down, tasks, [&](std::int64_t task, int thread) {
     float* tscratch = scratch + thread * scratch_per_thread;
     if (task >= main_tasks) {
       const auto timed = part(Stage::bwd_db_d);
@@ -202,8 +203,8 @@ void MoELayer::backward_over(const std::vector<MoELayer*>& shards, const std::ve
     const PairChunk& ch = ws.chunks[task / static_cast<std::int64_t>(n)];
     const Slice& S = slices[static_cast<std::size_t>(task % static_cast<std::int64_t>(n))];
     if (rg)
-      kt.lora_bt(static_cast<int>(ch.end - ch.begin), S.dgu_rows + ch.begin, expert_slice(S.cache->lora.b_gu, ch.expert),
-                 lora_dtype, rg, 2 * S.I, S.bgu + ch.begin * rg);
+      kt.lora_bt(static_cast<int>(ch.end - ch.begin), S.dgu_rows + ch.begin,
+                 expert_slice(S.cache->lora.b_gu, ch.expert), lora_dtype, rg, 2 * S.I, S.bgu + ch.begin * rg);
     for (std::int64_t p = ch.begin; p < ch.end; ++p) {
       float sum = 0.f;
       for (int blk = 0; blk < S.i_blocks; ++blk) sum += S.gw_part[p * S.i_blocks + blk];

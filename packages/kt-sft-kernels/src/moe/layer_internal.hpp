@@ -201,7 +201,8 @@ class PackedRows {
     const auto pack_rows = nn ? kt.pack_a_nn : kt.pack_a_nt;
     std::vector<std::int64_t> first_task{0};  // tasks of job j: [first_task[j], first_task[j + 1])
     for (std::size_t j = 0; j < n; ++j) {
-      if (nn && !pack_rows && !jobs[j].w.base) throw std::logic_error("PackedRows: this tier's NN packing needs the weights");
+      if (nn && !pack_rows && !jobs[j].w.base)
+        throw std::logic_error("PackedRows: this tier's NN packing needs the weights");
       jobs[j].into->plan(kt, r, jobs[j].k);
       first_task.push_back(first_task.back() + static_cast<std::int64_t>(jobs[j].into->chunks_.size()));
     }

@@ -472,7 +472,8 @@ std::shared_ptr<ShardedCache> ShardedLayer::forward(const View& x, const View& i
     L.run_as_one_call([&] {
       std::vector<LoRAViews> loras;
       for (auto& shard : L.shards) loras.push_back(slice_lora(*shard));
-      std::vector<ForwardCachePtr> caches = L.layers.front()->forward_shards(L.layers, loras, x, ids, weights, out, save);
+      std::vector<ForwardCachePtr> caches =
+          L.layers.front()->forward_shards(L.layers, loras, x, ids, weights, out, save);
       if (save) cache->caches = std::move(caches);
     });
     return save ? cache : nullptr;
@@ -571,7 +572,8 @@ void ShardedLayer::backward(const ShardedCache& cache, const View& x, const LoRA
       },
       [&](ShardState& s) {
         const std::int64_t t0 = T * s.index / n, t1 = T * (s.index + 1) / n;
-        reduce_tokens(L.shards, s.pool(), t0, t1, {{&ShardRuntime::gx, &grad_x, H}, {&ShardRuntime::gw, &grad_weights, K}});
+        reduce_tokens(L.shards, s.pool(), t0, t1,
+                      {{&ShardRuntime::gx, &grad_x, H}, {&ShardRuntime::gw, &grad_weights, K}});
         const int e0 = static_cast<int>(E * s.index / n), e1 = static_cast<int>(E * (s.index + 1) / n);
         if (lg.da_gu || lg.db_d) {
           // Pair sums in shard order for the pairs of experts [e0, e1) (contiguous sorted rows).
