@@ -1,6 +1,7 @@
-// What the layer's translation units share (layer.cpp: construction and weight packing;
-// layer_quant.cpp: quantized bases and the memory report; layer_forward.cpp; layer_backward.cpp): block sizes, argument checks, phase helpers, the per-call
-// workspace and MoELayer::Impl. Private to src/moe.
+// What the layer's translation units share (layer.cpp: construction and weight packing; layer_quant.cpp:
+// quantized bases and the memory report; layer_forward.cpp; layer_backward.cpp; down_phase.cpp: the
+// down / dx products over slices of I; layer_shard.cpp): block sizes, argument checks, phase helpers, the
+// per-call workspace and MoELayer::Impl. Private to src/moe.
 #pragma once
 #include <algorithm>
 #include <cstddef>
@@ -193,8 +194,8 @@ class PackedRows {
     const Job job{this, rows, k, w};
     return build_each(kt, nn, r, &job, 1, pool);
   }
-  // Several operands of one routing in one task list (round 2 of the NUMA shards of one node: every
-  // shard's rows at once, not one phase a shard).
+  // Several operands of one routing in one task list (the slices of I of one node's NUMA shards: every
+  // slice's rows at once, not one phase a slice).
   static bool build_each(const KernelTable& kt, bool nn, const Routing& r, const Job* jobs, std::size_t n,
                          runtime::ThreadPool& pool) {
     if (!used_by(kt)) return false;
@@ -325,8 +326,8 @@ struct Workspace {
 };
 
 // One slice of the intermediate dimension in the down (forward) / dx (backward) products: the layer's
-// whole I, or one NUMA shard's on one node (layer_shard.cpp). Room for a token chunk's rows and their
-// packing is the slice's own workspace's (token_chunk_rows, packed).
+// whole I, or one NUMA shard's on one node (MoELayer::forward_shards / backward_shards). Room for a
+// token chunk's rows and their packing is the slice's own workspace's (token_chunk_rows, packed).
 struct SliceRows {
   const bf16* const* rows = nullptr;          // the slice's h / dgu row of each call row
   ExpertMatrices w;                           // its packed W_d / W_gu of each expert (cols: H for W_gu)
