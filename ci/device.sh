@@ -35,11 +35,12 @@
 #               --grad-ckpt, kt_sft then kt_sft_no_overlap
 #   e2e-long    seq $KT_E2E_SEQ (default 8192) x batch 2, $KT_E2E_LAYERS (default 8) Qwen3-30B-A3B layers,
 #               --grad-ckpt, $KT_E2E_VARIANTS (default kt_sft,kt_sft_no_overlap)
-#   ab BASE     this tree against BASE (a commit, exported by git here or by ci/ab_tree.sh and carried, or a
-#               kernel package directory) on the tier $KT_AB_TIER (default amx): benchmarks/ab_inprocess.py
-#               (both builds in one process, interleaved; int8 and bf16 layers, numa_shards 1 and 2, T=512,4096), then
-#               benchmarks/shard_cost.py, one process per tree, alternated twice (2 / 1 NUMA shards on
-#               this node); the A/B's json and plot land in $OUT/ab
+#   ab BASE[,BASE...]  this tree against each BASE (a commit, exported by git here or by ci/ab_tree.sh and
+#               carried, or a kernel package directory) on the tier $KT_AB_TIER (default amx):
+#               benchmarks/ab_inprocess.py (all builds in one process, interleaved; int8 and bf16 layers,
+#               numa_shards 1 and 2, T=512,4096), then benchmarks/shard_cost.py of this tree and the first
+#               BASE, one process each, alternated twice (2 / 1 NUMA shards on this node); the A/B's json
+#               and plot land in $OUT/ab
 #   perf        amx numerics/profiler/C++ tests + ci/device/perf_layer.py on this tree (KT_PERF_* env knobs)
 #   perf-ab LABEL=DIR|COMMIT...  perf of several kernel package trees on this one machine, each in its own
 #               site, at every tier of KT_PERF_AB_TIERS (default "amx avx512_bf16"); a COMMIT (e.g. base=HEAD~1)
@@ -206,17 +207,24 @@ ab_tree() {
   echo "$dest/packages/kt-sft-kernels"
 }
 
-ab_against() {  # BASE: the A/Bs of the `ab` stage, this tree ("new", installed by build) against BASE
-  local base threads
-  base=$(ab_tree "$1") || return 1
+ab_against() {  # BASE[,BASE...]: the A/Bs of the `ab` stage, this tree ("new", installed by build) against each
+  local threads spec dir label first="" i=0 cores=()
   threads=$(nproc)
-  PYTHON=$PYTHON bash benchmarks/ab_build.sh "$base" base && PYTHON=$PYTHON bash benchmarks/ab_build.sh "$kernels_pkg" new ||
-    return 1
+  PYTHON=$PYTHON bash benchmarks/ab_build.sh "$kernels_pkg" new || return 1
+  cores+=(--core "new=$(ls "$root"/_out/ab-build/new/_core*.so)")
+  for spec in ${1//,/ }; do
+    i=$((i + 1)) label=base$i
+    [ "$i" = 1 ] && label=base
+    dir=$(ab_tree "$spec") || return 1
+    [ -n "$first" ] || first=$dir
+    PYTHON=$PYTHON bash benchmarks/ab_build.sh "$dir" "$label" || return 1
+    cores+=(--core "$label=$(ls "$root"/_out/ab-build/$label/_core*.so)")
+  done
   mkdir -p "$OUT/ab"
-  timeout 300 "$PYTHON" benchmarks/ab_inprocess.py --core "new=$(ls "$root"/_out/ab-build/new/_core*.so)" \
-    --core "base=$(ls "$root"/_out/ab-build/base/_core*.so)" --tier "${KT_AB_TIER:-amx}" --threads "$threads" --weight-dtype int8,bf16 \
-    --numa-shards 1,2 --tokens 512,4096 --rounds 5 --tiny-calls 0 --json "$OUT/ab/ab.json" --plot "$OUT/ab/ab.png" || return 1
-  "$PYTHON" -m pip install -q --no-build-isolation --no-deps --upgrade --target /tmp/kt-ab-site-base "$base" || return 1
+  timeout 300 "$PYTHON" benchmarks/ab_inprocess.py "${cores[@]}" --tier "${KT_AB_TIER:-amx}" --threads "$threads" \
+    --weight-dtype int8,bf16 --numa-shards 1,2 --tokens 512,4096 --rounds 5 --tiny-calls 0 --json "$OUT/ab/ab.json" \
+    --plot "$OUT/ab/ab.png" || return 1
+  "$PYTHON" -m pip install -q --no-build-isolation --no-deps --upgrade --target /tmp/kt-ab-site-base "$first" || return 1
   local tree site
   for tree in new base new base; do
     site=""
@@ -317,7 +325,7 @@ while [ $# -gt 0 ]; do
         --seq-len "${KT_E2E_SEQ:-8192}" --grad-ckpt \
         --steps 2 --warmup 1 --split-steps 1 --trace "$work/e2e-long/step.json" --out "$work/e2e-long"
       cat "$work/e2e-long/results.md" >>"$summary" 2>/dev/null ;;
-    ab) [ $# -ge 1 ] || { echo "ab needs BASE (a commit or a kernel package directory)" >&2; exit 2; }
+    ab) [ $# -ge 1 ] || { echo "ab needs BASE[,BASE...] (commits or kernel package directories)" >&2; exit 2; }
       ensure_built && step ab 900 ab_against "$1"
       grep -E "median|bitwise|########|shard" "$work/ab.log" >>"$summary"
       shift ;;
