@@ -3,9 +3,9 @@
 // rows and down columns of that slice, packed by the shard's own pinned sub-pool (node-local by first
 // touch). The layer's results are sums over the slices (out, dx, grad_w; dA_gu and dB_d through the
 // r floats a pair of B_gu^T dgu and A_d h, summed over shards once) or slices themselves (dB_gu rows,
-// dA_d columns). Shards on one node run the down / dx products across the shards by output columns
-// (one [P, H] buffer); shards on different nodes each combine their own rows into an fp32 partial
-// that round 2 sums by tokens (ADR 0701 "One-node cost").
+// dA_d columns). Shards on one node run each call as one call of shard 0's layer over all slices
+// (MoELayer::forward_shards / backward_shards); shards on different nodes each combine their own rows
+// into an fp32 partial that round 2 sums by tokens (ADR 0701).
 // Reached only through MoELayer (layer.cpp), which validates every argument first.
 #pragma once
 #include <cstdint>

@@ -87,7 +87,7 @@ struct PairRows {
 class MoELayer {
  public:
   // The layers on one pool share its per-call workspace; workspace_slot gives a layer another one on
-  // the same pool (the NUMA shards of one node run on one pool, each keeping its rows for round 2).
+  // the same pool (the NUMA shards of one node run on one pool, each slice's rows in its own slot).
   MoELayer(const MoEConfig& config, runtime::ThreadPool& pool, int workspace_slot = 0);
   ~MoELayer();
   MoELayer(const MoELayer&) = delete;
