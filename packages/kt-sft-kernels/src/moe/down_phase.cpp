@@ -35,8 +35,8 @@ bool chunk_slices(const KernelTable& kt, bool nn, const TokenChunk& tc, std::vec
 }
 
 // Expert e's GEMM call at sorted row b in every slice: the segments of one reduction, in slice order.
-const PackedSegment* segments_of(const std::vector<SliceRows>& slices, const Routing& sr, int e, std::int64_t b,
-                                 std::vector<PackedSegment>& segs) {
+const PackedSegment* segments_of(const std::vector<SliceRows>& slices, const Routing& sr, int e, std::int64_t b) {
+  thread_local std::vector<PackedSegment> segs;  // grows once per thread
   segs.clear();
   for (const SliceRows& s : slices) segs.push_back({s.packed->at(sr, e, b), s.w.of(e), s.k});
   return segs.data();
@@ -48,10 +48,10 @@ const PackedSegment* segments_of(const std::vector<SliceRows>& slices, const Rou
 // products (kTileFloats, several slices without `summed`) and then a short piece's padded call (down).
 void product_over_slices(const KernelTable& kt, bool nn, bool summed, bool packed, const std::vector<SliceRows>& slices,
                          const Routing& r, const Routing& sr, int e, std::int64_t b, int m, int H, int h0, int h1,
-                         float* tile, std::vector<PackedSegment>& segs, float* c) {
+                         float* tile, float* c) {
   const int n = static_cast<int>(slices.size());
   if (summed) {
-    const PackedSegment* seg = segments_of(slices, sr, e, b, segs);
+    const PackedSegment* seg = segments_of(slices, sr, e, b);
     if (nn) kt.gemm_nn_packed_segments(m, seg, n, H, h0, h1, c, H);
     else kt.gemm_nt_packed_segments(m, seg, n, H, h0, h1, c, H);
     return;
@@ -98,10 +98,9 @@ void rows_and_combine(const KernelTable& kt, runtime::ThreadPool& pool, Workspac
     run_tasks(pool, stage, static_cast<std::int64_t>(sr.active.size()) * blocks, [&](std::int64_t task, int thread) {
       const int e = sr.active[task / blocks];
       const int h0 = static_cast<int>(task % blocks) * block, h1 = std::min(H, h0 + block);
-      std::vector<PackedSegment> segs;
       for_each_call(sr, e, [&](std::int64_t b, int m) {
         float* c = rows + b * H + h0;
-        product_over_slices(kt, nn, summed, packed, slices, r, sr, e, b, m, H, h0, h1, tiles.of(thread), segs, c);
+        product_over_slices(kt, nn, summed, packed, slices, r, sr, e, b, m, H, h0, h1, tiles.of(thread), c);
         add(tc, e, b, m, h0, h1, c);
       });
       done(tc, e, h0, h1, thread);

@@ -27,11 +27,7 @@ void MoELayer::backward_validated(const ForwardCache& cache, const View& grad_ou
 void MoELayer::backward_shards(const std::vector<MoELayer*>& shards, const std::vector<const ForwardCache*>& caches,
                                const View& grad_out, const View& grad_x, const View& grad_weights,
                                const LoRAGradViews& lora_grads, const std::vector<LoRAGradViews>& slice_grads) {
-  std::vector<std::unique_lock<std::mutex>> locks;  // in shard order (the wrapper runs one call at a time)
-  for (MoELayer* shard : shards) {
-    locks.emplace_back(shard->impl_->mutex);
-    locks.emplace_back(shard->impl_->shared->mutex);
-  }
+  const auto locks = lock_all(shards);
   backward_over(shards, caches, grad_out, grad_x, grad_weights, lora_grads, slice_grads, nullptr);
 }
 
@@ -118,11 +114,10 @@ void MoELayer::backward_over(const std::vector<MoELayer*>& shards, const std::ve
   const float* ax = cache.ax.data();
   // dB_d = s_d Σ w G ⊗ (A_d h): A_d h summed over the slices.
   const bool want_db_d = rd && lg.db_d;
-  const float* ad = nullptr;
-  if (want_db_d && n == 1) ad = cache.ad.data();
-  else if (want_db_d)
-    ad = sum_pair_rows(pool, Stage::bwd_db_d, P, rd, n, [&](std::size_t s) { return caches[s]->ad.data(); },
-                       ws.ad_sums);
+  const float* ad =
+      want_db_d ? sum_pair_rows(pool, Stage::bwd_db_d, P, rd, n, [&](std::size_t s) { return caches[s]->ad.data(); },
+                                ws.ad_sums)
+                : nullptr;
 
   // B2: per (expert, slice, I block): v = W_d^T G + s_d A_d^T (B_d^T G); h (recomputed), <h, v>
   // partials, dg/du rounded to bf16 (R5); then the block's rows of dB_gu and columns of dA_d. Extra
@@ -217,11 +212,10 @@ void MoELayer::backward_over(const std::vector<MoELayer*>& shards, const std::ve
   // block's columns of dA_gu. B5: dx[t] = sum_j dx rows in j order, rounded once (R6). Both per token
   // chunk when the [P, H] dx rows exceed the row budget (token_chunks.hpp): W_gu is then read once per
   // chunk, and dA_gu (all of an expert's rows) runs apart.
-  const float* bgu = nullptr;
-  if (rg && n == 1) bgu = slices.front().bgu;
-  else if (rg)
-    bgu = sum_pair_rows(pool, Stage::bwd_lora_bt_gu, P, rg, n, [&](std::size_t s) { return slices[s].bgu; },
-                        ws.bgu_sums);
+  const float* bgu =
+      rg ? sum_pair_rows(pool, Stage::bwd_lora_bt_gu, P, rg, n, [&](std::size_t s) { return slices[s].bgu; },
+                         ws.bgu_sums)
+         : nullptr;
   std::vector<SliceRows> dx;
   for (MoELayer* shard : shards) dx.push_back(shard->impl_->dx_slice(shard->impl_->shared->ws));
   dx_and_combine(kt, pool, ws, r, dx, bgu, x_rows, lora, rg, lg.da_gu, H, K, grad_x);

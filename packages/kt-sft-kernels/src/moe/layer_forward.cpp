@@ -40,11 +40,7 @@ std::vector<ForwardCachePtr> MoELayer::forward_shards(const std::vector<MoELayer
                                                       const std::vector<LoRAViews>& loras, const View& x,
                                                       const View& ids, const View& weights, const View& out,
                                                       bool save) {
-  std::vector<std::unique_lock<std::mutex>> locks;  // in shard order (the wrapper runs one call at a time)
-  for (MoELayer* shard : shards) {
-    locks.emplace_back(shard->impl_->mutex);
-    locks.emplace_back(shard->impl_->shared->mutex);
-  }
+  const auto locks = lock_all(shards);
   return forward_over(shards, loras, x, ids, weights, out, save);
 }
 
@@ -177,10 +173,9 @@ std::vector<ForwardCachePtr> MoELayer::forward_over(const std::vector<MoELayer*>
   // F4: y = Σ_s W_d[:, S_s] h_s + s_d B_d (Σ_s A_d[:, S_s] h_s) per pair, fp32 rows; F5: out[t] =
   // sum_j w[t, j] y[t, j] in j order (fp32), rounded once (R3). Both per token chunk when the [P, H]
   // rows exceed the row budget (token_chunks.hpp): then W_d is read once per chunk.
-  const float* ad = nullptr;
-  if (rd && n == 1) ad = slices.front().ad;
-  else if (rd)
-    ad = sum_pair_rows(pool, Stage::lora_a_d, P, rd, n, [&](std::size_t s) { return slices[s].ad; }, ws.ad_sums);
+  const float* ad =
+      rd ? sum_pair_rows(pool, Stage::lora_a_d, P, rd, n, [&](std::size_t s) { return slices[s].ad; }, ws.ad_sums)
+         : nullptr;
   std::vector<SliceRows> down;
   for (MoELayer* shard : shards) down.push_back(shard->impl_->down_slice(shard->impl_->shared->ws));
   down_and_combine(kt, pool, ws, r, down, ad, lora, H, K, out);

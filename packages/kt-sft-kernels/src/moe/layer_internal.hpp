@@ -147,12 +147,13 @@ inline void build_chunks(const Routing& r, std::vector<PairChunk>& chunks) {
       chunks.push_back({e, b, std::min(r.offsets[e + 1], b + kPairChunk)});
 }
 
-// sums[P, width] = Σ_s part(s)[P, width] in slice order (fp32, from zero): the r floats a pair that each
-// slice of I (NUMA shards of one node) contributes to A_d h / B_gu^T dgu, summed once for the one pass
-// that needs them.
+// Σ_s part(s)[P, width] in slice order (fp32, from zero) into `sums`: the r floats a pair that each slice
+// of I (NUMA shards of one node) contributes to A_d h / B_gu^T dgu, summed once for the one pass that
+// needs them. One slice: its own rows, as they are.
 template <class Part>
-float* sum_pair_rows(runtime::ThreadPool& pool, Stage stage, std::int64_t P, int width, std::size_t slices, Part part,
-                     Buffer<float>& sums) {
+const float* sum_pair_rows(runtime::ThreadPool& pool, Stage stage, std::int64_t P, int width, std::size_t slices,
+                           Part part, Buffer<float>& sums) {
+  if (slices == 1) return part(0);
   float* dst = sums.ensure(static_cast<std::size_t>(std::max<std::int64_t>(P * width, 1)));
   run_tasks(pool, stage, (P + kPairChunk - 1) / kPairChunk, [&](std::int64_t task, int) {
     const std::int64_t end = std::min(P, (task + 1) * kPairChunk) * width;

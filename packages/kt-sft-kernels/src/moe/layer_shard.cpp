@@ -3,10 +3,20 @@
 // floats per pair that each shard's slice contributes to A_d h and B_gu^T dgu, so the wrapper sums
 // those over shards (r floats a pair) and one pass computes each gradient, split between the shards
 // by expert, instead of every shard computing a full-size partial to be reduced (shards on different
-// nodes; on one node the shards run as one call: forward_shards / backward_shards).
+// nodes; on one node the shards run as one call: forward_shards / backward_shards, which take every
+// shard's locks through lock_all).
 #include "layer_internal.hpp"
 
 namespace kt::moe {
+
+std::vector<std::unique_lock<std::mutex>> MoELayer::lock_all(const std::vector<MoELayer*>& shards) {
+  std::vector<std::unique_lock<std::mutex>> locks;
+  for (MoELayer* shard : shards) {
+    locks.emplace_back(shard->impl_->mutex);
+    locks.emplace_back(shard->impl_->shared->mutex);
+  }
+  return locks;
+}
 
 void MoELayer::shard_lora_grads(const ForwardCache& cache, const float* ad, const float* bgu, int e0, int e1,
                                 const LoRAGradViews& lg) {

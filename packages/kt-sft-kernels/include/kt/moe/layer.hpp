@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -161,6 +162,8 @@ class MoELayer {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 
+  // Each shard's call lock and workspace lock, in shard order (the wrapper runs one call at a time).
+  static std::vector<std::unique_lock<std::mutex>> lock_all(const std::vector<MoELayer*>& shards);
   // The bodies of forward / backward over the slices of I that `shards` own ({this}: the plain layer),
   // on this layer's pool, with the layers' locks held.
   std::vector<ForwardCachePtr> forward_over(const std::vector<MoELayer*>& shards, const std::vector<LoRAViews>& loras,
