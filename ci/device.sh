@@ -12,6 +12,7 @@
 #   simd-cpp    simd_tiers_test (every SIMD tier's table entry vs portable, real instructions)
 #   layer       one Qwen3-30B-A3B MoE layer fwd+bwd at avx512_bf16 and amx (ci/device/layer_timing.py)
 #   microbench  benchmarks/cpp/gemm_microbench (per-call GEMM rates, avx512 tier)
+#   amx-probe   benchmarks/cpp/amx_tile_probe (ns per AMX tile product by tile shape, one core)
 #   bench       benchmarks/bench_moe.py: our tiers vs PyTorch vs kt-kernel 0.7.2, Qwen3-30B-A3B T=512,4096
 #   numa-cost   issue 13: 2 vs 1 NUMA shards on this one node, Qwen3-30B-A3B T=512,4096 amx: bench_moe.py
 #               --numa-shards 1,2, then benchmarks/shard_cost.py (one process, interleaved, + stage profile)
@@ -280,6 +281,9 @@ while [ $# -gt 0 ]; do
     layer) ensure_built && step layer 240 "$PYTHON" ci/device/layer_timing.py
       grep -E "^layer " "$work/layer.log" >>"$summary" ;;
     microbench) step microbench 300 bash benchmarks/cpp/gemm_microbench.sh ;;
+    amx-probe) step amx-probe 120 bash -c "g++ -O2 -mamx-tile -mamx-int8 -mamx-bf16 -o '$work/amx_tile_probe' \
+        benchmarks/cpp/amx_tile_probe.cpp && taskset -c 1 '$work/amx_tile_probe'"
+      tail -n 9 "$work/amx-probe.log" >>"$summary" ;;
     bench) ensure_built && step bench 300 "$PYTHON" benchmarks/bench_moe.py --shape qwen3-30b --tokens 512,4096 \
         --repeats 3 --max-seconds 20 --out "$work/bench"
       cat "$work/bench/results.md" >>"$summary" 2>/dev/null ;;
