@@ -80,9 +80,12 @@ class Runner:
         weight_dtype: str,
         pool: object = None,
         numa_shards: int = 1,
+        evict_mb: int = 0,
     ) -> None:
         """pool: the layer's thread pool (None: a new one of `threads` threads); numa_shards > 1 runs on
-        this machine's shard layout (ADR 0701), whatever `threads`."""
+        this machine's shard layout (ADR 0701), whatever `threads`; evict_mb > 0: that many MB are written
+        between the forward and the backward, untimed, so the backward finds none of the forward's weights
+        in the last-level cache (as in a deep model, where other layers run in between)."""
         core.set_max_isa(tier)
         e, h, i, k = d["dims"]
         t = d["x"].shape[0]
@@ -105,15 +108,20 @@ class Runner:
         self.out, self.dx = np.empty((t, h), BF16), np.empty((t, h), BF16)
         self.gw = np.empty((t, k), np.float32)
         self.cpu_s: list[float] = []  # process CPU seconds of each step (all threads of the process)
+        self.evict = np.zeros(evict_mb << 20, np.uint8) if evict_mb > 0 else None
 
     def step(self) -> float:
         self.core.set_max_isa(self.tier)  # each build has its own runtime state; keep both on the tier
         d = self.d
         a, cpu = time.perf_counter(), time.process_time()
         handle = self.layer.forward(d["x"], d["ids"], d["w"], self.out, lora=self.lora, save=True)
+        forward_s, forward_cpu = time.perf_counter() - a, time.process_time() - cpu
+        if self.evict is not None:
+            self.evict += 1
+        b, cpu = time.perf_counter(), time.process_time()
         self.layer.backward(handle, d["g"], self.dx, self.gw, lora_grads=self.grads)
-        self.cpu_s.append(time.process_time() - cpu)
-        return time.perf_counter() - a
+        self.cpu_s.append(forward_cpu + time.process_time() - cpu)
+        return forward_s + time.perf_counter() - b
 
     def results(self) -> list[np.ndarray]:
         return [self.out, self.dx, self.gw, *self.grad_arrays]

@@ -92,6 +92,13 @@ def main() -> None:
     ap.add_argument("--settings", default=None, help=f"comma-separated subset of: {', '.join(SETTINGS)}")
     ap.add_argument("--shape", choices=("qwen3-30b", "tiny"), default="qwen3-30b")
     ap.add_argument(
+        "--evict-mb",
+        type=int,
+        default=0,
+        help="MB written between each step's forward and backward, untimed (0: none): the backward then "
+        "finds no weights of the forward in the last-level cache, as in a deep model",
+    )
+    ap.add_argument(
         "--profile", action="store_true", help="stage profile of one step per (T, setting, dtype)"
     )
     args = ap.parse_args()
@@ -99,6 +106,8 @@ def main() -> None:
         ap.error("--rounds must be >= 1")
     if args.threads is not None and args.threads < 1:
         ap.error("--threads must be >= 1")
+    if args.evict_mb < 0:
+        ap.error("--evict-mb must be >= 0")
     try:
         tokens = [int(s) for s in args.tokens.split(",")]
     except ValueError:
@@ -124,7 +133,7 @@ def main() -> None:
     for t in tokens:
         d = make_inputs(args.shape, t, 16, rng)
         for dtype in DTYPES:
-            run = Runner(_core, "amx", pool.threads, d, dtype, pool=pool)
+            run = Runner(_core, "amx", pool.threads, d, dtype, pool=pool, evict_mb=args.evict_mb)
             run.step()  # warm-up (workspaces, page faults), at the default setting
             reference[t, dtype] = [a.copy() for a in run.results()]
             runners[t, dtype] = run
