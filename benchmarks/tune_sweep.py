@@ -3,6 +3,9 @@
 
     python3 benchmarks/tune_sweep.py --rounds 5            # the AMX machine, default pool
     python3 benchmarks/tune_sweep.py --tokens 128 --rounds 1 --settings default,nt_burst   # a quick check
+    python3 benchmarks/tune_sweep.py --tokens 512 --settings default,default_aa --evict-mb 1024
+        # 1 GB written between each forward and backward (untimed): no weights left in the L3 for the
+        # backward, as in a deep model, where a layer-by-layer benchmark would otherwise reuse them
 
 On the 16-thread AMX machine the weight stream of the Qwen3-30B-A3B layer at T = 512 runs at 27-41
 GB/s of the host's 85, every thread streaming only 2-3 GB/s: per-thread memory-level parallelism
