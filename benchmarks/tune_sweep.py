@@ -39,6 +39,7 @@ DTYPES = ("bf16", "int8")
 # name -> knobs changed from the defaults ("default" first: every ratio is against it).
 SETTINGS: dict[str, dict[str, object]] = {
     "default": {},
+    "default_aa": {},  # the default again (an A/A control): its ratios show the run's noise
     # int8 NN: the per-call VNNI strip build (prefetch distance in 4-row groups, L1 or L2; extra far L2)
     "strip8": {"int8_strip_prefetch_groups": 8},
     "strip16": {"int8_strip_prefetch_groups": 16},
