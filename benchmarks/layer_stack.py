@@ -2,6 +2,7 @@
 """One MoE layer repeated vs a stack of layers in model order, in ONE process (issue 17's gap).
 
     python benchmarks/layer_stack.py --layers 8 --tokens 4096 --threads 16
+    python benchmarks/layer_stack.py --layers 12 --tokens 512 --weight-dtype bf16,int8   # dtypes side by side
 
 bench_moe.py times one layer: its forward and backward run back to back on the same weights. In a
 model, L layers run forward in order (each keeping its activation cache), then backward in reverse,
@@ -14,6 +15,7 @@ process's anonymous memory on transparent huge pages. Timing only; bench_moe.py 
 from __future__ import annotations
 
 import argparse
+import itertools
 import resource
 import statistics
 import time
@@ -86,23 +88,30 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=0, help="0: the default pool")
-    ap.add_argument("--weight-dtype", default="bf16")
+    ap.add_argument(
+        "--weight-dtype",
+        default="bf16",
+        help="comma-separated (e.g. bf16,int8): one stack each, interleaved pass by pass in this process",
+    )
     ap.add_argument("--rounds", type=int, default=2, help="stack passes (and single-layer repeats per layer)")
     ap.add_argument("--profile", action="store_true", help="stage profile of one pass of each kind")
     args = ap.parse_args()
     t = args.tokens
+    dtypes = [s for s in args.weight_dtype.split(",") if s]
     d = make_inputs("qwen3-30b", t, R, np.random.default_rng(0))
     x, g, ids, w = d["x"], d["g"], d["ids"], d["w"]
     pool = kk.ThreadPool(threads=args.threads) if args.threads else kk.default_pool()
-    a = time.perf_counter()
-    layers = [
-        Layer(d["gate_up"], d["down"], d["lora"], t, args.weight_dtype, pool) for _ in range(args.layers)
-    ]
+    stacks: dict[str, list[Layer]] = {}
+    for dtype in dtypes:
+        a = time.perf_counter()
+        stacks[dtype] = [
+            Layer(d["gate_up"], d["down"], d["lora"], t, dtype, pool) for _ in range(args.layers)
+        ]
+        print(
+            f"{args.layers} layers of E{E} H{H} I{FF} k{K} ({dtype}), T={t}, "
+            f"tier {kk.active_isa()}, pool {pool}; built in {time.perf_counter() - a:.1f} s"
+        )
     del d
-    print(
-        f"{args.layers} layers of E{E} H{H} I{FF} k{K} ({args.weight_dtype}), T={t}, "
-        f"tier {kk.active_isa()}, pool {pool}; built in {time.perf_counter() - a:.1f} s"
-    )
 
     def fwd(lay: Layer) -> object:
         return lay.layer.forward(x, ids, w, lay.out, lora=lay.lora, save=True)
@@ -110,12 +119,12 @@ def main() -> None:
     def bwd(lay: Layer, handle: object) -> None:
         lay.layer.backward(handle, g, lay.dx, lay.gw, lora_grads=lay.grads)
 
-    def single_pass(rec: dict) -> None:  # every layer: forward then its backward at once
+    def single_pass(layers: list[Layer], rec: dict) -> None:  # every layer: forward then its backward at once
         for lay in layers:
             handle = timed(lambda lay=lay: fwd(lay), rec["fwd"])
             timed(lambda lay=lay, handle=handle: bwd(lay, handle), rec["bwd"])
 
-    def stack_pass(rec: dict) -> None:  # model order: all forwards, then the backwards in reverse
+    def stack_pass(layers: list[Layer], rec: dict) -> None:  # model order: forwards, then backwards reversed
         handles = [timed(lambda lay=lay: fwd(lay), rec["fwd"]) for lay in layers]
         for lay, handle in zip(reversed(layers), reversed(handles), strict=True):
             timed(lambda lay=lay, handle=handle: bwd(lay, handle), rec["bwd"])
@@ -123,31 +132,47 @@ def main() -> None:
     def fresh() -> dict:
         return {p: {"ms": [], "faults": []} for p in ("fwd", "bwd")}
 
-    single_pass(fresh())  # warm-up: every layer's workspaces and caches once
-    stack_pass(fresh())
-    recs = {"single": fresh(), "stack": fresh()}
-    for _ in range(args.rounds):  # interleaved, so drift on a shared host hits both
-        single_pass(recs["single"])
-        stack_pass(recs["stack"])
+    passes = {"single": single_pass, "stack": stack_pass}
+    for dtype in dtypes:  # warm-up: every layer's workspaces and caches once
+        for run in passes.values():
+            run(stacks[dtype], fresh())
+    recs = {(mode, dtype): fresh() for mode in passes for dtype in dtypes}
+    per_round: dict[tuple[str, str], list[float]] = {key: [] for key in recs}  # ms per layer, each pass
+    for rnd in range(args.rounds):  # interleaved (each round starts one dtype later): drift hits all alike
+        for dtype in dtypes[rnd % len(dtypes) :] + dtypes[: rnd % len(dtypes)]:
+            for mode, run in passes.items():
+                rec = fresh()
+                run(stacks[dtype], rec)
+                per_round[mode, dtype].append((sum(rec["fwd"]["ms"]) + sum(rec["bwd"]["ms"])) / args.layers)
+                for phase in ("fwd", "bwd"):
+                    for field in ("ms", "faults"):
+                        recs[mode, dtype][phase][field] += rec[phase][field]
     huge, anon = huge_pages_gib()
-    for mode, rec in recs.items():
-        print(f"{mode}:")
+    for (mode, dtype), rec in recs.items():
+        print(f"{mode} ({dtype}):")
         for phase in ("fwd", "bwd"):
             print("  " + summary(phase, rec[phase]))
         total = statistics.median(rec["fwd"]["ms"]) + statistics.median(rec["bwd"]["ms"])
         print(f"  fwd+bwd median per layer {total:.1f} ms")
+    for other in dtypes[1:]:  # speed of each further dtype over the first, pass by pass
+        for mode in passes:
+            ratios = [a / b for a, b in zip(per_round[mode, dtypes[0]], per_round[mode, other], strict=True)]
+            print(
+                f"{other}/{dtypes[0]} speed-up, {mode}: median {statistics.median(ratios):.3f} "
+                f"(per round {', '.join(f'{r:.3f}' for r in ratios)})"
+            )
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     print(
         f"anonymous memory {anon:.1f} GiB, on huge pages {huge:.1f} GiB; THP "
         f"{thp.read_text().strip() if thp.exists() else 'n/a'}"
     )
     if args.profile:
-        for mode, run in (("single", single_pass), ("stack", stack_pass)):
+        for (mode, run), dtype in itertools.product(passes.items(), dtypes):
             kk.profiler.reset()
             kk.profiler.enable()
-            run(fresh())
+            run(stacks[dtype], fresh())
             kk.profiler.disable()
-            print(f"profile, {mode} pass over {args.layers} layers: stage wall ms per layer (busy ms)")
+            print(f"profile, {mode} pass, {args.layers} {dtype} layers: stage wall ms per layer (busy ms)")
             for stage, s in kk.profiler.stats().items():
                 if s["calls"]:
                     print(
