@@ -8,8 +8,6 @@ bf16 LoRA, no LoRA, LoRA on one projection, experts with no tokens, ids outside 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,14 +15,9 @@ import kt_sft_kernels as kk
 import numpy as np
 import pytest
 from kt_sft_kernels import testing as kt
+from kt_sft_kernels.testing import tier
 
-# Every tier the host runs; the avx512_bf16 tier once per kernel variant ("avx512_bf16/bf16dot").
-TIERS = [
-    f"{t}/{v}" if t == "avx512_bf16" else t
-    for t in ("portable", "avx2", "avx512", "avx512_bf16", "amx")
-    if kk.isa_supported(t)
-    for v in (kk.kernel_variant_names() if t == "avx512_bf16" else [""])
-]
+TIERS = kt.tier_names()  # the avx512_bf16 tier once per kernel variant ("avx512_bf16/bf16dot")
 SIMD_TIERS = [t for t in TIERS if t != "portable"]
 BF16 = kt.BF16
 F32 = np.dtype(np.float32)
@@ -35,22 +28,6 @@ def test_report_tiers() -> None:
     """Says which tiers this run covers (shown with -rA / in the CI log)."""
     print(f"MoE numerics tiers on this host: {', '.join(TIERS)}")
     assert "portable" in TIERS
-
-
-@contextmanager
-def tier(name: str) -> Iterator[None]:
-    """Runs the block on tier `name` ("tier" or "tier/variant")."""
-    isa, _, variant = name.partition("/")
-    kk.set_max_isa(isa)
-    if variant:
-        kk.set_kernel_variant(variant)
-    try:
-        assert kk.active_isa() == isa
-        assert not variant or kk.kernel_variant() == variant
-        yield
-    finally:
-        kk.set_max_isa(None)
-        kk.set_kernel_variant(None)
 
 
 @dataclass(frozen=True)

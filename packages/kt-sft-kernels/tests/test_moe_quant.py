@@ -18,7 +18,7 @@ import pytest
 from kt_sft_kernels import testing as kt
 from kt_sft_kernels.testing import tier
 
-TIERS = [t for t in ("portable", "avx2", "avx512", "avx512_bf16", "amx") if kk.isa_supported(t)]
+TIERS = kt.tier_names()  # the avx512_bf16 tier once per kernel variant
 SIMD_TIERS = [t for t in TIERS if t != "portable"]
 BF16 = kt.BF16
 F32 = np.dtype(np.float32)
@@ -315,6 +315,28 @@ def test_one_layer_on_every_tier_in_turn(weight_dtype: str, group_size: int) -> 
             assert kt.result_bytes(kt.run_kernels(layer, case)) == want, f"{name}: differs from a fresh layer"
     for got, given in zip(read_back(layer), loaded, strict=True):
         np.testing.assert_array_equal(got, given)
+
+
+@pytest.mark.skipif(not kk.isa_supported("avx512_bf16"), reason="needs the avx512_bf16 tier")
+@pytest.mark.parametrize(("weight_dtype", "group_size"), [("int8", 128), ("int4", 64)])
+def test_kernel_variant_switch_reaches_quantized_products(weight_dtype: str, group_size: int) -> None:
+    """avx512_bf16's variants have their own quantized products (bf16dot: VDPBF16PS panels, ADR 0902),
+    so switching the variant between calls must switch them too, in either order: "fma" is the avx512
+    tier's table, bit for bit, and "bf16dot" sums in another order, so its bits differ from it."""
+    case = kt.make_case(
+        tokens=64, num_experts=4, top_k=2, hidden=256, intermediate=128, rank_gu=8, rank_d=8, seed=23
+    )
+
+    def bits(name: str) -> list[bytes]:
+        with tier(name):
+            layer = kt.build_layer(case, POOL, weight_dtype=weight_dtype, group_size=group_size)
+            return kt.result_bytes(kt.run_kernels(layer, case))
+
+    avx512 = bits("avx512")
+    for order in (("bf16dot", "fma"), ("fma", "bf16dot")):
+        got = {v: bits(f"avx512_bf16/{v}") for v in order}
+        assert got["fma"] == avx512, f"{order}: the fma variant does not run the avx512 tier's products"
+        assert got["bf16dot"] != avx512, f"{order}: the bf16dot variant runs the fma variant's products"
 
 
 def test_load_weights_equals_load_quantized_of_the_same_values() -> None:

@@ -468,15 +468,32 @@ def result_bytes(res: KernelResult) -> list[bytes]:
     return [np.ascontiguousarray(a).tobytes() for a in arrays]
 
 
+def tier_names() -> list[str]:
+    """Every tier this host runs, the avx512_bf16 tier once per kernel variant ("avx512_bf16/bf16dot")."""
+    from . import isa_names, isa_supported, kernel_variant_names
+
+    return [
+        f"{t}/{v}" if t == "avx512_bf16" else t
+        for t in isa_names()
+        if isa_supported(t)
+        for v in (kernel_variant_names() if t == "avx512_bf16" else [""])
+    ]
+
+
 @contextmanager
 def tier(name: str) -> Iterator[None]:
-    """Runs the block with the kernels capped at ISA tier `name` (which must be the active one), then
-    lifts the cap again."""
-    from . import active_isa, set_max_isa
+    """Runs the block with the kernels capped at ISA tier `name` ("tier" or "tier/variant"; it must be
+    the active one), then lifts the cap and the variant choice again."""
+    from . import active_isa, kernel_variant, set_kernel_variant, set_max_isa
 
-    set_max_isa(name)
+    isa, _, variant = name.partition("/")
+    set_max_isa(isa)
+    if variant:
+        set_kernel_variant(variant)
     try:
-        assert active_isa() == name
+        assert active_isa() == isa
+        assert not variant or kernel_variant() == variant
         yield
     finally:
         set_max_isa(None)
+        set_kernel_variant(None)

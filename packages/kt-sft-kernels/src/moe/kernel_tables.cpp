@@ -1,13 +1,13 @@
 // kernels_for(): maps a tier to its table. Only tiers the build compiled (KT_SFT_HAVE_ISA_<TIER>)
 // are referenced, so this file needs no -m flags. The table's `isa` is the tier it serves. avx512_bf16
 // has two variants (runtime/kernel_variant.hpp): "fma" serves the avx512 tier's kernels
-// (src/isa/avx512_bf16/kernels.cpp says why), "bf16dot" VDPBF16PS pair panels (bf16dot.cpp) for bf16
-// bases; the quantized products are the same in both.
-#include <array>
+// (src/isa/avx512_bf16/kernels.cpp says why), "bf16dot" VDPBF16PS pair panels (bf16dot.cpp), also for
+// the int4 products and the int8 forward.
+#include <map>
 #include <mutex>
-#include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "kt/moe/kernels.hpp"
 #include "kt/moe/quant.hpp"
@@ -82,13 +82,15 @@ QuantKind quant_kind(WeightDType dtype, int group_size) {
 const KernelTable& kernels_for(Isa isa, WeightDType dtype, int group_size) {
   if (dtype == WeightDType::bf16) return kernels_for(isa);
   const QuantKind kind = quant_kind(dtype, group_size);
+  // One table per (bf16 table, kind): avx512_bf16's variants differ in their quantized products too,
+  // and the variant can change between calls (kk.set_kernel_variant). Map nodes never move.
   static std::mutex mutex;
-  static std::array<std::array<std::optional<KernelTable>, kQuantKinds>, kIsaCount> tables;  // [isa][kind]
-  const auto tier = static_cast<std::size_t>(isa);
+  static std::map<std::pair<const KernelTable*, int>, KernelTable> tables;
+  const KernelTable& base = kernels_for(isa);
   const std::lock_guard<std::mutex> lock(mutex);
-  std::optional<KernelTable>& slot = tables.at(tier)[kind];
-  if (!slot) {
-    KernelTable t = kernels_for(isa);
+  const auto found = tables.find({&base, kind});
+  if (found == tables.end()) {
+    KernelTable t = base;
     const QuantGemms& q = t.quant[kind];
     t.format = q.format;
     t.arrange = q.arrange;
@@ -115,9 +117,9 @@ const KernelTable& kernels_for(Isa isa, WeightDType dtype, int group_size) {
       t.gemm_nt_packed = nullptr;
       t.gemm_nn_packed = nullptr;
     }
-    slot = t;
+    return tables.emplace(std::pair{&base, static_cast<int>(kind)}, t).first->second;
   }
-  return *slot;
+  return found->second;
 }
 
 }  // namespace kt::moe

@@ -14,7 +14,9 @@
 // flushed to zero. Only the order of the fp32 sums (and FTZ) differs from the fma variant: the DESIGN
 // §7 "tier vs portable" bound (same rounding points) applies unchanged.
 //
-// LoRA, activations, packing and the quantized products: the fma variant's entries.
+// Quantized bases (kt/moe/quant.hpp): the same pair panels, filled from the quantized values (below);
+// int8 NN and calls with few rows keep the fma variant's products. LoRA, activations and packing: the fma
+// variant's entries.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -26,7 +28,14 @@
 
 namespace kt::isa_avx512_bf16 {
 
-const moe::KernelTable& kernel_table();  // the "fma" variant (kernels.cpp): every entry but the bf16 GEMMs
+const moe::KernelTable& kernel_table();  // the "fma" variant (kernels.cpp): every entry but the base GEMMs
+
+using moe::KernelTable;
+using moe::PackFormat;
+
+#include "../common/generic_kernels.inl"  // QuantMatrix
+
+#include "../common/vec_avx512.inl"  // Vec::i4_table: an int4 group's 16 dequantized values (RQ)
 
 namespace {
 
@@ -248,19 +257,25 @@ inline void transpose16x16(__m512i* r) {
 }
 
 // NT: B[q][n] = W[n][q], so panel slot (p, j) is 32-bit word q0/2 + p of W row jb + j: 16 x 16 blocks
-// of words, transposed.
+// of words, transposed. load(r, c): 32 bf16 of W row r from column c (a multiple of 32).
+template <class LoadRow>
+inline void build_nt_panel(LoadRow load, int q0, int pairs, int jb, int width, std::int32_t* panel) {
+  for (int j = 0; j < width; j += 16)
+    for (int p = 0; p < pairs; p += 16) {
+      __m512i r[16];
+      for (int x = 0; x < 16; ++x) r[x] = load(jb + j + x, q0 + 2 * p);
+      transpose16x16(r);
+      for (int x = 0; x < 16; ++x) _mm512_store_si512(panel + (p + x) * kPanelCols + j, r[x]);
+    }
+}
+
 void bf16dot_gemm_nt(int m, const bf16* const* a, const void* w_packed, int /*rows*/, int k, int n0, int n1,
                      float* c, std::int64_t ldc) {
   const bf16* w = static_cast<const bf16*>(w_packed);
   if (m < kPanelMinRows) return nt_few_rows(m, a, w, k, n0, n1, c, ldc);
+  const auto load = [&](int r, int col) { return load512(w + static_cast<std::int64_t>(r) * k + col); };
   panel_gemm(m, a, k, n0, n1, c, ldc, [&](int q0, int pairs, int jb, int width, std::int32_t* panel) {
-    for (int j = 0; j < width; j += 16)
-      for (int p = 0; p < pairs; p += 16) {
-        __m512i r[16];
-        for (int x = 0; x < 16; ++x) r[x] = load512(w + static_cast<std::int64_t>(jb + j + x) * k + q0 + 2 * p);
-        transpose16x16(r);
-        for (int x = 0; x < 16; ++x) _mm512_store_si512(panel + (p + x) * kPanelCols + j, r[x]);
-      }
+    build_nt_panel(load, q0, pairs, jb, width, panel);
   });
 }
 
@@ -275,22 +290,94 @@ inline __m512i pair_order(int half) {
   return _mm512_load_si512(idx);
 }
 
-// NN: B = W (row-major [k, cols]), so panel row p interleaves W rows q0 + 2p and q0 + 2p + 1.
+// NN: B = W (row-major [k, cols]), so panel row p interleaves W rows q0 + 2p and q0 + 2p + 1. load as
+// for build_nt_panel.
+template <class LoadRow>
+inline void build_nn_panel(LoadRow load, int q0, int pairs, int jb, int width, std::int32_t* panel) {
+  const __m512i first_half = pair_order(0), second_half = pair_order(1);
+  for (int p = 0; p < pairs; ++p)
+    for (int j = 0; j < width; j += 32) {
+      const __m512i x = load(q0 + 2 * p, jb + j), y = load(q0 + 2 * p + 1, jb + j);
+      const __m512i lo = _mm512_unpacklo_epi16(x, y), hi = _mm512_unpackhi_epi16(x, y);
+      _mm512_store_si512(panel + p * kPanelCols + j, _mm512_permutex2var_epi32(lo, first_half, hi));
+      _mm512_store_si512(panel + p * kPanelCols + j + 16, _mm512_permutex2var_epi32(lo, second_half, hi));
+    }
+}
+
 void bf16dot_gemm_nn(int m, const bf16* const* a, const void* w_packed, int k, int cols, int j0, int j1, float* c,
                      std::int64_t ldc) {
   const bf16* w = static_cast<const bf16*>(w_packed);
-  const __m512i first_half = pair_order(0), second_half = pair_order(1);
+  const auto load = [&](int r, int col) { return load512(w + static_cast<std::int64_t>(r) * cols + col); };
   panel_gemm(m, a, k, j0, j1, c, ldc, [&](int q0, int pairs, int jb, int width, std::int32_t* panel) {
-    for (int p = 0; p < pairs; ++p) {
-      const bf16* r0 = w + static_cast<std::int64_t>(q0 + 2 * p) * cols + jb;
-      const bf16* r1 = r0 + cols;
-      for (int j = 0; j < width; j += 32) {
-        const __m512i x = load512(r0 + j), y = load512(r1 + j);
-        const __m512i lo = _mm512_unpacklo_epi16(x, y), hi = _mm512_unpackhi_epi16(x, y);
-        _mm512_store_si512(panel + p * kPanelCols + j, _mm512_permutex2var_epi32(lo, first_half, hi));
-        _mm512_store_si512(panel + p * kPanelCols + j + 16, _mm512_permutex2var_epi32(lo, second_half, hi));
+    build_nn_panel(load, q0, pairs, jb, width, panel);
+  });
+}
+
+// ---- Quantized bases --------------------------------------------------------------------------------
+// The pair panels filled from the quantized values, so the products are VDPBF16PS as above:
+// - int4: each value is its dequantized weight, RQ = bf16(fp32(q scale)) -- a bf16 already, so the
+//   products are exactly the bf16 ones on the dequantized matrix (both NT and NN);
+// - int8 NT: the int8 values themselves (exact in bf16: |q| <= 127 fits its 8-bit significand), each
+//   output column's scale applied once to its sum, (sum a q) scale, as the amx tier does (ADR 0603).
+// int8 NN keeps the fma variant's product: its scales run along the reduction, and folding them into
+// bf16 panels or activations would add a rounding int8 does not have (RQ is fp32 for int8).
+// Calls with fewer than kPanelMinRows rows keep the fma variant's products (a panel would not pay).
+
+// The bf16 bits of 32 fp32 values that are bf16-exact: the high half of each, in order.
+inline __m512i exact_bf16(__m512 first16, __m512 next16) {
+  alignas(64) std::int16_t idx[32];
+  for (int j = 0; j < 32; ++j) idx[j] = static_cast<std::int16_t>(2 * j + 1);  // word 2j + 1 of (first, next)
+  return _mm512_permutex2var_epi16(_mm512_castps_si512(first16), _mm512_load_si512(idx),
+                                   _mm512_castps_si512(next16));
+}
+
+// 32 values of W row r from column c (a multiple of 32, inside one int4 group) as bf16 (above).
+template <int Bits, int Group>
+inline __m512i quant_bf16x32(const QuantMatrix<Bits, Group>& w, int r, int c) {
+  const std::int64_t i = static_cast<std::int64_t>(r) * w.cols + c;
+  if constexpr (Bits == 8) {
+    const auto* q = reinterpret_cast<const std::int8_t*>(w.values + i);
+    return exact_bf16(Vec::load_i8(q), Vec::load_i8(q + 16));
+  } else {
+    // 16 bytes = 32 nibbles (value 2j in byte j's low nibble), each the index of its value in the
+    // group's 16 dequantized values (Vec::i4_table), looked up as 16-bit words.
+    const typename Vec::I4Table t = Vec::i4_table(w.scale(r, c));
+    const __m512i table = exact_bf16(t.values, t.values);  // words 0..15
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.values + i / 2));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+    const __m256i nibbles = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+    return _mm512_permutexvar_epi16(_mm512_cvtepi8_epi16(nibbles), table);  // nibbles < 16: sign = zero ext.
+  }
+}
+
+template <int Bits, int Group>
+void bf16dot_quant_gemm_nt(int m, const bf16* const* a, const void* w_packed, int rows, int k, int n0, int n1,
+                           float* c, std::int64_t ldc) {
+  constexpr auto kind = Bits == 8 ? moe::kQuantInt8 : Group == 32 ? moe::kQuantInt4G32
+                                                    : Group == 64 ? moe::kQuantInt4G64
+                                                                  : moe::kQuantInt4G128;
+  if (m < kPanelMinRows) return kernel_table().quant[kind].gemm_nt(m, a, w_packed, rows, k, n0, n1, c, ldc);
+  const QuantMatrix<Bits, Group> w(w_packed, rows, k);
+  const auto load = [&](int r, int col) { return quant_bf16x32(w, r, col); };
+  panel_gemm(m, a, k, n0, n1, c, ldc, [&](int q0, int pairs, int jb, int width, std::int32_t* panel) {
+    build_nt_panel(load, q0, pairs, jb, width, panel);
+  });
+  if constexpr (Bits == 8)  // n1 - n0 is a multiple of 32; int8 has one scale per row of W
+    for (int i = 0; i < m; ++i)
+      for (int n = n0; n < n1; n += 16) {
+        float* ci = c + i * ldc + (n - n0);
+        _mm512_storeu_ps(ci, _mm512_mul_ps(_mm512_loadu_ps(ci), _mm512_loadu_ps(w.scales + n)));
       }
-    }
+}
+
+template <int Group>
+void bf16dot_int4_gemm_nn(int m, const bf16* const* a, const void* w_packed, int k, int cols, int j0, int j1,
+                          float* c, std::int64_t ldc) {
+  const QuantMatrix<4, Group> w(w_packed, k, cols);
+  const auto load = [&](int r, int col) { return quant_bf16x32(w, r, col); };
+  panel_gemm(m, a, k, j0, j1, c, ldc, [&](int q0, int pairs, int jb, int width, std::int32_t* panel) {
+    build_nn_panel(load, q0, pairs, jb, width, panel);
   });
 }
 
@@ -324,6 +411,10 @@ const moe::KernelTable& kernel_table_bf16dot() {
     moe::KernelTable t = kernel_table();
     t.gemm_nt = bf16dot_gemm_nt;
     t.gemm_nn = bf16dot_gemm_nn;
+    t.quant[moe::kQuantInt8].gemm_nt = bf16dot_quant_gemm_nt<8, 0>;  // int8 NN: the fma variant's (above)
+    t.quant[moe::kQuantInt4G32] = {bf16dot_quant_gemm_nt<4, 32>, bf16dot_int4_gemm_nn<32>};
+    t.quant[moe::kQuantInt4G64] = {bf16dot_quant_gemm_nt<4, 64>, bf16dot_int4_gemm_nn<64>};
+    t.quant[moe::kQuantInt4G128] = {bf16dot_quant_gemm_nt<4, 128>, bf16dot_int4_gemm_nn<128>};
     return t;
   }();
   return table;
