@@ -483,7 +483,7 @@ def tier_names() -> list[str]:
 @contextmanager
 def tier(name: str) -> Iterator[None]:
     """Runs the block with the kernels capped at ISA tier `name` ("tier" or "tier/variant"; it must be
-    the active one), then lifts the cap and the variant choice again."""
+    the active one), then lifts the cap (and the variant choice, where it made one) again."""
     from . import active_isa, kernel_variant, set_kernel_variant, set_max_isa
 
     isa, _, variant = name.partition("/")
@@ -496,4 +496,5 @@ def tier(name: str) -> Iterator[None]:
         yield
     finally:
         set_max_isa(None)
-        set_kernel_variant(None)
+        if variant:
+            set_kernel_variant(None)
