@@ -68,13 +68,9 @@ namespace {
 
 QuantKind quant_kind(WeightDType dtype, int group_size) {
   if (dtype == WeightDType::int8) return kQuantInt8;
-  switch (group_size) {
-    case 32: return kQuantInt4G32;
-    case 64: return kQuantInt4G64;
-    case 128: return kQuantInt4G128;
-    default: break;
-  }
-  throw std::invalid_argument("group_size must be 32, 64 or 128 for int4, got " + std::to_string(group_size));
+  if (group_size != 32 && group_size != 64 && group_size != 128)
+    throw std::invalid_argument("group_size must be 32, 64 or 128 for int4, got " + std::to_string(group_size));
+  return quant_kind_of(4, group_size);
 }
 
 }  // namespace

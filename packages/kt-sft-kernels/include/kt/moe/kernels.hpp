@@ -69,6 +69,12 @@ struct PackedSegment {
 };
 
 enum QuantKind : int { kQuantInt8 = 0, kQuantInt4G32 = 1, kQuantInt4G64 = 2, kQuantInt4G128 = 3, kQuantKinds = 4 };
+// The kind of a quantized base: int8 (one scale per row), or int4 with `group` (32, 64 or 128) columns
+// per scale.
+constexpr QuantKind quant_kind_of(int bits, int group) {
+  if (bits == 8) return kQuantInt8;
+  return group == 32 ? kQuantInt4G32 : group == 64 ? kQuantInt4G64 : kQuantInt4G128;
+}
 
 struct KernelTable {
   Isa isa;

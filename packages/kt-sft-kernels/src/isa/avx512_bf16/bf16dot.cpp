@@ -18,6 +18,7 @@
 // int8 NN and calls with few rows keep the fma variant's products. LoRA, activations and packing: the fma
 // variant's entries.
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -323,11 +324,16 @@ void bf16dot_gemm_nn(int m, const bf16* const* a, const void* w_packed, int k, i
 // bf16 panels or activations would add a rounding int8 does not have (RQ is fp32 for int8).
 // Calls with fewer than kPanelMinRows rows keep the fma variant's products (a panel would not pay).
 
+// Word 2j + 1 of (first, next) for j < 32: the high halves of 32 fp32 lanes, in order.
+constexpr auto kHighHalves = [] {
+  std::array<std::int16_t, 32> idx{};
+  for (int j = 0; j < 32; ++j) idx[j] = static_cast<std::int16_t>(2 * j + 1);
+  return idx;
+}();
+
 // The bf16 bits of 32 fp32 values that are bf16-exact: the high half of each, in order.
 inline __m512i exact_bf16(__m512 first16, __m512 next16) {
-  alignas(64) std::int16_t idx[32];
-  for (int j = 0; j < 32; ++j) idx[j] = static_cast<std::int16_t>(2 * j + 1);  // word 2j + 1 of (first, next)
-  return _mm512_permutex2var_epi16(_mm512_castps_si512(first16), _mm512_load_si512(idx),
+  return _mm512_permutex2var_epi16(_mm512_castps_si512(first16), _mm512_loadu_si512(kHighHalves.data()),
                                    _mm512_castps_si512(next16));
 }
 
@@ -354,10 +360,8 @@ inline __m512i quant_bf16x32(const QuantMatrix<Bits, Group>& w, int r, int c) {
 template <int Bits, int Group>
 void bf16dot_quant_gemm_nt(int m, const bf16* const* a, const void* w_packed, int rows, int k, int n0, int n1,
                            float* c, std::int64_t ldc) {
-  constexpr auto kind = Bits == 8 ? moe::kQuantInt8 : Group == 32 ? moe::kQuantInt4G32
-                                                    : Group == 64 ? moe::kQuantInt4G64
-                                                                  : moe::kQuantInt4G128;
-  if (m < kPanelMinRows) return kernel_table().quant[kind].gemm_nt(m, a, w_packed, rows, k, n0, n1, c, ldc);
+  if (m < kPanelMinRows)
+    return kernel_table().quant[moe::quant_kind_of(Bits, Group)].gemm_nt(m, a, w_packed, rows, k, n0, n1, c, ldc);
   const QuantMatrix<Bits, Group> w(w_packed, rows, k);
   const auto load = [&](int r, int col) { return quant_bf16x32(w, r, col); };
   panel_gemm(m, a, k, n0, n1, c, ldc, [&](int q0, int pairs, int jb, int width, std::int32_t* panel) {
