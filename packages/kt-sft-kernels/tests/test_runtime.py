@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import gc
 import os
+import random
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -281,6 +283,19 @@ def test_every_task_runs_exactly_once(threads: int) -> None:
         counts = _testing.pool_run_counting(pool, num_tasks)
         assert len(counts) == num_tasks
         assert all(c == 1 for c in counts), (threads, num_tasks)
+
+
+def test_calls_return_only_after_every_task_and_late_workers_stay_out() -> None:
+    # A call closes its job once every task is handed out and waits only for the workers inside it;
+    # workers still waking up (the pauses below let them fall asleep) must neither be waited for nor
+    # run a task of a job whose call returned (its tasks' counts would read 0 here, or 2 in a later call).
+    pool = kk.ThreadPool(4)
+    rng = random.Random(7)
+    for i in range(600):
+        num_tasks = rng.choice([2, 3, 5, 17, 64])
+        assert _testing.pool_run_counting(pool, num_tasks) == [1] * num_tasks, (i, num_tasks)
+        if i % 3 == 0:
+            time.sleep(rng.uniform(0.0, 0.0006))
 
 
 @pytest.mark.parametrize("threads", [1, 3])
