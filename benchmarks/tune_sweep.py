@@ -55,12 +55,6 @@ SETTINGS: dict[str, dict[str, object]] = {
     "nt_burst": {"int8_nt_prefetch_burst": True},
     "nt_l1": {"int8_nt_prefetch_l2": False},
     "far64_nt_l1": {"int8_strip_far_groups": 64, "int8_nt_prefetch_l2": False},
-    # both dtypes: activation packing — source rows ahead (bf16: 64-byte steps; int8: rows), PREFETCHW
-    "pack4": {"pack_prefetch": 4},
-    "pack8": {"pack_prefetch": 8},
-    "packw": {"pack_prefetch_write": True},
-    "pack4w": {"pack_prefetch": 4, "pack_prefetch_write": True},
-    "pack1": {"pack_prefetch": 1},
     # both dtypes: the call's first weights at entry (nothing prefetches them otherwise)
     "first": {"weight_prefetch_first": True},
     # bf16 NT/NN: weight items ahead, L2, all at once

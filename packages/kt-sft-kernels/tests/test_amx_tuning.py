@@ -40,8 +40,6 @@ KNOB_VALUES: dict[str, list[object]] = {
     "int8_nt_prefetch_pairs": [0, 2, 5],
     "int8_nt_prefetch_l2": [False],
     "int8_nt_prefetch_burst": [True],
-    "pack_prefetch": [1, 4, 64],
-    "pack_prefetch_write": [True],
 }
 
 # Several knobs together (the sweep's settings combine them).

@@ -45,8 +45,6 @@ const Knob kKnobs[] = {
     {"int8_nt_prefetch_pairs", nullptr, &Tuning::int8_nt_prefetch_pairs, 0, 64},
     {"int8_nt_prefetch_l2", &Tuning::int8_nt_prefetch_l2, nullptr, 0, 0},
     {"int8_nt_prefetch_burst", &Tuning::int8_nt_prefetch_burst, nullptr, 0, 0},
-    {"pack_prefetch", nullptr, &Tuning::pack_prefetch, 0, 64},
-    {"pack_prefetch_write", &Tuning::pack_prefetch_write, nullptr, 0, 0},
 };
 
 const Knob& find_knob(const std::string& name) {

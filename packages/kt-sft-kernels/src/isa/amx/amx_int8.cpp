@@ -140,21 +140,11 @@ void pack_digits(int m, const bf16* const* a, const float* wscale, int k, bool n
   auto* scales = static_cast<float*>(dst);
   auto* out = static_cast<std::uint8_t*>(dst) + scale_bytes(m);
   auto* rows = static_cast<std::int8_t*>(digit_rows.ensure(static_cast<std::size_t>(32) * padded));
-  // Tuning::pack_prefetch / pack_prefetch_write (an experiment, off by default): row t + ahead into L2
-  // as row t starts; the next tile for writing while a tile is stored.
-  const Tuning& knobs = tuning();
-  const int ahead = knobs.prefetch ? knobs.pack_prefetch : 0;
-  const bool write_ahead = knobs.prefetch && knobs.pack_prefetch_write;
-  const int m_tiles = (m + 15) / 16;
-  const std::uint8_t* end = out + static_cast<std::size_t>(m_tiles) * m_tile_bytes(k);
-  for (int mt = 0; mt < m_tiles; ++mt) {
+  for (int mt = 0; mt < (m + 15) / 16; ++mt) {
     for (int i = 0; i < 16; ++i) {
       std::int8_t* hi = rows + static_cast<std::size_t>(i) * padded;
       std::int8_t* lo = hi + static_cast<std::size_t>(16) * padded;
       const int t = 16 * mt + i;
-      if (ahead && t + ahead < m)
-        for (std::size_t line = 0; line < static_cast<std::size_t>(k) * sizeof(bf16); line += 64)
-          prefetch_l2(reinterpret_cast<const std::uint8_t*>(a[t + ahead]) + line);
       if (t < m) {
         scales[t] = quantize_row(a[t], wscale, k, padded, hi, lo);
       } else {
@@ -168,8 +158,6 @@ void pack_digits(int m, const bf16* const* a, const float* wscale, int k, bool n
         const std::int8_t* src = rows + static_cast<std::size_t>(16 * d) * padded + std::size_t{kStep} * ks;
         std::uint8_t* tile =
             out + static_cast<std::size_t>(mt) * m_tile_bytes(k) + static_cast<std::size_t>(2 * ks + d) * kTileBytes;
-        if (write_ahead && tile + 2 * kTileBytes <= end)
-          for (int line = 0; line < kTileBytes; line += 64) prefetch_write(tile + kTileBytes + line);
         V r[16];
         for (int i = 0; i < 16; ++i) r[i] = v_load(src + static_cast<std::size_t>(i) * padded);
         if (!nn) transpose16(r);  // r[p] = dword p (k = 4p .. 4p + 3) of the 16 tokens

@@ -82,8 +82,6 @@ inline V v_dpbf16(V acc, V a, V b) {
 
 inline void prefetch_l1(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 inline void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
-// PREFETCHW (every AMX CPU has it; asm, so the tier's -m flags need not name prfchw).
-inline void prefetch_write(const void* p) { asm volatile("prefetchw %0" : : "m"(*static_cast<const char*>(p))); }
 inline void note_vector_load(const void*) {}
 
 }  // namespace kt::isa_amx

@@ -194,6 +194,5 @@ inline V v_dpbf16(V acc, V a, V b) {
 inline void note_vector_load(const void* p) { emu::note_load(p, 64); }
 inline void prefetch_l1(const void* p) { emu::prefetch_log().lines.insert(reinterpret_cast<std::uintptr_t>(p) / 64); }
 inline void prefetch_l2(const void* p) { prefetch_l1(p); }
-inline void prefetch_write(const void* p) { prefetch_l1(p); }
 
 }  // namespace kt::isa_amx

@@ -43,12 +43,6 @@ struct Tuning {
   int int8_nt_prefetch_pairs = 1;
   bool int8_nt_prefetch_l2 = true;
   bool int8_nt_prefetch_burst = false;
-  // Activation packing (pack_a_*, bf16 and int8), an experiment of session 17: the source rows
-  // prefetched ahead (0: off) — bf16 packs: this many 64-byte steps ahead in each of a tile's 16 rows;
-  // int8 packs: the whole row this many rows ahead, into L2, as a row starts — and the destination's
-  // next tile requested for writing (PREFETCHW) while a tile is stored.
-  int pack_prefetch = 0;
-  bool pack_prefetch_write = false;
 };
 // Process-wide; change it only while no kernel runs and before packing activations (small_m
 // decides the packed layout). The wheel never changes it; the tests and benchmarks/tune_sweep.py do,

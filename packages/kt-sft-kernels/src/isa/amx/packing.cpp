@@ -60,33 +60,17 @@ std::size_t packed_a_bytes(int m, int k) {
 
 static void store_row_pointers(int m, const bf16* const* a, void* dst) { std::memcpy(dst, a, sizeof(const bf16*) * m); }
 
-// Tuning::pack_prefetch / pack_prefetch_write (an experiment, off by default): before tile (mt, kb) is
-// built, the 16 rows' 64 bytes `ahead` steps on, and the packing's next tile for writing.
-struct PackPrefetch {
-  int ahead = tuning().prefetch ? tuning().pack_prefetch : 0;
-  bool write = tuning().prefetch && tuning().pack_prefetch_write;
-  void before_tile(int m, const bf16* const* a, int mt, int kb, int k_steps, const std::uint8_t* tile,
-                   const std::uint8_t* end) const {
-    if (ahead && kb + ahead < k_steps)
-      for (int i = 0; i < 16 && 16 * mt + i < m; ++i) prefetch_l1(a[16 * mt + i] + 32 * (kb + ahead));
-    if (write && tile + 2 * kTileBytes <= end)
-      for (int line = 0; line < kTileBytes; line += 64) prefetch_write(tile + kTileBytes + line);
-  }
-};
-
 void pack_a_nt(int m, const bf16* const* a, int k, void* dst) {
   if (m <= 0) return;
   if (m < small_m()) return store_row_pointers(m, a, dst);
-  const int k_steps = k / 32, m_tiles = (m + 15) / 16;
+  const int k_steps = k / 32;
   auto* out = static_cast<std::uint8_t*>(dst);
-  const PackPrefetch prefetch;
-  for (int mt = 0; mt < m_tiles; ++mt)
+  for (int mt = 0; mt < (m + 15) / 16; ++mt)
     for (int kb = 0; kb < k_steps; ++kb) {
-      std::uint8_t* tile = out + tile_offset(mt, kb, k_steps);
-      prefetch.before_tile(m, a, mt, kb, k_steps, tile, out + tile_offset(m_tiles, 0, k_steps));
       V rows[16];
       for (int i = 0; i < 16; ++i) rows[i] = 16 * mt + i < m ? v_load(a[16 * mt + i] + 32 * kb) : v_zero();
       transpose16(rows);  // rows[d] = activation dword d of the 16 tokens
+      std::uint8_t* tile = out + tile_offset(mt, kb, k_steps);
       for (int p = 0; p < 16; ++p) v_store(tile + 64 * p, rows[dword_of_pair(p)]);
     }
 }
@@ -94,13 +78,11 @@ void pack_a_nt(int m, const bf16* const* a, int k, void* dst) {
 void pack_a_nn(int m, const bf16* const* a, int k, void* dst) {
   if (m <= 0) return;
   if (m < small_m()) return store_row_pointers(m, a, dst);
-  const int k_steps = k / 32, m_tiles = (m + 15) / 16;
+  const int k_steps = k / 32;
   auto* out = static_cast<std::uint8_t*>(dst);
-  const PackPrefetch prefetch;
-  for (int mt = 0; mt < m_tiles; ++mt)
+  for (int mt = 0; mt < (m + 15) / 16; ++mt)
     for (int kb = 0; kb < k_steps; ++kb) {
       std::uint8_t* tile = out + tile_offset(mt, kb, k_steps);
-      prefetch.before_tile(m, a, mt, kb, k_steps, tile, out + tile_offset(m_tiles, 0, k_steps));
       for (int i = 0; i < 16; ++i) v_store(tile + 64 * i, 16 * mt + i < m ? v_load(a[16 * mt + i] + 32 * kb) : v_zero());
     }
 }
