@@ -125,13 +125,13 @@ void MoELayer::backward_over(const std::vector<MoELayer*>& shards, const std::ve
   // read the weights, else once per slice (all slices in one task list).
   std::vector<const PackedRows*> gp(n, nullptr);
   if (PackedRows::used_by(kt) && kt.pack_a_nn != nullptr) {
-    ws.packed_tokens.build(kt, true, r, g_rows, H, pool);
-    gp.assign(n, &ws.packed_tokens);
+    ws.packed.build(kt, true, r, g_rows, H, pool);
+    gp.assign(n, &ws.packed);
   } else if (PackedRows::used_by(kt)) {
     std::vector<PackedRows::Job> jobs;
     for (MoELayer* shard : shards) {
       Impl& S = *shard->impl_;
-      jobs.push_back({&S.shared->ws.packed_tokens, g_rows, H, {S.down.data(), S.down_stride, S.config.intermediate}});
+      jobs.push_back({&S.shared->ws.packed, g_rows, H, {S.down.data(), S.down_stride, S.config.intermediate}});
     }
     PackedRows::build_each(kt, true, r, jobs.data(), jobs.size(), pool);
     for (std::size_t s = 0; s < n; ++s) gp[s] = jobs[s].into;

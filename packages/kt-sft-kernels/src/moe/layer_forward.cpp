@@ -129,7 +129,7 @@ std::vector<ForwardCachePtr> MoELayer::forward_over(const std::vector<MoELayer*>
 
   // F2: gate and up rows of one column block of one slice, + LoRA, rounded to bf16 (R1); h = silu(g) u
   // (R2). Tasks by expert first, so an expert's packed x is read by all its blocks at about one time.
-  const PackedRows* xp = ws.packed_tokens.build(kt, false, r, x_rows, H, pool) ? &ws.packed_tokens : nullptr;
+  const PackedRows* xp = ws.packed.build(kt, false, r, x_rows, H, pool) ? &ws.packed : nullptr;
   const int blocks = first_block.back();
   float* tiles = ws.tiles.ensure(static_cast<std::size_t>(pool.size()) * kTileFloats);
   run_tasks(pool, Stage::gate_up, n_active * blocks, [&](std::int64_t task, int thread) {

@@ -314,14 +314,10 @@ struct Workspace {
   Buffer<const bf16*> token_chunk_rows;  // a token chunk's rows of the phase input (token_chunks.hpp)
   TokenChunk token_chunk;
   std::vector<PairChunk> chunks;
-  // Activation packings (amx-style tiers only): of token rows (x, grad_out: the gate_up / bwd_down
-  // products) and of pair rows (h, dgu: down / dx). Two, so that a packing never overwrites what the
-  // phase just before it read: other cores still hold those lines, and taking them back made the
-  // packing several times slower than writing elsewhere (docs/benchmarks.md "Session 17").
-  PackedRows packed_tokens, packed_pairs;
+  PackedRows packed;  // activation packing of the current phase (amx-style tiers only)
 
   std::size_t bytes() const {
-    std::size_t n = packed_tokens.bytes() + packed_pairs.bytes() + token_chunk.bytes();
+    std::size_t n = packed.bytes() + token_chunk.bytes();
     for (const Buffer<bf16>* b : {&xb, &gb, &gu, &hb, &dgu}) n += b->capacity() * sizeof(bf16);
     for (const Buffer<float>* b : {&ax, &ad, &bg, &bgu, &rows, &gw_part, &gw, &scratch, &tiles, &ad_sums, &bgu_sums})
       n += b->capacity() * sizeof(float);
@@ -332,7 +328,7 @@ struct Workspace {
 
 // One slice of the intermediate dimension in the down (forward) / dx (backward) products: the layer's
 // whole I, or one NUMA shard's on one node (MoELayer::forward_shards / backward_shards). Room for a
-// token chunk's rows and their packing is the slice's own workspace's (token_chunk_rows, packed_pairs).
+// token chunk's rows and their packing is the slice's own workspace's (token_chunk_rows, packed).
 struct SliceRows {
   const bf16* const* rows = nullptr;          // the slice's h / dgu row of each call row
   ExpertMatrices w;                           // its packed W_d / W_gu of each expert (cols: H for W_gu)
@@ -399,11 +395,11 @@ struct MoELayer::Impl {
   // The layer's I as a slice of the down / dx products (down_phase.cpp), its rows in `ws`.
   SliceRows down_slice(Workspace& ws) const {
     return {ws.h_rows.data(), {down.data(), down_stride, config.intermediate}, config.intermediate,
-            &ws.token_chunk_rows, &ws.packed_pairs};
+            &ws.token_chunk_rows, &ws.packed};
   }
   SliceRows dx_slice(Workspace& ws) const {
     return {ws.dgu_rows.data(), {gate_up.data(), gate_up_stride, config.hidden}, 2 * config.intermediate,
-            &ws.token_chunk_rows, &ws.packed_pairs};
+            &ws.token_chunk_rows, &ws.packed};
   }
 
   bool quantized() const { return config.weight_dtype != WeightDType::bf16; }

@@ -134,7 +134,7 @@ float quantize_row(const bf16* a, const float* wscale, int k, int padded, std::i
 
 thread_local ThreadScratch digit_rows;  // one m-tile's digit rows while packing
 
-void pack_digits(int m, const bf16* const* a, const float* wscale, int k, bool nn, void* dst, Stores stores) {
+void pack_digits(int m, const bf16* const* a, const float* wscale, int k, bool nn, void* dst) {
   if (m <= 0) return;
   const int steps = steps_of(k), padded = steps * kStep;
   auto* scales = static_cast<float*>(dst);
@@ -161,22 +161,19 @@ void pack_digits(int m, const bf16* const* a, const float* wscale, int k, bool n
         V r[16];
         for (int i = 0; i < 16; ++i) r[i] = v_load(src + static_cast<std::size_t>(i) * padded);
         if (!nn) transpose16(r);  // r[p] = dword p (k = 4p .. 4p + 3) of the 16 tokens
-        for (int i = 0; i < 16; ++i) v_put(tile + 64 * i, r[i], stores);
+        for (int i = 0; i < 16; ++i) v_store(tile + 64 * i, r[i]);
       }
   }
-  stores_done(stores);
 }
 
 std::size_t int8_packed_a_bytes(int m, int k) {
   return scale_bytes(m) + static_cast<std::size_t>((m + 15) / 16) * m_tile_bytes(k);
 }
 
-void int8_pack_a_nt(int m, const bf16* const* a, int k, void* dst) {
-  pack_digits(m, a, nullptr, k, false, dst, Stores::streamed);
-}
+void int8_pack_a_nt(int m, const bf16* const* a, int k, void* dst) { pack_digits(m, a, nullptr, k, false, dst); }
 
 void int8_pack_a_nn_w(int m, const bf16* const* a, const void* w, int k, int cols, void* dst) {
-  pack_digits(m, a, moe::quant_scales(w, moe::WeightDType::int8, k, cols), k, true, dst, Stores::streamed);
+  pack_digits(m, a, moe::quant_scales(w, moe::WeightDType::int8, k, cols), k, true, dst);
 }
 
 // Int32 accumulator tiles `hi` and `lo` (rows x 16 lanes, stored) -> fp32 hi + lo / 256.
@@ -453,7 +450,7 @@ void int8_gemm_nt(int m, const bf16* const* a, const void* w, int rows, int k, i
                   std::int64_t ldc) {
   if (m <= 0 || n1 <= n0) return;
   void* packed = int8_row_packing.ensure(int8_packed_a_bytes(m, k));
-  pack_digits(m, a, nullptr, k, false, packed, Stores::cached);
+  int8_pack_a_nt(m, a, k, packed);
   int8_gemm_nt_packed(m, packed, w, rows, k, n0, n1, c, ldc);
 }
 
@@ -461,7 +458,7 @@ void int8_gemm_nn(int m, const bf16* const* a, const void* w, int k, int cols, i
                   std::int64_t ldc) {
   if (m <= 0 || j1 <= j0) return;
   void* packed = int8_row_packing.ensure(int8_packed_a_bytes(m, k));
-  pack_digits(m, a, moe::quant_scales(w, moe::WeightDType::int8, k, cols), k, true, packed, Stores::cached);
+  int8_pack_a_nn_w(m, a, w, k, cols, packed);
   int8_gemm_nn_packed(m, packed, w, k, cols, j0, j1, c, ldc);
 }
 

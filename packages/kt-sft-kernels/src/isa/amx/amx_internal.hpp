@@ -247,8 +247,8 @@ std::size_t packed_bytes(int rows, int cols);                                   
 void pack_weights(const bf16* src, int rows, int cols, void* dst);
 void unpack_weights(const void* packed, int rows, int cols, bf16* dst);
 std::size_t packed_a_bytes(int m, int k);
-void pack_a_nt(int m, const bf16* const* a, int k, void* dst, Stores stores);
-void pack_a_nn(int m, const bf16* const* a, int k, void* dst, Stores stores);
+void pack_a_nt(int m, const bf16* const* a, int k, void* dst);
+void pack_a_nn(int m, const bf16* const* a, int k, void* dst);
 // Below small_m() rows the activation "packing" is the row pointers themselves.
 inline const bf16* const* row_pointers(const void* packed) { return static_cast<const bf16* const*>(packed); }
 // A reduction of several segments (NUMA shards on one node): packed activations and weights of k each.

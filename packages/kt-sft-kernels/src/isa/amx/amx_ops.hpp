@@ -96,23 +96,6 @@ inline V v_load(const void* p) {
   return {_mm512_loadu_si512(p)};
 }
 inline void v_store(void* p, V a) { _mm512_storeu_si512(p, a.r); }
-// How an activation packing stores its tiles. `streamed` for the layer's packings (KernelTable::
-// pack_a_*): other cores' GEMM tasks read them, not this core, and streaming stores need no read of
-// the destination lines first (docs/benchmarks.md "Session 17"); `cached` for a call that packs into
-// its own scratch and reads it back at once.
-enum class Stores { cached, streamed };
-inline void v_put(void* p, V a, Stores stores) {  // p 64-byte aligned
-#ifdef KT_AMX_EMULATE  // SIMDe has no streaming store; within one thread the result is the same
-  (void)stores;
-#else
-  if (stores == Stores::streamed) return _mm512_stream_si512(static_cast<__m512i*>(p), a.r);
-#endif
-  _mm512_storeu_si512(p, a.r);
-}
-// After a packing's last streaming store: orders them before the pool reports the task done.
-inline void stores_done(Stores stores) {
-  if (stores == Stores::streamed) _mm_sfence();
-}
 inline V v_zero() { return {_mm512_setzero_si512()}; }
 inline V v_set1_u32(std::uint32_t x) { return {_mm512_set1_epi32(static_cast<int>(x))}; }
 inline V v_unpacklo16(V a, V b) { return {_mm512_unpacklo_epi16(a.r, b.r)}; }  // VPUNPCKLWD

@@ -60,7 +60,7 @@ std::size_t packed_a_bytes(int m, int k) {
 
 static void store_row_pointers(int m, const bf16* const* a, void* dst) { std::memcpy(dst, a, sizeof(const bf16*) * m); }
 
-void pack_a_nt(int m, const bf16* const* a, int k, void* dst, Stores stores) {
+void pack_a_nt(int m, const bf16* const* a, int k, void* dst) {
   if (m <= 0) return;
   if (m < small_m()) return store_row_pointers(m, a, dst);
   const int k_steps = k / 32;
@@ -71,12 +71,11 @@ void pack_a_nt(int m, const bf16* const* a, int k, void* dst, Stores stores) {
       for (int i = 0; i < 16; ++i) rows[i] = 16 * mt + i < m ? v_load(a[16 * mt + i] + 32 * kb) : v_zero();
       transpose16(rows);  // rows[d] = activation dword d of the 16 tokens
       std::uint8_t* tile = out + tile_offset(mt, kb, k_steps);
-      for (int p = 0; p < 16; ++p) v_put(tile + 64 * p, rows[dword_of_pair(p)], stores);
+      for (int p = 0; p < 16; ++p) v_store(tile + 64 * p, rows[dword_of_pair(p)]);
     }
-  stores_done(stores);
 }
 
-void pack_a_nn(int m, const bf16* const* a, int k, void* dst, Stores stores) {
+void pack_a_nn(int m, const bf16* const* a, int k, void* dst) {
   if (m <= 0) return;
   if (m < small_m()) return store_row_pointers(m, a, dst);
   const int k_steps = k / 32;
@@ -84,9 +83,8 @@ void pack_a_nn(int m, const bf16* const* a, int k, void* dst, Stores stores) {
   for (int mt = 0; mt < (m + 15) / 16; ++mt)
     for (int kb = 0; kb < k_steps; ++kb) {
       std::uint8_t* tile = out + tile_offset(mt, kb, k_steps);
-      for (int i = 0; i < 16; ++i) v_put(tile + 64 * i, 16 * mt + i < m ? v_load(a[16 * mt + i] + 32 * kb) : v_zero(), stores);
+      for (int i = 0; i < 16; ++i) v_store(tile + 64 * i, 16 * mt + i < m ? v_load(a[16 * mt + i] + 32 * kb) : v_zero());
     }
-  stores_done(stores);
 }
 
 }  // namespace kt::isa_amx

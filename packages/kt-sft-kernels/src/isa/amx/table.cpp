@@ -74,7 +74,7 @@ void gemm_nt_rows(int m, const bf16* const* a, const void* w, int rows, int k, i
   if (m <= 0 || n1 <= n0) return;
   if (m < small_m()) return nt_small(m, a, static_cast<const std::uint8_t*>(w), k, n0, n1, c, ldc);
   void* packed = row_packing.ensure(packed_a_bytes(m, k));
-  pack_a_nt(m, a, k, packed, Stores::cached);
+  pack_a_nt(m, a, k, packed);
   gemm_nt_packed(m, packed, w, rows, k, n0, n1, c, ldc);
 }
 
@@ -83,7 +83,7 @@ void gemm_nn_rows(int m, const bf16* const* a, const void* w, int k, int cols, i
   if (m <= 0 || j1 <= j0) return;
   if (m < small_m()) return nn_small(m, a, static_cast<const std::uint8_t*>(w), k, cols, j0, j1, c, ldc);
   void* packed = row_packing.ensure(packed_a_bytes(m, k));
-  pack_a_nn(m, a, k, packed, Stores::cached);
+  pack_a_nn(m, a, k, packed);
   gemm_nn_packed(m, packed, w, k, cols, j0, j1, c, ldc);
 }
 
@@ -101,8 +101,8 @@ const KernelTable& kernel_table() {
     t.gemm_nt = gemm_nt_rows;
     t.gemm_nn = gemm_nn_rows;
     t.packed_a_bytes = packed_a_bytes;
-    t.pack_a_nt = [](int m, const bf16* const* a, int k, void* dst) { pack_a_nt(m, a, k, dst, Stores::streamed); };
-    t.pack_a_nn = [](int m, const bf16* const* a, int k, void* dst) { pack_a_nn(m, a, k, dst, Stores::streamed); };
+    t.pack_a_nt = pack_a_nt;
+    t.pack_a_nn = pack_a_nn;
     t.gemm_nt_packed = gemm_nt_packed;
     t.gemm_nn_packed = gemm_nn_packed;
     t.gemm_nt_packed_segments = gemm_nt_packed_segments;
