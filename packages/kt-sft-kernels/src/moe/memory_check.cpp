@@ -66,18 +66,25 @@ static std::size_t chunk_rows_bytes(const MoEConfig& c, std::int64_t T) {
          (chunked ? static_cast<std::size_t>(T) * static_cast<std::size_t>(c.top_k) * 4 : 0);
 }
 
+// One phase's activation packing of P pair rows of k values (amx-style tiers): at most two bytes a
+// value (bf16, or int8's two digits) with k rounded up to 64, each GEMM call's rows rounded up to whole
+// 16-row tiles (at most num_experts + P / kMaxChunkRows calls: chunk_rows), a scale row a call.
+static std::size_t packing_bytes(const MoEConfig& c, std::size_t P, std::size_t k) {
+  const std::size_t calls = static_cast<std::size_t>(c.num_experts) + P / kMaxChunkRows;
+  return (P + 16 * calls) * ((k + 63) / 64 * 64 * 2 + 4) + 64 * calls;
+}
+
 // Upper bounds (P <= T*k routed pairs), in bytes, following the ensure() calls of layer_forward.cpp /
-// layer_backward.cpp; the routing and the activation packing of the amx-style tiers (<= one bf16 copy
-// of the widest phase input) included.
+// layer_backward.cpp; the routing and the activation packing of the amx-style tiers (one buffer, sized
+// for the widest phase input) included.
 CallBytes forward_bytes(const MoEConfig& c, std::int64_t T, int rg, int rd, bool save, int threads) {
   const std::size_t P = static_cast<std::size_t>(T) * static_cast<std::size_t>(c.top_k);
   const std::size_t H = static_cast<std::size_t>(c.hidden), I = static_cast<std::size_t>(c.intermediate);
   const std::size_t routing = P * 24 + static_cast<std::size_t>(c.num_experts + 1) * 8;
   const std::size_t cached_per_pair = cache_bytes_per_pair(c, rg, rd);
   CallBytes b;
-  b.workspace = static_cast<std::size_t>(T) * H * 2 /*xb*/ + P * (16 /*row pointers*/ + 2 * I /*hb*/ +
-                                                                  2 * std::max(H, I) /*packing*/) +
-                chunk_rows_bytes(c, T) +
+  b.workspace = static_cast<std::size_t>(T) * H * 2 /*xb*/ + P * (16 /*row pointers*/ + 2 * I /*hb*/) +
+                packing_bytes(c, P, std::max(H, I)) + chunk_rows_bytes(c, T) +
                 static_cast<std::size_t>(threads) * kTileFloats * 4 + (save ? 0 : P * cached_per_pair + routing);
   b.cache = save ? P * cached_per_pair + routing : 0;
   return b;
@@ -90,8 +97,8 @@ CallBytes backward_bytes(const MoEConfig& c, std::int64_t T, int rg, int rd, int
   CallBytes b;
   b.workspace = static_cast<std::size_t>(T) * H * 2 * 2 /*xb, gb*/ +
                 P * (32 /*row pointers*/ + 2 * I /*hb*/ + 2 * 2 * I /*dgu*/ + 4 * static_cast<std::size_t>(rg + rd) +
-                     4 * i_blocks + 4 /*gw*/ + 2 * std::max(H, 2 * I) /*packing*/) +
-                chunk_rows_bytes(c, T) +
+                     4 * i_blocks + 4 /*gw*/) +
+                packing_bytes(c, P, std::max(H, 2 * I)) + chunk_rows_bytes(c, T) +
                 static_cast<std::size_t>(threads) * (kTileFloats + kWideBlock * 64) * 4;
   return b;
 }
