@@ -345,15 +345,11 @@ inline __m512i quant_bf16x32(const QuantMatrix<Bits, Group>& w, int r, int c) {
     const auto* q = reinterpret_cast<const std::int8_t*>(w.values + i);
     return exact_bf16(Vec::load_i8(q), Vec::load_i8(q + 16));
   } else {
-    // 16 bytes = 32 nibbles (value 2j in byte j's low nibble), each the index of its value in the
-    // group's 16 dequantized values (Vec::i4_table), looked up as 16-bit words.
+    // Each nibble indexes the group's 16 dequantized values (Vec::i4_table), looked up as 16-bit words.
     const typename Vec::I4Table t = Vec::i4_table(w.scale(r, c));
     const __m512i table = exact_bf16(t.values, t.values);  // words 0..15
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.values + i / 2));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-    const __m256i nibbles = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
-    return _mm512_permutexvar_epi16(_mm512_cvtepi8_epi16(nibbles), table);  // nibbles < 16: sign = zero ext.
+    const __m256i idx = Vec::i4_indices(w.values + i / 2);
+    return _mm512_permutexvar_epi16(_mm512_cvtepi8_epi16(idx), table);  // indices < 16: sign = zero ext.
   }
 }
 

@@ -25,13 +25,19 @@ struct Vec {
     const reg q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
     return {store_bf16(rounded, mul(q, set1(scale)))};
   }
-  // 32 nibbles from 16 bytes (low nibble first) looked up in `t` (one VPERMPS per 16), into out[0 .. 32).
-  static void load_i4x32(const I4Table& t, const std::uint8_t* p, float* out) {
+  // The 32 nibbles of 16 bytes (value 2j in byte j's low nibble) as 32 bytes 0..15, in value order:
+  // each the index of its value in the group's I4Table.
+  static __m256i i4_indices(const std::uint8_t* p) {
     const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     const __m128i mask = _mm_set1_epi8(0x0F);
     const __m128i lo = _mm_and_si128(bytes, mask), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-    store(out, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), t.values));
-    store(out + 16, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)), t.values));
+    return _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+  }
+  // 32 nibbles from 16 bytes looked up in `t` (one VPERMPS per 16), into out[0 .. 32).
+  static void load_i4x32(const I4Table& t, const std::uint8_t* p, float* out) {
+    const __m256i idx = i4_indices(p);
+    store(out, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(idx)), t.values));
+    store(out + 16, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(idx, 1)), t.values));
   }
   // Round to nearest even bf16 exactly like kt::f32_to_bf16 (NaN stays a quiet NaN); returns the
   // rounded values as fp32 and stores their bits.
