@@ -69,11 +69,8 @@ void MoELayer::Impl::pack_all(const View* gate_up_w, const View* gate, const Vie
   const int E = c.num_experts, H = c.hidden, I = c.intermediate;
   const std::int64_t SI = source_I > 0 ? source_I : I;
   const KernelTable& table = kernels_for(runtime::active_isa());
-  L.gate_up_stride = table.packed_bytes(2 * I, H);
-  L.down_stride = table.packed_bytes(H, I);
+  L.reserve_experts(table.packed_bytes(2 * I, H), table.packed_bytes(H, I));
   const std::size_t half_bytes = table.packed_bytes(I, H);
-  L.gate_up.ensure(L.gate_up_stride * E);
-  L.down.ensure(L.down_stride * E);
   L.pool->parallel_for(E, [&](std::int64_t e, int) {
     std::byte* gu_dst = L.gate_up.data() + e * L.gate_up_stride;
     if (gate_up_w && SI == I) {

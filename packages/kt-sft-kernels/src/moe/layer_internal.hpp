@@ -390,6 +390,13 @@ struct MoELayer::Impl {
   std::shared_ptr<CacheRecycler> recycler = std::make_shared<CacheRecycler>();
   std::unique_ptr<ShardedLayer> sharded;  // numa_shards > 1: the shards do all the work
 
+  // Storage for every expert's packed gate_up and down (bytes per expert; contents not kept).
+  void reserve_experts(std::size_t gu_stride, std::size_t d_stride) {
+    gate_up_stride = gu_stride;
+    down_stride = d_stride;
+    gate_up.ensure(gu_stride * config.num_experts);
+    down.ensure(d_stride * config.num_experts);
+  }
   const void* gate_up_of(int e) const { return gate_up.data() + e * gate_up_stride; }
   const void* down_of(int e) const { return down.data() + e * down_stride; }
   // The layer's I as a slice of the down / dx products (down_phase.cpp), its rows in `ws`.

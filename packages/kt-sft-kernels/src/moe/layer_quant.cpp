@@ -29,10 +29,7 @@ void MoELayer::Impl::quantize_all(const View* gate_up_w, const View* gate, const
   const int E = c.num_experts, H = c.hidden, I = c.intermediate, gs = c.group_size;
   const int SI = source_I > 0 ? source_I : I;
   const WeightDType dt = c.weight_dtype;
-  L.gate_up_stride = quant_matrix_bytes(dt, gs, 2 * I, H);
-  L.down_stride = quant_matrix_bytes(dt, gs, H, I);
-  L.gate_up.ensure(L.gate_up_stride * E);
-  L.down.ensure(L.down_stride * E);
+  L.reserve_experts(quant_matrix_bytes(dt, gs, 2 * I, H), quant_matrix_bytes(dt, gs, H, I));
   L.pool->parallel_for(E, [&](std::int64_t e64, int) {
     const int e = static_cast<int>(e64);
     std::byte* gu_dst = L.gate_up.data() + e * L.gate_up_stride;
@@ -57,10 +54,7 @@ void MoELayer::Impl::copy_quantized_all(const QuantViews& q, int source_I, int i
   const int SI = source_I > 0 ? source_I : I;
   const WeightDType dt = c.weight_dtype;
   L.loaded = false;
-  L.gate_up_stride = quant_matrix_bytes(dt, gs, 2 * I, H);
-  L.down_stride = quant_matrix_bytes(dt, gs, H, I);
-  L.gate_up.ensure(L.gate_up_stride * E);
-  L.down.ensure(L.down_stride * E);
+  L.reserve_experts(quant_matrix_bytes(dt, gs, 2 * I, H), quant_matrix_bytes(dt, gs, H, I));
   L.pool->parallel_for(E, [&](std::int64_t e64, int) {
     const int e = static_cast<int>(e64);
     std::byte* gu_dst = L.gate_up.data() + e * L.gate_up_stride;
