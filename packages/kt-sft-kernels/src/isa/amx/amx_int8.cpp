@@ -44,7 +44,6 @@
 // (exact integers), so results depend neither on the column range of a call nor on threads.
 #include "amx_internal.hpp"
 
-#include <bit>
 #include <limits>
 
 #include "kt/moe/quant.hpp"
@@ -97,128 +96,73 @@ inline __m512 row_values(const bf16* a, const float* wscale, int c) {
   return wscale ? _mm512_mul_ps(v, _mm512_loadu_ps(wscale + c)) : v;
 }
 
-// One row's quantization constants (file header): s, 127 / amax and the exact power of two `pre` that
-// lifts rows below 2^-90 (so 127 / amax stays finite); `scale` is what the row's scale entry holds.
-// A row with a NaN or infinity (scale NaN) or all zeros (scale 0) gets zero digits.
-struct RowDigits {
-  float s = 0.f, inv = 0.f, pre = 1.f, scale = 0.f;
-  bool zero = true;
-};
-
-// max |a| of a bf16 row on its bits: |a|'s order is the order of (bits & 0x7fff) as integers, and a NaN or
-// infinity is 0x7f80 or above. Returns the bits of max |a|.
-inline std::uint16_t abs_max_bits(const bf16* a, int k) {
-  const __m512i magnitude = _mm512_set1_epi16(0x7fff);
-  __m512i m32 = _mm512_setzero_si512();
-  int c = 0;
-  for (; c + 32 <= k; c += 32)
-    m32 = _mm512_max_epu16(m32, _mm512_and_si512(_mm512_loadu_si512(a + c), magnitude));
-  if (c < k) {  // k % 16 == 0: one 16-value half left
-    const __m256i h = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + c)),
-                                       _mm256_set1_epi16(0x7fff));
-    m32 = _mm512_max_epu16(m32, _mm512_inserti64x4(_mm512_setzero_si512(), h, 0));
+// Row a (times wscale, when given) as two digit rows hi, lo of `padded` bytes (zeros from k on);
+// returns s.
+float quantize_row(const bf16* a, const float* wscale, int k, int padded, std::int8_t* hi, std::int8_t* lo) {
+  __m512 amax16 = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  for (int c = 0; c < k; c += 16) {
+    const __m512 v = _mm512_abs_ps(row_values(a, wscale, c));
+    bad |= _mm512_cmp_ps_mask(v, inf, _CMP_NLT_UQ);  // NaN or infinity
+    amax16 = _mm512_max_ps(amax16, v);
   }
-  const __m256i m16 = _mm256_max_epu16(_mm512_castsi512_si256(m32), _mm512_extracti64x4_epi64(m32, 1));
-  __m128i m8 = _mm_max_epu16(_mm256_castsi256_si128(m16), _mm256_extracti128_si256(m16, 1));
-  m8 = _mm_max_epu16(m8, _mm_srli_si128(m8, 8));
-  m8 = _mm_max_epu16(m8, _mm_srli_si128(m8, 4));
-  m8 = _mm_max_epu16(m8, _mm_srli_si128(m8, 2));
-  return static_cast<std::uint16_t>(_mm_extract_epi16(m8, 0));
-}
-
-RowDigits row_digits(const bf16* a, const float* wscale, int k) {
-  float amax;
-  bool bad;
-  if (wscale) {
-    __m512 amax16 = _mm512_setzero_ps();
-    __mmask16 bad16 = 0;
-    const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
-    for (int c = 0; c < k; c += 16) {
-      const __m512 v = _mm512_abs_ps(row_values(a, wscale, c));
-      bad16 |= _mm512_cmp_ps_mask(v, inf, _CMP_NLT_UQ);  // NaN or infinity
-      amax16 = _mm512_max_ps(amax16, v);
-    }
-    amax = _mm512_reduce_max_ps(amax16);
-    bad = bad16 != 0;
-  } else {
-    const std::uint16_t bits = abs_max_bits(a, k);
-    bad = bits >= 0x7f80;
-    amax = std::bit_cast<float>(static_cast<std::uint32_t>(bits) << 16);
-  }
-  RowDigits d;
+  std::memset(hi + k, 0, static_cast<std::size_t>(padded - k));
+  std::memset(lo + k, 0, static_cast<std::size_t>(padded - k));
+  const float amax = _mm512_reduce_max_ps(amax16);
   if (bad || amax == 0.f) {
-    d.scale = bad ? std::numeric_limits<float>::quiet_NaN() : 0.f;
-    return d;
+    std::memset(hi, 0, static_cast<std::size_t>(k));
+    std::memset(lo, 0, static_cast<std::size_t>(k));
+    return bad ? std::numeric_limits<float>::quiet_NaN() : 0.f;
   }
-  d.zero = false;
-  d.pre = amax < 0x1p-90f ? 0x1p90f : 1.f;
-  d.s = amax * d.pre / 127.f;
-  d.inv = 127.f / (amax * d.pre);
-  d.scale = d.pre == 1.f ? d.s : d.s / d.pre;
-  return d;
+  // Rows this small (|a| < 2^-90) are scaled up by an exact power of two first, so 127 / amax stays finite.
+  const float pre = amax < 0x1p-90f ? 0x1p90f : 1.f;
+  const float s = amax * pre / 127.f, inv = 127.f / (amax * pre);
+  const __m512 vs = _mm512_set1_ps(s), vinv = _mm512_set1_ps(inv), vinv256 = _mm512_set1_ps(256.f * inv),
+               vpre = _mm512_set1_ps(pre);
+  for (int c = 0; c < k; c += 16) {
+    const __m512 v = _mm512_mul_ps(row_values(a, wscale, c), vpre);
+    const __m512 h = _mm512_roundscale_ps(_mm512_mul_ps(v, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fnmadd_ps(h, vs, v);  // v - h s, one rounding
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + c), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(h)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + c),
+                     _mm512_cvtsepi32_epi8(_mm512_cvt_roundps_epi32(_mm512_mul_ps(r, vinv256),
+                                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+  }
+  return pre == 1.f ? s : s / pre;
 }
 
-// Values c .. c + 63 of row a (times wscale, when given; zeros from k on) -> their hi and lo digits.
-// Rounding is to nearest even, as the rounding points say; the saturating packs keep int8's range
-// (a lo digit of 128 becomes 127).
-inline void quantize64(const bf16* a, const float* wscale, int c, int k, const RowDigits& d, V& hi, V& lo) {
-  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  const __m512 vs = _mm512_set1_ps(d.s), vinv = _mm512_set1_ps(d.inv), vinv256 = _mm512_set1_ps(256.f * d.inv),
-               vpre = _mm512_set1_ps(d.pre);
-  __m512i h[4], l[4];
-  for (int j = 0; j < 4; ++j) {
-    if (c + 16 * j >= k) {
-      h[j] = l[j] = _mm512_setzero_si512();
-      continue;
-    }
-    const __m512 v = _mm512_mul_ps(row_values(a, wscale, c + 16 * j), vpre);
-    h[j] = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v, vinv), kNearest);
-    const __m512 r = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(h[j]), vs, v);  // v - h s, one rounding
-    l[j] = _mm512_cvt_roundps_epi32(_mm512_mul_ps(r, vinv256), kNearest);
-  }
-  // The packs interleave by 128-bit lane: lane L holds dword L of each of the four inputs; put them back
-  // in order (dword 4 j + L <- dword 4 L + j).
-  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  const auto pack = [&](const __m512i* x) {
-    const __m512i bytes = _mm512_packs_epi16(_mm512_packs_epi32(x[0], x[1]), _mm512_packs_epi32(x[2], x[3]));
-    return V{_mm512_permutexvar_epi32(order, bytes)};
-  };
-  hi = pack(h);
-  lo = pack(l);
-}
+thread_local ThreadScratch digit_rows;  // one m-tile's digit rows while packing
 
-// Each m-tile's rows: their constants first (one pass over each row), then per reduction step the 16
-// rows' 64 values quantized in registers and written as the step's hi and lo tiles (transposed for NT).
 void pack_digits(int m, const bf16* const* a, const float* wscale, int k, bool nn, void* dst) {
   if (m <= 0) return;
-  const int steps = steps_of(k);
+  const int steps = steps_of(k), padded = steps * kStep;
   auto* scales = static_cast<float*>(dst);
   auto* out = static_cast<std::uint8_t*>(dst) + scale_bytes(m);
+  auto* rows = static_cast<std::int8_t*>(digit_rows.ensure(static_cast<std::size_t>(32) * padded));
   for (int mt = 0; mt < (m + 15) / 16; ++mt) {
-    RowDigits rows[16];
     for (int i = 0; i < 16; ++i) {
+      std::int8_t* hi = rows + static_cast<std::size_t>(i) * padded;
+      std::int8_t* lo = hi + static_cast<std::size_t>(16) * padded;
       const int t = 16 * mt + i;
-      if (t < m) rows[i] = row_digits(a[t], wscale, k);
-      scales[t] = rows[i].scale;
-    }
-    for (int ks = 0; ks < steps; ++ks) {
-      V hi[16], lo[16];
-      for (int i = 0; i < 16; ++i) {
-        if (rows[i].zero) {
-          hi[i] = lo[i] = v_zero();
-        } else {
-          quantize64(a[16 * mt + i], wscale, kStep * ks, k, rows[i], hi[i], lo[i]);
-        }
+      if (t < m) {
+        scales[t] = quantize_row(a[t], wscale, k, padded, hi, lo);
+      } else {
+        scales[t] = 0.f;
+        std::memset(hi, 0, static_cast<std::size_t>(padded));
+        std::memset(lo, 0, static_cast<std::size_t>(padded));
       }
-      if (!nn) {  // r[p] = dword p (k = 4p .. 4p + 3) of the 16 tokens
-        transpose16(hi);
-        transpose16(lo);
-      }
-      std::uint8_t* tile =
-          out + static_cast<std::size_t>(mt) * m_tile_bytes(k) + static_cast<std::size_t>(2 * ks) * kTileBytes;
-      for (int i = 0; i < 16; ++i) v_store(tile + 64 * i, hi[i]);
-      for (int i = 0; i < 16; ++i) v_store(tile + kTileBytes + 64 * i, lo[i]);
     }
+    for (int ks = 0; ks < steps; ++ks)
+      for (int d = 0; d < 2; ++d) {
+        const std::int8_t* src = rows + static_cast<std::size_t>(16 * d) * padded + std::size_t{kStep} * ks;
+        std::uint8_t* tile =
+            out + static_cast<std::size_t>(mt) * m_tile_bytes(k) + static_cast<std::size_t>(2 * ks + d) * kTileBytes;
+        V r[16];
+        for (int i = 0; i < 16; ++i) r[i] = v_load(src + static_cast<std::size_t>(i) * padded);
+        if (!nn) transpose16(r);  // r[p] = dword p (k = 4p .. 4p + 3) of the 16 tokens
+        for (int i = 0; i < 16; ++i) v_store(tile + 64 * i, r[i]);
+      }
   }
 }
 
