@@ -227,10 +227,7 @@ def test_one_node_shards_keep_one_chunk_of_rows(isa: str, tmp_path_factory: pyte
     budget = 8 * TOKEN_ROWS
     case = make("f32", tokens=256, seed=15)
     pairs = int(((case.ids >= 0) & (case.ids < case.num_experts)).sum())
-    cap, _, variant = isa.partition("/")
-    env = os.environ | {"KT_SFT_MAX_ISA": cap, "KT_SFT_NUMA_SHARED_DOWN": "1"}
-    if variant:
-        env["KT_SFT_KERNEL_VARIANT"] = variant
+    env = os.environ | kt.tier_environment(isa) | {"KT_SFT_NUMA_SHARED_DOWN": "1"}
 
     def footprint(nbytes: int) -> int:
         args = [sys.executable, "-c", SHARDED_FOOTPRINT, os.path.dirname(__file__), str(nbytes)]

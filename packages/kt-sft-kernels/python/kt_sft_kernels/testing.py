@@ -480,6 +480,12 @@ def tier_names() -> list[str]:
     ]
 
 
+def tier_environment(name: str) -> dict[str, str]:
+    """The environment that makes a new process start on tier `name` ("tier" or "tier/variant")."""
+    isa, _, variant = name.partition("/")
+    return {"KT_SFT_MAX_ISA": isa} | ({"KT_SFT_KERNEL_VARIANT": variant} if variant else {})
+
+
 @contextmanager
 def tier(name: str) -> Iterator[None]:
     """Runs the block with the kernels capped at ISA tier `name` ("tier" or "tier/variant"; it must be
